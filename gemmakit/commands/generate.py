@@ -1,0 +1,82 @@
+"""`gemmakit generate`: text for one or more prompts, with load and generation timings."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from gemmakit.commands.common import add_model_arguments, load_llm, print_json
+
+
+def add_arguments(p):
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text(s); several run as a batch")
+    add_model_arguments(p)
+    s = p.add_argument_group("sampling (vLLM SamplingParams semantics)")
+    s.add_argument("--max-new-tokens", type=int, default=150, help="tokens to generate at most (150)")
+    s.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (0.7)")
+    s.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass (0.8)")
+    s.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest; 0 disables (20)")
+    s.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    s.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    s.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt in Gemma's chat template")
+    o = p.add_argument_group("output")
+    o.add_argument("--stream", action="store_true", help="print text as it is generated")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args) -> int:
+    from gemmakit import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
+    )  # fmt: skip
+    llm = load_llm(args)
+    tok = llm.tokenizer
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
+        for p in args.prompts
+    ]
+    start = time.perf_counter()
+    if args.stream and not args.json:
+        outputs = []
+        for prompt in prompts:
+            for event in llm.stream([prompt], params):
+                sys.stdout.write(event.delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n\n")
+    else:
+        outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs) if outputs else None
+    if args.json:
+        print_json(
+            {
+                "model": str(llm.loaded.source.path),
+                "load_seconds": round(llm.loaded.load_seconds, 4),
+                "generation_seconds": round(seconds, 4),
+                "tokens_per_second": round(generated / seconds, 2),
+                "outputs": [
+                    {
+                        "prompt": p,
+                        "text": o.outputs[0].text,
+                        "token_ids": o.outputs[0].token_ids,
+                        "finish_reason": o.outputs[0].finish_reason,
+                    }  # fmt: skip
+                    for p, o in zip(args.prompts, outputs)
+                ],
+            }
+        )
+        return 0
+    for p, o in zip(args.prompts, outputs):
+        if len(outputs) > 1:
+            print(f"--- {p!r}")
+        print(p + o.outputs[0].text if not args.chat else o.outputs[0].text)
+        print()
+    rate = f", {generated / seconds:.1f} tokens/s ({generated} tokens)" if generated else ""
+    print(
+        f"Loading time: {llm.loaded.load_seconds:.2f} s | generation time: {seconds:.2f} s{rate}",
+        file=sys.stderr,
+    )
+    return 0

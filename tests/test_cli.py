@@ -1,0 +1,36 @@
+import json
+
+from gemmakit.cli import main
+
+
+def test_help_lists_every_command(capsys):
+    from gemmakit.cli import build_parser
+
+    text = build_parser().format_help()
+    for name in ("generate", "chat", "inspect"):
+        assert name in text
+
+
+def test_generate_json(capsys):
+    rc = main(["generate", "The capital of France is", "Hi", "--greedy", "--max-new-tokens", "6", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"model", "load_seconds", "generation_seconds", "tokens_per_second", "outputs"}
+    assert [o["prompt"] for o in out["outputs"]] == ["The capital of France is", "Hi"]
+    assert all(len(o["token_ids"]) == 6 for o in out["outputs"])
+    assert out["outputs"][0]["text"].startswith(" the capital")
+
+
+def test_generate_text_prints_timings(capsys):
+    assert main(["generate", "Hello", "--max-new-tokens", "4", "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello")
+    assert "Loading time:" in captured.err and "tokens/s" in captured.err
+
+
+def test_user_errors_are_one_line(capsys):
+    assert main(["generate", "x", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gemmakit generate: error: float16 is refused") and "Traceback" not in err
+    assert main(["generate", "x", "--model", "/no/such/model"]) == 2
+    assert "no such file" in capsys.readouterr().err

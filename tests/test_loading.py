@@ -1,0 +1,99 @@
+"""Loading errors: every user mistake is one clear GemmakitError naming the file."""
+
+import json
+
+import pytest
+import torch
+
+from gemmakit.config import PRESETS, from_hf_config, preset
+from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.gguf import GGUFFile
+from gemmakit.loading import ModelSource, load, load_model, resolve
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path, bundled):
+    src = bundled.source.path
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[: 50_000_000])
+    with pytest.raises(ModelFileError, match=r"cut\.gguf: truncated"):
+        GGUFFile(cut)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(src.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match=r"header\.gguf: truncated"):
+        load(header_only)
+
+
+def test_not_a_gguf(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        load(f)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="unsupported architecture.*LlamaForCausalLM"):
+        load(tmp_path)
+
+
+def test_unknown_config_key_is_not_dropped(hf_folder):
+    folder, _ = hf_folder("gemma3")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["attention_bias"] = True
+    with pytest.raises(ConfigError, match="attention_bias"):
+        from_hf_config(cfg)
+    cfg["attention_bias"] = False
+    cfg["some_new_feature"] = 3
+    with pytest.raises(ConfigError, match="some_new_feature"):
+        from_hf_config(cfg)
+
+
+def test_pickled_weights_are_refused(hf_folder):
+    folder, _ = hf_folder("gemma")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ModelFileError, match="pickled"):
+        load(folder)
+
+
+def test_truncated_safetensors(hf_folder):
+    folder, _ = hf_folder("gemma2")
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match="model.safetensors: truncated"):
+        load(folder)
+
+
+def test_fp16_refused_for_gemma3_allowed_for_gemma1(hf_folder):
+    folder3, _ = hf_folder("gemma3")
+    with pytest.raises(GemmakitError, match="float16 is refused"):
+        load_model(ModelSource("hf", folder3, "x"), dtype=torch.float16)
+    folder1, _ = hf_folder("gemma")
+    model = load_model(ModelSource("hf", folder1, "x"), dtype=torch.float16)
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+
+
+def test_missing_path_and_preset_without_weights():
+    with pytest.raises(ModelFileError, match="no such file"):
+        resolve("/nonexistent/model")
+    with pytest.raises(GemmakitError, match="preset"):
+        resolve("gemma-7b")
+
+
+def test_presets_match_public_configs():
+    g7 = preset("google/gemma-7b")
+    assert (g7.num_attention_heads, g7.num_key_value_heads, g7.hidden_size) == (16, 16, 3072)
+    g27 = PRESETS["gemma-2-27b"]
+    assert g27.query_pre_attn_scalar == 144 and g27.attn_logit_softcapping == 50.0
+    g3 = PRESETS["gemma-3-4b"]
+    assert g3.layer_types.count("full_attention") == 5 and g3.rope_scaling_factor == 8.0
+    assert g3.rope_base("sliding_attention") == 1e4 and g3.rope_base("full_attention") == 1e6
+
+
+def test_gguf_config_of_bundled_model(bundled):
+    c = bundled.config
+    assert (c.hidden_size, c.num_hidden_layers, c.sliding_window, c.vocab_size) == (640, 18, 512, 262144)
+    assert c.layer_types[5] == "full_attention" and c.layer_types[4] == "sliding_attention"
+    # llama.cpp's norm + 1 is undone: the stored GGUF value minus one.
+    g = GGUFFile(bundled.source.path)
+    stored = g.tensor("blk.0.attn_norm.weight")
+    torch.testing.assert_close(bundled.model.model.layers[0].input_layernorm.weight, stored - 1)
