@@ -17,6 +17,9 @@ from torch import nn
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 
+# Chunks of at most this many tokens use the grouped matmul attention, longer ones SDPA.
+SMALL_CHUNK = 16
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32.
@@ -32,9 +35,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
+        # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
+        w = 1.0 + self.weight.float()
+        return F.rms_norm(x.float(), w.shape, w, self.eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float) -> torch.Tensor:
@@ -90,26 +94,32 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D)
-        if self.softcap is None:
+        if self.softcap is None and T > SMALL_CHUNK:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
             )
         else:
-            out = self._capped_attention(q, k, v, mask)
+            out = self._grouped_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)
 
-    def _capped_attention(self, q, k, v, mask):
-        # Gemma 2: scores -> cap * tanh(scores / cap) before masking (transformers
-        # modeling_gemma2.py eager_attention_forward); SDPA cannot express this.
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, H, T, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
+    def _grouped_attention(self, q, k, v, mask):
+        """Attention with the query heads of each KV head stacked as rows: no K/V copies.
+
+        Used for decode steps (SDPA's CPU kernel costs ~3x more there in bfloat16) and for
+        Gemma 2's soft-capping, which SDPA cannot express: scores -> cap * tanh(scores / cap)
+        before the mask (transformers modeling_gemma2.py eager_attention_forward).
+        """
+        B, H, T, D = q.shape
+        K, S = k.shape[1], k.shape[2]
+        G = H // K  # query heads per KV head, consecutive as in transformers' repeat_kv
+        scores = torch.matmul(q.reshape(B, K, G * T, D), k.transpose(2, 3)) * self.scale  # (B, K, G*T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, K, G, T, S) + mask[:, :, None]  # mask (B, 1, T, S)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v)  # (B, H, T, D)
+        out = torch.matmul(probs.view(B, K, G * T, S), v)  # (B, K, G*T, D)
+        return out.view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -207,7 +217,7 @@ class KVCache:
     """
 
     def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device):
-        self.max_length, self.length = max_length, 0
+        self.max_length, self.length, self.dtype = max_length, 0, dtype
         self.valid = torch.zeros((batch, max_length), dtype=torch.bool, device=device)
         self.groups = {FULL: GroupState(max_length, None, device)}
         if SLIDING in config.layer_types:
@@ -219,7 +229,7 @@ class KVCache:
         ]
 
     def advance(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Registers T new columns and returns each group's boolean mask (B, 1, T, S)."""
+        """Registers T new columns and returns each group's additive mask (B, 1, T, S)."""
         B, T = attention_mask.shape
         start = self.length
         if start + T > self.max_length:
@@ -231,12 +241,13 @@ class KVCache:
         for kind, group in self.groups.items():
             key_cols = group.plan(cols, start)
             key_valid = self.valid[:, key_cols.clamp(min=0)] & (key_cols >= 0)  # (B, S)
-            masks[kind] = build_mask(cols, key_cols, key_valid, group.window)
+            masks[kind] = build_mask(cols, key_cols, key_valid, group.window, self.dtype)
         return masks
 
 
-def build_mask(q_cols, key_cols, key_valid, window):
-    """(B, 1, T, S) booleans: key column <= query column, inside the window, a real token.
+def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32):
+    """Additive mask (B, 1, T, S): 0 where the key column <= the query column, lies inside
+    the window and holds a real token; -inf elsewhere.
 
     A query always sees itself, so padding rows never have an empty softmax (which would
     put NaN into the shared matmul).
@@ -247,7 +258,8 @@ def build_mask(q_cols, key_cols, key_valid, window):
         allowed &= diff < window
     allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
     allowed |= (diff == 0)[None]
-    return allowed[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 # --- Model -----------------------------------------------------------------------------------
@@ -277,6 +289,11 @@ class Gemma(nn.Module):
             t: rope_inv_freq(config.head_dim, config.rope_base(t), config.rope_scale(t))
             for t in set(config.layer_types)
         }
+
+    def _embedding_scale(self, dtype: torch.dtype) -> float:
+        # A Python float holding the dtype-rounded value: multiplying by it equals
+        # multiplying by torch.tensor(sqrt(C), dtype=dtype), without a tensor per call.
+        return float(torch.tensor(self.config.embedding_scale, dtype=dtype))
 
     def make_cache(self, batch: int, max_length: int) -> KVCache:
         p = self.model.embed_tokens.weight
@@ -308,7 +325,8 @@ class Gemma(nn.Module):
         if cache is None:  # the call's own tokens only: no slots to manage
             cols = torch.arange(T, device=input_ids.device)
             windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
-            masks = {t: build_mask(cols, cols, attention_mask, w) for t, w in windows.items()}
+            dtype = self.model.embed_tokens.weight.dtype
+            masks = {t: build_mask(cols, cols, attention_mask, w, dtype) for t, w in windows.items()}
             layer_caches = [None] * len(self.model.layers)
         else:
             masks = cache.advance(attention_mask)
@@ -316,7 +334,7 @@ class Gemma(nn.Module):
         h = self.model.embed_tokens(input_ids)
         # The sqrt(C) factor is rounded to the activation dtype first, as the reference
         # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
-        h = h * torch.tensor(self.config.embedding_scale, dtype=h.dtype)
+        h = h * self._embedding_scale(h.dtype)
         ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
         for block, layer_cache in zip(self.model.layers, layer_caches):
             h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)

@@ -14,7 +14,7 @@ from gemmakit.loading import ModelSource, load, load_model, resolve
 def test_truncated_gguf_is_a_clear_error(tmp_path, bundled):
     src = bundled.source.path
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(src.read_bytes()[: 50_000_000])
+    cut.write_bytes(src.read_bytes()[:50_000_000])
     with pytest.raises(ModelFileError, match=r"cut\.gguf: truncated"):
         GGUFFile(cut)
     header_only = tmp_path / "header.gguf"
@@ -31,7 +31,9 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_unknown_architecture_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     with pytest.raises(ConfigError, match="unsupported architecture.*LlamaForCausalLM"):
         load(tmp_path)
 
@@ -97,3 +99,21 @@ def test_gguf_config_of_bundled_model(bundled):
     g = GGUFFile(bundled.source.path)
     stored = g.tensor("blk.0.attn_norm.weight")
     torch.testing.assert_close(bundled.model.model.layers[0].input_layernorm.weight, stored - 1)
+
+
+def test_converted_cache_equals_direct_gguf_load(bundled, tmp_path, monkeypatch):
+    # `bundled` may come from the converted cache; a direct load must be identical.
+    monkeypatch.setenv("GEMMAKIT_NO_CACHE", "1")
+    direct = load(bundled.source.path, dtype="float32", device="cpu")
+    ours, theirs = bundled.model.state_dict(), direct.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert bundled.config == direct.config
+    text = "  Hello <start_of_turn>user\n\tx 🤖 naïve\n\n"
+    assert bundled.tokenizer.encode(text) == direct.tokenizer.encode(text)
+
+
+def test_hf_config_round_trip():
+    for cfg in PRESETS.values():
+        assert from_hf_config(cfg.to_hf_config()) == cfg

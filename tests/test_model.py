@@ -55,3 +55,38 @@ def test_cached_decode_equals_full_forward(family, hf_folder):
         steps.append(ours(ids[:, 6:11], cache=cache))  # a chunk that wraps the ring
         steps += [ours(ids[:, t : t + 1], cache=cache) for t in range(11, 15)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_rms_norm_is_bit_identical_to_the_reference_formula():
+    from gemmakit.model import RMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 640), (2, 64, 640), (1, 4, 3, 256)]:
+        norm = RMSNorm(shape[-1], eps=1e-6)
+        with torch.no_grad():
+            norm.weight.normal_(0, 0.3)
+        x = torch.randn(shape) * 3
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + norm.weight)
+        assert torch.equal(norm(x), ref)
+        xb = x.bfloat16()  # float32 inside, one rounding at the end
+        refb = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)) * (
+            1.0 + norm.weight
+        )
+        assert torch.equal(norm(xb), refb.bfloat16())
+
+
+def test_grouped_attention_matches_sdpa_path(hf_folder):
+    # Decode steps use the grouped-matmul attention, prefill SDPA: same numbers.
+    from gemmakit import model as model_module
+
+    ours, _ = paired(hf_folder, "gemma3")
+    ids = torch.randint(3, 256, (2, 20))
+    with torch.no_grad():
+        sdpa = ours(ids)
+        old = model_module.SMALL_CHUNK
+        model_module.SMALL_CHUNK = 1000
+        try:
+            grouped = ours(ids)
+        finally:
+            model_module.SMALL_CHUNK = old
+    torch.testing.assert_close(grouped, sdpa, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,207 @@
+"""CPU inference benchmark: gemmakit vs transformers vs llama.cpp on the bundled Gemma 3 270M.
+
+    .venv/bin/python benchmarks/inference.py [--runs 3] [--systems ...] [--json]
+
+Each measurement runs in a fresh process (so load time and peak RSS are honest) and the
+table reports medians with [min-max] across processes. Everyone gets the same 512 prompt
+token ids; decode is 128 greedy tokens. llama-cpp-python and transformers are optional:
+missing ones are reported, not faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT_TOKENS = 512
+DECODE_TOKENS = 128
+SYSTEMS = {
+    "gemmakit fp32": ("gemmakit", "float32", None),
+    "gemmakit bf16": ("gemmakit", "bfloat16", None),
+    "gemmakit int8": ("gemmakit", "float32", "int8"),
+    "gemmakit int4": ("gemmakit", "float32", "int4"),
+    "gemmakit nf4": ("gemmakit", "float32", "nf4"),
+    "llama.cpp Q4_K_M": ("llamacpp", None, None),
+    "transformers fp32": ("transformers", "float32", None),
+    "transformers bf16": ("transformers", "bfloat16", None),
+}
+
+
+def prompt_ids(vocab_size: int = 262144) -> list[int]:
+    """512 fixed token ids: BOS, then ids of ordinary text pieces (deterministic)."""
+    import random
+
+    rng = random.Random(0)
+    return [2] + [rng.randrange(1000, 200000) for _ in range(PROMPT_TOKENS - 1)]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- children: one system, one process --------------------------------------------------------
+
+
+def run_gemmakit(dtype: str, quantize: str | None) -> dict:
+    import torch
+
+    from gemmakit.generation import Request, SamplingParams, generate_steps
+    from gemmakit.loading import load
+
+    start = time.perf_counter()
+    loaded = load(dtype=dtype, device="cpu")
+    if quantize:
+        from gemmakit.quantization import quantize_model
+
+        quantize_model(loaded.model, quantize)
+    load_s = time.perf_counter() - start
+    ids = prompt_ids()
+    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    requests = [Request(ids, params, loaded.stop_ids)]
+    with torch.inference_mode():
+        steps = generate_steps(loaded.model, requests)
+        t0 = time.perf_counter()
+        next(steps)  # prefill + first token
+        t1 = time.perf_counter()
+        for _ in steps:
+            pass
+        t2 = time.perf_counter()
+    return _result(load_s, t0, t1, t2)
+
+
+def run_llamacpp() -> dict:
+    from llama_cpp import Llama
+
+    from gemmakit.loading import default_gguf
+
+    path = str(default_gguf())
+    start = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - start
+    ids = prompt_ids()
+    t0 = time.perf_counter()
+    gen = llm.generate(ids, top_k=1, temp=0.0, reset=True)
+    next(gen)
+    t1 = time.perf_counter()
+    for _ in range(DECODE_TOKENS - 1):
+        next(gen)
+    t2 = time.perf_counter()
+    return _result(load_s, t0, t1, t2)
+
+
+def run_transformers(dtype: str) -> dict:
+    import torch
+    import transformers
+
+    from gemmakit.loading import default_gguf
+
+    path = default_gguf()
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=getattr(torch, dtype)
+    ).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([prompt_ids()])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        past = out.past_key_values
+        t1 = time.perf_counter()
+        for _ in range(DECODE_TOKENS - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+        t2 = time.perf_counter()
+    return _result(load_s, t0, t1, t2)
+
+
+def _result(load_s, t0, t1, t2) -> dict:
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": PROMPT_TOKENS / (t1 - t0),
+        "decode_tok_s": (DECODE_TOKENS - 1) / (t2 - t1),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def child(name: str) -> dict:
+    kind, dtype, quantize = SYSTEMS[name]
+    if kind == "gemmakit":
+        return run_gemmakit(dtype, quantize)
+    if kind == "llamacpp":
+        return run_llamacpp()
+    return run_transformers(dtype)
+
+
+# --- parent ---------------------------------------------------------------------------------
+
+
+def measure(name: str, runs: int) -> dict:
+    results, error = [], None
+    for _ in range(runs):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", name], capture_output=True, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+        )  # fmt: skip
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            error = lines[-1] if lines else f"exit {proc.returncode}"
+            break
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if not results:
+        return {"name": name, "error": error}
+    summary = {"name": name, "runs": len(results)}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def fmt(cell: dict | None, unit: str, digits: int = 0) -> str:
+    if not cell:
+        return "—"
+    med, lo, hi = (f"{cell[k]:,.{digits}f}" for k in ("median", "min", "max"))
+    return f"{med}{unit} [{lo}–{hi}]" if lo != hi else f"{med}{unit}"
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        f"| system | load | prefill, {PROMPT_TOKENS}-token prompt | decode, {DECODE_TOKENS} greedy tokens | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | not run: {r['error'][:80]} | | | |")
+            continue
+        out.append(
+            f"| {r['name']} | {fmt(r['load_s'], ' s', 2)} | {fmt(r['prefill_tok_s'], ' tok/s')} "
+            f"| {fmt(r['decode_tok_s'], ' tok/s', 1)} | {fmt(r['peak_rss_mib'], ' MiB')} |"
+        )
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="processes per system (3)")
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), metavar="NAME")
+    ap.add_argument("--json", action="store_true", help="print the raw summaries as JSON")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    rows = []
+    for name in args.systems:
+        print(f"measuring {name} ({args.runs} runs)...", file=sys.stderr, flush=True)
+        rows.append(measure(name, args.runs))
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+
+
+if __name__ == "__main__":
+    main()

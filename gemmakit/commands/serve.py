@@ -1,0 +1,60 @@
+"""`gemmakit serve`: an OpenAI-compatible HTTP server with batched decoding and a chat page."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from gemmakit.commands.common import add_model_arguments, has_module, load_llm
+from gemmakit.errors import GemmakitError
+
+
+def _fields():
+    from gemmakit.server import ServerConfig
+
+    return [f for f in dataclasses.fields(ServerConfig) if f.metadata.get("cli", True)]
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    s = p.add_argument_group("server")
+    # The flags are ServerConfig's fields, so the CLI and the Python API cannot drift apart.
+    for f in _fields():
+        kind = int if f.type in ("int", "int | None") else str
+        s.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    if not (has_module("fastapi") and has_module("uvicorn")):
+        raise GemmakitError("the server needs fastapi and uvicorn: pip install 'gemmakit[serve]'")
+    import uvicorn
+
+    from gemmakit.server import ServerConfig, _is_loopback, api_key_from_env, bind_socket, create_app
+
+    options = {f.name: getattr(args, f.name) for f in _fields()}
+    options["api_key"] = options["api_key"] or api_key_from_env()
+    config = ServerConfig(**options)
+    if not _is_loopback(config.host) and config.api_key is None:
+        print(
+            f"gemmakit serve: warning: listening on {config.host} without --api-key; "
+            "anyone who can reach this address can use the model",
+            file=sys.stderr,
+        )
+    try:  # bind before loading the model, so a taken port fails fast
+        sock = bind_socket(config.host, config.port)
+    except OSError as e:
+        raise GemmakitError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    llm = load_llm(args)
+    app = create_app(llm, config)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(
+        f"Serving {app.state.model_name} (loaded in {llm.loaded.load_seconds:.2f} s) at http://{host}:{config.port}"
+        f"  |  chat page: http://{host}:{config.port}/  |  API: http://{host}:{config.port}/v1"
+        + ("  |  API key required" if config.api_key else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10))
+    server.run(sockets=[sock])  # returns after Ctrl+C / SIGTERM, once requests in flight are done
+    return 0
