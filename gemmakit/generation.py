@@ -140,7 +140,7 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
     context = model.config.max_position_embeddings
     limits = [check_length(len(r.prompt_ids), r.params.max_tokens, context) for r in requests]
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     ids, mask = ids.to(device), mask.to(device)
     cache = model.make_cache(len(requests), ids.shape[1] + max(limits))
     hidden = model.hidden_states(ids, mask, cache=cache)

@@ -295,9 +295,17 @@ class Gemma(nn.Module):
         # multiplying by torch.tensor(sqrt(C), dtype=dtype), without a tensor per call.
         return float(torch.tensor(self.config.embedding_scale, dtype=dtype))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (read off the final norm, which is never quantized)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def make_cache(self, batch: int, max_length: int) -> KVCache:
-        p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, max_length, p.dtype, p.device)
+        return KVCache(self.config, batch, max_length, self.dtype, self.device)
 
     def hidden_states(
         self,
@@ -325,13 +333,12 @@ class Gemma(nn.Module):
         if cache is None:  # the call's own tokens only: no slots to manage
             cols = torch.arange(T, device=input_ids.device)
             windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
-            dtype = self.model.embed_tokens.weight.dtype
-            masks = {t: build_mask(cols, cols, attention_mask, w, dtype) for t, w in windows.items()}
+            masks = {t: build_mask(cols, cols, attention_mask, w, self.dtype) for t, w in windows.items()}
             layer_caches = [None] * len(self.model.layers)
         else:
             masks = cache.advance(attention_mask)
             layer_caches = cache.layers
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids).to(self.dtype)
         # The sqrt(C) factor is rounded to the activation dtype first, as the reference
         # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
         h = h * self._embedding_scale(h.dtype)
