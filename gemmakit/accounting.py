@@ -118,7 +118,7 @@ class Architecture:
             return "MHA"
         if self.num_kv_heads == 1:
             return "MQA"
-        return f"GQA ({self.num_heads // self.num_kv_heads} queries per KV head)"
+        return f"GQA ({self.num_heads // self.num_kv_heads}:1)"
 
     @property
     def num_sliding(self) -> int:
@@ -130,7 +130,7 @@ class Architecture:
 
     def tensors(self) -> list[Tensor]:
         """Every parameter tensor, in the order llama.cpp's converter writes them."""
-        H, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        H, V, inter = self.hidden_size, self.vocab_size, self.intermediate_size
         out = [Tensor("model.embed_tokens.weight", (V, H), "token_embd")]
         norm_names = ["input_layernorm", "post_attention_layernorm"]
         if self.norms_per_layer == 4:
@@ -154,9 +154,9 @@ class Architecture:
                 out.append(Tensor(f"{p}self_attn.q_norm.weight", (self.head_dim,), "norm"))
                 out.append(Tensor(f"{p}self_attn.k_norm.weight", (self.head_dim,), "norm"))
             for proj, kind, shape in (
-                ("gate_proj", "ffn_gate", (I, H)),
-                ("up_proj", "ffn_up", (I, H)),
-                ("down_proj", "ffn_down", (H, I)),
+                ("gate_proj", "ffn_gate", (inter, H)),
+                ("up_proj", "ffn_up", (inter, H)),
+                ("down_proj", "ffn_down", (H, inter)),
             ):
                 out.append(Tensor(f"{p}mlp.{proj}.weight", shape, kind))
                 if self.mlp_bias:
@@ -221,7 +221,12 @@ _LLAMA_FAMILIES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 _GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
-_GEMMA_ARCHS = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+_GEMMA_ARCHS = (
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+)
 # Keys that mean a different parameter layout than the dense decoder counted here.
 _UNSUPPORTED_KEYS = ("num_local_experts", "num_experts", "moe_intermediate_size", "n_routed_experts")
 
@@ -330,7 +335,11 @@ def siglip_params(vision: dict[str, Any], text_hidden: int) -> int:
     image, channels = int(vision.get("image_size", 896)), int(vision.get("num_channels", 3))
     per_layer = 2 * 2 * d + 4 * (d * d + d) + (d * inter + inter) + (inter * d + d)
     embed = channels * patch * patch * d + d + (image // patch) ** 2 * d
-    head = 0 if not vision.get("vision_use_head", False) else d * d * 4 + 4 * d + d * inter * 2 + inter + d + 3 * d
+    head = (
+        0
+        if not vision.get("vision_use_head", False)
+        else d * d * 4 + 4 * d + d * inter * 2 + inter + d + 3 * d
+    )
     projector = d * text_hidden + d
     return embed + layers * per_layer + 2 * d + head + projector
 
@@ -355,7 +364,11 @@ def from_gguf(g) -> Architecture:
             raise ModelFileError(f"{g.path}: metadata key {arch}.{key} is missing")
         return value
 
-    hidden, heads, layers = int(get("embedding_length")), int(get("attention.head_count")), int(get("block_count"))
+    hidden, heads, layers = (
+        int(get("embedding_length")),
+        int(get("attention.head_count")),
+        int(get("block_count")),
+    )
     window = md.get(f"{arch}.attention.sliding_window")
     types = (SLIDING if window else FULL,) * layers
     return Architecture(
@@ -570,7 +583,10 @@ def inference_activation_bytes(arch: Architecture, batch: int, tokens: int, dtyp
     n = batch * tokens
     mlp = n * a * (3 * arch.hidden_size + 3 * arch.intermediate_size)
     # Attention with a boolean mask: q, k, v, output and one head's scores at a time.
-    attn = n * a * (3 * arch.hidden_size + 2 * arch.q_dim + 2 * arch.kv_dim) + batch * arch.num_heads * tokens * tokens * 4
+    attn = (
+        n * a * (3 * arch.hidden_size + 2 * arch.q_dim + 2 * arch.kv_dim)
+        + batch * arch.num_heads * tokens * tokens * 4
+    )
     logits = n * a * (2 * arch.hidden_size + arch.vocab_size * (2 if arch.final_logit_softcapping else 1))
     return max(mlp, attn, logits)
 
@@ -580,34 +596,41 @@ def lora_params(arch: Architecture, rank: int, targets=DEFAULT_LORA_TARGETS) -> 
     return sum(rank * (t.shape[0] + t.shape[1]) for t in arch.tensors() if t.kind in targets and t.is_linear)
 
 
-def _activation_bytes_per_token_layer(arch: Architecture, a: int, train_norms: bool, lora: dict | None) -> float:
+def _activation_bytes_per_token_layer(arch: Architecture, a: int, full: bool, lora: dict | None) -> float:
     """Bytes autograd keeps per token per block for the backward pass (fused attention).
 
-    Items, following gemmakit's Block / transformers' Gemma and Llama modules:
+    PyTorch saves a linear layer's input only when its weight is trained, so the items are:
       * each RMSNorm keeps its float32 input (4 B per channel), and its float32 normalized
-        output as well when the norm weight is trained;
-      * attention keeps the q/k/v input (a), q, k, v after RoPE and the attention output
-        (SDPA, a each) and the o_proj input (a); QK-norm keeps float32 q and k;
-        fused attention keeps no T x T matrix (eager soft-capped attention is added by the
-        caller);
-      * the GeGLU/SwiGLU MLP keeps its input (a) and four intermediate-sized tensors: gate,
-        act(gate), up and their product (a each);
-      * LoRA keeps, per adapted projection, the input cast to the adapter dtype (fp32) and a
-        dropout mask byte when dropout > 0, and the rank-r intermediate.
+        output too when the norm weight is trained (full fine-tuning); QK-norm likewise over
+        q and k;
+      * fused attention (SDPA) keeps q, k, v and its output (a each), no T x T matrix; eager
+        soft-capped attention is added by the caller;
+      * the GeGLU/SwiGLU MLP keeps gate, act(gate) and up (a each);
+      * full fine-tuning adds the inputs of the trained projections: q/k/v (shared), o,
+        gate/up (shared) and down (a each);
+      * LoRA adds, per adapted projection, its input cast to the fp32 adapter dtype (4 B) and
+        a dropout mask byte when dropout > 0, and the rank-r intermediate.
     """
-    H, I, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
-    norms = arch.norms_per_layer * H * (8 if train_norms else 4)
-    attn = a * (H + q + 2 * kv + q + q)
+    hidden, inter, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
+    norm_bytes = 8 if full else 4
+    total = arch.norms_per_layer * hidden * norm_bytes
     if arch.qk_norm:
-        attn += (q + kv) * (8 if train_norms else 4)
-    mlp = a * (H + 4 * I)
-    extra = 0.0
+        total += (q + kv) * norm_bytes
+    total += a * (2 * q + 2 * kv)  # SDPA: q, k, v, output
+    total += a * 3 * inter  # MLP: gate, act(gate), up
+    linear_inputs = a * (hidden + q + hidden + inter)
+    if full:
+        total += linear_inputs
     if lora:
-        per_in = 4 + (1 if lora["dropout"] > 0 else 0)
-        for t in arch.tensors()[1:]:
-            if t.kind in lora["targets"] and t.is_linear and t.name.startswith("model.layers.0."):
-                extra += per_in * t.shape[1] + 4 * lora["rank"]
-    return norms + attn + mlp + extra
+        dropout = lora["dropout"] > 0
+        if a == 4 and not dropout:  # fp32 inputs are saved as they are, shared by q/k/v and gate/up
+            total += linear_inputs
+        adapted = [t for t in arch.tensors() if t.kind in lora["targets"] and t.is_linear]
+        adapted = adapted[: len(adapted) // arch.num_layers]
+        for t in adapted:
+            per_input = (4 if a < 4 or dropout else 0) + (1 if dropout else 0)
+            total += per_input * t.shape[1] + 2 * 4 * lora["rank"]
+    return total
 
 
 def _eager_attention_bytes_per_token_layer(arch: Architecture, a: int, seq_len: int) -> float:
@@ -744,6 +767,7 @@ class Report:
     kv: KVCacheSize
     training: dict[str, dict[str, Any]]
     train_batch: int
+    chunk_tokens: int = 256
     gguf_file: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -819,13 +843,19 @@ def make_report(arch: Architecture, options: Options | None = None) -> Report:
         m: training_memory(arch, m, train_batch, o.seq_len, o.train_dtype, o.lora_rank, ce_chunk=o.ce_chunk)
         for m in TRAINING_METHODS
     }
-    report = Report(arch, params, memory, kv, training, train_batch)
+    report = Report(arch, params, memory, kv, training, train_batch, o.ce_chunk)
     report.notes = notes(report)
     return report
 
 
 def _is_gemma_7b(a: Architecture) -> bool:
-    return (a.vocab_size, a.hidden_size, a.num_layers, a.num_heads, a.model_type) == (256000, 3072, 28, 16, "gemma")
+    return (a.vocab_size, a.hidden_size, a.num_layers, a.num_heads, a.model_type) == (
+        256000,
+        3072,
+        28,
+        16,
+        "gemma",
+    )
 
 
 def notes(r: Report) -> list[str]:
@@ -850,7 +880,7 @@ def notes(r: Report) -> list[str]:
         largest = max(t.numel for t in a.tensors() if t.is_linear)
         gap = 7.1 * GB - nf4
         out.append(
-            f"The article's \"Gemma 7B needs 7.1 GB in NF4\": the NF4+DQ weights are "
+            f'The article\'s "Gemma 7B needs 7.1 GB in NF4": the NF4+DQ weights are '
             f"{nf4 / GB:.2f} GB, of which {emb16 / GB:.2f} GB is the 256k x 3072 embedding that "
             f"bitsandbytes leaves in 16-bit (it is an nn.Embedding, and tied to lm_head). The "
             f"other ~{gap / GB:.1f} GB is not weights: the CUDA context (0.3-0.5 GB, seen by "
@@ -861,8 +891,9 @@ def notes(r: Report) -> list[str]:
         )
     elif emb16 > 0.25 * nf4:
         out.append(
-            f"The embedding is {p.embedding / p.text:.0%} of the parameters: int8/NF4 leave it in "
-            f"16-bit ({emb16 / GB:.2f} GB), so NF4 saves only {1 - nf4 / bf16:.0%} over bf16."
+            f"The embedding is {p.embedding / p.text:.0%} of the parameters and int8/NF4 leave it "
+            f"in 16-bit ({emb16 / GB:.2f} GB), so NF4 weights are {nf4 / bf16:.0%} of bf16, not "
+            f"the {NF4_BITS_PER_WEIGHT / 16:.0%} that {NF4_BITS_PER_WEIGHT:.3f} of 16 bits suggests."
         )
     if a.final_logit_softcapping or a.qk_norm:
         out.append("fp16 overflows Gemma 2/3 activations (trained in bf16): use bf16 or fp32.")
@@ -871,7 +902,8 @@ def notes(r: Report) -> list[str]:
         out.append(
             f"Training logits over the {a.vocab_size:,}-token vocabulary take "
             f"{full['logits'] / GB:.1f} GB at batch {r.train_batch} (float32 logits, log-softmax and "
-            f"gradient); gemmakit's chunked cross-entropy keeps {full['logits_chunked'] / GB:.2f} GB."
+            f"gradient); a chunked cross-entropy ({r.chunk_tokens} tokens at a time) keeps "
+            f"{full['logits_chunked'] / GB:.2f} GB."
         )
     return out
 

@@ -161,6 +161,7 @@ _ARCHITECTURES = {
     "Gemma2ForCausalLM": dict(model_type="gemma2", use_post_norms=True, use_qk_norm=False),
     "Gemma3ForCausalLM": dict(model_type="gemma3_text", use_post_norms=True, use_qk_norm=True),
 }
+_REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
 _MODEL_TYPE_TO_ARCH = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
@@ -177,6 +178,15 @@ _IGNORED_KEYS = {
     "prefix", "task_specific_params", "finetuning_task", "add_cross_attention",
     "tf_legacy_loss", "use_return_dict", "torchscript", "max_length", "min_length",
     "name_or_path", "unsloth_version", "unsloth_fixed",
+}  # fmt: skip
+
+
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096,
 }  # fmt: skip
 
 
@@ -197,7 +207,10 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if key in raw and key not in text:
                 text[key] = raw[key]
-        text.setdefault("vocab_size", 262208)
+        # The original multimodal config.json files leave these to Gemma3TextConfig's
+        # defaults (transformers configuration_gemma3.py), so fill them in the same way.
+        for key, value in _GEMMA3_TEXT_DEFAULTS.items():
+            text.setdefault(key, value)
         return from_hf_config(text, name)
     arch = next((a for a in arch_list if a in _ARCHITECTURES), None)
     if arch is None:
@@ -209,12 +222,20 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
             + ", ".join(_ARCHITECTURES)
         )
     implied = _ARCHITECTURES[arch]
+    missing = [k for k in _REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise ConfigError(f"config.json lacks required key(s): {', '.join(missing)}")
     pop = raw.pop
     num_layers = pop("num_hidden_layers")
     heads = pop("num_attention_heads")
     hidden = pop("hidden_size")
     head_dim = pop("head_dim", None) or hidden // heads
     window = pop("sliding_window", None)
+    # Gemma 2's original config.json repeats the window as sliding_window_size.
+    window_size = pop("sliding_window_size", None)
+    if window_size is not None and window is not None and window_size != window:
+        raise ConfigError(f"sliding_window {window} and sliding_window_size {window_size} disagree")
+    window = window if window is not None else window_size
     layer_types = pop("layer_types", None)
     pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")
     if layer_types is None:

@@ -140,7 +140,9 @@ def load_model(
         state = state_dict_from_gguf(g)
     with torch.device("meta"):
         model = Gemma(config)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
+    for key in list(state):
+        state[key] = state.pop(key).to(device=device, dtype=dtype)
     checkpoint.load_into(model, state, str(source.path))
     return model.eval()
 

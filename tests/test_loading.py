@@ -117,3 +117,22 @@ def test_converted_cache_equals_direct_gguf_load(bundled, tmp_path, monkeypatch)
 def test_hf_config_round_trip():
     for cfg in PRESETS.values():
         assert from_hf_config(cfg.to_hf_config()) == cfg
+
+
+def test_real_config_quirks():
+    # Gemma 2's original config.json repeats the window as sliding_window_size.
+    g2 = PRESETS["gemma-2-9b"].to_hf_config()
+    g2["sliding_window_size"] = 4096
+    assert from_hf_config(g2).sliding_window == 4096
+    # Multimodal Gemma 3 4B leaves heads/head_dim/vocab to transformers' defaults.
+    mm = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "sliding_window": 1024,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    }  # fmt: skip
+    c = from_hf_config(mm)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (8, 4, 256, 262208)
+    assert c.replace(eos_token_ids=(1, 106)) == PRESETS["gemma-3-4b"]
+    with pytest.raises(ConfigError, match="lacks required"):
+        from_hf_config({"architectures": ["GemmaForCausalLM"], "hidden_size": 8})
