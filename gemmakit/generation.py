@@ -86,14 +86,25 @@ def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a row of logits (V,)."""
+    """One token id from a row of logits (V,).
+
+    The filters work on the candidates only: top-k takes k of the 262k logits before the
+    top-p sort, so a sampled step costs about what a greedy one does.
+    """
     logits = logits.float()
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
-    logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        values, ids = torch.topk(logits, params.top_k)  # sorted, descending
+    elif params.top_p < 1.0 or params.min_p > 0.0:
+        values, ids = torch.sort(logits, descending=True)
+    else:
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    values = apply_min_p(apply_top_p(values, params.top_p), params.min_p)
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return int(ids[choice])
 
 
 # --- the decode loop -----------------------------------------------------------------------

@@ -68,3 +68,18 @@ def test_prompt_longer_than_context_is_an_error(bundled):
     too_long = [2] + [236743] * bundled.config.max_position_embeddings
     with pytest.raises(GemmakitError, match="context is 32768 tokens"):
         llm.generate([too_long], SamplingParams(max_tokens=4))
+
+
+def test_sampling_respects_top_k_and_top_p_support():
+    from gemmakit.generation import sample
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    gen = torch.Generator().manual_seed(1)
+    seen = {sample(logits, SamplingParams(temperature=1.0, top_k=5), gen) for _ in range(300)}
+    assert seen <= top5 and len(seen) > 1
+    probs = logits.softmax(-1)
+    order = torch.argsort(probs, descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())
+    seen = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(300)}
+    assert seen <= nucleus

@@ -21,7 +21,10 @@ def add_arguments(p):
     # The flags are ServerConfig's fields, so the CLI and the Python API cannot drift apart.
     for f in _fields():
         kind = int if f.type in ("int", "int | None") else str
-        s.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        s.add_argument(
+            flag, type=kind, default=f.default, metavar=f.metadata["metavar"], help=f.metadata["help"]
+        )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -30,12 +33,12 @@ def run(args) -> int:
         raise GemmakitError("the server needs fastapi and uvicorn: pip install 'gemmakit[serve]'")
     import uvicorn
 
-    from gemmakit.server import ServerConfig, _is_loopback, api_key_from_env, bind_socket, create_app
+    from gemmakit.server import ServerConfig, api_key_from_env, bind_socket, create_app, is_loopback
 
     options = {f.name: getattr(args, f.name) for f in _fields()}
     options["api_key"] = options["api_key"] or api_key_from_env()
     config = ServerConfig(**options)
-    if not _is_loopback(config.host) and config.api_key is None:
+    if not is_loopback(config.host) and config.api_key is None:
         print(
             f"gemmakit serve: warning: listening on {config.host} without --api-key; "
             "anyone who can reach this address can use the model",
@@ -48,10 +51,10 @@ def run(args) -> int:
     llm = load_llm(args)
     app = create_app(llm, config)
     host = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{host}:{sock.getsockname()[1]}"  # the real port, also for --port 0
     print(
-        f"Serving {app.state.model_name} (loaded in {llm.loaded.load_seconds:.2f} s) at http://{host}:{config.port}"
-        f"  |  chat page: http://{host}:{config.port}/  |  API: http://{host}:{config.port}/v1"
-        + ("  |  API key required" if config.api_key else ""),
+        f"Serving {app.state.model_name} (loaded in {llm.loaded.load_seconds:.2f} s) at {url}"
+        f"  |  chat page: {url}/  |  API: {url}/v1" + ("  |  API key required" if config.api_key else ""),
         file=sys.stderr,
         flush=True,
     )
