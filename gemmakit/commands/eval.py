@@ -27,9 +27,11 @@ def add_arguments(p):
         "starting with one <bos> that is never predicted.",
     )  # fmt: skip
     ppl.add_argument("--text", default=None, metavar="FILE",
-                     help="UTF-8 text file (default: a ~2,000-token text shipped with gemmakit)")  # fmt: skip
+                     help="UTF-8 text file (default: gemmakit's own 1,450-token article on timekeeping)")  # fmt: skip
     ppl.add_argument("--context", type=int, default=512, help="ids per window, <bos> included (512)")
     ppl.add_argument("--stride", type=int, default=None, help="tokens each window advances (context // 2)")
+    ppl.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
+                     help="ids per forward pass; equal-length windows run together (4096)")  # fmt: skip
     _model_arguments(ppl)
     ppl.add_argument("--json", action="store_true",
                      help='print {"model", "tokens", "nll", "perplexity", ...} (a list for several settings)')  # fmt: skip
@@ -43,9 +45,13 @@ def add_arguments(p):
                     help="a shipped task (see `gemmakit eval tasks`), or 'all'; repeatable")  # fmt: skip
     mc.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
                     help="a JSONL task file in a HellaSwag, ARC, MMLU or PIQA layout; repeatable")  # fmt: skip
-    mc.add_argument("--fewshot", type=int, default=0, metavar="K", help="solved examples before each question (0)")
+    mc.add_argument(
+        "--fewshot", type=int, default=0, metavar="K", help="solved examples before each question (0)"
+    )
     mc.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw (1234)")
-    mc.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of each file")
+    mc.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="only the first N questions of each file"
+    )
     mc.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
                     help="padded tokens per forward pass (4096)")  # fmt: skip
     mc.add_argument("--samples", default=None, metavar="FILE.jsonl",
@@ -123,10 +129,14 @@ def run_perplexity(args) -> int:
         raise GemmakitError(f"{path}: the text is empty")
     stride = args.stride or max(1, args.context // 2)
     ev.strided_windows(1, args.context, stride)  # checks the numbers before any loading
+    if args.batch_tokens < 1:
+        raise GemmakitError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     rows = []
     for setting, loaded in _each_loaded(args):
         start = time.perf_counter()
-        r = ev.text_perplexity(loaded, text, args.context, stride, progress=True)
+        r = ev.text_perplexity(
+            loaded, text, args.context, stride, progress=True, batch_tokens=args.batch_tokens
+        )
         seconds = time.perf_counter() - start
         rows.append({**_setting_fields(setting, loaded), "tokens": r.tokens, "nll": r.nll,
                      "perplexity": r.perplexity, "text": str(path), "context": r.context,
@@ -159,7 +169,9 @@ def _tasks(args):
         raise GemmakitError("give --task NAME (see `gemmakit eval tasks`) or --data FILE.jsonl")
     for task in tasks:  # fail on a bad --fewshot before loading any model
         if args.fewshot >= len(task.questions):
-            raise GemmakitError(f"--fewshot {args.fewshot}: {task.path} has only {len(task.questions)} questions")
+            raise GemmakitError(
+                f"--fewshot {args.fewshot}: {task.path} has only {len(task.questions)} questions"
+            )
     return tasks
 
 
@@ -182,7 +194,9 @@ def run_choice(args) -> int:
     for setting, loaded in _each_loaded(args):
         for t in tasks:
             start = time.perf_counter()
-            r = ev.evaluate_choice(loaded, t, args.fewshot, args.seed, args.limit, args.batch_tokens, progress=True)
+            r = ev.evaluate_choice(
+                loaded, t, args.fewshot, args.seed, args.limit, args.batch_tokens, progress=True
+            )
             seconds = time.perf_counter() - start
             row = {"task": t.name, "file": str(t.path), "layout": t.layout, **_setting_fields(setting, loaded),
                    **r.to_dict(), "fewshot": args.fewshot, "seconds": round(seconds, 3)}  # fmt: skip

@@ -1,0 +1,325 @@
+"""Supervised fine-tuning data: reading rows, formatting, tokenizing with labels, batching.
+
+Rows come from JSONL (or a JSON list) with one of three shapes, or from a Hugging Face
+dataset name (`datasets.load_dataset`, online only):
+
+    {"text": "### Human: What is 2+2?### Assistant: 4."}            guanaco style
+    {"prompt": "What is 2+2?", "completion": "4."}
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+
+Every row becomes segments of text marked prompt or response, rendered either in the guanaco
+format (`### Human: …### Assistant: …`, the article's) or, with `chat_template=True`, in
+Gemma's chat format (`<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`).
+
+Tokenization rules (field notes §2.9-2.12):
+- exactly one `<bos>` at the start (a `<bos>` written in the data is not doubled);
+- the example ends with `<eos>` (guanaco format) or `<end_of_turn>` (chat format), and that
+  token is kept in the labels, so the model learns to stop;
+- padding is on the right with Gemma's `<pad>` (id 0), never `<eos>`, and is never a label;
+- with `responses_only`, prompt tokens get label -100 (ignored by the loss).
+Segments are tokenized separately, so a response's tokens are exactly the tokens the model
+generates after the prompt at inference time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemmakit.errors import GemmakitError
+
+IGNORE = -100
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+_TURN_RE = re.compile(r"###\s*(Human|Assistant)\s*:")
+SHIPPED = Path(__file__).parent / "data" / "guanaco_sample.jsonl"
+
+
+@dataclass
+class Example:
+    """One tokenized training example; `labels` aligned with `input_ids` (not shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    # For packed rows: the example index of each token (None: one example).
+    segments: list[int] | None = None
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def shipped_dataset() -> Path:
+    """The small guanaco-format dataset that ships with gemmakit (for demos and tests)."""
+    return SHIPPED
+
+
+def read_rows(source: str | Path, split: str = "train") -> list[dict]:
+    """Rows of a local .jsonl/.json file, or of a Hugging Face dataset (`name` or `name:split`)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.exists():
+        raise GemmakitError(f"{path}: not a file")
+    name = str(source)
+    if name.count(":") == 1 and "/" in name.split(":")[0]:
+        name, split = name.split(":")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.endswith((".jsonl", ".json")):
+        raise GemmakitError(f"{source}: no such file (and not a Hugging Face dataset name)")
+    return _read_hub(name, split)
+
+
+def _read_file(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GemmakitError(f"{path}: not valid JSON ({e})") from None
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise GemmakitError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise GemmakitError(f"{path}: no rows")
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+    if bad:
+        raise GemmakitError(f"{path}: row {bad} is not a JSON object")
+    return rows
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise GemmakitError(
+            f"{name}: no such file; loading it as a Hugging Face dataset needs the `datasets` "
+            "package (pip install datasets) and a network connection"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: all one line for the user
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GemmakitError(
+            f"{name}: could not load the Hugging Face dataset (split {split!r}): {msg}. "
+            "Offline? Pass a local JSONL file instead."
+        ) from None
+    return [dict(r) for r in ds]
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def parse_guanaco(text: str) -> list[tuple[str, str]]:
+    """[(role, content)] from `### Human: …### Assistant: …` text; [] when it has no turns."""
+    marks = list(_TURN_RE.finditer(text))
+    if not marks:
+        return []
+    turns = []
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        role = "user" if m.group(1) == "Human" else "assistant"
+        turns.append((role, text[m.end() : nxt.start() if nxt else len(text)].strip()))
+    return turns
+
+
+def row_turns(row: dict, index: int = 0) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """(turns, None) for conversational rows, (None, text) for plain text rows."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise GemmakitError(f"row {index}: 'messages' must be a list of {{role, content}} objects")
+        turns, system = [], ""
+        for m in msgs:
+            role, content = m.get("role"), m.get("content")
+            if not isinstance(content, str):
+                raise GemmakitError(f"row {index}: message content must be a string")
+            if role == "system":
+                system += content.strip() + "\n\n"
+            elif role in ("user", "human"):
+                turns.append(("user", (system + content).strip()))
+                system = ""
+            elif role in ("assistant", "model", "gpt"):
+                turns.append(("assistant", content.strip()))
+            else:
+                raise GemmakitError(f"row {index}: unknown role {role!r}")
+        return turns, None
+    if "prompt" in row and "completion" in row:
+        return [("user", str(row["prompt"]).strip()), ("assistant", str(row["completion"]).strip())], None
+    if "text" in row:
+        text = row["text"]
+        if not isinstance(text, str):
+            raise GemmakitError(f"row {index}: 'text' must be a string")
+        turns = parse_guanaco(text)
+        return (turns, None) if turns else (None, text)
+    raise GemmakitError(f"row {index}: needs 'text', 'prompt'+'completion' or 'messages' (has {sorted(row)})")
+
+
+def format_row(row: dict, chat_template: bool = False, index: int = 0) -> list[tuple[str, bool]]:
+    """Segments [(text, is_response)] of a row, without BOS or the final end token.
+
+    Guanaco format: `### Human: q### Assistant: a` exactly as the article's data is written;
+    the response segment is what follows `### Assistant:`. Chat format: Gemma's turns, each
+    model turn closed by `<end_of_turn>` inside the response (it is what the model must emit).
+    """
+    turns, text = row_turns(row, index)
+    if turns is None:
+        if chat_template:
+            raise GemmakitError(
+                f"row {index}: plain text without '### Human:'/'### Assistant:' turns cannot be put "
+                "into the chat template"
+            )
+        return [(text, True)]
+    if chat_template:
+        segs, prompt = [], ""
+        for role, content in turns:
+            if role == "user":
+                prompt += f"<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+            else:
+                segs += [(prompt, False), (f"{content}<end_of_turn>", True)]
+                prompt = "\n"
+        return [s for s in segs if s[0]]
+    segs, prompt = [], ""
+    for role, content in turns:
+        if role == "user":
+            prompt += f"{HUMAN} {content}{ASSISTANT}"
+        else:
+            segs += [(prompt, False), (f" {content}", True)]
+            prompt = ""
+    return [s for s in segs if s[0]]
+
+
+def prompt_text(question: str, chat_template: bool = False) -> str:
+    """The prompt that asks `question` in the trained format (for generation after tuning)."""
+    if chat_template:
+        return f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+    return f"{HUMAN} {question}{ASSISTANT}"
+
+
+def tokenize(
+    segments: list[tuple[str, bool]],
+    tokenizer,
+    max_length: int,
+    responses_only: bool = False,
+    end_id: int | None = None,
+) -> Example | None:
+    """Tokens and labels of one formatted row; None when nothing is left to learn from.
+
+    Truncation keeps the start; a truncated example loses its end token (it did not end).
+    """
+    ids, labels = [tokenizer.bos_id], [IGNORE]  # BOS is never a target
+    for text, is_response in segments:
+        toks = tokenizer.encode(text, add_bos=False)
+        if len(ids) == 1:
+            while toks and toks[0] == tokenizer.bos_id:  # a <bos> written in the data
+                toks = toks[1:]
+        ids += toks
+        labels += toks if (is_response or not responses_only) else [IGNORE] * len(toks)
+    if end_id is not None:
+        ids.append(end_id)
+        labels.append(end_id)
+    if len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE for t in labels[1:]):
+        return None
+    return Example(ids, labels)
+
+
+def build_examples(rows, tokenizer, max_length, chat_template=False, responses_only=False):
+    """(examples, dropped count) for rows; chat rows end with <end_of_turn>, others with <eos>."""
+    out, dropped = [], 0
+    for i, row in enumerate(rows, 1):
+        segs = format_row(row, chat_template, i)
+        end = None if chat_template else tokenizer.eos_id
+        ex = tokenize(segs, tokenizer, max_length, responses_only, end)
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
+    return out, dropped
+
+
+def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic held-out split: the same rows for the same seed and fraction."""
+    if not 0 <= eval_fraction < 1:
+        raise GemmakitError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = round(len(rows) * eval_fraction)
+    if eval_fraction > 0 and len(rows) > 1:
+        n_eval = max(1, n_eval)
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [
+        r for i, r in enumerate(rows) if i in eval_idx
+    ]
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedy first-fit packing of whole examples into rows of at most `max_length` tokens.
+
+    Each example keeps its own BOS and end token, and its BOS is never a label, so no example
+    is trained to predict the next one's start. Each token records its example (`segments`).
+    With the current model, whose mask handles padding only, attention does cross examples
+    within a packed row and positions run on through the row, as TRL's packing did by
+    default (a little cross-example contamination for no padding). A model whose
+    `hidden_states` accepts `segment_ids` gets a block-diagonal mask and per-example
+    positions instead (see `gemmakit.training.batch_loss_sum`).
+    """
+    rows: list[Example] = []
+    for ex in examples:
+        for row in rows:
+            if len(row) + len(ex) <= max_length:
+                row.segments += [row.segments[-1] + 1] * len(ex)
+                row.input_ids += ex.input_ids
+                row.labels += ex.labels
+                break
+        else:
+            rows.append(Example(list(ex.input_ids), list(ex.labels), [0] * len(ex)))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids (pad_id), attention_mask (False on padding), labels (-100).
+
+    Packed examples add `segment_ids` (B, T) (padding gets -1) and `positions` (B, T) that
+    restart at 0 with each example.
+    """
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    packed = any(e.segments is not None for e in examples)
+    if packed:
+        segs = torch.full((len(examples), width), -1, dtype=torch.long)
+        positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = True
+        if packed:
+            s = torch.tensor(e.segments if e.segments is not None else [0] * n)
+            segs[i, :n] = s
+            starts = torch.cat((torch.tensor([True]), s[1:] != s[:-1]))
+            idx = torch.arange(n)
+            first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
+            positions[i, :n] = idx - first
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        out.update(segment_ids=segs, positions=positions)
+    return out
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Tokens the loss is taken over (labels shifted by one, -100 ignored)."""
+    return int((labels[:, 1:] != IGNORE).sum())

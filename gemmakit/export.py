@@ -1,0 +1,176 @@
+"""Exporting any model gemmakit loads (HF folder, GGUF, with an adapter merged) to GGUF or HF.
+
+    from gemmakit.export import export
+    export(to="gguf", output="gemma.q8_0.gguf", qtype="q8_0")            # the bundled model
+    export(model="ckpt/", adapter="out/adapter", to="hf", output="merged/")
+
+The writers live in `gemmakit.gguf_writer` (GGUF) and `gemmakit.hf_export` (HF folder); this
+module loads the source, merges an adapter, gathers what the writers need from the source
+(its GGUF vocabulary arrays, its chat template, its tokenizer files) and dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from gemmakit.errors import GemmakitError
+from gemmakit.loading import Loaded, load
+
+TARGETS = ("gguf", "hf")
+
+
+def apply_adapter(loaded: Loaded, adapter: str | Path) -> Loaded:
+    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora)."""
+    if importlib.util.find_spec("gemmakit.lora") is None:
+        raise GemmakitError("--adapter needs gemmakit.lora, which this installation does not have")
+    from gemmakit import lora
+
+    lora.load_adapter(loaded.model, adapter)
+    merged = lora.merge(loaded.model)
+    if isinstance(merged, torch.nn.Module):
+        loaded.model = merged
+    return loaded
+
+
+def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
+    """The model's float weights under gemmakit's names, quantized layers dequantized.
+
+    Raises if anything other than the model's own tensors is left (an unmerged adapter).
+    """
+    from gemmakit.model import Gemma
+    from gemmakit.quantization import dequantized_state_dict
+
+    state = dequantized_state_dict(loaded.model)
+    with torch.device("meta"):
+        expected = Gemma(loaded.model.config).state_dict()
+    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if extra or missing:
+        raise GemmakitError(
+            "the model's weights do not match its config"
+            + (f"; unexpected {extra[0]}" if extra else "")
+            + (f"; missing {missing[0]}" if missing else "")
+        )
+    return {k: state[k] for k in expected}
+
+
+def source_metadata(loaded: Loaded) -> dict | None:
+    if loaded.source.kind != "gguf":
+        return None
+    from gemmakit.gguf import GGUFFile
+
+    return GGUFFile(loaded.source.path).metadata
+
+
+def source_chat_template(loaded: Loaded, metadata: dict | None = None) -> str | None:
+    """The source's own chat template (GGUF metadata or the HF folder's files), if any."""
+    if metadata and isinstance(metadata.get("tokenizer.chat_template"), str):
+        return metadata["tokenizer.chat_template"]
+    if loaded.source.kind == "hf":
+        folder = loaded.source.path
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text()
+        cfg = folder / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                template = json.loads(cfg.read_text()).get("chat_template")
+            except json.JSONDecodeError:
+                template = None
+            if isinstance(template, str):
+                return template
+    return None
+
+
+def export_gguf(
+    loaded: Loaded, output: str | Path, qtype: str = "f16", embedding_type: str | None = None,
+    progress: bool = True,
+) -> dict:  # fmt: skip
+    """Writes `loaded` as a GGUF file (see `gemmakit.gguf_writer.write_gguf`)."""
+    from gemmakit.gguf_writer import write_gguf
+
+    md = source_metadata(loaded)
+    return write_gguf(
+        output, float_state(loaded), loaded.model.config, loaded.tokenizer, qtype=qtype,
+        embedding_type=embedding_type, source_metadata=md,
+        chat_template=source_chat_template(loaded, md), name=_display_name(loaded, md),
+        progress=progress,
+    )  # fmt: skip
+
+
+def export_hf(
+    loaded: Loaded, output: str | Path, dtype: str = "f32", force: bool = False, progress: bool = True
+) -> dict:
+    """Writes `loaded` as a Hugging Face model folder (see `gemmakit.hf_export.write_hf`)."""
+    from gemmakit.hf_export import HF_DTYPES, write_hf
+
+    if dtype not in HF_DTYPES:
+        raise GemmakitError(f"--type {dtype} is not a Hugging Face dtype; use {', '.join(HF_DTYPES)}")
+    md = source_metadata(loaded)
+    return write_hf(
+        output, float_state(loaded), loaded.model.config, loaded.tokenizer, dtype=HF_DTYPES[dtype],
+        source_folder=loaded.source.path if loaded.source.kind == "hf" else None,
+        chat_template=source_chat_template(loaded, md), stop_ids=loaded.stop_ids,
+        force=force, progress=progress,
+    )  # fmt: skip
+
+
+def _display_name(loaded: Loaded, md: dict | None) -> str:
+    if md and isinstance(md.get("general.name"), str):
+        return md["general.name"]
+    return loaded.source.name
+
+
+def default_type(to: str, loaded: Loaded) -> str:
+    """--type auto: f16 for GGUF (llama.cpp's converter default), the model's dtype for HF."""
+    if to == "gguf":
+        return "f16"
+    dtype = loaded.model.model.norm.weight.dtype
+    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
+
+
+def export(
+    model: str | None = None,
+    adapter: str | None = None,
+    to: str = "gguf",
+    output: str | Path = "model.gguf",
+    qtype: str = "auto",
+    embedding_type: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
+    loaded: Loaded | None = None,
+) -> dict:
+    """Loads a model (and merges an adapter), then writes it as GGUF or an HF folder.
+
+    Args:
+        model: a folder, a .gguf file, or None for the bundled model.
+        adapter: a PEFT LoRA adapter folder to merge first.
+        to: "gguf" or "hf".
+        output: the .gguf file or the output folder.
+        qtype: GGUF type (f32, f16, bf16, q8_0, ...) or HF dtype (f32, bf16, f16); "auto"
+            picks f16 for GGUF and the model's dtype for HF.
+        embedding_type: GGUF type of the token embedding (default: see gguf_writer).
+        dtype: the dtype the model is loaded in (float32 keeps dequantized GGUF weights exact).
+        force: overwrite a non-empty output folder (HF).
+        loaded: an already loaded model to export instead of `model`.
+    """
+    if to not in TARGETS:
+        raise GemmakitError(f"unknown export target {to!r}; use gguf or hf")
+    if loaded is None:
+        loaded = load(model, dtype=dtype, device="cpu")
+    if adapter:
+        loaded = apply_adapter(loaded, adapter)
+    if qtype == "auto":
+        qtype = default_type(to, loaded)
+    if to == "gguf":
+        result = export_gguf(loaded, output, qtype, embedding_type, progress)
+    else:
+        result = export_hf(loaded, output, qtype, force, progress)
+    result.update(
+        source=str(loaded.source.path), adapter=str(adapter) if adapter else None, to=to, type=qtype
+    )
+    return result

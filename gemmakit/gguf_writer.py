@@ -1,0 +1,356 @@
+"""GGUF writing for Gemma: metadata llama.cpp reads, the SentencePiece vocabulary, block quants.
+
+The layout follows llama.cpp's own converter (convert_hf_to_gguf.py, Gemma/Gemma2/Gemma3
+models) so that llama.cpp loads the file, and gemmakit's reader (`gemmakit.gguf`) reads it
+back to the same model:
+- architecture `gemma` / `gemma2` / `gemma3` and its hyper-parameter keys;
+- RMSNorm weights stored as w + 1 (llama.cpp multiplies by the stored weight alone);
+- no `output.weight` when the output is tied to `token_embd`;
+- 1-D tensors (norms) in F32, 2-D tensors in the requested type, written by the `gguf`
+  package's reference quantizers (`gguf.quants.quantize`); a tensor whose rows are not a
+  whole number of blocks falls back to F16, as the converter does;
+- the vocabulary as pieces, scores and SentencePiece types, with the special ids looked up by
+  token string, add_bos True, add_eos False and add_space_prefix False (Gemma never prefixes a
+  space), and a Gemma chat template.
+Tensors are quantized and written one at a time, so memory stays near one tensor's size, and
+the file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from gemmakit.checkpoint import atomic_write
+from gemmakit.config import FULL, SLIDING, GemmaConfig
+from gemmakit.errors import GemmakitError
+from gemmakit.gguf import hf_to_gguf_name, is_norm
+from gemmakit.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
+
+log = logging.getLogger(__name__)
+
+# --type name -> tensor type for the 2-D weights, and the file type llama.cpp reports.
+GGUF_TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (Q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (Q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# The tied token_embd doubles as the output layer, the tensor llama.cpp's quantizer keeps at
+# higher precision (llama-quant.cpp gives the output Q6_K for the 4/5-bit types); gguf-py has
+# no K-quant quantizer, so below 8 bits the default embedding type is Q8_0.
+_LOW_BIT = {"q5_1", "q5_0", "q4_1", "q4_0"}
+
+ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+# Gemma's chat format (field-notes §2.10): "assistant" is written "model", a system message is
+# folded into the first user turn (Gemma 3's rule), one <bos> at the start. It renders the
+# same text as `gemmakit.tokenizer.render_chat` (tested).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] in ('assistant', 'model') else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + ((first_user_prefix if loop.first else '') + message['content']) | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+
+def tensor_type(hf_name: str, shape: tuple[int, ...], qtype: str, embedding_type: str | None) -> Q:
+    """The GGUF type a tensor is written in (see the module docstring)."""
+    if len(shape) < 2 or is_norm(hf_name):
+        return Q.F32
+    name = qtype
+    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        name = embedding_type or ("q8_0" if qtype in _LOW_BIT else qtype)
+    t = GGUF_TYPES[name][0]
+    block = gguf.GGML_QUANT_SIZES[t][0]
+    if shape[-1] % block:
+        return Q.F16
+    return t
+
+
+def _quantize(t: torch.Tensor, qtype: Q) -> np.ndarray:
+    """The tensor's bytes in `qtype` (float32 / float16 arrays for those types)."""
+    x = t.detach().to(torch.float32).cpu().contiguous().numpy()
+    if qtype == Q.F32:
+        return x
+    if qtype == Q.F16:
+        return x.astype(np.float16)
+    if qtype == Q.BF16:  # bit-exact round to nearest even, as gguf.quants.BF16 does
+        return t.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint8)
+    # Row chunks bound the float64 temporaries of the numpy quantizers.
+    rows = x.reshape(-1, x.shape[-1])
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    step = max(1, (1 << 22) // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i : i + step] = gguf.quants.quantize(rows[i : i + step], qtype)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _vocab_arrays(tokenizer, vocab_size: int, source_metadata: dict | None):
+    """(pieces, scores, types) in llama.cpp's conventions, padded to the embedding rows."""
+    md = source_metadata or {}
+    if "tokenizer.ggml.tokens" in md and "tokenizer.ggml.scores" in md:
+        pieces = list(md["tokenizer.ggml.tokens"])
+        scores = [float(s) for s in md["tokenizer.ggml.scores"]]
+        types = [int(t) for t in md["tokenizer.ggml.token_type"]]
+    else:
+        backend = tokenizer._backend
+        if hasattr(backend, "serialized_model_proto"):  # SentencePiece: the model's own data
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto.FromString(backend.serialized_model_proto())
+            pieces = [p.piece for p in proto.pieces]
+            scores = [float(p.score) for p in proto.pieces]
+            types = [int(p.type) for p in proto.pieces]
+        else:
+            pieces, scores, types = _scores_from_order(list(tokenizer.pieces), list(tokenizer.types))
+        # llama.cpp stores user-defined pieces (runs of spaces, tabs, newlines) with real
+        # spaces (convert_hf_to_gguf.py, _create_vocab_sentencepiece).
+        pieces = [p.replace(SPACE, " ") if t == USER_DEFINED else p for p, t in zip(pieces, types)]
+    if len(pieces) > vocab_size:
+        raise GemmakitError(f"the tokenizer has {len(pieces)} tokens but the model only {vocab_size} rows")
+    # Pad to the embedding rows as llama.cpp's converter does (Gemma 3 4B+: 262208 rows).
+    for i in range(len(pieces), vocab_size):
+        pieces.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(UNUSED)
+    return pieces, scores, types
+
+
+def _scores_from_order(pieces, types):
+    """Scores for a tokenizer.json-only source, where SentencePiece scores are lost.
+
+    Gemma's tokenizer.model scores its normal pieces 0, -1, -2, ... in id order, byte pieces
+    0 and everything else -1000 (read from the bundled GGUF); byte pieces `<0xNN>` are typed
+    BYTE and runs of spaces USER_DEFINED again (tokenizer.json does not keep the types). On
+    the bundled model's vocabulary this rebuilds pieces and types exactly, and scores in the
+    same order (a constant offset after the single characters), which is all SentencePiece's
+    BPE uses to rank merges (tested).
+    """
+    out_types, scores, rank = [], [], 0
+    for p, t in zip(pieces, types):
+        if t == NORMAL and len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+            t = BYTE
+        elif t == NORMAL and len(p) > 1 and set(p) == {SPACE}:
+            t = USER_DEFINED  # Gemma defines runs of 2-31 spaces as user-defined pieces
+        out_types.append(t)
+        if t == NORMAL:
+            scores.append(-float(rank))
+            rank += 1
+        else:
+            scores.append(0.0 if t == BYTE else -1000.0)
+    return list(pieces), scores, out_types
+
+
+def _layer_pattern(config: GemmaConfig, arch: str) -> int | None:
+    """The sliding-window pattern to write for gemma3 (None: llama.cpp's default of 6).
+
+    llama.cpp derives the layer kinds from the architecture alone: every layer global for
+    gemma, even layers sliding for gemma2, every 6th layer global for gemma3. A model whose
+    layer_types differ can only be written if gemma3's pattern key can describe it.
+    """
+    types = config.layer_types
+    n = len(types)
+    if arch == "gemma":
+        expected = (FULL,) * n
+        if types == expected:
+            return None
+    elif arch == "gemma2":
+        if types == tuple(SLIDING if i % 2 == 0 else FULL for i in range(n)):
+            return None
+    else:
+        for p in [6] + list(range(1, n + 2)):
+            if types == tuple(FULL if (i + 1) % p == 0 else SLIDING for i in range(n)):
+                return None if p == 6 else p
+    raise GemmakitError(
+        f"this model's layer types ({', '.join(t.split('_')[0] for t in types)}) cannot be "
+        f"described in a GGUF file for {arch}"
+    )
+
+
+def _llama_cpp_qpas(config: GemmaConfig) -> float:
+    # llama.cpp (llama-model.cpp) scales queries by head_dim**-0.5, except for the 27B models
+    # (46 layers for Gemma 2, 62 for Gemma 3), where it uses (hidden/heads)**-0.5.
+    if config.num_hidden_layers in (46, 62):
+        return config.hidden_size // config.num_attention_heads
+    return config.head_dim
+
+
+def _add_architecture(w: gguf.GGUFWriter, config: GemmaConfig, arch: str) -> list[str]:
+    """Hyper-parameter keys; returns notes on what llama.cpp will not honour."""
+    notes = []
+    c = config
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if arch == "gemma3" and c.rope_local_base_freq is not None:
+        w.add_rope_freq_base_swa(c.rope_local_base_freq)
+        if c.rope_local_base_freq != 10000.0:
+            notes.append(f"llama.cpp uses 10000 as gemma3's local RoPE base, not {c.rope_local_base_freq:g}")
+    if SLIDING in c.layer_types:
+        w.add_sliding_window(c.sliding_window)
+    pattern = _layer_pattern(c, arch)
+    if pattern is not None:
+        w.add_sliding_window_pattern(pattern)
+        notes.append(f"llama.cpp assumes every 6th gemma3 layer is global; this model's pattern is {pattern}")
+    if c.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if c.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if c.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling_factor)
+    qpas = c.query_pre_attn_scalar or c.head_dim
+    if arch != "gemma" and qpas != _llama_cpp_qpas(c):
+        # gemmakit's reader honours this key; llama.cpp ignores it for Gemma.
+        w.add_attention_scale(qpas**-0.5)
+        notes.append(f"llama.cpp ignores query_pre_attn_scalar={qpas:g} (it uses {_llama_cpp_qpas(c)})")
+    return notes
+
+
+def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_template):
+    pieces, scores, types = _vocab_arrays(tokenizer, config.vocab_size, source_metadata)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    ids = {p: i for i, p in enumerate(pieces)}
+    # Looked up by string: some GGUFs in the wild carry wrong ids here.
+    for piece, add in (("<bos>", w.add_bos_token_id), ("<eos>", w.add_eos_token_id),
+                       ("<unk>", w.add_unk_token_id), ("<pad>", w.add_pad_token_id),
+                       ("<end_of_turn>", w.add_eot_token_id)):  # fmt: skip
+        if piece in ids:
+            add(ids[piece])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(chat_template or GEMMA_CHAT_TEMPLATE)
+    if types and CONTROL not in types:
+        log.warning("the vocabulary has no control tokens; is this a Gemma tokenizer?")
+
+
+def write_gguf(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    config: GemmaConfig,
+    tokenizer=None,
+    qtype: str = "f16",
+    embedding_type: str | None = None,
+    source_metadata: dict | None = None,
+    chat_template: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Writes a complete GGUF file that llama.cpp and gemmakit load.
+
+    Args:
+        path: the output file; written under a temporary name, then renamed.
+        state: the model's float state dict under gemmakit's (HF) names.
+        config: the model's config.
+        tokenizer: a `gemmakit.tokenizer.Tokenizer`; None writes no vocabulary (gemmakit can
+            still load the weights, llama.cpp cannot run the file).
+        qtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0, for the 2-D weights.
+        embedding_type: type of token_embd (and output); default: q8_0 below 8 bits, else qtype.
+        source_metadata: the source GGUF's metadata, whose vocabulary arrays are copied as is.
+        chat_template: a jinja chat template; default: Gemma's.
+        name: general.name.
+
+    Returns:
+        A summary: path, bytes, tensor count per type, notes on what llama.cpp ignores.
+    """
+    if qtype not in GGUF_TYPES:
+        raise GemmakitError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if embedding_type is not None and embedding_type not in GGUF_TYPES:
+        raise GemmakitError(
+            f"unknown embedding type {embedding_type!r}; choose one of {', '.join(GGUF_TYPES)}"
+        )
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise GemmakitError(f"no GGUF architecture for model type {config.model_type!r}")
+    path = Path(path)
+    w = gguf.GGUFWriter(path=None, arch=arch)
+    w.add_type("model")
+    w.add_name(name or config.name or arch)
+    md = source_metadata or {}
+    for key in ("general.basename", "general.size_label", "general.license"):
+        if isinstance(md.get(key), str):
+            w.add_string(key, md[key])
+    notes = _add_architecture(w, config, arch)
+    w.add_file_type(GGUF_TYPES[qtype][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+        _add_tokenizer(w, tokenizer, config, source_metadata, chat_template)
+    else:
+        notes.append("no tokenizer written: llama.cpp cannot run this file")
+
+    plan = []
+    for hf_name, t in state.items():
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue  # tied: llama.cpp reuses token_embd as the output
+        g_name = hf_to_gguf_name(hf_name)
+        if g_name is None:
+            raise GemmakitError(f"no GGUF name for tensor {hf_name!r}")
+        t_type = tensor_type(hf_name, tuple(t.shape), qtype, embedding_type)
+        block, size = gguf.GGML_QUANT_SIZES[t_type]
+        nbytes = t.numel() // block * size
+        plan.append((g_name, hf_name, t, t_type))
+        w.add_tensor_info(g_name, tuple(t.shape), np.float32, nbytes, raw_dtype=t_type)
+
+    def write(tmp: Path):
+        from tqdm import tqdm
+
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, hf_name, t, t_type in tqdm(
+            plan, desc=f"writing {path.name}", unit="tensor", disable=not progress
+        ):
+            if is_norm(hf_name):
+                # Gemma's RMSNorm multiplies by 1 + w; llama.cpp's by the stored weight.
+                t = t.detach().float() + 1.0
+            w.write_tensor_data(_quantize(t, t_type))
+        w.close()
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise GemmakitError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        w.close()
+    counts: dict[str, int] = {}
+    for _, _, _, t_type in plan:
+        counts[t_type.name] = counts.get(t_type.name, 0) + 1
+    return {"path": str(path), "bytes": path.stat().st_size, "tensor_types": counts, "notes": notes}
