@@ -37,6 +37,7 @@ bit-identical to it), else the pure-PyTorch dequantization here.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -229,21 +230,20 @@ def tinygemm_layout():
     except (AttributeError, RuntimeError):
         return None
     g = torch.Generator().manual_seed(0)
-    for N in (128 + 16, 64 + 32):  # full blocks and a partial one
+    probes = []
+    for N in (128 + 16, 64 + 32):  # full blocks followed by a partial one
         probe = torch.randint(0, 16, (N, 64), generator=g, dtype=torch.int32)
         try:
-            packed = pack(probe, 2)
+            probes.append((probe, pack(probe, 2)))
         except RuntimeError:
             return None
-        found = None
-        for layout in _LAYOUT_CANDIDATES:
-            rows = _tinygemm_rows(packed, torch.arange(N), N, 64, layout)
-            if torch.equal(rows.int(), probe):
-                found = layout
-                break
-        if found is None:
-            return None
-    return found
+    for layout in _LAYOUT_CANDIDATES:
+        if all(
+            torch.equal(_tinygemm_rows(packed, torch.arange(len(p)), len(p), 64, layout).int(), p)
+            for p, packed in probes
+        ):
+            return layout
+    return None
 
 
 def fast_cpu_kernels() -> bool:
@@ -500,10 +500,17 @@ def _code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def _bnb():
+    # bitsandbytes' CPU backend logs a warning on import when it cannot download an optional
+    # kernel from the Hugging Face hub (it falls back to its bundled ones, which we use).
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except Exception:  # missing, or broken for this platform
         return None
+    finally:
+        quiet.setLevel(level)
     return bitsandbytes
 
 

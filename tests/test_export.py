@@ -275,7 +275,6 @@ def test_bundled_q8_0_within_tolerance(bundled_q8, bundled):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
 
 
-@pytest.mark.slow
 def test_bundled_f32_round_trip_identical(bundled, tmp_path):
     out = tmp_path / "b.f32.gguf"
     export(loaded=bundled, to="gguf", output=out, qtype="f32", progress=False)
@@ -379,7 +378,6 @@ def test_hf_export_copies_source_tokenizer_and_refuses_non_empty(tiny, tmp_path)
     assert load(str(out), device="cpu").model.model.norm.weight.dtype == torch.float32
 
 
-@pytest.mark.slow
 def test_bundled_hf_export_matches_transformers(bundled, tmp_path):
     import transformers
 
@@ -390,6 +388,10 @@ def test_bundled_hf_export_matches_transformers(bundled, tmp_path):
     text = "The orchard  produced\n\nmore fruit than <start_of_turn>user she could sell."
     ids = bundled.tokenizer.encode(text)
     assert tok(text)["input_ids"] == ids
+    from gemmakit.tokenizer import render_chat
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == render_chat(chat)
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(theirs, _logits(bundled.model, ids), rtol=1e-4, atol=1e-4)

@@ -196,6 +196,29 @@ def test_lora_style_training_on_nf4_base():
     assert losses[-1] < losses[0] * 0.3
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gemmakit.lora") is None, reason="gemmakit.lora not present")
+def test_qlora_on_a_quantized_model_then_merge():
+    """QLoRA: LoRA on the NF4 model trains (gradients reach the adapters only) and merges
+    into a float model with the same logits."""
+    from gemmakit import lora
+
+    model = Q.quantize_model(_tiny_gemma(), "nf4")
+    lora.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    loss = F.cross_entropy(model(ids)[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        before = model(ids)
+        merged = lora.merge(model)
+        assert not Q.is_quantized(merged)
+        torch.testing.assert_close(merged(ids), before, rtol=1e-4, atol=1e-4)
+
+
 # --- whole models -----------------------------------------------------------------------------
 
 
