@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -137,13 +140,85 @@ def load_model(
         g = gguf_file or GGUFFile(source.path)
         config = config_from_gguf(g)
         check_dtype(config, dtype)
-        state = state_dict_from_gguf(g)
+        # Dequantized straight into `dtype`, chunk by chunk: no float32 copy of a bf16 model.
+        state = state_dict_from_gguf(g, dtype)
     with torch.device("meta"):
         model = Gemma(config)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         state[key] = state.pop(key).to(device=device, dtype=dtype)
     checkpoint.load_into(model, state, str(source.path))
+    return model.eval()
+
+
+class _LazyRows:
+    """A weight read from disk in row chunks when the quantizer asks (`quantization.row_chunks`)."""
+
+    def __init__(self, reader: checkpoint.SafetensorsReader, name: str, dtype: torch.dtype):
+        self.reader, self.name, self.dtype = reader, name, dtype
+        self.shape, self.device = reader.shape(name), torch.device("cpu")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        release_freed_memory()
+        return self.reader.rows(self.name, start, stop, self.dtype)
+
+
+def release_freed_memory():
+    """Returns memory freed by Python/torch to the OS (glibc's malloc_trim), where available."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+def load_quantized_model(
+    source: ModelSource, dtype: torch.dtype, quantize: dict, progress: bool = False
+) -> Gemma:
+    """Builds a quantized model from an HF folder on the CPU, never holding its float weights.
+
+    Each linear weight is read, quantized and dropped in turn, and the embedding is read in
+    row chunks, so peak memory is the quantized model plus one chunk (Gemma 3 270M int8:
+    ~0.6 GB peak RSS against 2.8 GB for loading float32 and quantizing after).
+    """
+    from gemmakit.quantization import quantize_model
+
+    config = load_hf_config(source.path)
+    check_dtype(config, dtype)
+    reader = checkpoint.SafetensorsReader(checkpoint.safetensors_files(source.path))
+    hf_name = checkpoint.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
+    with torch.device("meta"):
+        model = Gemma(config)
+    checkpoint.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
+
+    def read(name):
+        # Each read frees the previous tensor's float copy; glibc keeps such freed blocks in
+        # its heap (its mmap threshold grows as large blocks are freed), so without a trim
+        # the resident set climbs ~400 MB above what is live (measured on the bundled int8).
+        release_freed_memory()
+        return reader.tensor(name, dtype)
+
+    matrices = ("model.embed_tokens.weight", "lm_head.weight")  # the big ones go by rows
+    sources = {
+        k: (lambda v=v: _LazyRows(reader, v, dtype)) if k in matrices else (lambda v=v: read(v))
+        for k, v in hf_name.items()
+    }
+    quantize_model(model, progress=progress, sources=sources, **quantize)
+    left = {name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta}
+    model.load_state_dict(
+        {k: reader.tensor(hf_name[k], dtype) for k in left & set(hf_name)}, strict=False, assign=True
+    )
+    if config.tie_word_embeddings and not hasattr(model.lm_head, "kind"):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    still = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if still:  # a module this loader does not know how to fill
+        raise ModelFileError(f"{source.path}: no weights were read for {', '.join(still[:3])}")
     return model.eval()
 
 
@@ -175,27 +250,45 @@ def load(
     model: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    quantize: str | dict | None = None,
+    progress: bool = False,
 ) -> Loaded:
-    """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default)."""
+    """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default).
+
+    `quantize` is a kind ("nf4", "int8", "int4") or `quantization.quantize_model`'s keyword
+    arguments as a dict; on the CPU the weights are then quantized as they are read.
+    """
     start = time.perf_counter()
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     source = resolve(model)
+    if isinstance(quantize, str):
+        quantize = {"kind": quantize}
     weights = source
     gguf_file = None
     if source.kind == "gguf":
         converted = converted_folder(source)
+        if converted is not None and not (converted / READY).exists() and quantize and device == "cpu":
+            load(source.path, "float32", "cpu")  # writes the converted folder streamed from below
         if converted is not None and (converted / READY).exists():
             weights = ModelSource("hf", converted, source.name)
         else:
             from gemmakit.gguf import GGUFFile
 
             gguf_file = GGUFFile(source.path)
-    net = load_model(weights, torch_dtype, device, gguf_file)
+    if quantize and device == "cpu" and weights.kind == "hf":
+        net = load_quantized_model(weights, torch_dtype, quantize, progress)
+    else:
+        net = load_model(weights, torch_dtype, device, gguf_file)
+        if quantize:
+            from gemmakit.quantization import quantize_model
+
+            quantize_model(net, progress=progress, **quantize)
     tokenizer = load_tokenizer(weights, gguf_file)
     # Only a float32 load holds the exact dequantized values worth caching.
     if gguf_file is not None and torch_dtype == torch.float32 and converted_folder(source) is not None:
-        _write_converted(converted_folder(source), net, tokenizer)
+        if not quantize:
+            _write_converted(converted_folder(source), net, tokenizer)
     if tokenizer.vocab_size > net.config.vocab_size:
         raise ModelFileError(
             f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"

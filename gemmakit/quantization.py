@@ -164,6 +164,20 @@ def nf4_dequantize(
 # --- int8 / int4 ---------------------------------------------------------------------------
 
 
+# Rows quantized at a time (a multiple of tinygemm's 64-row blocks): quantizing the 262144 x 640
+# embedding in one piece would hold several float32 copies of it (2+ GB) at once.
+CHUNK_ROWS = 16384
+
+
+def row_chunks(weight, rows: int | None = None):
+    """Consecutive row blocks of a weight (N, K): a tensor, or a lazy source with `shape`,
+    `dtype`, `device` and `rows(start, stop)` (gemmakit.loading reads the embedding so)."""
+    N, rows = weight.shape[0], rows or CHUNK_ROWS
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        yield weight[start:stop] if isinstance(weight, torch.Tensor) else weight.rows(start, stop)
+
+
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (N, K), float32 scale (N,)): symmetric per output row, scale = max|w| / 127."""
     w = weight.detach().float()
@@ -363,7 +377,7 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor):
         N, K = weight.shape
         super().__init__(K, N, weight.dtype)
-        q, scale = int8_quantize(weight)
+        q, scale = (torch.cat(parts) for parts in zip(*map(int8_quantize, row_chunks(weight))))
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale.to(weight.dtype))
         self._kernel_scale = None
@@ -407,22 +421,23 @@ class Int4Linear(QuantizedLinear):
         if K % group_size:
             raise GemmakitError(f"int4: in_features {K} is not a multiple of the group size {group_size}")
         self.group_size = group_size
-        q, scale, lo = int4_quantize(weight, group_size)
-        # tinygemm dequantizes (q - 8) * scale + zero, so zero = min + 8 * scale.
-        zero = lo + 8 * scale
-        scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # (K/g, N, 2)
         kernel = weight.device.type == "cpu" and fast_cpu_kernels() and N % 16 == 0
         self.layout = tinygemm_layout() if kernel else None
-        if self.layout is not None:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
-            # The kernel reads scales and zeros in bfloat16 (torchao's int4 layout does too);
-            # dequantize() uses the same rounded values, so both describe one weight.
-            scale_zero = scale_zero.to(torch.bfloat16)
-        else:
-            packed = q[:, 0::2] | (q[:, 1::2] << 4)
-            scale_zero = scale_zero.to(weight.dtype)
-        self.register_buffer("weight", packed)
-        self.register_buffer("weight_scale_zero", scale_zero)
+        # The kernel reads scales and zeros in bfloat16 (torchao's int4 layout does too);
+        # dequantize() uses the same rounded values, so both describe one weight.
+        sz_dtype = torch.bfloat16 if self.layout is not None else weight.dtype
+        packed, scale_zero = [], []
+        for chunk in row_chunks(weight):
+            q, scale, lo = int4_quantize(chunk, group_size)
+            # tinygemm dequantizes (q - 8) * scale + zero, so zero = min + 8 * scale.
+            zero = lo + 8 * scale
+            scale_zero.append(torch.stack([scale.t(), zero.t()], dim=-1).to(sz_dtype))  # (K/g, n, 2)
+            if self.layout is not None:  # rows are packed in blocks of 64: chunks concatenate
+                packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2))
+            else:
+                packed.append(q[:, 0::2] | (q[:, 1::2] << 4))
+        self.register_buffer("weight", torch.cat(packed))
+        self.register_buffer("weight_scale_zero", torch.cat(scale_zero, dim=1).contiguous())
 
     def levels(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit levels (rows, K) as uint8 (all rows when ids is None)."""
@@ -523,6 +538,7 @@ def quantize_model(
     embeddings: bool | str | None = None,
     group_size: int = 32,
     progress: bool = False,
+    sources: dict | None = None,
 ) -> nn.Module:
     """Quantizes a Gemma model in place and returns it.
 
@@ -537,6 +553,9 @@ def quantize_model(
             bit more per weight than 64 and measurably less perplexity on Gemma 3 270M
             (+24% against +37% over fp32 on the bundled text, linear layers only).
         progress: show a progress bar.
+        sources: weights to quantize instead of the modules' own, by state-dict name, as
+            callables returning a tensor or a lazy row source (see `row_chunks`): a model
+            built on the meta device is quantized while its weights stream from disk.
 
     Raises:
         GemmakitError: unknown kind, an already quantized model, or nf4 with embeddings.
@@ -560,25 +579,32 @@ def quantize_model(
         return (lambda w: Int4Linear(w, group_size)) if k == "int4" else _CLASSES[k]
 
     make = maker(kind)
+    sources = sources or {}
     targets = []
-    for parent in model.model.layers.modules():
+    for path, parent in model.model.layers.named_modules(prefix="model.layers"):
         for name in TARGETS:
             module = getattr(parent, name, None)
             if isinstance(module, nn.Linear):
-                targets.append((parent, name))
+                targets.append((parent, name, f"{path}.{name}.weight"))
             elif isinstance(getattr(module, "base", None), nn.Linear):  # a LoRA wrapper's base
-                targets.append((module, "base"))
+                targets.append((module, "base", f"{path}.{name}.base.weight"))
     from tqdm import tqdm
 
+    def weight(module, key):
+        return sources[key]() if key in sources else module.weight
+
     with torch.no_grad():
-        for parent, name in tqdm(targets, desc=f"quantizing ({kind})", disable=not progress, leave=False):
-            setattr(parent, name, make(getattr(parent, name).weight))
+        for parent, name, key in tqdm(
+            targets, desc=f"quantizing ({kind})", disable=not progress, leave=False
+        ):
+            setattr(parent, name, make(weight(getattr(parent, name), key)))
         if embeddings:
             embed = model.model.embed_tokens
             tied = model.lm_head.weight is embed.weight
-            head = maker(embeddings)(model.lm_head.weight)
+            head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            head = maker(embeddings)(weight(model.lm_head, head_key))
             model.lm_head = head
-            source = head if tied else maker(embeddings)(embed.weight)
+            source = head if tied else maker(embeddings)(weight(embed, "model.embed_tokens.weight"))
             if not tied:  # an untied embedding owns its own quantized matrix
                 model.model.add_module("embed_tokens_q", source)
             model.model.embed_tokens = QuantizedEmbedding(source, embed.padding_idx)

@@ -8,7 +8,7 @@ import torch
 from gemmakit.config import PRESETS, from_hf_config, preset
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.gguf import GGUFFile
-from gemmakit.loading import ModelSource, load, load_model, resolve
+from gemmakit.loading import ModelSource, load, load_model, load_quantized_model, resolve
 
 
 def test_truncated_gguf_is_a_clear_error(tmp_path, bundled):
@@ -136,3 +136,42 @@ def test_real_config_quirks():
     assert c.replace(eos_token_ids=(1, 106)) == PRESETS["gemma-3-4b"]
     with pytest.raises(ConfigError, match="lacks required"):
         from_hf_config({"architectures": ["GemmaForCausalLM"], "hidden_size": 8})
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_load_streams_the_same_model(hf_folder, monkeypatch, kind, tied):
+    """load(quantize=...) reads and quantizes tensor by tensor (the embedding in row chunks,
+    here 4 of 64 rows) and must give exactly the model that quantizing a float load gives."""
+    from gemmakit import quantization as Q
+
+    folder, _ = hf_folder("gemma3", tie_word_embeddings=tied)
+    monkeypatch.setattr(Q, "CHUNK_ROWS", 64)
+    source = resolve(str(folder))
+    streamed = load_quantized_model(source, torch.float32, {"kind": kind})
+    after = Q.quantize_model(load_model(source, torch.float32), kind)
+    a, b = streamed.state_dict(), after.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not any(t.is_meta for t in a.values())
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids), after(ids))
+    assert streamed.quantization == after.quantization
+
+
+def test_safetensors_reader_reads_rows_without_mmap(tmp_path):
+    from gemmakit.checkpoint import SafetensorsReader, save_safetensors
+
+    tensors = {
+        "a": torch.randn(10, 3, 2),
+        "b": torch.arange(7, dtype=torch.int32),
+        "c": torch.randn(4).bfloat16(),
+    }
+    save_safetensors(tensors, tmp_path / "x.safetensors")
+    reader = SafetensorsReader([tmp_path / "x.safetensors"])
+    for name, t in tensors.items():
+        assert torch.equal(reader.tensor(name), t)
+    assert torch.equal(reader.rows("a", 3, 7), tensors["a"][3:7])
+    assert torch.equal(reader.rows("a", 2, 5, torch.bfloat16), tensors["a"][2:5].bfloat16())
