@@ -33,11 +33,23 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self._gain, self._gain_of = None, None
+
+    def gain(self) -> torch.Tensor:
+        """1 + w in float32; kept between calls while the weight is unchanged and not trained
+        (a decode step has 109 norms, and two ops each add up)."""
+        w = self.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            return 1.0 + w.float()
+        key = (w.data_ptr(), w._version, w.device)
+        if self._gain_of != key:
+            self._gain, self._gain_of = (1.0 + w.detach().float()), key
+        return self._gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
         # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
-        w = 1.0 + self.weight.float()
+        w = self.gain()
         return F.rms_norm(x.float(), w.shape, w, self.eps).type_as(x)
 
 
@@ -113,13 +125,21 @@ class Attention(nn.Module):
         B, H, T, D = q.shape
         K, S = k.shape[1], k.shape[2]
         G = H // K  # query heads per KV head, consecutive as in transformers' repeat_kv
-        scores = torch.matmul(q.reshape(B, K, G * T, D), k.transpose(2, 3)) * self.scale  # (B, K, G*T, S)
+        # One sequence with one KV head (Gemma 2B/270M/1B decoding a single prompt): plain 2-D
+        # products, which torch's CPU backend runs 3-4x faster than batched ones in bfloat16.
+        flat = B * K == 1
+        if flat:
+            scores = F.linear(q.reshape(G * T, D), k.reshape(S, D)).view(B, K, G * T, S)
+        else:
+            scores = torch.matmul(q.reshape(B, K, G * T, D), k.transpose(2, 3))  # (B, K, G*T, S)
+        scores = scores * self.scale
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.view(B, K, G, T, S) + mask[:, :, None]  # mask (B, 1, T, S)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs.view(B, K, G * T, S), v)  # (B, K, G*T, D)
-        return out.view(B, H, T, D)
+        if flat:
+            return torch.mm(probs.view(G * T, S), v.reshape(S, D)).view(B, H, T, D)
+        return torch.matmul(probs.view(B, K, G * T, S), v).view(B, H, T, D)  # (B, K, G*T, D)
 
 
 class MLP(nn.Module):

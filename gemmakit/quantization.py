@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit import cpu_kernels
 from gemmakit.errors import GemmakitError
 
 KINDS = ("nf4", "int8", "int4")
@@ -380,7 +381,7 @@ class Int8Linear(QuantizedLinear):
         q, scale = (torch.cat(parts) for parts in zip(*map(int8_quantize, row_chunks(weight))))
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale.to(weight.dtype))
-        self._kernel_scale = None
+        self._kernel_scale = self._f32_scale = None
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
@@ -391,6 +392,13 @@ class Int8Linear(QuantizedLinear):
         return (self.weight[ids].float() * self.weight_scale[ids].float()[..., None]).to(dtype)
 
     def _matmul(self, x):
+        if x.numel() == self.in_features and self.out_features >= cpu_kernels.MIN_ROWS:
+            # One token through a big matrix (the decode step's lm_head): the C kernel.
+            if self._f32_scale is None:
+                self._f32_scale = self.weight_scale.float()
+            y = cpu_kernels.gemv_int8(x.reshape(-1).float(), self.weight, self._f32_scale)
+            if y is not None:
+                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.weight.device.type == "cpu" and fast_cpu_kernels() and x.dtype != torch.float16:
             if self._kernel_scale is None:  # the kernel wants scales in the activations' dtype
                 self._kernel_scale = self.weight_scale.to(torch.bfloat16)
@@ -400,7 +408,7 @@ class Int8Linear(QuantizedLinear):
         return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
 
     def _apply(self, fn, *args, **kwargs):
-        self._kernel_scale = None  # rebuilt on the new device/dtype when next needed
+        self._kernel_scale = self._f32_scale = None  # rebuilt on the new device/dtype when next needed
         return super()._apply(fn, *args, **kwargs)
 
 
