@@ -55,11 +55,7 @@ def run_gemmakit(dtype: str, quantize: str | None) -> dict:
     from gemmakit.loading import load
 
     start = time.perf_counter()
-    loaded = load(dtype=dtype, device="cpu")
-    if quantize:
-        from gemmakit.quantization import quantize_model
-
-        quantize_model(loaded.model, quantize)
+    loaded = load(dtype=dtype, device="cpu", quantize=quantize)  # quantized as it is read
     load_s = time.perf_counter() - start
     ids = prompt_ids()
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
@@ -196,6 +192,10 @@ def main():
     if args.child:
         print(json.dumps(child(args.child)))
         return
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        print(f"warning: load average {busy:.2f}; other work on the machine skews these numbers",
+              file=sys.stderr)  # fmt: skip
     rows = []
     for name in args.systems:
         print(f"measuring {name} ({args.runs} runs)...", file=sys.stderr, flush=True)

@@ -45,7 +45,8 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "eval_text_wiki.txt"
 
 
 def model_device(model) -> torch.device:
-    return model.model.embed_tokens.weight.device
+    # Gemma.device reads a norm weight: a quantized embedding holds no float weight.
+    return model.device
 
 
 @torch.inference_mode()

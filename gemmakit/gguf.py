@@ -23,6 +23,8 @@ from gemmakit.errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+# Values per dequantization chunk in GGUFFile.tensor: 16 MB in float32.
+CHUNK_VALUES = 1 << 22
 
 # GGUF value types (gguf-py constants.GGUFValueType).
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -221,24 +223,45 @@ class GGUFFile:
             return data.view(np.uint16).reshape(info.shape)
         return data.reshape(*info.shape[:-1], -1)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor dequantized to float32 (bfloat16 stays bfloat16)."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor dequantized to `dtype` (default float32; bfloat16 stays bfloat16).
+
+        A 2-D or larger tensor is decoded a few million values at a time, each chunk cast to
+        `dtype` as it comes: the 262k x 640 embedding of Gemma 3 then never exists in float32
+        (671 MB) beside its bfloat16 copy, nor do the gguf package's temporaries (about twice
+        its float32 output) for the whole tensor. Blocks never span rows, so the values are
+        those of a whole-tensor dequantization.
+        """
         info = self.tensors[name]
+        if dtype is None:
+            dtype = torch.bfloat16 if info.ggml_type == GGMLQuantizationType.BF16 else torch.float32
         raw = self.raw(name)
-        if info.ggml_type == GGMLQuantizationType.F32:
+        if len(info.shape) < 2:
+            return self._decode(name, raw).reshape(info.shape).to(dtype)
+        cols = info.shape[-1]
+        rows = raw.reshape(-1, raw.shape[-1])  # (rows, values or bytes per row)
+        out = torch.empty(info.shape, dtype=dtype)
+        flat = out.view(-1, cols)  # (rows, cols)
+        step = max(1, CHUNK_VALUES // cols)
+        for i in range(0, rows.shape[0], step):
+            flat[i : i + step] = self._decode(name, rows[i : i + step]).reshape(-1, cols)
+        return out
+
+    def _decode(self, name: str, raw: np.ndarray) -> torch.Tensor:
+        """Rows of raw data as float32 values (bfloat16 for a BF16 tensor)."""
+        ggml_type = self.tensors[name].ggml_type
+        if ggml_type == GGMLQuantizationType.F32:
             return torch.from_numpy(np.array(raw))
-        if info.ggml_type == GGMLQuantizationType.F16:
+        if ggml_type == GGMLQuantizationType.F16:
             return torch.from_numpy(raw.astype(np.float32))
-        if info.ggml_type == GGMLQuantizationType.BF16:
+        if ggml_type == GGMLQuantizationType.BF16:
             return torch.from_numpy(np.array(raw)).view(torch.bfloat16)
         try:
-            values = gguf_quants.dequantize(raw, info.ggml_type)
+            return torch.from_numpy(gguf_quants.dequantize(np.ascontiguousarray(raw), ggml_type))
         except NotImplementedError:
             raise ModelFileError(
-                f"{self.path}: tensor {name} uses {info.ggml_type.name}, which the gguf package "
-                "cannot dequantize"
+                f"{self.path}: tensor {name} uses {ggml_type.name}, which the gguf package cannot dequantize"
             ) from None
-        return torch.from_numpy(values.reshape(info.shape))
 
 
 def config_from_gguf(g: GGUFFile) -> GemmaConfig:
@@ -276,7 +299,8 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     # llama.cpp does not store query_pre_attn_scalar: it uses head_dim except for the 27B
     # models, where it uses hidden/heads (llama-model.cpp, LLM_TYPE_27B). Mirror that.
     qpas = md.get(f"{arch}.attention.scale")
-    qpas = float(qpas) ** -2 if qpas else None
+    # Rounded: the scale is a float32 1/sqrt(q), so q comes back as 143.99999 for 144 (Gemma 2 27B).
+    qpas = round(float(qpas) ** -2, 3) if qpas else None
     if arch == "gemma":
         return GemmaConfig(layer_types=(FULL,) * layers, model_type="gemma", **common)
     if arch == "gemma2":
@@ -305,18 +329,20 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
 
 
 def state_dict_from_gguf(g: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors under HF names, dequantized, with llama.cpp's `norm + 1` undone.
+    """All tensors under HF names, dequantized to `dtype`, with llama.cpp's `norm + 1` undone.
 
     llama.cpp stores Gemma RMSNorm weights as w + 1 (convert_hf_to_gguf.py, Gemma*Model
-    `data_torch + 1`; Gemma 3 `norm_shift`), because its RMSNorm multiplies by w alone.
+    `data_torch + 1`; Gemma 3 `norm_shift`), because its RMSNorm multiplies by w alone. Each
+    tensor is dequantized chunk by chunk straight into `dtype` (`GGUFFile.tensor`), so a
+    bfloat16 load never holds a float32 copy of a big tensor.
     """
     out = {}
     for name in g.tensors:
         hf = gguf_to_hf_name(name)
         if hf is None:
             raise ModelFileError(f"{g.path}: unexpected tensor {name!r} for a Gemma model")
-        t = g.tensor(name)
-        if is_norm(hf):
-            t = t.float() - 1.0
-        out[hf] = t.to(dtype)
+        if is_norm(hf):  # small vectors: subtract in float32, then cast
+            out[hf] = (g.tensor(name, torch.float32) - 1.0).to(dtype)
+        else:
+            out[hf] = g.tensor(name, dtype)
     return out

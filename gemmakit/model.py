@@ -265,9 +265,10 @@ class KVCache:
         return masks
 
 
-def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32):
+def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32, same_segment=None):
     """Additive mask (B, 1, T, S): 0 where the key column <= the query column, lies inside
-    the window and holds a real token; -inf elsewhere.
+    the window and holds a real token (of the query's segment, when `same_segment` (B, T, S)
+    is given); -inf elsewhere.
 
     A query always sees itself, so padding rows never have an empty softmax (which would
     put NaN into the shared matmul).
@@ -277,6 +278,8 @@ def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32):
     if window is not None:
         allowed &= diff < window
     allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    if same_segment is not None:
+        allowed &= same_segment
     allowed |= (diff == 0)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, float("-inf"))[:, None]
@@ -333,6 +336,7 @@ class Gemma(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C).
 
@@ -342,6 +346,9 @@ class Gemma(nn.Module):
             positions: (B, T) RoPE positions. Default: counted from the first real token.
             cache: continues from and extends this cache; without one, the call sees only
                 its own tokens.
+            segment_ids: (B, T) ids of the packed examples tokens belong to (training on
+                packed rows): a token attends only within its segment. Pass `positions`
+                counted per segment with it. Not with a cache.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -353,9 +360,14 @@ class Gemma(nn.Module):
         if cache is None:  # the call's own tokens only: no slots to manage
             cols = torch.arange(T, device=input_ids.device)
             windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
-            masks = {t: build_mask(cols, cols, attention_mask, w, self.dtype) for t, w in windows.items()}
+            same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+            masks = {
+                t: build_mask(cols, cols, attention_mask, w, self.dtype, same) for t, w in windows.items()
+            }
             layer_caches = [None] * len(self.model.layers)
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for cache-free (training) calls")
             masks = cache.advance(attention_mask)
             layer_caches = cache.layers
         h = self.model.embed_tokens(input_ids).to(self.dtype)

@@ -637,6 +637,13 @@ def model_memory(model: nn.Module) -> int:
     return total
 
 
+def float_memory(model: nn.Module) -> int:
+    """Bytes the model would hold with every quantized weight in its compute dtype."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    as_float = sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in quantized)
+    return model_memory(model) - sum(model_memory(m) for m in quantized) + as_float
+
+
 def dequantized_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's float state dict under its native names, quantized weights dequantized.
 

@@ -78,7 +78,11 @@ class Tokenizer:
             raise ModelFileError(f"{path}: no such file") from None
         sp = _load_sentencepiece(data, str(path))
         pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-        types = [_sp_type(sp, i) for i in range(len(pieces))]
+        # The proto's own types: the processor has no is_user_defined(), so asking it per id
+        # would type the whitespace-run pieces NORMAL.
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        types = [int(p.type) for p in pb.ModelProto.FromString(data).pieces]
         return cls(sp, pieces, types)
 
     @classmethod
@@ -242,18 +246,6 @@ def _load_sentencepiece(proto: bytes, source: str):
         return spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
         raise ModelFileError(f"{source}: not a valid SentencePiece model ({e})") from None
-
-
-def _sp_type(sp, i: int) -> int:
-    if sp.is_control(i):
-        return CONTROL
-    if sp.is_unknown(i):
-        return UNKNOWN
-    if sp.is_byte(i):
-        return BYTE
-    if sp.is_unused(i):
-        return UNUSED
-    return NORMAL
 
 
 def generation_stop_ids(tokenizer: Tokenizer, generation_config: dict, config_eos) -> tuple[int, ...]:

@@ -422,7 +422,8 @@ def use_autocast(cfg: TrainConfig, dtype: torch.dtype) -> bool:
 def load_for_training(cfg: TrainConfig, device: str, weights_dtype: torch.dtype):
     """Model and tokenizer, with the weights in `weights_dtype`.
 
-    A GGUF is dequantized tensor by tensor straight into `weights_dtype`, so a bfloat16 run
+    A GGUF is dequantized tensor by tensor straight into `weights_dtype`
+    (`gguf.state_dict_from_gguf`), bypassing the float32 converted cache, so a bfloat16 run
     never holds a float32 copy of the whole model (1.07 GB for the 270M); other sources go
     through `gemmakit.loading.load`.
     """
@@ -432,7 +433,7 @@ def load_for_training(cfg: TrainConfig, device: str, weights_dtype: torch.dtype)
     if source.kind != "gguf" or weights_dtype == torch.float32:
         return loading.load(cfg.model, dtype=weights_dtype, device=device)
     from gemmakit.checkpoint import load_into
-    from gemmakit.gguf import GGUFFile, config_from_gguf, gguf_to_hf_name, state_dict_from_gguf
+    from gemmakit.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
     from gemmakit.model import Gemma
     from gemmakit.tokenizer import generation_stop_ids
 
@@ -440,10 +441,7 @@ def load_for_training(cfg: TrainConfig, device: str, weights_dtype: torch.dtype)
     g = GGUFFile(source.path)
     config = config_from_gguf(g)
     loading.check_dtype(config, weights_dtype)
-    state = {name: _gguf_tensor_lean(g, name, weights_dtype) for name in g.tensors}
-    state = {gguf_to_hf_name(k): v for k, v in state.items()}
-    if None in state:  # a tensor gemmakit does not know: let the reference path report it
-        state = state_dict_from_gguf(g, weights_dtype)
+    state = state_dict_from_gguf(g, weights_dtype)  # lean: chunked, straight to weights_dtype
     with torch.device("meta"):
         model = Gemma(config)
     load_into(model, {k: v.to(device) for k, v in state.items()}, str(source.path))
@@ -451,32 +449,6 @@ def load_for_training(cfg: TrainConfig, device: str, weights_dtype: torch.dtype)
     tokenizer = loading.load_tokenizer(source, g)
     stop_ids = generation_stop_ids(tokenizer, {}, config.eos_token_ids)
     return loading.Loaded(model.eval(), tokenizer, source, stop_ids, time.perf_counter() - start)
-
-
-def _gguf_tensor_lean(g, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One GGUF tensor in `dtype`; a big quantized one is dequantized 4096 rows at a time, so
-    the 262k x 640 embedding never exists in float32 (671 MB) next to its bfloat16 copy.
-    Same values as `gguf.state_dict_from_gguf` (norm weights are stored as w + 1)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf import quants as gguf_quants
-
-    from gemmakit.gguf import gguf_to_hf_name, is_norm
-
-    info = g.tensors[name]
-    hf = gguf_to_hf_name(name)
-    plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-    if info.ggml_type in plain or len(info.shape) != 2 or info.shape[0] <= 4096:
-        t = g.tensor(name)
-        if hf is not None and is_norm(hf):
-            t = t.float() - 1.0
-        return t.to(dtype)
-    raw = g.raw(name)  # (rows, bytes per row)
-    out = torch.empty(tuple(info.shape), dtype=dtype)
-    for i in range(0, info.shape[0], 4096):
-        block = gguf_quants.dequantize(np.ascontiguousarray(raw[i : i + 4096]), info.ggml_type)
-        out[i : i + 4096] = torch.from_numpy(block.reshape(-1, info.shape[1])).to(dtype)
-    return out
 
 
 def limit_heap_fragmentation():

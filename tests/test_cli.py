@@ -34,3 +34,14 @@ def test_user_errors_are_one_line(capsys):
     assert err.startswith("gemmakit generate: error: float16 is refused") and "Traceback" not in err
     assert main(["generate", "x", "--model", "/no/such/model"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_generate_quantize_reports_memory(capsys):
+    rc = main(["generate", "Hi", "--greedy", "--max-new-tokens", "2", "--quantize", "int8", "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    memory = out["memory"]
+    assert 0 < memory["after_bytes"] < memory["before_bytes"]
+    mb = [round(memory[k] / 1e6) for k in ("before_bytes", "after_bytes")]
+    assert f"quantized (int8): {mb[0]} MB -> {mb[1]} MB" in captured.err

@@ -26,8 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, q
     if quantize:
         g.add_argument(
             "--quantize", choices=QUANTIZATIONS, default=None,
-            help="quantize linear layers after loading: nf4 (QLoRA layout, double quantization), "
-            "int8 per-channel or int4 group-wise weight-only",
+            help="quantize after loading: int8 per-channel "
+            "(linear layers + embedding/lm_head) or int4 group-32 (embedding/lm_head int8), "
+            "weight-only; nf4 = bitsandbytes NF4 (double quantization) on the linear layers",
         )  # fmt: skip
     if adapter:
         g.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")

@@ -33,6 +33,9 @@ def run(args) -> int:
         top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
     )  # fmt: skip
     llm = load_llm(args)
+    if llm.memory:  # MB = 1e6 bytes, as model sizes are usually quoted
+        before, after = (round(llm.memory[k] / 1e6) for k in ("before", "after"))
+        print(f"quantized ({args.quantize}): {before} MB -> {after} MB", file=sys.stderr)
     tok = llm.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
@@ -51,23 +54,24 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs) if outputs else None
     if args.json:
-        print_json(
-            {
-                "model": str(llm.loaded.source.path),
-                "load_seconds": round(llm.loaded.load_seconds, 4),
-                "generation_seconds": round(seconds, 4),
-                "tokens_per_second": round(generated / seconds, 2),
-                "outputs": [
-                    {
-                        "prompt": p,
-                        "text": o.outputs[0].text,
-                        "token_ids": o.outputs[0].token_ids,
-                        "finish_reason": o.outputs[0].finish_reason,
-                    }  # fmt: skip
-                    for p, o in zip(args.prompts, outputs)
-                ],
-            }
-        )
+        report = {
+            "model": str(llm.loaded.source.path),
+            "load_seconds": round(llm.loaded.load_seconds, 4),
+            "generation_seconds": round(seconds, 4),
+            "tokens_per_second": round(generated / seconds, 2),
+            "outputs": [
+                {
+                    "prompt": p,
+                    "text": o.outputs[0].text,
+                    "token_ids": o.outputs[0].token_ids,
+                    "finish_reason": o.outputs[0].finish_reason,
+                }  # fmt: skip
+                for p, o in zip(args.prompts, outputs)
+            ],
+        }
+        if llm.memory:
+            report["memory"] = {"before_bytes": llm.memory["before"], "after_bytes": llm.memory["after"]}
+        print_json(report)
         return 0
     for p, o in zip(args.prompts, outputs):
         if len(outputs) > 1:
