@@ -277,7 +277,12 @@ def load(
 
             gguf_file = GGUFFile(source.path)
     if quantize and device == "cpu" and weights.kind == "hf":
-        net = load_quantized_model(weights, torch_dtype, quantize, progress)
+        folder = quantized_folder(weights, torch_dtype, quantize)
+        net = _read_quantized(folder, torch_dtype, quantize) if folder is not None else None
+        if net is None:
+            net = load_quantized_model(weights, torch_dtype, quantize, progress)
+            if folder is not None:
+                _write_quantized(folder, net)
     else:
         net = load_model(weights, torch_dtype, device, gguf_file)
         if quantize:
@@ -348,3 +353,75 @@ def read_generation_config(source: ModelSource) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{f}: not valid JSON ({e})") from None
+
+
+# --- the quantized cache ---------------------------------------------------------------------
+# Quantizing on load costs seconds (int8 270M: 2.7 s, mostly elementwise passes over the
+# float32 weights), so the quantized tensors are kept too: a later load of the same model,
+# dtype and quantization reads them back (0.3 s). The key includes torch's version and the
+# int4 kernel's packed layout, which can differ between builds and CPUs.
+
+
+def quantized_folder(weights: ModelSource, dtype: torch.dtype, quantize: dict) -> Path | None:
+    from gemmakit.quantization import tinygemm_layout
+
+    if os.environ.get("GEMMAKIT_NO_CACHE"):
+        return None
+    stamps = [
+        (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in checkpoint.safetensors_files(weights.path)
+    ]
+    key = json.dumps(
+        [stamps, str(dtype), quantize, torch.__version__, tinygemm_layout(), CACHE_VERSION], sort_keys=True
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return cache_dir() / "quantized" / f"{weights.path.name}-{quantize['kind']}-{digest}"
+
+
+def _quantized_state(model: Gemma) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings and not hasattr(model.lm_head, "kind"):
+        state.pop("lm_head.weight")  # the float embedding, stored once
+    return state
+
+
+def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma | None:
+    """The cached quantized model, or None when there is none (or it does not fit)."""
+    from gemmakit.quantization import quantize_model
+
+    if not (folder / READY).exists():
+        return None
+    try:
+        config = load_hf_config(folder)
+        reader = checkpoint.SafetensorsReader([folder / "model.safetensors"])
+        with torch.device("meta"):  # the same modules, shapes and dtypes, without the work
+            model = quantize_model(Gemma(config).to(dtype), **quantize)
+        expected = {k: (tuple(t.shape), t.dtype) for k, t in _quantized_state(model).items()}
+        found = {k: (reader.shape(k), reader.entries[k][1]) for k in reader.entries}
+        if found != expected:
+            return None
+        model.load_state_dict({k: reader.tensor(k) for k in found}, strict=False, assign=True)
+    except (OSError, ValueError, GemmakitError):
+        return None  # an unreadable entry only costs speed: it is rebuilt
+    if config.tie_word_embeddings and not hasattr(model.lm_head, "kind"):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _write_quantized(folder: Path, model: Gemma):
+    """Writes the quantized tensors atomically (temp folder renamed into place); best effort."""
+    state = _quantized_state(model)
+    if sum(t.nbytes for t in state.values()) > CACHE_MAX_BYTES:
+        return
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+        checkpoint.save_safetensors(state, tmp / "model.safetensors")
+        (tmp / READY).write_text("")
+        os.replace(tmp, folder)
+    except OSError:
+        pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -128,6 +128,13 @@ def nf4_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         absmax - offset in the dynamic map, one per block of 64), `nested_absmax` (float32, one
         per 256 blocks) and `offset` (float32 scalar, the mean absmax).
     """
+    if weight.is_meta:  # shapes only: a model rebuilt from the quantized cache
+        blocks = -(-weight.numel() // NF4_BLOCK)
+        empty = functools.partial(torch.empty, device="meta")
+        return {"packed": empty((weight.numel() + 1) // 2, dtype=torch.uint8),
+                "absmax": empty(blocks, dtype=torch.uint8),
+                "nested_absmax": empty(-(-blocks // NF4_STATS_BLOCK), dtype=torch.float32),
+                "offset": empty((), dtype=torch.float32)}  # fmt: skip
     flat = weight.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax(flat, NF4_BLOCK)
     if scaled.numel() % 2:
@@ -181,6 +188,10 @@ def row_chunks(weight, rows: int | None = None):
 
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (N, K), float32 scale (N,)): symmetric per output row, scale = max|w| / 127."""
+    if weight.is_meta:  # shapes only: a model rebuilt from the quantized cache
+        return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(
+            weight.shape[0], device="meta"
+        )
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -194,6 +205,9 @@ def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     `group_size` consecutive input columns, so the error is at most scale / 2.
     """
     N, K = weight.shape
+    if weight.is_meta:  # shapes only: a model rebuilt from the quantized cache
+        stats = torch.empty((N, K // group_size), device="meta")
+        return torch.empty((N, K), dtype=torch.uint8, device="meta"), stats, stats
     w = weight.detach().float().view(N, K // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
@@ -429,7 +443,8 @@ class Int4Linear(QuantizedLinear):
         if K % group_size:
             raise GemmakitError(f"int4: in_features {K} is not a multiple of the group size {group_size}")
         self.group_size = group_size
-        kernel = weight.device.type == "cpu" and fast_cpu_kernels() and N % 16 == 0
+        # A meta weight is a CPU model being rebuilt from gemmakit's quantized cache.
+        kernel = weight.device.type in ("cpu", "meta") and fast_cpu_kernels() and N % 16 == 0
         self.layout = tinygemm_layout() if kernel else None
         # The kernel reads scales and zeros in bfloat16 (torchao's int4 layout does too);
         # dequantize() uses the same rounded values, so both describe one weight.

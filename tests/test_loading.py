@@ -175,3 +175,31 @@ def test_safetensors_reader_reads_rows_without_mmap(tmp_path):
         assert torch.equal(reader.tensor(name), t)
     assert torch.equal(reader.rows("a", 3, 7), tensors["a"][3:7])
     assert torch.equal(reader.rows("a", 2, 5, torch.bfloat16), tensors["a"][2:5].bfloat16())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "nf4"])
+def test_quantized_cache_round_trip(hf_folder, tmp_path, monkeypatch, kind):
+    """A quantized model written to the cache reads back identical (int4's packed layout
+    included); a damaged entry is ignored, not trusted."""
+    from gemmakit import loading as L
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, _ = hf_folder("gemma3")
+    source, q = resolve(str(folder)), {"kind": kind}
+    target = L.quantized_folder(source, torch.float32, q)
+    assert target != L.quantized_folder(source, torch.bfloat16, q)
+    built = L.load_quantized_model(source, torch.float32, q)
+    assert L._read_quantized(target, torch.float32, q) is None  # nothing cached yet
+    L._write_quantized(target, built)
+    cached = L._read_quantized(target, torch.float32, q)
+    a, b = built.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [getattr(m, "layout", None) for m in built.modules()] == [
+        getattr(m, "layout", None) for m in cached.modules()
+    ]
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(built(ids), cached(ids))
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert L._read_quantized(target, torch.float32, q) is None
