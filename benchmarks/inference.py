@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/inference.py [--runs 3] [--systems ...] [--json]
 
-Each measurement runs in a fresh process (so load time and peak RSS are honest) and the
-table reports medians with [min-max] across processes. Everyone gets the same 512 prompt
+Each measurement runs in a fresh process (so load time and peak RSS are honest), the systems
+take turns run by run (so a slow minute on a shared machine hits them alike), and the table
+reports medians with [min-max] across processes, then the ratios the targets are set in. Everyone gets the same 512 prompt
 token ids; decode is 128 greedy tokens. llama-cpp-python and transformers are optional:
 missing ones are reported, not faked.
 """
@@ -25,6 +26,7 @@ SYSTEMS = {
     "gemmakit fp32": ("gemmakit", "float32", None),
     "gemmakit bf16": ("gemmakit", "bfloat16", None),
     "gemmakit int8": ("gemmakit", "float32", "int8"),
+    "gemmakit int8, torch step": ("gemmakit", "float32", "int8"),  # GEMMAKIT_NO_C_KERNELS=1
     "gemmakit int4": ("gemmakit", "float32", "int4"),
     "gemmakit nf4": ("gemmakit", "float32", "nf4"),
     "llama.cpp Q4_K_M": ("llamacpp", None, None),
@@ -138,25 +140,72 @@ def child(name: str) -> dict:
 # --- parent ---------------------------------------------------------------------------------
 
 
-def measure(name: str, runs: int) -> dict:
-    results, error = [], None
-    for _ in range(runs):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", name], capture_output=True, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
-        )  # fmt: skip
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            error = lines[-1] if lines else f"exit {proc.returncode}"
-            break
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    if not results:
-        return {"name": name, "error": error}
-    summary = {"name": name, "runs": len(results)}
-    for key in results[0]:
-        values = [r[key] for r in results]
-        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-    return summary
+def run_child(name: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if name.endswith("torch step"):
+        env["GEMMAKIT_NO_C_KERNELS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(names: list[str], runs: int) -> list[dict]:
+    """Every system once per round, `runs` rounds; a system that fails is not run again."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    errors: dict[str, str] = {}
+    for round_ in range(runs):
+        for name in names:
+            if name in errors:
+                continue
+            print(f"round {round_ + 1}/{runs}: {name}...", file=sys.stderr, flush=True)
+            result = run_child(name)
+            if "error" in result:
+                errors[name] = result["error"]
+            else:
+                results[name].append(result)
+    rows = []
+    for name in names:
+        if not results[name]:
+            rows.append({"name": name, "error": errors.get(name, "no result")})
+            continue
+        summary = {"name": name, "runs": len(results[name])}
+        for key in results[name][0]:
+            values = [r[key] for r in results[name]]
+            summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        rows.append(summary)
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The issue's targets as ratios of medians, for the systems this run measured."""
+    med = {r["name"]: r for r in rows if "error" not in r}
+
+    def get(name, key):
+        return med[name][key]["median"] if name in med else None
+
+    lines = []
+    best_quantized = max(
+        (n for n in med if n.startswith("gemmakit") and ("int" in n or "nf4" in n)),
+        key=lambda n: get(n, "decode_tok_s"), default=None,
+    )  # fmt: skip
+    if best_quantized and get("llama.cpp Q4_K_M", "decode_tok_s"):
+        r = get(best_quantized, "decode_tok_s") / get("llama.cpp Q4_K_M", "decode_tok_s")
+        lines.append(f"decode, {best_quantized} / llama.cpp Q4_K_M: {r:.2f}x (target 1.2x)")
+    if get("gemmakit bf16", "decode_tok_s") and get("transformers bf16", "decode_tok_s"):
+        r = get("gemmakit bf16", "decode_tok_s") / get("transformers bf16", "decode_tok_s")
+        lines.append(f"decode, gemmakit bf16 / transformers bf16: {r:.2f}x (target 2x)")
+    ours = [n for n in med if n.startswith("gemmakit")]
+    peers = [n for n in med if not n.startswith("gemmakit")]
+    if ours and peers:
+        a = max(ours, key=lambda n: get(n, "prefill_tok_s"))
+        b = max(peers, key=lambda n: get(n, "prefill_tok_s"))
+        r = get(a, "prefill_tok_s") / get(b, "prefill_tok_s")
+        lines.append(f"prefill, {a} / fastest peer ({b}): {r:.2f}x (target 1.5x)")
+    return lines
 
 
 def fmt(cell: dict | None, unit: str, digits: int = 0) -> str:
@@ -196,11 +245,13 @@ def main():
     if busy > 0.5:
         print(f"warning: load average {busy:.2f}; other work on the machine skews these numbers",
               file=sys.stderr)  # fmt: skip
-    rows = []
-    for name in args.systems:
-        print(f"measuring {name} ({args.runs} runs)...", file=sys.stderr, flush=True)
-        rows.append(measure(name, args.runs))
-    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    rows = measure(args.systems, args.runs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows))
+        print()
+        print("\n".join(f"- {line}" for line in ratios(rows)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit import c_decode
 from gemmakit.errors import GemmakitError
 
 
@@ -154,6 +155,8 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
     device = model.device
     ids, mask = ids.to(device), mask.to(device)
     cache = model.make_cache(len(requests), ids.shape[1] + max(limits))
+    # One sequence on the CPU decodes in C when the model allows it (gemmakit/c_decode.py).
+    fast = c_decode.decoder(model, cache, len(requests))
     hidden = model.hidden_states(ids, mask, cache=cache)
     logits = model.logits(hidden[:, -1])  # (B, V)
     live = list(range(len(requests)))
@@ -174,9 +177,11 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
         live = [row for row in live if requests[row].finish_reason is None]
         if not live:
             break
-        step_mask = torch.zeros((len(requests), 1), dtype=torch.bool)
-        step_mask[live] = True
-        logits = model(next_ids.to(device), step_mask.to(device), cache=cache)[:, -1]
+        logits = fast.step(int(next_ids[0, 0])) if fast is not None else None
+        if logits is None:
+            step_mask = torch.zeros((len(requests), 1), dtype=torch.bool)
+            step_mask[live] = True
+            logits = model(next_ids.to(device), step_mask.to(device), cache=cache)[:, -1]
 
 
 class TextStream:

@@ -17,6 +17,7 @@ def tiny_hf_config(family: str, **overrides):
         num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
         bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )  # fmt: skip
+    common.update({k: overrides.pop(k) for k in list(overrides) if k in common})
     if family == "gemma":
         cfg = transformers.GemmaConfig(**common, **overrides)
     elif family == "gemma2":

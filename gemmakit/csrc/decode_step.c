@@ -1,0 +1,433 @@
+/* One decode step of a Gemma model for a single sequence, in one call: token id in, logits out.
+ *
+ * Why: a Gemma 3 270M step is ~2,500 small torch ops; on a 2-core CPU their dispatch costs
+ * more than the arithmetic (profile in benchmarks/inference.py's notes). Here the whole step
+ * runs as plain loops over the same weights and the same KV cache tensors the torch model
+ * uses, with float32 activations, so prefill stays in torch and decode continues in C.
+ *
+ * The maths is gemmakit/model.py's, operation for operation (which cites the reference
+ * implementations): RMSNorm x * rsqrt(mean(x^2) + eps) * (1 + w) in float32 (the 1 + w gains
+ * arrive precomputed), rotate-half RoPE, q/k norms (Gemma 3), attention soft-capping
+ * (Gemma 2), tanh-approximate GeGLU, pre/post norms, final soft-capping. Only the order of
+ * the additions inside dot products differs from torch's kernels.
+ *
+ * Threads: the Python caller's thread and n-1 workers run the step together (SPMD). Every
+ * matrix is split by output rows; small element-wise work is repeated on each thread on
+ * its own copy of the residual stream (identical instructions on identical data, so the
+ * copies stay bit-identical) instead of paying a barrier. Workers spin between steps for a
+ * couple of milliseconds, then sleep on a condition variable.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { W_F32 = 0, W_INT8 = 1 };
+
+typedef struct {
+    int64_t type;   /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,) */
+    const void *w;
+    const float *s;
+    int64_t n, k;
+} Mat;
+
+typedef struct {
+    Mat q, k, v, o, gate, up, down;
+    /* 1 + w gains (float32); NULL where the model has no such norm */
+    const float *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
+    const float *q_norm, *k_norm;
+    float *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0 */
+    int64_t capacity, group;  /* group: 0 full attention, 1 sliding (Step's indices) */
+} Layer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
+    double eps, attn_scale, attn_softcap, final_softcap; /* softcaps: 0 when absent */
+    float embed_scale;                                   /* sqrt(hidden), rounded to float32 */
+    const float *inv_freq[2];                            /* head_dim/2 RoPE frequencies per group */
+    Mat embed, lm_head;
+    const float *final_norm;
+    const Layer *layers;
+    int64_t max_visible; /* the longest key row any group can have (scratch size) */
+} Model;
+
+typedef struct {
+    int64_t token, position;
+    /* per group: the cache slot written, and the slots attended (all of [0, visible) hold
+     * real tokens inside the group's window: the caller checks, so no mask is needed) */
+    int64_t slot[2], visible[2];
+    float *logits;               /* (vocab,) output */
+} Step;
+
+/* --- kernels -------------------------------------------------------------------------- */
+
+static float dot_f32(const float *x, const float *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) acc += x[k] * w[k];
+    return acc;
+}
+
+static float dot_i8(const float *x, const int8_t *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef __AVX512F__
+    /* Widen 16 int8 weights to float32 per FMA; four accumulators hide the FMA latency. */
+#define WIDEN(off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + (off)))))
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(WIDEN(0), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(WIDEN(16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(WIDEN(32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(WIDEN(48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(WIDEN(0), _mm512_loadu_ps(x + k), a0);
+#undef WIDEN
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) acc += x[k] * (float)w[k];
+    return acc;
+}
+
+/* y[n] = row n of m . x for rows [lo, hi) */
+static void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
+    if (m->type == W_INT8) {
+        const int8_t *w = (const int8_t *)m->w;
+        for (int64_t n = lo; n < hi; n++) y[n] = dot_i8(x, w + n * m->k, m->k) * m->s[n];
+    } else {
+        const float *w = (const float *)m->w;
+        for (int64_t n = lo; n < hi; n++) y[n] = dot_f32(x, w + n * m->k, m->k);
+    }
+}
+
+static void rows_of(int64_t n, int tid, int nthreads, int64_t *lo, int64_t *hi) {
+    *lo = n * tid / nthreads;
+    *hi = n * (tid + 1) / nthreads;
+}
+
+static void my_rows(const Mat *m, const float *x, float *y, int tid, int nthreads) {
+    int64_t lo, hi;
+    rows_of(m->n, tid, nthreads, &lo, &hi);
+    matvec(m, x, y, lo, hi);
+}
+
+static void rms_norm(const float *x, const float *gain, float *y, int64_t n, double eps) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + (float)eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * gain[i];
+}
+
+/* in place on one head (head_dim D): x*cos + rotate_half(x)*sin, cos/sin of (pos * inv_freq) */
+static void rope(float *x, const float *cos_, const float *sin_, int64_t D) {
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos_[i] - b * sin_[i];
+        x[i + half] = b * cos_[i] + a * sin_[i];
+    }
+}
+
+static float softcap(float v, double cap) { return cap > 0 ? tanhf(v / (float)cap) * (float)cap : v; }
+
+static float gelu_tanh(float x) {
+    /* torch's approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+    const float k = 0.7978845608028654f;
+    return 0.5f * x * (1.f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+#ifdef __AVX512F__
+/* e^x for 16 floats (x <= 88): x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, Cephes'
+ * expf), e^r by its degree-6 Taylor polynomial (truncation r^7/7! < 1.3e-7 relative, about
+ * one float32 ulp), scaled by 2^n. Inputs below -88 give 0 or a denormal, as expf does. */
+static __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* act[i] = gelu_tanh(act[i]) * up[i]; tanh(u) = 1 - 2 / (e^(2u) + 1), 16 at a time */
+static void geglu(float *act, const float *up, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 k = _mm512_set1_ps(0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), half = _mm512_set1_ps(0.5f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(act + i);
+        __m512 u = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(c, x), _mm512_mul_ps(x, x), x));
+        __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
+        __m512 g = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+        _mm512_storeu_ps(act + i, _mm512_mul_ps(g, _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) act[i] = gelu_tanh(act[i]) * up[i];
+}
+
+/* scores[s] = e^(scores[s] - top); returns their sum */
+static float exp_shifted(float *scores, int64_t n, float top) {
+    int64_t s = 0;
+    float total = 0.f;
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
+    for (; s + 16 <= n; s += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + s), shift));
+        _mm512_storeu_ps(scores + s, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; s < n; s++) total += (scores[s] = expf(scores[s] - top));
+    return total;
+}
+
+/* out (D) = sum over s of p[s] * values[s] (values (S, D) rows) */
+static void weighted_sum(const float *p, const float *values, int64_t S, int64_t D, float *out) {
+    int64_t d = 0;
+#ifdef __AVX512F__
+    /* 128 outputs in registers per pass over the rows */
+    for (; d + 128 <= D; d += 128) {
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+            const __m512 w = _mm512_set1_ps(p[s]);
+            const float *v = values + s * D + d;
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);
+    }
+#endif
+    for (; d < D; d++) {
+        float acc = 0.f;
+        for (int64_t s = 0; s < S; s++) acc += p[s] * values[s * D + d];
+        out[d] = acc;
+    }
+}
+
+/* --- threads -------------------------------------------------------------------------- */
+
+#define MAX_THREADS 64
+
+static atomic_int barrier_count, barrier_phase;
+
+static void barrier(int nthreads) {
+    if (nthreads == 1) return;
+    int phase = atomic_load(&barrier_phase);
+    if (atomic_fetch_add(&barrier_count, 1) == nthreads - 1) {
+        atomic_store(&barrier_count, 0);
+        atomic_fetch_add(&barrier_phase, 1);
+    } else {
+        while (atomic_load(&barrier_phase) == phase) {
+#ifdef __AVX512F__
+            _mm_pause();
+#endif
+        }
+    }
+}
+
+/* Buffers every thread reads: matrix outputs, written by row ranges between barriers. */
+typedef struct {
+    float *q, *k, *v, *attn, *o, *act, *down;
+    float *scratch; /* per thread: scratch_floats(m) floats at scratch + tid * that */
+} Shared;
+
+/* a thread's residual stream and its normed copy (hidden each), query head (head_dim),
+ * attention scores (max_visible) and up-projection rows (intermediate) */
+static int64_t scratch_floats(const Model *m) {
+    return m->hidden * 2 + m->head_dim + m->max_visible + m->intermediate;
+}
+
+static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, int nthreads) {
+    const int64_t C = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, I = m->intermediate;
+    const int64_t G = H / KV;
+    float *x = sh->scratch + tid * scratch_floats(m);
+    float *xn = x + C, *qh = xn + C, *scores = qh + D, *up = scores + m->max_visible;
+    float *cos_g[2], *sin_g[2];
+    float trig[2][2][256];
+    /* the embedding row, times sqrt(hidden) rounded to the activation dtype */
+    const Mat *e = &m->embed;
+    if (e->type == W_INT8) {
+        const int8_t *row = (const int8_t *)e->w + st->token * C;
+        for (int64_t i = 0; i < C; i++) x[i] = ((float)row[i] * e->s[st->token]) * m->embed_scale;
+    } else {
+        const float *row = (const float *)e->w + st->token * C;
+        for (int64_t i = 0; i < C; i++) x[i] = row[i] * m->embed_scale;
+    }
+    for (int g = 0; g < 2; g++) {
+        cos_g[g] = trig[g][0], sin_g[g] = trig[g][1];
+        if (!m->inv_freq[g]) continue;
+        for (int64_t i = 0; i < D / 2; i++) {
+            float f = (float)st->position * m->inv_freq[g][i];
+            cos_g[g][i] = cosf(f), sin_g[g][i] = sinf(f);
+        }
+    }
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        const Layer *L = &m->layers[li];
+        const int g = (int)L->group;
+        /* attention: q, k, v by row ranges */
+        rms_norm(x, L->input_norm, xn, C, m->eps);
+        my_rows(&L->q, xn, sh->q, tid, nthreads);
+        my_rows(&L->k, xn, sh->k, tid, nthreads);
+        my_rows(&L->v, xn, sh->v, tid, nthreads);
+        barrier(nthreads);
+        /* each KV head by one thread: norm, RoPE, into its cache slot */
+        for (int64_t kv = tid; kv < KV; kv += nthreads) {
+            float *kk = L->k_cache + (kv * L->capacity + st->slot[g]) * D;
+            float *vv = L->v_cache + (kv * L->capacity + st->slot[g]) * D;
+            if (L->k_norm) rms_norm(sh->k + kv * D, L->k_norm, kk, D, m->eps);
+            else memcpy(kk, sh->k + kv * D, sizeof(float) * D);
+            rope(kk, cos_g[g], sin_g[g], D);
+            memcpy(vv, sh->v + kv * D, sizeof(float) * D);
+        }
+        barrier(nthreads);
+        /* each query head by one thread, over the visible slots of its KV head */
+        const int64_t S = st->visible[g];
+        for (int64_t h = tid; h < H; h += nthreads) {
+            const int64_t kv = h / G;
+            const float *keys = L->k_cache + kv * L->capacity * D, *values = L->v_cache + kv * L->capacity * D;
+            if (L->q_norm) rms_norm(sh->q + h * D, L->q_norm, qh, D, m->eps);
+            else memcpy(qh, sh->q + h * D, sizeof(float) * D);
+            rope(qh, cos_g[g], sin_g[g], D);
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                float v = softcap(dot_f32(qh, keys + s * D, D) * (float)m->attn_scale, m->attn_softcap);
+                scores[s] = v;
+                if (v > top) top = v;
+            }
+            const float inv_total = 1.f / exp_shifted(scores, S, top);
+            for (int64_t s = 0; s < S; s++) scores[s] *= inv_total;
+            weighted_sum(scores, values, S, D, sh->attn + h * D);
+        }
+        barrier(nthreads);
+        my_rows(&L->o, sh->attn, sh->o, tid, nthreads);
+        barrier(nthreads);
+        if (L->post_attention_norm) rms_norm(sh->o, L->post_attention_norm, xn, C, m->eps);
+        else memcpy(xn, sh->o, sizeof(float) * C);
+        for (int64_t i = 0; i < C; i++) x[i] += xn[i];
+        /* MLP: gate and up over the same row range, then GeGLU of those rows */
+        rms_norm(x, L->pre_feedforward_norm, xn, C, m->eps);
+        int64_t lo, hi;
+        rows_of(I, tid, nthreads, &lo, &hi);
+        matvec(&L->gate, xn, sh->act, lo, hi);
+        matvec(&L->up, xn, up, lo, hi);
+        geglu(sh->act + lo, up + lo, hi - lo);
+        barrier(nthreads);
+        my_rows(&L->down, sh->act, sh->down, tid, nthreads);
+        barrier(nthreads);
+        if (L->post_feedforward_norm) rms_norm(sh->down, L->post_feedforward_norm, xn, C, m->eps);
+        else memcpy(xn, sh->down, sizeof(float) * C);
+        for (int64_t i = 0; i < C; i++) x[i] += xn[i];
+    }
+    rms_norm(x, m->final_norm, xn, C, m->eps);
+    int64_t lo, hi;
+    rows_of(m->vocab, tid, nthreads, &lo, &hi);
+    matvec(&m->lm_head, xn, st->logits, lo, hi);
+    if (m->final_softcap > 0)
+        for (int64_t n = lo; n < hi; n++) st->logits[n] = softcap(st->logits[n], m->final_softcap);
+}
+
+/* --- the worker pool ------------------------------------------------------------------ */
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static atomic_int job_generation, job_done;
+static int pool_size; /* workers started (threads beyond the caller's) */
+static int job_threads;
+static const Model *job_model;
+static const Step *job_step;
+static const Shared *job_shared;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void *worker(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    int seen = 0;
+    for (;;) {
+        /* Spin briefly (the next decode step is usually a fraction of a millisecond away),
+         * then sleep so an idle pool costs nothing. */
+        double until = now_s() + 0.002;
+        int spins = 0;
+        while (atomic_load(&job_generation) == seen) {
+            if (++spins % 1024 == 0 && now_s() > until) {
+                pthread_mutex_lock(&pool_lock);
+                while (atomic_load(&job_generation) == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+                pthread_mutex_unlock(&pool_lock);
+            }
+#ifdef __AVX512F__
+            _mm_pause();
+#endif
+        }
+        seen = atomic_load(&job_generation);
+        if (tid < job_threads) run_step(job_model, job_step, job_shared, tid, job_threads);
+        atomic_fetch_add(&job_done, 1);
+    }
+    return NULL;
+}
+
+/* Runs one step on `threads` threads (the caller's included). Returns 0, or -1 when the
+ * worker threads could not be started (the caller then falls back to torch). */
+int decode_step(const Model *m, const Step *st, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const int64_t C = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, I = m->intermediate;
+    if (D > 512 || D % 2) return -1; /* run_step's trig scratch */
+    const int64_t shared_floats = H * D * 2 + KV * D * 2 + C * 2 + I;
+    float *buf = malloc(sizeof(float) * (shared_floats + threads * scratch_floats(m)));
+    if (!buf) return -1;
+    Shared sh = {buf, buf + H * D, buf + H * D + KV * D, buf + H * D + KV * D * 2, buf + H * D * 2 + KV * D * 2,
+                 buf + H * D * 2 + KV * D * 2 + C, buf + H * D * 2 + KV * D * 2 + C + I, buf + shared_floats};
+    pthread_mutex_lock(&pool_lock);
+    while (pool_size < threads - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_size + 1)) != 0) break;
+        pthread_detach(t);
+        pool_size++;
+    }
+    if (pool_size < threads - 1) threads = pool_size + 1;
+    job_model = m, job_step = st, job_shared = &sh, job_threads = threads;
+    atomic_store(&job_done, 0);
+    atomic_fetch_add(&job_generation, 1);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run_step(m, st, &sh, 0, threads);
+    while (atomic_load(&job_done) < pool_size) {
+#ifdef __AVX512F__
+        _mm_pause();
+#endif
+    }
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,95 @@
+"""The C decode step (gemmakit/c_decode.py) against the torch model it stands in for."""
+
+import pytest
+import torch
+
+from gemmakit import c_decode, cpu_kernels
+from gemmakit.generation import Request, SamplingParams, generate_steps
+from gemmakit.quantization import dequantized_state_dict, quantize_model
+from tests.test_model import paired
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library("decode_step") is None, reason="no C compiler here")
+
+CASES = [  # (family, overrides): MQA, GQA and MHA; soft-capping; QK-norm; window of 4
+    ("gemma", {}),
+    ("gemma", {"num_key_value_heads": 4}),
+    ("gemma2", {}),
+    ("gemma3", {}),
+    ("gemma3", {"num_key_value_heads": 2}),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_c_steps_equal_torch_steps(family, overrides, quantize, hf_folder):
+    model, _ = paired(hf_folder, family, **overrides)
+    reference = model
+    if quantize:  # int8 blocks and the tied int8 embedding / lm_head, against the float model
+        # holding exactly the int8 weights (torch's int8 kernel rounds activations to bf16)
+        reference, _ = paired(hf_folder, family, **overrides)
+        quantize_model(model, quantize)
+        reference.load_state_dict(dequantized_state_dict(model, torch.float32), strict=False)
+    prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))  # wraps the window
+    tokens = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        ours, ref = model.make_cache(1, 24), model.make_cache(1, 24)
+        decoder = c_decode.decoder(model, ours, batch=1)
+        assert decoder is not None
+        reference(prompt, cache=ours), reference(prompt, cache=ref)
+        for i, token in enumerate(tokens):
+            if i < 8:
+                got = decoder.step(token)[0].clone()
+            else:  # the torch model continues on the cache the C steps filled
+                got = reference(torch.tensor([[token]]), cache=ours)[0, -1]
+            want = reference(torch.tensor([[token]]), cache=ref)[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ours.length == ref.length and torch.equal(ours.valid, ref.valid)
+    for kind in ref.groups:
+        assert torch.equal(ours.groups[kind].slot_cols, ref.groups[kind].slot_cols)
+
+
+@needs_kernel
+def test_generation_uses_c_steps_and_matches_the_torch_path(hf_folder, monkeypatch):
+    model, _ = paired(hf_folder, "gemma3")
+    quantize_model(model, "int8")
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    fast = Request([2, 17, 33, 5, 90, 41], params)
+    calls = []
+    original = c_decode.CDecoder.step
+    monkeypatch.setattr(c_decode.CDecoder, "step", lambda self, t: calls.append(t) or original(self, t))
+    list(generate_steps(model, [fast]))
+    assert len(calls) == 19  # every step after the prefill
+    monkeypatch.setattr(c_decode, "decoder", lambda *args: None)
+    slow = Request(list(fast.prompt_ids), params)
+    list(generate_steps(model, [slow]))
+    assert fast.output_ids == slow.output_ids
+
+
+@needs_kernel
+def test_decoder_declines_what_it_cannot_run(hf_folder, monkeypatch):
+    from gemmakit.lora import apply_lora
+
+    model, _ = paired(hf_folder, "gemma3")
+    with torch.inference_mode():
+        assert c_decode.decoder(model, model.make_cache(2, 8), batch=2) is None  # a batch
+        assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is not None
+        padded = model.make_cache(1, 8)
+        decoder = c_decode.decoder(model, padded, batch=1)
+        model(torch.tensor([[0, 5, 6]]), torch.tensor([[False, True, True]]), cache=padded)
+        assert decoder.step(7) is None and padded.length == 3  # left padding: the torch step
+    assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is None  # gradients on
+    with torch.inference_mode():
+        bf16 = model.to(torch.bfloat16)
+        assert c_decode.decoder(bf16, bf16.make_cache(1, 8), batch=1) is None
+        model.float()
+        monkeypatch.setenv("GEMMAKIT_NO_C_KERNELS", "1")
+        cpu_kernels.library.cache_clear()
+        try:
+            assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is None
+        finally:
+            monkeypatch.delenv("GEMMAKIT_NO_C_KERNELS")
+            cpu_kernels.library.cache_clear()
+    apply_lora(model, r=4)
+    with torch.inference_mode():
+        assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is None  # adapters
