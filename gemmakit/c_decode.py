@@ -1,9 +1,12 @@
 """The single-sequence decode step in C (csrc/decode_step.c): torch prefills, C decodes.
 
-`decoder(model, cache)` returns a `CDecoder` when the C step can run this model exactly as
-gemmakit/model.py does: one sequence on the CPU, float32 activations, every matrix either
-float32 or int8 weight-only (gemmakit's int8 quantization), no adapters, no training. Else it
-returns None and the caller runs the torch model. The C step reads the model's own weight
+`decoder(model, cache)` returns a `CDecoder` when the C step can run this model as
+gemmakit/model.py does: one sequence on the CPU, every matrix float32, bfloat16 or int8
+weight-only (gemmakit's int8 quantization), no adapters, no training. Else it returns None
+and the caller runs the torch model. Activations are float32 in the step; a float32 model
+therefore decodes as the torch model does up to the order of additions (tests/test_c_decode.py),
+while a bfloat16 model keeps bfloat16 weights and KV cache but is not rounded to bfloat16
+after every operation, as llama.cpp runs its 16-bit files. The C step reads the model's own weight
 and KV-cache tensors (no copies) and keeps the cache's slot bookkeeping in Python
 (`KVCache.advance`), so a generation can switch between the two paths at any step.
 
@@ -24,7 +27,8 @@ from gemmakit.model import Gemma, KVCache, RMSNorm
 from gemmakit.quantization import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
-W_F32, W_INT8 = 0, 1
+W_F32, W_INT8, W_BF16 = 0, 1, 2
+WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
@@ -74,6 +78,7 @@ class _Model(ctypes.Structure):
         ("final_norm", ctypes.c_void_p),
         ("layers", ctypes.POINTER(_Layer)),
         ("max_visible", ctypes.c_int64),
+        ("cache_bf16", ctypes.c_int64),
     ]
 
 
@@ -96,8 +101,9 @@ def _library():
     return lib
 
 
-def _float32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+def _plain(t: torch.Tensor) -> bool:
+    """A contiguous CPU tensor of a dtype the C step reads."""
+    return t.dtype in WEIGHT_TYPES and t.device.type == "cpu" and t.is_contiguous()
 
 
 def _mat(module: nn.Module, keep: list) -> _Mat | None:
@@ -108,9 +114,9 @@ def _mat(module: nn.Module, keep: list) -> _Mat | None:
             return None
         keep.append(s)
         return _Mat(W_INT8, w.data_ptr(), s.data_ptr(), *w.shape)
-    if type(module) is nn.Linear and module.bias is None and _float32(module.weight):
+    if type(module) is nn.Linear and module.bias is None and _plain(module.weight):
         w = module.weight
-        return _Mat(W_F32, w.data_ptr(), None, *w.shape)
+        return _Mat(WEIGHT_TYPES[w.dtype], w.data_ptr(), None, *w.shape)
     return None
 
 
@@ -172,7 +178,7 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
         and any(p.requires_grad for p in model.parameters())
     ):
         return None
-    if model.device.type != "cpu" or model.dtype != torch.float32 or cache.dtype != torch.float32:
+    if model.device.type != "cpu" or model.dtype not in WEIGHT_TYPES or cache.dtype != model.dtype:
         return None
     config = model.config
     if (
@@ -202,13 +208,7 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
             )
         ]
         k, v = layer_cache.k, layer_cache.v
-        if (
-            None in mats
-            or None in norms
-            or not (_float32(k) and _float32(v))
-            or norms[0] == 0
-            or norms[2] == 0
-        ):
+        if None in mats or None in norms or not (_plain(k) and _plain(v)) or norms[0] == 0 or norms[2] == 0:
             return None
         layers.append(
             _Layer(*mats, *norms, k.data_ptr(), v.data_ptr(), k.shape[2], GROUPS.index(block.layer_type))
@@ -216,8 +216,9 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     embed, head = model.model.embed_tokens, _mat(model.lm_head, keep)
     if isinstance(embed, QuantizedEmbedding):
         embed_mat = _mat(embed.source, keep)
-    elif type(embed) is nn.Embedding and _float32(embed.weight):
-        embed_mat = _Mat(W_F32, embed.weight.data_ptr(), None, *embed.weight.shape)
+    elif type(embed) is nn.Embedding and _plain(embed.weight):
+        w = embed.weight
+        embed_mat = _Mat(WEIGHT_TYPES[w.dtype], w.data_ptr(), None, *w.shape)
     else:
         embed_mat = None
     final_norm = _gain(model.model.norm, keep)
@@ -240,12 +241,13 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
         config.attention_scale,
         config.attn_logit_softcapping or 0.0,
         config.final_logit_softcapping or 0.0,
-        model._embedding_scale(torch.float32),
+        model._embedding_scale(model.dtype),  # rounded as the reference rounds it
         inv_freq(*[f.data_ptr() if f is not None else None for f in freqs]),
         embed_mat,
         head,
         final_norm,
         layer_array,
         max(cache.groups[kind].capacity for kind in cache.groups),
+        cache.dtype == torch.bfloat16,
     )
     return CDecoder(lib, model, cache, spec, keep)

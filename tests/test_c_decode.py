@@ -50,6 +50,33 @@ def test_c_steps_equal_torch_steps(family, overrides, quantize, hf_folder):
 
 
 @needs_kernel
+@pytest.mark.parametrize("family,overrides", CASES[2:])
+def test_bfloat16_c_steps_equal_float_maths_on_bfloat16_weights(family, overrides, hf_folder):
+    """A bfloat16 model keeps bfloat16 weights and KV cache in the C step, computing in
+    float32: it matches float32 maths on the same (rounded) weights within what the bfloat16
+    prefill and cache cost, as the bfloat16 torch step does."""
+    model, _ = paired(hf_folder, family, **overrides)
+    model.to(torch.bfloat16)
+    reference, _ = paired(hf_folder, family, **overrides)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, 256, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        ours, ref, torch_bf16 = model.make_cache(1, 16), reference.make_cache(1, 16), model.make_cache(1, 16)
+        errors = []
+        decoder = c_decode.decoder(model, ours, batch=1)
+        assert decoder is not None
+        model(prompt, cache=ours), reference(prompt, cache=ref), model(prompt, cache=torch_bf16)
+        for token in tokens:
+            got = decoder.step(token)[0].clone()
+            want = reference(torch.tensor([[token]]), cache=ref)[0, -1]
+            bf16_step = model(torch.tensor([[token]]), cache=torch_bf16)[0, -1].float()
+            errors.append(((got - want).abs().max(), (bf16_step - want).abs().max()))
+            assert errors[-1][0] <= 0.02 * want.abs().max()
+    assert sum(e for e, _ in errors) <= 1.5 * sum(e for _, e in errors)
+
+
+@needs_kernel
 def test_generation_uses_c_steps_and_matches_the_torch_path(hf_folder, monkeypatch):
     model, _ = paired(hf_folder, "gemma3")
     quantize_model(model, "int8")
@@ -80,8 +107,8 @@ def test_decoder_declines_what_it_cannot_run(hf_folder, monkeypatch):
         assert decoder.step(7) is None and padded.length == 3  # left padding: the torch step
     assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is None  # gradients on
     with torch.inference_mode():
-        bf16 = model.to(torch.bfloat16)
-        assert c_decode.decoder(bf16, bf16.make_cache(1, 8), batch=1) is None
+        half = model.to(torch.float16)  # a dtype the C step does not read
+        assert c_decode.decoder(half, half.make_cache(1, 8), batch=1) is None
         model.float()
         monkeypatch.setenv("GEMMAKIT_NO_C_KERNELS", "1")
         cpu_kernels.library.cache_clear()

@@ -28,10 +28,12 @@
 #include <immintrin.h>
 #endif
 
-enum { W_F32 = 0, W_INT8 = 1 };
+enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2 };
 
 typedef struct {
-    int64_t type;   /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,) */
+    /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,);
+     * W_BF16: w is bfloat16 (n, k) */
+    int64_t type;
     const void *w;
     const float *s;
     int64_t n, k;
@@ -42,7 +44,7 @@ typedef struct {
     /* 1 + w gains (float32); NULL where the model has no such norm */
     const float *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
     const float *q_norm, *k_norm;
-    float *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0 */
+    void *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0, float or bfloat16 */
     int64_t capacity, group;  /* group: 0 full attention, 1 sliding (Step's indices) */
 } Layer;
 
@@ -55,6 +57,7 @@ typedef struct {
     const float *final_norm;
     const Layer *layers;
     int64_t max_visible; /* the longest key row any group can have (scratch size) */
+    int64_t cache_bf16;  /* the KV cache holds bfloat16 (a bfloat16 model), else float */
 } Model;
 
 typedef struct {
@@ -108,11 +111,54 @@ static float dot_i8(const float *x, const int8_t *w, int64_t K) {
     return acc;
 }
 
+/* bfloat16 is the top half of a float32: widening is exact */
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as torch's float -> bfloat16 cast does (finite values) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef __AVX512F__
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
+static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(load_bf16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(load_bf16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(load_bf16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) acc += x[k] * bf16_to_f32(w[k]);
+    return acc;
+}
+
 /* y[n] = row n of m . x for rows [lo, hi) */
 static void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
     if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_i8(x, w + n * m->k, m->k) * m->s[n];
+    } else if (m->type == W_BF16) {
+        const uint16_t *w = (const uint16_t *)m->w;
+        for (int64_t n = lo; n < hi; n++) y[n] = dot_bf16(x, w + n * m->k, m->k);
     } else {
         const float *w = (const float *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_f32(x, w + n * m->k, m->k);
@@ -210,6 +256,28 @@ static float exp_shifted(float *scores, int64_t n, float top) {
     return total;
 }
 
+/* out (D) = sum over s of p[s] * values[s] (values (S, D) rows of bfloat16) */
+static void weighted_sum_bf16(const float *p, const uint16_t *values, int64_t S, int64_t D, float *out) {
+    int64_t d = 0;
+#ifdef __AVX512F__
+    for (; d + 128 <= D; d += 128) {
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+            const __m512 w = _mm512_set1_ps(p[s]);
+            const uint16_t *v = values + s * D + d;
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, load_bf16(v + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);
+    }
+#endif
+    for (; d < D; d++) {
+        float acc = 0.f;
+        for (int64_t s = 0; s < S; s++) acc += p[s] * bf16_to_f32(values[s * D + d]);
+        out[d] = acc;
+    }
+}
+
 /* out (D) = sum over s of p[s] * values[s] (values (S, D) rows) */
 static void weighted_sum(const float *p, const float *values, int64_t S, int64_t D, float *out) {
     int64_t d = 0;
@@ -278,6 +346,9 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
     if (e->type == W_INT8) {
         const int8_t *row = (const int8_t *)e->w + st->token * C;
         for (int64_t i = 0; i < C; i++) x[i] = ((float)row[i] * e->s[st->token]) * m->embed_scale;
+    } else if (e->type == W_BF16) {
+        const uint16_t *row = (const uint16_t *)e->w + st->token * C;
+        for (int64_t i = 0; i < C; i++) x[i] = bf16_to_f32(row[i]) * m->embed_scale;
     } else {
         const float *row = (const float *)e->w + st->token * C;
         for (int64_t i = 0; i < C; i++) x[i] = row[i] * m->embed_scale;
@@ -301,31 +372,40 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
         barrier(nthreads);
         /* each KV head by one thread: norm, RoPE, into its cache slot */
         for (int64_t kv = tid; kv < KV; kv += nthreads) {
-            float *kk = L->k_cache + (kv * L->capacity + st->slot[g]) * D;
-            float *vv = L->v_cache + (kv * L->capacity + st->slot[g]) * D;
+            const int64_t at = (kv * L->capacity + st->slot[g]) * D;
+            float *kk = qh; /* scratch: the normed, rotated key before it is stored */
             if (L->k_norm) rms_norm(sh->k + kv * D, L->k_norm, kk, D, m->eps);
             else memcpy(kk, sh->k + kv * D, sizeof(float) * D);
             rope(kk, cos_g[g], sin_g[g], D);
-            memcpy(vv, sh->v + kv * D, sizeof(float) * D);
+            if (m->cache_bf16) {
+                uint16_t *kc = (uint16_t *)L->k_cache + at, *vc = (uint16_t *)L->v_cache + at;
+                for (int64_t d = 0; d < D; d++) kc[d] = f32_to_bf16(kk[d]), vc[d] = f32_to_bf16(sh->v[kv * D + d]);
+            } else {
+                memcpy((float *)L->k_cache + at, kk, sizeof(float) * D);
+                memcpy((float *)L->v_cache + at, sh->v + kv * D, sizeof(float) * D);
+            }
         }
         barrier(nthreads);
         /* each query head by one thread, over the visible slots of its KV head */
         const int64_t S = st->visible[g];
         for (int64_t h = tid; h < H; h += nthreads) {
             const int64_t kv = h / G;
-            const float *keys = L->k_cache + kv * L->capacity * D, *values = L->v_cache + kv * L->capacity * D;
+            const int64_t base = kv * L->capacity * D;
             if (L->q_norm) rms_norm(sh->q + h * D, L->q_norm, qh, D, m->eps);
             else memcpy(qh, sh->q + h * D, sizeof(float) * D);
             rope(qh, cos_g[g], sin_g[g], D);
             float top = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
-                float v = softcap(dot_f32(qh, keys + s * D, D) * (float)m->attn_scale, m->attn_softcap);
+                const float dot = m->cache_bf16 ? dot_bf16(qh, (const uint16_t *)L->k_cache + base + s * D, D)
+                                                : dot_f32(qh, (const float *)L->k_cache + base + s * D, D);
+                float v = softcap(dot * (float)m->attn_scale, m->attn_softcap);
                 scores[s] = v;
                 if (v > top) top = v;
             }
             const float inv_total = 1.f / exp_shifted(scores, S, top);
             for (int64_t s = 0; s < S; s++) scores[s] *= inv_total;
-            weighted_sum(scores, values, S, D, sh->attn + h * D);
+            if (m->cache_bf16) weighted_sum_bf16(scores, (const uint16_t *)L->v_cache + base, S, D, sh->attn + h * D);
+            else weighted_sum(scores, (const float *)L->v_cache + base, S, D, sh->attn + h * D);
         }
         barrier(nthreads);
         my_rows(&L->o, sh->attn, sh->o, tid, nthreads);
