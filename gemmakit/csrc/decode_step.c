@@ -256,50 +256,38 @@ static float exp_shifted(float *scores, int64_t n, float top) {
     return total;
 }
 
-/* out (D) = sum over s of p[s] * values[s] (values (S, D) rows of bfloat16) */
-static void weighted_sum_bf16(const float *p, const uint16_t *values, int64_t S, int64_t D, float *out) {
-    int64_t d = 0;
+/* out (D) = sum over s of p[s] * values[s], values (S, D) rows of float or bfloat16; LOAD16
+ * reads 16 values as floats, TO_F32 one */
+#define LOAD_F32(p) _mm512_loadu_ps(p)
+#define SAME_F32(v) (v)
+#define WEIGHTED_SUM(name, T, LOAD16, TO_F32)                                                   \
+    static void name(const float *p, const T *values, int64_t S, int64_t D, float *out) {       \
+        int64_t d = 0;                                                                          \
+        WEIGHTED_SUM_BLOCKS(T, LOAD16)                                                          \
+        for (; d < D; d++) {                                                                    \
+            float acc = 0.f;                                                                    \
+            for (int64_t s = 0; s < S; s++) acc += p[s] * TO_F32(values[s * D + d]);            \
+            out[d] = acc;                                                                       \
+        }                                                                                       \
+    }
 #ifdef __AVX512F__
-    for (; d + 128 <= D; d += 128) {
-        __m512 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < S; s++) {
-            const __m512 w = _mm512_set1_ps(p[s]);
-            const uint16_t *v = values + s * D + d;
-            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, load_bf16(v + 16 * j), acc[j]);
-        }
-        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);
+/* 128 outputs in registers per pass over the rows */
+#define WEIGHTED_SUM_BLOCKS(T, LOAD16)                                                          \
+    for (; d + 128 <= D; d += 128) {                                                            \
+        __m512 acc[8];                                                                          \
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();                               \
+        for (int64_t s = 0; s < S; s++) {                                                       \
+            const __m512 w = _mm512_set1_ps(p[s]);                                              \
+            const T *v = values + s * D + d;                                                    \
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, LOAD16(v + 16 * j), acc[j]); \
+        }                                                                                       \
+        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);                 \
     }
+#else
+#define WEIGHTED_SUM_BLOCKS(T, LOAD16)
 #endif
-    for (; d < D; d++) {
-        float acc = 0.f;
-        for (int64_t s = 0; s < S; s++) acc += p[s] * bf16_to_f32(values[s * D + d]);
-        out[d] = acc;
-    }
-}
-
-/* out (D) = sum over s of p[s] * values[s] (values (S, D) rows) */
-static void weighted_sum(const float *p, const float *values, int64_t S, int64_t D, float *out) {
-    int64_t d = 0;
-#ifdef __AVX512F__
-    /* 128 outputs in registers per pass over the rows */
-    for (; d + 128 <= D; d += 128) {
-        __m512 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < S; s++) {
-            const __m512 w = _mm512_set1_ps(p[s]);
-            const float *v = values + s * D + d;
-            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * j), acc[j]);
-        }
-        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);
-    }
-#endif
-    for (; d < D; d++) {
-        float acc = 0.f;
-        for (int64_t s = 0; s < S; s++) acc += p[s] * values[s * D + d];
-        out[d] = acc;
-    }
-}
+WEIGHTED_SUM(weighted_sum, float, LOAD_F32, SAME_F32)
+WEIGHTED_SUM(weighted_sum_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 /* --- threads -------------------------------------------------------------------------- */
 
