@@ -1,4 +1,4 @@
-"""The single-sequence decode step in C (csrc/decode_step.c): torch prefills, C decodes.
+"""The single-sequence decode step in C (csrc/cpu_kernels.c): torch prefills, C decodes.
 
 `decoder(model, cache)` returns a `CDecoder` when the C step can run this model as
 gemmakit/model.py does: one sequence on the CPU, every matrix float32, bfloat16 or int8
@@ -6,9 +6,9 @@ weight-only (gemmakit's int8 quantization), no adapters, no training. Else it re
 and the caller runs the torch model. Activations are float32 in the step; a float32 model
 therefore decodes as the torch model does up to the order of additions (tests/test_c_decode.py),
 while a bfloat16 model keeps bfloat16 weights and KV cache but is not rounded to bfloat16
-after every operation, as llama.cpp runs its 16-bit files. The C step reads the model's own weight
-and KV-cache tensors (no copies) and keeps the cache's slot bookkeeping in Python
-(`KVCache.advance`), so a generation can switch between the two paths at any step.
+after every operation, as llama.cpp runs its 16-bit files. The C step reads the model's own
+weight and KV-cache tensors (no copies) and the cache's slot bookkeeping stays the cache's
+(`KVCache.append_dense`), so a generation can switch between the two paths at any step.
 
 Measured on the 2-core AVX-512 machine (Gemma 3 270M, 512-token prompt): see the README's
 benchmark table; the step runs at the speed the weights stream from memory.
@@ -29,7 +29,6 @@ from gemmakit.quantization import Int8Linear, QuantizedEmbedding
 GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
 W_F32, W_INT8, W_BF16 = 0, 1, 2
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
-_c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
 class _Mat(ctypes.Structure):
@@ -93,11 +92,10 @@ class _Step(ctypes.Structure):
 
 
 def _library():
-    lib = cpu_kernels.library("decode_step")
-    if lib is not None and not hasattr(lib, "_gemmakit_typed"):
+    lib = cpu_kernels.library()
+    if lib is not None:
         lib.decode_step.restype = ctypes.c_int
         lib.decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step), ctypes.c_int]
-        lib._gemmakit_typed = True
     return lib
 
 
@@ -135,6 +133,8 @@ class CDecoder:
     """Runs decode steps of one sequence in C against `model` and `cache`."""
 
     def __init__(self, lib, model: Gemma, cache: KVCache, spec: _Model, keep: list):
+        # The model, cache and `keep` (derived tensors, the layer array) own the memory `spec`
+        # points into: they live as long as the decoder.
         self.lib, self.model, self.cache, self.spec, self._keep = lib, model, cache, spec, keep
         self.logits = torch.empty((1, model.config.vocab_size), dtype=torch.float32)
         self._step = _Step(logits=self.logits.data_ptr())
@@ -151,19 +151,11 @@ class CDecoder:
             self._dense = bool(cache.valid[0, :col].all())
         if not self._dense:  # a left-padded row: the torch step builds the masks
             return None
-        # Every slot a group shows holds a real token inside its window (the ring of a sliding
-        # group is the window), so the masks would be all zeros and the C step takes none.
-        # The bookkeeping is KVCache.advance's, for one column of one row.
         st = self._step
         st.token, st.position = token, col
-        cache.valid[0, col] = True
-        cache.length = col + 1
-        for i, kind in enumerate(GROUPS):
-            group = cache.groups.get(kind)
-            if group is not None:
-                slot = col % group.capacity
-                group.slot_cols[slot] = col
-                st.slot[i], st.visible[i] = slot, min(col + 1, group.capacity)
+        for kind, (slot, visible) in cache.append_dense().items():
+            i = GROUPS.index(kind)
+            st.slot[i], st.visible[i] = slot, visible
         if self.lib.decode_step(ctypes.byref(self.spec), ctypes.byref(st), torch.get_num_threads()):
             raise MemoryError("the C decode step could not allocate its buffers")
         return self.logits
@@ -225,8 +217,7 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     if embed_mat is None or head is None or not final_norm:
         return None
     inv_freq = ctypes.c_void_p * 2
-    freqs = [model._inv_freq.get(kind) for kind in GROUPS]
-    keep += [f.contiguous() for f in freqs if f is not None]
+    freqs = [model._inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
     layer_array = (_Layer * len(layers))(*layers)
     keep.append(layer_array)
     spec = _Model(

@@ -1,11 +1,11 @@
 """Small C kernels for the CPU decode step, compiled on first use and cached.
 
 Only where torch has nothing fast: the int8 matrix-vector product of the output projection
-(csrc/gemv_int8.c) and the whole single-sequence decode step (csrc/decode_step.c, driven by
-gemmakit/c_decode.py). A library is built with the machine's C compiler (`$CC`, else `cc`)
+and the whole single-sequence decode step (driven by gemmakit/c_decode.py), both in
+csrc/cpu_kernels.c. The library is built with the machine's C compiler (`$CC`, else `cc`)
 and `-O3 -march=native` into the gemmakit cache, keyed by the source and the compiler, in
-well under a second; with no compiler, or on another OS, `library()` returns None and callers
-use torch's kernels. `GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
+about a second; with no compiler, or on another OS, `library()` returns None and callers use
+torch's kernels. `GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
 
 The rows are split over Python threads (ctypes releases the GIL during the call), as many as
 torch uses, so the kernel runs at memory speed without a second OpenMP runtime spinning
@@ -30,24 +30,20 @@ import torch
 MIN_ROWS = 16384
 
 
-def enabled() -> bool:
-    return not os.environ.get("GEMMAKIT_NO_C_KERNELS") and sys.platform.startswith("linux")
-
-
 @functools.cache
-def library(name: str) -> ctypes.CDLL | None:
-    """csrc/NAME.c built into a shared library (once per source and compiler), or None."""
-    if not enabled():
+def library() -> ctypes.CDLL | None:
+    """csrc/cpu_kernels.c built into a shared library (once per source and compiler), or None."""
+    if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    source = resources.files("gemmakit").joinpath(f"csrc/{name}.c").read_bytes()
+    source = resources.files("gemmakit").joinpath("csrc/cpu_kernels.c").read_bytes()
     flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
     key = hashlib.sha1(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
     from gemmakit.loading import cache_dir
 
-    target = cache_dir() / "kernels" / f"{name}-{key}.so"
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         src = tmp.with_suffix(".c")
@@ -64,17 +60,11 @@ def library(name: str) -> ctypes.CDLL | None:
             for leftover in (src, tmp):
                 leftover.unlink(missing_ok=True)
     try:
-        return ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(target))
     except OSError:
         return None
-
-
-@functools.cache
-def _gemv_library() -> ctypes.CDLL | None:
-    lib = library("gemv_int8")
-    if lib is not None:
-        lib.gemv_int8.restype = None
-        lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.gemv_int8.restype = None
+    lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     return lib
 
 
@@ -98,7 +88,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
         or scale.dtype != torch.float32
     ):
         return None
-    lib = _gemv_library()
+    lib = library()
     if lib is None:
         return None
     x, scale = x.contiguous(), scale.contiguous()

@@ -228,6 +228,12 @@ class GroupState:
         self.visible = min(start + T, cap)
         return self.slot_cols[: self.visible]
 
+    def place(self, col: int) -> tuple[int, int]:
+        """plan() for the single column `col`, in plain ints: (slot written, slots visible)."""
+        slot = col % self.capacity
+        self.slot_cols[slot] = col
+        return slot, min(col + 1, self.capacity)
+
 
 class KVCache:
     """The whole model's cache for a batch of B rows and at most `max_length` columns.
@@ -263,6 +269,18 @@ class KVCache:
             key_valid = self.valid[:, key_cols.clamp(min=0)] & (key_cols >= 0)  # (B, S)
             masks[kind] = build_mask(cols, key_cols, key_valid, group.window, self.dtype)
         return masks
+
+    def append_dense(self) -> dict[str, tuple[int, int]]:
+        """Registers one real token of a one-row cache whose every column holds a token, and
+        returns each group's (slot written, slots visible), building no masks: every visible
+        slot then holds a token inside its group's window (a sliding group's ring is the
+        window), so the masks `advance` would build are all zeros. For the C decode step."""
+        col = self.length
+        if col >= self.max_length:
+            raise ValueError(f"cache holds {self.max_length} tokens; {col + 1} requested")
+        self.valid[0, col] = True
+        self.length = col + 1
+        return {kind: group.place(col) for kind, group in self.groups.items()}
 
 
 def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32, same_segment=None):

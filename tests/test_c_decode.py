@@ -8,7 +8,7 @@ from gemmakit.generation import Request, SamplingParams, generate_steps
 from gemmakit.quantization import dequantized_state_dict, quantize_model
 from tests.test_model import paired
 
-needs_kernel = pytest.mark.skipif(cpu_kernels.library("decode_step") is None, reason="no C compiler here")
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 
 CASES = [  # (family, overrides): MQA, GQA and MHA; soft-capping; QK-norm; window of 4
     ("gemma", {}),
@@ -120,3 +120,44 @@ def test_decoder_declines_what_it_cannot_run(hf_folder, monkeypatch):
     apply_lora(model, r=4)
     with torch.inference_mode():
         assert c_decode.decoder(model, model.make_cache(1, 8), batch=1) is None  # adapters
+
+
+def _decode(model, prompt, tokens):
+    with torch.inference_mode():
+        cache = model.make_cache(1, len(prompt) + len(tokens))
+        decoder = c_decode.decoder(model, cache, batch=1)
+        model(torch.tensor([prompt]), cache=cache)
+        return torch.stack([decoder.step(t)[0].clone() for t in tokens])
+
+
+def _steps(decoder, tokens):
+    return [decoder.step(t) for t in tokens]
+
+
+@needs_kernel
+def test_c_steps_from_several_threads_and_a_forked_child(hf_folder):
+    """The C worker pool is process-wide: concurrent callers take turns, and a child forked
+    after the pool started gets its own (it would wait forever on the parent's workers).
+    The child runs C steps only: torch's own OpenMP pool does not survive a fork."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, _ = paired(hf_folder, "gemma3")
+    jobs = [([2, 9, 14], [5, 6, 7, 8] * 3), ([2, 40], [11, 12] * 6)]
+    alone = [_decode(model, *job) for job in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda job: _decode(model, *job), jobs))
+            for a, b in zip(alone, together):
+                assert torch.equal(a, b)
+    with torch.inference_mode():
+        cache = model.make_cache(1, 16)
+        decoder = c_decode.decoder(model, cache, batch=1)
+        model(torch.tensor([[2, 9, 14]]), cache=cache)
+        _steps(decoder, [5])
+        child = multiprocessing.get_context("fork").Process(target=_steps, args=(decoder, [6, 7, 8]))
+        child.start()
+        child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0

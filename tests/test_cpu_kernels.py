@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gemmakit import cpu_kernels
 from gemmakit.quantization import Int8Linear
 
-needs_kernel = pytest.mark.skipif(cpu_kernels._gemv_library() is None, reason="no C compiler here")
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 
 
 @needs_kernel
@@ -38,9 +38,9 @@ def test_kernel_declines_what_it_cannot_do(monkeypatch):
     assert cpu_kernels.gemv_int8(torch.zeros(8), w[:100], s[:100]) is None  # small: torch's kernel
     assert cpu_kernels.gemv_int8(torch.zeros(8), w.t().contiguous().t(), s) is None
     monkeypatch.setenv("GEMMAKIT_NO_C_KERNELS", "1")
-    cpu_kernels.library.cache_clear(), cpu_kernels._gemv_library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         assert cpu_kernels.gemv_int8(torch.zeros(8), w, s) is None
     finally:
         monkeypatch.delenv("GEMMAKIT_NO_C_KERNELS")
-        cpu_kernels.library.cache_clear(), cpu_kernels._gemv_library.cache_clear()
+        cpu_kernels.library.cache_clear()

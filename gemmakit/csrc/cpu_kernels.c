@@ -1,7 +1,13 @@
-/* One decode step of a Gemma model for a single sequence, in one call: token id in, logits out.
+/* gemmakit's CPU kernels (built by gemmakit/cpu_kernels.py):
  *
- * Why: a Gemma 3 270M step is ~2,500 small torch ops; on a 2-core CPU their dispatch costs
- * more than the arithmetic (profile in benchmarks/inference.py's notes). Here the whole step
+ * decode_step: one decode step of a Gemma model for a single sequence, in one call: token id
+ * in, logits out (driven by gemmakit/c_decode.py).
+ * gemv_int8: one token times an int8 weight-only matrix, for the torch step's output
+ * projection (gemmakit/quantization.py's Int8Linear; torch's _weight_int8pack_mm takes 6.4 ms
+ * for Gemma 3 270M's 262144 x 640 matrix and needs bfloat16 activations).
+ *
+ * Why a C decode step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a
+ * 2-core CPU their dispatch costs more than the arithmetic. Here the whole step
  * runs as plain loops over the same weights and the same KV cache tensors the torch model
  * uses, with float32 activations, so prefill stays in torch and decode continues in C.
  *
@@ -51,7 +57,7 @@ typedef struct {
 typedef struct {
     int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
     double eps, attn_scale, attn_softcap, final_softcap; /* softcaps: 0 when absent */
-    float embed_scale;                                   /* sqrt(hidden), rounded to float32 */
+    float embed_scale;                                   /* sqrt(hidden), rounded to the model's dtype */
     const float *inv_freq[2];                            /* head_dim/2 RoPE frequencies per group */
     Mat embed, lm_head;
     const float *final_norm;
@@ -69,47 +75,6 @@ typedef struct {
 } Step;
 
 /* --- kernels -------------------------------------------------------------------------- */
-
-static float dot_f32(const float *x, const float *w, int64_t K) {
-    int64_t k = 0;
-    float acc = 0.f;
-#ifdef __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-    for (; k < K; k++) acc += x[k] * w[k];
-    return acc;
-}
-
-static float dot_i8(const float *x, const int8_t *w, int64_t K) {
-    int64_t k = 0;
-    float acc = 0.f;
-#ifdef __AVX512F__
-    /* Widen 16 int8 weights to float32 per FMA; four accumulators hide the FMA latency. */
-#define WIDEN(off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + (off)))))
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(WIDEN(0), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(WIDEN(16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(WIDEN(32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(WIDEN(48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(WIDEN(0), _mm512_loadu_ps(x + k), a0);
-#undef WIDEN
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-    for (; k < K; k++) acc += x[k] * (float)w[k];
-    return acc;
-}
 
 /* bfloat16 is the top half of a float32: widening is exact */
 static inline float bf16_to_f32(uint16_t b) {
@@ -132,24 +97,39 @@ static inline __m512 load_bf16(const uint16_t *p) {
 }
 #endif
 
-static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
-    int64_t k = 0;
-    float acc = 0.f;
+/* x . w over K values, w of type T; LOAD16 reads 16 of them as floats, TO_F32 one. Four
+ * accumulators hide the FMA latency. */
 #ifdef __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(load_bf16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(load_bf16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(load_bf16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+#define DOT_BLOCKS(LOAD16)                                                                      \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                  \
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();                                  \
+    for (; k + 64 <= K; k += 64) {                                                              \
+        a0 = _mm512_fmadd_ps(LOAD16(w + k), _mm512_loadu_ps(x + k), a0);                        \
+        a1 = _mm512_fmadd_ps(LOAD16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);              \
+        a2 = _mm512_fmadd_ps(LOAD16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);              \
+        a3 = _mm512_fmadd_ps(LOAD16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);              \
+    }                                                                                           \
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(LOAD16(w + k), _mm512_loadu_ps(x + k), a0); \
     acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+/* 16 int8 weights widened to float32 */
+#define LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#else
+#define DOT_BLOCKS(LOAD16)
 #endif
-    for (; k < K; k++) acc += x[k] * bf16_to_f32(w[k]);
-    return acc;
-}
+#define DOT(name, T, LOAD16, TO_F32)                                                            \
+    static float name(const float *x, const T *w, int64_t K) {                                  \
+        int64_t k = 0;                                                                          \
+        float acc = 0.f;                                                                        \
+        DOT_BLOCKS(LOAD16)                                                                      \
+        for (; k < K; k++) acc += x[k] * TO_F32(w[k]);                                          \
+        return acc;                                                                             \
+    }
+#define LOAD_F32(p) _mm512_loadu_ps(p)
+#define SAME_F32(v) (v)
+#define I8_TO_F32(v) ((float)(v))
+DOT(dot_f32, float, LOAD_F32, SAME_F32)
+DOT(dot_i8, int8_t, LOAD_I8, I8_TO_F32)
+DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 /* y[n] = row n of m . x for rows [lo, hi) */
 static void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
@@ -163,6 +143,14 @@ static void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t h
         const float *w = (const float *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_f32(x, w + n * m->k, m->k);
     }
+}
+
+/* y[n] = s[n] * (x . row n of the int8 matrix w (N, K)) for rows [start, stop): the torch
+ * step's output projection, rows split over Python threads by gemmakit/cpu_kernels.py */
+void gemv_int8(const float *x, const int8_t *w, const float *s, float *y, int64_t start, int64_t stop,
+               int64_t K) {
+    const Mat m = {W_INT8, w, s, stop, K};
+    matvec(&m, x, y, start, stop);
 }
 
 static void rows_of(int64_t n, int tid, int nthreads, int64_t *lo, int64_t *hi) {
@@ -181,6 +169,15 @@ static void rms_norm(const float *x, const float *gain, float *y, int64_t n, dou
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
     float r = 1.f / sqrtf(ss / (float)n + (float)eps);
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * gain[i];
+}
+
+/* x += post_norm(y), or x += y where the model has no post-norm (Gemma 1); tmp: C floats */
+static void add_residual(float *x, const float *y, const float *post_norm, float *tmp, int64_t C, double eps) {
+    if (post_norm) {
+        rms_norm(y, post_norm, tmp, C, eps);
+        y = tmp;
+    }
+    for (int64_t i = 0; i < C; i++) x[i] += y[i];
 }
 
 /* in place on one head (head_dim D): x*cos + rotate_half(x)*sin, cos/sin of (pos * inv_freq) */
@@ -258,8 +255,6 @@ static float exp_shifted(float *scores, int64_t n, float top) {
 
 /* out (D) = sum over s of p[s] * values[s], values (S, D) rows of float or bfloat16; LOAD16
  * reads 16 values as floats, TO_F32 one */
-#define LOAD_F32(p) _mm512_loadu_ps(p)
-#define SAME_F32(v) (v)
 #define WEIGHTED_SUM(name, T, LOAD16, TO_F32)                                                   \
     static void name(const float *p, const T *values, int64_t S, int64_t D, float *out) {       \
         int64_t d = 0;                                                                          \
@@ -398,9 +393,7 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
         barrier(nthreads);
         my_rows(&L->o, sh->attn, sh->o, tid, nthreads);
         barrier(nthreads);
-        if (L->post_attention_norm) rms_norm(sh->o, L->post_attention_norm, xn, C, m->eps);
-        else memcpy(xn, sh->o, sizeof(float) * C);
-        for (int64_t i = 0; i < C; i++) x[i] += xn[i];
+        add_residual(x, sh->o, L->post_attention_norm, xn, C, m->eps);
         /* MLP: gate and up over the same row range, then GeGLU of those rows */
         rms_norm(x, L->pre_feedforward_norm, xn, C, m->eps);
         int64_t lo, hi;
@@ -411,9 +404,7 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
         barrier(nthreads);
         my_rows(&L->down, sh->act, sh->down, tid, nthreads);
         barrier(nthreads);
-        if (L->post_feedforward_norm) rms_norm(sh->down, L->post_feedforward_norm, xn, C, m->eps);
-        else memcpy(xn, sh->down, sizeof(float) * C);
-        for (int64_t i = 0; i < C; i++) x[i] += xn[i];
+        add_residual(x, sh->down, L->post_feedforward_norm, xn, C, m->eps);
     }
     rms_norm(x, m->final_norm, xn, C, m->eps);
     int64_t lo, hi;
@@ -425,6 +416,7 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
 
 /* --- the worker pool ------------------------------------------------------------------ */
 
+static pthread_mutex_t step_lock = PTHREAD_MUTEX_INITIALIZER; /* one step at a time: the pool is shared */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static atomic_int job_generation, job_done;
@@ -465,8 +457,22 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* Runs one step on `threads` threads (the caller's included). Returns 0, or -1 when the
- * worker threads could not be started (the caller then falls back to torch). */
+/* A forked child has none of the parent's workers: it starts its own pool. */
+static void forget_pool(void) {
+    pool_size = 0;
+    atomic_store(&barrier_count, 0);
+    pthread_mutex_init(&step_lock, NULL);
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+}
+
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+static void install_fork_handler(void) { pthread_atfork(NULL, NULL, forget_pool); }
+
+/* Runs one step on `threads` threads (the caller's included; fewer if no more can be
+ * started). Calls from several threads take turns. Returns 0, or -1 when the head size is
+ * unsupported or the buffers cannot be allocated. */
 int decode_step(const Model *m, const Step *st, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -475,6 +481,8 @@ int decode_step(const Model *m, const Step *st, int threads) {
     const int64_t shared_floats = H * D * 2 + KV * D * 2 + C * 2 + I;
     float *buf = malloc(sizeof(float) * (shared_floats + threads * scratch_floats(m)));
     if (!buf) return -1;
+    pthread_once(&fork_handler_once, install_fork_handler);
+    pthread_mutex_lock(&step_lock);
     Shared sh = {buf, buf + H * D, buf + H * D + KV * D, buf + H * D + KV * D * 2, buf + H * D * 2 + KV * D * 2,
                  buf + H * D * 2 + KV * D * 2 + C, buf + H * D * 2 + KV * D * 2 + C + I, buf + shared_floats};
     pthread_mutex_lock(&pool_lock);
@@ -496,6 +504,7 @@ int decode_step(const Model *m, const Step *st, int threads) {
         _mm_pause();
 #endif
     }
+    pthread_mutex_unlock(&step_lock);
     free(buf);
     return 0;
 }
