@@ -642,10 +642,11 @@ def rng_state(device: str) -> dict:
 
 
 def set_rng_state(state: dict, device: str):
-    torch.set_rng_state(state["torch"])
+    # Both generators take their state as a CPU byte tensor, the CUDA one too.
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(_as_tuple(state["python"]))
     if "cuda" in state and device.startswith("cuda"):
-        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
 
 
 def _as_tuple(x):
@@ -704,7 +705,9 @@ def load_checkpoint(path: Path, model, cfg: TrainConfig, device: str) -> dict:
     else:
         _, tensors = lora.read_adapter(path / "adapter")
         lora.load_adapter_state(model, {lora.PEFT_PREFIX + k: v for k, v in tensors.items()})
-    return torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    # On the CPU: the RNG states must stay there, and optimizer.load_state_dict moves each
+    # state tensor to its parameter's device itself.
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 # --- logging ----------------------------------------------------------------------------------
