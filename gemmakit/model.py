@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gemmakit import cpu_kernels
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 
 # Chunks of at most this many tokens use the grouped matmul attention, longer ones SDPA.
@@ -59,7 +60,31 @@ class RMSNorm(nn.Module):
         # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
         # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
         w = self.gain()
+        if x.requires_grad and not w.requires_grad and x.device.type == "cpu" and cpu_kernels.library():
+            return _RMSNormInputGrad.apply(x, w, self.eps)  # training with a frozen norm
         return F.rms_norm(x.float(), w.shape, w, self.eps).type_as(x)
+
+
+class _RMSNormInputGrad(torch.autograd.Function):
+    """RMSNorm with a frozen gain: the same forward kernel, the backward in one C pass
+    (cpu_kernels.rms_norm_backward) instead of autograd's ~12 element-wise ops per norm
+    (a Gemma 3 270M LoRA step has 109 norms)."""
+
+    @staticmethod
+    def forward(ctx, x, gain, eps):
+        y, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], gain, eps)
+        ctx.save_for_backward(x, rstd, gain)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, gain = ctx.saved_tensors
+        dx = cpu_kernels.rms_norm_backward(grad.to(x.dtype), x, rstd, gain)
+        if dx is None:  # cannot happen for the inputs forward accepts; the formula, to be safe
+            xf = x.float()
+            gy, xhat = grad.float() * gain, xf * rstd
+            dx = (rstd * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, None, None
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The C int8 matrix-vector kernel: same numbers as the float reference, and a clean fallback."""
+"""The C kernels outside the decode step: int8 matrix-vector, LoRA dropout, cross-entropy gradient."""
 
 import pytest
 import torch
@@ -44,3 +44,43 @@ def test_kernel_declines_what_it_cannot_do(monkeypatch):
     finally:
         monkeypatch.delenv("GEMMAKIT_NO_C_KERNELS")
         cpu_kernels.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_mask_rate_scale_and_rebuild(dtype):
+    x = torch.randn(300_001, dtype=dtype)  # odd length: the last hash serves one element
+    y = cpu_kernels.dropout(x, 0.1, seed=7)
+    kept = y != 0
+    assert abs(float(1 - kept.float().mean()) - 0.1) < 0.003  # 300k draws: sigma 0.0005
+    torch.testing.assert_close(
+        y[kept].float(), x[kept].float() / 0.9, rtol=4e-3 if dtype == torch.bfloat16 else 1e-6, atol=0
+    )
+    assert torch.equal(cpu_kernels.dropout(x, 0.1, seed=7), y)  # the same seed rebuilds the mask
+    assert not torch.equal(cpu_kernels.dropout(x, 0.1, seed=8) != 0, kept)
+    z = x.clone()
+    cpu_kernels.dropout(z, 0.1, seed=7, out=z)  # in place
+    assert torch.equal(z, y)
+    # Neighbouring elements share a 64-bit hash: their drops must still be independent.
+    pairs = (~kept[:300_000]).view(-1, 2)
+    both = float((pairs[:, 0] & pairs[:, 1]).float().mean())
+    assert abs(both - 0.01) < 0.002
+
+
+@needs_kernel
+def test_softmax_xent_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(9, 5000, generator=g) * 4).bfloat16()  # 5000: blocks of 1024 plus a tail
+    y = torch.randint(0, 5000, (9,), generator=g)
+    y[0] = 4999  # a target in the scalar tail
+    want_lse = torch.logsumexp(z.float(), -1)
+    p = torch.softmax(z.float(), -1)
+    p[torch.arange(9), y] -= 1
+    out = z.clone()
+    lse = cpu_kernels.softmax_xent_(out, y)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-5)
+    # One rounding to bfloat16 of a float32 value within a few ulps of torch's: at most one
+    # bfloat16 step apart.
+    ulp = p.abs().clamp_min(1e-30) * 2.0**-7
+    assert torch.all((out.float() - p).abs() <= ulp)
+    assert cpu_kernels.softmax_xent_(z.float(), y) is None  # float32: not this kernel's job

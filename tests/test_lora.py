@@ -196,3 +196,53 @@ def test_qlora_wraps_a_quantized_base(hf_folder):
 def test_random_hf_model_helper_is_deterministic():
     a, b = random_hf_model("gemma3"), random_hf_model("gemma3")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _plain_update(layer: lora.LoRALinear, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The LoRA formula written out, with an explicit dropout mask (already scaled)."""
+    xd = x if keep is None else x * keep
+    a, b = layer.lora_A.weight.to(x.dtype), layer.lora_B.weight.to(x.dtype)
+    return layer.base(x) + (xd @ a.T @ b.T) * layer.scaling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p):
+    """The training path (one autograd function, mask rebuilt from a seed in the backward)
+    gives the values and gradients of base(x) + s * B(A(x * mask)) for the mask it drew."""
+    from gemmakit import cpu_kernels
+
+    if p and cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(48, 40, bias=False).to(dtype), r=4, alpha=8, dropout=p)
+    layer.base.weight.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.5)
+    layer.train()
+    x = torch.randn(2, 7, 48, dtype=dtype, requires_grad=True)
+    torch.manual_seed(5)
+    got = layer(x)
+    keep = None
+    if p:
+        torch.manual_seed(5)  # the seed the layer drew from torch's generator
+        seed = int(torch.randint(0, 2**62, ()))
+        keep = cpu_kernels.dropout(torch.ones(2 * 7 * 48, dtype=dtype), p, seed).view(2, 7, 48)
+        dropped = (keep == 0).float().mean()
+        assert 0.2 < dropped < 0.4 and torch.all(keep[keep != 0] == torch.tensor(1 / (1 - p), dtype=dtype))
+    g = torch.randn_like(got)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    got_grads = torch.autograd.grad(got, params, g)
+    want = _plain_update(layer, x, keep)
+    want_grads = torch.autograd.grad(want, params, g)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype
+        if dtype == torch.bfloat16:  # sums of 14 bfloat16 products: judge against their scale
+            tol = dict(atol=2e-2 * float(b.abs().max()), rtol=2e-2)
+        torch.testing.assert_close(a, b, **tol)
+    # Evaluation and no-grad calls take the plain path: no dropout, same function.
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _plain_update(layer, x, None), **tol)

@@ -114,3 +114,35 @@ def test_segment_ids_keep_packed_examples_apart():
         mixed = model.hidden_states(packed, positions=positions)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[:, 5:], alone[:, 5:], atol=1e-3)  # the mask mattered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_norm_training_path_matches_autograd(dtype):
+    """With a frozen gain and an input that needs a gradient (LoRA training), RMSNorm runs its
+    backward in C: the forward is unchanged and dL/dx equals autograd's of F.rms_norm."""
+    import torch.nn.functional as F
+
+    from gemmakit import cpu_kernels
+    from gemmakit.model import RMSNorm
+
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    norm = RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    norm.weight.requires_grad_(False)
+    x = (torch.randn(3, 5, 96) * 4).to(dtype).requires_grad_(True)
+    g = torch.randn(3, 5, 96).to(dtype)
+    y = norm(x)
+    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__
+    (got,) = torch.autograd.grad(y, [x], g)
+    ref = F.rms_norm(x.float(), [96], 1.0 + norm.weight.float(), norm.eps).to(dtype)
+    (want,) = torch.autograd.grad(ref, [x], g)
+    assert torch.equal(y, ref)
+    tol = (
+        dict(rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32
+        else dict(rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    )
+    torch.testing.assert_close(got, want, **tol)

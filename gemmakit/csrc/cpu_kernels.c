@@ -5,6 +5,9 @@
  * gemv_int8: one token times an int8 weight-only matrix, for the torch step's output
  * projection (gemmakit/quantization.py's Int8Linear; torch's _weight_int8pack_mm takes 6.4 ms
  * for Gemma 3 270M's 262144 x 640 matrix and needs bfloat16 activations).
+ * dropout: LoRA's input dropout with a mask rebuilt from a seed (gemmakit/lora.py).
+ * softmax_xent_bf16: the cross-entropy gradient of a chunk of bfloat16 logits, in place.
+ * rms_norm_backward: RMSNorm's input gradient, for training.
  *
  * Why a C decode step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a
  * 2-core CPU their dispatch costs more than the arithmetic. Here the whole step
@@ -153,6 +156,40 @@ void gemv_int8(const float *x, const int8_t *w, const float *s, float *y, int64_
     matvec(&m, x, y, start, stop);
 }
 
+/* Dropout with a counter-based mask, for LoRA training (gemmakit/lora.py): element i is kept
+ * when a 32-bit hash of (seed, i) is at least `threshold` (= p * 2^32, so P(drop) = p within
+ * 2^-32), and kept values are multiplied by `scale` (1 / (1 - p)). The mask is a function of
+ * the seed and the index alone, so the backward rebuilds it instead of storing it, and any
+ * split of [start, stop) over threads gives the same result. The hash is splitmix64's
+ * finalizer (Steele, Lea, Flood, "Fast splittable pseudorandom number generators", 2014)
+ * over seed + pair index; each 64-bit hash serves two elements. */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint32_t mask_bits(uint64_t seed, int64_t i) {
+    uint64_t h = mix64(seed + (uint64_t)(i >> 1) * 0x9E3779B97F4A7C15ULL);
+    return (i & 1) ? (uint32_t)(h >> 32) : (uint32_t)h;
+}
+
+/* out = x * keep * scale over [start, stop); x and out float32 or (bf16 != 0) bfloat16 and
+ * may be the same buffer */
+void dropout(const void *x, void *out, int64_t start, int64_t stop, uint64_t seed, uint32_t threshold,
+             float scale, int64_t bf16) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)x;
+        uint16_t *dst = (uint16_t *)out;
+        for (int64_t i = start; i < stop; i++)
+            dst[i] = mask_bits(seed, i) >= threshold ? f32_to_bf16(bf16_to_f32(src[i]) * scale) : 0;
+    } else {
+        const float *src = (const float *)x;
+        float *dst = (float *)out;
+        for (int64_t i = start; i < stop; i++) dst[i] = mask_bits(seed, i) >= threshold ? src[i] * scale : 0.0f;
+    }
+}
+
 static void rows_of(int64_t n, int tid, int nthreads, int64_t *lo, int64_t *hi) {
     *lo = n * tid / nthreads;
     *hi = n * (tid + 1) / nthreads;
@@ -218,6 +255,90 @@ static __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 #endif
+
+/* RMSNorm's input gradient over rows [lo, hi) of C values, for training (gemmakit/model.py):
+ * with xhat = x * rstd and gy = g * gain, dx = rstd * (gy - xhat * mean(gy * xhat)), in
+ * float32; g, x and dx are float32 or (bf16 != 0) bfloat16, rstd one float32 per row, gain
+ * the float32 (1 + w). torch has no CPU kernel for this (aten::_fused_rms_norm_backward is
+ * CUDA-only), and its autograd of F.rms_norm takes ~12 element-wise ops. */
+void rms_norm_backward(const void *g, const void *x, const float *rstd, const float *gain, void *dx, int64_t C,
+                       int64_t lo, int64_t hi, int64_t bf16) {
+    float gy[C > 0 ? C : 1], xh[C > 0 ? C : 1];
+    for (int64_t r = lo; r < hi; r++) {
+        const float rs = rstd[r];
+        float part[16] = {0};
+        for (int64_t i = 0; i < C; i++) {
+            float gi, xi;
+            if (bf16) {
+                gi = bf16_to_f32(((const uint16_t *)g)[r * C + i]);
+                xi = bf16_to_f32(((const uint16_t *)x)[r * C + i]);
+            } else {
+                gi = ((const float *)g)[r * C + i];
+                xi = ((const float *)x)[r * C + i];
+            }
+            gy[i] = gi * gain[i];
+            xh[i] = xi * rs;
+            part[i & 15] += gy[i] * xh[i];
+        }
+        float dot = 0.f;
+        for (int k = 0; k < 16; k++) dot += part[k];
+        const float mean = dot / (float)C;
+        for (int64_t i = 0; i < C; i++) {
+            const float d = rs * (gy[i] - xh[i] * mean);
+            if (bf16)
+                ((uint16_t *)dx)[r * C + i] = f32_to_bf16(d);
+            else
+                ((float *)dx)[r * C + i] = d;
+        }
+    }
+}
+
+/* Softmax cross-entropy gradient over rows [lo, hi) of bfloat16 logits z (rows of V), in
+ * place, for training's chunked loss (gemmakit/training.py): lse[r] = log sum_v e^z[r,v],
+ * then z[r] = softmax(z[r]) - onehot(targets[r]) rounded once to bfloat16, all arithmetic in
+ * float32 (sums of blocks of 1024 added in double). Replaces torch's log_softmax, exp and
+ * cast passes over a float32 copy of the logits. */
+void softmax_xent_bf16(uint16_t *z, const int64_t *targets, float *lse, int64_t V, int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; r++) {
+        uint16_t *row = z + r * V;
+        float top = -INFINITY;
+        int64_t i = 0;
+#ifdef __AVX512F__
+        __m512 vtop = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= V; i += 16) vtop = _mm512_max_ps(vtop, load_bf16(row + i));
+        top = _mm512_reduce_max_ps(vtop);
+#endif
+        for (; i < V; i++) top = fmaxf(top, bf16_to_f32(row[i]));
+        double sum = 0.0;
+        i = 0;
+#ifdef __AVX512F__
+        const __m512 vt = _mm512_set1_ps(top);
+        for (; i + 1024 <= V; i += 1024) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = i; j < i + 1024; j += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(load_bf16(row + j), vt)));
+            sum += _mm512_reduce_add_ps(acc);
+        }
+#endif
+        for (; i < V; i++) sum += expf(bf16_to_f32(row[i]) - top);
+        const float l = top + (float)log(sum);
+        lse[r] = l;
+        const int64_t y = targets[r];
+        const float target_p = expf(bf16_to_f32(row[y]) - l);
+        i = 0;
+#ifdef __AVX512F__
+        const __m512 vl = _mm512_set1_ps(l);
+        const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+        for (; i + 16 <= V; i += 16) {
+            __m512i u = _mm512_castps_si512(exp16(_mm512_sub_ps(load_bf16(row + i), vl)));
+            /* round to nearest even, as f32_to_bf16 */
+            u = _mm512_add_epi32(u, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            _mm256_storeu_si256((__m256i *)(row + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        }
+#endif
+        for (; i < V; i++) row[i] = f32_to_bf16(expf(bf16_to_f32(row[i]) - l));
+        row[y] = f32_to_bf16(target_p - 1.0f);
+    }
+}
 
 /* act[i] = gelu_tanh(act[i]) * up[i]; tanh(u) = 1 - 2 / (e^(2u) + 1), 16 at a time */
 static void geglu(float *act, const float *up, int64_t n) {
