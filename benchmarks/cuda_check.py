@@ -84,6 +84,16 @@ def random_hf_model(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     return model
 
 
+def nf4_config():
+    """transformers' QLoRA quantization: NF4 with double quantization, bfloat16 compute."""
+    import transformers
+
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
 def write_folder(hf_model, tokenizer_dir: Path, folder: Path):
     hf_model.save_pretrained(folder)
     for name in ("tokenizer.model", "tokenizer_config.json"):
@@ -150,10 +160,7 @@ def nf4(folder: Path, device: str):
     from gemmakit.loading import load
 
     ours = load(folder, dtype=torch.bfloat16, device=device, quantize="nf4").model
-    bnb_cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )  # fmt: skip
+    bnb_cfg = nf4_config()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.bfloat16, quantization_config=bnb_cfg, device_map={"": device}
     ).eval()
@@ -219,10 +226,7 @@ def inference(folder: Path, device: str, runs: int = 3):
     from gemmakit.loading import load
 
     ids, new = prompt(512), 128
-    bnb_cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )  # fmt: skip
+    bnb_cfg = nf4_config()
     rows = {}
     for label, quant in (("bfloat16", None), ("nf4", "nf4")):
         ours = load(folder, dtype=torch.bfloat16, device=device, quantize=quant).model
@@ -300,10 +304,7 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
             folder = Path(tempfile.mkdtemp())
             hf.save_pretrained(folder)
             del hf
-            bnb_cfg = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )  # fmt: skip
+            bnb_cfg = nf4_config()
             hf = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch.bfloat16, quantization_config=bnb_cfg, device_map={"": device},
                 attn_implementation="sdpa",

@@ -250,6 +250,8 @@ LORA_BATCH, LORA_RANK, LORA_DROPOUT = 2, 16, 0.05
 
 def predict_lora_step(dtype: str):
     def predict(args, measured):
+        import torch
+
         from gemmakit import accounting
         from gemmakit.training import default_chunk
 
@@ -258,7 +260,8 @@ def predict_lora_step(dtype: str):
         load, load_parts = predict_gguf_load(g, dtype)
         t = accounting.training_memory(
             arch, "lora", LORA_BATCH, args.tokens, dtype, LORA_RANK, LORA_DROPOUT,
-            ce_chunk=default_chunk(arch.vocab_size),  # the loss's chunk of positions
+            ce_chunk=default_chunk(arch.vocab_size, torch.bfloat16 if dtype == "bf16" else torch.float32),
+            cpu_kernels=True,  # the trainer measured here is gemmakit's own, on the CPU
         )  # fmt: skip
         items = ("weights", "gradients", "optimizer_states", "activations", "logits_chunked")
         names = ("weights", "grads", "AdamW", "activations", "CE chunk")

@@ -596,7 +596,9 @@ def lora_params(arch: Architecture, rank: int, targets=DEFAULT_LORA_TARGETS) -> 
     return sum(rank * (t.shape[0] + t.shape[1]) for t in arch.tensors() if t.kind in targets and t.is_linear)
 
 
-def _activation_bytes_per_token_layer(arch: Architecture, a: int, full: bool, lora: dict | None) -> float:
+def _activation_bytes_per_token_layer(
+    arch: Architecture, a: int, full: bool, lora: dict | None, cpu_kernels: bool = False
+) -> float:
     """Bytes autograd keeps per token per block for the backward pass (fused attention).
 
     PyTorch saves a linear layer's input only when its weight is trained, so the items are:
@@ -618,9 +620,12 @@ def _activation_bytes_per_token_layer(arch: Architecture, a: int, full: bool, lo
         dtype (a B per adapter parameter per forward; 7.6 MB for the 270M at r=16).
     Checked against the tensors autograd saves on Gemma 3 270M (LoRA r=16, dropout 0.05,
     batch 2 x 128, float32 and bfloat16): within 0.2% per token and layer.
+    `cpu_kernels`: gemmakit's LoRA trainer on the CPU, where a frozen norm keeps its input in
+    the compute dtype (its backward is one C pass), and an adapter keeps no dropped-out copy
+    or mask (the mask is rebuilt from a seed): the shared inputs and the rank-r output only.
     """
     hidden, inter, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
-    norm_bytes = 8 if full else 4
+    norm_bytes = 8 if full else (a if cpu_kernels else 4)
     total = arch.norms_per_layer * hidden * norm_bytes
     if arch.qk_norm:
         total += (q + kv) * norm_bytes
@@ -630,7 +635,7 @@ def _activation_bytes_per_token_layer(arch: Architecture, a: int, full: bool, lo
     if full:
         total += linear_inputs
     if lora:
-        dropout = lora["dropout"] > 0
+        dropout = lora["dropout"] > 0 and not cpu_kernels
         if not dropout:  # the inputs as they are, shared by q/k/v and gate/up
             total += linear_inputs
         adapted = [t for t in arch.tensors() if t.kind in lora["targets"] and t.is_linear]
@@ -687,8 +692,14 @@ def training_memory(
     lora_rank: int = 16,
     lora_dropout: float = 0.05,
     ce_chunk: int = 256,
+    cpu_kernels: bool = False,
 ) -> dict[str, Any]:
     """Memory of one training step of the text model, item by item (bytes).
+
+    `cpu_kernels` models gemmakit's own LoRA trainer on the CPU (see
+    `_activation_bytes_per_token_layer`; its loss keeps no float32 logits: a float32 head's
+    loss is one attention call, a bfloat16 chunk's gradient is made in place); the default is
+    the generic plain-PyTorch step.
 
     * weights: full fine-tuning keeps all weights in `dtype` (no fp32 master copy); LoRA keeps
       the frozen base in `dtype`, QLoRA in NF4+DQ with embeddings and norms in 16-bit, and
@@ -727,13 +738,18 @@ def training_memory(
         grads = 4 * trainable
         lora = {"rank": lora_rank, "dropout": lora_dropout, "targets": DEFAULT_LORA_TARGETS}
     opt = _adam_bytes(sizes, optimizer)
-    per_layer = _activation_bytes_per_token_layer(arch, a, trained == "all", lora)
+    cpu_kernels = cpu_kernels and lora is not None
+    per_layer = _activation_bytes_per_token_layer(arch, a, trained == "all", lora, cpu_kernels)
     per_layer += _eager_attention_bytes_per_token_layer(arch, a, seq_len)
     # Outside the blocks: the scaled embedding output and the final norm's float32 input.
     outside = n_tokens * (a * arch.hidden_size + 4 * arch.hidden_size)
     activations = round(n_tokens * per_layer * arch.num_layers + outside)
     checkpointed = round(n_tokens * (a * arch.hidden_size * arch.num_layers + per_layer) + outside)
     per_token_logits = logits_bytes_per_token(arch, a)
+    if cpu_kernels and arch.final_logit_softcapping is None:
+        # float32: the attention call's output and the target rows, (N, C) each; bfloat16:
+        # the chunk's logits, overwritten by their gradient.
+        per_token_logits = 8 * arch.hidden_size if a == 4 else a * arch.vocab_size
     logits_full = n_tokens * per_token_logits
     logits_chunked = min(n_tokens, ce_chunk) * per_token_logits
     fixed = weights + grads + opt
