@@ -366,7 +366,10 @@ def linear_cross_entropy(model, h: torch.Tensor, targets: torch.Tensor, chunk: i
     generically: each chunk's `model.logits` + CE is checkpointed, so the backward recomputes
     one chunk's logits at a time instead of keeping them all.
     """
-    chunk = chunk or default_chunk(model.config.vocab_size, h.dtype)
+    # The larger bfloat16 chunk presumes the in-place C gradient, i.e. the CPU.
+    chunk = chunk or default_chunk(
+        model.config.vocab_size, h.dtype if h.device.type == "cpu" else torch.float32
+    )
     head = model.lm_head
     if isinstance(head, nn.Linear) and head.bias is None:
         need_h = torch.is_grad_enabled() and h.requires_grad
