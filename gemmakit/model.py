@@ -60,7 +60,13 @@ class RMSNorm(nn.Module):
         # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
         # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
         w = self.gain()
-        if x.requires_grad and not w.requires_grad and x.device.type == "cpu" and cpu_kernels.library():
+        if (
+            x.requires_grad
+            and not w.requires_grad
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernels.library()
+        ):
             return _RMSNormInputGrad.apply(x, w, self.eps)  # training with a frozen norm
         return F.rms_norm(x.float(), w.shape, w, self.eps).type_as(x)
 
@@ -79,12 +85,7 @@ class _RMSNormInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, rstd, gain = ctx.saved_tensors
-        dx = cpu_kernels.rms_norm_backward(grad.to(x.dtype), x, rstd, gain)
-        if dx is None:  # cannot happen for the inputs forward accepts; the formula, to be safe
-            xf = x.float()
-            gy, xhat = grad.float() * gain, xf * rstd
-            dx = (rstd * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        return dx, None, None
+        return cpu_kernels.rms_norm_backward(grad.to(x.dtype), x, rstd, gain), None, None
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float) -> torch.Tensor:
