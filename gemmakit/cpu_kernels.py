@@ -1,16 +1,20 @@
-"""Small C kernels for the CPU decode step, compiled on first use and cached.
+"""Small C kernels for CPU decoding and training, compiled on first use and cached.
 
 Only where torch has nothing fast: the int8 matrix-vector product of the output projection,
-the whole single-sequence decode step (driven by gemmakit/c_decode.py), LoRA's input
-dropout with a mask rebuilt from a seed, the cross-entropy gradient of bfloat16 logits and
-RMSNorm's backward, all in csrc/cpu_kernels.c. The library is built with the machine's C compiler (`$CC`, else `cc`)
-and `-O3 -march=native` into the gemmakit cache, keyed by the source and the compiler, in
-about a second; with no compiler, or on another OS, `library()` returns None and callers use
-torch's kernels. `GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
+the whole single-sequence decode step (driven by gemmakit/c_decode.py), and for training
+LoRA's input dropout with a mask rebuilt from a seed, the cross-entropy gradient of bfloat16
+logits, RMSNorm's forward and backward, and GeGLU's forward and backward, each one pass where
+torch takes several (with bfloat16 tensors between them), all in csrc/cpu_kernels.c. The
+training kernels reproduce torch's results: dropout's mask is a function of seed and index
+only, RMSNorm's and GeGLU's roundings are torch's (see each function). The library is built
+with the machine's C compiler (`$CC`, else `cc`) and `-O3 -march=native` into the gemmakit
+cache, keyed by the source and the compiler, in about a second; with no compiler, or on
+another OS, `library()` returns None and callers use torch's kernels.
+`GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
 
-The rows are split over Python threads (ctypes releases the GIL during the call), as many as
-torch uses, so the kernel runs at memory speed without a second OpenMP runtime spinning
-beside torch's.
+Large calls are split over Python threads (ctypes releases the GIL during the call), as many
+as torch uses, without a second OpenMP runtime spinning beside torch's; small ones run on the
+calling thread (see SPLIT_DROPOUT).
 """
 
 from __future__ import annotations
@@ -31,16 +35,26 @@ import torch
 MIN_ROWS = 16384
 
 
+# The flags the library is built with; tests/test_cpu_kernels.py also builds it without
+# AVX-512 (`compile_library(FLAGS + ("-mno-avx512f",))`) to check the scalar loops.
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """csrc/cpu_kernels.c built into a shared library (once per source and compiler), or None."""
     if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
         return None
+    return compile_library(FLAGS)
+
+
+def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """csrc/cpu_kernels.c built with `flags` (cached by source, compiler and flags) and loaded
+    with its functions' argument types, or None without a compiler."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
     source = resources.files("gemmakit").joinpath("csrc/cpu_kernels.c").read_bytes()
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
     key = hashlib.sha1(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
     from gemmakit.loading import cache_dir
 
@@ -64,16 +78,24 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except OSError:
         return None
-    lib.gemv_int8.restype = None
-    lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.softmax_xent_bf16.restype = None
-    lib.softmax_xent_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    lib.rms_norm_backward.restype = None
-    lib.rms_norm_backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
-    lib.dropout.restype = None
-    lib.dropout.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [
-        ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int64,
-    ]  # fmt: skip
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "gemv_int8": [ptr] * 4 + [i64] * 3,
+        "softmax_xent_bf16": [ptr] * 3 + [i64] * 3,
+        # x, gain, y, rstd, C, eps, lo, hi, bf16
+        "rms_norm_forward": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
+        # grad, x, rstd, gain, dx, C, lo, hi, bf16
+        "rms_norm_backward": [ptr] * 5 + [i64] * 4,
+        # x, out, start, stop, seed, threshold, scale, bf16
+        "dropout": [ptr] * 2 + [i64] * 2 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64],
+        # gate, up, out, start, stop, bf16
+        "geglu_forward": [ptr] * 3 + [i64] * 3,
+        # grad, gate, up, grad_gate, grad_up, start, stop, bf16
+        "geglu_backward": [ptr] * 5 + [i64] * 3,
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, argtypes
     return lib
 
 
@@ -108,15 +130,43 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 
 
 def _split(n: int, run):
-    """run(lo, hi) over [0, n), split between torch's number of threads."""
+    """run(lo, hi) over [0, n), split between torch's number of threads; the calling thread
+    runs the last part itself (one hand-off fewer)."""
     threads = max(1, torch.get_num_threads())
     if threads == 1:
         run(0, n)
         return
     bounds = [n * i // threads for i in range(threads + 1)]
-    jobs = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    jobs = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
+    run(bounds[-2], bounds[-1])
     for job in jobs:
         job.result()
+
+
+# Element counts from which a kernel is split over the threads: handing work to a pool
+# thread costs ~50 us here (waking it on an idle vCPU of a 2-core VM), so only work that
+# takes one thread more than ~0.15 ms is split. Single-thread times per million elements:
+# dropout 0.15 ms, RMSNorm 0.2 (forward) to 0.3 ms (backward), GeGLU 0.75 to 1 ms.
+SPLIT_DROPOUT = 1 << 21
+SPLIT_RMS_NORM = 1 << 20
+SPLIT_GEGLU = 1 << 18
+
+
+def _elements(n: int, min_split: int, run):
+    """run(lo, hi) over [0, n) elements: in this thread below min_split, else split."""
+    if n < min_split:
+        run(0, n)
+    else:
+        _split(n, run)
+
+
+def _rows(rows: int, C: int, min_split: int, run):
+    """run(lo, hi) over [0, rows) rows of C elements: in this thread below min_split
+    elements, else split."""
+    if rows * C < min_split:
+        run(0, rows)
+    else:
+        _split(rows, run)
 
 
 def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -136,11 +186,7 @@ def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = Non
     threshold = min(round(p * 2**32), 2**32 - 1)
     args = (x.data_ptr(), out.data_ptr())
     tail = (seed & (2**64 - 1), threshold, 1.0 / (1.0 - p), int(x.dtype == torch.bfloat16))
-    # Below ~64k elements a thread hand-off costs more than the loop.
-    if x.numel() < 65536:
-        lib.dropout(*args, 0, x.numel(), *tail)
-    else:
-        _split(x.numel(), lambda lo, hi: lib.dropout(*args, lo, hi, *tail))
+    _elements(x.numel(), SPLIT_DROPOUT, lambda lo, hi: lib.dropout(*args, lo, hi, *tail))
     return out
 
 
@@ -193,5 +239,93 @@ def rms_norm_backward(
     rows = x.numel() // C
     args = (grad.data_ptr(), x.data_ptr(), rstd.data_ptr(), gain.data_ptr(), out.data_ptr(), C)
     flag = int(x.dtype == torch.bfloat16)
-    _split(rows, lambda lo, hi: lib.rms_norm_backward(*args, lo, hi, flag))
+    _rows(rows, C, SPLIT_RMS_NORM, lambda lo, hi: lib.rms_norm_backward(*args, lo, hi, flag))
     return out
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RMSNorm over the last dim: (y, rstd), or None when the kernel does not apply.
+
+    Args:
+        x: (..., C) float32 or bfloat16 on the CPU.
+        gain: float32 (C,), the (1 + w) of Gemma's norms.
+        eps: added to the mean square.
+
+    Returns:
+        y in x's dtype and rstd = 1 / sqrt(mean(x^2) + eps), float32 of shape (..., 1):
+        `aten._fused_rms_norm(x.float(), [C], gain, eps)` with y cast to x's dtype, in one
+        pass. The same bits as torch 2.13's AVX-512 build (the squares are added in its
+        order); elsewhere rstd may differ from torch's in the last bit.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or x.dim() == 0
+        or x.shape[-1] == 0
+        or gain.dtype != torch.float32
+        or gain.shape != x.shape[-1:]
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    C = x.shape[-1]
+    x, gain = x.contiguous(), gain.contiguous()
+    y = torch.empty_like(x)
+    rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+    args = (x.data_ptr(), gain.data_ptr(), y.data_ptr(), rstd.data_ptr(), C, float(eps))
+    flag = int(x.dtype == torch.bfloat16)
+    _rows(x.numel() // C, C, SPLIT_RMS_NORM, lambda lo, hi: lib.rms_norm_forward(*args, lo, hi, flag))
+    return y, rstd
+
+
+def _geglu_applies(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.bfloat16)
+        and all(
+            t.device == first.device and t.dtype == first.dtype and t.shape == first.shape for t in tensors
+        )
+    )
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """F.gelu(gate, approximate="tanh") * up in one pass, or None when the kernel does not apply.
+
+    gate and up: the same shape, both float32 or both bfloat16, on the CPU. The result is
+    torch's (for bfloat16 with its rounding of gelu(gate) to bfloat16 before the product) up
+    to rare last-bit differences of tanh.
+    """
+    if not _geglu_applies(gate, up):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    args = (gate.data_ptr(), up.data_ptr(), out.data_ptr())
+    flag = int(gate.dtype == torch.bfloat16)
+    _elements(gate.numel(), SPLIT_GEGLU, lambda lo, hi: lib.geglu_forward(*args, lo, hi, flag))
+    return out
+
+
+def geglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gradients (grad_gate, grad_up) of F.gelu(gate, approximate="tanh") * up, as torch's
+    autograd computes them (gelu_backward of grad * up; grad * gelu(gate)), in one pass.
+
+    All three the same shape and dtype (float32 or bfloat16), on the CPU; None otherwise.
+    """
+    if not _geglu_applies(grad, gate, up):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    args = (grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr())
+    flag = int(gate.dtype == torch.bfloat16)
+    _elements(gate.numel(), SPLIT_GEGLU, lambda lo, hi: lib.geglu_backward(*args, lo, hi, flag))
+    return grad_gate, grad_up

@@ -7,7 +7,11 @@
  * for Gemma 3 270M's 262144 x 640 matrix and needs bfloat16 activations).
  * dropout: LoRA's input dropout with a mask rebuilt from a seed (gemmakit/lora.py).
  * softmax_xent_bf16: the cross-entropy gradient of a chunk of bfloat16 logits, in place.
- * rms_norm_backward: RMSNorm's input gradient, for training.
+ * rms_norm_forward, rms_norm_backward: RMSNorm and its input gradient, for training.
+ * geglu_forward, geglu_backward: the MLP's gelu_tanh(gate) * up and its gradients, for
+ * training.
+ * The training kernels take float32 or bfloat16 and give torch's results (the same bits
+ * where noted); their vector paths need AVX-512 (F, BW, DQ, VL), else scalar loops run.
  *
  * Why a C decode step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a
  * 2-core CPU their dispatch costs more than the arithmetic. Here the whole step
@@ -100,6 +104,69 @@ static inline __m512 load_bf16(const uint16_t *p) {
 }
 #endif
 
+/* The training kernels' vector paths (dropout, RMSNorm, GeGLU) also use AVX-512 BW and VL
+ * (masked 16-bit loads for row tails) and DQ (64-bit multiplies for the dropout hash), which
+ * every AVX-512 CPU since Skylake-SP has; elsewhere they run their scalar loops. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define AVX512_TRAIN 1
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* lanes [0, n) of a 16-lane mask, n clamped to [0, 16]: the tail of a row in one masked step */
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* f32_to_bf16's integer round-to-nearest-even on 16 lanes, bit for bit, left in the top
+ * halves of the lanes. Where the CPU has AVX512-BF16, its conversions (vcvtneps2bf16) round
+ * the same way (to nearest even) and are used instead: the same bits for every non-NaN value,
+ * and a NaN stays a NaN (f32_to_bf16 can carry some NaN payloads into -0 or infinity). */
+static inline __m512i bf16_rne_bits(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+}
+
+/* v rounded to bfloat16 and widened back: torch's bfloat16 intermediates inside float32 maths */
+static inline __m512 round_bf16(__m512 v) {
+#ifdef __AVX512BF16__
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+#else
+    return _mm512_castsi512_ps(_mm512_and_si512(bf16_rne_bits(v), _mm512_set1_epi32((int)0xFFFF0000u)));
+#endif
+}
+
+/* a then b, 32 floats, rounded to bfloat16 at p */
+static inline void store32_bf16(uint16_t *p, __m512 a, __m512 b) {
+#ifdef __AVX512BF16__
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+#else
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bf16_rne_bits(a), odd_words, bf16_rne_bits(b)));
+#endif
+}
+
+/* 16 float32 or (bf16) bfloat16 values from element i of p, lanes outside m read as 0 */
+ALWAYS_INLINE __m512 load16(const void *p, int64_t i, const int bf16, __mmask16 m) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+/* stores the lanes m of v at element i of p, as float32 or (bf16) rounded as f32_to_bf16 */
+ALWAYS_INLINE void store16(void *p, int64_t i, __m512 v, const int bf16, __mmask16 m) {
+    if (bf16)
+#ifdef __AVX512BF16__
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rne_bits(v), 16)));
+#endif
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+#endif
+
 /* x . w over K values, w of type T; LOAD16 reads 16 of them as floats, TO_F32 one. Four
  * accumulators hide the FMA latency. */
 #ifdef __AVX512F__
@@ -174,20 +241,75 @@ static inline uint32_t mask_bits(uint64_t seed, int64_t i) {
     return (i & 1) ? (uint32_t)(h >> 32) : (uint32_t)h;
 }
 
-/* out = x * keep * scale over [start, stop); x and out float32 or (bf16 != 0) bfloat16 and
- * may be the same buffer */
-void dropout(const void *x, void *out, int64_t start, int64_t stop, uint64_t seed, uint32_t threshold,
-             float scale, int64_t bf16) {
+#ifdef AVX512_TRAIN
+/* mix64 on 8 lanes */
+static inline __m512i mix64x8(__m512i z) {
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64((int64_t)0xBF58476D1CE4E5B9ULL));
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64((int64_t)0x94D049BB133111EBULL));
+    return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+}
+
+/* dropout's vector loop over whole 16-element blocks from an even i; returns where it stopped.
+ * 8 64-bit hashes of pairs i/2 .. i/2+7 seen as 16 32-bit lanes are mask_bits(seed, i .. i+15)
+ * in order (little-endian: lane 2k is pair k's low half, lane 2k+1 its high half). */
+ALWAYS_INLINE int64_t dropout16(const void *x, void *out, int64_t i, int64_t stop, uint64_t seed, uint32_t threshold,
+                                float scale, const int bf16) {
+    const uint64_t golden = 0x9E3779B97F4A7C15ULL;
+    __m512i z = _mm512_add_epi64(_mm512_set1_epi64((int64_t)(seed + (uint64_t)(i >> 1) * golden)),
+                                 _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi64((int64_t)golden)));
+    const __m512i step = _mm512_set1_epi64((int64_t)(8 * golden));
+    const __m512i thr = _mm512_set1_epi32((int)threshold);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    if (bf16) /* 32 at a time: one 64-byte store */
+        for (; i + 32 <= stop; i += 32) {
+            const __mmask16 keep0 = _mm512_cmpge_epu32_mask(mix64x8(z), thr);
+            z = _mm512_add_epi64(z, step);
+            const __mmask16 keep1 = _mm512_cmpge_epu32_mask(mix64x8(z), thr);
+            z = _mm512_add_epi64(z, step);
+            store32_bf16((uint16_t *)out + i, _mm512_maskz_mul_ps(keep0, load16(x, i, 1, 0xFFFF), vscale),
+                         _mm512_maskz_mul_ps(keep1, load16(x, i + 16, 1, 0xFFFF), vscale));
+        }
+    for (; i + 16 <= stop; i += 16) {
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(mix64x8(z), thr);
+        z = _mm512_add_epi64(z, step);
+        /* dropped lanes are +0, as the scalar loop's 0 */
+        store16(out, i, _mm512_maskz_mul_ps(keep, load16(x, i, bf16, 0xFFFF), vscale), bf16, 0xFFFF);
+    }
+    return i;
+}
+#endif
+
+static void dropout_scalar(const void *x, void *out, int64_t i, int64_t stop, uint64_t seed, uint32_t threshold,
+                           float scale, int64_t bf16) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)x;
         uint16_t *dst = (uint16_t *)out;
-        for (int64_t i = start; i < stop; i++)
+        for (; i < stop; i++)
             dst[i] = mask_bits(seed, i) >= threshold ? f32_to_bf16(bf16_to_f32(src[i]) * scale) : 0;
     } else {
         const float *src = (const float *)x;
         float *dst = (float *)out;
-        for (int64_t i = start; i < stop; i++) dst[i] = mask_bits(seed, i) >= threshold ? src[i] * scale : 0.0f;
+        for (; i < stop; i++) dst[i] = mask_bits(seed, i) >= threshold ? src[i] * scale : 0.0f;
     }
+}
+
+/* out = x * keep * scale over [start, stop); x and out float32 or (bf16 != 0) bfloat16 and
+ * may be the same buffer. The vector loop gives the scalar loop's bits (the same hash, one
+ * float32 product, rounding to nearest even; only a NaN's payload may differ, see
+ * bf16_rne_bits), so neither the mask nor the values depend on how [start, stop) is split. */
+void dropout(const void *x, void *out, int64_t start, int64_t stop, uint64_t seed, uint32_t threshold,
+             float scale, int64_t bf16) {
+    int64_t i = start;
+#ifdef AVX512_TRAIN
+    const int64_t from = start + (start & 1); /* the blocks start on a pair */
+    if (from + 16 <= stop) {
+        dropout_scalar(x, out, start, from, seed, threshold, scale, bf16);
+        i = bf16 ? dropout16(x, out, from, stop, seed, threshold, scale, 1)
+                 : dropout16(x, out, from, stop, seed, threshold, scale, 0);
+    }
+#endif
+    dropout_scalar(x, out, i, stop, seed, threshold, scale, bf16);
 }
 
 static void rows_of(int64_t n, int tid, int nthreads, int64_t *lo, int64_t *hi) {
@@ -256,6 +378,162 @@ static __m512 exp16(__m512 x) {
 }
 #endif
 
+/* element i of a float32 or (bf16) bfloat16 array, as float */
+static inline float get_f(const void *p, int64_t i, int64_t bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void put_f(void *p, int64_t i, float v, int64_t bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+#ifdef AVX512_TRAIN
+/* keeps the compiler from fusing v, a product, into the addition it feeds (GCC's default
+ * -ffp-contract=fast would) where torch rounds the product first */
+#define ROUNDED(v) __asm__("" : "+v"(v))
+
+/* x[o + 8 j .. o + 8 j + 7]^2, each square rounded as torch's x.pow(2) */
+ALWAYS_INLINE __m256 squares8(const void *x, int64_t o, int64_t j, const int bf16) {
+    const __m256 v = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + o + 8 * j))), 16))
+                          : _mm256_loadu_ps((const float *)x + o + 8 * j);
+    __m256 sq = _mm256_mul_ps(v, v);
+    ROUNDED(sq);
+    return sq;
+}
+
+/* element k of x squared, rounded */
+ALWAYS_INLINE float square1(const void *x, int64_t k, const int bf16) {
+    const float v = get_f(x, k, bf16);
+    float sq = v * v;
+    ROUNDED(sq);
+    return sq;
+}
+
+/* sum of x[o .. o + C)^2 in the order torch's CPU sum adds a contiguous float32 row
+ * (aten/src/ATen/native/cpu/SumKernel.cpp: vectorized_inner_sum, row_sum, multi_row_sum),
+ * so that rstd, and with it y, are torch's to the bit: vectors of 8 (what torch 2.13's
+ * AVX-512 build adds with, checked bit for bit), vector 4i + k into accumulator k, in chunks
+ * of 16 summed level by level, the leftover vectors into accumulator 0, the four added in
+ * order, then the leftover elements one by one and the 8 lanes in order. Rows under 8
+ * elements take torch's scalar row_sum. */
+ALWAYS_INLINE float sum_squares_torch(const void *x, int64_t o, int64_t C, const int bf16) {
+    const int64_t V = C / 8;
+    if (V == 0) {
+        float acc[4] = {0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 4 <= C; i += 4)
+            for (int k = 0; k < 4; k++) acc[k] += square1(x, o + i + k, bf16);
+        for (; i < C; i++) acc[0] += square1(x, o + i, bf16);
+        return ((acc[0] + acc[1]) + acc[2]) + acc[3];
+    }
+    const int64_t n = V / 4; /* groups of 4 vectors */
+    int64_t ceil_log2 = 0;
+    while (((int64_t)1 << ceil_log2) < n) ceil_log2++;
+    const int64_t power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4, step = (int64_t)1 << power, mask = step - 1;
+    __m256 acc[4][4];
+    for (int l = 0; l < 4; l++)
+        for (int k = 0; k < 4; k++) acc[l][k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    while (i + step <= n) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], squares8(x, o, 4 * i + k, bf16));
+        for (int l = 1; l < 4; l++) {
+            for (int k = 0; k < 4; k++) {
+                acc[l][k] = _mm256_add_ps(acc[l][k], acc[l - 1][k]);
+                acc[l - 1][k] = _mm256_setzero_ps();
+            }
+            if (i & (mask << (l * power))) break;
+        }
+    }
+    for (; i < n; i++)
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], squares8(x, o, 4 * i + k, bf16));
+    for (int l = 1; l < 4; l++)
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[l][k]);
+    for (int64_t j = 4 * n; j < V; j++) acc[0][0] = _mm256_add_ps(acc[0][0], squares8(x, o, j, bf16));
+    const __m256 total = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0][0], acc[0][1]), acc[0][2]), acc[0][3]);
+    float sum = 0.f, lanes[8];
+    for (int64_t k = 8 * V; k < C; k++) sum += square1(x, o + k, bf16);
+    _mm256_storeu_ps(lanes, total);
+    for (int k = 0; k < 8; k++) sum += lanes[k];
+    return sum;
+}
+
+ALWAYS_INLINE void rms_norm_forward16(const void *x, const float *gain, void *y, float *rstd, int64_t C, float eps,
+                                      int64_t lo, int64_t hi, const int bf16) {
+    for (int64_t r = lo; r < hi; r++) {
+        const int64_t o = r * C;
+        const float rs = 1.f / sqrtf(sum_squares_torch(x, o, C, bf16) / (float)C + eps);
+        rstd[r] = rs;
+        const __m512 vrs = _mm512_set1_ps(rs);
+        for (int64_t i = 0; i < C; i += 16) {
+            const __mmask16 m = first_lanes(C - i);
+            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(x, o + i, bf16, m), vrs), _mm512_maskz_loadu_ps(m, gain + i));
+            store16(y, o + i, v, bf16, m);
+        }
+    }
+}
+
+ALWAYS_INLINE void rms_norm_backward16(const void *g, const void *x, const float *rstd, const float *gain, void *dx,
+                                       int64_t C, int64_t lo, int64_t hi, const int bf16) {
+    for (int64_t r = lo; r < hi; r++) {
+        const int64_t o = r * C;
+        const __m512 rs = _mm512_set1_ps(rstd[r]);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < C; i += 32) {
+            const __mmask16 m0 = first_lanes(C - i), m1 = first_lanes(C - i - 16);
+            const __m512 gy0 = _mm512_mul_ps(load16(g, o + i, bf16, m0), _mm512_maskz_loadu_ps(m0, gain + i));
+            const __m512 gy1 = _mm512_mul_ps(load16(g, o + i + 16, bf16, m1), _mm512_maskz_loadu_ps(m1, gain + i + 16));
+            a0 = _mm512_fmadd_ps(gy0, _mm512_mul_ps(load16(x, o + i, bf16, m0), rs), a0);
+            a1 = _mm512_fmadd_ps(gy1, _mm512_mul_ps(load16(x, o + i + 16, bf16, m1), rs), a1);
+        }
+        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / (float)C);
+        /* the row is still in L1: reading it again is cheaper than keeping gy and xhat */
+        for (int64_t i = 0; i < C; i += 16) {
+            const __mmask16 m = first_lanes(C - i);
+            const __m512 gy = _mm512_mul_ps(load16(g, o + i, bf16, m), _mm512_maskz_loadu_ps(m, gain + i));
+            const __m512 xh = _mm512_mul_ps(load16(x, o + i, bf16, m), rs);
+            store16(dx, o + i, _mm512_mul_ps(rs, _mm512_fnmadd_ps(xh, mean, gy)), bf16, m);
+        }
+    }
+}
+#endif
+
+/* RMSNorm over rows [lo, hi) of C values, for training (gemmakit/model.py): rstd[r] =
+ * 1 / sqrt(mean(x^2) + eps) and y = (x * rstd) * gain, in float32 and rounded once to x's
+ * dtype (float32 or, bf16 != 0, bfloat16), as torch's aten::_fused_rms_norm of x.float()
+ * (on the CPU: x.pow(2).mean(-1) + eps, rsqrt, two products) followed by .to(dtype); gain is
+ * the float32 (1 + w). The vector path adds the squares in torch's order and gives its bits;
+ * the scalar loop's order differs (a float32 rounding of rstd). One pass instead of torch's
+ * upcast copy, ~5 ops and downcast. */
+void rms_norm_forward(const void *x, const float *gain, void *y, float *rstd, int64_t C, double eps, int64_t lo,
+                      int64_t hi, int64_t bf16) {
+    /* torch adds eps to the float32 mean as a float32 */
+    const float e = (float)eps;
+#ifdef AVX512_TRAIN
+    if (bf16)
+        rms_norm_forward16(x, gain, y, rstd, C, e, lo, hi, 1);
+    else
+        rms_norm_forward16(x, gain, y, rstd, C, e, lo, hi, 0);
+#else
+    for (int64_t r = lo; r < hi; r++) {
+        float part[16] = {0};
+        for (int64_t i = 0; i < C; i++) {
+            const float xi = get_f(x, r * C + i, bf16);
+            part[i & 15] += xi * xi;
+        }
+        float ss = 0.f;
+        for (int k = 0; k < 16; k++) ss += part[k];
+        const float rs = 1.f / sqrtf(ss / (float)C + e);
+        rstd[r] = rs;
+        for (int64_t i = 0; i < C; i++) put_f(y, r * C + i, (get_f(x, r * C + i, bf16) * rs) * gain[i], bf16);
+    }
+#endif
+}
+
 /* RMSNorm's input gradient over rows [lo, hi) of C values, for training (gemmakit/model.py):
  * with xhat = x * rstd and gy = g * gain, dx = rstd * (gy - xhat * mean(gy * xhat)), in
  * float32; g, x and dx are float32 or (bf16 != 0) bfloat16, rstd one float32 per row, gain
@@ -263,34 +541,26 @@ static __m512 exp16(__m512 x) {
  * CUDA-only), and its autograd of F.rms_norm takes ~12 element-wise ops. */
 void rms_norm_backward(const void *g, const void *x, const float *rstd, const float *gain, void *dx, int64_t C,
                        int64_t lo, int64_t hi, int64_t bf16) {
-    float gy[C > 0 ? C : 1], xh[C > 0 ? C : 1];
+#ifdef AVX512_TRAIN
+    if (bf16)
+        rms_norm_backward16(g, x, rstd, gain, dx, C, lo, hi, 1);
+    else
+        rms_norm_backward16(g, x, rstd, gain, dx, C, lo, hi, 0);
+#else
     for (int64_t r = lo; r < hi; r++) {
         const float rs = rstd[r];
         float part[16] = {0};
-        for (int64_t i = 0; i < C; i++) {
-            float gi, xi;
-            if (bf16) {
-                gi = bf16_to_f32(((const uint16_t *)g)[r * C + i]);
-                xi = bf16_to_f32(((const uint16_t *)x)[r * C + i]);
-            } else {
-                gi = ((const float *)g)[r * C + i];
-                xi = ((const float *)x)[r * C + i];
-            }
-            gy[i] = gi * gain[i];
-            xh[i] = xi * rs;
-            part[i & 15] += gy[i] * xh[i];
-        }
+        for (int64_t i = 0; i < C; i++)
+            part[i & 15] += (get_f(g, r * C + i, bf16) * gain[i]) * (get_f(x, r * C + i, bf16) * rs);
         float dot = 0.f;
         for (int k = 0; k < 16; k++) dot += part[k];
         const float mean = dot / (float)C;
         for (int64_t i = 0; i < C; i++) {
-            const float d = rs * (gy[i] - xh[i] * mean);
-            if (bf16)
-                ((uint16_t *)dx)[r * C + i] = f32_to_bf16(d);
-            else
-                ((float *)dx)[r * C + i] = d;
+            const float gy = get_f(g, r * C + i, bf16) * gain[i], xh = get_f(x, r * C + i, bf16) * rs;
+            put_f(dx, r * C + i, rs * (gy - xh * mean), bf16);
         }
     }
+#endif
 }
 
 /* Softmax cross-entropy gradient over rows [lo, hi) of bfloat16 logits z (rows of V), in
@@ -338,6 +608,142 @@ void softmax_xent_bf16(uint16_t *z, const int64_t *targets, float *lse, int64_t 
         for (; i < V; i++) row[i] = f32_to_bf16(expf(bf16_to_f32(row[i]) - l));
         row[y] = f32_to_bf16(target_p - 1.0f);
     }
+}
+
+/* GeGLU for training (the MLP's gelu_tanh(gate) * up, gemmakit/model.py), forward and
+ * backward, as torch computes F.gelu(gate, approximate="tanh") * up and its autograd:
+ * aten/src/ATen/native/cpu/Activation.cpp (GeluKernelImpl, GeluBackwardKernelImpl, tanh
+ * branches) operation for operation in float32, with torch's bfloat16 roundings between the
+ * ops when the tensors are bfloat16 (gelu(gate) and grad * up are bfloat16 tensors there).
+ * Where torch's build fuses a multiply into an add (checked bit for bit against torch 2.13:
+ * x + kKappa x^3, 1 - tanh^2, 1 + 3 kKappa x^2) so do these; where it does not, neither do
+ * they. One pass each instead of torch's gelu, multiply and (backward) gelu_backward and two
+ * multiplies, with their bfloat16 tensors in between. */
+#define GELU_BETA 0.7978845608028654f /* sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi) */
+#define GELU_KAPPA 0.044715f
+
+/* tanh(u) as torch's CPU kernels get it from SLEEF's tanhf (u10): correctly rounded up to
+ * rare last-bit differences, and exactly +-1 for |u| > 8.664339742 (SLEEF
+ * src/libm/sleefsimdsp.c, xtanhf). With q = 1 - |tanh u| = 2 / (e^(2|u|) + 1), the float32
+ * subtraction 1 - q rounds onto tanh's float32 grid near 1 itself; q's own error (a few of
+ * its ulps) is far below that grid's step when q is small, which is where torch's 1 + tanh
+ * and 1 - tanh^2 cancel, so those keep torch's values there, cancellation included (e.g.
+ * gelu(-5.1) is -0 in torch and here). */
+static inline float tanh_sleef(float u) {
+    const float a = fabsf(u);
+    const float t = a > 8.664339742f ? 1.f : 1.f - 2.f / (expf(a + a) + 1.f);
+    return copysignf(t, u);
+}
+
+#ifdef AVX512_TRAIN
+/* e^x for 16 floats in [0, 88]: exp16 with the degree-7 Taylor term too (truncation r^8/8!
+ * < 5.3e-9 relative, a twentieth of an ulp, where exp16's r^7/7! is about one), for tanh,
+ * whose last bit depends on it */
+static inline __m512 exp16_pos(__m512 x) {
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 tanh_sleef16(__m512 u) {
+    const __m512 a = _mm512_abs_ps(u), one = _mm512_set1_ps(1.f);
+    __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16_pos(_mm512_add_ps(a, a)), one)));
+    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(a, _mm512_set1_ps(8.664339742f), _CMP_GT_OQ), one);
+    /* t | sign(u), t being >= 0 */
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(t), _mm512_castps_si512(u),
+                                                         _mm512_set1_epi32((int)0x80000000u), 0xF8));
+}
+
+ALWAYS_INLINE void geglu_forward16(const void *gate, const void *up, void *out, int64_t i, int64_t stop,
+                                   const int bf16) {
+    const __m512 beta = _mm512_set1_ps(GELU_BETA), kappa = _mm512_set1_ps(GELU_KAPPA);
+    const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+    for (; i < stop; i += 16) {
+        const __mmask16 m = first_lanes(stop - i);
+        const __m512 x = load16(gate, i, bf16, m);
+        const __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, _mm512_mul_ps(_mm512_mul_ps(x, x), x), x));
+        __m512 gl = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh_sleef16(inner)));
+        if (bf16) gl = round_bf16(gl);
+        store16(out, i, _mm512_mul_ps(gl, load16(up, i, bf16, m)), bf16, m);
+    }
+}
+
+ALWAYS_INLINE void geglu_backward16(const void *grad, const void *gate, const void *up, void *grad_gate,
+                                    void *grad_up, int64_t i, int64_t stop, const int bf16) {
+    const __m512 beta = _mm512_set1_ps(GELU_BETA), kappa = _mm512_set1_ps(GELU_KAPPA);
+    const __m512 kappa3 = _mm512_set1_ps(3.f * GELU_KAPPA); /* torch's kThree * kKappa, rounded */
+    const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+    for (; i < stop; i += 16) {
+        const __mmask16 m = first_lanes(stop - i);
+        const __m512 dy = load16(grad, i, bf16, m), x = load16(gate, i, bf16, m), u = load16(up, i, bf16, m);
+        const __m512 x_sq = _mm512_mul_ps(x, x);
+        const __m512 t = tanh_sleef16(_mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, _mm512_mul_ps(x_sq, x), x)));
+        const __m512 left = _mm512_mul_ps(half, x), right = _mm512_add_ps(one, t);
+        __m512 gl = _mm512_mul_ps(left, right), dgl = _mm512_mul_ps(dy, u);
+        if (bf16) gl = round_bf16(gl), dgl = round_bf16(dgl);
+        store16(grad_up, i, _mm512_mul_ps(dy, gl), bf16, m);
+        const __m512 tanh_derivative = _mm512_fnmadd_ps(t, t, one);
+        const __m512 inner_derivative = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa3, x_sq, one));
+        __m512 right_derivative = _mm512_mul_ps(_mm512_mul_ps(left, tanh_derivative), inner_derivative);
+        ROUNDED(right_derivative);
+        store16(grad_gate, i, _mm512_mul_ps(dgl, _mm512_add_ps(_mm512_mul_ps(half, right), right_derivative)), bf16, m);
+    }
+}
+#endif
+
+/* out = gelu_tanh(gate) * up over elements [start, stop); float32 or (bf16 != 0) bfloat16, for
+ * bfloat16 out = bf16(bf16(gelu(gate)) * up) as torch's two ops */
+void geglu_forward(const void *gate, const void *up, void *out, int64_t start, int64_t stop, int64_t bf16) {
+#ifdef AVX512_TRAIN
+    if (bf16)
+        geglu_forward16(gate, up, out, start, stop, 1);
+    else
+        geglu_forward16(gate, up, out, start, stop, 0);
+#else
+    for (int64_t i = start; i < stop; i++) {
+        const float x = get_f(gate, i, bf16);
+        float gl = (0.5f * x) * (1.f + tanh_sleef(GELU_BETA * fmaf(GELU_KAPPA, (x * x) * x, x)));
+        if (bf16) gl = bf16_to_f32(f32_to_bf16(gl));
+        put_f(out, i, gl * get_f(up, i, bf16), bf16);
+    }
+#endif
+}
+
+/* The gradients of out = gelu_tanh(gate) * up over elements [start, stop): grad_up = grad *
+ * gelu(gate) and grad_gate = gelu'(gate) * (grad * up), with gelu(gate) and grad * up
+ * rounded to bfloat16 first when bf16 != 0, as in torch's autograd graph. */
+void geglu_backward(const void *grad, const void *gate, const void *up, void *grad_gate, void *grad_up,
+                    int64_t start, int64_t stop, int64_t bf16) {
+#ifdef AVX512_TRAIN
+    if (bf16)
+        geglu_backward16(grad, gate, up, grad_gate, grad_up, start, stop, 1);
+    else
+        geglu_backward16(grad, gate, up, grad_gate, grad_up, start, stop, 0);
+#else
+    for (int64_t i = start; i < stop; i++) {
+        const float dy = get_f(grad, i, bf16), x = get_f(gate, i, bf16), u = get_f(up, i, bf16);
+        const float x_sq = x * x;
+        const float t = tanh_sleef(GELU_BETA * fmaf(GELU_KAPPA, x_sq * x, x));
+        const float left = 0.5f * x, right = 1.f + t;
+        float gl = left * right, dgl = dy * u;
+        if (bf16) gl = bf16_to_f32(f32_to_bf16(gl)), dgl = bf16_to_f32(f32_to_bf16(dgl));
+        put_f(grad_up, i, dy * gl, bf16);
+        /* volatile: rounded before the sum, as in torch, not fused into it */
+        volatile float right_derivative = (left * fmaf(-t, t, 1.f)) * (GELU_BETA * fmaf(3.f * GELU_KAPPA, x_sq, 1.f));
+        put_f(grad_gate, i, dgl * (0.5f * right + right_derivative), bf16);
+    }
+#endif
 }
 
 /* act[i] = gelu_tanh(act[i]) * up[i]; tanh(u) = 1 - 2 / (e^(2u) + 1), 16 at a time */
