@@ -621,8 +621,9 @@ def _activation_bytes_per_token_layer(
     Checked against the tensors autograd saves on Gemma 3 270M (LoRA r=16, dropout 0.05,
     batch 2 x 128, float32 and bfloat16): within 0.2% per token and layer.
     `cpu_kernels`: gemmakit's LoRA trainer on the CPU, where a frozen norm keeps its input in
-    the compute dtype (its backward is one C pass), and an adapter keeps no dropped-out copy
-    or mask (the mask is rebuilt from a seed): the shared inputs and the rank-r output only.
+    the compute dtype (its backward is one C pass), GeGLU keeps gate and up only (its
+    backward recomputes the activation in C), and an adapter keeps no dropped-out copy or
+    mask (the mask is rebuilt from a seed): the shared inputs and the rank-r output only.
     """
     hidden, inter, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
     norm_bytes = 8 if full else (a if cpu_kernels else 4)
@@ -630,7 +631,7 @@ def _activation_bytes_per_token_layer(
     if arch.qk_norm:
         total += (q + kv) * norm_bytes
     total += a * (2 * q + 2 * kv)  # SDPA: q, k, v, output
-    total += a * 3 * inter  # MLP: gate, act(gate), up
+    total += a * (2 if cpu_kernels else 3) * inter  # MLP: gate, act(gate) (not in C), up
     linear_inputs = a * (hidden + q + hidden + inter)
     if full:
         total += linear_inputs

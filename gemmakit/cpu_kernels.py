@@ -12,9 +12,10 @@ cache, keyed by the source and the compiler, in about a second; with no compiler
 another OS, `library()` returns None and callers use torch's kernels.
 `GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
 
-Large calls are split over Python threads (ctypes releases the GIL during the call), as many
-as torch uses, without a second OpenMP runtime spinning beside torch's; small ones run on the
-calling thread (see SPLIT_DROPOUT).
+Large calls are split over torch's own OpenMP threads: the library is built with -fopenmp
+and binds to the libgomp torch has loaded (see the `_mt` functions at the end of the C file);
+small ones run on the calling thread (see SPLIT_DROPOUT). Where the compiler has no OpenMP
+the library is built without it and runs each call on the calling thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import torch
@@ -42,10 +42,13 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """csrc/cpu_kernels.c built into a shared library (once per source and compiler), or None."""
+    """csrc/cpu_kernels.c built into a shared library (once per source and compiler), or None.
+
+    With OpenMP where the compiler has it and the library then loads against torch's libgomp
+    (a newer compiler could ask for symbol versions torch's copy lacks), else without."""
     if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
         return None
-    return compile_library(FLAGS)
+    return compile_library(FLAGS + ("-fopenmp",)) or compile_library(FLAGS)
 
 
 def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
@@ -80,28 +83,35 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "gemv_int8": [ptr] * 4 + [i64] * 3,
-        "softmax_xent_bf16": [ptr] * 3 + [i64] * 3,
-        # x, gain, y, rstd, C, eps, lo, hi, bf16
-        "rms_norm_forward": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
-        # grad, x, rstd, gain, dx, C, lo, hi, bf16
-        "rms_norm_backward": [ptr] * 5 + [i64] * 4,
-        # x, out, start, stop, seed, threshold, scale, bf16
+        # Over [lo, hi) of rows or elements, on the calling thread:
+        "gemv_int8": [ptr] * 4 + [i64] * 3,  # x, w, s, y, lo, hi, K
+        # x, out, lo, hi, seed, threshold, scale, bf16
         "dropout": [ptr] * 2 + [i64] * 2 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64],
-        # gate, up, out, start, stop, bf16
-        "geglu_forward": [ptr] * 3 + [i64] * 3,
-        # grad, gate, up, grad_gate, grad_up, start, stop, bf16
-        "geglu_backward": [ptr] * 5 + [i64] * 3,
+        "rms_norm_forward": [ptr] * 4
+        + [i64, ctypes.c_double]
+        + [i64] * 3,  # x, gain, y, rstd, C, eps, lo, hi, bf16
+        "rms_norm_backward": [ptr] * 5 + [i64] * 4,  # grad, x, rstd, gain, dx, C, lo, hi, bf16
+        "geglu_forward": [ptr] * 3 + [i64] * 3,  # gate, up, out, lo, hi, bf16
+        "geglu_backward": [ptr] * 5 + [i64] * 3,  # grad, gate, up, grad_gate, grad_up, lo, hi, bf16
+        # The same kernels over [0, n) split over `threads` (the last argument): x, w, s, y, n, K
+        "gemv_int8_mt": [ptr] * 4 + [i64] * 3,
+        # z, targets, lse, V, rows
+        "softmax_xent_bf16_mt": [ptr] * 3 + [i64] * 3,
+        # x, gain, y, rstd, C, eps, rows, bf16
+        "rms_norm_forward_mt": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
+        # grad, x, rstd, gain, dx, C, rows, bf16
+        "rms_norm_backward_mt": [ptr] * 5 + [i64] * 4,
+        # x, out, n, seed, threshold, scale, bf16
+        "dropout_mt": [ptr] * 2 + [i64] + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64, i64],
+        # gate, up, out, n, bf16
+        "geglu_forward_mt": [ptr] * 3 + [i64] * 3,
+        # grad, gate, up, grad_gate, grad_up, n, bf16
+        "geglu_backward_mt": [ptr] * 5 + [i64] * 3,
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
     return lib
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="gemmakit-gemv")
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
@@ -124,49 +134,23 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
         return None
     x, scale = x.contiguous(), scale.contiguous()
     out = torch.empty(N, dtype=torch.float32)
-    args = (x.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr())
-    _split(N, lambda lo, hi: lib.gemv_int8(*args, lo, hi, K))
+    lib.gemv_int8_mt(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, _threads(N, 0))
     return out
 
 
-def _split(n: int, run):
-    """run(lo, hi) over [0, n), split between torch's number of threads; the calling thread
-    runs the last part itself (one hand-off fewer)."""
-    threads = max(1, torch.get_num_threads())
-    if threads == 1:
-        run(0, n)
-        return
-    bounds = [n * i // threads for i in range(threads + 1)]
-    jobs = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
-    run(bounds[-2], bounds[-1])
-    for job in jobs:
-        job.result()
+# Element counts from which a kernel is split over torch's threads (below, one thread runs
+# it): where handing the work over costs more than the second thread saves. Measured on a
+# 2-core VM right after a torch matmul (its OpenMP workers spinning), one thread against
+# two, bfloat16, ms: dropout 0.126 / 0.068 at 128k elements; RMSNorm backward 0.151 / 0.129
+# at 512 x 256, 0.067 / 0.099 at 64 x 256; GeGLU backward 0.141 / 0.110 at 32k.
+SPLIT_DROPOUT = 1 << 17
+SPLIT_RMS_NORM = 1 << 17
+SPLIT_GEGLU = 1 << 15
 
 
-# Element counts from which a kernel is split over the threads: handing work to a pool
-# thread costs ~50 us here (waking it on an idle vCPU of a 2-core VM), so only work that
-# takes one thread more than ~0.15 ms is split. Single-thread times per million elements:
-# dropout 0.15 ms, RMSNorm 0.2 (forward) to 0.3 ms (backward), GeGLU 0.75 to 1 ms.
-SPLIT_DROPOUT = 1 << 21
-SPLIT_RMS_NORM = 1 << 20
-SPLIT_GEGLU = 1 << 18
-
-
-def _elements(n: int, min_split: int, run):
-    """run(lo, hi) over [0, n) elements: in this thread below min_split, else split."""
-    if n < min_split:
-        run(0, n)
-    else:
-        _split(n, run)
-
-
-def _rows(rows: int, C: int, min_split: int, run):
-    """run(lo, hi) over [0, rows) rows of C elements: in this thread below min_split
-    elements, else split."""
-    if rows * C < min_split:
-        run(0, rows)
-    else:
-        _split(rows, run)
+def _threads(n: int, min_split: int) -> int:
+    """Threads for a call over n elements: torch's number from min_split on, else 1."""
+    return 1 if n < min_split else max(1, torch.get_num_threads())
 
 
 def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -184,9 +168,18 @@ def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = Non
         return None
     out = torch.empty_like(x) if out is None else out
     threshold = min(round(p * 2**32), 2**32 - 1)
-    args = (x.data_ptr(), out.data_ptr())
-    tail = (seed & (2**64 - 1), threshold, 1.0 / (1.0 - p), int(x.dtype == torch.bfloat16))
-    _elements(x.numel(), SPLIT_DROPOUT, lambda lo, hi: lib.dropout(*args, lo, hi, *tail))
+    n, bf16 = x.numel(), int(x.dtype == torch.bfloat16)
+    scale = 1.0 / (1.0 - p)
+    lib.dropout_mt(
+        x.data_ptr(),
+        out.data_ptr(),
+        n,
+        seed & (2**64 - 1),
+        threshold,
+        scale,
+        bf16,
+        _threads(n, SPLIT_DROPOUT),
+    )
     return out
 
 
@@ -209,8 +202,7 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor |
     n, vocab = logits.shape
     targets = targets.to(torch.int64).contiguous()
     lse = torch.empty(n, dtype=torch.float32)
-    args = (logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), vocab)
-    _split(n, lambda lo, hi: lib.softmax_xent_bf16(*args, lo, hi))
+    lib.softmax_xent_bf16_mt(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), vocab, n, _threads(n, 0))
     return lse
 
 
@@ -237,9 +229,8 @@ def rms_norm_backward(
     grad, x, rstd, gain = grad.contiguous(), x.contiguous(), rstd.contiguous(), gain.contiguous()
     out = torch.empty_like(x)
     rows = x.numel() // C
-    args = (grad.data_ptr(), x.data_ptr(), rstd.data_ptr(), gain.data_ptr(), out.data_ptr(), C)
-    flag = int(x.dtype == torch.bfloat16)
-    _rows(rows, C, SPLIT_RMS_NORM, lambda lo, hi: lib.rms_norm_backward(*args, lo, hi, flag))
+    args = (grad.data_ptr(), x.data_ptr(), rstd.data_ptr(), gain.data_ptr(), out.data_ptr(), C, rows)
+    lib.rms_norm_backward_mt(*args, int(x.dtype == torch.bfloat16), _threads(x.numel(), SPLIT_RMS_NORM))
     return out
 
 
@@ -273,9 +264,8 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Ten
     x, gain = x.contiguous(), gain.contiguous()
     y = torch.empty_like(x)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    args = (x.data_ptr(), gain.data_ptr(), y.data_ptr(), rstd.data_ptr(), C, float(eps))
-    flag = int(x.dtype == torch.bfloat16)
-    _rows(x.numel() // C, C, SPLIT_RMS_NORM, lambda lo, hi: lib.rms_norm_forward(*args, lo, hi, flag))
+    args = (x.data_ptr(), gain.data_ptr(), y.data_ptr(), rstd.data_ptr(), C, float(eps), x.numel() // C)
+    lib.rms_norm_forward_mt(*args, int(x.dtype == torch.bfloat16), _threads(x.numel(), SPLIT_RMS_NORM))
     return y, rstd
 
 
@@ -304,9 +294,8 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         return None
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    args = (gate.data_ptr(), up.data_ptr(), out.data_ptr())
-    flag = int(gate.dtype == torch.bfloat16)
-    _elements(gate.numel(), SPLIT_GEGLU, lambda lo, hi: lib.geglu_forward(*args, lo, hi, flag))
+    n, bf16 = gate.numel(), int(gate.dtype == torch.bfloat16)
+    lib.geglu_forward_mt(gate.data_ptr(), up.data_ptr(), out.data_ptr(), n, bf16, _threads(n, SPLIT_GEGLU))
     return out
 
 
@@ -326,6 +315,6 @@ def geglu_backward(
     grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     args = (grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr())
-    flag = int(gate.dtype == torch.bfloat16)
-    _elements(gate.numel(), SPLIT_GEGLU, lambda lo, hi: lib.geglu_backward(*args, lo, hi, flag))
+    n, bf16 = gate.numel(), int(gate.dtype == torch.bfloat16)
+    lib.geglu_backward_mt(*args, n, bf16, _threads(n, SPLIT_GEGLU))
     return grad_gate, grad_up

@@ -135,19 +135,23 @@ class LoRALinear(nn.Module, _KeepBaseNames):
         return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         a, b = self.lora_A.weight, self.lora_B.weight
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if (
+        fused = (
             x.device.type == "cpu"
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and out.dtype == x.dtype
             and (
                 p == 0.0 or (x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.library() is not None)
             )
-        ):
+        )
+        base = self.base
+        if fused and _plain_frozen_linear(base, x.dtype):
             seed = int(torch.randint(0, 2**62, ())) if p else 0  # from torch's generator: reproducible
+            return _LoRALinear.apply(x, base.weight, a, b, self.scaling, p, seed)
+        out = base(x)
+        if fused and out.dtype == x.dtype:
+            seed = int(torch.randint(0, 2**62, ())) if p else 0
             return _LoRAUpdate.apply(x, out, a, b, self.scaling, p, seed)
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
@@ -205,6 +209,60 @@ class _LoRAUpdate(torch.autograd.Function):
                 cpu_kernels.dropout(gx, ctx.p, ctx.seed, out=gx)
             grad_x = gx.view(ctx.x_shape)
         return grad_x, grad_out, grad_a, grad_b, None, None, None
+
+
+def _plain_frozen_linear(base: nn.Module, dtype: torch.dtype) -> bool:
+    """A bias-free nn.Linear with a frozen weight of the activation dtype: the base product
+    can join the adapter's function (_LoRALinear)."""
+    return (
+        type(base) is nn.Linear
+        and base.bias is None
+        and not base.weight.requires_grad
+        and base.weight.dtype == dtype
+    )
+
+
+class _LoRALinear(torch.autograd.Function):
+    """x W^T + scaling * dropout(x) A^T B^T with W frozen, for training on the CPU.
+
+    _LoRAUpdate with the base product inside: the update is added in place onto x W^T (one
+    addmm_ instead of a copy of the base output plus an addmm), and the backward adds the
+    adapter's input gradient onto g W in place, with no autograd nodes for the base's
+    matmul, views and sum. Saved: what _LoRAUpdate saves plus the (shared) frozen weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, scaling, p, seed):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        a_x, b_x = a.to(x.dtype), b.to(x.dtype)
+        xd = cpu_kernels.dropout(x2, p, seed) if p else x2
+        u = xd @ a_x.T  # (N, r)
+        out = torch.mm(x2, weight.T).addmm_(u, b_x.T, alpha=scaling)
+        ctx.save_for_backward(x2, weight, u, a_x, b_x)
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        ctx.weight_dtypes = (a.dtype, b.dtype)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, u, a_x, b_x = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gu = torch.mm(g, b_x).mul_(ctx.scaling)  # (N, r)
+        grad_b = grad_a = grad_x = None
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(g.T, u).mul_(ctx.scaling).to(ctx.weight_dtypes[1])
+        if ctx.needs_input_grad[2]:
+            xd = cpu_kernels.dropout(x2, ctx.p, ctx.seed) if ctx.p else x2
+            grad_a = torch.mm(gu.T, xd).to(ctx.weight_dtypes[0])
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight)
+            if ctx.p:
+                gx = torch.mm(gu, a_x)
+                grad_x += cpu_kernels.dropout(gx, ctx.p, ctx.seed, out=gx)
+            else:
+                grad_x.addmm_(gu, a_x)
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 class LoRAEmbedding(nn.Module, _KeepBaseNames):

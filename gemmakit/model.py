@@ -56,6 +56,13 @@ class RMSNorm(nn.Module):
             self._gain, self._gain_of = (1.0 + w.detach().float()), key
         return self._gain
 
+    def train(self, mode: bool = True):
+        # A fused optimizer step (torch.optim.AdamW(fused=True)) updates the weight without
+        # bumping its version, so the cache above would miss it: training loops switch to
+        # eval() to evaluate, which starts a fresh cache.
+        self._gain, self._gain_of = None, None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
         # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
@@ -72,15 +79,17 @@ class RMSNorm(nn.Module):
 
 
 class _RMSNormInputGrad(torch.autograd.Function):
-    """RMSNorm with a frozen gain: the same forward kernel, the backward in one C pass
-    (cpu_kernels.rms_norm_backward) instead of autograd's ~12 element-wise ops per norm
-    (a Gemma 3 270M LoRA step has 109 norms)."""
+    """RMSNorm with a frozen gain, forward and input gradient each one C pass
+    (cpu_kernels.rms_norm, cpu_kernels.rms_norm_backward): torch's CPU rms_norm is a
+    composite of ~6 ops over a float32 copy, and its autograd adds ~12 more (a Gemma 3 270M
+    LoRA step has 109 norms)."""
 
     @staticmethod
     def forward(ctx, x, gain, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], gain, eps)
+        x = x.contiguous()
+        y, rstd = cpu_kernels.rms_norm(x, gain, eps)
         ctx.save_for_backward(x, rstd, gain)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -105,9 +114,40 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Rotate-half ("NeoX") layout, which Gemma checkpoints and llama.cpp's gemma use.
+    if x.requires_grad and torch.is_grad_enabled():
+        return _RotateHalfRope.apply(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class _RotateHalfRope(torch.autograd.Function):
+    """apply_rope for training, bit-identical values and gradients in 4 ops each way.
+
+    Autograd of the plain form runs ~12 ops backward (two slice backwards each fill a zero
+    tensor). Here the sign moves onto sin: rotate_half(x) * sin == roll(x) * s with
+    s = (-sin[:D/2], sin[D/2:]) exactly (negation is exact), and the input gradient is
+    g * cos + roll(g * s), roll swapping the halves (its own inverse). The same roundings as
+    the plain form's: each product rounded, then their sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        s = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        out = x * cos
+        out += torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(s)
+        ctx.save_for_backward(cos, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, s = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        gs = grad * s
+        out = grad * cos
+        out += torch.cat((gs[..., half:], gs[..., :half]), dim=-1)
+        return out, None, None
 
 
 class Attention(nn.Module):
@@ -134,19 +174,35 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache: LayerCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        # Gemma 3 normalizes q and k before RoPE (gemma_pytorch model.py, GemmaAttention);
+        # over head_dim, so before the transpose, where each head's row is contiguous.
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(
+            1, 2
+        )  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(
+            1, 2
+        )  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # Gemma 3 normalizes q and k before RoPE (gemma_pytorch model.py, GemmaAttention).
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D)
         if self.softcap is None and T > SMALL_CHUNK:
             backends = sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext()
-            with backends:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-                )
+            G = self.num_heads // self.num_kv_heads
+            if G > 1 and q.requires_grad and q.device.type == "cpu":
+                # Training on the CPU: each KV head's G query heads stacked as one head of
+                # G*T rows (queries are independent rows; the mask repeats per head). torch's
+                # CPU GQA path is ~20% slower forward + backward (Gemma 3 270M, 4 x 128 tokens).
+                folded = F.scaled_dot_product_attention(
+                    q.reshape(B, self.num_kv_heads, G * T, self.head_dim), k, v,
+                    attn_mask=mask.repeat(1, 1, G, 1), scale=self.scale,
+                )  # fmt: skip
+                out = folded.view(B, self.num_heads, T, self.head_dim)
+            else:
+                with backends:
+                    out = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=G > 1
+                    )
         else:
             out = self._grouped_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
@@ -189,7 +245,33 @@ class MLP(nn.Module):
     def forward(self, x):
         # GeGLU with the tanh approximation, whatever Gemma 1's config says (transformers
         # GH#29402, GH#29995).
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if (
+            gate.requires_grad
+            and gate.device.type == "cpu"
+            and gate.dtype in (torch.float32, torch.bfloat16)
+            and up.dtype == gate.dtype
+            and cpu_kernels.library()
+        ):
+            return self.down_proj(_GeGLU.apply(gate, up))  # training on the CPU
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class _GeGLU(torch.autograd.Function):
+    """gelu_tanh(gate) * up with torch's roundings, forward and backward each one C pass
+    (cpu_kernels.geglu, cpu_kernels.geglu_backward) instead of 2 + 3 torch ops; keeps gate
+    and up only (autograd of the two ops also keeps gelu(gate))."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return cpu_kernels.geglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return cpu_kernels.geglu_backward(grad.contiguous(), gate, up)
 
 
 class Block(nn.Module):

@@ -553,9 +553,12 @@ def make_optimizer(params: list, cfg: TrainConfig, device: str):
         else:
             cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
             return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay), f"bitsandbytes {cls.__name__}"
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # torch's fused kernel: one op per step instead of ~10 per tensor (LoRA on Gemma 3 270M
+    # has 252 small tensors: 5 ms against 17 ms per step on the CPU); the same update.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     why = "" if cfg.optimizer == "adamw" else f" ({cfg.optimizer} needs CUDA and bitsandbytes)"
-    return opt, "torch.optim.AdamW" + why
+    return opt, "torch.optim.AdamW" + (" (fused)" if fused else "") + why
 
 
 def lr_lambda(step: int, cfg: TrainConfig) -> float:

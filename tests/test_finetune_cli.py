@@ -44,7 +44,7 @@ def test_finetune_then_merge_then_generate(tmp_path, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 4 and summary["last_eval_loss"] < summary["first_eval_loss"]
-    assert summary["optimizer"] == "torch.optim.AdamW"
+    assert summary["optimizer"] == "torch.optim.AdamW (fused)"
     recs = records(out)
     assert [r["step"] for r in recs if "eval_loss" in r] == [0, 2, 4]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]

@@ -207,16 +207,18 @@ def _plain_update(layer: lora.LoRALinear, x: torch.Tensor, keep: torch.Tensor | 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p):
-    """The training path (one autograd function, mask rebuilt from a seed in the backward)
-    gives the values and gradients of base(x) + s * B(A(x * mask)) for the mask it drew."""
+@pytest.mark.parametrize("frozen_base", [True, False])
+def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p, frozen_base):
+    """The training paths (one autograd function, mask rebuilt from a seed in the backward;
+    with a frozen plain base its product joins the function) give the values and gradients
+    of base(x) + s * B(A(x * mask)) for the mask they drew."""
     from gemmakit import cpu_kernels
 
     if p and cpu_kernels.library() is None:
         pytest.skip("no C compiler")
     torch.manual_seed(0)
     layer = lora.LoRALinear(torch.nn.Linear(48, 40, bias=False).to(dtype), r=4, alpha=8, dropout=p)
-    layer.base.weight.requires_grad_(False)
+    layer.base.weight.requires_grad_(not frozen_base)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.5)
     layer.train()
@@ -231,7 +233,7 @@ def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p):
         dropped = (keep == 0).float().mean()
         assert 0.2 < dropped < 0.4 and torch.all(keep[keep != 0] == torch.tensor(1 / (1 - p), dtype=dtype))
     g = torch.randn_like(got)
-    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    params = [x, layer.lora_A.weight, layer.lora_B.weight] + ([] if frozen_base else [layer.base.weight])
     got_grads = torch.autograd.grad(got, params, g)
     want = _plain_update(layer, x, keep)
     want_grads = torch.autograd.grad(want, params, g)
@@ -246,3 +248,40 @@ def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p):
     layer.eval()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _plain_update(layer, x, None), **tol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_gradients_match_peft(hf_folder, family):
+    """One LoRA training step's loss and every adapter gradient equal those of peft on the
+    transformers model: the CPU training path (fused LoRA linears, C norms and GeGLU, RoPE's
+    autograd function, folded GQA attention, the fused loss) changes nothing but speed."""
+    import peft
+
+    from gemmakit import training
+
+    folder, hf = hf_folder(family)
+    model = ours(folder)
+    lora.apply_lora(model, r=4, alpha=8, dropout=0.0)  # no random masks to match
+    perturb(model)
+    model.train()
+    labels = IDS.clone()
+    labels[:, :3] = -100  # loss on the rest only
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS, dtype=torch.bool), "labels": labels}
+    n = int((labels[:, 1:] != -100).sum())
+    loss = training.batch_loss_sum(model, batch) / n
+    loss.backward()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    named = dict(pm.named_parameters())
+    with torch.no_grad():  # the same adapter weights
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                named["base_model.model." + name.replace(".weight", ".default.weight")].copy_(p)
+    pm.train()
+    ref = pm(input_ids=IDS, labels=labels).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grads = [(p.grad, named["base_model.model." + name.replace(".weight", ".default.weight")].grad)
+             for name, p in model.named_parameters() if "lora_" in name]  # fmt: skip
+    assert len(grads) == 2 * 2 * 7 and all(g.abs().max() > 0 for g, _ in grads)  # 2 layers
+    for got, want in grads:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()) + 1e-9)

@@ -146,3 +146,25 @@ def test_frozen_norm_training_path_matches_autograd(dtype):
         else dict(rtol=1e-2, atol=1e-2 * float(want.abs().max()))
     )
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_training_function_is_bit_identical_to_the_plain_form(dtype):
+    """RoPE's training path (a custom autograd function with the sign moved onto sin) gives
+    exactly the values and input gradients of x * cos + rotate_half(x) * sin, also on the
+    transposed (non-contiguous) q the attention passes it."""
+    from gemmakit.model import apply_rope, rope_cos_sin, rope_inv_freq
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 7, 3, 16) * 3).to(dtype).transpose(1, 2).requires_grad_(True)  # (B, H, T, D)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15]])
+    cos, sin = rope_cos_sin(rope_inv_freq(16, 10_000.0, 1.0), positions, dtype)
+    got = apply_rope(x, cos, sin)
+    assert "Rope" in type(got.grad_fn).__name__
+    rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+    want = x * cos + rotated * sin
+    g = torch.randn_like(want)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    with torch.no_grad():
+        assert torch.equal(apply_rope(x, cos, sin), want)  # the plain path

@@ -219,7 +219,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert [r["step"] for r in records(tmp_path / "a") if "eval_loss" in r] == [0, 2, 4, 6]
     assert losses[-1] < losses[0]
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert saved["lr"] == 5e-3 and saved["effective"]["optimizer"] == "torch.optim.AdamW"
+    assert saved["lr"] == 5e-3 and saved["effective"]["optimizer"] == "torch.optim.AdamW (fused)"
     assert len(training.checkpoints(tmp_path / "a")) == 2  # keep_checkpoints
     assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
