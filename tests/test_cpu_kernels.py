@@ -192,6 +192,29 @@ def test_split_over_threads_matches_one_call(monkeypatch):
 
 
 @needs_kernel
+def test_split_entry_points_without_openmp(monkeypatch):
+    """Where the compiler has no OpenMP the library is built without it: its split entry
+    points then run the parts one after another, with the same results."""
+    plain = cpu_kernels.compile_library(cpu_kernels.FLAGS)  # no -fopenmp
+    assert plain is not None
+    x = torch.randn(37, 111, generator=torch.Generator().manual_seed(3)).bfloat16()
+    up, grad, gain = torch.randn_like(x), torch.randn_like(x), torch.rand(111) + 0.5
+    for name in ("SPLIT_DROPOUT", "SPLIT_RMS_NORM", "SPLIT_GEGLU"):
+        monkeypatch.setattr(cpu_kernels, name, 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three parts, whatever the machine
+
+    def run():
+        y, rstd = cpu_kernels.rms_norm(x, gain, 1e-6)
+        return (cpu_kernels.dropout(x, 0.3, seed=5), y, rstd, cpu_kernels.rms_norm_backward(grad, x, rstd, gain),
+                cpu_kernels.geglu(x, up), *cpu_kernels.geglu_backward(grad, x, up))  # fmt: skip
+
+    with_openmp = run()
+    monkeypatch.setattr(cpu_kernels, "library", lambda: plain)
+    for a, b in zip(with_openmp, run(), strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [640, 256, 37, 2560])  # hidden, head_dim, a tail, torch's chunked sum
 def test_rms_norm_matches_torch(dtype, C):
