@@ -148,11 +148,11 @@ class LoRALinear(nn.Module, _KeepBaseNames):
         base = self.base
         if fused and _plain_frozen_linear(base, x.dtype):
             seed = int(torch.randint(0, 2**62, ())) if p else 0  # from torch's generator: reproducible
-            return _LoRALinear.apply(x, base.weight, a, b, self.scaling, p, seed)
+            return _LoRAUpdate.apply(x, None, base.weight, a, b, self.scaling, p, seed)
         out = base(x)
         if fused and out.dtype == x.dtype:
             seed = int(torch.randint(0, 2**62, ())) if p else 0
-            return _LoRAUpdate.apply(x, out, a, b, self.scaling, p, seed)
+            return _LoRAUpdate.apply(x, out, None, a, b, self.scaling, p, seed)
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         delta = F.linear(F.linear(self.lora_dropout(x), a), b)
@@ -166,54 +166,9 @@ class LoRALinear(nn.Module, _KeepBaseNames):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
-class _LoRAUpdate(torch.autograd.Function):
-    """base_out + scaling * dropout(x) A^T B^T, for training on the CPU.
-
-    The same values as the module's plain path, in fewer passes over the activations: the
-    dropout mask comes from a seed (gemmakit/cpu_kernels.py `dropout`, 4-9x faster than
-    torch's bernoulli_, which drew 126 masks per step of Gemma 3 270M for 0.4-0.5 s), the
-    backward rebuilds it instead of keeping the dropped-out copy of x, and the scaling and
-    the sum ride in one addmm. Saved for the backward: x (shared by the adapters that read
-    it, as q/k/v do), the (N, r) projection and the adapter weights in x's dtype.
-    Gradients (with xd = dropout(x), u = xd A^T, s = scaling, g the output gradient):
-    dB = s g^T u, dA = s (g B)^T xd, dx = dropout(s (g B) A) (+ the base's own, via autograd).
-    """
-
-    @staticmethod
-    def forward(ctx, x, base_out, a, b, scaling, p, seed):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        a_x, b_x = a.to(x.dtype), b.to(x.dtype)
-        xd = cpu_kernels.dropout(x2, p, seed) if p else x2
-        u = xd @ a_x.T  # (N, r)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b_x.T, alpha=scaling)
-        ctx.save_for_backward(x2, u, a_x, b_x)
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
-        ctx.weight_dtypes = (a.dtype, b.dtype)
-        return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, u, a_x, b_x = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        gu = torch.mm(g, b_x).mul_(ctx.scaling)  # (N, r)
-        grad_b = (
-            torch.mm(g.T, u).mul_(ctx.scaling).to(ctx.weight_dtypes[1]) if ctx.needs_input_grad[3] else None
-        )
-        grad_a = grad_x = None
-        if ctx.needs_input_grad[2]:
-            xd = cpu_kernels.dropout(x2, ctx.p, ctx.seed) if ctx.p else x2
-            grad_a = torch.mm(gu.T, xd).to(ctx.weight_dtypes[0])
-        if ctx.needs_input_grad[0]:
-            gx = torch.mm(gu, a_x)
-            if ctx.p:
-                cpu_kernels.dropout(gx, ctx.p, ctx.seed, out=gx)
-            grad_x = gx.view(ctx.x_shape)
-        return grad_x, grad_out, grad_a, grad_b, None, None, None
-
-
 def _plain_frozen_linear(base: nn.Module, dtype: torch.dtype) -> bool:
     """A bias-free nn.Linear with a frozen weight of the activation dtype: the base product
-    can join the adapter's function (_LoRALinear)."""
+    can join the adapter's function."""
     return (
         type(base) is nn.Linear
         and base.bias is None
@@ -222,47 +177,63 @@ def _plain_frozen_linear(base: nn.Module, dtype: torch.dtype) -> bool:
     )
 
 
-class _LoRALinear(torch.autograd.Function):
-    """x W^T + scaling * dropout(x) A^T B^T with W frozen, for training on the CPU.
+class _LoRAUpdate(torch.autograd.Function):
+    """base + scaling * dropout(x) A^T B^T, for training on the CPU.
 
-    _LoRAUpdate with the base product inside: the update is added in place onto x W^T (one
-    addmm_ instead of a copy of the base output plus an addmm), and the backward adds the
-    adapter's input gradient onto g W in place, with no autograd nodes for the base's
-    matmul, views and sum. Saved: what _LoRAUpdate saves plus the (shared) frozen weight.
+    `base` is either the base layer's output (base_out, any differentiable base such as a
+    quantized one) or, for a frozen plain linear, its weight W, in which case the product
+    x W^T is made here and the update added onto it in place (one addmm_ instead of a copy
+    of the base output plus an addmm), and the backward adds the adapter's input gradient
+    onto g W, with no autograd nodes for the base's matmul, views and sum.
+    The same values as the module's plain path, in fewer passes over the activations: the
+    dropout mask comes from a seed (gemmakit/cpu_kernels.py `dropout`, 4-9x faster than
+    torch's bernoulli_, which drew 126 masks per step of Gemma 3 270M for 0.4-0.5 s), the
+    backward rebuilds it instead of keeping the dropped-out copy of x. Saved for the
+    backward: x (shared by the adapters that read it, as q/k/v do), the (N, r) projection,
+    the adapter weights in x's dtype and W (a parameter, no copy).
+    Gradients (with xd = dropout(x), u = xd A^T, s = scaling, g the output gradient):
+    dB = s g^T u, dA = s (g B)^T xd, dx = dropout(s (g B) A) (+ g W, or the base's own via
+    autograd).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, a, b, scaling, p, seed):
+    def forward(ctx, x, base_out, weight, a, b, scaling, p, seed):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         a_x, b_x = a.to(x.dtype), b.to(x.dtype)
         xd = cpu_kernels.dropout(x2, p, seed) if p else x2
         u = xd @ a_x.T  # (N, r)
-        out = torch.mm(x2, weight.T).addmm_(u, b_x.T, alpha=scaling)
-        ctx.save_for_backward(x2, weight, u, a_x, b_x)
+        if weight is not None:
+            out = torch.mm(x2, weight.T).addmm_(u, b_x.T, alpha=scaling)
+        else:
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b_x.T, alpha=scaling)
+        ctx.save_for_backward(x2, u, a_x, b_x, weight)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
         ctx.weight_dtypes = (a.dtype, b.dtype)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight, u, a_x, b_x = ctx.saved_tensors
+        x2, u, a_x, b_x, weight = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gu = torch.mm(g, b_x).mul_(ctx.scaling)  # (N, r)
-        grad_b = grad_a = grad_x = None
-        if ctx.needs_input_grad[3]:
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.T, u).mul_(ctx.scaling).to(ctx.weight_dtypes[1])
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             xd = cpu_kernels.dropout(x2, ctx.p, ctx.seed) if ctx.p else x2
             grad_a = torch.mm(gu.T, xd).to(ctx.weight_dtypes[0])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight)
-            if ctx.p:
-                gx = torch.mm(gu, a_x)
-                grad_x += cpu_kernels.dropout(gx, ctx.p, ctx.seed, out=gx)
+            if weight is not None and not ctx.p:
+                grad_x = torch.mm(g, weight).addmm_(gu, a_x)
             else:
-                grad_x.addmm_(gu, a_x)
+                grad_x = torch.mm(gu, a_x)
+                if ctx.p:
+                    cpu_kernels.dropout(grad_x, ctx.p, ctx.seed, out=grad_x)
+                if weight is not None:
+                    grad_x.addmm_(g, weight)
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, grad_a, grad_b, None, None, None
+        grad_base = grad_out if ctx.needs_input_grad[1] else None
+        return grad_x, grad_base, None, grad_a, grad_b, None, None, None
 
 
 class LoRAEmbedding(nn.Module, _KeepBaseNames):

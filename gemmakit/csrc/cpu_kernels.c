@@ -359,15 +359,17 @@ static float gelu_tanh(float x) {
 
 #ifdef __AVX512F__
 /* e^x for 16 floats (x <= 88): x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, Cephes'
- * expf), e^r by its degree-6 Taylor polynomial (truncation r^7/7! < 1.3e-7 relative, about
- * one float32 ulp), scaled by 2^n. Inputs below -88 give 0 or a denormal, as expf does. */
+ * expf), e^r by its degree-7 Taylor polynomial (truncation r^8/8! < 5.3e-9 relative, a
+ * twentieth of a float32 ulp: GeGLU's tanh has its last bit depend on it), scaled by 2^n.
+ * Inputs below -88 give 0 or a denormal, as expf does. */
 static __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
@@ -636,29 +638,9 @@ static inline float tanh_sleef(float u) {
 }
 
 #ifdef AVX512_TRAIN
-/* e^x for 16 floats in [0, 88]: exp16 with the degree-7 Taylor term too (truncation r^8/8!
- * < 5.3e-9 relative, a twentieth of an ulp, where exp16's r^7/7! is about one), for tanh,
- * whose last bit depends on it */
-static inline __m512 exp16_pos(__m512 x) {
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 static inline __m512 tanh_sleef16(__m512 u) {
     const __m512 a = _mm512_abs_ps(u), one = _mm512_set1_ps(1.f);
-    __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16_pos(_mm512_add_ps(a, a)), one)));
+    __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16(_mm512_add_ps(a, a)), one)));
     t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(a, _mm512_set1_ps(8.664339742f), _CMP_GT_OQ), one);
     /* t | sign(u), t being >= 0 */
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(t), _mm512_castps_si512(u),
