@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -93,6 +94,7 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         "rms_norm_backward": [ptr] * 5 + [i64] * 4,  # grad, x, rstd, gain, dx, C, lo, hi, bf16
         "geglu_forward": [ptr] * 3 + [i64] * 3,  # gate, up, out, lo, hi, bf16
         "geglu_backward": [ptr] * 5 + [i64] * 3,  # grad, gate, up, grad_gate, grad_up, lo, hi, bf16
+        "nf4_dequantize": [ptr] * 4 + [i64] * 4,  # packed, absmax, code, out, n, lo, hi (blocks), bf16
         # The same kernels over [0, n) split over `threads` (the last argument): x, w, s, y, n, K
         "gemv_int8_mt": [ptr] * 4 + [i64] * 3,
         # z, targets, lse, V, rows
@@ -107,6 +109,8 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         "geglu_forward_mt": [ptr] * 3 + [i64] * 3,
         # grad, gate, up, grad_gate, grad_up, n, bf16
         "geglu_backward_mt": [ptr] * 5 + [i64] * 3,
+        # packed, absmax, code, out, n, bf16
+        "nf4_dequantize_mt": [ptr] * 4 + [i64] * 3,
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -146,6 +150,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 SPLIT_DROPOUT = 1 << 17
 SPLIT_RMS_NORM = 1 << 17
 SPLIT_GEGLU = 1 << 15
+SPLIT_NF4 = 1 << 17
 
 
 def _threads(n: int, min_split: int) -> int:
@@ -318,3 +323,34 @@ def geglu_backward(
     n, bf16 = gate.numel(), int(gate.dtype == torch.bfloat16)
     lib.geglu_backward_mt(*args, n, bf16, _threads(n, SPLIT_GEGLU))
     return grad_gate, grad_up
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The float weight of `shape` from NF4: code[nibble] * absmax[block of 64], in float32,
+    rounded once to `dtype` (float32 or bfloat16); bitsandbytes' dequantize_4bit's bits.
+
+    packed: uint8, two values a byte (the first in the high nibble); absmax: float32, one per
+    64 values; code: the 16 float32 levels. None when the kernel does not apply.
+    """
+    n = math.prod(shape)
+    if (
+        packed.device.type != "cpu"
+        or packed.dtype != torch.uint8
+        or packed.numel() * 2 < n
+        or absmax.dtype != torch.float32
+        or absmax.numel() * 64 < n
+        or code.dtype != torch.float32
+        or code.numel() != 16
+        or dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
+    out = torch.empty(shape, dtype=dtype)
+    args = (packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), n)
+    lib.nf4_dequantize_mt(*args, int(dtype == torch.bfloat16), _threads(n, SPLIT_NF4))
+    return out

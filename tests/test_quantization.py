@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit import cpu_kernels
 from gemmakit import quantization as Q
 from gemmakit.errors import GemmakitError
 
@@ -86,9 +87,17 @@ def test_nf4_layout_is_bitsandbytes(shape):
     live = scale > 0  # a zero scale stores every code as 0 whatever the code
     assert torch.all(err_ours[live] <= err_bnb[live] + 1e-7)
     assert ((ours["absmax"] != state.absmax) & live).float().mean() < 0.01
-    # Dequantization: bitsandbytes reading our buffers gives exactly our weight.
+    # Dequantization: bitsandbytes reading our buffers gives exactly our weight, from the C
+    # kernel (on the CPU) and from the torch fallback, in float32 and rounded to bfloat16.
     m = Q.NF4Linear(w)
     assert torch.equal(BF.dequantize_4bit(m.weight[:, None], m.bnb_quant_state()), m.dequantize())
+    for dtype in (torch.float32, torch.bfloat16):
+        want = BF.dequantize_4bit(m.weight[:, None], m.bnb_quant_state(torch.float32)).to(dtype)
+        assert torch.equal(m.dequantize(dtype), want)
+        assert torch.equal(Q.nf4_dequantize(m.weight, m.absmax(), tuple(shape), dtype), want)
+        if cpu_kernels.library() is not None:
+            got = cpu_kernels.nf4_dequantize(m.weight, m.absmax(), Q.NF4_CODE, tuple(shape), dtype)
+            assert torch.equal(got, want)
 
 
 def test_nf4_error_bound():
