@@ -217,7 +217,7 @@ static void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t h
 }
 
 /* y[n] = s[n] * (x . row n of the int8 matrix w (N, K)) for rows [start, stop): the torch
- * step's output projection, rows split over Python threads by gemmakit/cpu_kernels.py */
+ * step's output projection (gemv_int8_mt splits the rows over threads) */
 void gemv_int8(const float *x, const int8_t *w, const float *s, float *y, int64_t start, int64_t stop,
                int64_t K) {
     const Mat m = {W_INT8, w, s, stop, K};
