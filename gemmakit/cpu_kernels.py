@@ -88,9 +88,8 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         "gemv_int8": [ptr] * 4 + [i64] * 3,  # x, w, s, y, lo, hi, K
         # x, out, lo, hi, seed, threshold, scale, bf16
         "dropout": [ptr] * 2 + [i64] * 2 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64],
-        "rms_norm_forward": [ptr] * 4
-        + [i64, ctypes.c_double]
-        + [i64] * 3,  # x, gain, y, rstd, C, eps, lo, hi, bf16
+        # x, gain, y, rstd, C, eps, lo, hi, bf16
+        "rms_norm_forward": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
         "rms_norm_backward": [ptr] * 5 + [i64] * 4,  # grad, x, rstd, gain, dx, C, lo, hi, bf16
         "geglu_forward": [ptr] * 3 + [i64] * 3,  # gate, up, out, lo, hi, bf16
         "geglu_backward": [ptr] * 5 + [i64] * 3,  # grad, gate, up, grad_gate, grad_up, lo, hi, bf16
@@ -151,6 +150,12 @@ SPLIT_DROPOUT = 1 << 17
 SPLIT_RMS_NORM = 1 << 17
 SPLIT_GEGLU = 1 << 15
 SPLIT_NF4 = 1 << 17
+
+
+def handles(t: torch.Tensor) -> bool:
+    """Whether the training kernels run on t: a float32 or bfloat16 CPU tensor, with the
+    library built."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and library() is not None
 
 
 def _threads(n: int, min_split: int) -> int:

@@ -141,18 +141,16 @@ class LoRALinear(nn.Module, _KeepBaseNames):
             x.device.type == "cpu"
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and (
-                p == 0.0 or (x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.library() is not None)
-            )
+            and (p == 0.0 or cpu_kernels.handles(x))
         )
         base = self.base
-        if fused and _plain_frozen_linear(base, x.dtype):
+        # A frozen plain linear's product is made inside the function (out None); any other
+        # base's output goes in.
+        out = None if fused and _plain_frozen_linear(base, x.dtype) else base(x)
+        if fused and (out is None or out.dtype == x.dtype):
             seed = int(torch.randint(0, 2**62, ())) if p else 0  # from torch's generator: reproducible
-            return _LoRAUpdate.apply(x, None, base.weight, a, b, self.scaling, p, seed)
-        out = base(x)
-        if fused and out.dtype == x.dtype:
-            seed = int(torch.randint(0, 2**62, ())) if p else 0
-            return _LoRAUpdate.apply(x, out, None, a, b, self.scaling, p, seed)
+            weight = base.weight if out is None else None
+            return _LoRAUpdate.apply(x, out, weight, a, b, self.scaling, p, seed)
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         delta = F.linear(F.linear(self.lora_dropout(x), a), b)

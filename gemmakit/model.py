@@ -67,13 +67,7 @@ class RMSNorm(nn.Module):
         # F.rms_norm is one fused op, bit-identical here to x * rsqrt(mean(x^2) + eps) * (1 + w)
         # in float32 (checked in tests/test_model.py), at a fraction of the dispatch cost.
         w = self.gain()
-        if (
-            x.requires_grad
-            and not w.requires_grad
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and cpu_kernels.library()
-        ):
+        if x.requires_grad and not w.requires_grad and cpu_kernels.handles(x):
             return _RMSNormInputGrad.apply(x, w, self.eps)  # training with a frozen norm
         return F.rms_norm(x.float(), w.shape, w, self.eps).type_as(x)
 
@@ -176,18 +170,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # Gemma 3 normalizes q and k before RoPE (gemma_pytorch model.py, GemmaAttention);
         # over head_dim, so before the transpose, where each head's row is contiguous.
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(
-            1, 2
-        )  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(
-            1, 2
-        )  # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)  # (B, H|K, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D)
         if self.softcap is None and T > SMALL_CHUNK:
-            backends = sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext()
             G = self.num_heads // self.num_kv_heads
             if G > 1 and q.requires_grad and q.device.type == "cpu":
                 # Training on the CPU: each KV head's G query heads stacked as one head of
@@ -199,7 +189,7 @@ class Attention(nn.Module):
                 )  # fmt: skip
                 out = folded.view(B, self.num_heads, T, self.head_dim)
             else:
-                with backends:
+                with sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
                     out = F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=G > 1
                     )
@@ -246,13 +236,7 @@ class MLP(nn.Module):
         # GeGLU with the tanh approximation, whatever Gemma 1's config says (transformers
         # GH#29402, GH#29995).
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if (
-            gate.requires_grad
-            and gate.device.type == "cpu"
-            and gate.dtype in (torch.float32, torch.bfloat16)
-            and up.dtype == gate.dtype
-            and cpu_kernels.library()
-        ):
+        if gate.requires_grad and up.dtype == gate.dtype and cpu_kernels.handles(gate):
             return self.down_proj(_GeGLU.apply(gate, up))  # training on the CPU
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 

@@ -352,12 +352,6 @@ static void rope(float *x, const float *cos_, const float *sin_, int64_t D) {
 
 static float softcap(float v, double cap) { return cap > 0 ? tanhf(v / (float)cap) * (float)cap : v; }
 
-static float gelu_tanh(float x) {
-    /* torch's approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
-    const float k = 0.7978845608028654f;
-    return 0.5f * x * (1.f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
 #ifdef __AVX512F__
 /* e^x for 16 floats (x <= 88): x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, Cephes'
  * expf), e^r by its degree-7 Taylor polynomial (truncation r^8/8! < 5.3e-9 relative, a
@@ -729,23 +723,6 @@ void geglu_backward(const void *grad, const void *gate, const void *up, void *gr
 #endif
 }
 
-/* act[i] = gelu_tanh(act[i]) * up[i]; tanh(u) = 1 - 2 / (e^(2u) + 1), 16 at a time */
-static void geglu(float *act, const float *up, int64_t n) {
-    int64_t i = 0;
-#ifdef __AVX512F__
-    const __m512 k = _mm512_set1_ps(0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
-    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), half = _mm512_set1_ps(0.5f);
-    for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_loadu_ps(act + i);
-        __m512 u = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(c, x), _mm512_mul_ps(x, x), x));
-        __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
-        __m512 g = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
-        _mm512_storeu_ps(act + i, _mm512_mul_ps(g, _mm512_loadu_ps(up + i)));
-    }
-#endif
-    for (; i < n; i++) act[i] = gelu_tanh(act[i]) * up[i];
-}
-
 /* scores[s] = e^(scores[s] - top); returns their sum */
 static float exp_shifted(float *scores, int64_t n, float top) {
     int64_t s = 0;
@@ -910,7 +887,7 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
         rows_of(I, tid, nthreads, &lo, &hi);
         matvec(&L->gate, xn, sh->act, lo, hi);
         matvec(&L->up, xn, up, lo, hi);
-        geglu(sh->act + lo, up + lo, hi - lo);
+        geglu_forward(sh->act, up, sh->act, lo, hi, 0); /* in place: each value read before written */
         barrier(nthreads);
         my_rows(&L->down, sh->act, sh->down, tid, nthreads);
         barrier(nthreads);
