@@ -186,7 +186,7 @@ def nf4(folder: Path, device: str):
 
 
 def time_ours(model, ids, new, device):
-    from gemmakit.generation import Request, SamplingParams, generate_steps
+    from gemmakit.inference.engine import Request, SamplingParams, generate_steps
 
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     with torch.inference_mode():
@@ -252,7 +252,7 @@ def inference(folder: Path, device: str, runs: int = 3):
 
 
 def train_batches(tokenizer, steps: int, batch: int, length: int, device: str):
-    from gemmakit import data
+    from gemmakit.training import data
 
     ids = []
     for ex in data.build_examples(data.read_rows(data.shipped_dataset()), tokenizer, 512)[0]:
@@ -266,8 +266,11 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
     """One system's LoRA/QLoRA steps on a fresh model: step times, first loss, peak memory."""
     import bitsandbytes as bnb
 
-    from gemmakit import checkpoint, lora, training
-    from gemmakit.model import Gemma
+    from gemmakit.formats import safetensors as checkpoint
+    from gemmakit.lora import core as lora
+    from gemmakit.model.gemma import Gemma
+    from gemmakit.training import core as training
+    from gemmakit.training import loss as training_loss
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -280,7 +283,7 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
         checkpoint.load_into(model, {k: v.to(device) for k, v in state.items()}, "random")
         del hf, state
         if quant:
-            from gemmakit.quantization import quantize_model
+            from gemmakit.quant.core import quantize_model
 
             quantize_model(model, quant)
         lora.apply_lora(model, 16, 16, 0.05, TARGETS)
@@ -290,7 +293,7 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
 
         def step(ids):
             b = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids}
-            s = training.batch_loss_sum(model, b)
+            s = training_loss.batch_loss_sum(model, b)
             loss = s / (ids.shape[0] * (ids.shape[1] - 1))
             loss.backward()
             opt.step()
@@ -361,7 +364,7 @@ def training_rows(size: str, tokenizer, device, tiny, steps, batch, length):
 
 
 def cli(folder: Path, device: str, work: Path):
-    from gemmakit import data
+    from gemmakit.training import data
 
     run = work / "run"
     base = [sys.executable, "-m", "gemmakit.cli"]
@@ -427,7 +430,7 @@ def main():
     except ImportError as e:
         RESULTS["env"]["missing"] = str(e)
     log(RESULTS["env"])
-    from gemmakit.tokenizer import Tokenizer
+    from gemmakit.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(Path(args.tokenizer))
     work = Path(tempfile.mkdtemp(prefix="gemmakit-cuda-"))

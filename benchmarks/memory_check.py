@@ -7,7 +7,7 @@ guessed. It then resets the peak (`/proc/self/clear_refs` = 5, Linux) and record
 each phase separately: loading the model, then the workload. Between the two it calls glibc's
 malloc_trim once, so the heap the loader freed (reported) does not count as workload memory.
 
-The prediction adds to the measured baseline what `gemmakit.accounting` says sits in memory:
+The prediction adds to the measured baseline what `gemmakit.planning.core` says sits in memory:
     load      the GGUF loader's own footprint (below): the parsed header, the mapped file,
               every tensor in the target dtype, and one chunk being dequantized;
     forward   weights in the target dtype + the forward's activations
@@ -149,9 +149,9 @@ def case(name: str, predict: Callable[[argparse.Namespace, dict], dict]):
 
 
 def default_arch():
-    from gemmakit import accounting
-    from gemmakit.gguf import GGUFFile
+    from gemmakit.formats.gguf import GGUFFile
     from gemmakit.loading import resolve
+    from gemmakit.planning import core as accounting
 
     g = GGUFFile(resolve(None).path)
     return accounting.from_gguf(g), g
@@ -170,7 +170,7 @@ def predict_gguf_load(g, dtype: str) -> tuple[int, str]:
     """
     import sys
 
-    from gemmakit.gguf import CHUNK_VALUES
+    from gemmakit.formats.gguf import CHUNK_VALUES
 
     header = g.data_offset
     for v in g.metadata.values():
@@ -196,7 +196,7 @@ def predict_gguf_load(g, dtype: str) -> tuple[int, str]:
 
 def predict_inference(dtype: str):
     def predict(args, measured):
-        from gemmakit import accounting
+        from gemmakit.planning import core as accounting
 
         arch, g = default_arch()
         base = measured["baseline"]
@@ -215,7 +215,7 @@ def measure_inference(dtype: str):
     def measure(args) -> dict:
         import torch
 
-        import gemmakit.gguf  # noqa: F401  (the loader imports it: part of the runtime)
+        import gemmakit.formats.gguf  # noqa: F401  (the loader imports it: part of the runtime)
         from gemmakit.loading import load_model, resolve
 
         source = resolve(None)  # assembles the bundled GGUF once, before anything is measured
@@ -252,8 +252,8 @@ def predict_lora_step(dtype: str):
     def predict(args, measured):
         import torch
 
-        from gemmakit import accounting
-        from gemmakit.training import default_chunk
+        from gemmakit.planning import core as accounting
+        from gemmakit.training.loss import default_chunk
 
         arch, g = default_arch()
         base = measured["baseline"]
@@ -276,9 +276,11 @@ def measure_lora_step(dtype: str):
     def measure(args) -> dict:
         import torch
 
-        import gemmakit.gguf  # noqa: F401  (the loader imports it: part of the runtime)
-        from gemmakit import lora, training
+        import gemmakit.formats.gguf  # noqa: F401  (the loader imports it: part of the runtime)
         from gemmakit.loading import load_model, resolve
+        from gemmakit.lora import core as lora
+        from gemmakit.training import core as training
+        from gemmakit.training import loss as training_loss
 
         source = resolve(None)
         training.limit_heap_fragmentation()  # as training.train does
@@ -301,7 +303,7 @@ def measure_lora_step(dtype: str):
             3, model.config.vocab_size, (LORA_BATCH, args.tokens), generator=torch.Generator().manual_seed(0)
         )
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids}
-        loss = training.batch_loss_sum(model, batch) / (LORA_BATCH * (args.tokens - 1))
+        loss = training_loss.batch_loss_sum(model, batch) / (LORA_BATCH * (args.tokens - 1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

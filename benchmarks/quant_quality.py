@@ -49,7 +49,7 @@ def timings(loaded, rounds: int = 6, steps: int = 5) -> list[dict]:
     spreads that noise over all of them, and the minimum over steps is the least disturbed
     estimate of each format's own cost (the median is reported too).
     """
-    from gemmakit.quantization import model_memory, quantize_model
+    from gemmakit.quant.core import model_memory, quantize_model
 
     variants = [("fp32", None, None), ("bf16", None, None), ("nf4", "nf4", None),
                 ("int8-linear", "int8", False), ("int8", "int8", None),
@@ -84,8 +84,8 @@ def main() -> int:
     args = p.parse_args()
 
     from gemmakit.commands.quantize import DEFAULT_TYPES, format_table, quality_table
+    from gemmakit.evaluation.verify import DEFAULT_TEXT
     from gemmakit.loading import load
-    from gemmakit.verify import DEFAULT_TEXT
 
     loaded = load(dtype="float32", device="cpu")
     out = Path(args.out)

@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     server = scheduler = None
     url = args.url
     if url is None:
-        from gemmakit.api import LLM
-        from gemmakit.server import ServerConfig, create_app, serve_in_thread
+        from gemmakit.inference.api import LLM
+        from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread
 
         llm = LLM(model=args.model, dtype="float32" if args.model is None else "auto")
         config = ServerConfig(max_batch=args.max_batch, max_queue=max(64, args.clients))

@@ -39,7 +39,7 @@ def batches(tokenizer, steps: int):
     """steps+1 batches of 4 x 128 token ids, cut from the shipped rows laid end to end."""
     import torch
 
-    from gemmakit import data
+    from gemmakit.training import data
 
     ids = []
     for ex in data.build_examples(data.read_rows(data.shipped_dataset()), tokenizer, 512)[0]:
@@ -51,13 +51,13 @@ def batches(tokenizer, steps: int):
 
 def hf_folder() -> Path:
     """Our dequantized bundled model as an HF folder, written once."""
-    from gemmakit.loading import cache_dir
+    from gemmakit.paths import cache_dir
 
     folder = cache_dir() / "bench-hf-gemma-3-270m"
     if (folder / "model.safetensors").exists():
         return folder
     from gemmakit.loading import load
-    from gemmakit.training import save_hf_folder
+    from gemmakit.training.core import save_hf_folder
 
     loaded = load(dtype="float32", device="cpu")
     save_hf_folder(loaded.model, loaded.tokenizer, folder)
@@ -67,7 +67,9 @@ def hf_folder() -> Path:
 def run_ours(dtype_name: str, steps: int) -> dict:
     import torch
 
-    from gemmakit import lora, training
+    from gemmakit.lora import core as lora
+    from gemmakit.training import core as training
+    from gemmakit.training import loss as training_loss
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     cfg = training.make_config("lora", {"dtype": dtype_name})
@@ -85,7 +87,7 @@ def run_ours(dtype_name: str, steps: int) -> dict:
     for ids in data:
         t = time.perf_counter()
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids}
-        s = training.batch_loss_sum(model, batch)
+        s = training_loss.batch_loss_sum(model, batch)
         n = BATCH * (LENGTH - 1)
         (s / n).backward()
         opt.step()
@@ -131,7 +133,9 @@ def interleaved(dtype_name: str, steps: int) -> dict:
     import torch
     import transformers
 
-    from gemmakit import lora, training
+    from gemmakit.lora import core as lora
+    from gemmakit.training import core as training
+    from gemmakit.training import loss as training_loss
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     training.limit_heap_fragmentation()
@@ -150,7 +154,7 @@ def interleaved(dtype_name: str, steps: int) -> dict:
 
     def step_ours(ids):
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids}
-        (training.batch_loss_sum(ours, batch) / (BATCH * (LENGTH - 1))).backward()
+        (training_loss.batch_loss_sum(ours, batch) / (BATCH * (LENGTH - 1))).backward()
         o_opt.step()
         o_opt.zero_grad(set_to_none=True)
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from gemmakit.generation import SamplingParams  # noqa: E402
+from gemmakit.inference.engine import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "load"]
 
@@ -10,7 +10,7 @@ __all__ = ["LLM", "SamplingParams", "load"]
 def __getattr__(name):
     # LLM and load pull in the model stack; import them on first use.
     if name == "LLM":
-        from gemmakit.api import LLM
+        from gemmakit.inference.api import LLM
 
         return LLM
     if name == "load":

@@ -19,6 +19,9 @@ from gemmakit.errors import ConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# The seven linear projections of a block, by their HF names (attention, then MLP): what LoRA
+# targets by default, what weight-only quantization swaps, what the planner counts.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     export(to="gguf", output="gemma.q8_0.gguf", qtype="q8_0")            # the bundled model
     export(model="ckpt/", adapter="out/adapter", to="hf", output="merged/")
 
-The writers live in `gemmakit.gguf_writer` (GGUF) and `gemmakit.hf_export` (HF folder); this
+The writers live in `gemmakit.formats.gguf_writer` (GGUF) and `gemmakit.formats.hf_folder` (HF folder); this
 module loads the source, merges an adapter, gathers what the writers need from the source
 (its GGUF vocabulary arrays, its chat template, its tokenizer files) and dispatches.
 """
@@ -24,10 +24,10 @@ TARGETS = ("gguf", "hf")
 
 
 def apply_adapter(loaded: Loaded, adapter: str | Path) -> Loaded:
-    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora)."""
-    if importlib.util.find_spec("gemmakit.lora") is None:
-        raise GemmakitError("--adapter needs gemmakit.lora, which this installation does not have")
-    from gemmakit import lora
+    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora.core)."""
+    if importlib.util.find_spec("gemmakit.lora.core") is None:
+        raise GemmakitError("--adapter needs gemmakit.lora.core, which this installation does not have")
+    from gemmakit.lora import core as lora
 
     lora.load_adapter(loaded.model, adapter)
     merged = lora.merge(loaded.model)
@@ -41,8 +41,8 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
 
     Raises if anything other than the model's own tensors is left (an unmerged adapter).
     """
-    from gemmakit.model import Gemma
-    from gemmakit.quantization import dequantized_state_dict
+    from gemmakit.model.gemma import Gemma
+    from gemmakit.quant.core import dequantized_state_dict
 
     state = dequantized_state_dict(loaded.model)
     with torch.device("meta"):
@@ -61,7 +61,7 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
 def source_metadata(loaded: Loaded) -> dict | None:
     if loaded.source.kind != "gguf":
         return None
-    from gemmakit.gguf import GGUFFile
+    from gemmakit.formats.gguf import GGUFFile
 
     return GGUFFile(loaded.source.path).metadata
 
@@ -89,8 +89,8 @@ def export_gguf(
     loaded: Loaded, output: str | Path, qtype: str = "f16", embedding_type: str | None = None,
     progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Writes `loaded` as a GGUF file (see `gemmakit.gguf_writer.write_gguf`)."""
-    from gemmakit.gguf_writer import write_gguf
+    """Writes `loaded` as a GGUF file (see `gemmakit.formats.gguf_writer.write_gguf`)."""
+    from gemmakit.formats.gguf_writer import write_gguf
 
     md = source_metadata(loaded)
     return write_gguf(
@@ -104,8 +104,8 @@ def export_gguf(
 def export_hf(
     loaded: Loaded, output: str | Path, dtype: str = "f32", force: bool = False, progress: bool = True
 ) -> dict:
-    """Writes `loaded` as a Hugging Face model folder (see `gemmakit.hf_export.write_hf`)."""
-    from gemmakit.hf_export import HF_DTYPES, write_hf
+    """Writes `loaded` as a Hugging Face model folder (see `gemmakit.formats.hf_folder.write_hf`)."""
+    from gemmakit.formats.hf_folder import HF_DTYPES, write_hf
 
     if dtype not in HF_DTYPES:
         raise GemmakitError(f"--type {dtype} is not a Hugging Face dtype; use {', '.join(HF_DTYPES)}")

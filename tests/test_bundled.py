@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemmakit import SamplingParams
-from gemmakit.api import LLM
+from gemmakit.inference.api import LLM
 
 ROME = (
     "The history of the Roman Empire spans many centuries, from the founding of the city to "

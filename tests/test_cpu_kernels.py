@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit import cpu_kernels
-from gemmakit.quantization import Int8Linear
+from gemmakit.kernels import cpu as cpu_kernels
+from gemmakit.quant.core import Int8Linear
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmakit import training
 from gemmakit.loading import ModelSource, load_model
+from gemmakit.training import core as training
 from tests.conftest import FAMILIES
 from tests.test_training import records, tiny_config, tiny_model_folder
 
@@ -32,7 +32,7 @@ def test_cuda_logits_match_transformers(family, hf_folder):
 
 
 def test_cuda_bfloat16_greedy_generation_runs_and_matches_cpu_float32_start(hf_folder):
-    from gemmakit.generation import Request, SamplingParams, generate_steps
+    from gemmakit.inference.engine import Request, SamplingParams, generate_steps
 
     folder, _ = hf_folder("gemma3")
     ids = [2, 17, 42, 99, 7, 8, 9, 10]
@@ -49,7 +49,7 @@ def test_cuda_bfloat16_greedy_generation_runs_and_matches_cpu_float32_start(hf_f
 
 def test_cuda_nf4_matmul_uses_bitsandbytes_and_matches_dequantized():
     pytest.importorskip("bitsandbytes")
-    from gemmakit.quantization import NF4Linear
+    from gemmakit.quant.core import NF4Linear
 
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05

@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from gemmakit import data as d
 from gemmakit.errors import GemmakitError
+from gemmakit.training import data as d
 
 ROW = {"text": "### Human: What is 2+2?### Assistant: 2 + 2 = 4."}
 

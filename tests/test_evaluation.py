@@ -1,4 +1,4 @@
-"""gemmakit.evaluation: perplexity and multiple-choice scoring against transformers."""
+"""gemmakit.evaluation.core: perplexity and multiple-choice scoring against transformers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from gemmakit import evaluation as ev
 from gemmakit.errors import GemmakitError
+from gemmakit.evaluation import core as ev
 
 SHIPPED = ("arc_style", "hellaswag_style", "mmlu_style", "piqa_style")
 
@@ -302,8 +302,8 @@ def test_settings_are_the_cartesian_product():
 def test_missing_quantization_module_is_a_clear_error(monkeypatch):
     real = ev.importlib.util.find_spec
     monkeypatch.setattr(ev.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gemmakit.quantization" else real(name, *a))  # fmt: skip
-    with pytest.raises(GemmakitError, match="--quantize needs gemmakit.quantization"):
+                        lambda name, *a: None if name == "gemmakit.quant.core" else real(name, *a))  # fmt: skip
+    with pytest.raises(GemmakitError, match="--quantize needs gemmakit.quant.core"):
         ev.load_setting(ev.Setting(quantize="nf4"))
 
 
@@ -345,7 +345,7 @@ def test_lm_eval_runs_a_local_task_like_gemmakit(lm_eval_offline, bundled, tmp_p
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    from gemmakit.lm_eval_adapter import GemmakitLM
+    from gemmakit.evaluation.lm_eval_adapter import GemmakitLM
 
     assert get_model("gemmakit") is GemmakitLM
     rows = ev.TASKS_DIR.joinpath("piqa_style.jsonl").read_text().splitlines()[:3]
@@ -367,8 +367,8 @@ def test_lm_eval_rolling_and_generation(lm_eval_offline, bundled):
     from lm_eval.api.instance import Instance
 
     from gemmakit import SamplingParams
-    from gemmakit.api import LLM
-    from gemmakit.lm_eval_adapter import GemmakitLM
+    from gemmakit.evaluation.lm_eval_adapter import GemmakitLM
+    from gemmakit.inference.api import LLM
 
     lm = GemmakitLM(loaded=bundled, max_length=16, stride=8)
     text = "The quick brown fox jumps over the lazy dog near the river bank at dawn."

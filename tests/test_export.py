@@ -14,7 +14,7 @@ import torch
 from gemmakit.cli import main
 from gemmakit.errors import GemmakitError
 from gemmakit.export import export
-from gemmakit.gguf import GGUFFile
+from gemmakit.formats.gguf import GGUFFile
 from gemmakit.loading import load
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
@@ -28,7 +28,7 @@ def tiny_sentencepiece() -> bytes:
     """A 256-piece SentencePiece BPE model with Gemma's special ids, trained on our text."""
     import sentencepiece as spm
 
-    from gemmakit.verify import DEFAULT_TEXT
+    from gemmakit.evaluation.verify import DEFAULT_TEXT
 
     lines = [line for line in DEFAULT_TEXT.read_text().splitlines() if line.strip()]
     buf = io.BytesIO()
@@ -122,7 +122,7 @@ def test_gguf_tensors_are_the_reference_quantization(tiny, tmp_path, qtype):
 
 
 def _gguf_name(hf_name):
-    from gemmakit.gguf import hf_to_gguf_name
+    from gemmakit.formats.gguf import hf_to_gguf_name
 
     return hf_to_gguf_name(hf_name)
 
@@ -163,7 +163,7 @@ def test_block_bytes_match_the_format_definition(tiny, tmp_path):
 
 
 def test_interrupted_export_leaves_no_file(tiny, tmp_path, monkeypatch):
-    import gemmakit.gguf_writer as gw
+    import gemmakit.formats.gguf_writer as gw
 
     folder, _ = tiny("gemma2")
     calls = {"n": 0}
@@ -186,7 +186,7 @@ def test_interrupted_export_leaves_no_file(tiny, tmp_path, monkeypatch):
 
 def test_layer_types_llama_cpp_cannot_express(tmp_path):
     from gemmakit.config import FULL, preset
-    from gemmakit.gguf_writer import write_gguf
+    from gemmakit.formats.gguf_writer import write_gguf
 
     cfg = preset("gemma-2-2b")
     cfg = cfg.replace(layer_types=(FULL,) * cfg.num_hidden_layers)
@@ -206,7 +206,7 @@ def bundled_q8(tmp_path_factory, bundled):
 
 
 def test_bundled_gguf_metadata(bundled_q8, bundled):
-    from gemmakit.gguf_writer import GEMMA_CHAT_TEMPLATE
+    from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
     from gemmakit.loading import default_gguf
 
     g, src = GGUFFile(bundled_q8), GGUFFile(default_gguf())
@@ -239,8 +239,8 @@ def test_bundled_gguf_metadata(bundled_q8, bundled):
 def test_chat_template_renders_like_gemmakit():
     import jinja2
 
-    from gemmakit.gguf_writer import GEMMA_CHAT_TEMPLATE
-    from gemmakit.tokenizer import render_chat
+    from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
+    from gemmakit.formats.tokenizer import render_chat
 
     def raise_exception(msg):
         raise ValueError(msg)
@@ -388,7 +388,7 @@ def test_bundled_hf_export_matches_transformers(bundled, tmp_path):
     text = "The orchard  produced\n\nmore fruit than <start_of_turn>user she could sell."
     ids = bundled.tokenizer.encode(text)
     assert tok(text)["input_ids"] == ids
-    from gemmakit.tokenizer import render_chat
+    from gemmakit.formats.tokenizer import render_chat
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == render_chat(chat)
@@ -401,9 +401,9 @@ def test_bundled_hf_export_matches_transformers(bundled, tmp_path):
 def test_vocabulary_rebuilt_from_tokenizer_json(hf_bundled):
     """A source with only tokenizer.json (llama.cpp GH#19152): pieces and types come back
     exactly, scores in the original order."""
-    from gemmakit.gguf_writer import _vocab_arrays
+    from gemmakit.formats.gguf_writer import _vocab_arrays
+    from gemmakit.formats.tokenizer import NORMAL, Tokenizer
     from gemmakit.loading import default_gguf
-    from gemmakit.tokenizer import NORMAL, Tokenizer
 
     _, hf_tok = hf_bundled
     tok = Tokenizer.from_file(hf_tok.name_or_path + "/tokenizer.json")
@@ -419,11 +419,13 @@ def test_vocabulary_rebuilt_from_tokenizer_json(hf_bundled):
 # --- adapters -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemmakit.lora") is None, reason="gemmakit.lora not present")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemmakit.lora.core") is None, reason="gemmakit.lora.core not present"
+)
 def test_export_merges_an_adapter(tiny, tmp_path):
     import copy
 
-    from gemmakit import lora
+    from gemmakit.lora import core as lora
 
     folder, _ = tiny("gemma3")
     base = load(str(folder), dtype="float32", device="cpu")

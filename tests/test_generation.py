@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from gemmakit.api import LLM
 from gemmakit.errors import GemmakitError
-from gemmakit.generation import SamplingParams, TextStream, apply_top_k, apply_top_p
+from gemmakit.inference.api import LLM
+from gemmakit.inference.engine import SamplingParams, TextStream, apply_top_k, apply_top_p
 
 
 def test_top_k_and_top_p_filters():
@@ -71,7 +71,7 @@ def test_prompt_longer_than_context_is_an_error(bundled):
 
 
 def test_sampling_respects_top_k_and_top_p_support():
-    from gemmakit.generation import sample
+    from gemmakit.inference.engine import sample
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
     top5 = set(torch.topk(logits, 5).indices.tolist())

@@ -7,7 +7,7 @@ import torch
 
 from gemmakit.config import PRESETS, from_hf_config, preset
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
-from gemmakit.gguf import GGUFFile
+from gemmakit.formats.gguf import GGUFFile
 from gemmakit.loading import ModelSource, load, load_model, load_quantized_model, resolve
 
 
@@ -143,7 +143,7 @@ def test_real_config_quirks():
 def test_quantized_load_streams_the_same_model(hf_folder, monkeypatch, kind, tied):
     """load(quantize=...) reads and quantizes tensor by tensor (the embedding in row chunks,
     here 4 of 64 rows) and must give exactly the model that quantizing a float load gives."""
-    from gemmakit import quantization as Q
+    from gemmakit.quant import core as Q
 
     folder, _ = hf_folder("gemma3", tie_word_embeddings=tied)
     monkeypatch.setattr(Q, "CHUNK_ROWS", 64)
@@ -162,7 +162,7 @@ def test_quantized_load_streams_the_same_model(hf_folder, monkeypatch, kind, tie
 
 
 def test_safetensors_reader_reads_rows_without_mmap(tmp_path):
-    from gemmakit.checkpoint import SafetensorsReader, save_safetensors
+    from gemmakit.formats.safetensors import SafetensorsReader, save_safetensors
 
     tensors = {
         "a": torch.randn(10, 3, 2),

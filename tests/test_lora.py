@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from gemmakit import lora
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.loading import ModelSource, load_model
-from gemmakit.training import save_hf_folder
+from gemmakit.lora import core as lora
+from gemmakit.training.core import save_hf_folder
 from tests.conftest import FAMILIES, random_hf_model
 from tests.test_training import one_thread, write_tiny_tokenizer  # noqa: F401  (autouse fixture)
 
@@ -117,7 +117,7 @@ def test_merged_equals_unmerged_including_tied_head_and_embedding(hf_folder, tmp
     assert not torch.equal(model.model.embed_tokens.weight, embed_before)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), unmerged, rtol=1e-5, atol=1e-5)
-    from gemmakit.tokenizer import Tokenizer
+    from gemmakit.formats.tokenizer import Tokenizer
 
     save_hf_folder(model, Tokenizer.from_folder(folder), tmp_path / "merged")
     saved = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -176,7 +176,7 @@ def test_adapter_errors(hf_folder, tmp_path):
 
 
 def test_qlora_wraps_a_quantized_base(hf_folder):
-    quantization = pytest.importorskip("gemmakit.quantization")
+    quantization = pytest.importorskip("gemmakit.quant.core")
     folder, _ = hf_folder("gemma3")
     model = ours(folder)
     quantization.quantize_model(model, "nf4")
@@ -212,7 +212,7 @@ def test_fused_cpu_update_matches_the_formula_with_its_dropout_mask(dtype, p, fr
     """The training paths (one autograd function, mask rebuilt from a seed in the backward;
     with a frozen plain base its product joins the function) give the values and gradients
     of base(x) + s * B(A(x * mask)) for the mask they drew."""
-    from gemmakit import cpu_kernels
+    from gemmakit.kernels import cpu as cpu_kernels
 
     if p and cpu_kernels.library() is None:
         pytest.skip("no C compiler")
@@ -257,7 +257,7 @@ def test_training_gradients_match_peft(hf_folder, family):
     autograd function, folded GQA attention, the fused loss) changes nothing but speed."""
     import peft
 
-    from gemmakit import training
+    from gemmakit.training import loss as training_loss
 
     folder, hf = hf_folder(family)
     model = ours(folder)
@@ -268,7 +268,7 @@ def test_training_gradients_match_peft(hf_folder, family):
     labels[:, :3] = -100  # loss on the rest only
     batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS, dtype=torch.bool), "labels": labels}
     n = int((labels[:, 1:] != -100).sum())
-    loss = training.batch_loss_sum(model, batch) / n
+    loss = training_loss.batch_loss_sum(model, batch) / n
     loss.backward()
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
     named = dict(pm.named_parameters())

@@ -58,7 +58,7 @@ def test_cached_decode_equals_full_forward(family, hf_folder):
 
 
 def test_fused_rms_norm_is_bit_identical_to_the_reference_formula():
-    from gemmakit.model import RMSNorm
+    from gemmakit.model.layers import RMSNorm
 
     torch.manual_seed(0)
     for shape in [(1, 1, 640), (2, 64, 640), (1, 4, 3, 256)]:
@@ -77,7 +77,7 @@ def test_fused_rms_norm_is_bit_identical_to_the_reference_formula():
 
 def test_grouped_attention_matches_sdpa_path(hf_folder):
     # Decode steps use the grouped-matmul attention, prefill SDPA: same numbers.
-    from gemmakit import model as model_module
+    from gemmakit.model import layers as model_module
 
     ours, _ = paired(hf_folder, "gemma3")
     ids = torch.randint(3, 256, (2, 20))
@@ -96,7 +96,7 @@ def test_segment_ids_keep_packed_examples_apart():
     """Two examples packed into one row with segment ids and per-segment positions give the
     same hidden states as each run alone (the block-diagonal mask of packed training)."""
     from gemmakit.config import from_hf_config
-    from gemmakit.model import Gemma
+    from gemmakit.model.gemma import Gemma
 
     cfg = from_hf_config(tiny_hf_config("gemma3").to_dict())
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_frozen_norm_training_path_matches_autograd(dtype):
     backward in C: the forward is unchanged and dL/dx equals autograd's of F.rms_norm."""
     import torch.nn.functional as F
 
-    from gemmakit import cpu_kernels
-    from gemmakit.model import RMSNorm
+    from gemmakit.kernels import cpu as cpu_kernels
+    from gemmakit.model.layers import RMSNorm
 
     if cpu_kernels.library() is None:
         pytest.skip("no C compiler")
@@ -153,7 +153,7 @@ def test_rope_training_function_is_bit_identical_to_the_plain_form(dtype):
     """RoPE's training path (a custom autograd function with the sign moved onto sin) gives
     exactly the values and input gradients of x * cos + rotate_half(x) * sin, also on the
     transposed (non-contiguous) q the attention passes it."""
-    from gemmakit.model import apply_rope, rope_cos_sin, rope_inv_freq
+    from gemmakit.model.layers import apply_rope, rope_cos_sin, rope_inv_freq
 
     torch.manual_seed(0)
     x = (torch.randn(2, 7, 3, 16) * 3).to(dtype).transpose(1, 2).requires_grad_(True)  # (B, H, T, D)

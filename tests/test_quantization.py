@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit import cpu_kernels
-from gemmakit import quantization as Q
 from gemmakit.errors import GemmakitError
+from gemmakit.kernels import cpu as cpu_kernels
+from gemmakit.quant import core as Q
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed"
@@ -31,7 +31,7 @@ def _weight(shape, seed=0):
 
 def _tiny_gemma(seed=0):
     from gemmakit.config import from_hf_config
-    from gemmakit.model import Gemma
+    from gemmakit.model.gemma import Gemma
 
     cfg = from_hf_config(
         {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 256, "hidden_size": 64,
@@ -205,11 +205,13 @@ def test_lora_style_training_on_nf4_base():
     assert losses[-1] < losses[0] * 0.3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemmakit.lora") is None, reason="gemmakit.lora not present")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemmakit.lora.core") is None, reason="gemmakit.lora.core not present"
+)
 def test_qlora_on_a_quantized_model_then_merge():
     """QLoRA: LoRA on the NF4 model trains (gradients reach the adapters only) and merges
     into a float model with the same logits."""
-    from gemmakit import lora
+    from gemmakit.lora import core as lora
 
     model = Q.quantize_model(_tiny_gemma(), "nf4")
     lora.apply_lora(model, r=4, alpha=8, dropout=0.0)
@@ -290,7 +292,7 @@ def test_quantize_model_errors():
 @pytest.mark.parametrize("kind", [pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_bundled_quantized_greedy_tracks_fp32(bundled, kind):
     """On the real model, quantized greedy decoding follows fp32 on a prompt."""
-    from gemmakit.verify import compare_prompt
+    from gemmakit.evaluation.verify import compare_prompt
 
     quantized = copy.copy(bundled)
     quantized.model = Q.quantize_model(copy.deepcopy(bundled.model), kind)

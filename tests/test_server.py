@@ -23,9 +23,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from gemmakit.api import LLM  # noqa: E402
-from gemmakit.generation import SamplingParams  # noqa: E402
-from gemmakit.server import ServerConfig, create_app, serve_in_thread  # noqa: E402
+from gemmakit.inference.api import LLM  # noqa: E402
+from gemmakit.inference.engine import SamplingParams  # noqa: E402
+from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread  # noqa: E402
 
 NAME = "gemma-test"
 HI = [{"role": "user", "content": "Hi! Who are you?"}]
@@ -358,7 +358,7 @@ def test_client_disconnect_while_queued_never_runs(server):
 
 def test_scheduler_direct_tokens_alone_and_batched(llm):
     """Token ids (not only text) are the same alone or batched, through the scheduler itself."""
-    from gemmakit.scheduler import Scheduler
+    from gemmakit.serving.scheduler import Scheduler
 
     sched = Scheduler(llm.model, llm.tokenizer, llm.loaded.stop_ids, max_batch=4, batch_window_s=0)
     prompts = [

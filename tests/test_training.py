@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit import data as sft_data
-from gemmakit import lora, training
 from gemmakit.errors import ConfigError, GemmakitError
 from gemmakit.loading import load
+from gemmakit.lora import core as lora
+from gemmakit.training import core as training
+from gemmakit.training import data as sft_data
+from gemmakit.training import loss as training_loss
 from tests.conftest import random_hf_model
 
 SAMPLE = str(sft_data.shipped_dataset())
@@ -82,13 +84,13 @@ def test_fused_cross_entropy_matches_plain(tmp_path, family, train_head):
     model.lm_head.weight.requires_grad_(train_head)
     ref = F.cross_entropy(model.logits(h), y, reduction="sum")
     ref_grads = torch.autograd.grad(ref, [h] + ([model.lm_head.weight] if train_head else []))
-    got = training.linear_cross_entropy(model, h, y, chunk=8)  # 5 chunks, the last partial
+    got = training_loss.linear_cross_entropy(model, h, y, chunk=8)  # 5 chunks, the last partial
     got_grads = torch.autograd.grad(got * 1.0, [h] + ([model.lm_head.weight] if train_head else []))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the eval path
-        torch.testing.assert_close(training.linear_cross_entropy(model, h, y, chunk=8), ref.detach())
+        torch.testing.assert_close(training_loss.linear_cross_entropy(model, h, y, chunk=8), ref.detach())
 
 
 def test_checkpointed_chunks_for_a_wrapped_head(tmp_path):
@@ -102,7 +104,7 @@ def test_checkpointed_chunks_for_a_wrapped_head(tmp_path):
     b = model.lm_head.lora_B.weight
     ref = F.cross_entropy(model.logits(h), y, reduction="sum")
     (g_ref,) = torch.autograd.grad(ref, [b])
-    got = training.linear_cross_entropy(model, h, y, chunk=4)
+    got = training_loss.linear_cross_entropy(model, h, y, chunk=4)
     (g_got,) = torch.autograd.grad(got, [b])
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(g_got, g_ref)
@@ -118,14 +120,16 @@ def test_batch_loss_ignores_padding_and_prompt(tmp_path):
     ex, _ = sft_data.build_examples(rows, tok, 64, responses_only=True)
     batch = sft_data.collate(ex, tok.pad_id)
     with torch.no_grad():
-        total = training.batch_loss_sum(model, batch)
-        one_by_one = sum(training.batch_loss_sum(model, sft_data.collate([e], tok.pad_id)) for e in ex)
+        total = training_loss.batch_loss_sum(model, batch)
+        one_by_one = sum(training_loss.batch_loss_sum(model, sft_data.collate([e], tok.pad_id)) for e in ex)
         logits = model(batch["input_ids"][:1, : len(ex[0])])[0, :-1]
         labels = torch.tensor(ex[0].labels[1:])
         keep = labels != sft_data.IGNORE
         ref0 = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
     torch.testing.assert_close(total, one_by_one, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(training.batch_loss_sum(model, sft_data.collate(ex[:1], 0)).detach(), ref0)
+    torch.testing.assert_close(
+        training_loss.batch_loss_sum(model, sft_data.collate(ex[:1], 0)).detach(), ref0
+    )
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -258,7 +262,9 @@ def test_full_finetune_saves_a_loadable_model(tmp_path):
     reloaded.model.eval()
     with torch.no_grad():
         batch = sft_data.collate(ev, 0)
-        loss = float(training.batch_loss_sum(reloaded.model, batch)) / sft_data.target_count(batch["labels"])
+        loss = float(training_loss.batch_loss_sum(reloaded.model, batch)) / sft_data.target_count(
+            batch["labels"]
+        )
     assert loss == pytest.approx(res.last_eval_loss, rel=1e-5)
 
 
@@ -288,7 +294,8 @@ def test_default_model_eval_loss_goes_down(tmp_path):
 
 DDP_SCRIPT = """
 import json, sys
-from gemmakit import training
+from gemmakit.training import core as training
+from gemmakit.training import loss as training_loss
 cfg = training.make_config("lora", json.loads(sys.argv[1]))
 training.train(cfg, progress=False)
 """
@@ -331,7 +338,7 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
 
 
 def test_qlora_recipe_trains_on_an_nf4_base(tmp_path):
-    pytest.importorskip("gemmakit.quantization")
+    pytest.importorskip("gemmakit.quant.core")
     folder = tiny_model_folder(tmp_path)
     cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-article", lr=5e-3, warmup_steps=1, max_steps=3,
                       eval_every=3, save_every=3)  # fmt: skip
@@ -347,7 +354,7 @@ def test_qlora_recipe_trains_on_an_nf4_base(tmp_path):
 def test_bfloat16_fused_cross_entropy_matches_plain(tmp_path, monkeypatch):
     """bfloat16 on the CPU goes through the C softmax kernel: same loss and dL/dh as plain CE
     on the same bfloat16 logits."""
-    from gemmakit import cpu_kernels
+    from gemmakit.kernels import cpu as cpu_kernels
 
     if cpu_kernels.library() is None:
         pytest.skip("no C compiler")
@@ -361,7 +368,7 @@ def test_bfloat16_fused_cross_entropy_matches_plain(tmp_path, monkeypatch):
     y = torch.randint(0, model.config.vocab_size, (37,))
     ref = F.cross_entropy(model.logits(h).float(), y, reduction="sum")
     (ref_grad,) = torch.autograd.grad(ref, [h])
-    got = training.linear_cross_entropy(model, h, y, chunk=8)
+    got = training_loss.linear_cross_entropy(model, h, y, chunk=8)
     (got_grad,) = torch.autograd.grad(got * 1.0, [h])
     assert len(calls) == 5  # 37 rows in chunks of 8
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)

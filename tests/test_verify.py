@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from gemmakit.cli import main
+from gemmakit.evaluation.verify import THRESHOLDS, classify, compare
 from gemmakit.export import export
 from gemmakit.loading import load
-from gemmakit.verify import THRESHOLDS, classify, compare
 from tests.test_export import tiny_sentencepiece
 
 SHORT_TEXT = "The orchard produced more fruit than she could sell, so she pressed cider. " * 6

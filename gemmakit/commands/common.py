@@ -36,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, q
 
 def load_llm(args):
     """An `LLM` for the model options parsed by `add_model_arguments`."""
-    from gemmakit.api import LLM
+    from gemmakit.inference.api import LLM
 
     return LLM(
         model=args.model, dtype=args.dtype, device=args.device,

@@ -70,7 +70,7 @@ def _model_arguments(parser):
     g.add_argument("--adapter", action="append", default=None,
                    help="a LoRA adapter folder (PEFT format); 'none' for the model without one")  # fmt: skip
     g.add_argument("--quantize", action="append", default=None, choices=("none", *QUANTIZATIONS),
-                   help="quantize linear layers after loading (gemmakit.quantization); 'none' = as loaded")  # fmt: skip
+                   help="quantize linear layers after loading (gemmakit.quant.core); 'none' = as loaded")  # fmt: skip
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
@@ -88,14 +88,14 @@ def run(args) -> int:
 
 
 def _settings(args):
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     return ev.settings(args.model, args.adapter, args.quantize)
 
 
 def _each_loaded(args):
     """Yields (setting, loaded) for every setting, freeing each model before the next."""
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     for setting in _settings(args):
         print(f"loading {setting.label} ...", file=sys.stderr)
@@ -116,7 +116,7 @@ def _setting_fields(setting, loaded) -> dict:
 
 
 def run_perplexity(args) -> int:
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     path = Path(args.text) if args.text else ev.DEFAULT_TEXT
     try:
@@ -160,7 +160,7 @@ def run_perplexity(args) -> int:
 
 
 def _tasks(args):
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     names = [t["name"] for t in ev.list_tasks()] if "all" in args.task else args.task
     tasks = [ev.load_task(ev.task_path(n), where=f"{n}.jsonl") for n in dict.fromkeys(names)]
@@ -176,7 +176,7 @@ def _tasks(args):
 
 
 def run_choice(args) -> int:
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     tasks = _tasks(args)
     if args.batch_tokens < 1:
@@ -224,7 +224,7 @@ def _pm(p: float, stderr: float | None) -> str:
 def _write_jsonl(path: Path, rows: list[dict]):
     import json
 
-    from gemmakit.checkpoint import atomic_write
+    from gemmakit.files import atomic_write
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -236,7 +236,7 @@ def _write_jsonl(path: Path, rows: list[dict]):
 
 
 def run_tasks(args) -> int:
-    from gemmakit import evaluation as ev
+    from gemmakit.evaluation import core as ev
 
     tasks = ev.list_tasks()
     if args.json:

@@ -39,7 +39,7 @@ def add_arguments(p):
 def run(args) -> int:
     from gemmakit.errors import GemmakitError
     from gemmakit.export import export
-    from gemmakit.hf_export import HF_DTYPES
+    from gemmakit.formats.hf_folder import HF_DTYPES
 
     qtype = args.type.lower()
     valid = GGUF_CHOICES if args.to == "gguf" else tuple(HF_DTYPES)

@@ -16,7 +16,7 @@ SAMPLE_NAME = "guanaco-sample"
 
 
 def add_arguments(p):
-    from gemmakit import training
+    from gemmakit.training import core as training
 
     helps = training.field_help()
     defaults = training.TrainConfig()
@@ -68,8 +68,8 @@ def _add_flag(g, name, help_text, default, training):
 
 def effective_config(args):
     """The TrainConfig for parsed args: recipe < (saved config on --resume) < --config < flags."""
-    from gemmakit import training
     from gemmakit.errors import ConfigError
+    from gemmakit.training import core as training
 
     flags = {n: getattr(args, n) for n in training.FIELD_NAMES if getattr(args, n, None) is not None}
     flags = {n: training.coerce(n, v) for n, v in flags.items()}
@@ -92,7 +92,7 @@ def effective_config(args):
     else:
         cfg = training.make_config(None, *layers)
     if cfg.data == SAMPLE_NAME or cfg.eval_data == SAMPLE_NAME:
-        from gemmakit.data import shipped_dataset
+        from gemmakit.training.data import shipped_dataset
 
         sample = str(shipped_dataset())
         cfg.data = sample if cfg.data == SAMPLE_NAME else cfg.data
@@ -101,8 +101,8 @@ def effective_config(args):
 
 
 def run(args) -> int:
-    from gemmakit import training
     from gemmakit.commands.common import print_json
+    from gemmakit.training import core as training
 
     cfg, changed = effective_config(args)
     if args.show_config:

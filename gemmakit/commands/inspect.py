@@ -2,7 +2,7 @@
 
 A target is a preset name, a config.json (or a model folder holding one) of a Gemma, Llama,
 Mistral or Qwen2 model, a GGUF file, or nothing (the bundled Gemma 3 270M GGUF). No weights are
-read: counts come from the config or the GGUF header (`gemmakit.accounting`).
+read: counts come from the config or the GGUF header (`gemmakit.planning.core`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from gemmakit import accounting as acc
-from gemmakit.accounting import GB, Architecture, Options, Report, fmt_bytes, fmt_params
 from gemmakit.config import PRESETS
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.planning import core as acc
+from gemmakit.planning.core import GB, Architecture, Options, Report, fmt_bytes, fmt_params
 
 DESCRIPTION = """\
 Exact parameter counts (total, embedding, non-embedding), the architecture, and memory needs
@@ -178,7 +178,7 @@ def architecture_for(target: str | None) -> tuple[Architecture, dict | None]:
             raise ConfigError(f"{path}: not a config.json object")
         name = path.parent.name if path.name == "config.json" else path.stem
         return acc.from_hf_dict(raw, name or path.stem), None
-    from gemmakit.gguf import GGUFFile
+    from gemmakit.formats.gguf import GGUFFile
 
     g = GGUFFile(where)
     arch = acc.from_gguf(g)

@@ -42,9 +42,9 @@ def merge_to_folder(model, adapter, output, dtype="auto", device=None, force=Fal
     """
     import importlib.util
 
-    from gemmakit import lora
     from gemmakit.errors import GemmakitError
     from gemmakit.loading import load
+    from gemmakit.lora import core as lora
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
@@ -59,7 +59,7 @@ def merge_to_folder(model, adapter, output, dtype="auto", device=None, force=Fal
         name = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}[str(weights_dtype)]
         export_hf(loaded, output, dtype=name, force=force, progress=False)
         return loaded
-    from gemmakit.training import save_hf_folder
+    from gemmakit.training.core import save_hf_folder
 
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
 In-memory types (fp32, bf16, nf4, int8, int4) are measured on a copy of the loaded model,
 their size being the bytes its parameters and buffers hold; GGUF types are written to a
 temporary file, read back by gemmakit's loader (which dequantizes to float32), and measured
-with the file's size. Perplexity is gemmakit.evaluation's: windows of `--context` ids, each
+with the file's size. Perplexity is gemmakit.evaluation.core's: windows of `--context` ids, each
 starting with one <bos>, non-overlapping (stride context - 1), on the same text tokens.
 """
 
@@ -74,7 +74,7 @@ def _variant(loaded, kind: str):
     """A copy of the loaded model in the in-memory format `kind`."""
     import torch
 
-    from gemmakit.quantization import quantize_model
+    from gemmakit.quant.core import quantize_model
 
     model = copy.deepcopy(loaded.model)
     if kind == "bf16":
@@ -89,10 +89,10 @@ def _variant(loaded, kind: str):
 def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int | None = None, progress=True):
     """Rows of {type, description, bytes, perplexity, change} for each type, fp32 first."""
     from gemmakit.errors import GemmakitError
-    from gemmakit.evaluation import perplexity
+    from gemmakit.evaluation.core import perplexity
     from gemmakit.export import export_gguf
     from gemmakit.loading import load
-    from gemmakit.quantization import model_memory
+    from gemmakit.quant.core import model_memory
 
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     if len(ids) < 2:
@@ -146,9 +146,9 @@ def format_table(table: dict) -> str:
 
 def run(args) -> int:
     from gemmakit.errors import GemmakitError
+    from gemmakit.evaluation.verify import DEFAULT_TEXT
     from gemmakit.export import apply_adapter
     from gemmakit.loading import load
-    from gemmakit.verify import DEFAULT_TEXT
 
     types = parse_types(args.types)
     if args.max_tokens is not None and args.max_tokens < 2:

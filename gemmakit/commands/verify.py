@@ -30,8 +30,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from gemmakit.errors import GemmakitError
+    from gemmakit.evaluation.verify import DEFAULT_PROMPTS, Thresholds, compare
     from gemmakit.loading import load
-    from gemmakit.verify import DEFAULT_PROMPTS, Thresholds, compare
 
     text = None
     if args.text:

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.paths import DATA
 
 IGNORE = -100
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 _TURN_RE = re.compile(r"###\s*(Human|Assistant)\s*:")
-SHIPPED = Path(__file__).parent / "data" / "guanaco_sample.jsonl"
+SHIPPED = DATA / "guanaco_sample.jsonl"
 
 
 @dataclass
@@ -273,7 +274,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     within a packed row and positions run on through the row, as TRL's packing did by
     default (a little cross-example contamination for no padding). A model whose
     `hidden_states` accepts `segment_ids` gets a block-diagonal mask and per-example
-    positions instead (see `gemmakit.training.batch_loss_sum`).
+    positions instead (see `gemmakit.training.core.batch_loss_sum`).
     """
     rows: list[Example] = []
     for ex in examples:

@@ -6,7 +6,7 @@
 - greedy agreement: A generates N tokens greedily; B reads the same sequence (teacher
   forcing) and its argmax is compared with A's token at each of the N positions. The count of
   leading matches is exactly the number of tokens B would generate identically on its own;
-- perplexity of each on the text (gemmakit.evaluation's strided method).
+- perplexity of each on the text (gemmakit.evaluation.core's strided method).
 
 The verdict uses stated thresholds (`THRESHOLDS`):
 - identical: same tokenization, max |Δlogit| <= 1e-3 (float32 rounding of the same weights
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.paths import DATA
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -35,7 +35,7 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):",
     "Water boils at a temperature of",
 )
-DEFAULT_TEXT = Path(__file__).parent / "data" / "eval_text.txt"
+DEFAULT_TEXT = DATA / "eval_text.txt"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def compare(
     thresholds: Thresholds = THRESHOLDS,
 ) -> dict:
     """Compares two `gemmakit.loading.Loaded` models; returns measurements and a verdict."""
-    from gemmakit.evaluation import perplexity
+    from gemmakit.evaluation.core import perplexity
 
     if not prompts:
         raise GemmakitError("give at least one prompt")

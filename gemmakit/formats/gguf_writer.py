@@ -1,7 +1,7 @@
 """GGUF writing for Gemma: metadata llama.cpp reads, the SentencePiece vocabulary, block quants.
 
 The layout follows llama.cpp's own converter (convert_hf_to_gguf.py, Gemma/Gemma2/Gemma3
-models) so that llama.cpp loads the file, and gemmakit's reader (`gemmakit.gguf`) reads it
+models) so that llama.cpp loads the file, and gemmakit's reader (`gemmakit.formats.gguf`) reads it
 back to the same model:
 - architecture `gemma` / `gemma2` / `gemma3` and its hyper-parameter keys;
 - RMSNorm weights stored as w + 1 (llama.cpp multiplies by the stored weight alone);
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from gemmakit.checkpoint import atomic_write
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import GemmakitError
-from gemmakit.gguf import hf_to_gguf_name, is_norm
-from gemmakit.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
+from gemmakit.files import atomic_write
+from gemmakit.formats.gguf import hf_to_gguf_name, is_norm
+from gemmakit.formats.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 # Gemma's chat format (field-notes §2.10): "assistant" is written "model", a system message is
 # folded into the first user turn (Gemma 3's rule), one <bos> at the start. It renders the
-# same text as `gemmakit.tokenizer.render_chat` (tested).
+# same text as `gemmakit.formats.tokenizer.render_chat` (tested).
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -280,7 +280,7 @@ def write_gguf(
         path: the output file; written under a temporary name, then renamed.
         state: the model's float state dict under gemmakit's (HF) names.
         config: the model's config.
-        tokenizer: a `gemmakit.tokenizer.Tokenizer`; None writes no vocabulary (gemmakit can
+        tokenizer: a `gemmakit.formats.tokenizer.Tokenizer`; None writes no vocabulary (gemmakit can
             still load the weights, llama.cpp cannot run the file).
         qtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0, for the 2-D weights.
         embedding_type: type of token_embd (and output); default: q8_0 below 8 bits, else qtype.

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoint import native_to_hf, save_safetensors
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import GemmakitError
+from gemmakit.formats.safetensors import native_to_hf, save_safetensors
 
 HF_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -109,7 +109,7 @@ def write_hf(
     """
     from tqdm import tqdm
 
-    from gemmakit.gguf_writer import GEMMA_CHAT_TEMPLATE
+    from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():

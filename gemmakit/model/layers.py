@@ -1,4 +1,4 @@
-"""The Gemma 1/2/3 text model in PyTorch, under Hugging Face's state-dict names.
+"""The layers of a Gemma 1/2/3 block, under Hugging Face's state-dict names.
 
 Shape letters used in comments:
     B batch, T new tokens in this call, S key/value slots attended to,
@@ -6,20 +6,24 @@ Shape letters used in comments:
 
 Numerics follow the reference implementations (gemma_pytorch `gemma/model.py`,
 transformers `modeling_gemma{,2,3}.py`); each subtlety cites where it comes from.
-The file reads bottom-up: norms and RoPE, attention, MLP, block, cache, model.
+The file reads bottom-up: norms and RoPE, attention, MLP, block.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gemmakit import cpu_kernels
-from gemmakit.config import FULL, SLIDING, GemmaConfig
+from gemmakit.config import GemmaConfig
+
+if TYPE_CHECKING:
+    from gemmakit.model.cache import LayerCache
+from gemmakit.kernels import cpu as cpu_kernels
 
 # Chunks of at most this many tokens use the grouped matmul attention, longer ones SDPA.
 SMALL_CHUNK = 16
@@ -274,239 +278,3 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, cache=None):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-
-
-# --- KV cache --------------------------------------------------------------------------------
-
-
-class LayerCache:
-    """Preallocated keys and values of one layer: (B, K, capacity, D).
-
-    Full-attention layers keep a slot per column. Sliding layers keep a ring of
-    `min(window, length)` slots: column c lives in slot c % capacity, and the shared
-    `GroupState` says which column each slot holds.
-    """
-
-    def __init__(self, group: GroupState, batch, kv_heads, head_dim, dtype, device):
-        self.group = group
-        shape = (batch, kv_heads, group.capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, k, v):
-        g = self.group
-        if g.concat:  # a chunk that wraps the ring: attend over old slots + the new keys
-            keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-            self.k[:, :, g.write_slots] = k[:, :, -len(g.write_slots) :]
-            self.v[:, :, g.write_slots] = v[:, :, -len(g.write_slots) :]
-            return keys, values
-        self.k[:, :, g.write_slots] = k
-        self.v[:, :, g.write_slots] = v
-        return self.k[:, :, : g.visible], self.v[:, :, : g.visible]
-
-
-class GroupState:
-    """Slot bookkeeping shared by all layers of one attention type."""
-
-    def __init__(self, capacity: int, window: int | None, device):
-        self.capacity, self.window = capacity, window
-        self.slot_cols = torch.full((capacity,), -1, dtype=torch.long, device=device)
-        self.concat, self.write_slots, self.visible = False, None, 0
-
-    def plan(self, cols: torch.Tensor, start: int):
-        """Decides where the columns `cols` go and returns the key columns attended to."""
-        T, cap = len(cols), self.capacity
-        wraps = start + T > cap
-        # Writing before attending is safe unless the chunk overwrites a slot an earlier
-        # query of the same chunk still needs: only a multi-token chunk that wraps does.
-        self.concat = wraps and T > 1
-        if self.concat:
-            kept = cols[-cap:]
-            old_cols = self.slot_cols.clone()
-            self.write_slots = kept % cap
-            self.slot_cols[self.write_slots] = kept
-            return torch.cat((old_cols, cols))
-        self.write_slots = cols % cap
-        self.slot_cols[self.write_slots] = cols
-        self.visible = min(start + T, cap)
-        return self.slot_cols[: self.visible]
-
-    def place(self, col: int) -> tuple[int, int]:
-        """plan() for the single column `col`, in plain ints: (slot written, slots visible)."""
-        slot = col % self.capacity
-        self.slot_cols[slot] = col
-        return slot, min(col + 1, self.capacity)
-
-
-class KVCache:
-    """The whole model's cache for a batch of B rows and at most `max_length` columns.
-
-    Rows are left-padded to a common length, so a column index is shared by the batch;
-    `valid` marks which (row, column) pairs hold real tokens.
-    """
-
-    def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device):
-        self.max_length, self.length, self.dtype = max_length, 0, dtype
-        self.valid = torch.zeros((batch, max_length), dtype=torch.bool, device=device)
-        self.groups = {FULL: GroupState(max_length, None, device)}
-        if SLIDING in config.layer_types:
-            window = config.sliding_window
-            self.groups[SLIDING] = GroupState(min(window, max_length), window, device)
-        self.layers = [
-            LayerCache(self.groups[t], batch, config.num_key_value_heads, config.head_dim, dtype, device)
-            for t in config.layer_types
-        ]
-
-    def advance(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Registers T new columns and returns each group's additive mask (B, 1, T, S)."""
-        B, T = attention_mask.shape
-        start = self.length
-        if start + T > self.max_length:
-            raise ValueError(f"cache holds {self.max_length} tokens; {start + T} requested")
-        cols = torch.arange(start, start + T, device=self.valid.device)
-        self.valid[:, start : start + T] = attention_mask
-        self.length += T
-        masks = {}
-        for kind, group in self.groups.items():
-            key_cols = group.plan(cols, start)
-            key_valid = self.valid[:, key_cols.clamp(min=0)] & (key_cols >= 0)  # (B, S)
-            masks[kind] = build_mask(cols, key_cols, key_valid, group.window, self.dtype)
-        return masks
-
-    def append_dense(self) -> dict[str, tuple[int, int]]:
-        """Registers one real token of a one-row cache whose every column holds a token, and
-        returns each group's (slot written, slots visible), building no masks: every visible
-        slot then holds a token inside its group's window (a sliding group's ring is the
-        window), so the masks `advance` would build are all zeros. For the C decode step."""
-        col = self.length
-        if col >= self.max_length:
-            raise ValueError(f"cache holds {self.max_length} tokens; {col + 1} requested")
-        self.valid[0, col] = True
-        self.length = col + 1
-        return {kind: group.place(col) for kind, group in self.groups.items()}
-
-
-def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32, same_segment=None):
-    """Additive mask (B, 1, T, S): 0 where the key column <= the query column, lies inside
-    the window and holds a real token (of the query's segment, when `same_segment` (B, T, S)
-    is given); -inf elsewhere.
-
-    A query always sees itself, so padding rows never have an empty softmax (which would
-    put NaN into the shared matmul).
-    """
-    diff = q_cols[:, None] - key_cols[None, :]  # (T, S)
-    allowed = diff >= 0
-    if window is not None:
-        allowed &= diff < window
-    allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
-    if same_segment is not None:
-        allowed &= same_segment
-    allowed |= (diff == 0)[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, float("-inf"))[:, None]
-
-
-# --- Model -----------------------------------------------------------------------------------
-
-
-class GemmaModel(nn.Module):
-    """Embedding, blocks and final norm: HF's `model.` prefix."""
-
-    def __init__(self, config: GemmaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class Gemma(nn.Module):
-    """A Gemma causal language model (Gemma 1, 2 or 3 text), HF state-dict compatible."""
-
-    def __init__(self, config: GemmaConfig):
-        super().__init__()
-        self.config = config
-        self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = {
-            t: rope_inv_freq(config.head_dim, config.rope_base(t), config.rope_scale(t))
-            for t in set(config.layer_types)
-        }
-
-    def _embedding_scale(self, dtype: torch.dtype) -> float:
-        # A Python float holding the dtype-rounded value: multiplying by it equals
-        # multiplying by torch.tensor(sqrt(C), dtype=dtype), without a tensor per call.
-        return float(torch.tensor(self.config.embedding_scale, dtype=dtype))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype (read off the final norm, which is never quantized)."""
-        return self.model.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def make_cache(self, batch: int, max_length: int) -> KVCache:
-        return KVCache(self.config, batch, max_length, self.dtype, self.device)
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        segment_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final-normed hidden states (B, T, C).
-
-        Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T) booleans, False on (left) padding. Default: all real.
-            positions: (B, T) RoPE positions. Default: counted from the first real token.
-            cache: continues from and extends this cache; without one, the call sees only
-                its own tokens.
-            segment_ids: (B, T) ids of the packed examples tokens belong to (training on
-                packed rows): a token attends only within its segment. Pass `positions`
-                counted per segment with it. Not with a cache.
-        """
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        before = 0 if cache is None else cache.valid[:, : cache.length].sum(1, keepdim=True)
-        if positions is None:  # (B, T)
-            positions = (before + attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        if cache is None:  # the call's own tokens only: no slots to manage
-            cols = torch.arange(T, device=input_ids.device)
-            windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
-            same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
-            masks = {
-                t: build_mask(cols, cols, attention_mask, w, self.dtype, same) for t, w in windows.items()
-            }
-            layer_caches = [None] * len(self.model.layers)
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are for cache-free (training) calls")
-            masks = cache.advance(attention_mask)
-            layer_caches = cache.layers
-        h = self.model.embed_tokens(input_ids).to(self.dtype)
-        # The sqrt(C) factor is rounded to the activation dtype first, as the reference
-        # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
-        h = h * self._embedding_scale(h.dtype)
-        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
-        for block, layer_cache in zip(self.model.layers, layer_caches):
-            h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)
-        return self.model.norm(h)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:  # Gemma 2 (transformers modeling_gemma2.py)
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def forward(self, input_ids, attention_mask=None, positions=None, cache=None):
-        """Logits (B, T, V)."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, positions, cache))

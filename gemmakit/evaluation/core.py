@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.paths import DATA
 
 # Positions whose logits are materialized at once: 128 x 262144 float32 = 128 MiB.
 LOGIT_CHUNK = 128
@@ -40,8 +41,8 @@ BATCH_TOKENS = 4096
 MAX_BATCH_ROWS = 64
 DEFAULT_CONTEXT = 512
 
-TASKS_DIR = Path(__file__).parent / "data" / "tasks"
-DEFAULT_TEXT = Path(__file__).parent / "data" / "eval_text_wiki.txt"
+TASKS_DIR = DATA / "tasks"
+DEFAULT_TEXT = DATA / "eval_text_wiki.txt"
 
 
 def model_device(model) -> torch.device:
@@ -162,7 +163,7 @@ def perplexity(
     """Perplexity of token ids by the strided method (see `strided_windows`).
 
     Args:
-        model: a `gemmakit.model.Gemma`.
+        model: a `gemmakit.model.gemma.Gemma`.
         ids: the text's token ids; a leading `<bos>` is dropped (each window adds its own).
         bos_id: the tokenizer's `<bos>` id.
         context: ids per window, the `<bos>` included.
@@ -631,15 +632,15 @@ def settings(
 def load_setting(setting: Setting, dtype: str = "auto", device: str | None = None):
     """Loads the model of `setting` and applies its adapter, then its quantization.
 
-    The order is `gemmakit.api.LLM`'s, so a row here is the model `generate` would run.
+    The order is `gemmakit.inference.api.LLM`'s, so a row here is the model `generate` would run.
     """
     for needed, module, flag in (
-        (setting.adapter, "gemmakit.lora", "--adapter"),
-        (setting.quantize, "gemmakit.quantization", "--quantize"),
+        (setting.adapter, "gemmakit.lora.core", "--adapter"),
+        (setting.quantize, "gemmakit.quant.core", "--quantize"),
     ):
         if needed and importlib.util.find_spec(module) is None:
             raise GemmakitError(f"{flag} needs {module}, which this installation of gemmakit does not have")
-    from gemmakit.api import LLM
+    from gemmakit.inference.api import LLM
     from gemmakit.loading import load
 
     loaded = load(setting.model, dtype=dtype, device=device)

@@ -21,10 +21,12 @@ import ctypes
 import torch
 from torch import nn
 
-from gemmakit import cpu_kernels
 from gemmakit.config import FULL, SLIDING
-from gemmakit.model import Gemma, KVCache, RMSNorm
-from gemmakit.quantization import Int8Linear, QuantizedEmbedding
+from gemmakit.kernels import cpu as cpu_kernels
+from gemmakit.model.cache import KVCache
+from gemmakit.model.gemma import Gemma
+from gemmakit.model.layers import RMSNorm
+from gemmakit.quant.core import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
 W_F32, W_INT8, W_BF16 = 0, 1, 2

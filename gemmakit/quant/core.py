@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit import cpu_kernels
+from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError
+from gemmakit.kernels import cpu as cpu_kernels
 
 KINDS = ("nf4", "int8", "int4")
 # The linear layers of a block that get quantized (the LoRA targets of the article's recipe).
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = PROJECTIONS
 
 # --- NF4 -----------------------------------------------------------------------------------
 
@@ -578,7 +579,7 @@ def quantize_model(
     """Quantizes a Gemma model in place and returns it.
 
     Args:
-        model: a `gemmakit.model.Gemma` in float32/bfloat16/float16.
+        model: a `gemmakit.model.gemma.Gemma` in float32/bfloat16/float16.
         kind: "nf4", "int8" or "int4".
         embeddings: also quantize the embedding / lm_head matrix (rows are dequantized on
             lookup): True (same kind), False, or "int8"/"int4". Default: int8 for int8 and

@@ -5,12 +5,12 @@ Optional: needs `pip install lm-eval`. Importing this module registers the model
 has no plugin mechanism for models, so run it through this module, which registers the
 adapter and then hands over to lm-eval's CLI:
 
-    python -m gemmakit.lm_eval_adapter run --model gemmakit \\
+    python -m gemmakit.evaluation.lm_eval_adapter run --model gemmakit \\
         --model_args model=path/to/model.gguf,quantize=nf4 --tasks arc_easy --limit 100
 
 or from Python:
 
-    import lm_eval, gemmakit.lm_eval_adapter
+    import lm_eval, gemmakit.evaluation.lm_eval_adapter
     lm_eval.simple_evaluate(model="gemmakit", model_args="dtype=float32", tasks=[...])
 
 model_args: `model` (folder or .gguf; default the bundled Gemma 3 270M), `dtype`, `device`,
@@ -20,7 +20,7 @@ model_args: `model` (folder or .gguf; default the bundled Gemma 3 270M), `dtype`
 What differs from lm-eval's `hf` model, on purpose: every request starts with exactly one
 `<bos>` (Gemma's perplexity and accuracy collapse without it: lm-eval GH#1465, GH#2049),
 including each window of `loglikelihood_rolling`, which uses gemmakit's strided method
-(`gemmakit.evaluation.strided_windows`) instead of lm-eval's windows that begin mid-text.
+(`gemmakit.evaluation.core.strided_windows`) instead of lm-eval's windows that begin mid-text.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from gemmakit import evaluation as ev
+from gemmakit.evaluation import core as ev
 
 eval_logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class GemmakitLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generates for each (context, gen_kwargs): greedy unless do_sample, cut at `until`."""
         from gemmakit import SamplingParams
-        from gemmakit.api import LLM
+        from gemmakit.inference.api import LLM
 
         llm = LLM(loaded=self.loaded)
         out: list[str | None] = [None] * len(requests)

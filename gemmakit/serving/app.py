@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the batching scheduler, with a chat page at `/`.
 
     from gemmakit import LLM
-    from gemmakit.server import ServerConfig, create_app, serve_in_thread
+    from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread
     server = serve_in_thread(create_app(LLM(), ServerConfig()))
     # OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(...)
 
@@ -10,7 +10,7 @@ Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 the chat page `GET /`. Errors are OpenAI's JSON: `{"error": {"message", "type", "param",
 "code"}}`, with 4xx statuses for anything the client can fix.
 
-Requests are decoded by `gemmakit.scheduler.Scheduler`: concurrent requests share batches, a
+Requests are decoded by `gemmakit.serving.scheduler.Scheduler`: concurrent requests share batches, a
 full queue answers 429 and a closing server 503, and a client that disconnects cancels its
 generation.
 
@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -45,11 +44,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import GemmakitError
-from gemmakit.generation import SamplingParams
-from gemmakit.scheduler import QueueFullError, Scheduler, ShuttingDownError, Ticket
-from gemmakit.tokenizer import render_chat
+from gemmakit.formats.tokenizer import render_chat
+from gemmakit.inference.engine import SamplingParams
+from gemmakit.paths import STATIC
+from gemmakit.serving.scheduler import QueueFullError, Scheduler, ShuttingDownError, Ticket
 
-STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit import c_decode
 from gemmakit.errors import GemmakitError
+from gemmakit.kernels import decode as c_decode
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters on a frozen base, merged back, saved and loaded in PEFT's format.
 
 `apply_lora(model, r, alpha, dropout, targets)` freezes the model and swaps each targeted
-`nn.Linear` (or a quantized linear from `gemmakit.quantization`, for QLoRA) for a
+`nn.Linear` (or a quantized linear from `gemmakit.quant.core`, for QLoRA) for a
 `LoRALinear`, and a targeted `nn.Embedding` for a `LoRAEmbedding`. The output is
 
     y = base(x) + B(A(dropout(x))) * alpha / r        (alpha / sqrt(r) with rsLoRA)
@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit import cpu_kernels
+from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.kernels import cpu as cpu_kernels
 
 # The article's targets: every projection of attention and MLP.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = PROJECTIONS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -470,7 +471,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
 
     Each file is written atomically; the adapter tensors are saved in float32.
     """
-    from gemmakit.checkpoint import atomic_write, save_safetensors
+    from gemmakit.files import atomic_write
+    from gemmakit.formats.safetensors import save_safetensors
 
     settings = getattr(model, "lora_settings", None)
     if settings is None or not lora_modules(model):
@@ -487,7 +489,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config dict, tensors with our module names) of a PEFT LoRA folder."""
-    from gemmakit.checkpoint import read_safetensors
+    from gemmakit.formats.safetensors import read_safetensors
 
     folder = Path(folder)
     if not folder.is_dir():

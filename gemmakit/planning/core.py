@@ -345,8 +345,8 @@ def siglip_params(vision: dict[str, Any], text_hidden: int) -> int:
 
 
 def from_gguf(g) -> Architecture:
-    """An Architecture from a GGUF header (`gemmakit.gguf.GGUFFile`); no tensor data is read."""
-    from gemmakit.gguf import GGUF_ARCHITECTURES, config_from_gguf
+    """An Architecture from a GGUF header (`gemmakit.formats.gguf.GGUFFile`); no tensor data is read."""
+    from gemmakit.formats.gguf import GGUF_ARCHITECTURES, config_from_gguf
 
     arch = g.architecture
     if arch in GGUF_ARCHITECTURES:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit.api import StreamEvent
-from gemmakit.generation import Request, SamplingParams, TextStream, generate_steps
+from gemmakit.inference.api import StreamEvent
+from gemmakit.inference.engine import Request, SamplingParams, TextStream, generate_steps
 
 ABORT = "abort"  # the finish_reason of a cancelled row (vLLM's name)
 

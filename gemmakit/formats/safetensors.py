@@ -9,7 +9,6 @@ text weights with `language_model`.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ModelFileError
+from gemmakit.files import atomic_write
 
 _MULTIMODAL_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
@@ -192,19 +192,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def atomic_write(path: Path, write):
-    """Calls write(tmp_path) and renames into place, so a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):

@@ -58,9 +58,9 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    source = resources.files("gemmakit").joinpath("csrc/cpu_kernels.c").read_bytes()
+    source = resources.files("gemmakit.kernels").joinpath("csrc/cpu_kernels.c").read_bytes()
     key = hashlib.sha1(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    from gemmakit.loading import cache_dir
+    from gemmakit.paths import cache_dir
 
     target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():

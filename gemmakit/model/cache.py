@@ -1,0 +1,135 @@
+"""The KV cache: preallocated per-layer keys and values, sliding layers as rings, and the
+additive attention masks (see `KVCache`)."""
+
+from __future__ import annotations
+
+import torch
+
+from gemmakit.config import FULL, SLIDING, GemmaConfig
+
+
+class LayerCache:
+    """Preallocated keys and values of one layer: (B, K, capacity, D).
+
+    Full-attention layers keep a slot per column. Sliding layers keep a ring of
+    `min(window, length)` slots: column c lives in slot c % capacity, and the shared
+    `GroupState` says which column each slot holds.
+    """
+
+    def __init__(self, group: GroupState, batch, kv_heads, head_dim, dtype, device):
+        self.group = group
+        shape = (batch, kv_heads, group.capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k, v):
+        g = self.group
+        if g.concat:  # a chunk that wraps the ring: attend over old slots + the new keys
+            keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+            self.k[:, :, g.write_slots] = k[:, :, -len(g.write_slots) :]
+            self.v[:, :, g.write_slots] = v[:, :, -len(g.write_slots) :]
+            return keys, values
+        self.k[:, :, g.write_slots] = k
+        self.v[:, :, g.write_slots] = v
+        return self.k[:, :, : g.visible], self.v[:, :, : g.visible]
+
+
+class GroupState:
+    """Slot bookkeeping shared by all layers of one attention type."""
+
+    def __init__(self, capacity: int, window: int | None, device):
+        self.capacity, self.window = capacity, window
+        self.slot_cols = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.concat, self.write_slots, self.visible = False, None, 0
+
+    def plan(self, cols: torch.Tensor, start: int):
+        """Decides where the columns `cols` go and returns the key columns attended to."""
+        T, cap = len(cols), self.capacity
+        wraps = start + T > cap
+        # Writing before attending is safe unless the chunk overwrites a slot an earlier
+        # query of the same chunk still needs: only a multi-token chunk that wraps does.
+        self.concat = wraps and T > 1
+        if self.concat:
+            kept = cols[-cap:]
+            old_cols = self.slot_cols.clone()
+            self.write_slots = kept % cap
+            self.slot_cols[self.write_slots] = kept
+            return torch.cat((old_cols, cols))
+        self.write_slots = cols % cap
+        self.slot_cols[self.write_slots] = cols
+        self.visible = min(start + T, cap)
+        return self.slot_cols[: self.visible]
+
+    def place(self, col: int) -> tuple[int, int]:
+        """plan() for the single column `col`, in plain ints: (slot written, slots visible)."""
+        slot = col % self.capacity
+        self.slot_cols[slot] = col
+        return slot, min(col + 1, self.capacity)
+
+
+class KVCache:
+    """The whole model's cache for a batch of B rows and at most `max_length` columns.
+
+    Rows are left-padded to a common length, so a column index is shared by the batch;
+    `valid` marks which (row, column) pairs hold real tokens.
+    """
+
+    def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device):
+        self.max_length, self.length, self.dtype = max_length, 0, dtype
+        self.valid = torch.zeros((batch, max_length), dtype=torch.bool, device=device)
+        self.groups = {FULL: GroupState(max_length, None, device)}
+        if SLIDING in config.layer_types:
+            window = config.sliding_window
+            self.groups[SLIDING] = GroupState(min(window, max_length), window, device)
+        self.layers = [
+            LayerCache(self.groups[t], batch, config.num_key_value_heads, config.head_dim, dtype, device)
+            for t in config.layer_types
+        ]
+
+    def advance(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Registers T new columns and returns each group's additive mask (B, 1, T, S)."""
+        B, T = attention_mask.shape
+        start = self.length
+        if start + T > self.max_length:
+            raise ValueError(f"cache holds {self.max_length} tokens; {start + T} requested")
+        cols = torch.arange(start, start + T, device=self.valid.device)
+        self.valid[:, start : start + T] = attention_mask
+        self.length += T
+        masks = {}
+        for kind, group in self.groups.items():
+            key_cols = group.plan(cols, start)
+            key_valid = self.valid[:, key_cols.clamp(min=0)] & (key_cols >= 0)  # (B, S)
+            masks[kind] = build_mask(cols, key_cols, key_valid, group.window, self.dtype)
+        return masks
+
+    def append_dense(self) -> dict[str, tuple[int, int]]:
+        """Registers one real token of a one-row cache whose every column holds a token, and
+        returns each group's (slot written, slots visible), building no masks: every visible
+        slot then holds a token inside its group's window (a sliding group's ring is the
+        window), so the masks `advance` would build are all zeros. For the C decode step."""
+        col = self.length
+        if col >= self.max_length:
+            raise ValueError(f"cache holds {self.max_length} tokens; {col + 1} requested")
+        self.valid[0, col] = True
+        self.length = col + 1
+        return {kind: group.place(col) for kind, group in self.groups.items()}
+
+
+def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32, same_segment=None):
+    """Additive mask (B, 1, T, S): 0 where the key column <= the query column, lies inside
+    the window and holds a real token (of the query's segment, when `same_segment` (B, T, S)
+    is given); -inf elsewhere.
+
+    A query always sees itself, so padding rows never have an empty softmax (which would
+    put NaN into the shared matmul).
+    """
+    diff = q_cols[:, None] - key_cols[None, :]  # (T, S)
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    if same_segment is not None:
+        allowed &= same_segment
+    allowed |= (diff == 0)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[:, None]

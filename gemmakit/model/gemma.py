@@ -1,0 +1,116 @@
+"""The Gemma causal language model: embedding, blocks, final norm and head (HF's names).
+
+Shape letters as in `gemmakit/model/layers.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gemmakit.config import SLIDING, GemmaConfig
+from gemmakit.model.cache import KVCache, build_mask
+from gemmakit.model.layers import Block, RMSNorm, rope_cos_sin, rope_inv_freq
+
+
+class GemmaModel(nn.Module):
+    """Embedding, blocks and final norm: HF's `model.` prefix."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma(nn.Module):
+    """A Gemma causal language model (Gemma 1, 2 or 3 text), HF state-dict compatible."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq = {
+            t: rope_inv_freq(config.head_dim, config.rope_base(t), config.rope_scale(t))
+            for t in set(config.layer_types)
+        }
+
+    def _embedding_scale(self, dtype: torch.dtype) -> float:
+        # A Python float holding the dtype-rounded value: multiplying by it equals
+        # multiplying by torch.tensor(sqrt(C), dtype=dtype), without a tensor per call.
+        return float(torch.tensor(self.config.embedding_scale, dtype=dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (read off the final norm, which is never quantized)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def make_cache(self, batch: int, max_length: int) -> KVCache:
+        return KVCache(self.config, batch, max_length, self.dtype, self.device)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C).
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) booleans, False on (left) padding. Default: all real.
+            positions: (B, T) RoPE positions. Default: counted from the first real token.
+            cache: continues from and extends this cache; without one, the call sees only
+                its own tokens.
+            segment_ids: (B, T) ids of the packed examples tokens belong to (training on
+                packed rows): a token attends only within its segment. Pass `positions`
+                counted per segment with it. Not with a cache.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        before = 0 if cache is None else cache.valid[:, : cache.length].sum(1, keepdim=True)
+        if positions is None:  # (B, T)
+            positions = (before + attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if cache is None:  # the call's own tokens only: no slots to manage
+            cols = torch.arange(T, device=input_ids.device)
+            windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
+            same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+            masks = {
+                t: build_mask(cols, cols, attention_mask, w, self.dtype, same) for t, w in windows.items()
+            }
+            layer_caches = [None] * len(self.model.layers)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for cache-free (training) calls")
+            masks = cache.advance(attention_mask)
+            layer_caches = cache.layers
+        h = self.model.embed_tokens(input_ids).to(self.dtype)
+        # The sqrt(C) factor is rounded to the activation dtype first, as the reference
+        # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
+        h = h * self._embedding_scale(h.dtype)
+        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
+        for block, layer_cache in zip(self.model.layers, layer_caches):
+            h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma 2 (transformers modeling_gemma2.py)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache=None):
+        """Logits (B, T, V)."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions, cache))
