@@ -7,15 +7,15 @@ guessed. It then resets the peak (`/proc/self/clear_refs` = 5, Linux) and record
 each phase separately: loading the model, then the workload. Between the two it calls glibc's
 malloc_trim once, so the heap the loader freed (reported) does not count as workload memory.
 
-The prediction adds to the measured baseline what `gemmakit.planning.core` says sits in memory:
+The prediction adds to the measured baseline what `gemmakit.planning` says sits in memory:
     load      the GGUF loader's own footprint (below): the parsed header, the mapped file,
               every tensor in the target dtype, and one chunk being dequantized;
     forward   weights in the target dtype + the forward's activations
-              (`accounting.inference_activation_bytes`, logits over the 262k vocabulary
+              (`activations.inference_activation_bytes`, logits over the 262k vocabulary
               included);
     step      one LoRA training step (r=16, alpha 16, dropout 0.05 on the seven
               projections, AdamW, batch 2 x --tokens, gemmakit's chunked cross-entropy):
-              `accounting.training_memory`'s total, i.e. weights + fp32 adapters, their
+              `training_memory.training_memory`'s total, i.e. weights + fp32 adapters, their
               gradients, AdamW's two states, the activations autograd keeps and one chunk
               of logits.
 The whole-process peak is the larger of the two; the table prints both phases and the ratio
@@ -151,10 +151,10 @@ def case(name: str, predict: Callable[[argparse.Namespace, dict], dict]):
 def default_arch():
     from gemmakit.formats.gguf import GGUFFile
     from gemmakit.loading import resolve
-    from gemmakit.planning import core as accounting
+    from gemmakit.planning.architecture import from_gguf
 
     g = GGUFFile(resolve(None).path)
-    return accounting.from_gguf(g), g
+    return from_gguf(g), g
 
 
 def predict_gguf_load(g, dtype: str) -> tuple[int, str]:
@@ -196,13 +196,14 @@ def predict_gguf_load(g, dtype: str) -> tuple[int, str]:
 
 def predict_inference(dtype: str):
     def predict(args, measured):
-        from gemmakit.planning import core as accounting
+        from gemmakit.planning.activations import inference_activation_bytes
+        from gemmakit.planning.weights import weight_bytes
 
         arch, g = default_arch()
         base = measured["baseline"]
         load, load_parts = predict_gguf_load(g, dtype)
-        weights = accounting.weight_bytes(arch, dtype)
-        act = accounting.inference_activation_bytes(arch, 1, args.tokens, dtype)
+        weights = weight_bytes(arch, dtype)
+        act = inference_activation_bytes(arch, 1, args.tokens, dtype)
         return {
             "load": (base + load, load_parts),
             "forward": (base + weights + act, f"weights {weights / MB:.0f} + activations {act / MB:.0f}"),
@@ -252,13 +253,13 @@ def predict_lora_step(dtype: str):
     def predict(args, measured):
         import torch
 
-        from gemmakit.planning import core as accounting
+        from gemmakit.planning.training_memory import training_memory
         from gemmakit.training.loss import default_chunk
 
         arch, g = default_arch()
         base = measured["baseline"]
         load, load_parts = predict_gguf_load(g, dtype)
-        t = accounting.training_memory(
+        t = training_memory(
             arch, "lora", LORA_BATCH, args.tokens, dtype, LORA_RANK, LORA_DROPOUT,
             ce_chunk=default_chunk(arch.vocab_size, torch.bfloat16 if dtype == "bf16" else torch.float32),
             cpu_kernels=True,  # the trainer measured here is gemmakit's own, on the CPU

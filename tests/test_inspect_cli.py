@@ -187,12 +187,22 @@ def test_non_gemma_gguf_counts_agree_with_its_config(tmp_path, capsys):
     assert from_gguf["gguf_file"]["bytes_by_type"] == {"F32": 4 * from_gguf["total_params"]}
 
 
-def test_plain_text_fallback_without_rich(monkeypatch, capsys):
-    from gemmakit.commands import inspect
-
-    monkeypatch.setattr(inspect.Output, "__init__", lambda self: setattr(self, "console", None))
+def test_piped_output_is_plain_unwrapped_text(capsys):
+    # Not a terminal: no ANSI styling, no markup, and each table row on one line.
     code, out, _ = run(capsys, "--compare", *COMPARISON[:3])
     assert code == 0
     header = out.splitlines()[0]
     assert all(name in header for name in ("gemma-7b", "gemma-2b", "llama-2-7b"))
     assert "8.0x llama-2-7b" in out and "6,738,415,616" in out
+    assert "\x1b[" not in out and "[bold]" not in out
+
+
+def test_gguf_target_reads_no_tensor_data(monkeypatch, capsys):
+    from gemmakit.formats.gguf import GGUFFile
+
+    def refuse(self, name):
+        raise AssertionError(f"inspect read tensor data of {name}")
+
+    monkeypatch.setattr(GGUFFile, "raw", refuse)
+    code, out, _ = run(capsys, "--json")
+    assert code == 0 and json.loads(out)[0]["total_params"] == 268_098_176

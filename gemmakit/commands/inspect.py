@@ -2,7 +2,7 @@
 
 A target is a preset name, a config.json (or a model folder holding one) of a Gemma, Llama,
 Mistral or Qwen2 model, a GGUF file, or nothing (the bundled Gemma 3 270M GGUF). No weights are
-read: counts come from the config or the GGUF header (`gemmakit.planning.core`).
+read: counts come from the config or the GGUF header (`gemmakit.planning`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,20 @@ import shutil
 import sys
 from pathlib import Path
 
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from gemmakit.config import PRESETS
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
-from gemmakit.planning import core as acc
-from gemmakit.planning.core import GB, Architecture, Options, Report, fmt_bytes, fmt_params
+from gemmakit.formats.gguf import GGUFFile
+from gemmakit.planning.architecture import Architecture, from_gemma_config, from_gguf, from_hf_dict
+from gemmakit.planning.kv_cache import KV_BYTES
+from gemmakit.planning.prose import fmt_bytes, fmt_params, notes, vocab_ratios
+from gemmakit.planning.report import Options, Report, gguf_file_summary, make_report
+from gemmakit.planning.training_memory import TRAINING_METHODS
+from gemmakit.planning.weights import gguf_bytes
 
 DESCRIPTION = """\
 Exact parameter counts (total, embedding, non-embedding), the architecture, and memory needs
@@ -85,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training sequence length (default: 512, the article's recipe)",
     )  # fmt: skip
     parser.add_argument(
-        "--kv-dtype", choices=sorted(acc.KV_BYTES), default="bf16",
+        "--kv-dtype", choices=sorted(KV_BYTES), default="bf16",
         help="KV cache element type (default: bf16; q8_0/q4_0 are llama.cpp's quantized caches)",
     )  # fmt: skip
     parser.add_argument(
@@ -167,7 +177,7 @@ def architecture_for(target: str | None) -> tuple[Architecture, dict | None]:
     """The target's Architecture, and for a GGUF file its actual tensor bytes."""
     kind, where = resolve_target(target)
     if kind == "preset":
-        return acc.from_gemma_config(PRESETS[where], name=where, source="preset"), None
+        return from_gemma_config(PRESETS[where], name=where, source="preset"), None
     if kind == "config":
         path = Path(where)
         try:
@@ -177,50 +187,15 @@ def architecture_for(target: str | None) -> tuple[Architecture, dict | None]:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: not a config.json object")
         name = path.parent.name if path.name == "config.json" else path.stem
-        return acc.from_hf_dict(raw, name or path.stem), None
-    from gemmakit.formats.gguf import GGUFFile
-
-    g = GGUFFile(where)
-    arch = acc.from_gguf(g)
-    return arch, gguf_file_summary(g, arch)
-
-
-def gguf_file_summary(g, arch: Architecture) -> dict:
-    """The file's real tensor bytes per GGML type, and its parameter count from the shapes."""
-    by_type: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    params = 0
-    for t in g.tensors.values():
-        name = t.ggml_type.name
-        by_type[name] = by_type.get(name, 0) + t.nbytes
-        counts[name] = counts.get(name, 0) + 1
-        n = 1
-        for d in t.shape:
-            n *= d
-        params += n
-    return {
-        "path": str(g.path),
-        "file_bytes": g.path.stat().st_size,
-        "tensor_bytes": sum(by_type.values()),
-        "params": params,
-        "bytes_by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
-        "tensors_by_type": counts,
-        "file_type": g.metadata.get("general.file_type"),
-    }
+        return from_hf_dict(raw, name or path.stem), None
+    g = GGUFFile(where)  # the header only: tensor data stays unread
+    return from_gguf(g), gguf_file_summary(g)
 
 
 def report_for(target: str | None, options: Options) -> Report:
     arch, gguf = architecture_for(target)
-    report = acc.make_report(arch, options)
-    if gguf:
-        report.gguf_file = gguf
-        report.memory["gguf_file"] = gguf["tensor_bytes"]
-        if gguf["params"] != report.params.text:  # the header disagrees with the config read from it
-            report.notes.insert(
-                0,
-                f"The GGUF tensors hold {gguf['params']:,} parameters, but its metadata describes "
-                f"{report.params.text:,}; the counts above follow the metadata.",
-            )
+    report = make_report(arch, options, gguf)
+    report.notes = notes(report)
     return report
 
 
@@ -274,8 +249,6 @@ def _training(key: str):
 def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list[str]] | str]:
     """(label, one cell per report) rows, with section titles as plain strings."""
     first = reports[0].arch
-    batch = options.batch or 1
-    train_batch = options.batch or 4
     rows: list = [
         "Parameters",
         ("source", lambda r: f"{r.arch.source}, {r.arch.architecture or r.arch.model_type}"),
@@ -325,14 +298,14 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
             )
         )
     rows += [
-        f"KV cache ({options.kv_dtype}, batch {batch})",
+        f"KV cache ({options.kv_dtype}, batch {options.kv_batch})",
         ("per token", lambda r: f"{r.kv.bytes_per_token:,.0f} B"),
         ("at context", _kv_total),
     ]
     if any(r.kv.total_no_window != r.kv.total for r in reports):
         rows.append(("same, no window caps", lambda r: fmt_bytes(r.kv.total_no_window)))
-    rows.append(f"Fine-tuning ({train_batch} x {options.seq_len}, {options.train_dtype})")
-    for m, (label, *_rest) in acc.TRAINING_METHODS.items():
+    rows.append(f"Fine-tuning ({options.train_batch} x {options.seq_len}, {options.train_dtype})")
+    for m, (label, *_rest) in TRAINING_METHODS.items():
         if m in ("lora", "qlora"):
             label = label.replace("LoRA", f"LoRA r{options.lora_rank}", 1)
         rows.append((label, _training(m)))
@@ -343,56 +316,29 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
 
 
 class Output:
-    """Tables through rich when it is installed, else aligned plain text; never truncated."""
+    """Tables and lines through rich, never truncated: as wide as the terminal, or unbounded
+    (no wrapping, no styling) when stdout is not a terminal."""
 
     def __init__(self):
-        try:
-            from rich.console import Console
-        except ImportError:
-            self.console = None
-        else:
-            tty = sys.stdout.isatty()
-            width = shutil.get_terminal_size((120, 24)).columns if tty else 1000
-            self.console = Console(width=width, highlight=False, soft_wrap=not tty)
+        tty = sys.stdout.isatty()
+        width = shutil.get_terminal_size((120, 24)).columns if tty else 1000
+        self.console = Console(width=width, highlight=False, soft_wrap=not tty)
 
     def line(self, text: str = "") -> None:
-        if self.console:
-            self.console.print(text, markup=False)
-        else:
-            print(text)
+        self.console.print(text, markup=False)
 
     def table(self, title: str | None, header: list[str], rows: list[list[str] | str]) -> None:
         """Rows are cell lists; a plain string row is a section heading."""
-        if self.console:
-            from rich import box
-            from rich.table import Table
-
-            t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False)
-            for i, h in enumerate(header):
-                t.add_column(h, no_wrap=i == 0, overflow="fold", justify="left")
-            for row in rows:
-                if isinstance(row, str):
-                    t.add_section()
-                    t.add_row(f"[bold]{_escape(row)}[/bold]", *[""] * (len(header) - 1))
-                else:
-                    t.add_row(*[_escape(c) for c in row])
-            self.console.print(t)
-            return
-        if title:
-            print(title)
-        cells = [header] + [r for r in rows if not isinstance(r, str)]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-        fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
-        print(fmt(header))
-        print("  ".join("-" * w for w in widths))
+        t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False)
+        for i, h in enumerate(header):
+            t.add_column(h, no_wrap=i == 0, overflow="fold", justify="left")
         for row in rows:
-            print(f"\n{row}" if isinstance(row, str) else fmt(row))
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+            if isinstance(row, str):
+                t.add_section()
+                t.add_row(f"[bold]{escape(row)}[/bold]", *[""] * (len(header) - 1))
+            else:
+                t.add_row(*[escape(c) for c in row])
+        self.console.print(t)
 
 
 def render_single(out: Output, r: Report, options: Options) -> None:
@@ -418,7 +364,7 @@ def render_single(out: Output, r: Report, options: Options) -> None:
     )  # fmt: skip
     if r.gguf_file:
         g = r.gguf_file
-        est = acc.gguf_bytes(r.arch, "q4_k_m")
+        est = gguf_bytes(r.arch, "q4_k_m")
         rows = [
             [name, str(g["tensors_by_type"][name]), f"{n:,}", f"{est.get(name, 0):,}"]
             for name, n in g["bytes_by_type"].items()
@@ -439,7 +385,7 @@ def render_compare(out: Output, reports: list[Report], options: Options) -> None
     body = [row if isinstance(row, str) else [row[0], *row[1]] for row in rows]
     out.table(None, ["", *[r.arch.name for r in reports]], body)
     out.line(_training_legend(reports[0], options))
-    ratio = acc.vocab_ratios([r.arch for r in reports])
+    ratio = vocab_ratios([r.arch for r in reports])
     if ratio:
         out.line(ratio)
     for r in reports:
@@ -464,4 +410,4 @@ def _notes(out: Output, notes: list[str]) -> None:
             out.line(f"  - {n}")
 
 
-__all__ = ["add_arguments", "run", "report_for", "resolve_target", "GB"]
+__all__ = ["add_arguments", "run", "report_for", "resolve_target"]
