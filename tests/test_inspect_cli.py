@@ -20,13 +20,13 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_preset_prints_exact_counts_and_the_articles_notes(capsys):
+def test_preset_prints_exact_counts_and_notes(capsys):
     code, out, _ = run(capsys, "gemma-7b")
     assert code == 0
     for text in ("8,537,680,896", "786,432,000", "7,751,248,896", "MHA", "28 global", "17.08 GB", "5.57 GB"):
         assert text in out, text
     assert "786,825,216" in out and "256,128" in out  # the report's padded-vocabulary count
-    assert "7.1 GB" in out  # the article's NF4 figure, explained
+    assert "7.1 GB" in out  # the GPU memory reported for NF4, explained
 
 
 def test_json_shape_and_values(capsys):

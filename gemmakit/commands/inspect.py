@@ -88,11 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch", type=_positive, metavar="N",
         help="batch size for the KV cache and for training (default: 1 for the KV cache, "
-        "4 for training as in the article's QLoRA recipe)",
+        "4 for training, as in gemmakit finetune's default recipe)",
     )  # fmt: skip
     parser.add_argument(
         "--seq-len", type=_positive, default=512, metavar="N",
-        help="training sequence length (default: 512, the article's recipe)",
+        help="training sequence length (default: 512, as in gemmakit finetune's default recipe)",
     )  # fmt: skip
     parser.add_argument(
         "--kv-dtype", choices=sorted(KV_BYTES), default="bf16",
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--lora-rank", type=_positive, default=16, metavar="R",
-        help="LoRA/QLoRA rank (default: 16, the article's recipe)",
+        help="LoRA/QLoRA rank (default: 16, as in gemmakit finetune's default recipe)",
     )  # fmt: skip
     parser.add_argument(
         "--ce-chunk", type=_positive, default=256, metavar="N",

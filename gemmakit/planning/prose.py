@@ -69,12 +69,13 @@ def _is_gemma_7b(a: Architecture) -> bool:
 
 
 def _gemma_7b_nf4_note(r: Report) -> str:
-    """Where the 7.1 GB quoted for Gemma 7B in NF4 goes, beyond the weights."""
+    """Where the 7.1 GB of GPU memory reported for Gemma 7B in NF4 goes, beyond the weights."""
     a, nf4 = r.arch, r.memory["nf4"]
     largest = max(t.numel for t in a.tensors() if t.is_linear)
     gap = 7.1 * GB - nf4
     return (
-        f'The article\'s "Gemma 7B needs 7.1 GB in NF4": the NF4+DQ weights are '
+        f"Gemma 7B in NF4 (bitsandbytes, double quantization) has been reported to need 7.1 GB "
+        f"of GPU memory: the NF4+DQ weights are "
         f"{nf4 / GB:.2f} GB, of which {2 * r.params.embedding / GB:.2f} GB is the 256k x 3072 "
         f"embedding that bitsandbytes leaves in 16-bit (it is an nn.Embedding, and tied to "
         f"lm_head). The other ~{gap / GB:.1f} GB is not weights: the CUDA context (0.3-0.5 GB, "
