@@ -206,3 +206,8 @@ def test_gguf_target_reads_no_tensor_data(monkeypatch, capsys):
     monkeypatch.setattr(GGUFFile, "raw", refuse)
     code, out, _ = run(capsys, "--json")
     assert code == 0 and json.loads(out)[0]["total_params"] == 268_098_176
+
+
+def test_hub_ids_resolve_to_presets_named_as_the_preset(capsys):
+    _, out, _ = run(capsys, "--json", "google/gemma-2-9b-it", "gemma-3-1b-pt")
+    assert [d["name"] for d in json.loads(out)] == ["gemma-2-9b", "gemma-3-1b"]

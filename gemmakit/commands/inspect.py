@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gemmakit.config import PRESETS
+from gemmakit.config import PRESETS, preset
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.formats.gguf import GGUFFile
 from gemmakit.planning.architecture import Architecture, from_gemma_config, from_gguf, from_hf_dict
@@ -165,12 +165,12 @@ def resolve_target(target: str | None) -> tuple[str, Path | str]:
         if magic == b"GGUF" or path.suffix == ".gguf":
             return "gguf", path
         return "config", path
-    key = target.lower().removeprefix("google/").removesuffix("-it").removesuffix("-pt")
-    if key in PRESETS:
-        return "preset", key
-    raise GemmakitError(
-        f"{target}: not a preset, config.json, model folder or GGUF file (presets: {', '.join(PRESETS)})"
-    )
+    try:
+        return "preset", preset(target).name  # "google/gemma-2-9b-it" -> "gemma-2-9b"
+    except ConfigError:
+        raise GemmakitError(
+            f"{target}: not a preset, config.json, model folder or GGUF file (presets: {', '.join(PRESETS)})"
+        ) from None
 
 
 def architecture_for(target: str | None) -> tuple[Architecture, dict | None]:
