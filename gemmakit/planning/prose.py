@@ -1,6 +1,6 @@
 """The words around the numbers: notes under a report, vocabulary ratios, bytes and counts for
-people. The arithmetic lives in the other planning modules; nothing here computes a figure that
-is not already in a `Report`, except the percentages and differences it states.
+people. The estimates live in the other planning modules; the few figures worked out here
+(shares, ratios, the gap to a reported total) exist only to be printed.
 
 GB is 10**9 bytes, as printed.
 """

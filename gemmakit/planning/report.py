@@ -20,6 +20,8 @@ from gemmakit.planning.weights import PRECISIONS, weight_bytes
 
 @dataclass
 class Options:
+    """The settings `gemmakit inspect` takes from its flags."""
+
     context: int | None = None  # None: each model's max_position_embeddings
     batch: int | None = None  # None: 1 for the KV cache, 4 for training
     seq_len: int = 512
