@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gemmakit.config import PRESETS, PROJECTIONS
+from gemmakit.config import PRESETS, PROJECTIONS, from_hf_config
 from gemmakit.errors import ConfigError
 from gemmakit.formats.gguf import hf_to_gguf_name
 from gemmakit.planning.architecture import Architecture, from_gemma_config, from_gguf, from_hf_dict
@@ -266,3 +266,13 @@ def test_projections_are_counted_under_the_config_names_and_map_to_gguf():
     assert tuple(t.kind for t in first_block) == PROJECTIONS
     assert all(t.name.endswith(f".{t.kind}.weight") for t in first_block)
     assert all(hf_to_gguf_name(t.name) for t in a.tensors())  # every name is in the GGUF map
+
+
+def test_gemma_configs_are_read_by_the_model_loaders_parser():
+    # A key gemmakit.config.from_hf_config refuses is refused by inspect too.
+    raw = json.loads((CONFIGS / "gemma-2b.json").read_text())
+    with pytest.raises(ConfigError, match="attention_bias"):
+        from_hf_dict({**raw, "attention_bias": True}, "gemma-2b")
+    assert from_hf_dict(raw, "gemma-2b") == from_gemma_config(
+        from_hf_config(raw, "gemma-2b"), source="config.json"
+    )

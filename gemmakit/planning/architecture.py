@@ -88,6 +88,8 @@ class Architecture:
     vision_params: int = 0
     # Where the description came from: preset, config.json, GGUF.
     source: str = ""
+    # The HF architecture (GemmaForCausalLM, LlamaForCausalLM ...), or a non-Gemma GGUF file's
+    # general.architecture (llama, qwen2).
     architecture: str = ""
 
     def __post_init__(self):
