@@ -286,3 +286,18 @@ def test_new_kernels_decline_what_they_cannot_do():
     assert cpu_kernels.geglu(x, x[:2]) is None
     assert cpu_kernels.geglu(x.double(), x.double()) is None
     assert cpu_kernels.geglu_backward(x, x, x.t()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_forward_is_torchs_to_the_bit(dtype):
+    """The model's training path (C forward) must equal its eval path (F.rms_norm) bit for bit:
+    rows shorter than a vector, tails, and sums long enough for torch's chunked levels."""
+    for C in (1, 7, 8, 37, 640, 1152, 2560, 40_000):
+        g = torch.Generator().manual_seed(C)
+        x = (torch.randn(4, C, generator=g) * 3).to(dtype)
+        gain = torch.rand(C, generator=g) + 0.5
+        y, rstd = cpu_kernels.rms_norm(x, gain, 1e-6)
+        want_y, want_rstd = torch.ops.aten._fused_rms_norm(x.float(), [C], gain, 1e-6)
+        assert torch.equal(rstd, want_rstd), C
+        assert torch.equal(y, want_y.to(dtype)), C

@@ -255,8 +255,9 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Ten
     Returns:
         y in x's dtype and rstd = 1 / sqrt(mean(x^2) + eps), float32 of shape (..., 1):
         `aten._fused_rms_norm(x.float(), [C], gain, eps)` with y cast to x's dtype, in one
-        pass. The same bits as torch 2.13's AVX-512 build (the squares are added in its
-        order); elsewhere rstd may differ from torch's in the last bit.
+        pass. torch's bits wherever the CPU has AVX2 (the squares are added in the order of
+        torch's CPU sum over 8-lane vectors, its AVX2 and AVX-512 builds alike); without AVX2
+        rstd may differ from torch's in the last bit.
     """
     if (
         x.device.type != "cpu"

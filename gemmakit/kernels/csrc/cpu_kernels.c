@@ -110,7 +110,9 @@ static inline __m512 load_bf16(const uint16_t *p) {
  * every AVX-512 CPU since Skylake-SP has; elsewhere they run their scalar loops. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define AVX512_TRAIN 1
+#ifndef ALWAYS_INLINE
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#endif
 
 /* lanes [0, n) of a 16-lane mask, n clamped to [0, 16]: the tail of a row in one masked step */
 static inline __mmask16 first_lanes(int64_t n) {
@@ -387,7 +389,9 @@ static inline void put_f(void *p, int64_t i, float v, int64_t bf16) {
         ((float *)p)[i] = v;
 }
 
-#ifdef AVX512_TRAIN
+#ifdef __AVX2__
+#include <immintrin.h>
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* keeps the compiler from fusing v, a product, into the addition it feeds (GCC's default
  * -ffp-contract=fast would) where torch rounds the product first */
 #define ROUNDED(v) __asm__("" : "+v"(v))
@@ -459,6 +463,8 @@ ALWAYS_INLINE float sum_squares_torch(const void *x, int64_t o, int64_t C, const
     return sum;
 }
 
+#endif
+#ifdef AVX512_TRAIN
 ALWAYS_INLINE void rms_norm_forward16(const void *x, const float *gain, void *y, float *rstd, int64_t C, float eps,
                                       int64_t lo, int64_t hi, const int bf16) {
     for (int64_t r = lo; r < hi; r++) {
@@ -503,9 +509,10 @@ ALWAYS_INLINE void rms_norm_backward16(const void *g, const void *x, const float
  * 1 / sqrt(mean(x^2) + eps) and y = (x * rstd) * gain, in float32 and rounded once to x's
  * dtype (float32 or, bf16 != 0, bfloat16), as torch's aten::_fused_rms_norm of x.float()
  * (on the CPU: x.pow(2).mean(-1) + eps, rsqrt, two products) followed by .to(dtype); gain is
- * the float32 (1 + w). The vector path adds the squares in torch's order and gives its bits;
- * the scalar loop's order differs (a float32 rounding of rstd). One pass instead of torch's
- * upcast copy, ~5 ops and downcast. */
+ * the float32 (1 + w). With AVX2 the squares are added in torch's order (sum_squares_torch,
+ * 8-lane vectors as torch's AVX2 and AVX-512 builds use) and y is torch's to the bit; a CPU
+ * without AVX2 adds them in 16 interleaved partial sums, and rstd may differ from torch's in
+ * its last bit. One pass instead of torch's upcast copy, ~5 ops and downcast. */
 void rms_norm_forward(const void *x, const float *gain, void *y, float *rstd, int64_t C, double eps, int64_t lo,
                       int64_t hi, int64_t bf16) {
     /* torch adds eps to the float32 mean as a float32 */
@@ -517,6 +524,9 @@ void rms_norm_forward(const void *x, const float *gain, void *y, float *rstd, in
         rms_norm_forward16(x, gain, y, rstd, C, e, lo, hi, 0);
 #else
     for (int64_t r = lo; r < hi; r++) {
+#ifdef __AVX2__
+        const float ss = sum_squares_torch(x, r * C, C, (int)bf16);
+#else
         float part[16] = {0};
         for (int64_t i = 0; i < C; i++) {
             const float xi = get_f(x, r * C + i, bf16);
@@ -524,6 +534,7 @@ void rms_norm_forward(const void *x, const float *gain, void *y, float *rstd, in
         }
         float ss = 0.f;
         for (int k = 0; k < 16; k++) ss += part[k];
+#endif
         const float rs = 1.f / sqrtf(ss / (float)C + e);
         rstd[r] = rs;
         for (int64_t i = 0; i < C; i++) put_f(y, r * C + i, (get_f(x, r * C + i, bf16) * rs) * gain[i], bf16);
