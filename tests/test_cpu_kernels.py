@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit.kernels import build as kernel_build
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.quant.core import Int8Linear
 
@@ -87,7 +88,7 @@ def test_softmax_xent_matches_torch():
 
 
 def _mask_bits(seed: int, i: int) -> int:
-    """csrc/cpu_kernels.c's mask_bits in Python: splitmix64's finalizer of seed + pair index."""
+    """csrc/dropout.c's mask_bits in Python: splitmix64's finalizer of seed + pair index."""
     m = 2**64 - 1
     z = (seed + (i >> 1) * 0x9E3779B97F4A7C15) & m
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
@@ -127,7 +128,7 @@ def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _scalar_library(flags):
     """The library built without (part of) AVX-512: its scalar or integer-rounding paths."""
-    lib = cpu_kernels.compile_library(cpu_kernels.FLAGS + flags)
+    lib = kernel_build.compile_library(kernel_build.FLAGS + flags)
     if lib is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
     return lib
@@ -195,7 +196,7 @@ def test_split_over_threads_matches_one_call(monkeypatch):
 def test_split_entry_points_without_openmp(monkeypatch):
     """Where the compiler has no OpenMP the library is built without it: its split entry
     points then run the parts one after another, with the same results."""
-    plain = cpu_kernels.compile_library(cpu_kernels.FLAGS)  # no -fopenmp
+    plain = kernel_build.compile_library(kernel_build.FLAGS)  # no -fopenmp
     assert plain is not None
     x = torch.randn(37, 111, generator=torch.Generator().manual_seed(3)).bfloat16()
     up, grad, gain = torch.randn_like(x), torch.randn_like(x), torch.rand(111) + 0.5
