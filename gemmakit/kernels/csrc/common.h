@@ -3,9 +3,9 @@
  * to float32-or-bfloat16 arrays, the AVX-512 loads, stores and roundings of the training
  * kernels' vector paths, and a vector e^x.
  *
- * Every function here is static inline: each unit gets its own copy, inlined, as when the
- * kernels were one file. The vector paths need AVX-512 (F, BW, DQ, VL: AVX512_TRAIN below);
- * RMSNorm's sum of squares needs only AVX2 (norm.c); elsewhere the scalar loops run.
+ * Every function here is static inline, so each unit inlines its own copy. The vector paths
+ * need AVX-512 (F, BW, DQ, VL: AVX512_TRAIN below); RMSNorm's sum of squares needs only AVX2
+ * (norm.c); elsewhere the scalar loops run.
  */
 #ifndef GEMMAKIT_COMMON_H
 #define GEMMAKIT_COMMON_H

@@ -24,8 +24,9 @@ ALWAYS_INLINE float square1(const void *x, int64_t k, const int bf16) {
 
 /* sum of x[o .. o + C)^2 in the order torch's CPU sum adds a contiguous float32 row
  * (aten/src/ATen/native/cpu/SumKernel.cpp: vectorized_inner_sum, row_sum, multi_row_sum),
- * so that rstd, and with it y, are torch's to the bit: vectors of 8 (what torch 2.13's
- * AVX-512 build adds with, checked bit for bit), vector 4i + k into accumulator k, in chunks
+ * so that rstd, and with it y, are torch's to the bit: vectors of 8 (what torch 2.13 adds
+ * with on AVX2 and on AVX-512 CPUs, checked bit for bit on both; AVX2 is all this needs),
+ * vector 4i + k into accumulator k, in chunks
  * of 16 summed level by level, the leftover vectors into accumulator 0, the four added in
  * order, then the leftover elements one by one and the 8 lanes in order. Rows under 8
  * elements take torch's scalar row_sum. */

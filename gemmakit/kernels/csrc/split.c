@@ -1,16 +1,18 @@
-/* The `_mt` entry points: each kernel over [0, n) split over torch's OpenMP threads. */
-#include "common.h"
-
-/* --- the kernels above, split over torch's threads -------------------------------------------
+/* The `_mt` entry points: each kernel of gemmakit_kernels.h over [0, n), split over torch's
+ * own OpenMP threads.
  *
  * Built with -fopenmp, this library's NEEDED libgomp.so.1 resolves to the libgomp torch has
  * already loaded (the dynamic loader reuses a loaded object of the same soname), so these
- * parallel regions run on torch's own intra-op threads. A pool of our own fought them: after
- * a torch matmul, torch's OpenMP workers spin for a while, and a GeGLU backward split over
- * two Python threads took 1.4 ms against 0.74 ms alone (0.82 ms with OMP_WAIT_POLICY=PASSIVE).
- * Here the spinning workers take the work at once. Without OpenMP the loop below runs the
- * parts one after another on the calling thread: the same result, one core.
- * [0, n) is cut into `threads` contiguous parts (rows or elements, per kernel). */
+ * parallel regions run on torch's own intra-op threads, which keep spinning for a while after
+ * a torch matmul and take the work at once. A separate pool competes with them: measured on a
+ * 2-core CPU, a GeGLU backward split over two threads of its own took 1.4 ms against 0.74 ms
+ * on one (0.82 ms with OMP_WAIT_POLICY=PASSIVE). Without OpenMP the loop below runs the parts
+ * one after another on the calling thread: the same result, one core.
+ */
+#include "common.h"
+
+/* [0, n) cut into `threads` contiguous parts (rows or elements, per kernel), CALL on each
+ * part's [lo, hi) */
 #define SPLIT(n, threads, CALL)                                                                  \
     do {                                                                                         \
         const int64_t n_ = (n), t_ = (threads) > 1 ? (threads) : 1;                              \
