@@ -1,4 +1,4 @@
-"""The C decode step (gemmakit/c_decode.py) against the torch model it stands in for."""
+"""The C decode step (gemmakit/kernels/decode.py) against the torch model it stands in for."""
 
 import pytest
 import torch

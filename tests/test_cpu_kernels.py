@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit.kernels import build as kernel_build
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.quant.core import Int8Linear
 
@@ -87,7 +88,7 @@ def test_softmax_xent_matches_torch():
 
 
 def _mask_bits(seed: int, i: int) -> int:
-    """csrc/cpu_kernels.c's mask_bits in Python: splitmix64's finalizer of seed + pair index."""
+    """csrc/dropout.c's mask_bits in Python: splitmix64's finalizer of seed + pair index."""
     m = 2**64 - 1
     z = (seed + (i >> 1) * 0x9E3779B97F4A7C15) & m
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
@@ -127,7 +128,7 @@ def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _scalar_library(flags):
     """The library built without (part of) AVX-512: its scalar or integer-rounding paths."""
-    lib = cpu_kernels.compile_library(cpu_kernels.FLAGS + flags)
+    lib = kernel_build.compile_library(kernel_build.FLAGS + flags)
     if lib is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
     return lib
@@ -195,7 +196,7 @@ def test_split_over_threads_matches_one_call(monkeypatch):
 def test_split_entry_points_without_openmp(monkeypatch):
     """Where the compiler has no OpenMP the library is built without it: its split entry
     points then run the parts one after another, with the same results."""
-    plain = cpu_kernels.compile_library(cpu_kernels.FLAGS)  # no -fopenmp
+    plain = kernel_build.compile_library(kernel_build.FLAGS)  # no -fopenmp
     assert plain is not None
     x = torch.randn(37, 111, generator=torch.Generator().manual_seed(3)).bfloat16()
     up, grad, gain = torch.randn_like(x), torch.randn_like(x), torch.rand(111) + 0.5
@@ -286,3 +287,18 @@ def test_new_kernels_decline_what_they_cannot_do():
     assert cpu_kernels.geglu(x, x[:2]) is None
     assert cpu_kernels.geglu(x.double(), x.double()) is None
     assert cpu_kernels.geglu_backward(x, x, x.t()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_forward_is_torchs_to_the_bit(dtype):
+    """The model's training path (C forward) must equal its eval path (F.rms_norm) bit for bit:
+    rows shorter than a vector, tails, and sums long enough for torch's chunked levels."""
+    for C in (1, 7, 8, 37, 640, 1152, 2560, 40_000):
+        g = torch.Generator().manual_seed(C)
+        x = (torch.randn(4, C, generator=g) * 3).to(dtype)
+        gain = torch.rand(C, generator=g) + 0.5
+        y, rstd = cpu_kernels.rms_norm(x, gain, 1e-6)
+        want_y, want_rstd = torch.ops.aten._fused_rms_norm(x.float(), [C], gain, 1e-6)
+        assert torch.equal(rstd, want_rstd), C
+        assert torch.equal(y, want_y.to(dtype)), C

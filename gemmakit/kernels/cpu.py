@@ -1,120 +1,48 @@
-"""Small C kernels for CPU decoding and training, compiled on first use and cached.
+"""The C kernels' Python entry points: torch tensors in, torch tensors out, or None.
 
-Only where torch has nothing fast: the int8 matrix-vector product of the output projection,
-the whole single-sequence decode step (driven by gemmakit/c_decode.py), and for training
-LoRA's input dropout with a mask rebuilt from a seed, the cross-entropy gradient of bfloat16
-logits, RMSNorm's forward and backward, and GeGLU's forward and backward, each one pass where
-torch takes several (with bfloat16 tensors between them), all in csrc/cpu_kernels.c. The
-training kernels reproduce torch's results: dropout's mask is a function of seed and index
-only, RMSNorm's and GeGLU's roundings are torch's (see each function). The library is built
-with the machine's C compiler (`$CC`, else `cc`) and `-O3 -march=native` into the gemmakit
-cache, keyed by the source and the compiler, in about a second; with no compiler, or on
-another OS, `library()` returns None and callers use torch's kernels.
-`GEMMAKIT_NO_C_KERNELS=1` turns the kernels off.
+Only where torch has nothing fast on the CPU: the int8 matrix-vector product of the output
+projection, and for training LoRA's input dropout with a mask rebuilt from a seed, the
+cross-entropy gradient of bfloat16 logits, RMSNorm's forward and backward, GeGLU's forward
+and backward, and NF4 dequantization, each one pass where torch takes several (with
+bfloat16 tensors between them). The training kernels reproduce torch's results: dropout's
+mask is a function of seed and index only, RMSNorm's and GeGLU's roundings are torch's (see
+each function). Each function returns None when its kernel does not apply (no compiler,
+another OS, a device, dtype or layout it does not take) and the caller runs torch's ops;
+`GEMMAKIT_NO_C_KERNELS=1` turns the kernels off. The C sources are csrc/ (one unit per op
+family, declared in csrc/gemmakit_kernels.h), built by kernels/build.py; the decode step has
+its own driver, kernels/decode.py.
 
 Large calls are split over torch's own OpenMP threads: the library is built with -fopenmp
-and binds to the libgomp torch has loaded (see the `_mt` functions at the end of the C file);
-small ones run on the calling thread (see SPLIT_DROPOUT). Where the compiler has no OpenMP
-the library is built without it and runs each call on the calling thread.
+and binds to the libgomp torch has loaded (csrc/split.c); small ones run on the calling
+thread (see SPLIT_DROPOUT). Where the compiler has no OpenMP the library is built without it
+and runs each call on the calling thread.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import os
-import shutil
-import subprocess
 import sys
-from importlib import resources
 
 import torch
+
+from gemmakit.kernels.build import FLAGS, compile_library
 
 # Below this many rows gemv_int8 leaves the product to torch: it is for the 262k-row output projection.
 MIN_ROWS = 16384
 
 
-# The flags the library is built with; tests/test_cpu_kernels.py also builds it without
-# AVX-512 (`compile_library(FLAGS + ("-mno-avx512f",))`) to check the scalar loops.
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """csrc/cpu_kernels.c built into a shared library (once per source and compiler), or None.
+    """The kernels' shared library (built once per source, compiler and flags), or None.
 
     With OpenMP where the compiler has it and the library then loads against torch's libgomp
     (a newer compiler could ask for symbol versions torch's copy lacks), else without."""
     if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
         return None
     return compile_library(FLAGS + ("-fopenmp",)) or compile_library(FLAGS)
-
-
-def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
-    """csrc/cpu_kernels.c built with `flags` (cached by source, compiler and flags) and loaded
-    with its functions' argument types, or None without a compiler."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    source = resources.files("gemmakit.kernels").joinpath("csrc/cpu_kernels.c").read_bytes()
-    key = hashlib.sha1(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    from gemmakit.paths import cache_dir
-
-    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        src = tmp.with_suffix(".c")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src.write_bytes(source)
-            subprocess.run(
-                [compiler, *flags, "-o", str(tmp), str(src)], check=True, capture_output=True, timeout=120
-            )
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            for leftover in (src, tmp):
-                leftover.unlink(missing_ok=True)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError:
-        return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    signatures = {
-        # Over [lo, hi) of rows or elements, on the calling thread:
-        "gemv_int8": [ptr] * 4 + [i64] * 3,  # x, w, s, y, lo, hi, K
-        # x, out, lo, hi, seed, threshold, scale, bf16
-        "dropout": [ptr] * 2 + [i64] * 2 + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64],
-        # x, gain, y, rstd, C, eps, lo, hi, bf16
-        "rms_norm_forward": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
-        "rms_norm_backward": [ptr] * 5 + [i64] * 4,  # grad, x, rstd, gain, dx, C, lo, hi, bf16
-        "geglu_forward": [ptr] * 3 + [i64] * 3,  # gate, up, out, lo, hi, bf16
-        "geglu_backward": [ptr] * 5 + [i64] * 3,  # grad, gate, up, grad_gate, grad_up, lo, hi, bf16
-        "nf4_dequantize": [ptr] * 4 + [i64] * 4,  # packed, absmax, code, out, n, lo, hi (blocks), bf16
-        # The same kernels over [0, n) split over `threads` (the last argument): x, w, s, y, n, K
-        "gemv_int8_mt": [ptr] * 4 + [i64] * 3,
-        # z, targets, lse, V, rows
-        "softmax_xent_bf16_mt": [ptr] * 3 + [i64] * 3,
-        # x, gain, y, rstd, C, eps, rows, bf16
-        "rms_norm_forward_mt": [ptr] * 4 + [i64, ctypes.c_double] + [i64] * 3,
-        # grad, x, rstd, gain, dx, C, rows, bf16
-        "rms_norm_backward_mt": [ptr] * 5 + [i64] * 4,
-        # x, out, n, seed, threshold, scale, bf16
-        "dropout_mt": [ptr] * 2 + [i64] + [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64, i64],
-        # gate, up, out, n, bf16
-        "geglu_forward_mt": [ptr] * 3 + [i64] * 3,
-        # grad, gate, up, grad_gate, grad_up, n, bf16
-        "geglu_backward_mt": [ptr] * 5 + [i64] * 3,
-        # packed, absmax, code, out, n, bf16
-        "nf4_dequantize_mt": [ptr] * 4 + [i64] * 3,
-    }
-    for name, argtypes in signatures.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, argtypes
-    return lib
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
@@ -255,8 +183,9 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Ten
     Returns:
         y in x's dtype and rstd = 1 / sqrt(mean(x^2) + eps), float32 of shape (..., 1):
         `aten._fused_rms_norm(x.float(), [C], gain, eps)` with y cast to x's dtype, in one
-        pass. The same bits as torch 2.13's AVX-512 build (the squares are added in its
-        order); elsewhere rstd may differ from torch's in the last bit.
+        pass. torch's bits wherever the CPU has AVX2 (the squares are added in the order of
+        torch's CPU sum over 8-lane vectors, its AVX2 and AVX-512 builds alike); without AVX2
+        rstd may differ from torch's in the last bit.
     """
     if (
         x.device.type != "cpu"

@@ -1,17 +1,16 @@
-"""The single-sequence decode step in C (csrc/cpu_kernels.c): torch prefills, C decodes.
+"""Drives the single-sequence decode step in C (csrc/decode_step.c): torch prefills, C decodes.
 
-`decoder(model, cache)` returns a `CDecoder` when the C step can run this model as
-gemmakit/model.py does: one sequence on the CPU, every matrix float32, bfloat16 or int8
-weight-only (gemmakit's int8 quantization), no adapters, no training. Else it returns None
-and the caller runs the torch model. Activations are float32 in the step; a float32 model
-therefore decodes as the torch model does up to the order of additions (tests/test_c_decode.py),
-while a bfloat16 model keeps bfloat16 weights and KV cache but is not rounded to bfloat16
-after every operation, as llama.cpp runs its 16-bit files. The C step reads the model's own
-weight and KV-cache tensors (no copies) and the cache's slot bookkeeping stays the cache's
-(`KVCache.append_dense`), so a generation can switch between the two paths at any step.
-
-Measured on the 2-core AVX-512 machine (Gemma 3 270M, 512-token prompt): see the README's
-benchmark table; the step runs at the speed the weights stream from memory.
+`decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
+the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
+bfloat16 or int8 weight-only (gemmakit's int8 quantization), no adapters, no training. Else
+it returns None and the caller runs the torch model. Activations are float32 in the step; a
+float32 model therefore decodes as the torch model does up to the order of additions
+(tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
+not rounded to bfloat16 after every operation, as llama.cpp runs its 16-bit files. The C step
+reads the model's own weight and KV-cache tensors (no copies) and the cache's slot
+bookkeeping stays the cache's (`KVCache.append_dense`), so a generation can switch between
+the two paths at any step. The structs handed to C (Mat, Layer, Model, Step) and the weight
+type codes are those csrc/gemmakit_kernels.h declares (kernels/bindings.py).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from gemmakit.config import FULL, SLIDING
+from gemmakit.kernels import bindings
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
@@ -29,76 +29,11 @@ from gemmakit.model.layers import RMSNorm
 from gemmakit.quant.core import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
-W_F32, W_INT8, W_BF16 = 0, 1, 2
+_DECLARED = bindings.declarations()
+_Mat, _Layer, _Model, _Step = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Step"))
+W_F32, W_INT8, W_BF16 = (_DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16"))
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
-
-
-class _Mat(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_int64),
-        ("w", ctypes.c_void_p),
-        ("s", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = (
-        [(name, _Mat) for name in ("q", "k", "v", "o", "gate", "up", "down")]
-        + [
-            (name, ctypes.c_void_p)
-            for name in (
-                "input_norm",
-                "post_attention_norm",
-                "pre_feedforward_norm",
-                "post_feedforward_norm",
-                "q_norm",
-                "k_norm",
-                "k_cache",
-                "v_cache",
-            )
-        ]
-        + [("capacity", ctypes.c_int64), ("group", ctypes.c_int64)]
-    )
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_int64)
-        for name in ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
-    ] + [
-        ("eps", ctypes.c_double),
-        ("attn_scale", ctypes.c_double),
-        ("attn_softcap", ctypes.c_double),
-        ("final_softcap", ctypes.c_double),
-        ("embed_scale", ctypes.c_float),
-        ("inv_freq", ctypes.c_void_p * 2),
-        ("embed", _Mat),
-        ("lm_head", _Mat),
-        ("final_norm", ctypes.c_void_p),
-        ("layers", ctypes.POINTER(_Layer)),
-        ("max_visible", ctypes.c_int64),
-        ("cache_bf16", ctypes.c_int64),
-    ]
-
-
-class _Step(ctypes.Structure):
-    _fields_ = [
-        ("token", ctypes.c_int64),
-        ("position", ctypes.c_int64),
-        ("slot", ctypes.c_int64 * 2),
-        ("visible", ctypes.c_int64 * 2),
-        ("logits", ctypes.c_void_p),
-    ]
-
-
-def _library():
-    lib = cpu_kernels.library()
-    if lib is not None:
-        lib.decode_step.restype = ctypes.c_int
-        lib.decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step), ctypes.c_int]
-    return lib
+_INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -106,17 +41,22 @@ def _plain(t: torch.Tensor) -> bool:
     return t.dtype in WEIGHT_TYPES and t.device.type == "cpu" and t.is_contiguous()
 
 
-def _mat(module: nn.Module, keep: list) -> _Mat | None:
+def _matrix(weight_type: int, w: torch.Tensor, scale: torch.Tensor | None = None):
+    """A Mat over the (n, k) weight `w` (and for int8 its row scales)."""
+    n, k = w.shape
+    return _Mat(type=weight_type, w=w.data_ptr(), s=None if scale is None else scale.data_ptr(), n=n, k=k)
+
+
+def _mat(module: nn.Module, keep: list):
     """The C view of a linear layer's matrix, or None when the C step cannot read it."""
     if isinstance(module, Int8Linear):
         w, s = module.weight, module.weight_scale.float().contiguous()
         if w.device.type != "cpu" or not w.is_contiguous():
             return None
         keep.append(s)
-        return _Mat(W_INT8, w.data_ptr(), s.data_ptr(), *w.shape)
+        return _matrix(W_INT8, w, s)
     if type(module) is nn.Linear and module.bias is None and _plain(module.weight):
-        w = module.weight
-        return _Mat(WEIGHT_TYPES[w.dtype], w.data_ptr(), None, *w.shape)
+        return _matrix(WEIGHT_TYPES[module.weight.dtype], module.weight)
     return None
 
 
@@ -163,6 +103,45 @@ class CDecoder:
         return self.logits
 
 
+def _layer(block: nn.Module, layer_cache, keep: list):
+    """The C view of one decoder block and its KV cache, or None when the C step cannot run it."""
+    attn, mlp = block.self_attn, block.mlp
+    projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj}
+    projections |= {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    mats = {name: _mat(module, keep) for name, module in projections.items()}
+    norms = {
+        "input_norm": _gain(block.input_layernorm, keep),
+        "post_attention_norm": _gain(block.post_attention_layernorm, keep),
+        "pre_feedforward_norm": _gain(block.pre_feedforward_layernorm, keep),
+        "post_feedforward_norm": _gain(block.post_feedforward_layernorm, keep),
+        "q_norm": _gain(attn.q_norm, keep),
+        "k_norm": _gain(attn.k_norm, keep),
+    }
+    k, v = layer_cache.k, layer_cache.v
+    if None in mats.values() or None in norms.values() or not (_plain(k) and _plain(v)):
+        return None
+    if not norms["input_norm"] or not norms["pre_feedforward_norm"]:  # the step always applies these
+        return None
+    return _Layer(
+        **mats,
+        **norms,
+        k_cache=k.data_ptr(),
+        v_cache=v.data_ptr(),
+        capacity=k.shape[2],
+        group=GROUPS.index(block.layer_type),
+    )
+
+
+def _embedding(model: Gemma, keep: list):
+    """The C view of the token embedding matrix, or None when the C step cannot read it."""
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantizedEmbedding):
+        return _mat(embed.source, keep)
+    if type(embed) is nn.Embedding and _plain(embed.weight):
+        return _matrix(WEIGHT_TYPES[embed.weight.dtype], embed.weight)
+    return None
+
+
 def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     """A C decoder for `model` and `cache`, or None when the C step does not apply."""
     if (
@@ -181,66 +160,39 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
         or config.num_attention_heads % config.num_key_value_heads
     ):
         return None
-    lib = _library()
+    lib = cpu_kernels.library()
     if lib is None:
         return None
     keep: list = []
-    layers = []
-    for block, layer_cache in zip(model.model.layers, cache.layers):
-        attn, mlp = block.self_attn, block.mlp
-        mats = [_mat(m, keep) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
-        mats += [_mat(m, keep) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        norms = [
-            _gain(n, keep)
-            for n in (
-                block.input_layernorm,
-                block.post_attention_layernorm,
-                block.pre_feedforward_layernorm,
-                block.post_feedforward_layernorm,
-                attn.q_norm,
-                attn.k_norm,
-            )
-        ]
-        k, v = layer_cache.k, layer_cache.v
-        if None in mats or None in norms or not (_plain(k) and _plain(v)) or norms[0] == 0 or norms[2] == 0:
-            return None
-        layers.append(
-            _Layer(*mats, *norms, k.data_ptr(), v.data_ptr(), k.shape[2], GROUPS.index(block.layer_type))
-        )
-    embed, head = model.model.embed_tokens, _mat(model.lm_head, keep)
-    if isinstance(embed, QuantizedEmbedding):
-        embed_mat = _mat(embed.source, keep)
-    elif type(embed) is nn.Embedding and _plain(embed.weight):
-        w = embed.weight
-        embed_mat = _Mat(WEIGHT_TYPES[w.dtype], w.data_ptr(), None, *w.shape)
-    else:
-        embed_mat = None
+    layers = [
+        _layer(block, layer_cache, keep) for block, layer_cache in zip(model.model.layers, cache.layers)
+    ]
+    embed, head = _embedding(model, keep), _mat(model.lm_head, keep)
     final_norm = _gain(model.model.norm, keep)
-    if embed_mat is None or head is None or not final_norm:
+    if None in layers or embed is None or head is None or not final_norm:
         return None
-    inv_freq = ctypes.c_void_p * 2
     freqs = [model._inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
     layer_array = (_Layer * len(layers))(*layers)
     keep.append(layer_array)
     spec = _Model(
-        len(layers),
-        config.hidden_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        config.intermediate_size,
-        config.vocab_size,
-        config.rms_norm_eps,
-        config.attention_scale,
-        config.attn_logit_softcapping or 0.0,
-        config.final_logit_softcapping or 0.0,
-        model._embedding_scale(model.dtype),  # rounded as the reference rounds it
-        inv_freq(*[f.data_ptr() if f is not None else None for f in freqs]),
-        embed_mat,
-        head,
-        final_norm,
-        layer_array,
-        max(cache.groups[kind].capacity for kind in cache.groups),
-        cache.dtype == torch.bfloat16,
+        n_layers=len(layers),
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        intermediate=config.intermediate_size,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        attn_scale=config.attention_scale,
+        attn_softcap=config.attn_logit_softcapping or 0.0,
+        final_softcap=config.final_logit_softcapping or 0.0,
+        embed_scale=model._embedding_scale(model.dtype),  # rounded as the reference rounds it
+        inv_freq=_INV_FREQ(*[f.data_ptr() if f is not None else None for f in freqs]),
+        embed=embed,
+        lm_head=head,
+        final_norm=final_norm,
+        layers=layer_array,
+        max_visible=max(cache.groups[kind].capacity for kind in cache.groups),
+        cache_bf16=cache.dtype == torch.bfloat16,
     )
     return CDecoder(lib, model, cache, spec, keep)

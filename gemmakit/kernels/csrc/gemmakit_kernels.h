@@ -1,0 +1,113 @@
+/* gemmakit's CPU kernels: every function the shared library exports and every struct it
+ * shares with Python, declared once.
+ *
+ * gemmakit/kernels/bindings.py reads this file to give each GEMMAKIT_API function its ctypes
+ * argument types and to build the ctypes structures of the decode step, so a declaration
+ * changed here is a declaration changed there. Keep it to what that parser reads: `enum { NAME
+ * = value, ... };`, `typedef struct { ... } Name;` with fields of the fixed-width integer types,
+ * float, double, pointers, nested structs and fixed arrays, and one `GEMMAKIT_API` prototype
+ * per exported function. Nothing else in the library is visible outside it (-fvisibility=hidden).
+ *
+ * Ranges: the plain kernels work over [lo, hi) (or [start, stop)) of rows or elements on the
+ * calling thread; each `_mt` entry point (split.c) runs one over [0, n) split over `threads`
+ * OpenMP threads. float32 or bfloat16 data is chosen per call by `bf16` (nonzero: bfloat16).
+ */
+#ifndef GEMMAKIT_KERNELS_H
+#define GEMMAKIT_KERNELS_H
+
+#include <stdint.h>
+
+#define GEMMAKIT_API __attribute__((visibility("default")))
+
+/* Mat.type: how a matrix's weights are stored */
+enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2 };
+
+/* --- the decode step's view of a model (decode_step.c, gemmakit/kernels/decode.py) --- */
+
+typedef struct {
+    /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,);
+     * W_BF16: w is bfloat16 (n, k) */
+    int64_t type;
+    const void *w;
+    const float *s;
+    int64_t n, k;
+} Mat;
+
+typedef struct {
+    Mat q, k, v, o, gate, up, down;
+    /* 1 + w gains (float32); NULL where the model has no such norm */
+    const float *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
+    const float *q_norm, *k_norm;
+    void *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0, float or bfloat16 */
+    int64_t capacity, group; /* group: 0 full attention, 1 sliding (Step's indices) */
+} Layer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
+    double eps, attn_scale, attn_softcap, final_softcap; /* softcaps: 0 when absent */
+    float embed_scale;                                   /* sqrt(hidden), rounded to the model's dtype */
+    const float *inv_freq[2];                            /* head_dim/2 RoPE frequencies per group */
+    Mat embed, lm_head;
+    const float *final_norm;
+    const Layer *layers;
+    int64_t max_visible; /* the longest key row any group can have (scratch size) */
+    int64_t cache_bf16;  /* the KV cache holds bfloat16 (a bfloat16 model), else float */
+} Model;
+
+typedef struct {
+    int64_t token, position;
+    /* per group: the cache slot written, and the slots attended (all of [0, visible) hold
+     * real tokens inside the group's window: the caller checks, so no mask is needed) */
+    int64_t slot[2], visible[2];
+    float *logits; /* (vocab,) output */
+} Step;
+
+/* One decode step on `threads` threads (the caller's included): 0, or -1 when the head size
+ * is unsupported or the buffers cannot be allocated (decode_step.c). */
+GEMMAKIT_API int decode_step(const Model *m, const Step *st, int threads);
+
+/* --- kernels over a range, on the calling thread --- */
+
+/* y[n] = s[n] * (x . row n of int8 w (N, K)) for rows [start, stop) (gemv.c) */
+GEMMAKIT_API void gemv_int8(const float *x, const int8_t *w, const float *s, float *y, int64_t start, int64_t stop,
+                            int64_t K);
+/* out = x * keep(seed, i) * scale; keep when a hash of (seed, i) >= threshold (dropout.c) */
+GEMMAKIT_API void dropout(const void *x, void *out, int64_t start, int64_t stop, uint64_t seed, uint32_t threshold,
+                          float scale, int64_t bf16);
+/* RMSNorm of rows of C values: y = (x * rstd) * gain, rstd one float per row (norm.c) */
+GEMMAKIT_API void rms_norm_forward(const void *x, const float *gain, void *y, float *rstd, int64_t C, double eps,
+                                   int64_t lo, int64_t hi, int64_t bf16);
+GEMMAKIT_API void rms_norm_backward(const void *g, const void *x, const float *rstd, const float *gain, void *dx,
+                                    int64_t C, int64_t lo, int64_t hi, int64_t bf16);
+/* bfloat16 logits (rows of V) become softmax - onehot(targets), in place; lse per row (xent.c) */
+GEMMAKIT_API void softmax_xent_bf16(uint16_t *z, const int64_t *targets, float *lse, int64_t V, int64_t lo,
+                                    int64_t hi);
+/* out = gelu_tanh(gate) * up and its gradients (geglu.c) */
+GEMMAKIT_API void geglu_forward(const void *gate, const void *up, void *out, int64_t start, int64_t stop,
+                                int64_t bf16);
+GEMMAKIT_API void geglu_backward(const void *grad, const void *gate, const void *up, void *grad_gate,
+                                 void *grad_up, int64_t start, int64_t stop, int64_t bf16);
+/* NF4 weight over the 64-value blocks [lo, hi) of n values (nf4.c) */
+GEMMAKIT_API void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, void *out, int64_t n,
+                                 int64_t lo, int64_t hi, int64_t bf16);
+
+/* --- the same kernels over [0, n) split over threads (split.c) --- */
+
+GEMMAKIT_API void gemv_int8_mt(const float *x, const int8_t *w, const float *s, float *y, int64_t n, int64_t k,
+                               int64_t threads);
+GEMMAKIT_API void dropout_mt(const void *x, void *out, int64_t n, uint64_t seed, uint32_t threshold, float scale,
+                             int64_t bf16, int64_t threads);
+GEMMAKIT_API void softmax_xent_bf16_mt(uint16_t *z, const int64_t *targets, float *lse, int64_t V, int64_t rows,
+                                       int64_t threads);
+GEMMAKIT_API void rms_norm_forward_mt(const void *x, const float *gain, void *y, float *rstd, int64_t C, double eps,
+                                      int64_t rows, int64_t bf16, int64_t threads);
+GEMMAKIT_API void rms_norm_backward_mt(const void *g, const void *x, const float *rstd, const float *gain, void *dx,
+                                       int64_t C, int64_t rows, int64_t bf16, int64_t threads);
+GEMMAKIT_API void geglu_forward_mt(const void *gate, const void *up, void *out, int64_t n, int64_t bf16,
+                                   int64_t threads);
+GEMMAKIT_API void geglu_backward_mt(const void *grad, const void *gate, const void *up, void *grad_gate,
+                                    void *grad_up, int64_t n, int64_t bf16, int64_t threads);
+GEMMAKIT_API void nf4_dequantize_mt(const uint8_t *packed, const float *absmax, const float *code, void *out,
+                                    int64_t n, int64_t bf16, int64_t threads);
+
+#endif
