@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import GemmakitError
 from gemmakit.formats.tokenizer import render_chat
-from gemmakit.inference.engine import SamplingParams
+from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
 from gemmakit.serving.scheduler import QueueFullError, Scheduler, ShuttingDownError, Ticket
 
