@@ -186,7 +186,8 @@ def nf4(folder: Path, device: str):
 
 
 def time_ours(model, ids, new, device):
-    from gemmakit.inference.engine import Request, SamplingParams, generate_steps
+    from gemmakit.inference.engine import Request, generate_steps
+    from gemmakit.inference.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     with torch.inference_mode():

@@ -53,7 +53,8 @@ def peak_rss_mib() -> float:
 def run_gemmakit(dtype: str, quantize: str | None) -> dict:
     import torch
 
-    from gemmakit.inference.engine import Request, SamplingParams, generate_steps
+    from gemmakit.inference.engine import Request, generate_steps
+    from gemmakit.inference.sampling import SamplingParams
     from gemmakit.loading import load
 
     start = time.perf_counter()

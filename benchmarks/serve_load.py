@@ -196,7 +196,9 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         from gemmakit.inference.api import LLM
-        from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread
+        from gemmakit.serving.app import create_app
+        from gemmakit.serving.config import ServerConfig
+        from gemmakit.serving.transport import serve_in_thread
 
         llm = LLM(model=args.model, dtype="float32" if args.model is None else "auto")
         config = ServerConfig(max_batch=args.max_batch, max_queue=max(64, args.clients))

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from gemmakit.inference.engine import SamplingParams  # noqa: E402
+from gemmakit.inference.sampling import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "load"]
 

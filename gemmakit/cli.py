@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from gemmakit import __version__
@@ -24,7 +23,7 @@ COMMANDS = {
     "export": ("export", "write a model (with an adapter merged) as GGUF or a Hugging Face folder"),
     "verify": ("verify", "check that model B is a faithful copy of model A"),
     "eval": ("eval", "perplexity and multiple-choice evaluation with the method stated"),
-    "finetune": ("finetune", "LoRA / QLoRA / full fine-tuning (the article's recipe by default)"),
+    "finetune": ("finetune", "LoRA / QLoRA / full fine-tuning (a QLoRA recipe by default)"),
     "merge": ("merge", "merge a LoRA adapter into its base model and save the result"),
 }
 
@@ -38,7 +37,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gemmakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in available_commands().items():
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or name == only:
             _module(module).add_arguments(p)
@@ -47,15 +46,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def _module(name: str):
     return importlib.import_module(f"gemmakit.commands.{name}")
-
-
-def available_commands() -> dict[str, tuple[str, str]]:
-    """Commands whose module exists in this installation."""
-    return {
-        name: entry
-        for name, entry in COMMANDS.items()
-        if importlib.util.find_spec(f"gemmakit.commands.{entry[0]}") is not None
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

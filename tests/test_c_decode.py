@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gemmakit.inference.engine import Request, SamplingParams, generate_steps
+from gemmakit.inference.engine import Request, generate_steps
+from gemmakit.inference.sampling import SamplingParams
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.kernels import decode as c_decode
 from gemmakit.quant.core import dequantized_state_dict, quantize_model

@@ -14,8 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 
 from gemmakit.inference.api import LLM  # noqa: E402
-from gemmakit.inference.engine import SamplingParams  # noqa: E402
-from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread  # noqa: E402
+from gemmakit.inference.sampling import SamplingParams  # noqa: E402
+from gemmakit.serving.app import create_app  # noqa: E402
+from gemmakit.serving.config import ServerConfig  # noqa: E402
+from gemmakit.serving.transport import serve_in_thread  # noqa: E402
 
 NAME = "gemma-page-test"
 TOKENS = 6

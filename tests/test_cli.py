@@ -45,3 +45,20 @@ def test_generate_quantize_reports_memory(capsys):
     assert 0 < memory["after_bytes"] < memory["before_bytes"]
     mb = [round(memory[k] / 1e6) for k in ("before_bytes", "after_bytes")]
     assert f"quantized (int8): {mb[0]} MB -> {mb[1]} MB" in captured.err
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context():
+    from gemmakit.commands.chat import _fit_context
+
+    class OneTokenPerMessage:
+        def apply_chat_template(self, messages):
+            return [m["content"] for m in messages]
+
+        def encode(self, rendered):
+            return list(range(len(rendered)))
+
+    turns = [{"role": r, "content": f"{r}{i}"} for i in range(3) for r in ("user", "assistant")][:-1]
+    history, ids = _fit_context(OneTokenPerMessage(), "be brief", turns, context=5)
+    assert history == turns[2:] and len(ids) == 4  # system + 3 turns leave room for a reply
+    history, ids = _fit_context(OneTokenPerMessage(), None, turns, context=2)
+    assert history == turns[-1:]  # the last user turn is kept even when it alone is too long

@@ -32,7 +32,8 @@ def test_cuda_logits_match_transformers(family, hf_folder):
 
 
 def test_cuda_bfloat16_greedy_generation_runs_and_matches_cpu_float32_start(hf_folder):
-    from gemmakit.inference.engine import Request, SamplingParams, generate_steps
+    from gemmakit.inference.engine import Request, generate_steps
+    from gemmakit.inference.sampling import SamplingParams
 
     folder, _ = hf_folder("gemma3")
     ids = [2, 17, 42, 99, 7, 8, 9, 10]

@@ -3,7 +3,8 @@ import torch
 
 from gemmakit.errors import GemmakitError
 from gemmakit.inference.api import LLM
-from gemmakit.inference.engine import SamplingParams, TextStream, apply_top_k, apply_top_p
+from gemmakit.inference.sampling import SamplingParams, apply_top_k, apply_top_p
+from gemmakit.inference.text import TextStream
 
 
 def test_top_k_and_top_p_filters():
@@ -71,7 +72,7 @@ def test_prompt_longer_than_context_is_an_error(bundled):
 
 
 def test_sampling_respects_top_k_and_top_p_support():
-    from gemmakit.inference.engine import sample
+    from gemmakit.inference.sampling import sample
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
     top5 = set(torch.topk(logits, 5).indices.tolist())
@@ -83,3 +84,66 @@ def test_sampling_respects_top_k_and_top_p_support():
     nucleus = set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())
     seen = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(300)}
     assert seen <= nucleus
+
+
+def test_check_length_clamps_to_the_room_and_names_the_prompt():
+    from gemmakit.inference.engine import ContextLengthError, check_length
+
+    assert check_length(10, None, 16) == 6
+    assert check_length(10, 4, 16) == 4 and check_length(10, 100, 16) == 6
+    with pytest.raises(ContextLengthError, match="the conversation has 16 tokens; the model's context is 16"):
+        check_length(16, 1, 16, "conversation")
+    assert issubclass(ContextLengthError, GemmakitError)  # the CLI prints it as a user error
+
+
+def test_left_pad_aligns_rows_on_the_right():
+    from gemmakit.inference.engine import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_request_generator_seeding():
+    from gemmakit.inference.sampling import request_generator
+
+    def draws(gen):
+        return torch.rand(4, generator=gen).tolist()
+
+    own = SamplingParams(seed=5)
+    # A request's own seed wins, whatever the seed source.
+    assert draws(request_generator(own, None)) == draws(request_generator(own, torch.Generator()))
+    assert draws(request_generator(own, None)) == draws(torch.Generator().manual_seed(5))
+    # Without one, a seeded source (an LLM's seed) makes the sequence of requests reproducible...
+    src_a, src_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first = [draws(request_generator(SamplingParams(), src_a)) for _ in range(2)]
+    assert first == [draws(request_generator(SamplingParams(), src_b)) for _ in range(2)]
+    assert first[0] != first[1]
+    # ...and no source (a server request without a seed) is random.
+    assert draws(request_generator(SamplingParams(), None)) != draws(
+        request_generator(SamplingParams(), None)
+    )
+
+
+def test_finish_step_ends_a_request_on_a_stop_string_and_flushes_its_text():
+    from gemmakit.inference.engine import Request
+    from gemmakit.inference.text import finish_step, text_streams
+
+    requests = [Request([1], SamplingParams(stop=["END"])), Request([1], SamplingParams(stop=["Z"]))]
+    streams = text_streams(_ByteTokenizer(), requests)
+    events = finish_step([(0, ord("a")), (1, ord("b"))], requests, streams)
+    assert [(e.index, e.delta, e.finish_reason) for e in events] == [(0, "a", None), (1, "b", None)]
+    events = finish_step([(0, ord("E")), (1, ord("c"))], requests, streams)
+    assert [e.delta for e in events] == ["", "c"]  # "E" may begin "END": held back
+    requests[1].finish_reason = "length"  # as generate_steps marks a row's last token
+    events = finish_step([(0, ord("N")), (1, ord("Z"))], requests, streams)
+    assert (events[1].delta, events[1].finish_reason) == ("", "length")  # the stop string is cut
+    events = finish_step([(0, ord("D"))], requests, streams)
+    assert (events[0].delta, events[0].finish_reason) == ("", "stop")
+    assert [s.text for s in streams] == ["a", "bc"]
+    requests = [Request([1], SamplingParams(stop=["END"]))]
+    streams = text_streams(_ByteTokenizer(), requests)
+    finish_step([(0, ord("E"))], requests, streams)
+    requests[0].finish_reason = "length"
+    events = finish_step([(0, ord("N"))], requests, streams)
+    assert (events[0].delta, events[0].finish_reason) == ("EN", "length")  # held-back text flushed

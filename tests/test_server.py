@@ -24,8 +24,10 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
 from gemmakit.inference.api import LLM  # noqa: E402
-from gemmakit.inference.engine import SamplingParams  # noqa: E402
-from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread  # noqa: E402
+from gemmakit.inference.sampling import SamplingParams  # noqa: E402
+from gemmakit.serving.app import create_app  # noqa: E402
+from gemmakit.serving.config import ServerConfig  # noqa: E402
+from gemmakit.serving.transport import serve_in_thread  # noqa: E402
 
 NAME = "gemma-test"
 HI = [{"role": "user", "content": "Hi! Who are you?"}]
@@ -432,3 +434,20 @@ def test_serve_command_flags_and_user_errors(capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gemmakit serve: error: cannot listen on 127.0.0.1:") and "Traceback" not in err
+
+
+def test_stop_strings_end_requests_as_the_python_api_does(client, llm):
+    """The server and `LLM` share one finish path: same text, same finish reason."""
+    prompt = "The capital of France is"
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
+    stop = full.split()[1]
+    ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, stop=[stop]))[0].outputs[0]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, stop=[stop])
+    assert (
+        (r.choices[0].text, r.choices[0].finish_reason)
+        == (ref.text, ref.finish_reason)
+        == (
+            full[: full.index(stop)],
+            "stop",
+        )
+    )

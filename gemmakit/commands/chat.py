@@ -19,6 +19,26 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="makes the replies reproducible")
 
 
+def _fit_context(tok, system: str | None, history: list[dict], context: int) -> tuple[list[dict], list[int]]:
+    """Drops the oldest exchanges until the conversation leaves room for a reply.
+
+    Returns the kept history and the conversation's token ids. The last user turn is always
+    kept; when it alone is too long, generating reports the error.
+    """
+    from gemmakit.inference.engine import ContextLengthError, check_length
+
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = tok.encode(tok.apply_chat_template(messages))
+        if len(history) <= 2:
+            return history, ids
+        try:
+            check_length(len(ids), None, context, "conversation")
+            return history, ids
+        except ContextLengthError:
+            history = history[2:]
+
+
 def run(args) -> int:
     from gemmakit import SamplingParams
 
@@ -52,13 +72,7 @@ def run(args) -> int:
             print(HELP)
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tok.encode(tok.apply_chat_template(messages))
-        context = llm.model.config.max_position_embeddings
-        while len(ids) + 1 > context and len(history) > 2:  # drop the oldest exchange
-            history = history[2:]
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids = tok.encode(tok.apply_chat_template(messages))
+        history, ids = _fit_context(tok, system, history, llm.model.config.max_position_embeddings)
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_new_tokens, seed=seed,

@@ -10,7 +10,7 @@ from gemmakit.errors import GemmakitError
 
 
 def _fields():
-    from gemmakit.serving.app import ServerConfig
+    from gemmakit.serving.config import ServerConfig
 
     return [f for f in dataclasses.fields(ServerConfig) if f.metadata.get("cli", True)]
 
@@ -33,7 +33,9 @@ def run(args) -> int:
         raise GemmakitError("the server needs fastapi and uvicorn: pip install 'gemmakit[serve]'")
     import uvicorn
 
-    from gemmakit.serving.app import ServerConfig, api_key_from_env, bind_socket, create_app, is_loopback
+    from gemmakit.serving.app import create_app
+    from gemmakit.serving.config import ServerConfig
+    from gemmakit.serving.transport import api_key_from_env, bind_socket, is_loopback
 
     options = {f.name: getattr(args, f.name) for f in _fields()}
     options["api_key"] = options["api_key"] or api_key_from_env()

@@ -1,0 +1,1 @@
+"""Inference: sampling, the batched generation engine, text streaming and the Python `LLM` API."""

@@ -6,7 +6,8 @@
                            SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_tokens=150))
     print(outputs[0].outputs[0].text)
 
-The article's vLLM example runs with only the import changed.
+vLLM's offline `LLM.generate` code runs with only the import changed: the same prompt forms,
+`SamplingParams` fields and `RequestOutput` / `CompletionOutput` results.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit.inference.engine import Request, SamplingParams, TextStream, generate_steps
+from gemmakit.inference.engine import Request
+from gemmakit.inference.sampling import SamplingParams, request_generator
+from gemmakit.inference.text import StreamEvent, TextStream, stream_text, text_streams
 from gemmakit.loading import Loaded, load
 
 
@@ -37,16 +40,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict = field(default_factory=dict)
-
-
-@dataclass
-class StreamEvent:
-    """One step of streaming: `delta` is new text of request `index`."""
-
-    index: int
-    delta: str
-    token_id: int | None
-    finish_reason: str | None = None
 
 
 class LLM:
@@ -112,10 +105,8 @@ class LLM:
                 ids, text = list(prompt), None
             else:
                 ids, text = self.tokenizer.encode(prompt), prompt
-            seed = (
-                p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._generator))
-            )
-            gen = torch.Generator().manual_seed(seed)
+            # Drawn in prompt order, so an LLM's seed makes the whole call reproducible.
+            gen = request_generator(p, self._generator)
             requests.append(Request(ids, p, self.loaded.stop_ids, gen))
             texts.append(text)
         return requests, texts
@@ -123,27 +114,16 @@ class LLM:
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
         """Yields text deltas for a batch of prompts as they are generated."""
         requests, _ = self._requests(prompts, sampling_params)
-        yield from self._stream(requests, self._text_streams(requests))
-
-    def _text_streams(self, requests: list[Request]) -> list[TextStream]:
-        return [TextStream(self.tokenizer, r.params.stop) for r in requests]
+        yield from self._stream(requests, text_streams(self.tokenizer, requests))
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
-        for step in generate_steps(self.model, requests, self.tokenizer.pad_id):
-            for row, token in step:
-                req, ts = requests[row], streams[row]
-                delta = ts.push(token, final=req.finish_reason is not None)
-                if ts.stopped and req.finish_reason is None:
-                    req.finish_reason = "stop"  # a stop string ends the request
-                    delta += ts.flush()
-                elif req.finish_reason is not None:
-                    delta += ts.flush()
-                yield StreamEvent(row, delta, token, req.finish_reason)
+        for events in stream_text(self.model, self.tokenizer, requests, streams):
+            yield from events
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for every prompt (str, token-id list, or {"prompt_token_ids": ...})."""
         requests, texts = self._requests(prompts, sampling_params)
-        streams = self._text_streams(requests)
+        streams = text_streams(self.tokenizer, requests)
         start = time.perf_counter()
         first = None
         for _ in self._stream(requests, streams):

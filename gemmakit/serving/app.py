@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP server over the batching scheduler, with a chat page at `/`.
 
     from gemmakit import LLM
-    from gemmakit.serving.app import ServerConfig, create_app, serve_in_thread
+    from gemmakit.serving.app import create_app
+    from gemmakit.serving.config import ServerConfig
+    from gemmakit.serving.transport import serve_in_thread
     server = serve_in_thread(create_app(LLM(), ServerConfig()))
     # OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(...)
 
@@ -26,168 +28,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
-import os
-import socket
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import GemmakitError
 from gemmakit.formats.tokenizer import render_chat
-from gemmakit.inference.engine import SamplingParams
+from gemmakit.inference.engine import ContextLengthError, check_length
+from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
+from gemmakit.serving.config import ServerConfig
 from gemmakit.serving.scheduler import QueueFullError, Scheduler, ShuttingDownError, Ticket
+from gemmakit.serving.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    error_response,
+    parse,
+    unsupported,
+)
+from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, is_loopback
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-
-
-def _flag(default, metavar: str, help: str):
-    """A ServerConfig field that is also a `gemmakit serve` flag."""
-    return field(default=default, metadata={"metavar": metavar, "help": help})
-
-
-@dataclass
-class ServerConfig:
-    """Options of `gemmakit serve`; its command-line flags are generated from these fields."""
-
-    host: str = _flag("127.0.0.1", "ADDR", "address to bind (127.0.0.1)")
-    port: int = _flag(8000, "N", "port (8000)")
-    api_key: str | None = _flag(
-        None, "KEY", "require 'Authorization: Bearer KEY' on /v1 (default: $GEMMAKIT_API_KEY, or none)"
-    )
-    served_model_name: str | None = _flag(
-        None, "NAME", "model name clients send and /v1/models lists (default: the model's)"
-    )
-    max_batch: int = _flag(8, "N", "requests decoded together at most (8)")
-    max_queue: int = _flag(64, "N", "requests waiting for a batch before 429 (64)")
-    max_model_len: int | None = _flag(
-        None, "N", "context length served (default: the model's); lower it to bound KV-cache memory"
-    )
-    max_body_bytes: int = _flag(4 * 2**20, "BYTES", "request body limit in bytes (4 MiB)")
-    # Not a flag: how long the scheduler waits for simultaneous requests to fill a batch.
-    batch_window_s: float = field(default=0.01, metadata={"cli": False})
-
-    def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise GemmakitError(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise GemmakitError("max-model-len must be at least 2")
-        if self.api_key is not None and not self.api_key:
-            raise GemmakitError("api-key must not be empty")
-
-
-# --- errors --------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's error JSON."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _error_response(e: APIError):
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-# --- request bodies ------------------------------------------------------------------------
-
-
-class _StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as vLLM does."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    n: int = 1
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[_Message]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    tools: list | None = None
-    response_format: dict | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-def _parse(model_cls: type[BaseModel], data: dict):
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        msg = err["msg"] if err["type"] != "missing" else "this field is required"
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
-
-
-def _unsupported(req, fields: dict[str, Any]) -> None:
-    """400 for an option gemmakit does not implement set to a value that would change output."""
-    for name, neutral in fields.items():
-        value = getattr(req, name)
-        if value is not None and value not in neutral:
-            raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
-
-
-# --- the app -------------------------------------------------------------------------------
 
 
 class _Server:
@@ -261,7 +132,7 @@ class _Server:
 
     def sampling(
         self,
-        req: _Sampling,
+        req: SamplingFields,
         max_tokens: int | None,
         prompt_lens: list[int],
         what: str,
@@ -270,21 +141,16 @@ class _Server:
         """SamplingParams with max_tokens clamped to the room each prompt leaves in the context."""
         if req.n != 1:
             raise APIError(400, "n > 1 is not supported; send the request several times", param="n")
-        _unsupported(req, {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},)})
+        unsupported(req, {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},)})
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"{limit_name} must be at least 1, got {max_tokens}", param=limit_name)
         if req.seed is not None and not -(2**63) <= req.seed < 2**64:
             raise APIError(400, "seed must fit in 64 bits", param="seed")
-        longest = max(prompt_lens)
-        if longest >= self.context:
-            raise APIError(
-                400,
-                f"the {what} has {longest} tokens; the model's context is {self.context} tokens "
-                "(the prompt plus at least one generated token must fit)",
-                param="messages" if what == "conversation" else "prompt",
-                code="context_length_exceeded",
-            )
-        room = self.context - longest
+        try:
+            max_tokens = check_length(max(prompt_lens), max_tokens, self.context, what)
+        except ContextLengthError as e:
+            param = "messages" if what == "conversation" else "prompt"
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(
@@ -293,7 +159,7 @@ class _Server:
                 top_k=-1 if req.top_k is None else req.top_k,
                 min_p=req.min_p or 0.0,
                 seed=req.seed,
-                max_tokens=room if max_tokens is None else min(max_tokens, room),
+                max_tokens=max_tokens,
                 stop=[s for s in stop if s],  # an empty stop string would end every request at once
                 ignore_eos=req.ignore_eos,
             )
@@ -393,9 +259,9 @@ class _Server:
         }
 
     async def chat_completions(self, request):
-        req = _parse(ChatCompletionRequest, await self.read_json(request))
+        req = parse(ChatCompletionRequest, await self.read_json(request))
         self.check_model(req.model)
-        _unsupported(req, {"logprobs": (False,), "tools": ([],)})
+        unsupported(req, {"logprobs": (False,), "tools": ([],)})
         if req.response_format is not None and req.response_format.get("type") != "text":
             raise APIError(400, "response_format other than text is not supported", param="response_format")
         if not req.messages:
@@ -456,9 +322,9 @@ class _Server:
         )
 
     async def completions(self, request):
-        req = _parse(CompletionRequest, await self.read_json(request))
+        req = parse(CompletionRequest, await self.read_json(request))
         self.check_model(req.model)
-        _unsupported(req, {"logprobs": (0,), "best_of": (1,), "suffix": ("",)})
+        unsupported(req, {"logprobs": (0,), "best_of": (1,), "suffix": ("",)})
         prompts = self.prompts(req.prompt)
         if len(prompts) > self.config.max_queue:
             raise APIError(400, f"at most {self.config.max_queue} prompts per request", param="prompt")
@@ -517,39 +383,6 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-class _HostCheck:
-    """ASGI middleware: serve only requests whose Host header names an allowed host.
-
-    A server on 127.0.0.1 is still reachable from a web page by DNS rebinding (a hostile
-    name re-pointed at 127.0.0.1 makes the page same-origin); the Host header then carries
-    the hostile name, so requiring a loopback name closes that door.
-    """
-
-    def __init__(self, app, allowed: tuple[str, ...]):
-        self.app, self.allowed = app, allowed
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            name = name.strip("[]").lower()
-            if name not in self.allowed:
-                e = APIError(400, f"Host {host!r} is not served; use http://127.0.0.1 or localhost")
-                await _error_response(e)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether host (a name or an address) is this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def create_app(llm, config: ServerConfig | None = None):
     """The FastAPI application serving `llm` (a `gemmakit.LLM`).
 
@@ -571,19 +404,19 @@ def create_app(llm, config: ServerConfig | None = None):
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return _error_response(APIError(e.status_code, str(e.detail)))
+        return error_response(APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
-        return _error_response(APIError(400, str(e.errors()[0].get("msg", e))))
+        return error_response(APIError(400, str(e.errors()[0].get("msg", e))))
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
     def authorized(request: Request) -> None:
         server.check_auth(request)
@@ -621,76 +454,5 @@ def create_app(llm, config: ServerConfig | None = None):
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     if is_loopback(config.host):
-        app.add_middleware(_HostCheck, allowed=LOOPBACK_NAMES)
+        app.add_middleware(HostCheck, allowed=LOOPBACK_NAMES)
     return app
-
-
-# --- running -------------------------------------------------------------------------------
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (port 0: a free one); OSError when it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class ServerThread:
-    """Runs an app under uvicorn in a background thread (for notebooks, tests and benchmarks).
-
-    Binds before returning, so `url` is usable at once; port 0 picks a free port.
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self._sock = bind_socket(host, port)
-        self.host, self.port = host, self._sock.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-        # Signal handlers belong to the main thread's program, not to this server.
-        self.server.config.install_signal_handlers = False
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout)
-        self._sock.close()
-
-    def __enter__(self) -> ServerThread:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> ServerThread:
-    """Starts `app` on host:port in a background thread and returns the running `ServerThread`."""
-    return ServerThread(app, host, port, log_level).start()
-
-
-def api_key_from_env() -> str | None:
-    return os.environ.get("GEMMAKIT_API_KEY") or None
-
-
-__all__ = ["APIError", "ServerConfig", "ServerThread", "create_app", "serve_in_thread"]

@@ -2,17 +2,17 @@
 
 HTTP handlers run on an asyncio event loop and must never block it, while a forward pass holds
 a CPU for tens of milliseconds. So handlers only `submit()` prompts and read a `Ticket`: an
-asyncio queue that the worker thread fills with `StreamEvent`s (text deltas, via `TextStream`).
-The worker takes up to `max_batch` waiting rows at a time and runs them as one left-padded
-batch through `generate_steps`; whatever arrives meanwhile waits, bounded by `max_queue`, and
-starts together in the next batch.
+asyncio queue that the worker thread fills with `StreamEvent`s (text deltas and finish reasons
+from `gemmakit.inference.text.stream_text`, as the Python API gets them). The worker takes up
+to `max_batch` waiting rows at a time and runs them as one left-padded batch; whatever arrives
+meanwhile waits, bounded by `max_queue`, and starts together in the next batch.
 
 Why not continuous batching (admitting rows into the running batch between decode steps)?
 The KV cache shares one column index across the batch, and sliding-window layers count the
 window in columns. A row spliced into a running batch would have to be re-aligned inside the
 cache's private slot layout, or have other rows' columns inside its window; neither keeps "same
-tokens alone or batched" true without reaching into `model.py` internals that are still
-changing. Static batches keep that guarantee with the public `generate_steps` only.
+tokens alone or batched" true without reaching into the cache's internals. Static batches keep
+that guarantee with the public `generate_steps` only.
 
 Cancelling (a client that went away) marks the row finished between two decode steps, so the
 batch stops sampling it (its slot rides along, masked, until the batch ends, as
@@ -24,16 +24,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import secrets
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from gemmakit.inference.api import StreamEvent
-from gemmakit.inference.engine import Request, SamplingParams, TextStream, generate_steps
+from gemmakit.inference.engine import Request
+from gemmakit.inference.sampling import SamplingParams, request_generator
+from gemmakit.inference.text import StreamEvent, stream_text
 
 ABORT = "abort"  # the finish_reason of a cancelled row (vLLM's name)
 
@@ -215,7 +214,7 @@ class Scheduler:
         """Queues prompts (token ids, limits already checked) and returns their `Ticket`.
 
         A row's seed (`params.seed`, or a fresh random one) seeds its own generator, so its
-        tokens do not depend on which other rows share its batch.
+        tokens do not depend on which other rows share its batch (`request_generator`).
 
         Raises:
             QueueFullError: the waiting rows would exceed `max_queue`.
@@ -231,8 +230,7 @@ class Scheduler:
         ticket._on_cancel = self._forget_cancelled
         rows = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-            seed = p.seed if p.seed is not None else secrets.randbits(62)
-            gen = torch.Generator().manual_seed(seed)
+            gen = request_generator(p, seeds=None)
             rows.append(_Row(ticket, i, Request(list(prompt), p, self.stop_ids, gen)))
         self.start()
         with self._cond:
@@ -318,12 +316,11 @@ class Scheduler:
         s.max_batch_seen = max(s.max_batch_seen, len(batch))
         s.batch_sizes.append(len(batch))
         requests = [row.request for row in batch]
-        streams = [TextStream(self.tokenizer, row.request.params.stop) for row in batch]
         try:
-            for step in generate_steps(self.model, requests, self.tokenizer.pad_id):
-                for i, token in step:
-                    self._emit(batch[i], streams[i], token)
-                # Between two steps generate_steps is suspended, so finishing a row here is
+            for events in stream_text(self.model, self.tokenizer, requests):
+                for event in events:
+                    self._emit(batch[event.index], event)
+                # Between two steps the generation is suspended, so finishing a row here is
                 # safe: the next step neither samples it nor reports it.
                 for row in batch:
                     if row.ticket.cancelled and row.request.finish_reason is None:
@@ -337,16 +334,10 @@ class Scheduler:
             with self._cond:
                 self._running = []
 
-    def _emit(self, row: _Row, ts: TextStream, token: int) -> None:
-        req = row.request
+    def _emit(self, row: _Row, event: StreamEvent) -> None:
+        """Counts a batch row's event and hands it to its ticket, indexed within the ticket."""
         row.tokens += 1
         self.stats.generated_tokens += 1
-        delta = ts.push(token, final=req.finish_reason is not None)
-        if ts.stopped and req.finish_reason is None:
-            req.finish_reason = "stop"  # a stop string ends the row
-            delta += ts.flush()
-        elif req.finish_reason is not None:
-            delta += ts.flush()
-        if req.finish_reason is not None:
-            self.stats.finished.append((req.finish_reason, row.tokens))
-        row.ticket._put(StreamEvent(row.index, delta, token, req.finish_reason))
+        if event.finish_reason is not None:
+            self.stats.finished.append((event.finish_reason, row.tokens))
+        row.ticket._put(dataclasses.replace(event, index=row.index))

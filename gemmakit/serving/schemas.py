@@ -1,0 +1,104 @@
+"""The OpenAI API's wire format: request bodies as pydantic models, and errors as OpenAI's JSON.
+
+Errors are `{"error": {"message", "type", "param", "code"}}` with a 4xx status for anything
+the client can fix. Request fields gemmakit does not implement are accepted when set to a value
+that changes nothing, and answered 400 otherwise (`unsupported`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    """The HTTP response for `e` (401s name the Bearer scheme, as RFC 6750 asks)."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+def parse(model_cls: type[BaseModel], data: dict):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        msg = err["msg"] if err["type"] != "missing" else "this field is required"
+        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+
+def unsupported(req, fields: dict[str, Any]) -> None:
+    """400 for an option gemmakit does not implement set to a value that would change output."""
+    for name, neutral in fields.items():
+        value = getattr(req, name)
+        if value is not None and value not in neutral:
+            raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
