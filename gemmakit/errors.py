@@ -16,3 +16,7 @@ class ModelFileError(GemmakitError):
 
 class ConfigError(GemmakitError):
     """A model configuration that gemmakit cannot honour exactly."""
+
+
+class ContextLengthError(GemmakitError):
+    """A prompt leaves no room in the context for a generated token."""

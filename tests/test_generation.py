@@ -87,7 +87,8 @@ def test_sampling_respects_top_k_and_top_p_support():
 
 
 def test_check_length_clamps_to_the_room_and_names_the_prompt():
-    from gemmakit.inference.engine import ContextLengthError, check_length
+    from gemmakit.errors import ContextLengthError
+    from gemmakit.inference.engine import check_length
 
     assert check_length(10, None, 16) == 6
     assert check_length(10, 4, 16) == 4 and check_length(10, 100, 16) == 6

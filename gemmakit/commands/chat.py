@@ -25,7 +25,8 @@ def _fit_context(tok, system: str | None, history: list[dict], context: int) -> 
     Returns the kept history and the conversation's token ids. The last user turn is always
     kept; when it alone is too long, generating reports the error.
     """
-    from gemmakit.inference.engine import ContextLengthError, check_length
+    from gemmakit.errors import ContextLengthError
+    from gemmakit.inference.engine import check_length
 
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history

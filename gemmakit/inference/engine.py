@@ -14,13 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit.errors import GemmakitError
+from gemmakit.errors import ContextLengthError
 from gemmakit.inference.sampling import SamplingParams, sample
 from gemmakit.kernels import decode as c_decode
-
-
-class ContextLengthError(GemmakitError):
-    """A prompt leaves no room in the context for a generated token."""
 
 
 @dataclass

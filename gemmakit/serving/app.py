@@ -38,9 +38,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gemmakit.errors import GemmakitError
+from gemmakit.errors import ContextLengthError, GemmakitError
 from gemmakit.formats.tokenizer import render_chat
-from gemmakit.inference.engine import ContextLengthError, check_length
+from gemmakit.inference.engine import check_length
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
 from gemmakit.serving.config import ServerConfig
