@@ -3,7 +3,7 @@
 In-memory types (fp32, bf16, nf4, int8, int4) are measured on a copy of the loaded model,
 their size being the bytes its parameters and buffers hold; GGUF types are written to a
 temporary file, read back by gemmakit's loader (which dequantizes to float32), and measured
-with the file's size. Perplexity is gemmakit.evaluation.core's: windows of `--context` ids, each
+with the file's size. Perplexity is gemmakit.evaluation.perplexity's: windows of `--context` ids, each
 starting with one <bos>, non-overlapping (stride context - 1), on the same text tokens.
 """
 
@@ -89,7 +89,7 @@ def _variant(loaded, kind: str):
 def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int | None = None, progress=True):
     """Rows of {type, description, bytes, perplexity, change} for each type, fp32 first."""
     from gemmakit.errors import GemmakitError
-    from gemmakit.evaluation.core import perplexity
+    from gemmakit.evaluation.perplexity import perplexity
     from gemmakit.export import export_gguf
     from gemmakit.loading import load
     from gemmakit.quant.core import model_memory
