@@ -196,34 +196,17 @@ _GEMMA3_TEXT_DEFAULTS = {
 def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
     """Builds a GemmaConfig from a transformers `config.json` dict.
 
+    Each part of the config is read by its own helper, which pops the keys it honours; a key
+    left over at the end is one gemmakit does not implement.
+
     Raises:
         ConfigError: for an architecture other than Gemma 1/2/3 text, or any key whose
             value gemmakit cannot honour exactly.
     """
     raw = dict(raw)
-    arch_list = raw.get("architectures") or []
-    if "Gemma3ForConditionalGeneration" in arch_list or raw.get("model_type") == "gemma3":
-        # A multimodal Gemma 3 checkpoint: its text half is a Gemma3ForCausalLM.
-        text = dict(raw.get("text_config") or {})
-        text.setdefault("model_type", "gemma3_text")
-        text["architectures"] = ["Gemma3ForCausalLM"]
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in raw and key not in text:
-                text[key] = raw[key]
-        # The original multimodal config.json files leave these to Gemma3TextConfig's
-        # defaults (transformers configuration_gemma3.py), so fill them in the same way.
-        for key, value in _GEMMA3_TEXT_DEFAULTS.items():
-            text.setdefault(key, value)
-        return from_hf_config(text, name)
-    arch = next((a for a in arch_list if a in _ARCHITECTURES), None)
-    if arch is None:
-        arch = _MODEL_TYPE_TO_ARCH.get(raw.get("model_type", ""))
-    if arch is None:
-        found = ", ".join(arch_list) or raw.get("model_type") or "none given"
-        raise ConfigError(
-            f"unsupported architecture ({found}); gemmakit runs Gemma 1, 2 and 3 text models: "
-            + ", ".join(_ARCHITECTURES)
-        )
+    if _is_multimodal(raw):
+        return from_hf_config(_text_config(raw), name)
+    arch = _architecture(raw)
     implied = _ARCHITECTURES[arch]
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:
@@ -233,48 +216,11 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
     heads = pop("num_attention_heads")
     hidden = pop("hidden_size")
     head_dim = pop("head_dim", None) or hidden // heads
-    window = pop("sliding_window", None)
-    # Gemma 2's original config.json repeats the window as sliding_window_size.
-    window_size = pop("sliding_window_size", None)
-    if window_size is not None and window is not None and window_size != window:
-        raise ConfigError(f"sliding_window {window} and sliding_window_size {window_size} disagree")
-    window = window if window is not None else window_size
-    layer_types = pop("layer_types", None)
-    pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")
-    if layer_types is None:
-        if implied["use_qk_norm"]:  # Gemma 3: every pattern-th layer is global
-            pattern = pattern or 6
-            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
-        elif implied["use_post_norms"]:  # Gemma 2: even layers slide
-            layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
-        else:
-            layer_types = [FULL] * num_layers
-    if implied["model_type"] == "gemma" and window is not None and SLIDING not in layer_types:
-        window = None
-
+    layer_types, window = _attention_layout(raw, implied, num_layers)
     rope_theta, rope_local, rope_factor = _rope_settings(raw, implied["use_qk_norm"])
     eos = pop("eos_token_id", 1)
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-
-    act = pop("hidden_activation", None) or "gelu_pytorch_tanh"
-    hidden_act = pop("hidden_act", None)
-    # Gemma 1 configs say hidden_act "gelu", but the model was trained with the tanh
-    # approximation; transformers ignores hidden_act for Gemma (transformers GH#29402).
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh") or hidden_act not in (
-        None, "gelu", "gelu_pytorch_tanh",
-    ):  # fmt: skip
-        raise ConfigError(f"unsupported activation {act!r} / {hidden_act!r}")
-    for key in ("attention_bias", "attention_dropout", "use_bidirectional_attention"):
-        value = raw.pop(key, None)
-        if value not in (None, False, 0, 0.0):  # only the off setting is implemented
-            raise ConfigError(f"config key {key}={value!r} is not supported")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ConfigError(
-            f"pre-quantized checkpoints ({method}) are not supported; "
-            "load the full-precision checkpoint and use --quantize"
-        )
-    raw.pop("quantization_config", None)
+    _refuse_unsupported(raw)
 
     cfg = GemmaConfig(
         vocab_size=pop("vocab_size", 256000),
@@ -311,6 +257,91 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
             + ", ".join(f"{k}={raw[k]!r}" for k in leftover)
         )
     return cfg
+
+
+def _is_multimodal(raw: dict[str, Any]) -> bool:
+    """A multimodal Gemma 3 checkpoint: gemmakit runs its text half, a Gemma3ForCausalLM."""
+    return (
+        "Gemma3ForConditionalGeneration" in (raw.get("architectures") or [])
+        or raw.get("model_type") == "gemma3"
+    )
+
+
+def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The text half of a multimodal Gemma 3 config, as the Gemma3ForCausalLM config it is."""
+    text = dict(raw.get("text_config") or {})
+    text.setdefault("model_type", "gemma3_text")
+    text["architectures"] = ["Gemma3ForCausalLM"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in raw and key not in text:
+            text[key] = raw[key]
+    # The original multimodal config.json files leave these to Gemma3TextConfig's
+    # defaults (transformers configuration_gemma3.py), so fill them in the same way.
+    for key, value in _GEMMA3_TEXT_DEFAULTS.items():
+        text.setdefault(key, value)
+    return text
+
+
+def _architecture(raw: dict[str, Any]) -> str:
+    """The implemented architecture named by `architectures`, else by `model_type`."""
+    arch_list = raw.get("architectures") or []
+    arch = next((a for a in arch_list if a in _ARCHITECTURES), None)
+    if arch is None:
+        arch = _MODEL_TYPE_TO_ARCH.get(raw.get("model_type", ""))
+    if arch is None:
+        found = ", ".join(arch_list) or raw.get("model_type") or "none given"
+        raise ConfigError(
+            f"unsupported architecture ({found}); gemmakit runs Gemma 1, 2 and 3 text models: "
+            + ", ".join(_ARCHITECTURES)
+        )
+    return arch
+
+
+def _attention_layout(raw: dict[str, Any], implied: dict, num_layers: int) -> tuple[list[str], int | None]:
+    """(layer types, sliding window), from the config or, when it is silent, the architecture."""
+    pop = raw.pop
+    window = pop("sliding_window", None)
+    # Gemma 2's original config.json repeats the window as sliding_window_size.
+    window_size = pop("sliding_window_size", None)
+    if window_size is not None and window is not None and window_size != window:
+        raise ConfigError(f"sliding_window {window} and sliding_window_size {window_size} disagree")
+    window = window if window is not None else window_size
+    layer_types = pop("layer_types", None)
+    pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")
+    if layer_types is None:
+        if implied["use_qk_norm"]:  # Gemma 3: every pattern-th layer is global
+            pattern = pattern or 6
+            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
+        elif implied["use_post_norms"]:  # Gemma 2: even layers slide
+            layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
+        else:
+            layer_types = [FULL] * num_layers
+    if implied["model_type"] == "gemma" and window is not None and SLIDING not in layer_types:
+        window = None
+    return layer_types, window
+
+
+def _refuse_unsupported(raw: dict[str, Any]) -> None:
+    """Pops the activation, attention and quantization keys, refusing any setting not implemented."""
+    act = raw.pop("hidden_activation", None) or "gelu_pytorch_tanh"
+    hidden_act = raw.pop("hidden_act", None)
+    # Gemma 1 configs say hidden_act "gelu", but the model was trained with the tanh
+    # approximation; transformers ignores hidden_act for Gemma (transformers GH#29402).
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh") or hidden_act not in (
+        None, "gelu", "gelu_pytorch_tanh",
+    ):  # fmt: skip
+        raise ConfigError(f"unsupported activation {act!r} / {hidden_act!r}")
+    for key in ("attention_bias", "attention_dropout", "use_bidirectional_attention"):
+        value = raw.pop(key, None)
+        if value not in (None, False, 0, 0.0):  # only the off setting is implemented
+            raise ConfigError(f"config key {key}={value!r} is not supported")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise ConfigError(
+            f"pre-quantized checkpoints ({method}) are not supported; "
+            "load the full-precision checkpoint and use --quantize"
+        )
+    raw.pop("quantization_config", None)
 
 
 def _rope_settings(raw: dict[str, Any], has_local_base: bool) -> tuple[float, float | None, float]:
@@ -392,7 +423,7 @@ def _gemma3(name, vocab, hidden, inter, layers, heads, kv, head_dim, qpas, windo
     )  # fmt: skip
 
 
-# Public sizes, from the models' config.json files (see field-notes §5).
+# Public sizes, as the models' Hugging Face config.json files give them.
 PRESETS: dict[str, GemmaConfig] = {
     "gemma-2b": _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),
     "gemma-7b": _gemma1("gemma-7b", 3072, 24576, 28, 16, 16),

@@ -4,14 +4,14 @@
     export(to="gguf", output="gemma.q8_0.gguf", qtype="q8_0")            # the bundled model
     export(model="ckpt/", adapter="out/adapter", to="hf", output="merged/")
 
-The writers live in `gemmakit.formats.gguf_writer` (GGUF) and `gemmakit.formats.hf_folder` (HF folder); this
-module loads the source, merges an adapter, gathers what the writers need from the source
-(its GGUF vocabulary arrays, its chat template, its tokenizer files) and dispatches.
+The writers live in `gemmakit.formats.gguf_writer` (GGUF) and `gemmakit.formats.hf_folder`
+(HF folder); this module loads the source, merges an adapter, gathers what the writers need
+from the source (its GGUF vocabulary arrays, its chat template, its tokenizer files) and
+dispatches.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,8 +25,6 @@ TARGETS = ("gguf", "hf")
 
 def apply_adapter(loaded: Loaded, adapter: str | Path) -> Loaded:
     """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora.core)."""
-    if importlib.util.find_spec("gemmakit.lora.core") is None:
-        raise GemmakitError("--adapter needs gemmakit.lora.core, which this installation does not have")
     from gemmakit.lora import core as lora
 
     lora.load_adapter(loaded.model, adapter)
@@ -59,6 +57,7 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
 
 
 def source_metadata(loaded: Loaded) -> dict | None:
+    """The GGUF source's metadata (vocabulary arrays, chat template, name), or None for a folder."""
     if loaded.source.kind != "gguf":
         return None
     from gemmakit.formats.gguf import GGUFFile

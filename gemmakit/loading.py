@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ import torch
 
 from gemmakit.config import PRESETS, GemmaConfig, load_hf_config
 from gemmakit.errors import GemmakitError, ModelFileError
-from gemmakit.files import atomic_write
-from gemmakit.formats import safetensors as checkpoint
+from gemmakit.files import atomic_folder, atomic_write
+from gemmakit.formats import safetensors
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import cache_dir
@@ -112,14 +111,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def read_config(source: ModelSource) -> GemmaConfig:
-    if source.kind == "hf":
-        return load_hf_config(source.path)
-    from gemmakit.formats.gguf import GGUFFile, config_from_gguf
-
-    return config_from_gguf(GGUFFile(source.path))
-
-
 def load_model(
     source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu", gguf_file=None
 ) -> Gemma:
@@ -127,8 +118,8 @@ def load_model(
     if source.kind == "hf":
         config = load_hf_config(source.path)
         check_dtype(config, dtype)
-        tensors = checkpoint.read_safetensors(checkpoint.safetensors_files(source.path))
-        state = checkpoint.hf_to_native(tensors, config)
+        tensors = safetensors.read_safetensors(safetensors.safetensors_files(source.path))
+        state = safetensors.hf_to_native(tensors, config)
     else:
         from gemmakit.formats.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
 
@@ -142,14 +133,14 @@ def load_model(
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         state[key] = state.pop(key).to(device=device, dtype=dtype)
-    checkpoint.load_into(model, state, str(source.path))
+    safetensors.load_into(model, state, str(source.path))
     return model.eval()
 
 
 class _LazyRows:
-    """A weight read from disk in row chunks when the quantizer asks (`quantization.row_chunks`)."""
+    """A weight read from disk in row chunks when the quantizer asks (`gemmakit.quant.core.row_chunks`)."""
 
-    def __init__(self, reader: checkpoint.SafetensorsReader, name: str, dtype: torch.dtype):
+    def __init__(self, reader: safetensors.SafetensorsReader, name: str, dtype: torch.dtype):
         self.reader, self.name, self.dtype = reader, name, dtype
         self.shape, self.device = reader.shape(name), torch.device("cpu")
 
@@ -186,11 +177,11 @@ def load_quantized_model(
 
     config = load_hf_config(source.path)
     check_dtype(config, dtype)
-    reader = checkpoint.SafetensorsReader(checkpoint.safetensors_files(source.path))
-    hf_name = checkpoint.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
+    reader = safetensors.SafetensorsReader(safetensors.safetensors_files(source.path))
+    hf_name = safetensors.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
     with torch.device("meta"):
         model = Gemma(config)
-    checkpoint.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
+    safetensors.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
 
     def read(name):
         # Each read frees the previous tensor's float copy; glibc keeps such freed blocks in
@@ -250,7 +241,7 @@ def load(
 ) -> Loaded:
     """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default).
 
-    `quantize` is a kind ("nf4", "int8", "int4") or `quantization.quantize_model`'s keyword
+    `quantize` is a kind ("nf4", "int8", "int4") or `gemmakit.quant.core.quantize_model`'s keyword
     arguments as a dict; on the CPU the weights are then quantized as they are read.
     """
     start = time.perf_counter()
@@ -298,7 +289,7 @@ def load(
 
 
 # --- the converted-GGUF cache ------------------------------------------------------------------
-# Dequantizing a GGUF takes seconds (4.6 s for the bundled 270M), so the first load writes the
+# Dequantizing a GGUF takes seconds (measured: 4.6 s for the bundled 270M), so the first load writes the
 # dequantized float32 weights, config and SentencePiece model into the cache as a Hugging Face
 # folder; later loads memory-map it (milliseconds). Large models are not cached: their float32
 # copy would be tens of GB.
@@ -317,25 +308,21 @@ def converted_folder(source: ModelSource) -> Path | None:
 
 
 def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer):
-    """Writes the HF folder atomically (a temp folder renamed into place); best effort."""
-    state = checkpoint.native_to_hf(model.state_dict(), model.config)
+    """Writes the HF folder atomically (`atomic_folder`); best effort: a read-only or full
+    cache only costs speed, so a failed write is dropped."""
+    state = safetensors.native_to_hf(model.state_dict(), model.config)
     if sum(t.numel() for t in state.values()) * 4 > CACHE_MAX_BYTES or not hasattr(
         tokenizer._backend, "serialized_model_proto"
     ):
         return
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
-        (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
-        checkpoint.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
-        (tmp / READY).write_text("")
-        os.replace(tmp, folder)
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+            (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
+            safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
+            (tmp / READY).write_text("")
     except OSError:
-        pass  # a read-only or full cache only costs speed
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        pass
 
 
 def read_generation_config(source: ModelSource) -> dict:
@@ -351,7 +338,7 @@ def read_generation_config(source: ModelSource) -> dict:
 
 
 # --- the quantized cache ---------------------------------------------------------------------
-# Quantizing on load costs seconds (int8 270M: 2.7 s, mostly elementwise passes over the
+# Quantizing on load costs seconds (measured, int8 270M: 2.7 s, mostly elementwise passes over the
 # float32 weights), so the quantized tensors are kept too: a later load of the same model,
 # dtype and quantization reads them back (0.3 s). The key includes torch's version and the
 # int4 kernel's packed layout, which can differ between builds and CPUs.
@@ -364,7 +351,7 @@ def quantized_folder(weights: ModelSource, dtype: torch.dtype, quantize: dict) -
         return None
     stamps = [
         (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in checkpoint.safetensors_files(weights.path)
+        for f in safetensors.safetensors_files(weights.path)
     ]
     key = json.dumps(
         [stamps, str(dtype), quantize, torch.__version__, tinygemm_layout(), CACHE_VERSION], sort_keys=True
@@ -388,7 +375,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
         return None
     try:
         config = load_hf_config(folder)
-        reader = checkpoint.SafetensorsReader([folder / "model.safetensors"])
+        reader = safetensors.SafetensorsReader([folder / "model.safetensors"])
         with torch.device("meta"):  # the same modules, shapes and dtypes, without the work
             model = quantize_model(Gemma(config).to(dtype), **quantize)
         expected = {k: (tuple(t.shape), t.dtype) for k, t in _quantized_state(model).items()}
@@ -404,19 +391,15 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
 
 
 def _write_quantized(folder: Path, model: Gemma):
-    """Writes the quantized tensors atomically (temp folder renamed into place); best effort."""
+    """Writes the quantized tensors atomically (`atomic_folder`); best effort, as the
+    converted cache."""
     state = _quantized_state(model)
     if sum(t.nbytes for t in state.values()) > CACHE_MAX_BYTES:
         return
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
-        checkpoint.save_safetensors(state, tmp / "model.safetensors")
-        (tmp / READY).write_text("")
-        os.replace(tmp, folder)
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+            safetensors.save_safetensors(state, tmp / "model.safetensors")
+            (tmp / READY).write_text("")
     except OSError:
         pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

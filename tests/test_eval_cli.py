@@ -8,7 +8,8 @@ import math
 import pytest
 
 from gemmakit.cli import main
-from gemmakit.evaluation import core as ev
+from gemmakit.evaluation import settings as eval_settings
+from gemmakit.evaluation.perplexity import text_perplexity
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def bundled_for_every_setting(monkeypatch, bundled):
         seen.append(setting)
         return bundled
 
-    monkeypatch.setattr(ev, "load_setting", fake_load)
+    monkeypatch.setattr(eval_settings, "load_setting", fake_load)
     return seen
 
 
@@ -105,7 +106,7 @@ def test_perplexity_json(capsys, tmp_path, bundled, bundled_for_every_setting):
     assert set(out) >= {"model", "tokens", "nll", "perplexity"}
     assert out["tokens"] == len(bundled.tokenizer.encode(text.read_text(), add_bos=False))
     assert out["perplexity"] == pytest.approx(math.exp(out["nll"]))
-    direct = ev.text_perplexity(bundled, text.read_text(), 16, 8)
+    direct = text_perplexity(bundled, text.read_text(), 16, 8)
     assert out["nll"] == pytest.approx(direct.nll, rel=1e-6)
     assert (out["context"], out["stride"], out["windows"]) == (16, 8, direct.windows)
 

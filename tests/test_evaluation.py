@@ -1,4 +1,4 @@
-"""gemmakit.evaluation.core: perplexity and multiple-choice scoring against transformers."""
+"""gemmakit.evaluation: perplexity and multiple-choice scoring against transformers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from gemmakit.errors import GemmakitError
-from gemmakit.evaluation import core as ev
+from gemmakit.evaluation.logprobs import target_logprobs
+from gemmakit.evaluation.perplexity import DEFAULT_TEXT, perplexity, sequence_nll, strided_windows
+from gemmakit.evaluation.scoring import encode_pair, evaluate_choice, score_continuations, scoring_rule
+from gemmakit.evaluation.settings import Setting, settings
+from gemmakit.evaluation.table import format_table
+from gemmakit.evaluation.tasks import TASKS_DIR, build_context, list_tasks, load_task, task_path
 
 SHIPPED = ("arc_style", "hellaswag_style", "mmlu_style", "piqa_style")
 
@@ -21,7 +26,7 @@ SHIPPED = ("arc_style", "hellaswag_style", "mmlu_style", "piqa_style")
     "n,context,stride", [(1, 2, 1), (10, 4, 3), (50, 16, 5), (300, 128, 64), (127, 128, 127)]
 )
 def test_strided_windows_predict_each_token_once(n, context, stride):
-    windows = ev.strided_windows(n, context, stride)
+    windows = strided_windows(n, context, stride)
     predicted = [k for begin, end, first in windows for k in range(first, end)]
     assert predicted == list(range(n))
     for begin, end, first in windows:
@@ -32,9 +37,9 @@ def test_strided_windows_predict_each_token_once(n, context, stride):
 
 def test_strided_windows_reject_bad_numbers():
     with pytest.raises(GemmakitError, match="at least 2"):
-        ev.strided_windows(10, 1, 1)
+        strided_windows(10, 1, 1)
     with pytest.raises(GemmakitError, match="between 1 and context - 1 = 7"):
-        ev.strided_windows(10, 8, 8)
+        strided_windows(10, 8, 8)
 
 
 def hf_strided_nll(hf_model, ids: list[int], bos: int, context: int, stride: int) -> tuple[float, int]:
@@ -58,12 +63,12 @@ def hf_strided_nll(hf_model, ids: list[int], bos: int, context: int, stride: int
 
 def test_perplexity_matches_transformers_on_bundled(bundled, hf_bundled):
     hf_model, _ = hf_bundled
-    text = ev.DEFAULT_TEXT.read_text()
+    text = DEFAULT_TEXT.read_text()
     # 130 tokens in windows of 96 advancing 48: two windows, the second predicting 35 tokens
     # with 48 tokens + <bos> of left context.
     ids = bundled.tokenizer.encode(text, add_bos=False)[:130]
     assert ids[0] != bundled.tokenizer.bos_id
-    ours = ev.perplexity(bundled.model, ids, bundled.tokenizer.bos_id, context=96, stride=48)
+    ours = perplexity(bundled.model, ids, bundled.tokenizer.bos_id, context=96, stride=48)
     ref_nll, ref_count = hf_strided_nll(hf_model, ids, bundled.tokenizer.bos_id, 96, 48)
     print(
         f"bundled: ours ppl {ours.perplexity:.5f}, transformers {math.exp(ref_nll):.5f} ({ours.tokens} tokens)"
@@ -81,16 +86,16 @@ def test_perplexity_matches_transformers_on_tiny_model(family, hf_folder):
     folder, hf_model = hf_folder(family)
     model = load_model(resolve(folder), torch.float32, "cpu")
     ids = torch.randint(3, 256, (50,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = ev.perplexity(model, ids, bos_id=2, context=16, stride=5)
+    ours = perplexity(model, ids, bos_id=2, context=16, stride=5)
     ref_nll, ref_count = hf_strided_nll(hf_model, ids, 2, 16, 5)
     assert ours.tokens == ref_count == 50
     assert abs(ours.perplexity / math.exp(ref_nll) - 1) < 1e-3
     assert ours.nll == pytest.approx(ref_nll, rel=1e-5)
     # A leading <bos> in the ids is the windows' own, not a token to predict.
-    again = ev.perplexity(model, [2] + ids, bos_id=2, context=16, stride=5)
+    again = perplexity(model, [2] + ids, bos_id=2, context=16, stride=5)
     assert again.tokens == 50 and again.nll == pytest.approx(ours.nll, rel=1e-6)
     # Windows batched together (the default) = one window per forward pass.
-    single = ev.perplexity(model, ids, bos_id=2, context=16, stride=5, batch_tokens=1)
+    single = perplexity(model, ids, bos_id=2, context=16, stride=5, batch_tokens=1)
     assert ours.windows == single.windows == 8 and single.nll == pytest.approx(ours.nll, rel=1e-5)
 
 
@@ -101,8 +106,8 @@ def test_perplexity_chunks_do_not_change_the_result(hf_folder):
     model = load_model(resolve(folder), torch.float32, "cpu")
     hidden = model.hidden_states(torch.randint(0, 256, (1, 30)))[0]
     targets = torch.randint(0, 256, (30,))
-    whole, greedy = ev.target_logprobs(model, hidden, targets, chunk=1000)
-    pieces, greedy_pieces = ev.target_logprobs(model, hidden, targets, chunk=7)
+    whole, greedy = target_logprobs(model, hidden, targets, chunk=1000)
+    pieces, greedy_pieces = target_logprobs(model, hidden, targets, chunk=7)
     reference = torch.log_softmax(model.logits(hidden).double(), -1)[torch.arange(30), targets]
     torch.testing.assert_close(whole, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(pieces, whole)
@@ -111,9 +116,9 @@ def test_perplexity_chunks_do_not_change_the_result(hf_folder):
 
 def test_perplexity_rejects_empty_text_and_long_context(bundled):
     with pytest.raises(GemmakitError, match="no tokens"):
-        ev.perplexity(bundled.model, [bundled.tokenizer.bos_id], bundled.tokenizer.bos_id)
+        perplexity(bundled.model, [bundled.tokenizer.bos_id], bundled.tokenizer.bos_id)
     with pytest.raises(GemmakitError, match="exceeds the model's"):
-        ev.perplexity(bundled.model, [5, 6], bundled.tokenizer.bos_id, context=10**6)
+        perplexity(bundled.model, [5, 6], bundled.tokenizer.bos_id, context=10**6)
 
 
 # --- task files ------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def test_perplexity_rejects_empty_text_and_long_context(bundled):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_tasks_load(name):
-    task = ev.load_task(ev.task_path(name))
+    task = load_task(task_path(name))
     assert task.layout == name.removesuffix("_style")
     assert len(task.questions) >= 30
     assert len({q.text for q in task.questions}) == len(task.questions)
@@ -134,14 +139,14 @@ def test_shipped_tasks_load(name):
 
 
 def test_list_tasks_names_every_shipped_file():
-    listed = {t["name"]: t for t in ev.list_tasks()}
+    listed = {t["name"]: t for t in list_tasks()}
     assert set(SHIPPED) <= set(listed)
     assert listed["arc_style"]["layout"] == "arc" and listed["arc_style"]["questions"] == 40
 
 
 def test_unknown_task_name_lists_the_shipped_ones():
     with pytest.raises(GemmakitError, match="no shipped task 'arc'.*arc_style"):
-        ev.task_path("arc")
+        task_path("arc")
 
 
 def write_jsonl(path, rows):
@@ -164,7 +169,7 @@ def test_layouts_are_detected_and_parsed(tmp_path):
         "mmlu": {"question": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6", "answer": "B", "subject": "math"},
         "piqa": {"goal": "To dry a cup,", "sol1": "wipe it.", "sol2": "wet it.", "label": 0},
     }  # fmt: skip
-    parsed = {k: ev.load_task(write_jsonl(tmp_path / f"{k}.jsonl", [r])) for k, r in rows.items()}
+    parsed = {k: load_task(write_jsonl(tmp_path / f"{k}.jsonl", [r])) for k, r in rows.items()}
     assert {k: t.layout for k, t in parsed.items()} == {k: k for k in rows}
     hs, arc, mmlu, piqa = (parsed[k].questions[0] for k in ("hellaswag", "arc", "mmlu", "piqa"))
     assert (hs.text, hs.choices, hs.label) == ("Doors: He opens the door and", ["walks in.", "flies."], 1)
@@ -175,7 +180,7 @@ def test_layouts_are_detected_and_parsed(tmp_path):
         ["wipe it.", "wet it."],
         0,
     )
-    listed = ev.load_task(
+    listed = load_task(
         write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "choices": ["x", "y", "z"], "answer": 2}])
     )
     assert listed.layout == "mmlu" and listed.questions[0].label == 2
@@ -203,36 +208,36 @@ def test_layouts_are_detected_and_parsed(tmp_path):
 def test_bad_task_files_name_file_and_line(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(GemmakitError, match=message):
-        ev.load_task(path, where="bad.jsonl")
+        load_task(path, where="bad.jsonl")
 
 
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(GemmakitError, match="no such file"):
-        ev.load_task(tmp_path / "absent.jsonl")
+        load_task(tmp_path / "absent.jsonl")
     (tmp_path / "latin.jsonl").write_bytes(b'{"goal": "caf\xe9"}\n')
     with pytest.raises(GemmakitError, match="not UTF-8"):
-        ev.load_task(tmp_path / "latin.jsonl")
+        load_task(tmp_path / "latin.jsonl")
 
 
 def test_fewshot_context_is_deterministic_and_excludes_the_question():
-    task = ev.load_task(ev.task_path("arc_style"))
-    a = ev.build_context(task, 5, fewshot=3, seed=1)
-    assert a == ev.build_context(task, 5, fewshot=3, seed=1)
-    assert a != ev.build_context(task, 5, fewshot=3, seed=2)
+    task = load_task(task_path("arc_style"))
+    a = build_context(task, 5, fewshot=3, seed=1)
+    assert a == build_context(task, 5, fewshot=3, seed=1)
+    assert a != build_context(task, 5, fewshot=3, seed=2)
     blocks = a.split("\n\n")
     assert len(blocks) == 4 and blocks[-1] == task.questions[5].text
     for block in blocks[:3]:
         shot = next(q for q in task.questions if block.startswith(q.text))
         assert shot is not task.questions[5]
         assert block == shot.text + " " + shot.choices[shot.label]  # solved with the gold choice
-    assert ev.build_context(task, 5) == task.questions[5].text
+    assert build_context(task, 5) == task.questions[5].text
     with pytest.raises(GemmakitError, match="only 39 other questions"):
-        ev.build_context(task, 0, fewshot=40)
+        build_context(task, 0, fewshot=40)
 
 
 def test_mmlu_subject_description():
-    task = ev.load_task(ev.task_path("mmlu_style"))
-    context = ev.build_context(task, 0, fewshot=1)
+    task = load_task(task_path("mmlu_style"))
+    context = build_context(task, 0, fewshot=1)
     assert context.startswith(
         "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
     )
@@ -244,21 +249,21 @@ def test_mmlu_subject_description():
 
 def test_encode_pair_splits_running_text(bundled):
     tok = bundled.tokenizer
-    ctx, cont = ev.encode_pair(tok, "Question: What is red?\nAnswer:", " a tomato")
+    ctx, cont = encode_pair(tok, "Question: What is red?\nAnswer:", " a tomato")
     assert ctx[0] == tok.bos_id and tok.bos_id not in ctx[1:] + cont
     assert ctx + cont == tok.encode("Question: What is red?\nAnswer: a tomato")
     assert tok.decode(cont) == " a tomato"
     # A trailing space of the context belongs to the continuation (lm-eval's rule).
-    assert ev.encode_pair(tok, "Answer: ", "a tomato") == ev.encode_pair(tok, "Answer:", " a tomato")
+    assert encode_pair(tok, "Answer: ", "a tomato") == encode_pair(tok, "Answer:", " a tomato")
 
 
 def test_batched_scores_match_transformers_and_unbatched(bundled, hf_bundled):
     hf_model, _ = hf_bundled
     tok = bundled.tokenizer
-    task = ev.load_task(ev.task_path("piqa_style"))
-    pairs = [ev.encode_pair(tok, q.text, " " + c) for q in task.questions[:2] for c in q.choices]
-    batched = ev.score_continuations(bundled.model, pairs, tok.pad_id, batch_tokens=4096)
-    single = ev.score_continuations(bundled.model, pairs, tok.pad_id, batch_tokens=1)
+    task = load_task(task_path("piqa_style"))
+    pairs = [encode_pair(tok, q.text, " " + c) for q in task.questions[:2] for c in q.choices]
+    batched = score_continuations(bundled.model, pairs, tok.pad_id, batch_tokens=4096)
+    single = score_continuations(bundled.model, pairs, tok.pad_id, batch_tokens=1)
     for (ctx, cont), (ll, greedy), (ll1, greedy1) in zip(pairs, batched, single):
         with torch.no_grad():
             logits = hf_model(torch.tensor([ctx + cont])).logits[0].double()
@@ -270,8 +275,8 @@ def test_batched_scores_match_transformers_and_unbatched(bundled, hf_bundled):
 
 
 def test_evaluate_choice_on_bundled(bundled):
-    task = ev.load_task(ev.task_path("arc_style"))
-    r = ev.evaluate_choice(bundled, task, limit=2)
+    task = load_task(task_path("arc_style"))
+    r = evaluate_choice(bundled, task, limit=2)
     assert r.n == 2 and len(r.samples) == 2
     assert 0 <= r.acc <= 1 and 0 <= r.acc_norm <= 1
     for s, q in zip(r.samples, task.questions):
@@ -283,7 +288,7 @@ def test_evaluate_choice_on_bundled(bundled):
 
 
 def test_scoring_rule_states_the_method():
-    rule = ev.scoring_rule(["arc", "piqa"], fewshot=2, seed=7)
+    rule = scoring_rule(["arc", "piqa"], fewshot=2, seed=7)
     assert "ln p(c_j | <bos>, context" in rule and "float32" in rule
     assert "len(choice text)" in rule and "characters" in rule
     assert "random.Random(7" in rule
@@ -291,24 +296,16 @@ def test_scoring_rule_states_the_method():
 
 
 def test_settings_are_the_cartesian_product():
-    s = ev.settings(["a.gguf", "b"], None, ["none", "nf4"])
+    s = settings(["a.gguf", "b"], None, ["none", "nf4"])
     assert [(x.model, x.adapter, x.quantize) for x in s] == [
         ("a.gguf", None, None), ("a.gguf", None, "nf4"), ("b", None, None), ("b", None, "nf4"),
     ]  # fmt: skip
-    assert ev.settings(None, None, None) == [ev.Setting()]
-    assert ev.Setting(None, "/x/my-adapter", "int8").label == "bundled +my-adapter int8"
-
-
-def test_missing_quantization_module_is_a_clear_error(monkeypatch):
-    real = ev.importlib.util.find_spec
-    monkeypatch.setattr(ev.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gemmakit.quant.core" else real(name, *a))  # fmt: skip
-    with pytest.raises(GemmakitError, match="--quantize needs gemmakit.quant.core"):
-        ev.load_setting(ev.Setting(quantize="nf4"))
+    assert settings(None, None, None) == [Setting()]
+    assert Setting(None, "/x/my-adapter", "int8").label == "bundled +my-adapter int8"
 
 
 def test_format_table_aligns_numbers_right():
-    table = ev.format_table(("name", "value"), [("a", "1.5"), ("long name", "10.25")])
+    table = format_table(("name", "value"), [("a", "1.5"), ("long name", "10.25")])
     lines = table.splitlines()
     assert lines[0].startswith("name") and lines[2].endswith("  1.5") and lines[3].endswith("10.25")
 
@@ -348,7 +345,7 @@ def test_lm_eval_runs_a_local_task_like_gemmakit(lm_eval_offline, bundled, tmp_p
     from gemmakit.evaluation.lm_eval_adapter import GemmakitLM
 
     assert get_model("gemmakit") is GemmakitLM
-    rows = ev.TASKS_DIR.joinpath("piqa_style.jsonl").read_text().splitlines()[:3]
+    rows = TASKS_DIR.joinpath("piqa_style.jsonl").read_text().splitlines()[:3]
     data = tmp_path / "tiny_piqa.jsonl"
     data.write_text("\n".join(rows) + "\n")
     (tmp_path / "tiny_piqa.yaml").write_text(TINY_TASK.format(data=data))
@@ -357,7 +354,7 @@ def test_lm_eval_runs_a_local_task_like_gemmakit(lm_eval_offline, bundled, tmp_p
         task_manager=TaskManager(include_path=str(tmp_path)),
     )  # fmt: skip
     theirs = out["results"]["gemmakit_tiny_piqa"]
-    ours = ev.evaluate_choice(bundled, ev.load_task(data))
+    ours = evaluate_choice(bundled, load_task(data))
     # lm-eval's prompt, tokenization and acc/acc_norm over our loglikelihoods = gemmakit's own.
     assert theirs["acc,none"] == pytest.approx(ours.acc)
     assert theirs["acc_norm,none"] == pytest.approx(ours.acc_norm)
@@ -374,7 +371,7 @@ def test_lm_eval_rolling_and_generation(lm_eval_offline, bundled):
     text = "The quick brown fox jumps over the lazy dog near the river bank at dawn."
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     ids = bundled.tokenizer.encode(text, add_bos=False)
-    nll, count, windows = ev.sequence_nll(bundled.model, ids, bundled.tokenizer.bos_id, 16, 8)
+    nll, count, windows = sequence_nll(bundled.model, ids, bundled.tokenizer.bos_id, 16, 8)
     assert windows > 1 and count == len(ids)
     assert rolling == pytest.approx(-nll) and rolling < 0
     (generated,) = lm.generate_until(

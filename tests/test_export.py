@@ -128,7 +128,10 @@ def _gguf_name(hf_name):
 
 
 def _q8_0_spec(x: np.ndarray) -> bytes:
-    """Q8_0 from the format's definition (field-notes §5), independent of gguf-py."""
+    """Q8_0 from the format's definition, independent of gguf-py.
+
+    ggml's block_q8_0: 32 values as an fp16 scale d = amax / 127 and int8 q = round(x / d).
+    """
     out = bytearray()
     for block in x.reshape(-1, 32).astype(np.float32):
         d = np.float32(np.abs(block).max() / np.float32(127))

@@ -203,3 +203,27 @@ def test_quantized_cache_round_trip(hf_folder, tmp_path, monkeypatch, kind):
     weights = target / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     assert L._read_quantized(target, torch.float32, q) is None
+
+
+def test_cache_writes_are_best_effort_and_leave_nothing_partial(hf_folder, tmp_path, monkeypatch):
+    """A cache write that fails (a full or read-only disk) is dropped: no folder, no temp folder,
+    no error; a write that succeeds is not replaced by a later one."""
+    from gemmakit import loading as L
+
+    folder, _ = hf_folder("gemma3")
+    built = L.load_quantized_model(resolve(str(folder)), torch.float32, {"kind": "int8"})
+    target = tmp_path / "cache" / "entry"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(L.safetensors, "save_safetensors", disk_full)
+        L._write_quantized(target, built)
+    assert not any(target.parent.iterdir())
+    L._write_quantized(target, built)
+    assert (target / L.READY).exists()
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    L._write_quantized(target, built)
+    assert (target / "model.safetensors").stat().st_mtime_ns == first
+    assert sorted(p.name for p in target.parent.iterdir()) == ["entry"]

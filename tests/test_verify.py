@@ -89,6 +89,14 @@ def test_cli_verify_json_and_exit_codes(tiny_pair, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_quantize_help_says_what_it_measures_and_that_it_keeps_no_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert "size" in text and "perplexity" in text and "No file is kept" in text
+    assert "gemmakit export --to gguf --type TYPE" in text
+
+
 def test_cli_quantize_table_json(tiny_pair, tmp_path, capsys):
     folder, _ = tiny_pair
     text = tmp_path / "text.txt"

@@ -27,7 +27,7 @@ def add_arguments(p):
         "starting with one <bos> that is never predicted.",
     )  # fmt: skip
     ppl.add_argument("--text", default=None, metavar="FILE",
-                     help="UTF-8 text file (default: gemmakit's own 1,450-token article on timekeeping)")  # fmt: skip
+                     help="UTF-8 text file (default: the bundled 1,450-token text on timekeeping)")  # fmt: skip
     ppl.add_argument("--context", type=int, default=512, help="ids per window, <bos> included (512)")
     ppl.add_argument("--stride", type=int, default=None, help="tokens each window advances (context // 2)")
     ppl.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
@@ -88,18 +88,18 @@ def run(args) -> int:
 
 
 def _settings(args):
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.settings import settings
 
-    return ev.settings(args.model, args.adapter, args.quantize)
+    return settings(args.model, args.adapter, args.quantize)
 
 
 def _each_loaded(args):
     """Yields (setting, loaded) for every setting, freeing each model before the next."""
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.settings import load_setting
 
     for setting in _settings(args):
         print(f"loading {setting.label} ...", file=sys.stderr)
-        loaded = ev.load_setting(setting, args.dtype, args.device)
+        loaded = load_setting(setting, args.dtype, args.device)
         yield setting, loaded
         del loaded
         gc.collect()
@@ -116,9 +116,15 @@ def _setting_fields(setting, loaded) -> dict:
 
 
 def run_perplexity(args) -> int:
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.perplexity import (
+        DEFAULT_TEXT,
+        perplexity_method,
+        strided_windows,
+        text_perplexity,
+    )
+    from gemmakit.evaluation.table import format_table
 
-    path = Path(args.text) if args.text else ev.DEFAULT_TEXT
+    path = Path(args.text) if args.text else DEFAULT_TEXT
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -128,15 +134,13 @@ def run_perplexity(args) -> int:
     if not text.strip():
         raise GemmakitError(f"{path}: the text is empty")
     stride = args.stride or max(1, args.context // 2)
-    ev.strided_windows(1, args.context, stride)  # checks the numbers before any loading
+    strided_windows(1, args.context, stride)  # checks the numbers before any loading
     if args.batch_tokens < 1:
         raise GemmakitError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     rows = []
     for setting, loaded in _each_loaded(args):
         start = time.perf_counter()
-        r = ev.text_perplexity(
-            loaded, text, args.context, stride, progress=True, batch_tokens=args.batch_tokens
-        )
+        r = text_perplexity(loaded, text, args.context, stride, progress=True, batch_tokens=args.batch_tokens)
         seconds = time.perf_counter() - start
         rows.append({**_setting_fields(setting, loaded), "tokens": r.tokens, "nll": r.nll,
                      "perplexity": r.perplexity, "text": str(path), "context": r.context,
@@ -145,14 +149,14 @@ def run_perplexity(args) -> int:
         print_json(rows[0] if len(rows) == 1 else rows)
         return 0
     print(f"Perplexity of {path.name} ({rows[0]['tokens']} tokens, {rows[0]['windows']} windows)")
-    print(ev.perplexity_method(args.context, stride))
+    print(perplexity_method(args.context, stride))
     print()
     table = [
         (r["setting"], r["tokens"], f"{r['nll']:.4f}", f"{r['perplexity']:.3f}",
          f"{r['tokens'] / r['seconds']:.0f}", f"{r['seconds']:.1f}")
         for r in rows
     ]  # fmt: skip
-    print(ev.format_table(("setting", "tokens", "nll", "perplexity", "tokens/s", "seconds"), table))
+    print(format_table(("setting", "tokens", "nll", "perplexity", "tokens/s", "seconds"), table))
     return 0
 
 
@@ -160,11 +164,11 @@ def run_perplexity(args) -> int:
 
 
 def _tasks(args):
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.tasks import list_tasks, load_task, task_path
 
-    names = [t["name"] for t in ev.list_tasks()] if "all" in args.task else args.task
-    tasks = [ev.load_task(ev.task_path(n), where=f"{n}.jsonl") for n in dict.fromkeys(names)]
-    tasks += [ev.load_task(d) for d in args.data]
+    names = [t["name"] for t in list_tasks()] if "all" in args.task else args.task
+    tasks = [load_task(task_path(n), where=f"{n}.jsonl") for n in dict.fromkeys(names)]
+    tasks += [load_task(d) for d in args.data]
     if not tasks:
         raise GemmakitError("give --task NAME (see `gemmakit eval tasks`) or --data FILE.jsonl")
     for task in tasks:  # fail on a bad --fewshot before loading any model
@@ -176,16 +180,18 @@ def _tasks(args):
 
 
 def run_choice(args) -> int:
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.scoring import evaluate_choice, scoring_rule
+    from gemmakit.evaluation.table import format_table
+    from gemmakit.evaluation.tasks import LAYOUTS
 
     tasks = _tasks(args)
     if args.batch_tokens < 1:
         raise GemmakitError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
-    rule = ev.scoring_rule([t.layout for t in tasks], args.fewshot, args.seed)
+    rule = scoring_rule([t.layout for t in tasks], args.fewshot, args.seed)
     if not args.json:
         for t in tasks:
             n = len(t.questions) if args.limit is None else min(args.limit, len(t.questions))
-            print(f"{t.name}: {t.path} - layout detected: {t.layout} ({ev.LAYOUTS[t.layout]}); "
+            print(f"{t.name}: {t.path} - layout detected: {t.layout} ({LAYOUTS[t.layout]}); "
                   f"{n} of {len(t.questions)} questions")  # fmt: skip
         print(rule)
         print()
@@ -194,7 +200,7 @@ def run_choice(args) -> int:
     for setting, loaded in _each_loaded(args):
         for t in tasks:
             start = time.perf_counter()
-            r = ev.evaluate_choice(
+            r = evaluate_choice(
                 loaded, t, args.fewshot, args.seed, args.limit, args.batch_tokens, progress=True
             )
             seconds = time.perf_counter() - start
@@ -213,7 +219,7 @@ def run_choice(args) -> int:
          _pm(r["acc_norm"], r["acc_norm_stderr"]), f"{r['tokens'] / r['seconds']:.0f}", f"{r['seconds']:.1f}")
         for r in results
     ]  # fmt: skip
-    print(ev.format_table(("task", "setting", "n", "acc", "acc_norm", "tokens/s", "seconds"), table))
+    print(format_table(("task", "setting", "n", "acc", "acc_norm", "tokens/s", "seconds"), table))
     return 0
 
 
@@ -236,13 +242,14 @@ def _write_jsonl(path: Path, rows: list[dict]):
 
 
 def run_tasks(args) -> int:
-    from gemmakit.evaluation import core as ev
+    from gemmakit.evaluation.table import format_table
+    from gemmakit.evaluation.tasks import list_tasks
 
-    tasks = ev.list_tasks()
+    tasks = list_tasks()
     if args.json:
         print_json(tasks)
         return 0
-    print(ev.format_table(("task", "layout", "questions", "file"),
+    print(format_table(("task", "layout", "questions", "file"),
                           [(t["name"], t["layout"], t["questions"], Path(t["path"]).name) for t in tasks]))  # fmt: skip
     print("\nRun one with: gemmakit eval choice --task NAME [--fewshot K] [--limit N]")
     return 0

@@ -1,10 +1,15 @@
-"""`gemmakit quantize`: size and perplexity of each quantization of a model, in one table.
+"""`gemmakit quantize`: what each quantization costs a model in size and perplexity; it keeps no file.
 
-In-memory types (fp32, bf16, nf4, int8, int4) are measured on a copy of the loaded model,
-their size being the bytes its parameters and buffers hold; GGUF types are written to a
-temporary file, read back by gemmakit's loader (which dequantizes to float32), and measured
-with the file's size. Perplexity is gemmakit.evaluation.core's: windows of `--context` ids, each
-starting with one <bos>, non-overlapping (stride context - 1), on the same text tokens.
+For every requested type it measures the model's size and its perplexity on a text, and prints
+one table against fp32. In-memory types (fp32, bf16, nf4, int8, int4) are measured on a copy of
+the loaded model, their size being the bytes its parameters and buffers hold; GGUF types are
+written to a temporary file by `gemmakit.export.export_gguf`, read back by gemmakit's loader
+(which dequantizes to float32), measured with the file's size, and deleted. Perplexity is
+`gemmakit.evaluation.perplexity`'s: windows of `--context` ids, each starting with one <bos>,
+non-overlapping (stride context - 1), on the same text tokens.
+
+To run a model quantized, pass `--quantize` to generate, chat, serve or eval; to keep a
+quantized file, write it with `gemmakit export --to gguf --type TYPE`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ DESCRIPTIONS = {
 
 
 def add_arguments(p):
+    p.description = (
+        "Measure each quantization of a model: its size (in memory, or as a GGUF file written to "
+        "a temporary folder and deleted) and its perplexity on a text, in one table against fp32. "
+        "No file is kept: to run a model quantized, pass --quantize to generate, chat, serve or "
+        "eval; to keep a quantized GGUF, use `gemmakit export --to gguf --type TYPE`."
+    )
     add_model_arguments(p, adapter=True, quantize=False)
     p.add_argument(
         "--text", default=None, help="text file for perplexity (default: the bundled ~2.8k-word text)"
@@ -89,7 +100,7 @@ def _variant(loaded, kind: str):
 def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int | None = None, progress=True):
     """Rows of {type, description, bytes, perplexity, change} for each type, fp32 first."""
     from gemmakit.errors import GemmakitError
-    from gemmakit.evaluation.core import perplexity
+    from gemmakit.evaluation.perplexity import perplexity
     from gemmakit.export import export_gguf
     from gemmakit.loading import load
     from gemmakit.quant.core import model_memory

@@ -1,11 +1,11 @@
 """A model adapter so that lm-evaluation-harness can evaluate gemmakit models.
 
-Optional: needs `pip install lm-eval`. Importing this module registers the model name
-"gemmakit" with lm-eval (`lm_eval.api.registry.register_model`). lm-eval's own command line
-has no plugin mechanism for models, so run it through this module, which registers the
-adapter and then hands over to lm-eval's CLI:
+Optional: needs lm-eval (`pip install gemmakit[lmeval]`). Importing this module registers the
+model name "gemmakit" with lm-eval (`lm_eval.api.registry.register_model`). lm-eval's own
+command line has no plugin mechanism for models, so run it through this module, which
+registers the adapter and then hands its arguments, unchanged, to lm-eval's CLI:
 
-    python -m gemmakit.evaluation.lm_eval_adapter run --model gemmakit \\
+    python -m gemmakit.evaluation.lm_eval_adapter --model gemmakit \\
         --model_args model=path/to/model.gguf,quantize=nf4 --tasks arc_easy --limit 100
 
 or from Python:
@@ -20,7 +20,7 @@ model_args: `model` (folder or .gguf; default the bundled Gemma 3 270M), `dtype`
 What differs from lm-eval's `hf` model, on purpose: every request starts with exactly one
 `<bos>` (Gemma's perplexity and accuracy collapse without it: lm-eval GH#1465, GH#2049),
 including each window of `loglikelihood_rolling`, which uses gemmakit's strided method
-(`gemmakit.evaluation.core.strided_windows`) instead of lm-eval's windows that begin mid-text.
+(`gemmakit.evaluation.perplexity.strided_windows`) instead of lm-eval's windows that begin mid-text.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from gemmakit.evaluation import core as ev
+from gemmakit.evaluation.logprobs import BATCH_TOKENS
+from gemmakit.evaluation.perplexity import sequence_nll
+from gemmakit.evaluation.scoring import encode_pair, score_continuations
+from gemmakit.evaluation.settings import Setting, load_setting
 
 eval_logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class GemmakitLM(LM):
     def __init__(
         self, model: str | None = None, dtype: str = "auto", device: str | None = None,
         quantize: str | None = None, adapter: str | None = None, max_length: int | None = None,
-        stride: int | None = None, batch_tokens: int = ev.BATCH_TOKENS, gen_batch: int = 16,
+        stride: int | None = None, batch_tokens: int = BATCH_TOKENS, gen_batch: int = 16,
         loaded=None, batch_size=None, max_batch_size=None, **unused,
     ):  # fmt: skip
         super().__init__()
@@ -55,7 +58,7 @@ class GemmakitLM(LM):
                 # lm-eval's CLI passes device="cuda" by default; its hf model falls back too.
                 eval_logger.warning("gemmakit: CUDA is not available; running on the CPU")
                 device = "cpu"
-            loaded = ev.load_setting(ev.Setting(model, adapter, quantize), dtype, device)
+            loaded = load_setting(Setting(model, adapter, quantize), dtype, device)
         elif quantize or adapter:
             raise ValueError("gemmakit: give quantize/adapter with model=, not with loaded=")
         self.loaded = loaded
@@ -66,7 +69,7 @@ class GemmakitLM(LM):
             raise ValueError(f"gemmakit: max_length must be in [2, {positions}], got {self.max_length}")
         self.stride = int(stride or max(1, self.max_length // 2))
         self.batch_tokens, self.gen_batch = int(batch_tokens), int(gen_batch)
-        self._device = ev.model_device(self.model)
+        self._device = self.model.device
 
     @property
     def tokenizer_name(self) -> str:
@@ -78,8 +81,8 @@ class GemmakitLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | <bos> + context), greedy?) per (context, continuation)."""
-        pairs = [ev.encode_pair(self.tokenizer, *r.args[:2]) for r in requests]
-        results = ev.score_continuations(
+        pairs = [encode_pair(self.tokenizer, *r.args[:2]) for r in requests]
+        results = score_continuations(
             self.model, pairs, self.tokenizer.pad_id, self.batch_tokens, progress=not disable_tqdm
         )
         for r, res in zip(requests, results):
@@ -95,7 +98,7 @@ class GemmakitLM(LM):
             if not ids:
                 out.append(0.0)
                 continue
-            nll, _, _ = ev.sequence_nll(
+            nll, _, _ = sequence_nll(
                 self.model,
                 ids,
                 self.tokenizer.bos_id,

@@ -6,7 +6,7 @@
 - greedy agreement: A generates N tokens greedily; B reads the same sequence (teacher
   forcing) and its argmax is compared with A's token at each of the N positions. The count of
   leading matches is exactly the number of tokens B would generate identically on its own;
-- perplexity of each on the text (gemmakit.evaluation.core's strided method).
+- perplexity of each on the text (`gemmakit.evaluation.perplexity`'s strided method).
 
 The verdict uses stated thresholds (`THRESHOLDS`):
 - identical: same tokenization, max |Δlogit| <= 1e-3 (float32 rounding of the same weights
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.evaluation.perplexity import perplexity
 from gemmakit.paths import DATA
 
 DEFAULT_PROMPTS = (
@@ -117,8 +118,6 @@ def compare(
     thresholds: Thresholds = THRESHOLDS,
 ) -> dict:
     """Compares two `gemmakit.loading.Loaded` models; returns measurements and a verdict."""
-    from gemmakit.evaluation.core import perplexity
-
     if not prompts:
         raise GemmakitError("give at least one prompt")
     if new_tokens < 1:

@@ -52,9 +52,9 @@ _LOW_BIT = {"q5_1", "q5_0", "q4_1", "q4_0"}
 
 ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
-# Gemma's chat format (field-notes §2.10): "assistant" is written "model", a system message is
-# folded into the first user turn (Gemma 3's rule), one <bos> at the start. It renders the
-# same text as `gemmakit.formats.tokenizer.render_chat` (tested).
+# Gemma's chat format, as Google's Gemma 3 chat template writes it: "assistant" is written
+# "model", a system message is folded into the first user turn (Gemma 3's rule), one <bos> at
+# the start. It renders the same text as `gemmakit.formats.tokenizer.render_chat` (tested).
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"

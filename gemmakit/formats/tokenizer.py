@@ -2,8 +2,9 @@
 
 Gemma's tokenizer is a SentencePiece BPE model (no dummy prefix, byte fallback, user-defined
 pieces for runs of spaces, tabs and newlines). A GGUF file carries the same pieces, scores and
-types, so we rebuild the SentencePiece model proto from them (0.3 s for 262k pieces) instead
-of deriving BPE merges as transformers does (12 s). Control tokens written in the text
+types, so we rebuild the SentencePiece model proto from them instead of deriving BPE merges
+as transformers does (measured on Gemma 3's 262k pieces: 0.3 s against 12 s). Control tokens
+written in the text
 (`<start_of_turn>`) are recognized as such, as transformers' added tokens are.
 """
 
