@@ -85,8 +85,7 @@ def score_continuations(
         rows = max(1, min(MAX_BATCH_ROWS, batch_tokens // max(width, 1)))
         batch = order[start : start + rows]
         start += len(batch)
-        ids, mask = left_pad([seqs[i][0] for i in batch], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_pad([seqs[i][0] for i in batch], pad_id, device)
         hidden = model.hidden_states(ids, mask)  # (B, W, C)
         W = ids.shape[1]
         # A continuation of n tokens is predicted by the row's last n positions.
