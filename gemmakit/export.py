@@ -24,10 +24,10 @@ TARGETS = ("gguf", "hf")
 
 
 def apply_adapter(loaded: Loaded, adapter: str | Path) -> Loaded:
-    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora.core)."""
-    if importlib.util.find_spec("gemmakit.lora.core") is None:
-        raise GemmakitError("--adapter needs gemmakit.lora.core, which this installation does not have")
-    from gemmakit.lora import core as lora
+    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora)."""
+    if importlib.util.find_spec("gemmakit.lora") is None:
+        raise GemmakitError("--adapter needs gemmakit.lora, which this installation does not have")
+    from gemmakit import lora
 
     lora.load_adapter(loaded.model, adapter)
     merged = lora.merge(loaded.model)
@@ -42,7 +42,7 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
     Raises if anything other than the model's own tensors is left (an unmerged adapter).
     """
     from gemmakit.model.gemma import Gemma
-    from gemmakit.quant.core import dequantized_state_dict
+    from gemmakit.quant import dequantized_state_dict
 
     state = dequantized_state_dict(loaded.model)
     with torch.device("meta"):

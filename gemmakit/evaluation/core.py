@@ -635,8 +635,8 @@ def load_setting(setting: Setting, dtype: str = "auto", device: str | None = Non
     The order is `gemmakit.inference.api.LLM`'s, so a row here is the model `generate` would run.
     """
     for needed, module, flag in (
-        (setting.adapter, "gemmakit.lora.core", "--adapter"),
-        (setting.quantize, "gemmakit.quant.core", "--quantize"),
+        (setting.adapter, "gemmakit.lora", "--adapter"),
+        (setting.quantize, "gemmakit.quant", "--quantize"),
     ):
         if needed and importlib.util.find_spec(module) is None:
             raise GemmakitError(f"{flag} needs {module}, which this installation of gemmakit does not have")
