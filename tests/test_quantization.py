@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit import ops
 from gemmakit import quant as Q
 from gemmakit.errors import GemmakitError
 from gemmakit.kernels import cpu as cpu_kernels
@@ -163,12 +164,21 @@ def test_int4_error_and_matmul(group):
 
 
 def test_tinygemm_layout_is_understood():
-    # This machine's torch packs int4 in a layout we decode (so rows are gathered exactly).
-    assert Q.tinygemm_layout() is not None
-    w = _weight((80, 64))  # a full block of 64 rows and a partial one of 16
+    # This machine's torch packs int4 in a layout we decode, so rows are gathered exactly from
+    # the kernel's packed weight: full blocks and a partial one, whatever the block size
+    # (64 rows where torch's CPU capability is AVX512, 32 with AVX2).
+    layout = Q.tinygemm_layout()
+    assert layout is not None
+    w = _weight((80, 64))
     q, scale, lo = integer.int4_quantize(w, 32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
+    assert torch.equal(integer.tinygemm_rows(packed, torch.arange(80), 80, 64, layout), q)
+    some = torch.tensor([79, 3, 64, 40, 0])
+    assert torch.equal(integer.tinygemm_rows(packed, some, 80, 64, layout), q[some])
+    # The module keeps the kernel's layout only where torch's int4 kernel is vectorized
+    # (AVX512); elsewhere it stores plain nibbles and dequantizes. Either way it reads back q.
     m = Q.Int4Linear(w, 32)
-    assert m.layout is not None
+    assert m.layout == (layout if ops.int_kernels_vectorized() else None)
     assert torch.equal(m.levels(), q)
 
 
