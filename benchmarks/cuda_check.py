@@ -267,8 +267,8 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
     """One system's LoRA/QLoRA steps on a fresh model: step times, first loss, peak memory."""
     import bitsandbytes as bnb
 
+    from gemmakit import lora
     from gemmakit.formats import safetensors as checkpoint
-    from gemmakit.lora import core as lora
     from gemmakit.model.gemma import Gemma
     from gemmakit.training import core as training
     from gemmakit.training import loss as training_loss
@@ -284,7 +284,7 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
         checkpoint.load_into(model, {k: v.to(device) for k, v in state.items()}, "random")
         del hf, state
         if quant:
-            from gemmakit.quant.core import quantize_model
+            from gemmakit.quant import quantize_model
 
             quantize_model(model, quant)
         lora.apply_lora(model, 16, 16, 0.05, TARGETS)

@@ -278,8 +278,8 @@ def measure_lora_step(dtype: str):
         import torch
 
         import gemmakit.formats.gguf  # noqa: F401  (the loader imports it: part of the runtime)
+        from gemmakit import lora
         from gemmakit.loading import load_model, resolve
-        from gemmakit.lora import core as lora
         from gemmakit.training import core as training
         from gemmakit.training import loss as training_loss
 

@@ -49,7 +49,7 @@ def timings(loaded, rounds: int = 6, steps: int = 5) -> list[dict]:
     spreads that noise over all of them, and the minimum over steps is the least disturbed
     estimate of each format's own cost (the median is reported too).
     """
-    from gemmakit.quant.core import model_memory, quantize_model
+    from gemmakit.quant import model_memory, quantize_model
 
     variants = [("fp32", None, None), ("bf16", None, None), ("nf4", "nf4", None),
                 ("int8-linear", "int8", False), ("int8", "int8", None),

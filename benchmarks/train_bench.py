@@ -67,7 +67,7 @@ def hf_folder() -> Path:
 def run_ours(dtype_name: str, steps: int) -> dict:
     import torch
 
-    from gemmakit.lora import core as lora
+    from gemmakit import lora
     from gemmakit.training import core as training
     from gemmakit.training import loss as training_loss
 
@@ -133,7 +133,7 @@ def interleaved(dtype_name: str, steps: int) -> dict:
     import torch
     import transformers
 
-    from gemmakit.lora import core as lora
+    from gemmakit import lora
     from gemmakit.training import core as training
     from gemmakit.training import loss as training_loss
 

@@ -24,8 +24,8 @@ TARGETS = ("gguf", "hf")
 
 
 def apply_adapter(loaded: Loaded, adapter: str | Path) -> Loaded:
-    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora.core)."""
-    from gemmakit.lora import core as lora
+    """Loads a PEFT LoRA adapter into the model and merges it (gemmakit.lora)."""
+    from gemmakit import lora
 
     lora.load_adapter(loaded.model, adapter)
     merged = lora.merge(loaded.model)
@@ -40,7 +40,7 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
     Raises if anything other than the model's own tensors is left (an unmerged adapter).
     """
     from gemmakit.model.gemma import Gemma
-    from gemmakit.quant.core import dequantized_state_dict
+    from gemmakit.quant import dequantized_state_dict
 
     state = dequantized_state_dict(loaded.model)
     with torch.device("meta"):

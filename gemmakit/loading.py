@@ -138,7 +138,7 @@ def load_model(
 
 
 class _LazyRows:
-    """A weight read from disk in row chunks when the quantizer asks (`gemmakit.quant.core.row_chunks`)."""
+    """A weight read from disk in row chunks when the quantizer asks (`gemmakit.quant.integer.row_chunks`)."""
 
     def __init__(self, reader: safetensors.SafetensorsReader, name: str, dtype: torch.dtype):
         self.reader, self.name, self.dtype = reader, name, dtype
@@ -173,7 +173,7 @@ def load_quantized_model(
     row chunks, so peak memory is the quantized model plus one chunk (Gemma 3 270M int8:
     ~0.6 GB peak RSS against 2.8 GB for loading float32 and quantizing after).
     """
-    from gemmakit.quant.core import quantize_model
+    from gemmakit.quant import quantize_model
 
     config = load_hf_config(source.path)
     check_dtype(config, dtype)
@@ -241,7 +241,7 @@ def load(
 ) -> Loaded:
     """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default).
 
-    `quantize` is a kind ("nf4", "int8", "int4") or `gemmakit.quant.core.quantize_model`'s keyword
+    `quantize` is a kind ("nf4", "int8", "int4") or `gemmakit.quant.apply.quantize_model`'s keyword
     arguments as a dict; on the CPU the weights are then quantized as they are read.
     """
     start = time.perf_counter()
@@ -272,7 +272,7 @@ def load(
     else:
         net = load_model(weights, torch_dtype, device, gguf_file)
         if quantize:
-            from gemmakit.quant.core import quantize_model
+            from gemmakit.quant import quantize_model
 
             quantize_model(net, progress=progress, **quantize)
     tokenizer = load_tokenizer(weights, gguf_file)
@@ -345,7 +345,7 @@ def read_generation_config(source: ModelSource) -> dict:
 
 
 def quantized_folder(weights: ModelSource, dtype: torch.dtype, quantize: dict) -> Path | None:
-    from gemmakit.quant.core import tinygemm_layout
+    from gemmakit.quant import tinygemm_layout
 
     if os.environ.get("GEMMAKIT_NO_CACHE"):
         return None
@@ -369,7 +369,7 @@ def _quantized_state(model: Gemma) -> dict[str, torch.Tensor]:
 
 def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma | None:
     """The cached quantized model, or None when there is none (or it does not fit)."""
-    from gemmakit.quant.core import quantize_model
+    from gemmakit.quant import quantize_model
 
     if not (folder / READY).exists():
         return None

@@ -7,7 +7,7 @@ from gemmakit.inference.engine import Request, generate_steps
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.kernels import decode as c_decode
-from gemmakit.quant.core import dequantized_state_dict, quantize_model
+from gemmakit.quant import dequantized_state_dict, quantize_model
 from tests.test_model import paired
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
@@ -97,7 +97,7 @@ def test_generation_uses_c_steps_and_matches_the_torch_path(hf_folder, monkeypat
 
 @needs_kernel
 def test_decoder_declines_what_it_cannot_run(hf_folder, monkeypatch):
-    from gemmakit.lora.core import apply_lora
+    from gemmakit.lora import apply_lora
 
     model, _ = paired(hf_folder, "gemma3")
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gemmakit.kernels import build as kernel_build
 from gemmakit.kernels import cpu as cpu_kernels
-from gemmakit.quant.core import Int8Linear
+from gemmakit.quant import Int8Linear
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 

@@ -50,7 +50,7 @@ def test_cuda_bfloat16_greedy_generation_runs_and_matches_cpu_float32_start(hf_f
 
 def test_cuda_nf4_matmul_uses_bitsandbytes_and_matches_dequantized():
     pytest.importorskip("bitsandbytes")
-    from gemmakit.quant.core import NF4Linear
+    from gemmakit.quant import NF4Linear
 
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05

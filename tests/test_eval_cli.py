@@ -172,7 +172,7 @@ def test_bad_task_file_names_file_and_line(capsys, tmp_path):
 
 
 def test_quantize_settings_compare_in_one_run(capsys):
-    pytest.importorskip("gemmakit.quant.core")
+    pytest.importorskip("gemmakit.quant")
     argv = ["eval", "choice", "--task", "piqa_style", "--limit", "2", "--json",
             "--quantize", "none", "--quantize", "int8"]  # fmt: skip
     assert main(argv) == 0
@@ -182,7 +182,7 @@ def test_quantize_settings_compare_in_one_run(capsys):
 
 
 def test_adapter_setting_changes_the_scores(capsys, tmp_path):
-    pytest.importorskip("gemmakit.lora.core")
+    pytest.importorskip("gemmakit.lora")
     import torch
     from safetensors.torch import save_file
 

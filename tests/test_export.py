@@ -422,13 +422,11 @@ def test_vocabulary_rebuilt_from_tokenizer_json(hf_bundled):
 # --- adapters -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gemmakit.lora.core") is None, reason="gemmakit.lora.core not present"
-)
+@pytest.mark.skipif(importlib.util.find_spec("gemmakit.lora") is None, reason="gemmakit.lora not present")
 def test_export_merges_an_adapter(tiny, tmp_path):
     import copy
 
-    from gemmakit.lora import core as lora
+    from gemmakit import lora
 
     folder, _ = tiny("gemma3")
     base = load(str(folder), dtype="float32", device="cpu")

@@ -143,10 +143,10 @@ def test_real_config_quirks():
 def test_quantized_load_streams_the_same_model(hf_folder, monkeypatch, kind, tied):
     """load(quantize=...) reads and quantizes tensor by tensor (the embedding in row chunks,
     here 4 of 64 rows) and must give exactly the model that quantizing a float load gives."""
-    from gemmakit.quant import core as Q
+    from gemmakit import quant as Q
 
     folder, _ = hf_folder("gemma3", tie_word_embeddings=tied)
-    monkeypatch.setattr(Q, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(Q.integer, "CHUNK_ROWS", 64)
     source = resolve(str(folder))
     streamed = load_quantized_model(source, torch.float32, {"kind": kind})
     after = Q.quantize_model(load_model(source, torch.float32), kind)

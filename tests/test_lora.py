@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
+from gemmakit import lora
+from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.loading import ModelSource, load_model
-from gemmakit.lora import core as lora
 from gemmakit.training.core import save_hf_folder
 from tests.conftest import FAMILIES, random_hf_model
 from tests.test_training import one_thread, write_tiny_tokenizer  # noqa: F401  (autouse fixture)
 
-ALL = lora.DEFAULT_TARGETS
+ALL = PROJECTIONS
 
 
 def ours(folder):
@@ -176,7 +177,7 @@ def test_adapter_errors(hf_folder, tmp_path):
 
 
 def test_qlora_wraps_a_quantized_base(hf_folder):
-    quantization = pytest.importorskip("gemmakit.quant.core")
+    quantization = pytest.importorskip("gemmakit.quant")
     folder, _ = hf_folder("gemma3")
     model = ours(folder)
     quantization.quantize_model(model, "nf4")

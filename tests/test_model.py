@@ -77,18 +77,18 @@ def test_fused_rms_norm_is_bit_identical_to_the_reference_formula():
 
 def test_grouped_attention_matches_sdpa_path(hf_folder):
     # Decode steps use the grouped-matmul attention, prefill SDPA: same numbers.
-    from gemmakit.model import layers as model_module
+    from gemmakit.ops import dot_product_attention as attention_ops
 
     ours, _ = paired(hf_folder, "gemma3")
     ids = torch.randint(3, 256, (2, 20))
     with torch.no_grad():
         sdpa = ours(ids)
-        old = model_module.SMALL_CHUNK
-        model_module.SMALL_CHUNK = 1000
+        old = attention_ops.SMALL_CHUNK
+        attention_ops.SMALL_CHUNK = 1000
         try:
             grouped = ours(ids)
         finally:
-            model_module.SMALL_CHUNK = old
+            attention_ops.SMALL_CHUNK = old
     torch.testing.assert_close(grouped, sdpa, atol=2e-5, rtol=1e-4)
 
 

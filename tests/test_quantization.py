@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit import ops
+from gemmakit import quant as Q
 from gemmakit.errors import GemmakitError
 from gemmakit.kernels import cpu as cpu_kernels
-from gemmakit.quant import core as Q
+from gemmakit.quant import integer, linear, nf4
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed"
@@ -54,8 +56,8 @@ def _tiny_gemma(seed=0):
 def test_dynamic_map_is_bitsandbytes():
     import bitsandbytes.functional as BF
 
-    assert torch.equal(Q.dynamic_map(), BF.create_dynamic_map(signed=True))
-    assert torch.equal(Q.NF4_CODE, BF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(), BF.create_dynamic_map(signed=True))
+    assert torch.equal(nf4.NF4_CODE, BF.get_4bit_type("nf4", device="cpu"))
 
 
 @needs_bnb
@@ -64,7 +66,7 @@ def test_nf4_layout_is_bitsandbytes(shape):
     import bitsandbytes.functional as BF
 
     w = _weight(shape)
-    ours = Q.nf4_quantize(w)
+    ours = nf4.nf4_quantize(w)
     packed, state = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     # 4-bit codes, nibble order, second-level absmax and offset: bit for bit.
     assert torch.equal(ours["packed"], packed.view(-1))
@@ -73,7 +75,7 @@ def test_nf4_layout_is_bitsandbytes(shape):
     # The 8-bit absmax codes: ours are the nearest level (bitsandbytes' reference kernel,
     # backends/default). Its CPU C kernel uses an approximate binary search that sometimes
     # lands one level off near a midpoint; where the two differ, ours is never farther.
-    table = Q.dynamic_map()
+    table = nf4.dynamic_map()
     absmax = w.reshape(-1).float()
     n = absmax.numel() - absmax.numel() % 64
     blocks = [absmax[:n].view(-1, 64).abs().amax(-1)]
@@ -94,9 +96,9 @@ def test_nf4_layout_is_bitsandbytes(shape):
     for dtype in (torch.float32, torch.bfloat16):
         want = BF.dequantize_4bit(m.weight[:, None], m.bnb_quant_state(torch.float32)).to(dtype)
         assert torch.equal(m.dequantize(dtype), want)
-        assert torch.equal(Q.nf4_dequantize(m.weight, m.absmax(), tuple(shape), dtype), want)
+        assert torch.equal(nf4.nf4_dequantize(m.weight, m.absmax(), tuple(shape), dtype), want)
         if cpu_kernels.library() is not None:
-            got = cpu_kernels.nf4_dequantize(m.weight, m.absmax(), Q.NF4_CODE, tuple(shape), dtype)
+            got = cpu_kernels.nf4_dequantize(m.weight, m.absmax(), nf4.NF4_CODE, tuple(shape), dtype)
             assert torch.equal(got, want)
 
 
@@ -162,19 +164,28 @@ def test_int4_error_and_matmul(group):
 
 
 def test_tinygemm_layout_is_understood():
-    # This machine's torch packs int4 in a layout we decode (so rows are gathered exactly).
-    assert Q.tinygemm_layout() is not None
-    w = _weight((80, 64))  # a full block of 64 rows and a partial one of 16
-    q, scale, lo = Q.int4_quantize(w, 32)
+    # This machine's torch packs int4 in a layout we decode, so rows are gathered exactly from
+    # the kernel's packed weight: full blocks and a partial one, whatever the block size
+    # (64 rows where torch's CPU capability is AVX512, 32 with AVX2).
+    layout = Q.tinygemm_layout()
+    assert layout is not None
+    w = _weight((80, 64))
+    q, scale, lo = integer.int4_quantize(w, 32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
+    assert torch.equal(integer.tinygemm_rows(packed, torch.arange(80), 80, 64, layout), q)
+    some = torch.tensor([79, 3, 64, 40, 0])
+    assert torch.equal(integer.tinygemm_rows(packed, some, 80, 64, layout), q[some])
+    # The module keeps the kernel's layout only where torch's int4 kernel is vectorized
+    # (AVX512); elsewhere it stores plain nibbles and dequantizes. Either way it reads back q.
     m = Q.Int4Linear(w, 32)
-    assert m.layout is not None
+    assert m.layout == (layout if ops.int_kernels_vectorized() else None)
     assert torch.equal(m.levels(), q)
 
 
 @pytest.mark.parametrize("kind", Q.KINDS)
 def test_forward_is_differentiable_in_x(kind):
     w = _weight((128, 64))
-    m = Q.Int4Linear(w, 32) if kind == "int4" else Q._CLASSES[kind](w)
+    m = Q.Int4Linear(w, 32) if kind == "int4" else linear.LINEAR_CLASSES[kind](w)
     x = torch.randn(2, 3, 64, requires_grad=True)
     g = torch.randn(2, 3, 128)
     (m(x) * g).sum().backward()
@@ -205,13 +216,11 @@ def test_lora_style_training_on_nf4_base():
     assert losses[-1] < losses[0] * 0.3
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gemmakit.lora.core") is None, reason="gemmakit.lora.core not present"
-)
+@pytest.mark.skipif(importlib.util.find_spec("gemmakit.lora") is None, reason="gemmakit.lora not present")
 def test_qlora_on_a_quantized_model_then_merge():
     """QLoRA: LoRA on the NF4 model trains (gradients reach the adapters only) and merges
     into a float model with the same logits."""
-    from gemmakit.lora import core as lora
+    from gemmakit import lora
 
     model = Q.quantize_model(_tiny_gemma(), "nf4")
     lora.apply_lora(model, r=4, alpha=8, dropout=0.0)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmakit import lora
 from gemmakit.errors import ConfigError, GemmakitError
 from gemmakit.loading import load
-from gemmakit.lora import core as lora
 from gemmakit.training import core as training
 from gemmakit.training import data as sft_data
 from gemmakit.training import loss as training_loss
@@ -338,7 +338,7 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
 
 
 def test_qlora_recipe_trains_on_an_nf4_base(tmp_path):
-    pytest.importorskip("gemmakit.quant.core")
+    pytest.importorskip("gemmakit.quant")
     folder = tiny_model_folder(tmp_path)
     cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-article", lr=5e-3, warmup_steps=1, max_steps=3,
                       eval_every=3, save_every=3)  # fmt: skip

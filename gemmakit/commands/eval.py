@@ -70,7 +70,7 @@ def _model_arguments(parser):
     g.add_argument("--adapter", action="append", default=None,
                    help="a LoRA adapter folder (PEFT format); 'none' for the model without one")  # fmt: skip
     g.add_argument("--quantize", action="append", default=None, choices=("none", *QUANTIZATIONS),
-                   help="quantize linear layers after loading (gemmakit.quant.core); 'none' = as loaded")  # fmt: skip
+                   help="quantize linear layers after loading (gemmakit.quant); 'none' = as loaded")  # fmt: skip
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")

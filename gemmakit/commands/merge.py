@@ -42,9 +42,9 @@ def merge_to_folder(model, adapter, output, dtype="auto", device=None, force=Fal
     """
     import importlib.util
 
+    from gemmakit import lora
     from gemmakit.errors import GemmakitError
     from gemmakit.loading import load
-    from gemmakit.lora import core as lora
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:

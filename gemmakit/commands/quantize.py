@@ -85,7 +85,7 @@ def _variant(loaded, kind: str):
     """A copy of the loaded model in the in-memory format `kind`."""
     import torch
 
-    from gemmakit.quant.core import quantize_model
+    from gemmakit.quant import quantize_model
 
     model = copy.deepcopy(loaded.model)
     if kind == "bf16":
@@ -103,7 +103,7 @@ def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int 
     from gemmakit.evaluation.perplexity import perplexity
     from gemmakit.export import export_gguf
     from gemmakit.loading import load
-    from gemmakit.quant.core import model_memory
+    from gemmakit.quant import model_memory
 
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     if len(ids) < 2:

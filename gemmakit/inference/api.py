@@ -49,8 +49,8 @@ class LLM:
         model: a model folder, a .gguf file, or None for the bundled Gemma 3 270M.
         dtype: "float32", "bfloat16", "float16" (Gemma 1 only) or "auto".
         seed: seeds requests that give no seed of their own, as vLLM's `seed` does.
-        quantization / adapter: optional, applied after loading (see `gemmakit.quant.core`
-            and `gemmakit.lora.core`).
+        quantization / adapter: optional, applied after loading (see `gemmakit.quant`
+            and `gemmakit.lora`).
 
     Attributes:
         memory: with `quantization`, {"before": ..., "after": ...}: the model's bytes in
@@ -67,7 +67,7 @@ class LLM:
         adapter: str | None = None,
         loaded: Loaded | None = None,
     ):
-        from gemmakit.quant.core import float_memory, model_memory, quantize_model
+        from gemmakit.quant import float_memory, model_memory, quantize_model
 
         # Without an adapter to put under the quantizer, weights are quantized as they are
         # read: the float model never exists (int8 270M: 0.7 GB peak instead of 1.9 GB).
@@ -76,7 +76,7 @@ class LLM:
             model, dtype=dtype, device=device, quantize=quantization if streamed else None
         )
         if adapter:
-            from gemmakit.lora.core import load_adapter
+            from gemmakit.lora import load_adapter
 
             load_adapter(self.loaded.model, adapter)
         self.memory = None

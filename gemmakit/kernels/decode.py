@@ -26,7 +26,7 @@ from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
-from gemmakit.quant.core import Int8Linear, QuantizedEmbedding
+from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
 _DECLARED = bindings.declarations()

@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gemmakit import lora
+from gemmakit.config import PROJECTIONS
 from gemmakit.errors import ConfigError, GemmakitError
-from gemmakit.lora import core as lora
 from gemmakit.training import data as sft_data
 from gemmakit.training.loss import batch_loss_sum, supports_segments
 
@@ -75,7 +76,7 @@ class TrainConfig:
     # dropout on the LoRA input
     lora_dropout: float = 0.05
     # modules that get adapters, comma-separated (PEFT target_modules)
-    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    lora_targets: tuple[str, ...] = PROJECTIONS
     # scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r
     use_rslora: bool = False
     # paged_adamw_8bit (bitsandbytes, CUDA only; falls back to adamw) or adamw
@@ -353,9 +354,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, log=print) -> dict:
     notes = {"quantization_used": None}
     if cfg.method == "qlora":
         try:
-            from gemmakit.quant.core import quantize_model
+            from gemmakit.quant import quantize_model
         except ImportError:
-            log("note: gemmakit.quant.core is not available; training plain LoRA on a float base")
+            log("note: gemmakit.quant is not available; training plain LoRA on a float base")
         else:
             quantize_model(model, cfg.quantization)
             notes["quantization_used"] = cfg.quantization

@@ -1,7 +1,7 @@
 /* NF4 dequantization: QLoRA's frozen base weight from bitsandbytes' layout. */
 #include "common.h"
 
-/* NF4 dequantization (QLoRA's frozen base, gemmakit/quant/core.py NF4Linear): value j of the
+/* NF4 dequantization (QLoRA's frozen base, gemmakit/quant/linear.py NF4Linear): value j of the
  * weight is code[nibble j] * absmax[j / 64], one float32 product, the nibbles packed two to a
  * byte with the first in the high nibble (bitsandbytes' layout), rounded once to bfloat16 when
  * bf16 != 0: bitsandbytes' dequantize_4bit in float32 followed by .to(bfloat16), bit for bit.

@@ -1,0 +1,145 @@
+"""Putting LoRA adapters on a model and folding them back in.
+
+`apply_lora(model, r, alpha, dropout, targets)` freezes the model and swaps each targeted
+`nn.Linear` (or a quantized linear from `gemmakit.quant`, for QLoRA) for a `LoRALinear`, and
+a targeted `nn.Embedding` for a `LoRAEmbedding`, walking the modules as PEFT matches
+`target_modules`. `merge(model)` folds every adapter into its base weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gemmakit.config import PROJECTIONS
+from gemmakit.errors import GemmakitError
+from gemmakit.lora.layers import LORA_TYPES, LoRAEmbedding, LoRALinear
+
+
+@dataclass
+class LoraSettings:
+    """What `apply_lora` did; written to adapter_config.json by `save_adapter`."""
+
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = PROJECTIONS
+    use_rslora: bool = False
+    # Modules that were actually wrapped (full names), filled by apply_lora.
+    wrapped: list[str] = field(default_factory=list)
+    base_model_name_or_path: str | None = None
+
+
+def _matches(name: str, targets) -> bool:
+    # PEFT's rule for a list of names: the full module name, or its last components.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or callable(getattr(module, "dequantize", None))
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> LoRALinear/LoRAEmbedding, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    targets=PROJECTIONS,
+    use_rslora: bool = False,
+    freeze: bool = True,
+) -> LoraSettings:
+    """Freezes `model` and wraps every module named in `targets` with a LoRA adapter.
+
+    Args:
+        targets: module names matched as PEFT matches `target_modules` (a full name or its
+            trailing components: "q_proj", "mlp.down_proj", "lm_head", "embed_tokens").
+        freeze: set requires_grad False on every existing parameter first.
+
+    Returns:
+        The settings, also kept as `model.lora_settings` for `save_adapter`.
+    """
+    if lora_modules(model):
+        raise GemmakitError("the model already has LoRA adapters; merge them first")
+    targets = tuple(targets)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, nn.Embedding):
+            wrapper = LoRAEmbedding(module, r, alpha, use_rslora)
+        elif is_linear_like(module):
+            wrapper = LoRALinear(module, r, alpha, dropout, use_rslora)
+        else:
+            raise GemmakitError(f"LoRA target {name} is a {type(module).__name__}, not a linear or embedding")
+        set_module(model, name, wrapper.train(module.training))  # dropout only in training mode
+        wrapped.append(name)
+    if not wrapped:
+        raise GemmakitError(f"no module matches the LoRA targets {', '.join(targets)}")
+    settings = LoraSettings(r, alpha, dropout, targets, use_rslora, wrapped)
+    model.lora_settings = settings
+    return settings
+
+
+def _untie_if_needed(model: nn.Module, names: list[str]):
+    """A tied model whose embedding or head carries an adapter gets two matrices.
+
+    Unmerged, the adapter changes only its own side (PEFT wraps one module); merged into a
+    shared matrix it would change both (peft GH#2018), so the head gets its own copy and the
+    config says the weights are untied.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    if not any(n == "lm_head" or n.endswith("embed_tokens") for n in names):
+        return
+    head = model.lm_head.base if isinstance(model.lm_head, LoRALinear) else model.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config = config.replace(tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base weight and restores plain modules, in place.
+
+    A quantized base is dequantized first, so the result is a float model (the dtype of the
+    dequantized weight). Returns the model.
+    """
+    modules = lora_modules(model)
+    _untie_if_needed(model, list(modules))
+    for name, m in modules.items():
+        base = m.base
+        if isinstance(m, LoRAEmbedding):
+            base.weight.copy_((base.weight.float() + m.delta_weight()).to(base.weight.dtype))
+            set_module(model, name, base)
+            continue
+        if isinstance(base, nn.Linear):
+            w = base.weight
+            merged = (w.float() + m.delta_weight().to(w.device)).to(w.dtype)
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            set_module(model, name, base)
+        else:
+            w = base.dequantize()
+            linear = nn.Linear(m.in_features, m.out_features, bias=False, device=w.device, dtype=w.dtype)
+            linear.weight = nn.Parameter((w.float() + m.delta_weight().to(w.device)).to(w.dtype), False)
+            if getattr(base, "bias", None) is not None:
+                linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+            set_module(model, name, linear)
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model

@@ -1,0 +1,215 @@
+"""LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight`, so `peft.PeftModel.from_pretrained` loads what
+gemmakit saves onto the transformers model, and gemmakit loads PEFT adapters trained elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.files import atomic_write
+from gemmakit.formats.safetensors import read_safetensors, save_safetensors
+from gemmakit.lora.apply import LoraSettings, is_linear_like, lora_modules, set_module
+from gemmakit.lora.layers import LoRAEmbedding, LoRALinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# Multimodal Gemma 3 checkpoints nest the text model; their adapters name it this way.
+_MULTIMODAL = (("model.language_model.", "model."), ("language_model.model.", "model."))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        if isinstance(m, LoRAEmbedding):
+            out[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = m.lora_embedding_A.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = m.lora_embedding_B.detach()
+        else:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Copies tensors named as `adapter_state_dict` names them into the model's adapters."""
+    params = _adapter_params(model)
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise ModelFileError(f"adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    with torch.no_grad():
+        for key, p in params.items():
+            t = tensors[key]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ModelFileError(
+                    f"adapter tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(t)
+
+
+def _adapter_params(model) -> dict[str, nn.Parameter]:
+    out = {}
+    for name, m in lora_modules(model).items():
+        if isinstance(m, LoRAEmbedding):
+            out[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = m.lora_embedding_A
+            out[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = m.lora_embedding_B
+        else:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    return out
+
+
+def peft_config(settings: LoraSettings) -> dict:
+    """adapter_config.json as PEFT's LoraConfig writes it (the keys it needs to load)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": settings.base_model_name_or_path,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": sorted(set(settings.target_modules)),
+        "use_rslora": settings.use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None):
+    """Writes `folder/adapter_config.json` and `folder/adapter_model.safetensors` (PEFT).
+
+    Each file is written atomically; the adapter tensors are saved in float32.
+    """
+    settings = getattr(model, "lora_settings", None)
+    if settings is None or not lora_modules(model):
+        raise GemmakitError("the model has no LoRA adapters to save")
+    if base_model_name_or_path is not None:
+        settings.base_model_name_or_path = base_model_name_or_path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float().cpu() for k, v in adapter_state_dict(model).items()}
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS)
+    text = json.dumps(peft_config(settings), indent=2) + "\n"
+    atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config dict, tensors with our module names) of a PEFT LoRA folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: no such adapter folder")
+    cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        raise ModelFileError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelFileError(
+            f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; gemmakit loads LORA adapters only"
+        )
+    if cfg.get("use_dora"):
+        raise ModelFileError(f"{cfg_path}: DoRA adapters are not supported")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise ModelFileError(
+                f"{folder}: adapter_model.bin is pickled; gemmakit refuses pickles (they can run code). "
+                "Re-save it with safetensors (PEFT's save_pretrained does by default)."
+            )
+        raise ModelFileError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    raw = read_safetensors([weights])
+    tensors = {}
+    for key, t in raw.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ModelFileError(f"{weights}: unexpected tensor {key!r} (not a LoRA tensor of a causal LM)")
+        name = key[len(PEFT_PREFIX) :]
+        for old, new in _MULTIMODAL:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+        # Adapters saved with an adapter name keep it in the key (`lora_A.default.weight`).
+        name = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", name)
+        name = re.sub(r"\.(lora_embedding_[AB])\.[^.]+$", r".\1", name)
+        if not re.search(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$", name):
+            raise ModelFileError(
+                f"{weights}: tensor {key!r} is not a LoRA factor (modules_to_save is unsupported)"
+            )
+        tensors[name] = t
+    return cfg, tensors
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
+    """Applies a PEFT LoRA adapter folder to `model` (unmerged; `merge(model)` folds it in).
+
+    The adapter is attached as trained: rank from the tensors, `lora_alpha` (and PEFT's
+    `alpha_pattern`), rsLoRA if the config says so; dropout is off (inference).
+    """
+    cfg, tensors = read_adapter(folder)
+    modules = {}
+    for key in tensors:
+        module = key.rsplit(".lora_", 1)[0]
+        modules.setdefault(module, {})[key[len(module) + 1 :]] = tensors[key]
+    if lora_modules(model):
+        raise GemmakitError("the model already has LoRA adapters; merge them first")
+    names = dict(model.named_modules())
+    alpha, use_rslora = float(cfg.get("lora_alpha", cfg.get("r", 8))), bool(cfg.get("use_rslora", False))
+    for module_name, parts in modules.items():
+        base = names.get(module_name)
+        if base is None:
+            raise ModelFileError(f"{folder}: adapter targets {module_name}, which this model does not have")
+        a_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module_name, alpha))
+        if "lora_A.weight" in parts:
+            a, b = parts["lora_A.weight"], parts.get("lora_B.weight")
+            if b is None or not is_linear_like(base):
+                raise ModelFileError(f"{folder}: incomplete or misplaced LoRA pair for {module_name}")
+            wrapper = LoRALinear(base, a.shape[0], a_alpha, 0.0, use_rslora)
+            if tuple(a.shape) != tuple(wrapper.lora_A.weight.shape) or tuple(b.shape) != tuple(
+                wrapper.lora_B.weight.shape
+            ):
+                raise ModelFileError(
+                    f"{folder}: {module_name} adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                    f"a {wrapper.in_features}->{wrapper.out_features} layer (another base model?)"
+                )
+        else:
+            a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
+            if a is None or b is None or not isinstance(base, nn.Embedding):
+                raise ModelFileError(
+                    f"{folder}: incomplete or misplaced LoRA embedding pair for {module_name}"
+                )
+            wrapper = LoRAEmbedding(base, a.shape[0], a_alpha, use_rslora)
+        set_module(model, module_name, wrapper)
+    settings = LoraSettings(
+        r=int(cfg.get("r", 8)), alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=tuple(cfg.get("target_modules") or ()), use_rslora=use_rslora,
+        wrapped=list(modules), base_model_name_or_path=cfg.get("base_model_name_or_path"),
+    )  # fmt: skip
+    model.lora_settings = settings
+    load_adapter_state(model, {PEFT_PREFIX + k: v for k, v in tensors.items()})
+    for m in lora_modules(model).values():
+        m.requires_grad_(False)
+        m.eval()
+    return settings
