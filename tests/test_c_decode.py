@@ -1,12 +1,12 @@
-"""The C decode step (gemmakit/kernels/decode.py) against the torch model it stands in for."""
+"""The C decode step (gemmakit/inference/c_decode.py) against the torch model it stands in for."""
 
 import pytest
 import torch
 
+from gemmakit.inference import c_decode
 from gemmakit.inference.engine import Request, generate_steps
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.kernels import cpu as cpu_kernels
-from gemmakit.kernels import decode as c_decode
 from gemmakit.quant import dequantized_state_dict, quantize_model
 from tests.test_model import paired
 

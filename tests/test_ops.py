@@ -30,7 +30,9 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_only_ops_and_kernels_import_the_c_kernels():
-    allowed = (PACKAGE / "ops", PACKAGE / "kernels")
+    # Per op, the kernels are reached through ops; the whole C decode step (a forward pass of
+    # its own, chosen or not by the generation engine) through inference/c_decode.py.
+    allowed = (PACKAGE / "ops", PACKAGE / "kernels", PACKAGE / "inference" / "c_decode.py")
     offenders = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")

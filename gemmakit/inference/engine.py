@@ -3,7 +3,7 @@
 `generate_steps` left-pads a batch of prompts, `prefill`s them, then `decode_n_tokens` runs
 `decode_one_token` until every row has finished, yielding each step's new tokens; the step
 names follow gpt-fast's `generate.py`. A single sequence on the CPU decodes in C when the
-model allows it (`gemmakit.kernels.decode`). Text, stop strings and finish reasons on top of
+model allows it (`gemmakit.inference.c_decode`). Text, stop strings and finish reasons on top of
 these ids are `gemmakit.inference.text`'s.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.errors import ContextLengthError
+from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample
-from gemmakit.kernels import decode as c_decode
 
 
 @dataclass

@@ -10,7 +10,7 @@ each function). Each function returns None when its kernel does not apply (no co
 another OS, a device, dtype or layout it does not take) and the caller runs torch's ops;
 `GEMMAKIT_NO_C_KERNELS=1` turns the kernels off. The C sources are csrc/ (one unit per op
 family, declared in csrc/gemmakit_kernels.h), built by kernels/build.py; the decode step has
-its own driver, kernels/decode.py.
+its own driver, inference/c_decode.py.
 
 Large calls are split over torch's own OpenMP threads: the library is built with -fopenmp
 and binds to the libgomp torch has loaded (csrc/split.c); small ones run on the calling

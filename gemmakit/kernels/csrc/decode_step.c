@@ -1,5 +1,5 @@
 /* The single-sequence decode step: one step of a Gemma model in one call, token id in,
- * logits out (driven by gemmakit/kernels/decode.py), and the thread pool that runs it.
+ * logits out (driven by gemmakit/inference/c_decode.py), and the thread pool that runs it.
  *
  * Why a C decode step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a
  * 2-core CPU their dispatch costs more than the arithmetic. Here the whole step runs as plain

@@ -22,7 +22,7 @@
 /* Mat.type: how a matrix's weights are stored */
 enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2 };
 
-/* --- the decode step's view of a model (decode_step.c, gemmakit/kernels/decode.py) --- */
+/* --- the decode step's view of a model (decode_step.c, gemmakit/inference/c_decode.py) --- */
 
 typedef struct {
     /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,);
