@@ -241,7 +241,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_gradient_accumulation_and_checkpointing_keep_the_step(tmp_path):
-    """batch 4 == 2 micro-batches of 2; gradient checkpointing changes nothing but memory."""
+    """batch 4 == 2 micro-batches of 2; recomputing activations changes nothing but memory."""
     folder = tiny_model_folder(tmp_path)
     kw = dict(lora_dropout=0.0, max_steps=3, eval_every=3, save_every=3)
     a = train(tiny_config(folder, tmp_path / "a", **kw), progress=False)
@@ -329,7 +329,10 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
     script.write_text(DDP_SCRIPT)
     common = dict(model=str(folder), data=SAMPLE, max_steps=4, eval_every=2, save_every=4, lr=5e-3,
                   warmup_steps=1, lora_dropout=0.0, max_length=96, eval_max_rows=16)  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The scripts run from tmp_path: PYTHONPATH makes them import this checkout's gemmakit.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     one = dict(common, output=str(tmp_path / "one"), batch_size=4)
     two = dict(common, output=str(tmp_path / "two"), batch_size=2)
     subprocess.run([sys.executable, str(script), json.dumps(one)], check=True, env=env, timeout=300)
