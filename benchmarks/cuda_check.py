@@ -270,8 +270,9 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
     from gemmakit import lora
     from gemmakit.formats import safetensors as checkpoint
     from gemmakit.model.gemma import Gemma
-    from gemmakit.training import core as training
+    from gemmakit.training import config as train_config
     from gemmakit.training import loss as training_loss
+    from gemmakit.training import setup as train_setup
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -289,8 +290,8 @@ def train_case(system: str, hf_model_fn, cfg, quant: str | None, tokenizer, devi
             quantize_model(model, quant)
         lora.apply_lora(model, 16, 16, 0.05, TARGETS)
         params = [p for p in model.parameters() if p.requires_grad]
-        tcfg = training.make_config("qlora-article" if quant else "lora", {"lr": 1e-4})
-        opt, opt_name = training.make_optimizer(params, tcfg, device)
+        tcfg = train_config.make_config("qlora-guanaco" if quant else "lora", {"lr": 1e-4})
+        opt, opt_name = train_setup.make_optimizer(params, tcfg, device)
 
         def step(ids):
             b = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids}

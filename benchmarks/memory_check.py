@@ -280,16 +280,16 @@ def measure_lora_step(dtype: str):
         import gemmakit.formats.gguf  # noqa: F401  (the loader imports it: part of the runtime)
         from gemmakit import lora
         from gemmakit.loading import load_model, resolve
-        from gemmakit.training import core as training
         from gemmakit.training import loss as training_loss
+        from gemmakit.training import setup as train_setup
 
         source = resolve(None)
-        training.limit_heap_fragmentation()  # as training.train does
+        train_setup.limit_heap_fragmentation()  # as training.trainer.train does
         warm_runtime()
         warm_training()
         baseline = current_rss()
         reset_peak()
-        # The GGUF path, which training.load_for_training takes for a bfloat16 run.
+        # The GGUF path, which training.setup.load_for_training takes for a bfloat16 run.
         model = load_model(source, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         load_peak = peak_rss()
         after_load = current_rss()

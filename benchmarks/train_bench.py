@@ -56,8 +56,8 @@ def hf_folder() -> Path:
     folder = cache_dir() / "bench-hf-gemma-3-270m"
     if (folder / "model.safetensors").exists():
         return folder
+    from gemmakit.formats.hf_folder import save_hf_folder
     from gemmakit.loading import load
-    from gemmakit.training.core import save_hf_folder
 
     loaded = load(dtype="float32", device="cpu")
     save_hf_folder(loaded.model, loaded.tokenizer, folder)
@@ -68,14 +68,15 @@ def run_ours(dtype_name: str, steps: int) -> dict:
     import torch
 
     from gemmakit import lora
-    from gemmakit.training import core as training
+    from gemmakit.training import config as train_config
     from gemmakit.training import loss as training_loss
+    from gemmakit.training import setup as train_setup
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    cfg = training.make_config("lora", {"dtype": dtype_name})
-    training.limit_heap_fragmentation()  # as training.train does
+    cfg = train_config.make_config("lora", {"dtype": dtype_name})
+    train_setup.limit_heap_fragmentation()  # as training.trainer.train does
     t0 = time.perf_counter()
-    loaded = training.load_for_training(cfg, "cpu", dtype)
+    loaded = train_setup.load_for_training(cfg, "cpu", dtype)
     load_s = time.perf_counter() - t0
     model = loaded.model
     lora.apply_lora(model, 16, 16, 0.05, TARGETS)
@@ -134,12 +135,13 @@ def interleaved(dtype_name: str, steps: int) -> dict:
     import transformers
 
     from gemmakit import lora
-    from gemmakit.training import core as training
+    from gemmakit.training import config as train_config
     from gemmakit.training import loss as training_loss
+    from gemmakit.training import setup as train_setup
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    training.limit_heap_fragmentation()
-    loaded = training.load_for_training(training.make_config("lora", {}), "cpu", dtype)
+    train_setup.limit_heap_fragmentation()
+    loaded = train_setup.load_for_training(train_config.make_config("lora", {}), "cpu", dtype)
     ours = loaded.model
     lora.apply_lora(ours, 16, 16, 0.05, TARGETS)
     ours.train()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gemmakit.loading import ModelSource, load_model
-from gemmakit.training import core as training
+from gemmakit.training.config import make_config
+from gemmakit.training.trainer import train
 from tests.conftest import FAMILIES
 from tests.test_training import records, tiny_config, tiny_model_folder
 
@@ -66,13 +67,13 @@ def test_cuda_nf4_matmul_uses_bitsandbytes_and_matches_dequantized():
 def test_cuda_qlora_recipe_uses_paged_8bit_adamw(tmp_path):
     pytest.importorskip("bitsandbytes")
     folder = tiny_model_folder(tmp_path)
-    cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-article", lr=5e-3, warmup_steps=1, max_steps=4,
+    cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-guanaco", lr=5e-3, warmup_steps=1, max_steps=4,
                       eval_every=4, save_every=2, device="cuda")  # fmt: skip
-    res = training.train(cfg, progress=False)
+    res = train(cfg, progress=False)
     assert res.optimizer == "bitsandbytes PagedAdamW8bit"
     assert res.last_eval_loss < res.first_eval_loss
-    resumed = training.make_config("qlora-article", {**cfg.to_dict(), "max_steps": 6})
-    training.train(resumed, resume=True, progress=False)
+    resumed = make_config("qlora-guanaco", {**cfg.to_dict(), "max_steps": 6})
+    train(resumed, resume=True, progress=False)
     steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

@@ -35,7 +35,7 @@ def test_guanaco_turns_and_segments():
     assert d.parse_guanaco(text) == [("user", "Hi"), ("assistant", "Hello."), ("user", "Capital of France?"),
                                      ("assistant", "Paris.")]  # fmt: skip
     segs = d.format_row({"text": text})
-    assert "".join(s for s, _ in segs) == text  # the article's text, unchanged
+    assert "".join(s for s, _ in segs) == text  # the guanaco text, unchanged
     assert [s for s, r in segs if r] == [" Hello.", " Paris."]
     chat = d.format_row({"text": text}, chat_template=True)
     assert "".join(s for s, _ in chat) == (

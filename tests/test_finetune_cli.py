@@ -31,8 +31,21 @@ def test_help_lists_the_interface(capsys):
     for flag in ("--model", "--data", "--eval-data", "--output", "--recipe", "--config", "--max-steps",
                  "--max-length", "--batch-size", "--lr", "--eval-every", "--save-every", "--resume",
                  "--gradient-checkpointing", "--packing", "--chat-template", "--train-on-responses-only",
-                 "qlora-article"):  # fmt: skip
+                 "qlora-guanaco"):  # fmt: skip
         assert flag in out, flag
+
+
+def test_every_setting_is_a_flag(capsys):
+    """The flags come from TrainConfig's fields: one per field, each with its help text."""
+    from gemmakit.options import flag_name, help_texts
+    from gemmakit.training.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for name, text in help_texts(TrainConfig).items():
+        assert flag_name(name) in out, name
+        assert " ".join(text.split()[:4]) in out, name
 
 
 def test_finetune_then_merge_then_generate(tmp_path, capsys):
@@ -86,7 +99,9 @@ def test_config_file_and_flags(tmp_path, capsys):
     assert shown["data"].endswith("guanaco_sample.jsonl") and shown["max_steps"] == 300
     assert main(["finetune", "--data", "guanaco-sample", "--show-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["recipe"] == "qlora-article" and shown["lr"] == 2e-5 and shown["quantization"] == "nf4"
+    assert shown["recipe"] == "qlora-guanaco" and shown["lr"] == 2e-5 and shown["quantization"] == "nf4"
+    assert main(["finetune", "--data", "guanaco-sample", "--recipe", "qlora-article", "--show-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "qlora-guanaco"  # the former name, accepted
 
 
 def test_user_errors_exit_2(tmp_path, capsys):

@@ -10,8 +10,8 @@ import torch
 from gemmakit import lora
 from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.formats.hf_folder import save_hf_folder
 from gemmakit.loading import ModelSource, load_model
-from gemmakit.training.core import save_hf_folder
 from tests.conftest import FAMILIES, random_hf_model
 from tests.test_training import one_thread, write_tiny_tokenizer  # noqa: F401  (autouse fixture)
 

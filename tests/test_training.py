@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from gemmakit import lora
 from gemmakit.errors import ConfigError, GemmakitError
 from gemmakit.loading import load
-from gemmakit.training import core as training
+from gemmakit.options import help_texts
+from gemmakit.training import config as train_config
 from gemmakit.training import data as sft_data
 from gemmakit.training import loss as training_loss
+from gemmakit.training import setup as train_setup
+from gemmakit.training.checkpoints import checkpoints
+from gemmakit.training.trainer import train
 from tests.conftest import random_hf_model
 
 SAMPLE = str(sft_data.shipped_dataset())
@@ -53,13 +57,13 @@ def tiny_model_folder(root: Path, family: str = "gemma3", seed: int = 0) -> Path
     return folder
 
 
-def tiny_config(model: Path, output: Path, **kw) -> training.TrainConfig:
+def tiny_config(model: Path, output: Path, **kw) -> train_config.TrainConfig:
     base = dict(
         model=str(model), data=SAMPLE, output=str(output), max_steps=6, eval_every=3, save_every=2,
         lr=5e-3, warmup_steps=1, batch_size=4, max_length=96, ce_chunk=16, eval_max_rows=16,
     )  # fmt: skip
     base.update(kw)
-    return training.make_config(kw.pop("recipe", "lora"), base)
+    return train_config.make_config(kw.pop("recipe", "lora"), base)
 
 
 def records(output: Path) -> list[dict]:
@@ -136,7 +140,7 @@ def test_batch_loss_ignores_padding_and_prompt(tmp_path):
 
 
 def test_recipes_and_precedence(tmp_path):
-    art = training.make_config("qlora-article")
+    art = train_config.make_config("qlora-guanaco")
     assert (art.method, art.quantization, art.lora_r, art.lora_alpha, art.lora_dropout) == (
         "qlora",
         "nf4",
@@ -159,7 +163,7 @@ def test_recipes_and_precedence(tmp_path):
     }
     f = tmp_path / "c.yaml"
     f.write_text("recipe: lora\nlr: 0.001\nmax-steps: 7\nlora_targets: q_proj,v_proj\n")
-    cfg = training.make_config(None, training.read_config_file(f), {"lr": 0.5})
+    cfg = train_config.make_config(None, train_config.read_config_file(f), {"lr": 0.5})
     assert (cfg.recipe, cfg.method, cfg.lr, cfg.max_steps, cfg.lora_targets) == (
         "lora",
         "lora",
@@ -169,19 +173,27 @@ def test_recipes_and_precedence(tmp_path):
     )
     f.write_text("lr: 1\nbogus: 2\n")
     with pytest.raises(ConfigError, match="bogus"):
-        training.read_config_file(f)
+        train_config.read_config_file(f)
     with pytest.raises(ConfigError, match="recipe"):
-        training.make_config("nope")
+        train_config.make_config("nope")
     with pytest.raises(ConfigError, match="batch_size"):
-        training.make_config("lora", {"batch_size": 0})
-    helps = training.field_help()
-    assert set(helps) == set(training.FIELD_NAMES), set(training.FIELD_NAMES) - set(helps)
+        train_config.make_config("lora", {"batch_size": 0})
+    helps = help_texts(train_config.TrainConfig)
+    assert set(helps) == set(train_config.FIELD_NAMES), set(train_config.FIELD_NAMES) - set(helps)
+
+
+def test_default_recipe_and_its_alias():
+    """The default recipe is qlora-guanaco; its former name qlora-article is accepted for it."""
+    assert train_config.TrainConfig().recipe == "qlora-guanaco"
+    assert train_config.make_config().recipe == "qlora-guanaco"
+    assert train_config.make_config("qlora-article") == train_config.make_config("qlora-guanaco")
+    assert train_config.make_config(None, {"recipe": "qlora-article", "lr": 0.1}).recipe == "qlora-guanaco"
 
 
 def test_linear_schedule_matches_transformers():
     from transformers import get_linear_schedule_with_warmup
 
-    cfg = training.make_config("qlora-article", {"max_steps": 50, "warmup_steps": 7})
+    cfg = train_config.make_config("qlora-guanaco", {"max_steps": 50, "warmup_steps": 7})
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = get_linear_schedule_with_warmup(opt, 7, 50)
@@ -190,7 +202,7 @@ def test_linear_schedule_matches_transformers():
         ref.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert [training.lr_lambda(s, cfg) for s in range(50)] == pytest.approx(ref)
+    assert [train_setup.lr_lambda(s, cfg) for s in range(50)] == pytest.approx(ref)
 
 
 # --- runs ------------------------------------------------------------------------------------
@@ -200,7 +212,7 @@ def test_resume_is_bit_exact(tmp_path):
     """Interrupt at step 3 (a callback raising KeyboardInterrupt), resume: the same curve."""
     folder = tiny_model_folder(tmp_path)
     kw = dict(lora_dropout=0.1, eval_every=2)  # dropout: the RNG state must be restored too
-    full = training.train(tiny_config(folder, tmp_path / "a", **kw), progress=False)
+    full = train(tiny_config(folder, tmp_path / "a", **kw), progress=False)
     assert not full.interrupted and full.step == 6
 
     def stop_at_3(event):
@@ -208,12 +220,12 @@ def test_resume_is_bit_exact(tmp_path):
             raise KeyboardInterrupt
 
     cfg_b = tiny_config(folder, tmp_path / "b", **kw)
-    part = training.train(cfg_b, callbacks=[stop_at_3], progress=False)
+    part = train(cfg_b, callbacks=[stop_at_3], progress=False)
     assert part.interrupted and part.step == 3 and part.checkpoint.name == "step-000003"
     assert not (tmp_path / "b" / "adapter").exists()
     with pytest.raises(GemmakitError, match="--resume"):
-        training.train(cfg_b, progress=False)
-    rest = training.train(cfg_b, resume=True, progress=False)
+        train(cfg_b, progress=False)
+    rest = train(cfg_b, resume=True, progress=False)
     assert rest.step == 6 and not rest.interrupted
     assert records(tmp_path / "a") == records(tmp_path / "b")  # every loss, lr and eval loss, exactly
     _, wa = lora.read_adapter(tmp_path / "a" / "adapter")
@@ -224,17 +236,17 @@ def test_resume_is_bit_exact(tmp_path):
     assert losses[-1] < losses[0]
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["lr"] == 5e-3 and saved["effective"]["optimizer"] == "torch.optim.AdamW (fused)"
-    assert len(training.checkpoints(tmp_path / "a")) == 2  # keep_checkpoints
+    assert len(checkpoints(tmp_path / "a")) == 2  # keep_checkpoints
     assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_gradient_accumulation_and_checkpointing_keep_the_step(tmp_path):
-    """batch 4 == 2 micro-batches of 2; gradient checkpointing changes nothing but memory."""
+    """batch 4 == 2 micro-batches of 2; recomputing activations changes nothing but memory."""
     folder = tiny_model_folder(tmp_path)
     kw = dict(lora_dropout=0.0, max_steps=3, eval_every=3, save_every=3)
-    a = training.train(tiny_config(folder, tmp_path / "a", **kw), progress=False)
-    b = training.train(tiny_config(folder, tmp_path / "b", batch_size=2, grad_accum=2, **kw), progress=False)
-    c = training.train(tiny_config(folder, tmp_path / "c", gradient_checkpointing=True, **kw), progress=False)
+    a = train(tiny_config(folder, tmp_path / "a", **kw), progress=False)
+    b = train(tiny_config(folder, tmp_path / "b", batch_size=2, grad_accum=2, **kw), progress=False)
+    c = train(tiny_config(folder, tmp_path / "c", gradient_checkpointing=True, **kw), progress=False)
     la = [r["loss"] for r in records(tmp_path / "a") if "loss" in r]
     lb = [r["loss"] for r in records(tmp_path / "b") if "loss" in r]
     lc = [r["loss"] for r in records(tmp_path / "c") if "loss" in r]
@@ -248,7 +260,7 @@ def test_full_finetune_saves_a_loadable_model(tmp_path):
     cfg = tiny_config(
         folder, tmp_path / "run", recipe="full", lr=1e-3, max_steps=3, eval_every=3, save_every=3
     )
-    res = training.train(cfg, progress=False)
+    res = train(cfg, progress=False)
     assert res.last_eval_loss < res.first_eval_loss
     reloaded = load(tmp_path / "run" / "model")
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
@@ -258,7 +270,7 @@ def test_full_finetune_saves_a_loadable_model(tmp_path):
     base = load(folder).model
     with torch.no_grad():
         assert not torch.allclose(reloaded.model(ids), base(ids))  # trained weights, not the base
-    ev = training.load_data(cfg, reloaded.tokenizer)[1]
+    ev = train_setup.load_data(cfg, reloaded.tokenizer)[1]
     reloaded.model.eval()
     with torch.no_grad():
         batch = sft_data.collate(ev, 0)
@@ -271,8 +283,8 @@ def test_full_finetune_saves_a_loadable_model(tmp_path):
 def test_bfloat16_lora_keeps_float32_adapters_only(tmp_path):
     folder = tiny_model_folder(tmp_path)
     cfg = tiny_config(folder, tmp_path / "run", dtype="bfloat16", max_steps=2, eval_every=2, save_every=2)
-    loaded = training.load_for_training(cfg, "cpu", torch.bfloat16)
-    res = training.train(cfg, loaded=loaded, progress=False)
+    loaded = train_setup.load_for_training(cfg, "cpu", torch.bfloat16)
+    res = train(cfg, loaded=loaded, progress=False)
     m = loaded.model
     dtypes = {(p.requires_grad, p.dtype) for p in m.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
@@ -282,11 +294,11 @@ def test_bfloat16_lora_keeps_float32_adapters_only(tmp_path):
 def test_default_model_eval_loss_goes_down(tmp_path):
     """A few LoRA steps on the bundled Gemma 3 270M lower the held-out loss of the shipped data."""
 
-    cfg = training.make_config("lora", {
+    cfg = train_config.make_config("lora", {
         "data": SAMPLE, "output": str(tmp_path / "run"), "max_steps": 3, "eval_every": 3, "save_every": 3,
         "warmup_steps": 0, "lr": 1e-3, "dtype": "bfloat16", "eval_max_rows": 8, "max_length": 48,
     })  # fmt: skip
-    res = training.train(cfg, progress=False)
+    res = train(cfg, progress=False)
     assert res.last_eval_loss < res.first_eval_loss - 0.05, (res.first_eval_loss, res.last_eval_loss)
 
 
@@ -294,10 +306,10 @@ def test_default_model_eval_loss_goes_down(tmp_path):
 
 DDP_SCRIPT = """
 import json, sys
-from gemmakit.training import core as training
-from gemmakit.training import loss as training_loss
-cfg = training.make_config("lora", json.loads(sys.argv[1]))
-training.train(cfg, progress=False)
+from gemmakit.training.config import make_config
+from gemmakit.training.trainer import train
+cfg = make_config("lora", json.loads(sys.argv[1]))
+train(cfg, progress=False)
 """
 
 
@@ -317,7 +329,10 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
     script.write_text(DDP_SCRIPT)
     common = dict(model=str(folder), data=SAMPLE, max_steps=4, eval_every=2, save_every=4, lr=5e-3,
                   warmup_steps=1, lora_dropout=0.0, max_length=96, eval_max_rows=16)  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The scripts run from tmp_path: PYTHONPATH makes them import this checkout's gemmakit.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     one = dict(common, output=str(tmp_path / "one"), batch_size=4)
     two = dict(common, output=str(tmp_path / "two"), batch_size=2)
     subprocess.run([sys.executable, str(script), json.dumps(one)], check=True, env=env, timeout=300)
@@ -340,10 +355,10 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
 def test_qlora_recipe_trains_on_an_nf4_base(tmp_path):
     pytest.importorskip("gemmakit.quant")
     folder = tiny_model_folder(tmp_path)
-    cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-article", lr=5e-3, warmup_steps=1, max_steps=3,
+    cfg = tiny_config(folder, tmp_path / "run", recipe="qlora-guanaco", lr=5e-3, warmup_steps=1, max_steps=3,
                       eval_every=3, save_every=3)  # fmt: skip
     loaded = load(folder)
-    res = training.train(cfg, loaded=loaded, progress=False)
+    res = train(cfg, loaded=loaded, progress=False)
     assert res.notes["quantization_used"] == "nf4" and "AdamW" in res.optimizer
     q = loaded.model.model.layers[0].self_attn.q_proj
     assert type(q.base).__name__ == "NF4Linear" and q.lora_A.weight.requires_grad

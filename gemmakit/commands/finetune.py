@@ -1,4 +1,4 @@
-"""`gemmakit finetune`: LoRA / QLoRA / full supervised fine-tuning (the article's recipe by default).
+"""`gemmakit finetune`: LoRA / QLoRA / full supervised fine-tuning (the qlora-guanaco recipe by default).
 
 Every `TrainConfig` field is a flag (`lora_r` -> `--lora-r`); precedence is recipe < `--config`
 file < flags. `--resume` continues the run in `--output` from its latest checkpoint with the
@@ -7,93 +7,61 @@ saved settings (flags given again override them). Ctrl-C saves a checkpoint and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-SAMPLE_NAME = "guanaco-sample"
+# Flag groups of `--help`; the other TrainConfig fields are listed under "training".
+GROUPS = {
+    "run": ("model", "data", "eval_data", "output", "recipe", "method", "eval_fraction", "eval_max_rows"),
+    "LoRA / QLoRA": ("quantization", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora"),
+}
 
 
 def add_arguments(p):
-    from gemmakit.training import core as training
+    from gemmakit.options import add_options
+    from gemmakit.training.config import FIELD_NAMES, TrainConfig
 
-    helps = training.field_help()
-    defaults = training.TrainConfig()
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (field names as keys)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --output from its latest checkpoint"
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.add_argument("--show-config", action="store_true", help="print the effective settings and exit")
-    groups = {
-        "run": ("model", "data", "eval_data", "output", "recipe", "method", "eval_fraction", "eval_max_rows"),
-        "LoRA / QLoRA": (
-            "quantization",
-            "lora_r",
-            "lora_alpha",
-            "lora_dropout",
-            "lora_targets",
-            "use_rslora",
-        ),
-    }
-    placed = {n for names in groups.values() for n in names}
-    groups["training"] = tuple(n for n in training.FIELD_NAMES if n not in placed)
+    placed = {n for names in GROUPS.values() for n in names}
+    groups = {**GROUPS, "training": tuple(n for n in FIELD_NAMES if n not in placed)}
     for title, names in groups.items():
-        g = p.add_argument_group(title)
-        for name in names:
-            _add_flag(g, name, helps.get(name, ""), getattr(defaults, name), training)
-
-
-def _add_flag(g, name, help_text, default, training):
-    flags = ["--" + name.replace("_", "-")]
-    if name == "model":
-        flags.append("-m")
-    if name == "output":
-        flags.append("-o")
-    kind = training._field_type(name)
-    help_text = help_text.replace("%", "%%")
-    shown = ",".join(default) if isinstance(default, tuple) else default
-    help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
-    if name == "data":
-        help_text += f"; '{SAMPLE_NAME}' is the small guanaco-format set shipped with gemmakit"
-    if name == "recipe":
-        notes = "; ".join(f"{k}: {v}" for k, v in training.RECIPE_NOTES.items())
-        g.add_argument(*flags, dest=name, default=None, choices=list(training.RECIPES), help=f"{notes}")
-    elif kind.startswith("bool"):
-        g.add_argument(*flags, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
-    else:
-        g.add_argument(*flags, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text)
+        # unset_default: an absent flag is None, so it does not override the recipe or --config.
+        add_options(p.add_argument_group(title), TrainConfig, names, unset_default=True)
 
 
 def effective_config(args):
     """The TrainConfig for parsed args: recipe < (saved config on --resume) < --config < flags."""
     from gemmakit.errors import ConfigError
-    from gemmakit.training import core as training
+    from gemmakit.training import config as train_config
+    from gemmakit.training.data import SAMPLE_NAME, shipped_dataset
 
-    flags = {n: getattr(args, n) for n in training.FIELD_NAMES if getattr(args, n, None) is not None}
-    flags = {n: training.coerce(n, v) for n, v in flags.items()}
-    file_values = training.read_config_file(args.config) if args.config else {}
+    flags = {n: getattr(args, n) for n in train_config.FIELD_NAMES if getattr(args, n, None) is not None}
+    flags = {n: train_config.coerce(n, v) for n, v in flags.items()}
+    file_values = train_config.read_config_file(args.config) if args.config else {}
     layers = [file_values, flags]
     output = flags.get("output") or file_values.get("output")
     saved_path = Path(output) / "config.json" if output else None
     changed = []
     if args.resume and saved_path is not None and saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        saved = {k: v for k, v in saved.items() if k in training.FIELD_NAMES}
-        new_recipe = flags.get("recipe") or file_values.get("recipe")
-        if new_recipe and new_recipe != saved.get("recipe"):
+        saved = {k: v for k, v in saved.items() if k in train_config.FIELD_NAMES}
+        new_recipe = train_config.canonical_recipe(flags.get("recipe") or file_values.get("recipe"))
+        if new_recipe and new_recipe != train_config.canonical_recipe(saved.get("recipe")):
             raise ConfigError(
                 f"the run in {output} used recipe {saved.get('recipe')}; a resume cannot change it"
             )
-        base = training.make_config(saved.get("recipe"), saved)
-        cfg = training.make_config(saved.get("recipe"), saved, *layers)
-        changed = [n for n in training.FIELD_NAMES if getattr(cfg, n) != getattr(base, n)]
+        base = train_config.make_config(saved.get("recipe"), saved)
+        cfg = train_config.make_config(saved.get("recipe"), saved, *layers)
+        changed = [n for n in train_config.FIELD_NAMES if getattr(cfg, n) != getattr(base, n)]
     else:
-        cfg = training.make_config(None, *layers)
+        cfg = train_config.make_config(None, *layers)
     if cfg.data == SAMPLE_NAME or cfg.eval_data == SAMPLE_NAME:
-        from gemmakit.training.data import shipped_dataset
-
         sample = str(shipped_dataset())
         cfg.data = sample if cfg.data == SAMPLE_NAME else cfg.data
         cfg.eval_data = sample if cfg.eval_data == SAMPLE_NAME else cfg.eval_data
@@ -102,7 +70,7 @@ def effective_config(args):
 
 def run(args) -> int:
     from gemmakit.commands.common import print_json
-    from gemmakit.training import core as training
+    from gemmakit.training.trainer import train
 
     cfg, changed = effective_config(args)
     if args.show_config:
@@ -114,7 +82,7 @@ def run(args) -> int:
             "uninterrupted run",
             file=sys.stderr,
         )
-    result = training.train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume)
     summary = {
         "output": str(result.output), "step": result.step, "interrupted": result.interrupted,
         "first_eval_loss": result.first_eval_loss, "last_eval_loss": result.last_eval_loss,

@@ -5,8 +5,6 @@ tokenizer)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from gemmakit.commands.common import add_model_arguments
@@ -34,16 +32,12 @@ def base_model_of(adapter: str | Path) -> str | None:
 
 
 def merge_to_folder(model, adapter, output, dtype="auto", device=None, force=False):
-    """Loads `model`, applies and merges `adapter`, writes an HF folder at `output`. Returns
-    the merged `Loaded`.
-
-    The folder is written by `gemmakit.export.export_hf` (tokenizer files, chat template,
-    generation config) when that module is installed, else by `training.save_hf_folder`.
-    """
-    import importlib.util
-
+    """Loads `model`, applies and merges `adapter`, writes an HF folder at `output` in the
+    model's dtype (`gemmakit.export.export_hf`: tokenizer files, chat template, generation
+    config). Returns the merged `Loaded`."""
     from gemmakit import lora
     from gemmakit.errors import GemmakitError
+    from gemmakit.export import export_hf
     from gemmakit.loading import load
 
     output = Path(output)
@@ -53,23 +47,8 @@ def merge_to_folder(model, adapter, output, dtype="auto", device=None, force=Fal
     lora.load_adapter(loaded.model, adapter)
     lora.merge(loaded.model)
     weights_dtype = next(loaded.model.parameters()).dtype
-    if importlib.util.find_spec("gemmakit.export") is not None:
-        from gemmakit.export import export_hf
-
-        name = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}[str(weights_dtype)]
-        export_hf(loaded, output, dtype=name, force=force, progress=False)
-        return loaded
-    from gemmakit.training.core import save_hf_folder
-
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_hf_folder(loaded.model, loaded.tokenizer, tmp, loaded.source)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    name = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}[str(weights_dtype)]
+    export_hf(loaded, output, dtype=name, force=force, progress=False)
     return loaded
 
 

@@ -1,13 +1,18 @@
 """Writing a Hugging Face model folder that transformers loads to the same logits.
 
-config.json comes from `GemmaConfig.to_hf_config()`, the weights from
-`checkpoint.native_to_hf` as safetensors (sharded above `max_shard_bytes`, with an index, as
-`save_pretrained` does), and the tokenizer either copied from a source folder or, for a GGUF
-source, rebuilt: `tokenizer.model` is the SentencePiece model proto the tokenizer was built
-from, with tokenizer_config.json, special_tokens_map.json and a chat template beside it.
+The one writer of HF folders: `gemmakit export --to hf` and `gemmakit merge` (through
+`gemmakit.export.export_hf`) and full fine-tuning's final model (`save_hf_folder`) all come here.
 
-The folder is assembled under a temporary name next to the target and moved into place at the
-end, config.json last, so an interrupted export never leaves a folder that looks complete.
+config.json comes from `GemmaConfig.to_hf_config()`, the weights from
+`formats.safetensors.native_to_hf` as safetensors (sharded above `max_shard_bytes`, with an
+index, as `save_pretrained` does), and the tokenizer either copied from a source folder or
+rebuilt from gemmakit's tokenizer: `tokenizer.model` (the SentencePiece model proto a GGUF's
+tokenizer was built from) or `tokenizer.json` (a `tokenizers` tokenizer), with
+tokenizer_config.json (carrying a chat template) beside it.
+
+The folder is assembled under a temporary name next to the target. A new folder is then
+renamed into place in one step; into an existing one the files move one by one, config.json
+last, so an interrupted write never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import GemmakitError
+from gemmakit.files import atomic_folder
 from gemmakit.formats.safetensors import native_to_hf, save_safetensors
 
 HF_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -32,17 +38,17 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def tokenizer_files(tokenizer, chat_template: str, max_length: int) -> dict[str, bytes]:
-    """tokenizer.model + configs for a SentencePiece-backed `Tokenizer` (e.g. from a GGUF)."""
-    backend = tokenizer._backend
-    if not hasattr(backend, "serialized_model_proto"):
-        raise GemmakitError("the tokenizer is not SentencePiece-based; cannot write tokenizer.model")
+# --- the tokenizer ----------------------------------------------------------------------------
+
+
+def tokenizer_config(tokenizer, chat_template: str, max_length: int) -> dict:
+    """tokenizer_config.json for gemmakit's tokenizer: Gemma's special tokens and chat template."""
     special = {
         "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
     }  # fmt: skip
     present = {k: v for k, v in special.items() if tokenizer.token_id(v) is not None}
     extra = [p for p in ("<start_of_turn>", "<end_of_turn>") if tokenizer.token_id(p) is not None]
-    config = {
+    return {
         "tokenizer_class": "GemmaTokenizer",
         **present,
         "add_bos_token": True,
@@ -54,16 +60,59 @@ def tokenizer_files(tokenizer, chat_template: str, max_length: int) -> dict[str,
         "extra_special_tokens": extra,
         "chat_template": chat_template,
     }
-    special_map = {**present, "additional_special_tokens": extra}
+
+
+def tokenizer_files(tokenizer, chat_template: str, max_length: int) -> dict[str, bytes]:
+    """The tokenizer files rebuilt from gemmakit's `Tokenizer`: tokenizer.model (SentencePiece,
+    e.g. from a GGUF) or tokenizer.json (a `tokenizers` tokenizer), with its configs."""
+    backend = tokenizer._backend
+    if hasattr(backend, "serialized_model_proto"):
+        model_file = {"tokenizer.model": backend.serialized_model_proto()}
+    elif hasattr(backend, "to_str"):
+        model_file = {"tokenizer.json": backend.to_str().encode()}
+    else:
+        raise GemmakitError(
+            "the tokenizer is neither SentencePiece nor a tokenizers.Tokenizer; cannot save it"
+        )
+    config = tokenizer_config(tokenizer, chat_template, max_length)
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config}
+    special_map = {**special, "additional_special_tokens": config["extra_special_tokens"]}
     return {
-        "tokenizer.model": backend.serialized_model_proto(),
+        **model_file,
         "tokenizer_config.json": _json(config),
         "special_tokens_map.json": _json(special_map),
     }
 
 
+def write_tokenizer(
+    folder: Path, tokenizer, source_folder: Path | None, chat_template: str, max_length: int
+) -> list[str]:
+    """Copies the source folder's tokenizer files, or rebuilds them from `tokenizer`; returns
+    the names written. A copied tokenizer without a tokenizer_config.json gets one."""
+    copied = []
+    if source_folder is not None:
+        for name in TOKENIZER_FILES:
+            if (source_folder / name).is_file():
+                shutil.copyfile(source_folder / name, folder / name)
+                copied.append(name)
+    if tokenizer is None:
+        return copied
+    if copied:
+        if "tokenizer_config.json" in copied:
+            return copied
+        files = {"tokenizer_config.json": _json(tokenizer_config(tokenizer, chat_template, max_length))}
+    else:
+        files = tokenizer_files(tokenizer, chat_template, max_length)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return copied + list(files)
+
+
 def _json(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+# --- weights and configs ----------------------------------------------------------------------
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -78,6 +127,66 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     if current:
         shards.append(current)
     return shards
+
+
+def write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, progress: bool):
+    """model.safetensors, or model-0000i-of-0000n.safetensors shards with their index."""
+    from tqdm import tqdm
+
+    shards = _shards(tensors, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for shard, fname in tqdm(list(zip(shards, names)), desc="writing safetensors", disable=not progress):
+        save_safetensors(shard, folder / fname)
+        weight_map.update({k: fname for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_bytes(_json(index))
+
+
+def generation_config(config: GemmaConfig, stop_ids: tuple[int, ...] | None) -> dict:
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(stop_ids or config.eos_token_ids),
+        "pad_token_id": config.pad_token_id,
+    }
+
+
+def model_config(config: GemmaConfig, dtype: torch.dtype) -> dict:
+    """config.json: the HF config of `config`, with the weights' dtype."""
+    hf_config = config.to_hf_config()
+    hf_config["dtype"] = _DTYPE_NAMES[dtype]
+    qpas = hf_config.get("query_pre_attn_scalar")
+    if isinstance(qpas, float) and abs(qpas - round(qpas)) < 1e-3:
+        # A GGUF stores it as a float32 attention scale (24 reads back as 23.999998);
+        # every published value is an integer and transformers requires one.
+        hf_config["query_pre_attn_scalar"] = round(qpas)
+    return hf_config
+
+
+# --- the folder -------------------------------------------------------------------------------
+
+
+def _check_target(folder: Path, force: bool):
+    if folder.exists() and not folder.is_dir():
+        raise GemmakitError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise GemmakitError(f"{folder} is not empty; pass --force to overwrite its files")
+
+
+def _move_files(tmp: Path, folder: Path, names: list[str]):
+    """Moves the files into an existing folder, config.json last, removing what they replace."""
+    stale = [folder / "config.json", *folder.glob("model-*-of-*.safetensors")]
+    stale += [folder / n for n in _WEIGHT_FILES if n not in names]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+        os.replace(tmp / name, folder / name)
 
 
 def write_hf(
@@ -102,86 +211,44 @@ def write_hf(
         tokenizer: a gemmakit Tokenizer (used when `source_folder` holds no tokenizer files).
         dtype: weight dtype in the safetensors files.
         source_folder: an HF folder whose tokenizer files are copied verbatim.
-        chat_template: written into tokenizer_config.json when the tokenizer is rebuilt.
+        chat_template: written into a rebuilt tokenizer_config.json (default: Gemma's).
         stop_ids: generation_config's eos_token_id list (default: the config's).
         max_shard_bytes: shard size limit of the safetensors files.
         force: replace the files of an existing, non-empty folder.
-    """
-    from tqdm import tqdm
 
+    Returns:
+        {"path", "bytes", "files"} of the written folder.
+    """
     from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise GemmakitError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise GemmakitError(f"{folder} is not empty; pass --force to overwrite its files")
+    _check_target(folder, force)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in native_to_hf(state, config).items()}
+    template = chat_template or GEMMA_CHAT_TEMPLATE
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        with atomic_folder(folder) as tmp:
+            write_weights(tmp, tensors, max_shard_bytes, progress)
+            write_tokenizer(tmp, tokenizer, source_folder, template, config.max_position_embeddings)
+            (tmp / "generation_config.json").write_bytes(_json(generation_config(config, stop_ids)))
+            (tmp / "config.json").write_bytes(_json(model_config(config, dtype)))
+            written = sorted(p.name for p in tmp.iterdir())
+            if folder.exists():  # empty, or replaced file by file under `force`
+                _move_files(tmp, folder, written)
     except OSError as e:
         raise GemmakitError(f"cannot write {folder}: {e.strerror or e}") from None
-
-    try:
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in native_to_hf(state, config).items()}
-        shards = _shards(tensors, max_shard_bytes)
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        )
-        weight_map = {}
-        for shard, fname in tqdm(list(zip(shards, names)), desc="writing safetensors", disable=not progress):
-            save_safetensors(shard, tmp / fname)
-            weight_map.update({k: fname for k in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_bytes(_json(index))
-
-        copied = []
-        if source_folder is not None:
-            for fname in TOKENIZER_FILES:
-                if (source_folder / fname).is_file():
-                    shutil.copyfile(source_folder / fname, tmp / fname)
-                    copied.append(fname)
-        if not copied and tokenizer is not None:
-            files = tokenizer_files(
-                tokenizer, chat_template or GEMMA_CHAT_TEMPLATE, config.max_position_embeddings
-            )
-            for fname, data in files.items():
-                (tmp / fname).write_bytes(data)
-
-        eos = list(stop_ids or config.eos_token_ids)
-        generation = {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": config.pad_token_id,
-        }
-        (tmp / "generation_config.json").write_bytes(_json(generation))
-        hf_config = config.to_hf_config()
-        hf_config["dtype"] = _DTYPE_NAMES[dtype]
-        qpas = hf_config.get("query_pre_attn_scalar")
-        if isinstance(qpas, float) and abs(qpas - round(qpas)) < 1e-3:
-            # A GGUF stores it as a float32 attention scale (24 reads back as 23.999998);
-            # every published value is an integer and transformers requires one.
-            hf_config["query_pre_attn_scalar"] = round(qpas)
-        (tmp / "config.json").write_bytes(_json(hf_config))
-
-        # Move into place; config.json last, so a partial folder never looks loadable.
-        folder.mkdir(exist_ok=True)
-        written = sorted(p.name for p in tmp.iterdir())
-        stale = [folder / "config.json", *folder.glob("model-*-of-*.safetensors")]
-        stale += [folder / n for n in _WEIGHT_FILES if n not in written]
-        for f in stale:
-            f.unlink(missing_ok=True)
-        for fname in [n for n in written if n != "config.json"] + ["config.json"]:
-            os.replace(tmp / fname, folder / fname)
-    except OSError as e:
-        raise GemmakitError(f"cannot write {folder}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum((folder / n).stat().st_size for n in written)
     return {"path": str(folder), "bytes": size, "files": written}
+
+
+def save_hf_folder(model, tokenizer, folder: str | Path, source_folder: Path | None = None) -> dict:
+    """Writes a gemmakit model (adapters merged) as an HF folder, in the model's dtype,
+    replacing the files of an existing folder; tokenizer files come from `source_folder` when
+    it has them. A tied model saves the embedding once."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if any(".lora_" in k for k in state):
+        raise GemmakitError("merge the adapters before saving the model")
+    dtype = next(model.parameters()).dtype
+    return write_hf(
+        folder, state, model.config, tokenizer, dtype=dtype, source_folder=source_folder, force=True,
+        progress=False,
+    )  # fmt: skip

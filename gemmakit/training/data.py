@@ -8,10 +8,11 @@ dataset name (`datasets.load_dataset`, online only):
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 
 Every row becomes segments of text marked prompt or response, rendered either in the guanaco
-format (`### Human: …### Assistant: …`, the article's) or, with `chat_template=True`, in
-Gemma's chat format (`<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`).
+format (`### Human: …### Assistant: …`, as the openassistant-guanaco data set writes it) or,
+with `chat_template=True`, in Gemma's chat format
+(`<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`).
 
-Tokenization rules (field notes §2.9-2.12):
+Tokenization rules:
 - exactly one `<bos>` at the start (a `<bos>` written in the data is not doubled);
 - the example ends with `<eos>` (guanaco format) or `<end_of_turn>` (chat format), and that
   token is kept in the labels, so the model learns to stop;
@@ -38,6 +39,8 @@ IGNORE = -100
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 _TURN_RE = re.compile(r"###\s*(Human|Assistant)\s*:")
 SHIPPED = DATA / "guanaco_sample.jsonl"
+# The name `--data` and `--eval-data` accept for SHIPPED.
+SAMPLE_NAME = "guanaco-sample"
 
 
 @dataclass
@@ -169,7 +172,7 @@ def row_turns(row: dict, index: int = 0) -> tuple[list[tuple[str, str]] | None, 
 def format_row(row: dict, chat_template: bool = False, index: int = 0) -> list[tuple[str, bool]]:
     """Segments [(text, is_response)] of a row, without BOS or the final end token.
 
-    Guanaco format: `### Human: q### Assistant: a` exactly as the article's data is written;
+    Guanaco format: `### Human: q### Assistant: a` exactly as the guanaco data is written;
     the response segment is what follows `### Assistant:`. Chat format: Gemma's turns, each
     model turn closed by `<end_of_turn>` inside the response (it is what the model must emit).
     """
@@ -269,12 +272,10 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Greedy first-fit packing of whole examples into rows of at most `max_length` tokens.
 
     Each example keeps its own BOS and end token, and its BOS is never a label, so no example
-    is trained to predict the next one's start. Each token records its example (`segments`).
-    With the current model, whose mask handles padding only, attention does cross examples
-    within a packed row and positions run on through the row, as TRL's packing did by
-    default (a little cross-example contamination for no padding). A model whose
-    `hidden_states` accepts `segment_ids` gets a block-diagonal mask and per-example
-    positions instead (see `gemmakit.training.core.batch_loss_sum`).
+    is trained to predict the next one's start. Each token records its example (`segments`);
+    `collate` turns them into `segment_ids` and per-example `positions`, with which the model
+    attends within each example only (a block-diagonal mask) and restarts positions at each
+    example's start, so a packed row trains as its examples would one by one, without padding.
     """
     rows: list[Example] = []
     for ex in examples:

@@ -3,8 +3,6 @@ positions so the (tokens x vocabulary) logits never exist at once, forward or ba
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,22 +55,10 @@ def linear_cross_entropy(model, h: torch.Tensor, targets: torch.Tensor, chunk: i
     return total
 
 
-@functools.lru_cache(maxsize=8)
-def _has_segment_ids(cls) -> bool:
-    import inspect
-
-    return "segment_ids" in inspect.signature(cls.hidden_states).parameters
-
-
-def supports_segments(model) -> bool:
-    """Whether the model can keep packed examples apart (block-diagonal attention)."""
-    return _has_segment_ids(type(model))
-
-
 def batch_loss_sum(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     """Summed next-token loss of a collated batch over its labelled positions."""
     extra = {}
-    if "segment_ids" in batch and supports_segments(model):  # packed rows, kept apart
+    if "segment_ids" in batch:  # packed rows, kept apart
         extra = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
     h = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"], **extra)  # (B, T, C)
     labels = batch["labels"][:, 1:]
