@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from gemmakit.commands.common import add_model_arguments, has_module, load_llm
 from gemmakit.errors import GemmakitError
-
-
-def _fields():
-    from gemmakit.serving.config import ServerConfig
-
-    return [f for f in dataclasses.fields(ServerConfig) if f.metadata.get("cli", True)]
+from gemmakit.options import add_options, flag_fields
 
 
 def add_arguments(p):
+    from gemmakit.serving.config import ServerConfig
+
     add_model_arguments(p)
     s = p.add_argument_group("server")
     # The flags are ServerConfig's fields, so the CLI and the Python API cannot drift apart.
-    for f in _fields():
-        kind = int if f.type in ("int", "int | None") else str
-        flag = "--" + f.name.replace("_", "-")
-        s.add_argument(
-            flag, type=kind, default=f.default, metavar=f.metadata["metavar"], help=f.metadata["help"]
-        )
+    add_options(s, ServerConfig, show_defaults=False)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -37,7 +28,7 @@ def run(args) -> int:
     from gemmakit.serving.config import ServerConfig
     from gemmakit.serving.transport import api_key_from_env, bind_socket, is_loopback
 
-    options = {f.name: getattr(args, f.name) for f in _fields()}
+    options = {f.name: getattr(args, f.name) for f in flag_fields(ServerConfig)}
     options["api_key"] = options["api_key"] or api_key_from_env()
     config = ServerConfig(**options)
     if not is_loopback(config.host) and config.api_key is None:

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gemmakit.errors import GemmakitError
-
-
-def _flag(default, metavar: str, help: str):
-    """A ServerConfig field that is also a `gemmakit serve` flag."""
-    return field(default=default, metadata={"metavar": metavar, "help": help})
+from gemmakit.options import option
 
 
 @dataclass
 class ServerConfig:
     """Options of `gemmakit serve`; its command-line flags are generated from these fields."""
 
-    host: str = _flag("127.0.0.1", "ADDR", "address to bind (127.0.0.1)")
-    port: int = _flag(8000, "N", "port (8000)")
-    api_key: str | None = _flag(
-        None, "KEY", "require 'Authorization: Bearer KEY' on /v1 (default: $GEMMAKIT_API_KEY, or none)"
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1)", metavar="ADDR")
+    port: int = option(8000, "port (8000)", metavar="N")
+    api_key: str | None = option(
+        None,
+        "require 'Authorization: Bearer KEY' on /v1 (default: $GEMMAKIT_API_KEY, or none)",
+        metavar="KEY",
     )
-    served_model_name: str | None = _flag(
-        None, "NAME", "model name clients send and /v1/models lists (default: the model's)"
+    served_model_name: str | None = option(
+        None, "model name clients send and /v1/models lists (default: the model's)", metavar="NAME"
     )
-    max_batch: int = _flag(8, "N", "requests decoded together at most (8)")
-    max_queue: int = _flag(64, "N", "requests waiting for a batch before 429 (64)")
-    max_model_len: int | None = _flag(
-        None, "N", "context length served (default: the model's); lower it to bound KV-cache memory"
+    max_batch: int = option(8, "requests decoded together at most (8)", metavar="N")
+    max_queue: int = option(64, "requests waiting for a batch before 429 (64)", metavar="N")
+    max_model_len: int | None = option(
+        None, "context length served (default: the model's); lower it to bound KV-cache memory", metavar="N"
     )
-    max_body_bytes: int = _flag(4 * 2**20, "BYTES", "request body limit in bytes (4 MiB)")
-    # Not a flag: how long the scheduler waits for simultaneous requests to fill a batch.
-    batch_window_s: float = field(default=0.01, metadata={"cli": False})
+    max_body_bytes: int = option(4 * 2**20, "request body limit in bytes (4 MiB)", metavar="BYTES")
+    batch_window_s: float = option(
+        0.01, "how long the scheduler waits for simultaneous requests to fill a batch", cli=False
+    )
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_body_bytes"):
