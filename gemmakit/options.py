@@ -88,7 +88,7 @@ def default_of(f: dataclasses.Field):
 
 def _help(f: dataclasses.Field, show_default: bool) -> str:
     text = f.metadata.get("help", "").replace("%", "%%")
-    if not show_default:
+    if not show_default or "default:" in text:  # a help text that explains its own default
         return text
     default = default_of(f)
     shown = ",".join(default) if isinstance(default, tuple) else default

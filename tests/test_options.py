@@ -77,3 +77,12 @@ def test_names_select_and_order_the_flags():
     added = add_options(p, Tuned, ("lr", "model"))
     assert added == ["lr", "model"]
     assert vars(p.parse_args([])) == {"lr": 2e-5, "model": None}
+
+
+def test_a_help_that_states_its_default_gets_no_second_one():
+    @dataclass
+    class Device:
+        device: str | None = option(None, "cpu or cuda (default: cuda if present)")
+
+    text = " ".join(parser_for(Device).format_help().split())
+    assert "(default: cuda if present)" in text and "(default: None)" not in text
