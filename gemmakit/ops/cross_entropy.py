@@ -80,11 +80,12 @@ def _attention_ce(h, weight, targets):
     so the gradient dL/dh = softmax(h W^T) W - W[y] and the loss sum(logsumexp(h W^T) - h.W[y])
     come from torch's CPU flash-attention kernel, which returns the log-sum-exp with its output.
     It tiles the vocabulary and keeps the running softmax in registers and cache, where the
-    chunked path writes and re-reads (chunk x 262k) logits: measured on 512 positions of Gemma
-    3 270M's head (2 cores), 2.4 s against 4.4 s, to the same float32 result (log-sum-exp
-    within 2e-6). Not used for bfloat16: there the output is rounded to bfloat16 before W[y]
-    is subtracted, which loses the gradient where p(y) is near 1.
+    chunked path writes and re-reads (chunk x 262k) logits. Not used for bfloat16: there the
+    output is rounded to bfloat16 before W[y] is subtracted, which loses the gradient where
+    p(y) is near 1.
     """
+    # Measured on 512 positions of Gemma 3 270M's head, 2 CPU cores: 2.4 s against 4.4 s for
+    # the chunked path, the same float32 result (log-sum-exp within 2e-6).
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if kernel is None:
         return None
