@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gemmakit.config import PROJECTIONS
 from gemmakit.errors import ConfigError
-from gemmakit.options import option
+from gemmakit.options import comma_list, option
 from gemmakit.training.data import SAMPLE_NAME
 
 METHODS = ("qlora", "lora", "full")
@@ -141,9 +141,8 @@ def coerce(name: str, value):
     if value is None:
         return None
     try:
-        if "tuple" in kind:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(v).strip() for v in items if str(v).strip())
+        if "tuple" in kind:  # "q_proj, v_proj" from a flag or a file, or a YAML/JSON list
+            return comma_list(value if isinstance(value, str) else ",".join(map(str, value)))
         if kind.startswith("bool"):
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
