@@ -71,8 +71,10 @@ def random_hf_model(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     """transformers' model of `cfg` with random weights; norms random too (so 1 + w matters)."""
     import transformers
 
+    from gemmakit.hf_config import to_hf_config
+
     hf_cfg = transformers.Gemma3TextConfig(
-        **{k: v for k, v in cfg.to_hf_config().items() if k != "architectures"}
+        **{k: v for k, v in to_hf_config(cfg).items() if k != "architectures"}
     )
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)

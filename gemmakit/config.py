@@ -1,19 +1,17 @@
 """Gemma text-model configuration: one frozen dataclass, HF `config.json` names, presets.
 
 Behaviour is named, never inferred from a generation: Gemma 2's capping is
-`attn_logit_softcapping`, Gemma 3's QK-norm is `use_qk_norm`, and so on. `from_hf_config`
-maps every key of a Hugging Face config onto a field or refuses it (`ConfigError`), so a
-checkpoint is never run with a setting silently dropped.
+`attn_logit_softcapping`, Gemma 3's QK-norm is `use_qk_norm`, Gemma 4's per-layer
+embeddings are `hidden_size_per_layer_input`, and so on; shapes that vary by layer (Gemma 3n/4)
+are read through `layer_head_dim(i)` and friends. `gemmakit.hf_config` converts to and from
+Hugging Face `config.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from gemmakit.errors import ConfigError
 
@@ -71,6 +69,51 @@ class GemmaConfig:
     architecture: str = "Gemma3ForCausalLM"
     # The HF model_type, kept for export only.
     model_type: str = "gemma3_text"
+    # --- Gemma 3n / Gemma 4 behaviours; the defaults are Gemma 1-3's --------------------------
+    # RMSNorm gains: (1 + w) with zero-centred weights (Gemma 1-3), or w itself (Gemma 3n/4,
+    # transformers Gemma3nRMSNorm / Gemma4RMSNorm, whose weights start at ones).
+    norm_unit_offset: bool = True
+    # One attention scale for every layer (Gemma 3n/4: 1.0, the q/k norms set the scale);
+    # None: query_pre_attn_scalar ** -0.5.
+    fixed_attention_scale: float | None = None
+    # RMSNorm without a gain over head_dim on the values (Gemma 3n/4).
+    use_v_norm: bool = False
+    # Per-layer embeddings (PLE): each layer adds a gated projection of its own
+    # hidden_size_per_layer_input-wide slice of a second embedding table (0 = none).
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    # The last num_kv_shared_layers layers own no keys or values: each attends over those of
+    # the last earlier layer of its type (`kv_source_layers`).
+    num_kv_shared_layers: int = 0
+    # Gemma 4: the MLPs of the KV-shared layers are twice as wide.
+    use_double_wide_mlp: bool = False
+    # Gemma 4 full-attention layers: their own head_dim and KV-head count.
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    # Gemma 4 full-attention layers: no v_proj, the values are the keys before k_norm/RoPE.
+    attention_k_eq_v: bool = False
+    # "Proportional" RoPE on full-attention layers (Gemma 4: 0.25): the first
+    # factor * head_dim / 2 frequencies rotate, the rest are zero (transformers
+    # modeling_rope_utils._compute_proportional_rope_parameters).
+    rope_partial_rotary_factor: float = 1.0
+    # Gemma 4: each block's output is multiplied by its `layer_scalar` buffer.
+    use_layer_scalar: bool = False
+    # Gemma 4 mixture of experts beside the dense MLP (26B-A4B); 0 = none.
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    # Gemma 3n: per-layer MLP widths (None: intermediate_size everywhere) and the Gaussian
+    # top-k activation sparsity of each layer's gate (0.0 = dense).
+    intermediate_sizes: tuple[int, ...] | None = None
+    activation_sparsity_pattern: tuple[float, ...] | None = None
+    # Gemma 3n AltUp: altup_num_inputs parallel residual streams (0 = none), of which
+    # altup_active_idx runs through the block.
+    altup_num_inputs: int = 0
+    altup_active_idx: int = 0
+    altup_coef_clip: float | None = None
+    altup_correct_scale: bool = False
+    # Gemma 3n LAuReL: a rank-laurel_rank residual beside attention (0 = none).
+    laurel_rank: int = 0
     # Free-form name for display.
     name: str = field(default="", compare=False)
 
@@ -90,13 +133,80 @@ class GemmaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim", "num_hidden_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        self._check_new_families()
+
+    def _check_new_families(self):
+        n = self.num_hidden_layers
+        for name in ("intermediate_sizes", "activation_sparsity_pattern"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ConfigError(f"{name} has {len(values)} entries but the model has {n} layers")
+        if not 0 <= self.num_kv_shared_layers < n:
+            raise ConfigError(f"num_kv_shared_layers must be in [0, {n}), not {self.num_kv_shared_layers}")
+        producing = set(self.layer_types[: n - self.num_kv_shared_layers])
+        if self.num_kv_shared_layers and producing != set(self.layer_types):
+            raise ConfigError("every attention type of a KV-shared layer needs an earlier layer producing it")
+        if self.num_experts and not 0 < self.top_k_experts <= self.num_experts:
+            raise ConfigError(f"top_k_experts must be in [1, {self.num_experts}]")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError("moe_intermediate_size must be positive with experts")
+        if self.altup_num_inputs and not 0 <= self.altup_active_idx < self.altup_num_inputs:
+            raise ConfigError("altup_active_idx must index one of the altup_num_inputs streams")
+        if not 0.0 < self.rope_partial_rotary_factor <= 1.0:
+            raise ConfigError("rope_partial_rotary_factor must be in (0, 1]")
+        for i in range(n):
+            if self.num_attention_heads % self.layer_kv_heads(i):
+                raise ConfigError(
+                    f"layer {i}: num_attention_heads ({self.num_attention_heads}) must be a "
+                    f"multiple of its KV heads ({self.layer_kv_heads(i)})"
+                )
 
     @property
     def attention_scale(self) -> float:
+        if self.fixed_attention_scale is not None:
+            return self.fixed_attention_scale
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    # --- per-layer shapes (Gemma 3n/4 vary them by layer; Gemma 1-3 do not) -----------------
+
+    def layer_head_dim(self, i: int) -> int:
+        if self.global_head_dim and self.layer_types[i] == FULL:
+            return self.global_head_dim
+        return self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        if self.num_global_key_value_heads and self.layer_types[i] == FULL:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
+
+    def layer_has_v_proj(self, i: int) -> bool:
+        # K = V on Gemma 4's full-attention layers (transformers Gemma4TextAttention).
+        return self.layer_owns_kv(i) and not (self.attention_k_eq_v and self.layer_types[i] == FULL)
+
+    def layer_owns_kv(self, i: int) -> bool:
+        return i < self.num_hidden_layers - self.num_kv_shared_layers
+
+    @property
+    def kv_source_layers(self) -> tuple[int, ...]:
+        """For each layer, the layer whose keys and values it attends over: itself, or for a
+        KV-shared layer the last non-shared layer of its type (transformers' kv_sharing_modes)."""
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        last_of_type = {t: i for i, t in enumerate(self.layer_types[:first_shared])}
+        return tuple(i if i < first_shared else last_of_type[t] for i, t in enumerate(self.layer_types))
+
+    def layer_intermediate_size(self, i: int) -> int:
+        size = self.intermediate_sizes[i] if self.intermediate_sizes else self.intermediate_size
+        return size * 2 if self.use_double_wide_mlp and not self.layer_owns_kv(i) else size
+
+    def layer_activation_sparsity(self, i: int) -> float:
+        return self.activation_sparsity_pattern[i] if self.activation_sparsity_pattern else 0.0
+
+    def rope_partial(self, layer_type: str) -> float:
+        """The fraction of a layer type's head dim that RoPE rotates."""
+        return self.rope_partial_rotary_factor if layer_type == FULL else 1.0
 
     @property
     def embedding_scale(self) -> float:
@@ -113,278 +223,6 @@ class GemmaConfig:
 
     def replace(self, **changes) -> GemmaConfig:
         return dataclasses.replace(self, **changes)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """A config.json dict that transformers loads into the equivalent model."""
-        out: dict[str, Any] = {
-            "architectures": [self.architecture],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "rope_theta": self.rope_theta,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids)
-            if len(self.eos_token_ids) > 1
-            else self.eos_token_ids[0],
-            "pad_token_id": self.pad_token_id,
-        }
-        if self.use_post_norms:  # Gemma 2 and 3 keys
-            out["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
-            out["sliding_window"] = self.sliding_window
-            out["layer_types"] = list(self.layer_types)
-            out["attn_logit_softcapping"] = self.attn_logit_softcapping
-            out["final_logit_softcapping"] = self.final_logit_softcapping
-        if self.use_qk_norm:
-            out["rope_local_base_freq"] = self.rope_local_base_freq
-            out["rope_scaling"] = (
-                {"rope_type": "linear", "factor": self.rope_scaling_factor}
-                if self.rope_scaling_factor != 1.0
-                else None
-            )
-        return out
-
-
-# --- From Hugging Face config.json ------------------------------------------------------
-
-# Architectures gemmakit implements, and the behaviours each one's config implies when the
-# config itself is silent (old config.json files predate layer_types and friends).
-_ARCHITECTURES = {
-    "GemmaForCausalLM": dict(model_type="gemma", use_post_norms=False, use_qk_norm=False),
-    "Gemma2ForCausalLM": dict(model_type="gemma2", use_post_norms=True, use_qk_norm=False),
-    "Gemma3ForCausalLM": dict(model_type="gemma3_text", use_post_norms=True, use_qk_norm=True),
-}
-_REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
-_MODEL_TYPE_TO_ARCH = {
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
-# Keys that describe the file, the training run or generic HF behaviour, not the network.
-_IGNORED_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "initializer_range", "use_cache", "_name_or_path", "output_hidden_states",
-    "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
-    "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "cache_implementation",
-    "_sliding_window_pattern", "sliding_window_pattern", "attn_implementation",
-    "_attn_implementation_autoset", "quantization_config_ignored", "pretraining_tp",
-    "prefix", "task_specific_params", "finetuning_task", "add_cross_attention",
-    "tf_legacy_loss", "use_return_dict", "torchscript", "max_length", "min_length",
-    "name_or_path", "unsloth_version", "unsloth_fixed",
-}  # fmt: skip
-
-
-_GEMMA3_TEXT_DEFAULTS = {
-    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
-    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096,
-}  # fmt: skip
-
-
-def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
-    """Builds a GemmaConfig from a transformers `config.json` dict.
-
-    Each part of the config is read by its own helper, which pops the keys it honours; a key
-    left over at the end is one gemmakit does not implement.
-
-    Raises:
-        ConfigError: for an architecture other than Gemma 1/2/3 text, or any key whose
-            value gemmakit cannot honour exactly.
-    """
-    raw = dict(raw)
-    if _is_multimodal(raw):
-        return from_hf_config(_text_config(raw), name)
-    arch = _architecture(raw)
-    implied = _ARCHITECTURES[arch]
-    missing = [k for k in _REQUIRED_KEYS if k not in raw]
-    if missing:
-        raise ConfigError(f"config.json lacks required key(s): {', '.join(missing)}")
-    pop = raw.pop
-    num_layers = pop("num_hidden_layers")
-    heads = pop("num_attention_heads")
-    hidden = pop("hidden_size")
-    head_dim = pop("head_dim", None) or hidden // heads
-    layer_types, window = _attention_layout(raw, implied, num_layers)
-    rope_theta, rope_local, rope_factor = _rope_settings(raw, implied["use_qk_norm"])
-    eos = pop("eos_token_id", 1)
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    _refuse_unsupported(raw)
-
-    cfg = GemmaConfig(
-        vocab_size=pop("vocab_size", 256000),
-        hidden_size=hidden,
-        intermediate_size=pop("intermediate_size"),
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=pop("num_key_value_heads", heads),
-        head_dim=head_dim,
-        layer_types=tuple(layer_types),
-        max_position_embeddings=pop("max_position_embeddings", 8192),
-        rms_norm_eps=pop("rms_norm_eps", 1e-6),
-        sliding_window=window,
-        query_pre_attn_scalar=pop("query_pre_attn_scalar", None),
-        attn_logit_softcapping=pop("attn_logit_softcapping", None),
-        final_logit_softcapping=pop("final_logit_softcapping", None),
-        rope_theta=rope_theta,
-        rope_local_base_freq=rope_local,
-        rope_scaling_factor=rope_factor,
-        use_qk_norm=implied["use_qk_norm"],
-        use_post_norms=implied["use_post_norms"],
-        tie_word_embeddings=pop("tie_word_embeddings", True),
-        bos_token_id=pop("bos_token_id", 2),
-        pad_token_id=pop("pad_token_id", 0),
-        eos_token_ids=eos_ids,
-        architecture=arch,
-        model_type=implied["model_type"],
-        name=name,
-    )
-    leftover = sorted(k for k in raw if k not in _IGNORED_KEYS)
-    if leftover:
-        raise ConfigError(
-            "config.json has keys gemmakit does not implement: "
-            + ", ".join(f"{k}={raw[k]!r}" for k in leftover)
-        )
-    return cfg
-
-
-def _is_multimodal(raw: dict[str, Any]) -> bool:
-    """A multimodal Gemma 3 checkpoint: gemmakit runs its text half, a Gemma3ForCausalLM."""
-    return (
-        "Gemma3ForConditionalGeneration" in (raw.get("architectures") or [])
-        or raw.get("model_type") == "gemma3"
-    )
-
-
-def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """The text half of a multimodal Gemma 3 config, as the Gemma3ForCausalLM config it is."""
-    text = dict(raw.get("text_config") or {})
-    text.setdefault("model_type", "gemma3_text")
-    text["architectures"] = ["Gemma3ForCausalLM"]
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in raw and key not in text:
-            text[key] = raw[key]
-    # The original multimodal config.json files leave these to Gemma3TextConfig's
-    # defaults (transformers configuration_gemma3.py), so fill them in the same way.
-    for key, value in _GEMMA3_TEXT_DEFAULTS.items():
-        text.setdefault(key, value)
-    return text
-
-
-def _architecture(raw: dict[str, Any]) -> str:
-    """The implemented architecture named by `architectures`, else by `model_type`."""
-    arch_list = raw.get("architectures") or []
-    arch = next((a for a in arch_list if a in _ARCHITECTURES), None)
-    if arch is None:
-        arch = _MODEL_TYPE_TO_ARCH.get(raw.get("model_type", ""))
-    if arch is None:
-        found = ", ".join(arch_list) or raw.get("model_type") or "none given"
-        raise ConfigError(
-            f"unsupported architecture ({found}); gemmakit runs Gemma 1, 2 and 3 text models: "
-            + ", ".join(_ARCHITECTURES)
-        )
-    return arch
-
-
-def _attention_layout(raw: dict[str, Any], implied: dict, num_layers: int) -> tuple[list[str], int | None]:
-    """(layer types, sliding window), from the config or, when it is silent, the architecture."""
-    pop = raw.pop
-    window = pop("sliding_window", None)
-    # Gemma 2's original config.json repeats the window as sliding_window_size.
-    window_size = pop("sliding_window_size", None)
-    if window_size is not None and window is not None and window_size != window:
-        raise ConfigError(f"sliding_window {window} and sliding_window_size {window_size} disagree")
-    window = window if window is not None else window_size
-    layer_types = pop("layer_types", None)
-    pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")
-    if layer_types is None:
-        if implied["use_qk_norm"]:  # Gemma 3: every pattern-th layer is global
-            pattern = pattern or 6
-            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
-        elif implied["use_post_norms"]:  # Gemma 2: even layers slide
-            layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
-        else:
-            layer_types = [FULL] * num_layers
-    if implied["model_type"] == "gemma" and window is not None and SLIDING not in layer_types:
-        window = None
-    return layer_types, window
-
-
-def _refuse_unsupported(raw: dict[str, Any]) -> None:
-    """Pops the activation, attention and quantization keys, refusing any setting not implemented."""
-    act = raw.pop("hidden_activation", None) or "gelu_pytorch_tanh"
-    hidden_act = raw.pop("hidden_act", None)
-    # Gemma 1 configs say hidden_act "gelu", but the model was trained with the tanh
-    # approximation; transformers ignores hidden_act for Gemma (transformers GH#29402).
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh") or hidden_act not in (
-        None, "gelu", "gelu_pytorch_tanh",
-    ):  # fmt: skip
-        raise ConfigError(f"unsupported activation {act!r} / {hidden_act!r}")
-    for key in ("attention_bias", "attention_dropout", "use_bidirectional_attention"):
-        value = raw.pop(key, None)
-        if value not in (None, False, 0, 0.0):  # only the off setting is implemented
-            raise ConfigError(f"config key {key}={value!r} is not supported")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ConfigError(
-            f"pre-quantized checkpoints ({method}) are not supported; "
-            "load the full-precision checkpoint and use --quantize"
-        )
-    raw.pop("quantization_config", None)
-
-
-def _rope_settings(raw: dict[str, Any], has_local_base: bool) -> tuple[float, float | None, float]:
-    """(global base, local base, global linear factor) from either config layout.
-
-    transformers 5 writes `rope_parameters` ({layer type: {rope_type, rope_theta, factor}});
-    older files write rope_theta, rope_local_base_freq and rope_scaling.
-    """
-    params = raw.pop("rope_parameters", None)
-    scaling = raw.pop("rope_scaling", None)
-    theta = raw.pop("rope_theta", None)
-    local = raw.pop("rope_local_base_freq", None)
-    if params:
-        per_type = params if FULL in params or SLIDING in params else {FULL: params}
-        full = per_type.get(FULL) or {}
-        slide = per_type.get(SLIDING) or {}
-        theta = full.get("rope_theta", theta)
-        local = slide.get("rope_theta", local) if slide else local
-        scaling = full if full.get("rope_type", "default") != "default" else scaling
-        if slide.get("rope_type", "default") != "default":
-            raise ConfigError(f"RoPE scaling on sliding layers is not supported: {slide}")
-    factor = 1.0
-    if scaling:
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind != "linear":
-            raise ConfigError(f"RoPE scaling {kind!r} is not supported (only linear)")
-        factor = float(scaling["factor"])
-    theta = 10000.0 if theta is None else float(theta)
-    if has_local_base:
-        local = 10000.0 if local is None else float(local)
-    return theta, local, factor
-
-
-def load_hf_config(path: str | Path) -> GemmaConfig:
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    try:
-        raw = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    return from_hf_config(raw, name=path.name if path.is_dir() else path.parent.name)
 
 
 # --- Presets ------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.config import PRESETS, GemmaConfig, load_hf_config
+from gemmakit.config import PRESETS, GemmaConfig
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.files import atomic_folder, atomic_write
 from gemmakit.formats import safetensors
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.hf_config import load_hf_config, to_hf_config
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import cache_dir
 
@@ -317,7 +318,7 @@ def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer):
         return
     try:
         with atomic_folder(folder) as tmp:
-            (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+            (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
             (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
             safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
             (tmp / READY).write_text("")
@@ -398,7 +399,7 @@ def _write_quantized(folder: Path, model: Gemma):
         return
     try:
         with atomic_folder(folder) as tmp:
-            (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+            (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
             safetensors.save_safetensors(state, tmp / "model.safetensors")
             (tmp / READY).write_text("")
     except OSError:

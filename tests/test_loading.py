@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from gemmakit.config import PRESETS, from_hf_config, preset
+from gemmakit.config import PRESETS, preset
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.formats.gguf import GGUFFile
+from gemmakit.hf_config import from_hf_config, to_hf_config
 from gemmakit.loading import ModelSource, load, load_model, load_quantized_model, resolve
 
 
@@ -116,12 +117,12 @@ def test_converted_cache_equals_direct_gguf_load(bundled, tmp_path, monkeypatch)
 
 def test_hf_config_round_trip():
     for cfg in PRESETS.values():
-        assert from_hf_config(cfg.to_hf_config()) == cfg
+        assert from_hf_config(to_hf_config(cfg)) == cfg
 
 
 def test_real_config_quirks():
     # Gemma 2's original config.json repeats the window as sliding_window_size.
-    g2 = PRESETS["gemma-2-9b"].to_hf_config()
+    g2 = to_hf_config(PRESETS["gemma-2-9b"])
     g2["sliding_window_size"] = 4096
     assert from_hf_config(g2).sliding_window == 4096
     # Multimodal Gemma 3 4B leaves heads/head_dim/vocab to transformers' defaults.

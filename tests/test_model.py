@@ -95,7 +95,7 @@ def test_grouped_attention_matches_sdpa_path(hf_folder):
 def test_segment_ids_keep_packed_examples_apart():
     """Two examples packed into one row with segment ids and per-segment positions give the
     same hidden states as each run alone (the block-diagonal mask of packed training)."""
-    from gemmakit.config import from_hf_config
+    from gemmakit.hf_config import from_hf_config
     from gemmakit.model.gemma import Gemma
 
     cfg = from_hf_config(tiny_hf_config("gemma3").to_dict())

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from gemmakit.config import PRESETS, PROJECTIONS, from_hf_config
+from gemmakit.config import PRESETS, PROJECTIONS
 from gemmakit.errors import ConfigError
 from gemmakit.formats.gguf import hf_to_gguf_name
+from gemmakit.hf_config import from_hf_config
 from gemmakit.planning.architecture import Architecture, from_gemma_config, from_gguf, from_hf_dict
 from gemmakit.planning.kv_cache import kv_cache
 from gemmakit.planning.params import count_params, lora_params
@@ -269,7 +270,7 @@ def test_projections_are_counted_under_the_config_names_and_map_to_gguf():
 
 
 def test_gemma_configs_are_read_by_the_model_loaders_parser():
-    # A key gemmakit.config.from_hf_config refuses is refused by inspect too.
+    # A key gemmakit.hf_config.from_hf_config refuses is refused by inspect too.
     raw = json.loads((CONFIGS / "gemma-2b.json").read_text())
     with pytest.raises(ConfigError, match="attention_bias"):
         from_hf_dict({**raw, "attention_bias": True}, "gemma-2b")

@@ -32,7 +32,7 @@ def _weight(shape, seed=0):
 
 
 def _tiny_gemma(seed=0):
-    from gemmakit.config import from_hf_config
+    from gemmakit.hf_config import from_hf_config
     from gemmakit.model.gemma import Gemma
 
     cfg = from_hf_config(

@@ -3,7 +3,7 @@
 The one writer of HF folders: `gemmakit export --to hf` and `gemmakit merge` (through
 `gemmakit.export.export_hf`) and full fine-tuning's final model (`save_hf_folder`) all come here.
 
-config.json comes from `GemmaConfig.to_hf_config()`, the weights from
+config.json comes from `hf_config.to_hf_config`, the weights from
 `formats.safetensors.native_to_hf` as safetensors (sharded above `max_shard_bytes`, with an
 index, as `save_pretrained` does), and the tokenizer either copied from a source folder or
 rebuilt from gemmakit's tokenizer: `tokenizer.model` (the SentencePiece model proto a GGUF's
@@ -28,6 +28,7 @@ from gemmakit.config import GemmaConfig
 from gemmakit.errors import GemmakitError
 from gemmakit.files import atomic_folder
 from gemmakit.formats.safetensors import native_to_hf, save_safetensors
+from gemmakit.hf_config import to_hf_config
 
 HF_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -159,7 +160,7 @@ def generation_config(config: GemmaConfig, stop_ids: tuple[int, ...] | None) -> 
 
 def model_config(config: GemmaConfig, dtype: torch.dtype) -> dict:
     """config.json: the HF config of `config`, with the weights' dtype."""
-    hf_config = config.to_hf_config()
+    hf_config = to_hf_config(config)
     hf_config["dtype"] = _DTYPE_NAMES[dtype]
     qpas = hf_config.get("query_pre_attn_scalar")
     if isinstance(qpas, float) and abs(qpas - round(qpas)) < 1e-3:

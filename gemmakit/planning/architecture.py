@@ -3,7 +3,7 @@
 `Architecture` describes Gemma 1/2/3, Llama, Mistral and Qwen2 text models alike; its
 `tensors()` list, under Hugging Face state-dict names, is the one source every count and byte
 figure in `gemmakit.planning` is computed from. Gemma architectures are always derived from a
-`GemmaConfig` (a preset, `gemmakit.config.from_hf_config` on a config.json, or
+`GemmaConfig` (a preset, `gemmakit.hf_config.from_hf_config` on a config.json, or
 `gemmakit.formats.gguf.config_from_gguf` on a GGUF header), so inspect reads a Gemma model
 exactly as the loader does. The other families are read here, from their config.json keys or
 llama.cpp's GGUF metadata keys. Nothing here reads tensor data.
@@ -16,9 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gemmakit.config import FULL, PROJECTIONS, SLIDING, GemmaConfig, from_hf_config
+from gemmakit.config import FULL, PROJECTIONS, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, ModelFileError
 from gemmakit.formats.gguf import GGUF_ARCHITECTURES, GGUFFile, config_from_gguf, hf_to_gguf_name
+from gemmakit.hf_config import from_hf_config
 
 # Tensor kinds besides the projections (whose kind is their name in `PROJECTIONS`).
 EMBEDDING, OUTPUT, NORM, BIAS = "embed_tokens", "lm_head", "norm", "bias"
@@ -266,7 +267,7 @@ _UNSUPPORTED_KEYS = ("num_local_experts", "num_experts", "moe_intermediate_size"
 def from_hf_dict(raw: dict[str, Any], name: str, source: str = "config.json") -> Architecture:
     """An Architecture from a transformers config.json dict (Gemma 1/2/3, Llama, Mistral, Qwen2).
 
-    Gemma configs go through `gemmakit.config.from_hf_config`, so inspect reads them exactly as
+    Gemma configs go through `gemmakit.hf_config.from_hf_config`, so inspect reads them exactly as
     the model loader does.
 
     Raises:
