@@ -103,3 +103,19 @@ def test_config_file_is_a_cited_untouched_copy(name):
     text = (CONFIGS / f"{name}.json").read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     assert f"`{name}.json`" in (CONFIGS / "SOURCES.md").read_text()
+
+
+def test_gemma4_31b_text_excerpt_reproduces_the_card_s_30_7b():
+    # Only a lock file quoting part of google/gemma-4-31B's text_config was found (SOURCES.md).
+    # The keys it leaves out take transformers' defaults (vocab 262144, tied embeddings, no MoE,
+    # no PLE), the values every other Gemma 4 release writes; the card's "30.7B" confirms them.
+    path = CONFIGS / "gemma-4-31B.lock-excerpt.json"
+    text = path.read_text()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    assert f"`{path.name}`" in (CONFIGS / "SOURCES.md").read_text()
+    config = transformers.Gemma4TextConfig(**json.loads(text)["text_config"])
+    with torch.device("meta"):
+        model = transformers.Gemma4ForCausalLM(config)
+    assert total(model) == 30_697_345_280
+    assert model.model.embed_tokens.weight.numel() == 1_409_286_144
+    assert round(total(model) / 1e9, 1) == 30.7
