@@ -206,6 +206,24 @@ def test_every_weight_reaches_the_logits():
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
+def test_training_gradients_match_transformers():
+    """In training mode (AltUp's coefficients clipped, as transformers does only then) and with
+    activation recomputation, every gradient equals transformers'."""
+    from gemmakit.training.setup import enable_activation_recomputation
+
+    ours, ref = paired()
+    ours.train(), ref.train()
+    enable_activation_recomputation(ours)
+    x = ids(2, 12)
+    ours(x).square().mean().backward()
+    ref(x).logits.square().mean().backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The clip of 0.5 bit: the coefficients were larger before.
+    assert all(layer.altup.prediction_coefs.weight.abs().max() <= 0.5 for layer in ours.model.layers)
+
+
 @pytest.mark.parametrize("variant", ["shared_kv_altup3_active1", "altup2_shared_full"])
 def test_cached_decode_equals_full_forward(variant):
     ours, _ = paired(variant)

@@ -101,10 +101,9 @@ class AltUp(nn.Module):
         n = self.num_streams
         modalities = self.router_modalities(streams[self.active])  # (B, T, N)
         if self.training and self.coef_clip is not None:
-            # The reference clamps the stored weight itself, in place, when training: gradients
-            # then pass as if unclamped (transformers Gemma3nTextAltUp.predict).
-            with torch.no_grad():
-                self.prediction_coefs.weight.clamp_(-self.coef_clip, self.coef_clip)
+            # The reference clamps the stored weight itself, in place and outside autograd, when
+            # training: gradients then pass as if unclamped (transformers Gemma3nTextAltUp.predict).
+            self.prediction_coefs.weight.data.clamp_(-self.coef_clip, self.coef_clip)
         # (B, T, N*N) -> (B, T, N, N), transposed so that row i of the product is stream i's mix.
         coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], n, n).permute(0, 1, 3, 2)
         mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs)  # (B, T, C, N)
