@@ -254,6 +254,27 @@ def test_gguf_carries_the_template_through_the_converted_cache(gemma4_folder, tm
             assert loaded.tokenizer.apply_chat_template(conv) == theirs(ref, conv)
 
 
+def test_exports_write_the_tokenizers_own_template(gemma4_folder, tmp_path):
+    """GGUF -> HF writes chat_template.jinja that transformers reads; a named-template config
+    exports its default to GGUF (the writer falls back on the tokenizer's own template)."""
+    from gemmakit.export import export
+    from gemmakit.formats.gguf import GGUFFile
+
+    gguf, out = tmp_path / "m.gguf", tmp_path / "hf"
+    export(model=str(gemma4_folder), to="gguf", output=gguf, qtype="f32", progress=False)
+    export(model=str(gguf), to="hf", output=out, qtype="f32", progress=False)
+    assert (out / "chat_template.jinja").read_text() == GEMMA4
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert theirs(reference(out), SYSTEM_CHAT) == theirs(reference(gemma4_folder), SYSTEM_CHAT)
+
+    config = json.loads((gemma4_folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": GEMMA3}, {"name": "rag", "template": "x"}]
+    (gemma4_folder / "tokenizer_config.json").write_text(json.dumps(config))
+    named = tmp_path / "named.gguf"
+    export(model=str(gemma4_folder), to="gguf", output=named, qtype="f32", progress=False)
+    assert GGUFFile(named).metadata["tokenizer.chat_template"] == GEMMA3
+
+
 def test_stop_ids_come_from_the_folders_generation_config(hf_folder):
     from gemmakit.loading import load
 
@@ -266,6 +287,39 @@ def test_stop_ids_come_from_the_folders_generation_config(hf_folder):
 
 
 # --- the server and the chat command ----------------------------------------------------------
+
+
+def test_server_renders_the_template_and_rejects_with_400(hf_folder):
+    """The server renders the model's own template: Gemma 4's system turn counts in the prompt,
+    and Gemma 2's refusal of the system role is a 400 with the template's message."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from gemmakit.inference.api import LLM
+    from gemmakit.serving.app import create_app
+    from gemmakit.serving.config import ServerConfig
+
+    url = "/v1/chat/completions"
+    for family, template in (("gemma3", GEMMA4), ("gemma2", GEMMA2)):
+        folder, _ = hf_folder(family)
+        tokenizer_folder(folder, template)
+        llm = LLM(model=str(folder), dtype="float32", device="cpu")
+        app = create_app(llm, ServerConfig(served_model_name="t"))
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            r = client.post(url, json={"model": "t", "messages": SYSTEM_CHAT, "max_tokens": 1})
+            if template is GEMMA4:
+                assert r.status_code == 200, r.text
+                rendered = llm.tokenizer.apply_chat_template(SYSTEM_CHAT)
+                assert rendered.startswith("<bos><|turn>system\nBe brief.<turn|>")
+                assert r.json()["usage"]["prompt_tokens"] == len(llm.tokenizer.encode(rendered))
+            else:
+                assert r.status_code == 400
+                error = r.json()["error"]
+                assert (
+                    error["message"]
+                    == "the chat template rejected the conversation: System role not supported"
+                )
+                assert error["param"] == "messages"
 
 
 def test_chat_command_prints_a_template_rejection_on_one_line(hf_folder, capsys, monkeypatch):
