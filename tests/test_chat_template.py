@@ -186,14 +186,23 @@ def test_named_templates_pick_default_or_tool_use(tmp_path):
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert ours.apply_chat_template(SYSTEM_CHAT) == theirs(ref, SYSTEM_CHAT) == "D"
     assert ours.apply_chat_template(SYSTEM_CHAT, tools=tools) == theirs(ref, SYSTEM_CHAT, tools=tools) == "T"
+    assert ours.apply_chat_template(SYSTEM_CHAT, tools=[]) == theirs(ref, SYSTEM_CHAT, tools=[]) == "T"
     assert ours.apply_chat_template(SYSTEM_CHAT, chat_template="tool_use") == "T"
+    given = "{{ messages | length }}"
+    assert ours.apply_chat_template(SYSTEM_CHAT, chat_template=given) == theirs(
+        ref, SYSTEM_CHAT, chat_template=given
+    )
 
 
 def test_folder_precedence_and_legacy_processor_file(tmp_path):
     """chat_template.jinja wins over tokenizer_config.json (transformers' from_pretrained);
     a processor's chat_template.json is read when nothing else has a template."""
-    folder = tokenizer_folder(tmp_path / "tok", "{{ 'config' }}")
+    named = [{"name": "default", "template": "{{ 'config' }}"}, {"name": "rag", "template": "{{ 'rag' }}"}]
+    folder = tokenizer_folder(tmp_path / "tok", named)
     (folder / "chat_template.jinja").write_text("{{ 'file' }}")
+    # The file replaces the config's templates, the named "rag" one included.
+    assert reference(folder).chat_template == "{{ 'file' }}"
+    assert Tokenizer.from_folder(folder).chat_template.templates == {"default": "{{ 'file' }}"}
     assert Tokenizer.from_folder(folder).apply_chat_template(SYSTEM_CHAT) == theirs(
         reference(folder), SYSTEM_CHAT
     )

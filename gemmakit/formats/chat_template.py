@@ -62,14 +62,12 @@ class ChatTemplate:
         return self.templates[DEFAULT] if DEFAULT in self.templates else next(iter(self.templates.values()))
 
     def select(self, name: str | None = None, tools=None) -> str:
-        """The template source to render, chosen as transformers' `get_chat_template` does."""
+        """The template source to render, chosen as transformers' `get_chat_template` does:
+        `name` is one of the templates' names or else a Jinja template itself; without it,
+        "tool_use" when tools are given (even an empty list) and there is one, else "default"."""
         if name is not None:
-            if name not in self.templates:
-                raise ChatTemplateError(
-                    f"{self.source} has no chat template named {name!r} (it has {', '.join(sorted(self.templates))})"
-                )
-            return self.templates[name]
-        if tools and "tool_use" in self.templates:
+            return self.templates.get(name, name)
+        if tools is not None and "tool_use" in self.templates:
             return self.templates["tool_use"]
         if DEFAULT in self.templates:
             return self.templates[DEFAULT]
@@ -89,7 +87,8 @@ class ChatTemplate:
             messages: `{"role", "content", ...}` dicts; content may be a string or a list of parts.
             add_generation_prompt: end with the opening of the model's turn.
             tools, documents: passed to the template as JSON-schema dicts.
-            chat_template: the name of one of several templates (as in transformers).
+            chat_template: the name of one of the templates, or a Jinja template to use instead
+                (as in transformers).
             **kwargs: further template variables (`enable_thinking=True`, ...); they override
                 the special tokens of the same name.
 
@@ -120,16 +119,19 @@ def from_folder(folder: Path, pieces: list[str]) -> ChatTemplate | None:
     `pieces` (the vocabulary) supplies the special tokens a folder's configs do not name.
     """
     config = _read_json(folder / "tokenizer_config.json")
+    # Template files replace the config's templates altogether, as in transformers.
     templates: dict[str, str] = {}
-    legacy = _read_json(folder / "chat_template.json").get("chat_template")
-    templates.update(_named_templates(legacy, folder / "chat_template.json"))
-    templates.update(_named_templates(config.get("chat_template"), folder / "tokenizer_config.json"))
     if (folder / "chat_template.jinja").is_file():
         templates[DEFAULT] = _read_text(folder / "chat_template.jinja")
     extra = folder / "additional_chat_templates"
     if extra.is_dir():
         for f in sorted(extra.glob("*.jinja")):
             templates[f.stem] = _read_text(f)
+    if not templates:
+        templates = _named_templates(config.get("chat_template"), folder / "tokenizer_config.json")
+    if not templates:  # only a processor reads this file, but the template is the model's
+        legacy = _read_json(folder / "chat_template.json").get("chat_template")
+        templates = _named_templates(legacy, folder / "chat_template.json")
     if not templates:
         return None
     specials = default_special_tokens(pieces)
@@ -150,13 +152,23 @@ def from_gguf_metadata(metadata: dict, pieces: list[str], source: str = "GGUF") 
     if not templates:
         return None
     specials = default_special_tokens(pieces)
-    for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
-        token_id = metadata.get(f"tokenizer.ggml.{'unknown' if name == 'unk' else name}_token_id")
-        if name == "pad":
-            token_id = metadata.get("tokenizer.ggml.padding_token_id", token_id)
+    for name, key in _GGUF_SPECIAL_IDS.items():
+        token_id = metadata.get(key)
         if token_id is not None and 0 <= int(token_id) < len(pieces):
-            specials[f"{name}_token"] = pieces[int(token_id)]
+            specials[name] = pieces[int(token_id)]
     return ChatTemplate(templates, specials, source)
+
+
+# The GGUF keys of the special ids a template sees (gguf-py constants.Keys.Tokenizer; llama.cpp
+# spells "seperator").
+_GGUF_SPECIAL_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "sep_token": "tokenizer.ggml.seperator_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+    "mask_token": "tokenizer.ggml.mask_token_id",
+}
 
 
 def folder_files(template: ChatTemplate) -> dict[str, str]:
