@@ -23,6 +23,9 @@ from gemmakit.formats.chat_template import ChatTemplate, ChatTemplateError
 # SentencePiece piece types (sentencepiece_model.proto); GGUF token types use the same ids.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space
+# The tokens that close a model turn: Gemma 1-3 (and 3n) write <end_of_turn>, Gemma 4 <turn|>
+# (its tokenizer_config.json's eot_token), so generation stops there without a generation config.
+END_OF_TURN = ("<end_of_turn>", "<turn|>")
 
 
 class Tokenizer:
@@ -30,7 +33,8 @@ class Tokenizer:
 
     Attributes:
         bos_id, eos_id, pad_id: special ids, resolved by their token strings.
-        stop_ids: ids that end generation (`<eos>` and `<end_of_turn>` when present).
+        stop_ids: ids that end generation: `<eos>` and the end-of-turn tokens present
+            (`END_OF_TURN`).
         chat_template: the checkpoint's own chat template, or None (Gemma's format is used).
     """
 
@@ -55,7 +59,8 @@ class Tokenizer:
         self.pad_id = self._ids.get("<pad>", 0)
         self.end_of_turn_id = self._ids.get("<end_of_turn>")
         self.start_of_turn_id = self._ids.get("<start_of_turn>")
-        self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        turn_ends = (self._ids.get(p) for p in END_OF_TURN)
+        self.stop_ids = tuple(i for i in (self.eos_id, *turn_ends) if i is not None)
         self.special_ids = frozenset(self._control.values())
         self.chat_template = chat_template
 
@@ -283,7 +288,7 @@ def _load_sentencepiece(proto: bytes, source: str):
 
 
 def generation_stop_ids(tokenizer: Tokenizer, generation_config: dict, config_eos) -> tuple[int, ...]:
-    """Stop ids: the generation config's eos list when given, plus <eos>/<end_of_turn>."""
+    """Stop ids: the generation config's eos list when given, plus the tokenizer's stop ids."""
     eos = generation_config.get("eos_token_id", list(config_eos))
     eos = eos if isinstance(eos, list) else [eos]
     return tuple(dict.fromkeys([*eos, *tokenizer.stop_ids]))
