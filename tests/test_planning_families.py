@@ -1,0 +1,271 @@
+"""Parameter counts and memory plans of Gemma 3n and Gemma 4 against transformers' own models.
+
+Every model here is built by transformers on the meta device (shapes, no storage), with every
+Gemma 3n/4 feature switched on somewhere: per-layer embeddings, KV sharing, the double-wide MLP,
+K = V with its own global head dim and KV heads, the MoE block, AltUp, LAuReL, per-layer MLP
+widths. gemmakit's counts come from the config alone, so a tensor the planner forgets, invents
+or mis-shapes shows up as a difference here.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from gemmakit.cli import main
+from gemmakit.config import FULL, PRESETS, PROJECTIONS, SLIDING
+from gemmakit.hf_config import from_hf_config
+from gemmakit.planning.activations import inference_activation_bytes
+from gemmakit.planning.architecture import from_gemma_config, from_hf_dict
+from gemmakit.planning.kv_cache import kv_cache
+from gemmakit.planning.params import count_params, lora_params
+from gemmakit.planning.training_memory import TRAINING_METHODS, training_memory
+from gemmakit.planning.weights import PRECISIONS, gguf_tensor_types, weight_bytes
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+S, F = SLIDING, FULL
+
+
+def gemma4_config(**overrides):
+    """Six layers: K = V global layers with their own head dim and one KV head, the last two
+    layers KV-shared with double-wide MLPs, per-layer embeddings and a 4-expert MoE block."""
+    kw = dict(
+        vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=64,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=96,
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
+        sliding_window=4, layer_types=[S, F, S, S, F, F], final_logit_softcapping=30.0,
+    )  # fmt: skip
+    kw.update(overrides)
+    return transformers.Gemma4TextConfig(**kw)
+
+
+def gemma3n_config(**overrides):
+    """Five layers with their own MLP widths, the last two KV-shared, 3 AltUp streams, LAuReL
+    rank 4, per-layer embeddings over a smaller vocabulary."""
+    kw = dict(
+        vocab_size=160, hidden_size=32, intermediate_size=[48, 64, 48, 96, 40], num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, altup_num_inputs=3,
+        laurel_rank=4, sliding_window=4, layer_types=[S, F, S, F, S],
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0, 0.0],
+    )  # fmt: skip
+    kw.update(overrides)
+    return transformers.Gemma3nTextConfig(**kw)
+
+
+CASES = {
+    "gemma4": (gemma4_config, transformers.Gemma4ForCausalLM),
+    "gemma4_untied_no_moe": (
+        lambda: gemma4_config(enable_moe_block=False, tie_word_embeddings=False, attention_k_eq_v=False),
+        transformers.Gemma4ForCausalLM,
+    ),
+    "gemma4_no_ple": (
+        lambda: gemma4_config(hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+        transformers.Gemma4ForCausalLM,
+    ),
+    "gemma3n": (gemma3n_config, transformers.Gemma3nForCausalLM),
+}
+
+
+def meta_model(case: str):
+    make, cls = CASES[case]
+    hf = make()
+    with torch.device("meta"):
+        return hf, cls(hf)
+
+
+def params_by_name(model: nn.Module) -> dict[str, int]:
+    """transformers' named parameters (a tied lm_head appears once, as the embedding)."""
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
+def ours(hf) -> tuple:
+    arch = from_gemma_config(from_hf_config(hf.to_dict()))
+    return arch, count_params(arch)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_checkpoint_tensor_has_the_shape_transformers_gives_it(case):
+    hf, model = meta_model(case)
+    arch, _ = ours(hf)
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if hf.tie_word_embeddings:
+        del theirs["lm_head.weight"]  # the same tensor as the embedding, stored once
+    assert {t.name: t.shape for t in arch.tensors()} == theirs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inspect_json_total_equals_transformers_numel(case, tmp_path, capsys):
+    hf, model = meta_model(case)
+    (tmp_path / "config.json").write_text(json.dumps(hf.to_dict()))
+    assert main(["inspect", "--json", str(tmp_path)]) == 0
+    data = json.loads(capsys.readouterr().out)[0]
+    numel = params_by_name(model)
+    assert data["total_params"] == sum(numel.values()) == model.num_parameters()
+    ple = numel.get("model.embed_tokens_per_layer.weight", 0)
+    embedding = numel["model.embed_tokens.weight"] + numel.get("lm_head.weight", 0)
+    assert data["per_layer_embedding_params"] == ple
+    assert data["embedding_params"] == embedding
+    assert data["non_embedding_params"] == data["total_params"] - embedding - ple
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_effective_and_active_counts_are_sums_of_transformers_parameters(case):
+    hf, model = meta_model(case)
+    _, p = ours(hf)
+    numel = params_by_name(model)
+    effective = sum(n for name, n in numel.items() if "embed_tokens_per_layer" not in name)
+    experts = sum(n for name, n in numel.items() if ".experts." in name)
+    unused = experts * (hf.num_experts - hf.top_k_experts) // hf.num_experts if experts else 0
+    assert p.effective == effective
+    assert p.active == effective - unused
+    if "ple" not in case and case != "gemma4_untied_no_moe":  # these switch a feature on
+        assert p.effective < p.total
+    if case == "gemma4":
+        assert p.active < p.effective
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_parameters_equal_the_adapted_linears_of_transformers_model(case):
+    """LoRA on q/k/v/o/gate/up/down: rank * (in + out) over transformers' nn.Linear modules of
+    those names (shared layers have no k/v, K = V layers no v; the experts are not linears)."""
+    hf, model = meta_model(case)
+    arch, _ = ours(hf)
+    linears = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.split(".")[-1] in PROJECTIONS
+    ]
+    assert lora_params(arch, 8) == sum(8 * (m.in_features + m.out_features) for m in linears)
+
+
+def test_kv_bytes_per_token_count_owning_layers_at_their_own_shapes():
+    """Gemma 4 case: layers 0-3 own K/V (sliding: 2 KV heads of 16; layer 1 global: 1 KV head
+    of 64, K = V but still two cached tensors), layers 4-5 (global) read layer 1's cache."""
+    hf, model = meta_model("gemma4")
+    arch, _ = ours(hf)
+    kv = kv_cache(arch, context=10, batch=3, dtype="fp32")
+    owners = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "k_proj")]
+    assert len(owners) == 4 and (kv.cached_layers, kv.shared_layers) == (4, 2)
+    # Per owning layer: keys and values, each k_proj.out_features wide (kv_heads * head_dim).
+    assert kv.bytes_per_token == sum(2 * a.k_proj.out_features * 4 for a in owners) == 4 * (3 * 64 + 128)
+    # Sliding layers (0, 2, 3: window 4) hold 4 tokens of the 10, the global one all 10.
+    assert kv.total == 3 * 4 * (3 * 4 * 64 + 10 * 128)
+    assert kv.total_no_window == 3 * 10 * kv.bytes_per_token
+
+
+def test_kv_bytes_of_gemma3n_skip_shared_layers():
+    hf, model = meta_model("gemma3n")
+    arch, _ = ours(hf)
+    owners = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "k_proj")]
+    kv = kv_cache(arch, context=1, dtype="bf16")
+    assert kv.bytes_per_token == sum(2 * a.k_proj.out_features * 2 for a in owners) == 3 * 2 * 32 * 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_memory_plan_handles_the_new_families(case):
+    hf, _ = meta_model(case)
+    arch, p = ours(hf)
+    memory = {prec: weight_bytes(arch, prec) for prec in PRECISIONS}
+    # Stored bytes cover the parameters and the layer_scalar buffers (one float each).
+    buffers = sum(t.numel for t in arch.tensors() if not t.is_parameter)
+    assert memory["fp32"] == 4 * (p.text + buffers) and memory["bf16"] == 2 * (p.text + buffers)
+    assert memory["nf4"] < memory["int8"] < memory["bf16"]
+    types = gguf_tensor_types(arch, "q4_k_m")
+    assert set(types) == {t.name for t in arch.tensors()}
+    for method in TRAINING_METHODS:
+        t = training_memory(arch, method, batch=2, seq_len=16)
+        assert t["total"] > t["weights"] > 0 and t["activations"] > t["activations_checkpointed"] > 0
+    assert training_memory(arch, "full")["trainable_params"] == p.text
+    assert training_memory(arch, "lora", lora_rank=4)["trainable_params"] == lora_params(arch, 4)
+    assert inference_activation_bytes(arch, 1, 8) > 0
+
+
+def test_training_activations_follow_each_layers_width():
+    """The double-wide MLPs of the shared layers keep more activations than a model whose MLPs
+    are all single-width, and fewer than one whose every MLP is double-wide."""
+    narrow, _ = ours(gemma4_config(use_double_wide_mlp=False))
+    mixed, _ = ours(gemma4_config())
+    wide, _ = ours(gemma4_config(use_double_wide_mlp=False, intermediate_size=96))
+    acts = [training_memory(a, "lora", batch=1, seq_len=8)["activations"] for a in (narrow, mixed, wide)]
+    assert acts[0] < acts[1] < acts[2]
+
+
+def test_compare_across_gemma_3_3n_and_4(tmp_path, capsys):
+    paths = []
+    for name, make in (("tiny-3n", gemma3n_config), ("tiny-4", gemma4_config)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(make().to_dict()))
+        paths.append(str(tmp_path / name))
+    assert main(["inspect", "--compare", "gemma-3-270m", *paths]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "tiny-3n",
+        "tiny-4",
+        "per-layer embedding (PLE)",
+        "effective",
+        "active per token",
+        "2 of the 4 experts",
+        "AltUp (3 streams)",
+        "LAuReL (rank 4)",
+        "K = V on global layers (1 with no v_proj)",
+        "global layers 64",
+        "layers with a cache",
+    ):
+        assert text in out, text
+
+
+def test_multimodal_wrapper_counts_its_text_tower_and_names_the_rest(tmp_path, capsys):
+    text = gemma4_config()
+    wrapper = {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text.to_dict(),
+        "vision_config": {"hidden_size": 32},
+        "audio_config": {"hidden_size": 32},
+    }
+    arch = from_hf_dict(wrapper, "wrapped")
+    assert count_params(arch).total == count_params(ours(text)[0]).total
+    assert arch.uncounted_towers == "vision and audio"
+    (tmp_path / "config.json").write_text(json.dumps(wrapper))
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "the vision and audio towers" in capsys.readouterr().out
+
+
+# --- The released checkpoints' config.json files -------------------------------------------------
+
+REAL = sorted(p.stem for p in CONFIGS.glob("gemma-[34]n*.json")) + sorted(
+    p.stem for p in CONFIGS.glob("gemma-4-*.json")
+)
+
+
+def text_config(raw: dict):
+    """transformers' text config of a published config.json (its text_config, if wrapped)."""
+    text = raw.get("text_config", raw)
+    cls = {"gemma4_text": transformers.Gemma4TextConfig, "gemma3n_text": transformers.Gemma3nTextConfig}
+    return cls[text["model_type"]](**{k: v for k, v in text.items() if k != "model_type"})
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_config_counts_equal_transformers_meta_model(name):
+    raw = json.loads((CONFIGS / f"{name}.json").read_text())
+    hf = text_config(raw)
+    cls = (
+        transformers.Gemma4ForCausalLM if hf.model_type == "gemma4_text" else transformers.Gemma3nForCausalLM
+    )
+    with torch.device("meta"):
+        model = cls(hf)
+    assert count_params(from_hf_dict(raw, name)).total == model.num_parameters()
+
+
+def test_new_family_presets_equal_their_config_files():
+    for name, cfg in PRESETS.items():
+        if cfg.model_type not in ("gemma3n_text", "gemma4_text"):
+            continue
+        raw = json.loads((CONFIGS / f"{cfg.name}.json").read_text())
+        assert from_hf_config(raw) == cfg, name
