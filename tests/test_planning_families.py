@@ -18,6 +18,7 @@ from torch import nn
 from gemmakit.cli import main
 from gemmakit.config import FULL, PRESETS, PROJECTIONS, SLIDING
 from gemmakit.hf_config import from_hf_config
+from gemmakit.model.cache import KVCache
 from gemmakit.planning.activations import inference_activation_bytes
 from gemmakit.planning.architecture import from_gemma_config, from_hf_dict
 from gemmakit.planning.kv_cache import kv_cache
@@ -168,6 +169,18 @@ def test_kv_bytes_of_gemma3n_skip_shared_layers():
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("context", [3, 10])  # inside and past the window of 4
+def test_kv_bytes_equal_what_gemmakits_cache_allocates(case, context):
+    hf, _ = meta_model(case)
+    config = from_hf_config(hf.to_dict())
+    cache = KVCache(config, batch=2, max_length=context, dtype=torch.bfloat16, device="cpu")
+    held = sum(c.k.nbytes + c.v.nbytes for c in cache.layers)
+    kv = kv_cache(from_gemma_config(config), context=context, batch=2, dtype="bf16")
+    assert kv.total == held
+    assert kv.cached_layers == len(cache.layers)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_every_memory_plan_handles_the_new_families(case):
     hf, _ = meta_model(case)
     arch, p = ours(hf)
@@ -239,33 +252,84 @@ def test_multimodal_wrapper_counts_its_text_tower_and_names_the_rest(tmp_path, c
 
 # --- The released checkpoints' config.json files -------------------------------------------------
 
-REAL = sorted(p.stem for p in CONFIGS.glob("gemma-[34]n*.json")) + sorted(
+REAL = sorted(p.stem for p in CONFIGS.glob("gemma-3n-*.json")) + sorted(
     p.stem for p in CONFIGS.glob("gemma-4-*.json")
 )
-
-
-def text_config(raw: dict):
-    """transformers' text config of a published config.json (its text_config, if wrapped)."""
-    text = raw.get("text_config", raw)
-    cls = {"gemma4_text": transformers.Gemma4TextConfig, "gemma3n_text": transformers.Gemma3nTextConfig}
-    return cls[text["model_type"]](**{k: v for k, v in text.items() if k != "model_type"})
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_real_config_counts_equal_transformers_meta_model(name):
     raw = json.loads((CONFIGS / f"{name}.json").read_text())
-    hf = text_config(raw)
-    cls = (
-        transformers.Gemma4ForCausalLM if hf.model_type == "gemma4_text" else transformers.Gemma3nForCausalLM
-    )
+    text = dict(raw["text_config"])  # the wrappers' text tower; the 31B lock file's quote
+    kind = text.pop("model_type", "gemma4_text")
+    config_cls, model_cls = {
+        "gemma4_text": (transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM),
+        "gemma3n_text": (transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM),
+    }[kind]
     with torch.device("meta"):
-        model = cls(hf)
-    assert count_params(from_hf_dict(raw, name)).total == model.num_parameters()
+        model = model_cls(config_cls(**text))
+    assert count_params(from_hf_dict(released_config(name), name)).total == model.num_parameters()
 
 
-def test_new_family_presets_equal_their_config_files():
-    for name, cfg in PRESETS.items():
-        if cfg.model_type not in ("gemma3n_text", "gemma4_text"):
-            continue
-        raw = json.loads((CONFIGS / f"{cfg.name}.json").read_text())
-        assert from_hf_config(raw) == cfg, name
+# preset: (config file, text total, effective, active) with the counts transformers gives
+# (tests/data/configs/SOURCES.md) and the model cards' headlines they round to.
+PRESET_FILES = {
+    "gemma-3n-e2b": ("gemma-3n-E2B-it", 4_435_182_688, 2_421_916_768, 2_421_916_768),
+    "gemma-3n-e4b": ("gemma-3n-E4B-it", 6_835_235_568, 4_486_425_328, 4_486_425_328),
+    "gemma-4-e2b": ("gemma-4-E2B", 4_628_569_344, 2_279_759_104, 2_279_759_104),
+    "gemma-4-e4b": ("gemma-4-E4B-it", 7_463_013_376, 4_644_441_088, 4_644_441_088),
+    "gemma-4-26b-a4b": ("gemma-4-26B-A4B-it", 25_233_141_760, 25_233_141_760, 3_822_530_560),
+    "gemma-4-31b": ("gemma-4-31B.lock-excerpt", 30_697_345_280, 30_697_345_280, 30_697_345_280),
+}
+
+
+def released_config(file: str) -> dict:
+    """A released config as from_hf_config reads it. The 31B file is a lock file quoting the
+    text_config; two keys that shape nothing are dropped, as gemmakit's reader refuses them
+    for now: Gemma 3n's training-only altup_lr_multiplier and transformers 5.12's
+    expert_intermediate_size (null in dense configs)."""
+    raw = json.loads((CONFIGS / f"{file}.json").read_text())
+    if "model_id" in raw:
+        raw = {**raw["text_config"], "model_type": "gemma4_text"}
+    text = raw.get("text_config", raw)
+    text.pop("altup_lr_multiplier", None)
+    if text.get("expert_intermediate_size", 0) is None:
+        del text["expert_intermediate_size"]
+    return raw
+
+
+def test_every_new_family_preset_has_a_released_config():
+    new = {k for k, c in PRESETS.items() if c.model_type in ("gemma3n_text", "gemma4_text")}
+    assert new == set(PRESET_FILES)
+
+
+@pytest.mark.parametrize("name", PRESET_FILES)
+def test_presets_equal_their_released_configs_and_reproduce_the_counts(name):
+    file, total, effective, active = PRESET_FILES[name]
+    assert PRESETS[name] == from_hf_config(released_config(file))
+    p = count_params(from_gemma_config(PRESETS[name]))
+    assert (p.total, p.effective, p.active) == (total, effective, active)
+
+
+def test_published_headline_counts():
+    """The model cards' figures (SOURCES.md): Gemma 4 E2B "2.3B effective", 26B A4B "25.2B"
+    total and "3.8B" active, 31B "30.7B"; Gemma 3n E2B/E4B compare to "2B" and "4B" models."""
+
+    def billions(name, field):
+        return round(getattr(count_params(from_gemma_config(PRESETS[name])), field) / 1e9, 1)
+
+    assert billions("gemma-4-e2b", "effective") == 2.3
+    assert (billions("gemma-4-26b-a4b", "total"), billions("gemma-4-26b-a4b", "active")) == (25.2, 3.8)
+    assert billions("gemma-4-31b", "total") == 30.7
+    assert (round(billions("gemma-3n-e2b", "effective")), round(billions("gemma-3n-e4b", "effective"))) == (
+        2,
+        4,
+    )
+
+
+def test_inspect_prints_the_effective_and_active_counts_of_the_presets(capsys):
+    assert main(["inspect", "--json", "gemma-4-e4b", "google/gemma-4-26B-A4B-it"]) == 0
+    e4b, moe = json.loads(capsys.readouterr().out)
+    assert (e4b["total_params"], e4b["effective_params"]) == (7_463_013_376, 4_644_441_088)
+    assert e4b["per_layer_embedding_params"] == 2_818_572_288 and e4b["kv_cache"]["shared_layers"] == 18
+    assert (moe["name"], moe["active_params"]) == ("gemma-4-26b-a4b", 3_822_530_560)
