@@ -228,6 +228,8 @@ def test_compare_across_gemma_3_3n_and_4(tmp_path, capsys):
         "LAuReL (rank 4)",
         "K = V on global layers (1 with no v_proj)",
         "global layers 64",
+        "48 (96 on the 2 KV-shared layers)",
+        "40 to 96 by layer",
         "layers with a cache",
     ):
         assert text in out, text

@@ -281,8 +281,15 @@ def _layers(a: Architecture) -> str:
 
 
 def _mlp(a: Architecture) -> str:
-    widths = sorted({a.layer(i).intermediate_size for i in range(a.num_layers)})
-    text = f"{widths[0]:,}" if len(widths) == 1 else f"{widths[0]:,} to {widths[-1]:,} by layer"
+    owning = {a.layer(i).intermediate_size for i in range(a.num_layers) if a.layer(i).owns_kv}
+    shared = {a.layer(i).intermediate_size for i in range(a.num_layers) if not a.layer(i).owns_kv}
+    widths = sorted(owning | shared)
+    if len(widths) == 1:
+        text = f"{widths[0]:,}"
+    elif len(owning) == len(shared) == 1:  # Gemma 4's double-wide MLPs on the KV-shared layers
+        text = f"{min(owning):,} ({min(shared):,} on the {a.num_kv_shared_layers} KV-shared layers)"
+    else:
+        text = f"{widths[0]:,} to {widths[-1]:,} by layer"
     text += f", {a.activation}"
     if a.num_experts:
         text += f"; + {a.num_experts} experts of {a.moe_intermediate_size:,}, top {a.top_k_experts} per token"
