@@ -92,7 +92,7 @@ def rope_inv_freq(head_dim: int, base: float, scale: float, partial: float = 1.0
     exponent = torch.arange(0, 2 * rotated, 2, dtype=torch.float32, device="cpu") / head_dim
     inv_freq = 1.0 / (base**exponent)
     if rotated < head_dim // 2:
-        inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - rotated)))
+        inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - rotated, device="cpu")))
     return inv_freq / scale
 
 
