@@ -19,6 +19,7 @@ from gemmakit.cli import main
 from gemmakit.config import FULL, PRESETS, PROJECTIONS, SLIDING
 from gemmakit.hf_config import from_hf_config
 from gemmakit.model.cache import KVCache
+from gemmakit.model.families import model_class
 from gemmakit.planning.activations import inference_activation_bytes
 from gemmakit.planning.architecture import from_gemma_config, from_hf_dict
 from gemmakit.planning.kv_cache import kv_cache
@@ -98,6 +99,20 @@ def test_every_checkpoint_tensor_has_the_shape_transformers_gives_it(case):
     if hf.tie_word_embeddings:
         del theirs["lm_head.weight"]  # the same tensor as the embedding, stored once
     assert {t.name: t.shape for t in arch.tensors()} == theirs
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("gemma4")])
+def test_gemmakits_own_model_holds_the_tensors_the_planner_lists(case):
+    """The planner's list is also what gemmakit's model stores (state dict keys and shapes,
+    the layer_scalar buffers included), so weight bytes describe the model that runs."""
+    hf, _ = meta_model(case)
+    config = from_hf_config(hf.to_dict())
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        theirs.pop("lm_head.weight", None)
+    assert {t.name: t.shape for t in from_gemma_config(config).tensors()} == theirs
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -286,17 +301,10 @@ PRESET_FILES = {
 
 
 def released_config(file: str) -> dict:
-    """A released config as from_hf_config reads it. The 31B file is a lock file quoting the
-    text_config; two keys that shape nothing are dropped, as gemmakit's reader refuses them
-    for now: Gemma 3n's training-only altup_lr_multiplier and transformers 5.12's
-    expert_intermediate_size (null in dense configs)."""
+    """A released config.json; for 31B, the text_config its lock file quotes (SOURCES.md)."""
     raw = json.loads((CONFIGS / f"{file}.json").read_text())
     if "model_id" in raw:
         raw = {**raw["text_config"], "model_type": "gemma4_text"}
-    text = raw.get("text_config", raw)
-    text.pop("altup_lr_multiplier", None)
-    if text.get("expert_intermediate_size", 0) is None:
-        del text["expert_intermediate_size"]
     return raw
 
 
