@@ -42,7 +42,9 @@ def weight_bytes(arch: Architecture, precision: str) -> int:
     """Bytes of the text model's weights in one precision.
 
     int8 and nf4 follow bitsandbytes through transformers: only the projections inside the
-    blocks are quantized; embeddings, lm_head, norms and biases stay 16-bit. The GGUF types
+    blocks are quantized; embeddings, lm_head, norms and biases stay 16-bit, and so do Gemma
+    3n/4's per-layer embedding table, gates, AltUp/LAuReL/router weights and stacked expert
+    weights, as gemmakit's own --quantize leaves them (it swaps the seven projections only). The GGUF types
     follow llama.cpp's quantizer (`gguf_tensor_types`) and count tensor data only.
     """
     tensors = arch.tensors()
@@ -76,6 +78,10 @@ def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
         Q6_K;
       * k-quants need rows that are a multiple of 256: otherwise Q4_K falls back to Q5_0,
         Q5_K to Q5_1, Q6_K to Q8_0 (and anything else to F16).
+    Gemma 3n/4's other tensors (the per-layer embedding table, gates, AltUp, LAuReL, the
+    router and the stacked experts) take the base type by the same row rule; llama.cpp's
+    special cases for them (expert layers read from the tensor name, MoE attention types) are
+    not modelled, so for those families the figure is an estimate, not the file's bytes.
     """
     if ftype not in GGUF_FTYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; known: {', '.join(GGUF_FTYPES)}")
