@@ -17,10 +17,12 @@ GB = 10**9
 def notes(r: Report) -> list[str]:
     """Remarks printed under a model's numbers: where public figures differ, and why."""
     a, p, out = r.arch, r.params, []
-    if r.gguf_file and r.gguf_file["params"] != p.text:  # the header disagrees with its own tensors
+    # Stored values: the parameters and the buffers a checkpoint keeps (Gemma 4's layer_scalar).
+    stored = sum(t.numel for t in a.tensors())
+    if r.gguf_file and r.gguf_file["params"] != stored:  # the header disagrees with its own tensors
         out.append(
-            f"The GGUF tensors hold {r.gguf_file['params']:,} parameters, but its metadata describes "
-            f"{p.text:,}; the counts above follow the metadata."
+            f"The GGUF tensors hold {r.gguf_file['params']:,} values, but its metadata describes "
+            f"{stored:,}; the counts above follow the metadata."
         )
     if p.report_embedding:
         out.append(

@@ -164,9 +164,15 @@ def make_report(arch: Architecture, options: Options | None = None, gguf_file: d
     return Report(arch, count_params(arch), memory, kv, training, o.train_batch, o.ce_chunk, gguf_file)
 
 
+# llama.cpp's per-dimension RoPE frequency factors: derived from the config (Gemma 4's
+# proportional RoPE), not a model weight.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
 def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
-    """A GGUF file's real tensor bytes and tensor count per GGML type (largest first), and its
-    parameter count from the tensor shapes; read from the header alone."""
+    """A GGUF file's real tensor bytes and tensor count per GGML type (largest first), and the
+    values its model tensors hold from their shapes (without llama.cpp's rope_freqs, a table
+    derived from the config); read from the header alone."""
     by_type: dict[str, int] = {}
     counts: dict[str, int] = {}
     for t in g.tensors.values():
@@ -177,7 +183,7 @@ def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
         "path": str(g.path),
         "file_bytes": g.path.stat().st_size,
         "tensor_bytes": sum(by_type.values()),
-        "params": sum(math.prod(t.shape) for t in g.tensors.values()),
+        "params": sum(math.prod(t.shape) for name, t in g.tensors.items() if name != _ROPE_FREQS),
         "bytes_by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "tensors_by_type": counts,
         "file_type": g.metadata.get("general.file_type"),
