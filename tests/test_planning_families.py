@@ -8,7 +8,9 @@ or mis-shapes shows up as a difference here.
 """
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ from gemmakit.planning.activations import inference_activation_bytes
 from gemmakit.planning.architecture import from_gemma_config, from_hf_dict
 from gemmakit.planning.kv_cache import kv_cache
 from gemmakit.planning.params import count_params, lora_params
+from gemmakit.planning.prose import notes
+from gemmakit.planning.report import gguf_file_summary, make_report
 from gemmakit.planning.training_memory import TRAINING_METHODS, training_memory
 from gemmakit.planning.weights import PRECISIONS, gguf_tensor_types, weight_bytes
 
@@ -212,6 +216,27 @@ def test_every_memory_plan_handles_the_new_families(case):
     assert training_memory(arch, "full")["trainable_params"] == p.text
     assert training_memory(arch, "lora", lora_rank=4)["trainable_params"] == lora_params(arch, 4)
     assert inference_activation_bytes(arch, 1, 8) > 0
+
+
+def test_a_gemma4_gguf_with_its_buffers_and_rope_freqs_agrees_with_its_metadata(tmp_path):
+    """llama.cpp's Gemma 4 files hold the layer_scalar buffers and a rope_freqs table derived
+    from the config: neither may read as a disagreement between the header and the tensors."""
+    arch, _ = ours(gemma4_config())
+
+    def tensor(shape):
+        return SimpleNamespace(
+            shape=shape, ggml_type=SimpleNamespace(name="F32"), nbytes=4 * math.prod(shape)
+        )
+
+    tensors = {t.name: tensor(t.shape) for t in arch.tensors()}
+    tensors["rope_freqs.weight"] = tensor((32,))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    g = SimpleNamespace(path=tmp_path / "m.gguf", tensors=tensors, metadata={})
+    summary = gguf_file_summary(g)
+    assert summary["params"] == sum(t.numel for t in arch.tensors())
+    assert not any("GGUF tensors hold" in n for n in notes(make_report(arch, gguf_file=summary)))
+    tensors["extra.weight"] = tensor((5,))  # a tensor the metadata does not describe
+    assert any("GGUF tensors hold" in n for n in notes(make_report(arch, gguf_file=gguf_file_summary(g))))
 
 
 def test_training_activations_follow_each_layers_width():
