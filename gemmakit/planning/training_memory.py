@@ -97,9 +97,11 @@ def training_memory(
     cpu_kernels = cpu_kernels and lora is not None
     per_layer = _per_layer_activations(arch, a, trained == "all", lora, cpu_kernels, seq_len)
     # Outside the blocks: the scaled embedding output, the final norm's float32 input, and
-    # Gemma 3n/4's per-layer inputs (made once, read by every block).
+    # Gemma 3n/4's per-layer inputs, made once for every block (the projection's output and
+    # its norm's input), and Gemma 3n's AltUp streams projected in (one per extra stream).
     outside = n_tokens * (a * arch.hidden_size + 4 * arch.hidden_size)
-    outside += n_tokens * a * arch.num_layers * arch.per_layer_input_size
+    outside += n_tokens * 2 * a * arch.num_layers * arch.per_layer_input_size
+    outside += n_tokens * a * max(arch.altup_num_inputs - 1, 0) * arch.hidden_size
     streams = max(arch.altup_num_inputs, 1)
     activations = round(n_tokens * sum(per_layer) + outside)
     checkpointed = round(
