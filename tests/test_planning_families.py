@@ -105,7 +105,7 @@ def test_every_checkpoint_tensor_has_the_shape_transformers_gives_it(case):
     assert {t.name: t.shape for t in arch.tensors()} == theirs
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("gemma4")])
+@pytest.mark.parametrize("case", CASES)
 def test_gemmakits_own_model_holds_the_tensors_the_planner_lists(case):
     """The planner's list is also what gemmakit's model stores (state dict keys and shapes,
     the layer_scalar buffers included), so weight bytes describe the model that runs."""
