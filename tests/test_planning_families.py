@@ -312,11 +312,42 @@ def test_compare_across_gemma_3_3n_and_4(tmp_path, capsys):
         assert text in out, text
 
 
-def test_multimodal_wrapper_counts_its_text_tower_and_names_the_rest(tmp_path, capsys):
-    text = gemma4_config()
+def tower_params(model: nn.Module, *names: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[1] in names)
+
+
+@pytest.mark.parametrize("clipped", [True, False])
+def test_gemma4_multimodal_counts_each_tower_as_transformers_builds_it(clipped, tmp_path, capsys):
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=40,
+        use_clipped_linears=clipped, standardize=not clipped,
+    )  # fmt: skip
+    audio = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[16, 4],
+        output_proj_dims=24, conv_kernel_size=3, use_clipped_linears=clipped,
+    )  # fmt: skip
+    hf = transformers.Gemma4Config(
+        text_config=gemma4_config().to_dict(), vision_config=vision, audio_config=audio
+    )
+    with torch.device("meta"):
+        model = transformers.Gemma4ForConditionalGeneration(hf)
+    raw = {**hf.to_dict(), "architectures": ["Gemma4ForConditionalGeneration"]}
+    p = count_params(from_hf_dict(raw, "wrapped"))
+    assert p.vision == tower_params(model, "vision_tower", "embed_vision")
+    assert p.audio == tower_params(model, "audio_tower", "embed_audio")
+    assert p.total == model.num_parameters()
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{p.audio:,}" in out and "audio (tower + projector)" in out
+
+
+def test_gemma3n_multimodal_names_its_towers_as_not_counted(tmp_path, capsys):
+    text = gemma3n_config()
     wrapper = {
-        "architectures": ["Gemma4ForConditionalGeneration"],
-        "model_type": "gemma4",
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
         "text_config": text.to_dict(),
         "vision_config": {"hidden_size": 32},
         "audio_config": {"hidden_size": 32},
@@ -347,7 +378,7 @@ def test_real_config_counts_equal_transformers_meta_model(name):
     }[kind]
     with torch.device("meta"):
         model = model_cls(config_cls(**text))
-    assert count_params(from_hf_dict(released_config(name), name)).total == model.num_parameters()
+    assert count_params(from_hf_dict(released_config(name), name)).text == model.num_parameters()
 
 
 # preset: (config file, text total, effective, active) with the counts transformers gives
@@ -381,6 +412,25 @@ def test_presets_equal_their_released_configs_and_reproduce_the_counts(name):
     assert PRESETS[name] == from_hf_config(released_config(file))
     p = count_params(from_gemma_config(PRESETS[name]))
     assert (p.total, p.effective, p.active) == (total, effective, active)
+
+
+# file: Gemma4ForConditionalGeneration's total in transformers (tests/data/configs/SOURCES.md).
+MULTIMODAL_TOTALS = {
+    "gemma-4-E2B": 5_104_297_504,
+    "gemma-4-E4B-it": 7_941_100_832,
+    "gemma-4-26B-A4B-it": 25_805_933_872,
+}
+
+
+@pytest.mark.parametrize("name", MULTIMODAL_TOTALS)
+def test_released_gemma4_checkpoints_count_their_towers(name, capsys):
+    assert main(["inspect", "--json", str(CONFIGS / f"{name}.json")]) == 0
+    d = json.loads(capsys.readouterr().out)[0]
+    assert d["total_params"] == MULTIMODAL_TOTALS[name]
+    assert d["total_params"] == d["text_params"] + d["vision_params"] + d["audio_params"]
+    # The cards: E2B "5.1B with embeddings", E4B "8B with embeddings" (towers included).
+    billions = d["total_params"] / 1e9
+    assert {"gemma-4-E2B": round(billions, 1) == 5.1, "gemma-4-E4B-it": round(billions) == 8}.get(name, True)
 
 
 def test_published_headline_counts():

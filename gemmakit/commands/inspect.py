@@ -367,6 +367,8 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
         rows.append(("active per token", _active))
     if any(r.params.vision for r in reports):
         rows.append(("vision (tower + projector)", lambda r: f"{r.params.vision:,}"))
+    if any(r.params.audio for r in reports):
+        rows.append(("audio (tower + projector)", lambda r: f"{r.params.audio:,}"))
     if any(r.arch.uncounted_towers for r in reports):
         rows.append(
             (

@@ -3,8 +3,9 @@
 The figures behind `gemmakit inspect`, one concern per module, each built on the one before:
     architecture     `Architecture` and its tensor list, from a GemmaConfig, a config.json
                      dict (Gemma, Llama, Mistral, Qwen2) or a GGUF header
+    towers           the vision / audio towers of multimodal checkpoints (SigLIP, Gemma 4's)
     params           parameter counts (total, embedding, non-embedding, per-layer embedding,
-                     effective, active per token, vision, LoRA)
+                     effective, active per token, vision, audio, LoRA)
     weights          weight bytes per precision (bitsandbytes int8/NF4, llama.cpp GGUF types)
     kv_cache         KV cache bytes of the KV-owning layers, sliding ones capped at their window
     activations      activation bytes of a forward, and of a training step per token and layer

@@ -22,6 +22,7 @@ from gemmakit.config import FULL, PROJECTIONS, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, ModelFileError
 from gemmakit.formats.gguf import GGUF_ARCHITECTURES, GGUFFile, config_from_gguf, hf_to_gguf_name
 from gemmakit.hf_config import from_hf_config
+from gemmakit.planning.towers import gemma4_audio_params, gemma4_vision_params, siglip_params
 
 # Tensor kinds besides the projections (whose kind is their name in `PROJECTIONS`).
 EMBEDDING, OUTPUT, NORM, BIAS = "embed_tokens", "lm_head", "norm", "bias"
@@ -110,8 +111,10 @@ class Architecture:
     embedding_scaled: bool = False
     # Gemma 1/2 technical reports count a vocabulary padded to 256,128 rows.
     report_vocab_size: int | None = None
-    # Vision tower + projector of a multimodal checkpoint (not part of the text model).
+    # Vision and audio towers + their projectors of a multimodal checkpoint (not part of the
+    # text model).
     vision_params: int = 0
+    audio_params: int = 0
     # --- Gemma 3n / 4 (transformers modeling_gemma3n.py, modeling_gemma4.py) ------------------
     # One LayerShape per block; empty: every block has the shapes of the fields above.
     layers: tuple[LayerShape, ...] = ()
@@ -406,35 +409,20 @@ def _gemma_from_hf(raw: dict[str, Any], name: str, source: str) -> Architecture:
         # A multimodal Gemma 3 config: from_hf_config reads its text half; count the vision half.
         vision = siglip_params(raw.get("vision_config") or {}, cfg.hidden_size)
         return dataclasses.replace(arch, vision_params=vision, architecture=wrapper)
+    if wrapper == "Gemma4ForConditionalGeneration":
+        vision, audio = raw.get("vision_config"), raw.get("audio_config")
+        return dataclasses.replace(
+            arch,
+            architecture=wrapper,
+            vision_params=gemma4_vision_params(vision, cfg.hidden_size) if vision else 0,
+            audio_params=gemma4_audio_params(audio, cfg.hidden_size) if audio else 0,
+        )
     if wrapper:
-        # Gemma 3n/4's vision and audio encoders (MobileNet / SigLIP-style vision, a conformer
-        # for audio) are not modelled here: their parameters are named as not counted.
+        # Gemma 3n's vision encoder is a timm MobileNetV5 and its audio encoder a USM
+        # conformer, neither modelled here: their parameters are named as not counted.
         towers = " and ".join(t for t in ("vision", "audio") if raw.get(f"{t}_config"))
         return dataclasses.replace(arch, architecture=wrapper, uncounted_towers=towers)
     return arch
-
-
-def siglip_params(vision: dict[str, Any], text_hidden: int) -> int:
-    """SigLIP vision tower (no pooling head) plus Gemma 3's projection into the text width.
-
-    transformers SiglipVisionModel: a patch conv with bias, a position embedding per patch,
-    per layer two LayerNorms (weight + bias), q/k/v/o and fc1/fc2 with biases, a final
-    LayerNorm; Gemma3MultiModalProjector: a (vision, text) matrix and an RMSNorm.
-    """
-    if not vision:
-        return 0
-    d, inter = int(vision.get("hidden_size", 1152)), int(vision.get("intermediate_size", 4304))
-    layers, patch = int(vision.get("num_hidden_layers", 27)), int(vision.get("patch_size", 14))
-    image, channels = int(vision.get("image_size", 896)), int(vision.get("num_channels", 3))
-    per_layer = 2 * 2 * d + 4 * (d * d + d) + (d * inter + inter) + (inter * d + d)
-    embed = channels * patch * patch * d + d + (image // patch) ** 2 * d
-    head = (
-        0
-        if not vision.get("vision_use_head", False)
-        else d * d * 4 + 4 * d + d * inter * 2 + inter + d + 3 * d
-    )
-    projector = d * text_hidden + d
-    return embed + layers * per_layer + 2 * d + head + projector
 
 
 # --- config.json: Gemma through from_hf_config, the Llama families here -----------------------

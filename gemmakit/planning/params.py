@@ -28,10 +28,12 @@ class ParamCounts:
     # The routed experts' weights a token does not use: (num_experts - top_k) experts per
     # MoE layer.
     inactive_experts: int = 0
+    # Audio tower and projector of a multimodal checkpoint (Gemma 4 E2B/E4B).
+    audio: int = 0
 
     @property
     def total(self) -> int:
-        return self.text + self.vision
+        return self.text + self.vision + self.audio
 
     @property
     def effective(self) -> int:
@@ -66,6 +68,7 @@ def count_params(arch: Architecture) -> ParamCounts:
         report_embedding=report,
         per_layer_embedding=per_layer,
         inactive_experts=inactive,
+        audio=arch.audio_params,
     )
 
 

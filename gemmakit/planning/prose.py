@@ -31,11 +31,22 @@ def notes(r: Report) -> list[str]:
             f"{a.hidden_size:,}); config.json and the checkpoint hold {a.vocab_size:,} rows "
             f"({p.embedding:,}). Non-embedding counts agree exactly."
         )
-    if p.vision:
+    if p.vision and not p.audio:
         out.append(
             f"Multimodal checkpoint: {p.vision:,} vision parameters (SigLIP tower + projector) "
             f"are in the total; memory and training figures are for the {p.text:,}-parameter "
             "text model gemmakit runs."
+        )
+    elif p.audio:
+        out.append(
+            f"Multimodal checkpoint: {p.vision:,} vision and {p.audio:,} audio parameters "
+            f"(towers + projectors) are in the total; memory and training figures are for the "
+            f"{p.text:,}-parameter text model gemmakit runs."
+        )
+    if a.uncounted_towers:
+        out.append(
+            f"Multimodal checkpoint: the {a.uncounted_towers} towers are not counted (not "
+            f"modelled here); the figures are for the {p.text:,}-parameter text model gemmakit runs."
         )
     nf4, bf16 = r.memory["nf4"], r.memory["bf16"]
     emb16 = 2 * p.embedding

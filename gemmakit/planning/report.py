@@ -68,6 +68,7 @@ class Report:
             "embedding_params": self.params.embedding,
             "non_embedding_params": self.params.non_embedding,
             "vision_params": self.params.vision,
+            "audio_params": self.params.audio,
             "report_embedding_params": self.params.report_embedding,
             "per_layer_embedding_params": self.params.per_layer_embedding,
             "effective_params": self.params.effective,
