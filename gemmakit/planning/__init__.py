@@ -1,9 +1,9 @@
 """Exact parameter accounting and memory planning from a config alone: no weights are read.
 
 The figures behind `gemmakit inspect`, one concern per module, each built on the one before:
+    towers           the vision / audio towers of multimodal checkpoints (SigLIP, Gemma 4's)
     architecture     `Architecture` and its tensor list, from a GemmaConfig, a config.json
                      dict (Gemma, Llama, Mistral, Qwen2) or a GGUF header
-    towers           the vision / audio towers of multimodal checkpoints (SigLIP, Gemma 4's)
     params           parameter counts (total, embedding, non-embedding, per-layer embedding,
                      effective, active per token, vision, audio, LoRA)
     weights          weight bytes per precision (bitsandbytes int8/NF4, llama.cpp GGUF types)
