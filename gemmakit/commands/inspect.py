@@ -35,7 +35,8 @@ per precision, KV cache, fine-tuning) of one or more models, computed from their
 weights are loaded. GB means 10^9 bytes.
 
 TARGET is a preset name (%(presets)s), a config.json or a model folder of a Gemma
-1/2/3/3n/4, Llama, Mistral or Qwen2 model, or a GGUF file. Without a target, the bundled Gemma 3 270M GGUF.
+1/2/3/3n/4, Llama, Mistral or Qwen2 model, or a GGUF file. Without a target, the bundled
+Gemma 3 270M GGUF.
 """
 
 EPILOG = """\
