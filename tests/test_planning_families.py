@@ -9,6 +9,9 @@ or mis-shapes shows up as a difference here.
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from gemmakit.cli import main
 from gemmakit.config import FULL, PRESETS, PROJECTIONS, SLIDING
+from gemmakit.formats.gguf import GGUFFile
 from gemmakit.hf_config import from_hf_config
 from gemmakit.model.cache import KVCache
 from gemmakit.model.families import model_class
@@ -29,7 +33,8 @@ from gemmakit.planning.params import count_params, lora_params
 from gemmakit.planning.prose import notes
 from gemmakit.planning.report import gguf_file_summary, make_report
 from gemmakit.planning.training_memory import TRAINING_METHODS, training_memory
-from gemmakit.planning.weights import PRECISIONS, gguf_tensor_types, weight_bytes
+from gemmakit.planning.weights import PRECISIONS, gguf_bytes, gguf_tensor_types, weight_bytes
+from tests.test_export import tiny_sentencepiece
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 S, F = SLIDING, FULL
@@ -455,3 +460,71 @@ def test_inspect_prints_the_effective_and_active_counts_of_the_presets(capsys):
     assert (e4b["total_params"], e4b["effective_params"]) == (7_463_013_376, 4_644_441_088)
     assert e4b["per_layer_embedding_params"] == 2_818_572_288 and e4b["kv_cache"]["shared_layers"] == 18
     assert (moe["name"], moe["active_params"]) == ("gemma-4-26b-a4b", 3_822_530_560)
+
+
+# --- llama-quantize's own types -------------------------------------------------------------------
+
+LLAMA_CPP_SRC = Path(
+    os.environ.get("GEMMAKIT_LLAMA_CPP_SRC", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+)
+LLAMA_CPP_BIN = Path(os.environ.get("GEMMAKIT_LLAMA_CPP_BIN", "/nonexistent"))
+
+
+def llama_cpp_files(case: str, hf, root: Path, ftypes) -> dict:
+    """llama.cpp's convert_hf_to_gguf.py (f16) then llama-quantize per ftype; the tensor bytes
+    per GGML type of each file (without rope_freqs, a table derived from the config)."""
+    cls = CASES[case][1]
+    torch.manual_seed(0)
+    cls(hf).save_pretrained(root)
+    (root / "tokenizer.model").write_bytes(tiny_sentencepiece())
+    transformers.GemmaTokenizer.from_pretrained(root, mask_token=None).save_pretrained(root)
+    settings = json.loads((root / "tokenizer_config.json").read_text())
+    settings.pop("vocab_file", None)  # llama.cpp's Gemma 4 converter reads tokenizer.json
+    (root / "tokenizer_config.json").write_text(json.dumps(settings))
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP_SRC / "gguf-py"), "LD_LIBRARY_PATH": str(LLAMA_CPP_BIN)}
+    convert = [sys.executable, str(LLAMA_CPP_SRC / "convert_hf_to_gguf.py"), str(root)]
+    subprocess.run([*convert, "--outtype", "f16", "--outfile", str(root / "f16.gguf")], env=env, check=True)
+    out = {}
+    for ftype in ftypes:
+        quantize = [
+            str(LLAMA_CPP_BIN / "llama-quantize"),
+            str(root / "f16.gguf"),
+            str(root / f"{ftype}.gguf"),
+        ]
+        subprocess.run([*quantize, ftype.upper()], env=env, check=True, capture_output=True)
+        by_type: dict[str, int] = {}
+        for name, t in GGUFFile(root / f"{ftype}.gguf").tensors.items():
+            if name != "rope_freqs.weight":
+                by_type[t.ggml_type.name] = by_type.get(t.ggml_type.name, 0) + t.nbytes
+        out[ftype] = by_type
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(
+    not (LLAMA_CPP_BIN / "llama-quantize").is_file()
+    or not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file(),
+    reason="needs llama.cpp's source (GEMMAKIT_LLAMA_CPP_SRC) and a folder holding llama-quantize "
+    "(GEMMAKIT_LLAMA_CPP_BIN)",
+)
+@pytest.mark.parametrize("case", ["gemma4", "gemma3n"])
+def test_gguf_bytes_per_type_equal_llama_quantizes_files(case, tmp_path):
+    """Widths that are multiples of 256 so the k-quant rules, not their fallbacks, decide."""
+    if case == "gemma4":
+        hf = gemma4_config(
+            vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=32,
+            vocab_size_per_layer_input=256, moe_intermediate_size=256, layer_types=[S, S, F, S, S, F, S, F],
+        )  # fmt: skip
+    else:
+        hf = gemma3n_config(
+            vocab_size=256, hidden_size=256, intermediate_size=[512] * 8, num_hidden_layers=8,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=256, num_kv_shared_layers=3,
+            hidden_size_per_layer_input=32, vocab_size_per_layer_input=256, altup_num_inputs=4,
+            laurel_rank=64, activation_sparsity_pattern=[0.0] * 8, layer_types=[S, S, S, S, F, S, S, F],
+        )  # fmt: skip
+    ftypes = ("q4_k_m", "q8_0", "q4_0")
+    files = llama_cpp_files(case, hf, tmp_path, ftypes)
+    arch, _ = ours(hf)
+    for ftype in ftypes:
+        assert gguf_bytes(arch, ftype) == files[ftype], ftype
