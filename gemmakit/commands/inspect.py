@@ -56,7 +56,10 @@ rules behind the numbers:
   q4_k_m      llama.cpp's mixture: Q4_K, with attn_v and ffn_down in Q6_K on the first and
               last eighth of the layers and every third layer between, the output/tied
               embedding in Q6_K, and fallbacks (Q4_K->Q5_0, Q6_K->Q8_0) for rows that are not a
-              multiple of 256. For a GGUF target the file's real bytes per type are shown too.
+              multiple of 256. Gemma 3n/4: the per-layer embedding table is a tied token
+              embedding to llama-quantize (Q6_K); the router, AltUp, LAuReL and the per-layer
+              projection stay 16/32-bit. For a GGUF target the file's real bytes per type are
+              shown too.
   KV cache    2 * kv_heads * head_dim * bytes per token per layer that owns a cache, each layer
               at its own head dim and KV heads (Gemma 4 global layers); KV-shared layers
               (Gemma 3n/4) add nothing; sliding-window layers hold at most their window.
