@@ -560,7 +560,11 @@ def _llama_family_from_gguf(g: GGUFFile) -> Architecture:
         return value
 
     def has(hf_name: str) -> bool:
-        return hf_to_gguf_name(hf_name) in g.tensors
+        # Through the weight's GGUF name, so a rename table that lists weights only still
+        # finds the biases beside them (blk.0.attn_q.weight -> blk.0.attn_q.bias).
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = hf_to_gguf_name(f"{base}.weight")
+        return gguf_name is not None and f"{gguf_name.removesuffix('.weight')}.{suffix}" in g.tensors
 
     hidden, heads, layers = (
         int(get("embedding_length")),
