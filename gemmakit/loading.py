@@ -24,6 +24,7 @@ from gemmakit.files import atomic_folder, atomic_write
 from gemmakit.formats import safetensors
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_config, to_hf_config
+from gemmakit.model.families import model_class
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import cache_dir
 
@@ -130,7 +131,7 @@ def load_model(
         # Dequantized straight into `dtype`, chunk by chunk: no float32 copy of a bf16 model.
         state = state_dict_from_gguf(g, dtype)
     with torch.device("meta"):
-        model = Gemma(config)
+        model = model_class(config)(config)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         state[key] = state.pop(key).to(device=device, dtype=dtype)
@@ -181,7 +182,7 @@ def load_quantized_model(
     reader = safetensors.SafetensorsReader(safetensors.safetensors_files(source.path))
     hf_name = safetensors.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
     with torch.device("meta"):
-        model = Gemma(config)
+        model = model_class(config)(config)
     safetensors.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
 
     def read(name):
@@ -378,7 +379,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
         config = load_hf_config(folder)
         reader = safetensors.SafetensorsReader([folder / "model.safetensors"])
         with torch.device("meta"):  # the same modules, shapes and dtypes, without the work
-            model = quantize_model(Gemma(config).to(dtype), **quantize)
+            model = quantize_model(model_class(config)(config).to(dtype), **quantize)
         expected = {k: (tuple(t.shape), t.dtype) for k, t in _quantized_state(model).items()}
         found = {k: (reader.shape(k), reader.entries[k][1]) for k in reader.entries}
         if found != expected:
