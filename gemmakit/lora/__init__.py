@@ -2,7 +2,7 @@
 and loaded in PEFT's format (peft)."""
 
 from gemmakit.lora.apply import LoraSettings, apply_lora, lora_modules, merge
-from gemmakit.lora.layers import LoRAEmbedding, LoRALinear
+from gemmakit.lora.layers import LoRAEmbedding, LoRALinear, LoRAParameters
 from gemmakit.lora.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -21,6 +21,7 @@ __all__ = [
     "PEFT_PREFIX",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAParameters",
     "LoraSettings",
     "adapter_state_dict",
     "apply_lora",
