@@ -37,12 +37,12 @@ def _parameter_wrapper_name(module: str, names: tuple[str, ...], index: int) -> 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`)."""
-    return {k: p.detach() for k, p in _adapter_params(model).items()}
+    return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]):
     """Copies tensors named as `adapter_state_dict` names them into the model's adapters."""
-    params = _adapter_params(model)
+    params = adapter_parameters(model)
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise ModelFileError(f"adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -56,7 +56,8 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]):
             p.copy_(t)
 
 
-def _adapter_params(model) -> dict[str, nn.Parameter]:
+def adapter_parameters(model) -> dict[str, nn.Parameter]:
+    """The adapter parameters themselves (trainable, with their gradients) under PEFT's names."""
     out = {}
     for name, m in lora_modules(model).items():
         if isinstance(m, LoRAEmbedding):
