@@ -31,8 +31,10 @@ FAMILIES = ("gemma3n", "gemma4")
 # Linear layers beyond the seven projections, targeted by name as peft targets them.
 EXTRA_MODULES = {
     "gemma3n": ("per_layer_input_gate", "per_layer_projection", "laurel.linear_left", "laurel.linear_right",
-                "altup.modality_router", "altup.prediction_coefs"),
-    "gemma4": ("per_layer_input_gate", "per_layer_projection", "router.proj"),
+                "altup.modality_router", "altup.prediction_coefs", "altup_projections.0",
+                "altup_unembed_projections.1", "per_layer_model_projection", "embed_tokens_per_layer"),
+    "gemma4": ("per_layer_input_gate", "per_layer_projection", "router.proj", "per_layer_model_projection",
+               "embed_tokens_per_layer"),
 }  # fmt: skip
 # Weights held as parameters, not linear layers: peft's target_parameters.
 EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
@@ -193,7 +195,9 @@ def test_merged_equals_unmerged(folders, family):
         unmerged = model(IDS)
         lora.merge(model)
         assert not lora.lora_modules(model) and set(model.state_dict()) == base_keys
-        torch.testing.assert_close(model(IDS), unmerged, atol=1e-5, rtol=1e-5)
+        # W + BA rounded to float32 is the only difference; these random models turn a 1e-7
+        # relative change of every weight into ~1e-5 in the logits, hence the parity tolerance.
+        torch.testing.assert_close(model(IDS), unmerged, atol=1e-4, rtol=0)
 
 
 def test_expert_targets_refuse_dropout_and_name_what_to_target(folders):
@@ -275,3 +279,21 @@ def test_finetune_eval_and_serve_through_the_cli(folders, tmp_path, capsys):
 
     want = llm.generate("### Human: Hi", SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text
     assert r.json()["choices"][0]["text"] == want
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="model/gemma3n.py AltUp.correct multiplies by correction_coefs.weight outside training, "
+    "where transformers calls the module (Gemma3nTextAltUp.correct), so an adapter there is skipped",
+)
+def test_altup_correction_coefs_adapter_matches_peft(folders):
+    import peft
+
+    model = ours(folders["gemma3n"][0])
+    lora.apply_lora(model, r=2, alpha=2, dropout=0.0, targets=("altup.correction_coefs",))
+    perturb(model)
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["altup.correction_coefs"])
+    ref = peft.get_peft_model(copy.deepcopy(folders["gemma3n"][1]), config).eval()
+    peft.set_peft_model_state_dict(ref, lora.adapter_state_dict(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), ref(IDS).logits, atol=1e-4, rtol=0)

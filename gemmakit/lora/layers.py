@@ -140,9 +140,19 @@ class LoRAEmbedding(nn.Module, _KeepBaseNames):
     def padding_idx(self):
         return self.base.padding_idx
 
+    @property
+    def num_embeddings(self) -> int:
+        # Read by models that clip ids to the table (Gemma 3n's per-layer embedding).
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        after_a = F.embedding(ids, self.lora_embedding_A.T)  # (..., r)
+        # The padding row gets no gradient, as in the base table and in PEFT's Embedding._embed.
+        after_a = F.embedding(ids, self.lora_embedding_A.T, self.base.padding_idx)  # (..., r)
         delta = after_a @ self.lora_embedding_B.T  # (..., dim)
         return out + (delta * self.scaling).to(out.dtype)
 
