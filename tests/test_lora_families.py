@@ -183,7 +183,7 @@ def test_adapter_files_load_both_ways(folders, family, tmp_path):
         # And back: what peft saves, gemmakit loads.
         theirs.save_pretrained(tmp_path / "peft")
         fresh = ours(folders[family][0])
-        lora.load_adapter(fresh, tmp_path / "peft")
+        assert sorted(lora.load_adapter(fresh, tmp_path / "peft").wrapped) == peft_wrapped(theirs)
         torch.testing.assert_close(fresh(IDS), want, atol=1e-5, rtol=0)
 
 
@@ -207,6 +207,23 @@ def test_expert_targets_refuse_dropout_and_name_what_to_target(folders):
     with pytest.raises(GemmakitError, match="experts.gate_up_proj, experts.down_proj"):
         lora.apply_lora(model, targets=("experts",), dropout=0.0)
     assert not lora.lora_modules(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_blocks_give_the_same_adapter_gradients(folders, family):
+    """--gradient-checkpointing: a KV-shared layer reads keys and values its source block
+    produced inside a recomputed region; the gradients still reach the source's adapters."""
+    from gemmakit.training.setup import enable_activation_recomputation
+
+    grads = []
+    for recompute in (False, True):
+        model, _ = with_adapter(family, folders)
+        if recompute:
+            enable_activation_recomputation(model)
+        lm_loss(model(IDS)).backward()
+        grads.append({k: p.grad for k, p in lora.adapter_parameters(model).items()})
+    for key, g in grads[0].items():
+        torch.testing.assert_close(grads[1][key], g, atol=1e-6, rtol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("family,kind", [("gemma3n", "nf4"), ("gemma4", "int8")])
@@ -269,6 +286,10 @@ def test_finetune_eval_and_serve_through_the_cli(folders, tmp_path, capsys):
     assert tuned["tokens"] == base["tokens"] and tuned["perplexity"] != base["perplexity"]
 
     llm = LLM(model=str(folder), adapter=str(adapter))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(folder), "--adapter", str(adapter), "-o", str(merged)]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(merged)(IDS), llm.model(IDS), atol=1e-4, rtol=0)
     app = create_app(llm, ServerConfig(served_model_name="tiny4", max_batch=2, max_queue=4))
     client = TestClient(app, base_url="http://127.0.0.1")  # the server serves loopback names only
     body = {"model": "tiny4", "prompt": "### Human: Hi", "max_tokens": 5, "temperature": 0}

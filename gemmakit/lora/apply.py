@@ -57,6 +57,14 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
 
 
+def wrapped_names(model: nn.Module) -> list[str]:
+    """What carries an adapter: module names, and a targeted parameter's full name."""
+    out = []
+    for name, m in lora_modules(model).items():
+        out += [f"{name}.{p}" for p in m.names] if isinstance(m, LoRAParameters) else [name]
+    return out
+
+
 def _weight_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Module name -> names of the 2-D/3-D parameters it holds itself, for modules that are
     not linear layers or embeddings (whose weights are targeted as modules)."""
@@ -133,7 +141,6 @@ def apply_lora(
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
-    wrapped = []
     for name, module in list(model.named_modules()):
         if not name or not target_matches(name, targets):
             continue
@@ -144,10 +151,9 @@ def apply_lora(
         else:
             raise GemmakitError(_not_a_target(name, module))
         set_module(model, name, wrapper.train(module.training))  # dropout only in training mode
-        wrapped.append(name)
     for name, params in held.items():
         set_module(model, name, LoRAParameters(model.get_submodule(name), params, r, alpha, use_rslora))
-        wrapped += [f"{name}.{p}" for p in params]
+    wrapped = wrapped_names(model)
     if not wrapped:
         raise GemmakitError(f"no module matches the LoRA targets {', '.join(targets)}")
     settings = LoraSettings(r, alpha, dropout, targets, use_rslora, wrapped, target_parameters=param_targets)

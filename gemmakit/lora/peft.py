@@ -15,7 +15,14 @@ from torch import nn
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.files import atomic_write
 from gemmakit.formats.safetensors import read_safetensors, save_safetensors
-from gemmakit.lora.apply import LoraSettings, is_linear_like, lora_modules, set_module, target_matches
+from gemmakit.lora.apply import (
+    LoraSettings,
+    is_linear_like,
+    lora_modules,
+    set_module,
+    target_matches,
+    wrapped_names,
+)
 from gemmakit.lora.layers import LoRAEmbedding, LoRALinear, LoRAParameters
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -208,7 +215,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     settings = LoraSettings(
         r=int(cfg.get("r", 8)), alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
         target_modules=tuple(cfg.get("target_modules") or ()), use_rslora=use_rslora,
-        wrapped=list(modules), base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        wrapped=wrapped_names(model), base_model_name_or_path=cfg.get("base_model_name_or_path"),
         target_parameters=tuple(cfg.get("target_parameters") or ()),
     )  # fmt: skip
     model.lora_settings = settings
