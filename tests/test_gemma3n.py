@@ -299,3 +299,20 @@ def test_hf_folder_loads_and_exports_back_to_transformers(tmp_path):
     assert type(back).__name__ == "Gemma3nForCausalLM"
     with torch.no_grad():
         assert torch.equal(back.eval()(x).logits, want)
+
+
+@pytest.mark.parametrize("name", ["gemma-3n-E2B-it", "gemma-3n-E4B-it"])
+def test_released_configs_build_transformers_state_dict(name):
+    """The released multimodal config.json files (tests/data/configs) build, on the meta
+    device, the text model transformers builds: same tensor names and shapes."""
+    import json
+
+    from gemmakit.model.families import model_class
+    from tests.test_real_configs import CONFIGS, text_model
+
+    config = from_hf_config(json.loads((CONFIGS / f"{name}.json").read_text()))
+    assert model_class(config) is Gemma3n
+    with torch.device("meta"):
+        ours = Gemma3n(config)
+    want = {k: tuple(v.shape) for k, v in text_model(name).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
