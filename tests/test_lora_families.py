@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gemmakit import lora
 from gemmakit.config import PROJECTIONS
-from gemmakit.errors import GemmakitError
+from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.loading import ModelSource, load_model
 from tests.test_gemma3n import hf_model as gemma3n_hf_model
 from tests.test_gemma4 import COMMON, VOCAB
@@ -185,6 +185,73 @@ def test_adapter_files_load_both_ways(folders, family, tmp_path):
         fresh = ours(folders[family][0])
         assert sorted(lora.load_adapter(fresh, tmp_path / "peft").wrapped) == peft_wrapped(theirs)
         torch.testing.assert_close(fresh(IDS), want, atol=1e-5, rtol=0)
+
+
+def test_adapter_of_the_multimodal_model_loads_on_its_text_tower(folders, tmp_path, caplog):
+    """peft on Gemma4ForConditionalGeneration names the text model `model.language_model.`
+    and may adapt the towers too: the text tower's adapters load, the towers' are skipped
+    with one line."""
+    import peft
+    import transformers
+
+    text = folders["gemma4"][1]
+    vision = transformers.Gemma4VisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8,
+    )  # fmt: skip
+    cfg = transformers.Gemma4Config(text_config=text.config.to_dict(), vision_config=vision.to_dict())
+    full = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    full.model.language_model.load_state_dict(text.model.state_dict())
+    full.lm_head.load_state_dict(text.lm_head.state_dict())
+    modules = "|".join(PROJECTIONS + EXTRA_MODULES["gemma4"]).replace(".", r"\.")
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, init_lora_weights=False, target_parameters=list(EXPERTS),
+        target_modules=rf".*language_model\.(.*\.)?({modules})|.*vision_tower\..*\.q_proj\.linear",
+    )  # fmt: skip
+    ref = peft.get_peft_model(full, config).eval()
+    ref.save_pretrained(tmp_path / "mm")
+    model = ours(folders["gemma4"][0])
+    with caplog.at_level("WARNING", logger="gemmakit.lora.peft"):
+        settings = lora.load_adapter(model, tmp_path / "mm")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'mm' / lora.ADAPTER_WEIGHTS}: skipped 2 LoRA tensors of the vision/audio towers; "
+        "gemmakit runs the text model only"
+    ]
+    _, text_only = with_adapter("gemma4", folders)
+    assert sorted(settings.wrapped) == sorted(text_only.wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), ref(input_ids=IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_adapters_of_kv_shared_projections_are_skipped(folders, tmp_path, caplog):
+    """Gemma 3n files and older transformers gave KV-shared layers k/v weights (unused), so
+    adapters trained there carry factors for them: they are left out, as those weights are."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = with_adapter("gemma4", folders)
+    lora.save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / lora.ADAPTER_WEIGHTS
+    tensors = load_file(path)
+    shared = model.config.num_hidden_layers - 1
+    assert not model.config.layer_owns_kv(shared)
+    for proj in ("k_proj", "v_proj"):
+        tensors[f"{lora.PEFT_PREFIX}model.layers.{shared}.self_attn.{proj}.lora_A.weight"] = torch.randn(
+            4, 48
+        )
+        tensors[f"{lora.PEFT_PREFIX}model.layers.{shared}.self_attn.{proj}.lora_B.weight"] = torch.randn(
+            16, 4
+        )
+    save_file(tensors, path, metadata={"format": "pt"})
+    fresh = ours(folders["gemma4"][0])
+    with caplog.at_level("WARNING", logger="gemmakit.lora.peft"):
+        lora.load_adapter(fresh, tmp_path / "a")
+    assert "skipped the adapters of 2 k/v projections" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS), model(IDS), atol=1e-6, rtol=0)
+    tensors[f"{lora.PEFT_PREFIX}model.layers.0.self_attn.x_proj.lora_A.weight"] = torch.randn(4, 48)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="x_proj, which this model does not have"):
+        lora.load_adapter(ours(folders["gemma4"][0]), tmp_path / "a")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

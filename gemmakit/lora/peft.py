@@ -6,6 +6,7 @@ gemmakit saves onto the transformers model, and gemmakit loads PEFT adapters tra
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.files import atomic_write
-from gemmakit.formats.safetensors import read_safetensors, save_safetensors
+from gemmakit.formats.safetensors import read_safetensors, save_safetensors, split_towers
 from gemmakit.lora.apply import (
     LoraSettings,
     is_linear_like,
@@ -24,6 +25,8 @@ from gemmakit.lora.apply import (
     wrapped_names,
 )
 from gemmakit.lora.layers import LoRAEmbedding, LoRALinear, LoRAParameters
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -156,11 +159,22 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             )
         raise ModelFileError(f"{folder}: no {ADAPTER_WEIGHTS}")
     raw = read_safetensors([weights])
-    tensors = {}
-    for key, t in raw.items():
+    for key in raw:
         if not key.startswith(PEFT_PREFIX):
             raise ModelFileError(f"{weights}: unexpected tensor {key!r} (not a LoRA tensor of a causal LM)")
+    # An adapter trained on a multimodal model may adapt its vision/audio towers too.
+    _, towers = split_towers(k[len(PEFT_PREFIX) :] for k in raw)
+    if towers:
+        log.warning(
+            f"{weights}: skipped {len(towers)} LoRA tensors of the vision/audio towers; "
+            "gemmakit runs the text model only"
+        )
+    towers = set(towers)
+    tensors = {}
+    for key, t in raw.items():
         name = key[len(PEFT_PREFIX) :]
+        if name in towers:
+            continue
         for old, new in _MULTIMODAL:
             if name.startswith(old):
                 name = new + name[len(old) :]
@@ -198,9 +212,17 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     names = dict(model.named_modules())
     alpha, use_rslora = float(cfg.get("lora_alpha", cfg.get("r", 8))), bool(cfg.get("use_rslora", False))
     held = {}  # module -> {wrapper depth: factors} for adapters of parameters (experts)
+    unused = [m for m in modules if m not in names and _unused_projection(model, m)]
+    if unused:
+        log.warning(
+            f"{folder}: skipped the adapters of {len(unused)} k/v projections of layers that read another "
+            "layer's keys and values (transformers drops those weights too)"
+        )
     for module_name, parts in modules.items():
         base_name = module_name.replace(".base_layer", "")
         base = names.get(base_name)
+        if module_name in unused:
+            continue
         if base is None:
             raise ModelFileError(f"{folder}: adapter targets {module_name}, which this model does not have")
         if base_name != module_name or not (is_linear_like(base) or isinstance(base, nn.Embedding)):
@@ -214,17 +236,36 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         set_module(model, base_name, wrapper)
     settings = LoraSettings(
         r=int(cfg.get("r", 8)), alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=tuple(cfg.get("target_modules") or ()), use_rslora=use_rslora,
+        target_modules=_names(cfg.get("target_modules")), use_rslora=use_rslora,
         wrapped=wrapped_names(model), base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        target_parameters=tuple(cfg.get("target_parameters") or ()),
+        target_parameters=_names(cfg.get("target_parameters")),
     )  # fmt: skip
     model.lora_settings = settings
     # Factors of a parameter adapter are copied as stored: PEFT's layout is LoRAParameters'.
-    load_adapter_state(model, {PEFT_PREFIX + k: v for k, v in tensors.items()})
+    load_adapter_state(
+        model, {PEFT_PREFIX + k: v for k, v in tensors.items() if k.rsplit(".lora_", 1)[0] not in unused}
+    )
     for m in lora_modules(model).values():
         m.requires_grad_(False)
         m.eval()
     return settings
+
+
+def _names(value) -> tuple[str, ...]:
+    """PEFT's target list: names, or one regular expression as a string."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def _unused_projection(model: nn.Module, name: str) -> bool:
+    """A k_proj/v_proj adapter of a layer without that projection: a KV-shared layer (Gemma 3n
+    files and older transformers carried k/v weights there, which the computation never used)
+    or a K = V layer's v_proj."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)", name)
+    config = getattr(model, "config", None)
+    if m is None or config is None or int(m[1]) >= config.num_hidden_layers:
+        return False
+    i = int(m[1])
+    return not config.layer_owns_kv(i) or (m[2] == "v_proj" and not config.layer_has_v_proj(i))
 
 
 def _module_wrapper(folder, module_name: str, base: nn.Module, parts: dict, alpha: float, use_rslora: bool):
