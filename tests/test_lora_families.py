@@ -143,12 +143,17 @@ def test_default_targets_wrap_what_peft_wraps(folders, family):
     assert f"model.layers.{c.num_hidden_layers - 1}.self_attn.k_proj" not in settings.wrapped
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_adapter_same_logits_and_gradients_as_peft(folders, family):
+def test_same_adapter_same_logits_and_gradients_as_peft(folders, family, training):
+    """In training mode too, where Gemma 3n's AltUp clamps its coefficients (the adapted
+    prediction_coefs' base weight, in place, in both)."""
     import peft
 
     model, settings = with_adapter(family, folders)
     ref = peft_model(family, folders)
+    model.train(training)
+    ref.train(training)
     assert sorted(settings.wrapped) == peft_wrapped(ref)
     if family == "gemma4":
         assert "model.layers.0.experts.gate_up_proj" in settings.wrapped
@@ -291,6 +296,26 @@ def test_recomputed_blocks_give_the_same_adapter_gradients(folders, family):
         grads.append({k: p.grad for k, p in lora.adapter_parameters(model).items()})
     for key, g in grads[0].items():
         torch.testing.assert_close(grads[1][key], g, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_bfloat16_base_keeps_float32_expert_adapters(folders):
+    model, _ = with_adapter("gemma4", folders)
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    for b in model.buffers():
+        b.data = b.data.to(torch.bfloat16) if b.is_floating_point() else b.data
+    assert {(p.requires_grad, p.dtype) for p in model.parameters()} == {
+        (False, torch.bfloat16),
+        (True, torch.float32),
+    }
+    logits = model(IDS)
+    assert logits.dtype == torch.bfloat16
+    lm_loss(logits).backward()
+    experts = model.model.layers[0].experts
+    for p in (*experts.lora_A.parameters(), *experts.lora_B.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("family,kind", [("gemma3n", "nf4"), ("gemma4", "int8")])
