@@ -136,7 +136,7 @@ def apply_lora(
     if held and dropout > 0:
         raise GemmakitError(
             f"LoRA on parameters ({', '.join(sorted({p for ps in held.values() for p in ps}))}) takes no "
-            "dropout: the input cannot be factored out of W + BA (peft refuses it too); set the LoRA dropout to 0"
+            "dropout: the input cannot be factored out of W + BA (peft refuses it too); set lora_dropout to 0"
         )
     if freeze:
         for p in model.parameters():
