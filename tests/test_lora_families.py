@@ -262,7 +262,12 @@ def test_adapters_of_kv_shared_projections_are_skipped(folders, tmp_path, caplog
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_equals_unmerged(folders, family):
     model, _ = with_adapter(family, folders)
-    base_keys = set(ours(folders[family][0]).state_dict())
+    base_state = ours(folders[family][0]).state_dict()
+    base_keys = set(base_state)
+    # Wrapped, the base weights keep their names (experts included): a base checkpoint loads.
+    keys = set(model.state_dict())
+    assert base_keys <= keys and not any(".base." in k or "base_layer" in k for k in keys)
+    assert not model.load_state_dict(base_state, strict=False).unexpected_keys
     with torch.no_grad():
         unmerged = model(IDS)
         lora.merge(model)
