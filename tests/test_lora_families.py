@@ -141,6 +141,9 @@ def test_default_targets_wrap_what_peft_wraps(folders, family):
     c = model.config
     assert len(settings.wrapped) < 7 * c.num_hidden_layers  # the shared layers' K/V are absent
     assert f"model.layers.{c.num_hidden_layers - 1}.self_attn.k_proj" not in settings.wrapped
+    if c.attention_k_eq_v:  # Gemma 4's full layer 1: keys are the values, no v_proj
+        assert {"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"} <= set(settings.wrapped)
+        assert "model.layers.1.self_attn.v_proj" not in settings.wrapped
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
