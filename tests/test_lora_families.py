@@ -402,11 +402,6 @@ def test_finetune_eval_and_serve_through_the_cli(folders, tmp_path, capsys):
     assert r.json()["choices"][0]["text"] == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model/gemma3n.py AltUp.correct multiplies by correction_coefs.weight outside training, "
-    "where transformers calls the module (Gemma3nTextAltUp.correct), so an adapter there is skipped",
-)
 def test_altup_correction_coefs_adapter_matches_peft(folders):
     import peft
 
