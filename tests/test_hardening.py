@@ -6,6 +6,8 @@ command-line flags, and the modes of written files.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,46 @@ def test_server_refuses_non_integer_token_prompts_and_still_serves(server):
     ok = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=ok)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+# --- modes of written files (item 11) ----------------------------------------------------------
+
+
+@pytest.fixture
+def umask():
+    def set_umask(mask):
+        os.umask(mask)
+
+    old = os.umask(0o022)
+    yield set_umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mask, mode):
+    from safetensors.torch import save_file
+
+    from gemmakit.files import atomic_folder, atomic_write
+    from gemmakit.formats.safetensors import save_safetensors
+
+    umask(mask)
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    atomic_write(tmp_path / "b.txt", lambda tmp: Path(tmp).write_text("x"))
+    with atomic_folder(tmp_path / "folder") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "c.safetensors"))  # safetensors creates it 0600
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "d.json").write_text("{}")
+    (tmp_path / "sibling.txt").write_text("x")
+    for f in ("a.safetensors", "b.txt", "folder/c.safetensors", "folder/sub/d.json", "sibling.txt"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == mode, f
+
+
+def test_an_executable_keeps_its_execute_bits(tmp_path, umask):
+    from gemmakit.files import atomic_write
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"\x7fELF")
+        os.chmod(tmp, 0o700)  # as a compiler leaves its output
+
+    atomic_write(tmp_path / "lib.so", write)
+    assert stat.S_IMODE((tmp_path / "lib.so").stat().st_mode) == 0o755
