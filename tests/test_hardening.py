@@ -6,6 +6,7 @@ command-line flags, and the modes of written files.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -16,6 +17,9 @@ import torch
 from gemmakit.cli import main
 from gemmakit.errors import GemmakitError
 from gemmakit.inference.sampling import MIN_TEMPERATURE, SamplingParams, sample
+from gemmakit.training import data as sft_data
+from gemmakit.training.checkpoints import STATE_FILE, checkpoints
+from gemmakit.training.trainer import Trainer, train
 from tests.test_training import SAMPLE, one_thread, records, tiny_config, tiny_model_folder  # noqa: F401
 
 NAN, INF = float("nan"), float("inf")
@@ -201,6 +205,176 @@ def test_server_refuses_non_integer_token_prompts_and_still_serves(server):
     ok = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=ok)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+# --- a fine-tune killed before its first checkpoint; damaged run files (item 2) ----------------
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: the run stops where it is, with no handler and no checkpoint."""
+
+
+def kill_at(step: int):
+    def callback(event):
+        if event["step"] == step:
+            raise Killed
+
+    return callback
+
+
+def leave_killed_run(cfg, step: int = 2):
+    """The folder as a SIGKILL at `step` leaves it (no checkpoint yet): config.json, the metrics
+    written so far with the last line cut mid-write, and a half-written checkpoint temporary."""
+    with pytest.raises(Killed):
+        train(cfg, callbacks=[kill_at(step)], progress=False)
+    out = Path(cfg.output)
+    assert (out / "config.json").exists() and not checkpoints(out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.1')
+    tmp = out / "checkpoints" / f".step-{step + 1:06d}.tmp-999999"
+    (tmp / "adapter").mkdir(parents=True)
+    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, resume):
+    folder = tiny_model_folder(tmp_path)
+    kw = dict(max_steps=4, save_every=10, eval_every=2)
+    fresh = train(tiny_config(folder, tmp_path / "fresh", **kw), progress=False)
+    cfg = tiny_config(folder, tmp_path / "killed", **kw)
+    leave_killed_run(cfg)
+    notes = []
+    again = train(cfg, resume=resume, progress=False, log=notes.append)
+    assert again.step == fresh.step == 4 and not again.interrupted
+    assert any("before its first checkpoint" in n and "step 0" in n for n in notes), notes
+    assert records(tmp_path / "killed") == records(tmp_path / "fresh")  # as if never killed
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))  # the temporary is gone
+    # the adapter is readable by the group and others, as its siblings are (item 11)
+    assert stat.S_IMODE((again.adapter / "adapter_model.safetensors").stat().st_mode) == (
+        stat.S_IMODE((tmp_path / "killed" / "config.json").stat().st_mode)
+    )
+
+
+def test_resume_of_an_empty_folder_is_still_refused(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path)
+    with pytest.raises(GemmakitError, match="no checkpoint to resume from"):
+        Trainer(tiny_config(folder, tmp_path / "typo"), resume=True)
+
+
+@pytest.fixture
+def checkpointed_run(tmp_path):
+    """A run stopped by Ctrl-C at step 2 (checkpoint step-000002) and its config."""
+    folder = tiny_model_folder(tmp_path)
+    cfg = tiny_config(folder, tmp_path / "run", max_steps=4, save_every=10, eval_every=10)
+
+    def ctrl_c(event):
+        if event["step"] == 2:
+            raise KeyboardInterrupt
+
+    part = train(cfg, callbacks=[ctrl_c], progress=False)
+    assert part.interrupted and part.checkpoint.name == "step-000002"
+    return cfg, part.checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_state"])
+def test_a_damaged_trainer_state_is_one_clear_error(checkpointed_run, damage):
+    cfg, ckpt = checkpointed_run
+    state = ckpt / STATE_FILE
+    if damage == "truncated":
+        data = state.read_bytes()
+        state.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        state.write_bytes(b"this is not a checkpoint")
+    else:
+        torch.save({"step": 2}, state)
+    with pytest.raises(GemmakitError) as e:
+        train(cfg, resume=True, progress=False)
+    assert str(state) in str(e.value) and f"remove {ckpt}" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_metrics_cut_mid_write_resume_and_damaged_metrics_are_an_error(checkpointed_run):
+    cfg, _ = checkpointed_run
+    metrics = Path(cfg.output) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"step": 3, "lo')  # a kill inside Metrics.write
+    result = train(cfg, resume=True, progress=False)
+    assert result.step == 4 and [r["step"] for r in records(Path(cfg.output)) if "loss" in r] == [1, 2, 3, 4]
+    metrics.write_text("\n".join(["{oops", *metrics.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(GemmakitError, match=r"metrics.jsonl:1: not a metrics record"):
+        Trainer(cfg, resume=True).fit(progress=False)
+
+
+# --- fine-tuning data (item 5) -----------------------------------------------------------------
+
+
+class CharTokenizer:
+    bos_id, eos_id, pad_id = 2, 1, 0
+
+    def encode(self, text, add_bos=True):
+        return ([self.bos_id] if add_bos else []) + [3 + ord(c) % 200 for c in text]
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"prompt": None, "completion": "x"}, "'prompt' must be a string, got null"),
+        ({"prompt": "x", "completion": None}, "'completion' must be a string, got null"),
+        ({"prompt": "x", "completion": 4}, "'completion' must be a string, got a number"),
+        ({"text": None}, "'text' must be a string, got null"),
+        ({"messages": [{"role": "user", "content": None}]}, "message content must be a string, got null"),
+        ("[1, 2]", "a row must be a JSON object, got an array"),
+    ],
+)
+def test_bad_rows_name_the_file_line_after_the_split(tmp_path, bad, message):
+    """Line 41 of the file, whatever its place in the shuffled split."""
+    good = {"prompt": "q", "completion": "a"}
+    rows = [good] * 30 + [""] * 5 + [good] * 5 + [bad] + [good] * 9
+    path = write_rows(tmp_path / "data.jsonl", rows)
+    with pytest.raises(GemmakitError) as e:
+        read = sft_data.read_rows(path)
+        train_rows, eval_rows = sft_data.split_rows(read, 0.2, seed=1)
+        for part in (train_rows, eval_rows):
+            sft_data.build_examples(part, CharTokenizer(), 64)
+    assert str(e.value) == f"{path}:41: {message}"
+
+
+def test_rows_with_nothing_to_learn_are_skipped_and_counted():
+    rows = [
+        {"text": ""},
+        {"text": "   "},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+        {"text": "### Human: a question and no answer"},
+        {"prompt": "q", "completion": ""},
+        {"prompt": "q", "completion": "a"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    for chat in (False, True):
+        examples, skipped = sft_data.build_examples(rows, CharTokenizer(), 64, chat_template=chat)
+        assert skipped == 6 and len(examples) == 2
+        # no example is a bare <bos><eos>: each has a response token to learn
+        assert all(len([t for t in e.labels if t != sft_data.IGNORE]) >= 2 for e in examples)
+
+
+def test_the_trainer_reports_how_many_rows_it_skipped(tmp_path):
+    folder = tiny_model_folder(tmp_path)
+    data = write_rows(tmp_path / "d.jsonl", [{"text": ""}, {"prompt": "q", "completion": "a"}] * 6)
+    notes = []
+    Trainer(tiny_config(folder, tmp_path / "o", data=str(data), eval_fraction=0.0), log=notes.append)
+    assert any("skipped 6 row(s) with nothing to learn from" in n for n in notes), notes
+
+
+def test_non_utf8_data_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(GemmakitError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        sft_data.read_rows(path)
 
 
 # --- modes of written files (item 11) ----------------------------------------------------------
