@@ -377,6 +377,42 @@ def test_non_utf8_data_names_the_line(tmp_path):
         sft_data.read_rows(path)
 
 
+# --- command-line flags (item 6) ---------------------------------------------------------------
+
+
+def test_cli_flag_mistakes_are_one_line(tmp_path, capsys, tiny_folder):
+    cases = [
+        (["generate", "Hi", "--seed", "100000000000000000000000"], "generate", "--seed must fit in 64 bits"),
+        (["generate", "Hi", "--device", "banana"], "generate", "--device must be cpu, cuda or cuda:N"),
+        (["eval", "perplexity", "--device", "cuda:x"], "eval", "--device must be"),
+        (["serve", "--port", "99999", "--model", "/no/such"], "serve", "--port must be in 0..65535"),
+        (["serve", "--port", "-1", "--model", "/no/such"], "serve", "--port must be in 0..65535"),
+        (["eval", "perplexity", "--text", str(tmp_path)], "eval", "is a folder"),
+        (
+            ["finetune", "--seed", str(2**70), "--data", SAMPLE, "--output", str(tmp_path / "o")],
+            "finetune",
+            "--seed",
+        ),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "\xff\xfe"}\n')
+    args = ["finetune", "--model", str(tiny_folder), "--data", str(bad), "--output", str(tmp_path / "f")]
+    cases.append((args + ["--recipe", "lora"], "finetune", "bad.jsonl:1: not UTF-8 text"))
+    for argv, command, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        one_line_error(err, command)
+        assert message in err, (argv, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_only_torch_is_one_line(capsys):
+    assert main(["generate", "Hi", "--device", "cuda", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "generate")
+    assert "--device cuda" in err and ("without CUDA" in err or "no CUDA device" in err)
+
+
 # --- modes of written files (item 11) ----------------------------------------------------------
 
 
