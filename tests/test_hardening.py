@@ -255,10 +255,20 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, resume):
     )
 
 
-def test_resume_of_an_empty_folder_is_still_refused(tmp_path, capsys):
+def test_resume_of_an_empty_folder_is_still_refused(tmp_path):
     folder = tiny_model_folder(tmp_path)
     with pytest.raises(GemmakitError, match="no checkpoint to resume from"):
         Trainer(tiny_config(folder, tmp_path / "typo"), resume=True)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_model_folder_given_as_output_is_left_alone(tmp_path, resume):
+    """Its config.json is not a run's: refused, not taken for a killed run and overwritten."""
+    folder = tiny_model_folder(tmp_path)
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(GemmakitError, match="not a fine-tuning run's settings"):
+        Trainer(tiny_config(folder, folder), resume=resume)
+    assert (folder / "config.json").read_bytes() == before
 
 
 @pytest.fixture
@@ -394,6 +404,11 @@ def test_cli_flag_mistakes_are_one_line(tmp_path, capsys, tiny_folder):
             "--seed",
         ),
     ]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    resume = ["finetune", "--data", SAMPLE, "--output", str(broken), "--resume"]
+    cases.append((resume, "finetune", "config.json: not the JSON a run writes"))
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "\xff\xfe"}\n')
     args = ["finetune", "--model", str(tiny_folder), "--data", str(bad), "--output", str(tmp_path / "f")]

@@ -142,7 +142,7 @@ class Trainer:
             raise GemmakitError(
                 f"{self.output} already holds a run; pass --resume to continue it or choose another --output"
             )
-        started = self.metrics.path.exists() or (self.output / "config.json").exists()
+        started = self.metrics.path.exists() or self._holds_run_config()
         if resume and not saved and not started:  # most likely a mistyped --output
             raise GemmakitError(f"{self.output}: no run and no checkpoint to resume from")
         if not saved and started:
@@ -152,6 +152,24 @@ class Trainer:
             if self.dist.main:
                 self._discard_unsaved_run()
         return saved
+
+    def _holds_run_config(self) -> bool:
+        """Whether OUTPUT/config.json is a run's (written by `_write_run_config`).
+
+        Any other config.json (a model folder given as --output) is refused rather than
+        overwritten."""
+        path = self.output / "config.json"
+        if not path.exists():
+            return False
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or "effective" not in saved:
+            raise GemmakitError(
+                f"{path} is not a fine-tuning run's settings (a model folder?); choose another --output"
+            )
+        return True
 
     def _discard_unsaved_run(self):
         """Removes what a run that never saved a checkpoint left: its records and temporaries."""
