@@ -387,6 +387,88 @@ def test_non_utf8_data_names_the_line(tmp_path):
         sft_data.read_rows(path)
 
 
+class StrictCharTokenizer(CharTokenizer):
+    """Refuses what the real tokenizer refuses (a lone surrogate: tokenizers raises TypeError)."""
+
+    def encode(self, text, add_bos=True):
+        text.encode("utf-8")
+        return super().encode(text, add_bos)
+
+
+FUZZ_ROWS = [
+    {"text": "### Human: What is 2+2?### Assistant: 4."},
+    {"prompt": "Capital of France?", "completion": "Paris."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}]},
+]  # fmt: skip
+FUZZ_VALUES = [None, 0, -1.5, True, "", "   ", "\ud800", [], {}, [1, "a"], {"role": 3}, "### Assistant:"]
+
+
+def mutate(rng, data: bytes) -> bytes:
+    """One random damage: flipped, inserted or deleted bytes, a cut, or a field set to an odd value."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b)
+    if kind == 1:
+        i = rng.randrange(len(data))
+        return data[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 6))) + data[i:]
+    if kind == 2:
+        return data[: rng.randrange(len(data))]
+    if kind == 3:
+        i, j = sorted(rng.randrange(len(data)) for _ in range(2))
+        return data[:i] + data[j:]
+    rows = [json.loads(line) for line in data.decode().splitlines()]
+    row = rng.choice(rows)
+    target = rng.choice(row["messages"]) if "messages" in row and rng.random() < 0.5 else row
+    target[rng.choice([*target, "text", "prompt"])] = rng.choice(FUZZ_VALUES)
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def fuzz_data_reader(tmp_path, cases: int, seed: int) -> int:
+    """Reads `cases` damaged files; each must give rows or a GemmakitError. Returns how many erred."""
+    import random
+
+    base = "".join(json.dumps(r) + "\n" for r in FUZZ_ROWS * 3).encode()
+    rng, errors = random.Random(seed), 0
+    for case in range(cases):
+        path = tmp_path / f"case{case % 7}.{'json' if case % 11 == 0 else 'jsonl'}"
+        data = mutate(rng, base)
+        path.write_bytes(b"[" + data.replace(b"}\n{", b"},{") + b"]" if path.suffix == ".json" else data)
+        try:
+            rows = sft_data.read_rows(path)
+            for part in sft_data.split_rows(rows, 0.25, seed=case):
+                for chat in (False, True):
+                    sft_data.build_examples(part, StrictCharTokenizer(), 48, chat_template=chat)
+        except GemmakitError as e:
+            assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
+            errors += 1
+    return errors
+
+
+def test_fuzzed_data_files_give_rows_or_one_clear_error(tmp_path):
+    errors = fuzz_data_reader(tmp_path, 400, seed=0)
+    assert 0 < errors < 400  # both outcomes were reached
+
+
+@pytest.mark.slow
+def test_fuzzed_data_files_long(tmp_path):
+    errors = fuzz_data_reader(tmp_path, 20000, seed=1)
+    assert 0 < errors < 20000
+
+
+def test_deeply_nested_json_and_lone_surrogates_are_one_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "\n")
+    with pytest.raises(GemmakitError, match="deep.jsonl:1: JSON nested too deeply"):
+        sft_data.read_rows(deep)
+    surrogate = write_rows(tmp_path / "s.jsonl", [{"prompt": "hi \ud800", "completion": "x"}])
+    with pytest.raises(GemmakitError, match=r"s.jsonl:1: 'prompt' holds a lone surrogate \(U\+D800\)"):
+        sft_data.build_examples(sft_data.read_rows(surrogate), StrictCharTokenizer(), 48)
+
+
 # --- command-line flags (item 6) ---------------------------------------------------------------
 
 

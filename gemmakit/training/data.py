@@ -106,6 +106,8 @@ def _read_file(path: Path) -> list[dict]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise GemmakitError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise GemmakitError(f"{path}: JSON nested too deeply") from None
         rows = [_row(r, f"{path} item {i}") for i, r in enumerate(items, 1)]
     else:
         rows = []
@@ -177,8 +179,7 @@ def row_turns(row: dict, index=0) -> tuple[list[tuple[str, str]] | None, str | N
         turns, system = [], ""
         for m in msgs:
             role, content = m.get("role"), m.get("content")
-            if not isinstance(content, str):
-                raise GemmakitError(f"{where}: message content must be a string, got {_json_kind(content)}")
+            _check_text(content, where, "message content")
             if role == "system":
                 system += content.strip() + "\n\n"
             elif role in ("user", "human"):
@@ -192,16 +193,27 @@ def row_turns(row: dict, index=0) -> tuple[list[tuple[str, str]] | None, str | N
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         for name, value in (("prompt", prompt), ("completion", completion)):
-            if not isinstance(value, str):
-                raise GemmakitError(f"{where}: '{name}' must be a string, got {_json_kind(value)}")
+            _check_text(value, where, f"'{name}'")
         return [("user", prompt.strip()), ("assistant", completion.strip())], None
     if "text" in row:
         text = row["text"]
-        if not isinstance(text, str):
-            raise GemmakitError(f"{where}: 'text' must be a string, got {_json_kind(text)}")
+        _check_text(text, where, "'text'")
         turns = parse_guanaco(text)
         return (turns, None) if turns else (None, text)
     raise GemmakitError(f"{where}: needs 'text', 'prompt'+'completion' or 'messages' (has {sorted(row)})")
+
+
+def _check_text(value, where: str, name: str) -> None:
+    """Refuses a field that is not a string, or not Unicode text (JSON's "\\ud800" escape
+    decodes to a lone surrogate, which the tokenizer cannot take)."""
+    if not isinstance(value, str):
+        raise GemmakitError(f"{where}: {name} must be a string, got {_json_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GemmakitError(
+            f"{where}: {name} holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not text"
+        ) from None
 
 
 def _json_kind(value) -> str:
