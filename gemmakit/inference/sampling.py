@@ -15,9 +15,10 @@ import torch
 
 from gemmakit.errors import GemmakitError
 
-# Below this a positive temperature is refused: float32 logits of ~100 divided by it overflow to
-# inf. vLLM treats temperatures under 1e-5 as greedy (vllm/sampling_params.py, _SAMPLING_EPS);
-# here the caller says 0 for greedy.
+# The smallest positive temperature accepted. Logits divided by a tiny one overflow float32
+# (1e-40 turns every logit into inf and the softmax into NaN); divided by 1e-5 they stay far
+# from it (|logit| 1e4 -> 1e9). vLLM takes temperatures under 1e-5 as greedy
+# (vllm/sampling_params.py, _SAMPLING_EPS); here the caller says 0 for greedy.
 MIN_TEMPERATURE = 1e-5
 
 
