@@ -346,3 +346,30 @@ def test_chat_command_prints_a_template_rejection_on_one_line(hf_folder, capsys,
     assert err.strip().splitlines()[-1] == (
         "gemmakit chat: error: the chat template rejected the conversation: System role not supported"
     )
+
+
+# --- fine-tuning data in the model's own format ---------------------------------------------------
+
+
+def test_chat_finetuning_rows_use_the_models_own_template(tmp_path):
+    from gemmakit.training import data as sft_data
+
+    tok = Tokenizer.from_folder(tokenizer_folder(tmp_path / "g4", GEMMA4))
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Sure."}]}  # fmt: skip
+    (example,), skipped = sft_data.build_examples([row], tok, 512, chat_template=True, responses_only=True)
+    assert skipped == 0
+    # The example is exactly the conversation as the template renders it, one BOS.
+    conversation = [{"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "Hello!"),
+                                                           ("user", "More?"), ("assistant", "Sure."))]  # fmt: skip
+    assert example.input_ids == tok.encode(tok.apply_chat_template(conversation, add_generation_prompt=False))
+    # Only the assistant turns (with the template's end-of-turn marker) are labels.
+    learned = [t for t in example.labels if t != sft_data.IGNORE]
+    responses = "Hello!<turn|>\n", "Sure.<turn|>\n"
+    assert learned == [t for r in responses for t in tok.encode(r, add_bos=False)]
+    # Without a template of its own, Gemma's built-in format stays.
+    plain = Tokenizer.from_folder(tokenizer_folder(tmp_path / "plain", GEMMA3))
+    plain.chat_template = None
+    (builtin,), _ = sft_data.build_examples([row], plain, 512, chat_template=True)
+    want = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>"
+    assert builtin.input_ids[: len(tok.encode(want))] == plain.encode(want)

@@ -11,7 +11,11 @@ HELP = "commands: /reset clears the history, /system TEXT sets a system prompt, 
 
 def add_arguments(p):
     add_model_arguments(p)
-    p.add_argument("--system", default=None, help="system prompt (folded into the first user turn)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt, rendered by the model's chat template (Gemma 3's folds it into the first user turn; Gemma 4 has a system turn)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (512)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")

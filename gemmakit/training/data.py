@@ -9,7 +9,8 @@ dataset name (`datasets.load_dataset`, online only):
 
 Every row becomes segments of text marked prompt or response, rendered either in the guanaco
 format (`### Human: …### Assistant: …`, as the openassistant-guanaco data set writes it) or,
-with `chat_template=True`, in Gemma's chat format
+with `chat_template=True`, in the model's own chat template when its tokenizer has one (Gemma
+4's `<|turn>` format, say), else Gemma's chat format
 (`<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`).
 
 Tokenization rules:
@@ -25,6 +26,7 @@ generates after the prompt at inference time.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -227,7 +229,7 @@ def _json_kind(value) -> str:
     return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def format_row(row: dict, chat_template: bool = False, index=0) -> list[tuple[str, bool]]:
+def format_row(row: dict, chat_template: bool = False, index=0, render=None) -> list[tuple[str, bool]]:
     """Segments [(text, is_response)] of a row, without BOS or the final end token.
 
     Guanaco format: `### Human: q### Assistant: a` exactly as the guanaco data is written;
@@ -235,6 +237,9 @@ def format_row(row: dict, chat_template: bool = False, index=0) -> list[tuple[st
     model turn closed by `<end_of_turn>` inside the response (it is what the model must emit).
     [] for a row with nothing to learn from: empty text, or no assistant turn with content
     (it would otherwise train `<bos><eos>`, teaching the model to stop at once).
+
+    `render(messages, add_generation_prompt)`, the tokenizer's own chat template, replaces
+    Gemma's built-in chat format when given (see `_template_segments`).
     """
     turns, text = row_turns(row, index)
     if turns is None:
@@ -248,6 +253,8 @@ def format_row(row: dict, chat_template: bool = False, index=0) -> list[tuple[st
         return [(text, True)]
     if not any(role == "assistant" and content for role, content in turns):
         return []
+    if chat_template and render is not None:
+        return _template_segments(turns, render, _where(row, index))
     if chat_template:
         segs, prompt = [], ""
         for role, content in turns:
@@ -264,6 +271,34 @@ def format_row(row: dict, chat_template: bool = False, index=0) -> list[tuple[st
         else:
             segs += [(prompt, False), (f" {content}", True)]
             prompt = ""
+    return [s for s in segs if s[0]]
+
+
+def _template_segments(turns, render, where: str) -> list[tuple[str, bool]]:
+    """Segments of a conversation in the model's own template, split as the template writes
+    the whole conversation: an assistant turn's response is what rendering the conversation
+    through that turn adds past the point where it parts from the rendering up to the turn's
+    generation prompt (its content and the template's end-of-turn marker, which the model must
+    learn to emit). The generation prompt itself may differ from the history: Gemma 4's adds an
+    empty thinking channel that its rendered history leaves out. A template that rewrites
+    earlier turns as later ones arrive has no such split, and is refused."""
+    messages, segs, done = [], [], ""
+    for role, content in turns:
+        if role == "user":
+            messages.append({"role": "user", "content": content})
+            continue
+        prompt = render(messages, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": content})
+        full = render(messages, add_generation_prompt=False)
+        split = len(os.path.commonprefix([prompt, full]))
+        if not full.startswith(done) or split < len(done) or split == len(full):
+            raise GemmakitError(
+                f"{where}: the model's chat template renders earlier turns differently as the "
+                "conversation grows, so prompt and response cannot be told apart; train without "
+                "--chat-template"
+            )
+        segs += [(full[len(done) : split], False), (full[split:], True)]
+        done = full
     return [s for s in segs if s[0]]
 
 
@@ -304,14 +339,17 @@ def tokenize(
 
 
 def build_examples(rows, tokenizer, max_length, chat_template=False, responses_only=False):
-    """(examples, skipped count) for rows; chat rows end with <end_of_turn>, others with <eos>.
+    """(examples, skipped count) for rows; chat rows end with the end-of-turn marker (the
+    template's, or <end_of_turn>), others with <eos>.
 
     Skipped: rows with nothing to learn from (see `format_row`), and rows whose responses
     fall entirely past `max_length` under `responses_only`.
     """
     out, dropped = [], 0
+    own_template = getattr(tokenizer, "chat_template", None) is not None
+    render = tokenizer.apply_chat_template if chat_template and own_template else None
     for i, row in enumerate(rows, 1):
-        segs = format_row(row, chat_template, i)
+        segs = format_row(row, chat_template, i, render)
         if not segs:
             dropped += 1
             continue
