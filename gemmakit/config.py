@@ -261,13 +261,13 @@ def _gemma3(name, vocab, hidden, inter, layers, heads, kv, head_dim, qpas, windo
     )  # fmt: skip
 
 
-def _gemma3n(name, layers, inter, shared, widths_listed, qpas, eos):
+def _gemma3n(name, layers, inter, shared, widths_listed, eos):
     """Gemma 3n E2B/E4B's text model; widths_listed: the file lists intermediate_size per layer."""
     return GemmaConfig(
         vocab_size=262400, hidden_size=2048, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=2, head_dim=256,
         layer_types=tuple(FULL if (i + 1) % 5 == 0 else SLIDING for i in range(layers)),
-        max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=qpas,
+        max_position_embeddings=32768, sliding_window=512,
         final_logit_softcapping=30.0, rope_theta=1e6, rope_local_base_freq=1e4,
         use_qk_norm=True, use_post_norms=True, eos_token_ids=eos,
         architecture="Gemma3nForCausalLM", model_type="gemma3n_text",
@@ -315,8 +315,8 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma-3-4b": _gemma3("gemma-3-4b", 262208, 2560, 10240, 34, 8, 4, 256, 256, 1024, 131072, 8.0),
     "gemma-3-12b": _gemma3("gemma-3-12b", 262208, 3840, 15360, 48, 16, 8, 256, 256, 1024, 131072, 8.0),
     "gemma-3-27b": _gemma3("gemma-3-27b", 262208, 5376, 21504, 62, 32, 16, 128, 168, 1024, 131072, 8.0),
-    "gemma-3n-e2b": _gemma3n("gemma-3n-e2b", 30, 8192, 10, True, None, (106,)),
-    "gemma-3n-e4b": _gemma3n("gemma-3n-e4b", 35, 16384, 15, False, 256, (1, 106)),
+    "gemma-3n-e2b": _gemma3n("gemma-3n-e2b", 30, 8192, 10, True, (106,)),
+    "gemma-3n-e4b": _gemma3n("gemma-3n-e4b", 35, 16384, 15, False, (1, 106)),
     "gemma-4-e2b": _gemma4("gemma-4-e2b", 1536, 6144, 35, 8, 1, 5, 512, 131072, 256, 20, double_wide=True),
     "gemma-4-e4b": _gemma4("gemma-4-e4b", 2560, 10240, 42, 8, 2, 6, 512, 131072, 256, 18),
     "gemma-4-26b-a4b": _gemma4("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 6, 1024, 262144, 0, 0,

@@ -133,6 +133,9 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
     intermediate = pop("intermediate_size")
     extra: dict[str, Any] = dict(_FIXED_BEHAVIOURS.get(arch, {}))
     if arch in _FIXED_BEHAVIOURS:
+        # Some Gemma 3n config.json files carry query_pre_attn_scalar; its attention scale is
+        # fixed at 1.0 and transformers' Gemma3nTextConfig has no such key: it changes nothing.
+        raw.pop("query_pre_attn_scalar", None)
         extra.update(_new_family_fields(raw, arch, layer_types, intermediate))
         intermediate = extra.pop("intermediate_size")
     elif not isinstance(intermediate, int):
