@@ -68,7 +68,7 @@ CASES = {
     # The shapes llama.cpp's gemma3n hard-codes (src/models/gemma3n.cpp, models.h: 20 layers
     # with their own KV, LAuReL rank 64, 256-wide PLE, 0.95 sparsity on the first 10 layers).
     "gemma3n_llama_cpp": dict(
-        num_hidden_layers=22, intermediate_size=64, num_kv_shared_layers=2,
+        num_hidden_layers=22, intermediate_size=1024, num_kv_shared_layers=2,
         hidden_size_per_layer_input=256, vocab_size_per_layer_input=256, laurel_rank=64,
         layer_types=[FULL if (i + 1) % 5 == 0 else SLIDE for i in range(22)],
         activation_sparsity_pattern=[0.95] * 10 + [0.0] * 12,
@@ -91,6 +91,9 @@ def random_hf_model(case: str, seed: int = 0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.3 if "norm" in name else 0.1)
+        # Wide logit margins, so that greedy decoding is decided by the weights and not by
+        # float rounding (llama.cpp's GELU is a table lookup on the CPU): a large final norm.
+        model.model.norm.weight.normal_(8.0, 2.0)
         for name, b in model.named_buffers():
             if name in persistent:  # layer_scalar: a loader that drops it changes the logits
                 b.uniform_(0.5, 1.5)

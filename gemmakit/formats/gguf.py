@@ -101,6 +101,10 @@ STACKED_NAMES = {
     "altup_proj.weight": "model.altup_projections.{}.weight",
     "altup_unembd_proj.weight": "model.altup_unembed_projections.{}.weight",
 }
+# K/V weights of a KV-shared layer: llama.cpp's gemma3n loader requires them on every layer
+# (src/models/gemma3n.cpp, create_tensor_qkv) and Gemma 3n checkpoints from before transformers
+# 5 carry them, but a shared layer never uses them and has none in transformers' model.
+SHARED_LAYER_KV_TENSORS = ("attn_k.weight", "attn_v.weight", "attn_k_norm.weight")
 # Gemma 4's proportional-RoPE frequency factors: derived from the config on reading, written
 # from it on export (conversion/gemma.py Gemma4Model.generate_extra_tensors).
 ROPE_FREQS = "rope_freqs.weight"
@@ -497,7 +501,7 @@ def state_dict_from_gguf(
     config = config or config_from_gguf(g)
     out = {}
     for name in g.tensors:
-        if name == ROPE_FREQS:
+        if name == ROPE_FREQS or _unused_shared_kv(name, config):
             continue
         if name in STACKED_NAMES:
             for k, part in enumerate(g.tensor(name, dtype).unbind(0)):  # (n - 1, D, D) -> n - 1 x (D, D)
@@ -511,6 +515,16 @@ def state_dict_from_gguf(
         else:
             out[hf] = g.tensor(name, dtype)
     return out
+
+
+def _unused_shared_kv(name: str, config: GemmaConfig) -> bool:
+    parts = name.split(".", 2)
+    return (
+        len(parts) == 3
+        and parts[0] == "blk"
+        and parts[2] in SHARED_LAYER_KV_TENSORS
+        and not config.layer_owns_kv(int(parts[1]))
+    )
 
 
 def gguf_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, list[str], torch.Tensor]]:

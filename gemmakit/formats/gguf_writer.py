@@ -29,7 +29,13 @@ from gguf import GGMLQuantizationType as Q
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import GemmakitError
 from gemmakit.files import atomic_write
-from gemmakit.formats.gguf import ROPE_FREQS, UNROTATED_FREQ_FACTOR, gguf_tensors, is_norm
+from gemmakit.formats.gguf import (
+    ROPE_FREQS,
+    SHARED_LAYER_KV_TENSORS,
+    UNROTATED_FREQ_FACTOR,
+    gguf_tensors,
+    is_norm,
+)
 from gemmakit.formats.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
 
 log = logging.getLogger(__name__)
@@ -311,6 +317,20 @@ def _add_per_layer_family(w: gguf.GGUFWriter, config: GemmaConfig, arch: str) ->
     return notes
 
 
+def shared_layer_kv_placeholders(config: GemmaConfig) -> list[tuple[str, str, torch.Tensor]]:
+    """Zero K/V weights for the KV-shared layers, which llama.cpp's gemma3n loader requires and
+    never reads (see `SHARED_LAYER_KV_TENSORS`); gemmakit's reader drops them again."""
+    out = []
+    for i in range(config.num_hidden_layers):
+        if config.layer_owns_kv(i):
+            continue
+        kv_dim, hidden = config.layer_kv_heads(i) * config.layer_head_dim(i), config.hidden_size
+        for name in SHARED_LAYER_KV_TENSORS:
+            shape = (config.layer_head_dim(i),) if "norm" in name else (kv_dim, hidden)
+            out.append((f"blk.{i}.{name}", "", torch.zeros(shape)))
+    return out
+
+
 def rope_freqs(config: GemmaConfig) -> torch.Tensor:
     """Gemma 4's RoPE frequency factors of the full-attention layers: 1 for the rotated pairs,
     1e30 (a frequency of 0: no rotation) for the rest, llama.cpp's way of expressing
@@ -409,6 +429,8 @@ def write_gguf(
         tensors.append((g_name, hf_names[0], t))
     if arch == "gemma4":
         tensors.insert(0, (ROPE_FREQS, "", rope_freqs(config)))
+    if arch == "gemma3n":
+        tensors += shared_layer_kv_placeholders(config)
     plan = []
     for g_name, hf_name, t in tensors:
         t_type = tensor_type(hf_name, tuple(t.shape), qtype, embedding_type, g_name)
