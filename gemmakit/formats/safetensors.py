@@ -1,19 +1,24 @@
 """Hugging Face model folders: config.json + safetensors (single file or sharded index).
 
-Loading is an identity copy of HF names, with two exceptions written out here: Gemma 1's
+Loading is an identity copy of HF names, with the exceptions written out here: Gemma 1's
 pre-MLP norm is called `post_attention_layernorm` in HF (a Llama-ism; our blocks name it by
-what it does, `pre_feedforward_layernorm`), and multimodal Gemma 3 checkpoints prefix the
-text weights with `language_model`.
+what it does, `pre_feedforward_layernorm`); multimodal checkpoints (Gemma 3, 3n, 4) prefix the
+text weights with `language_model`, and their vision and audio towers are left out
+(`split_towers`); the k/v weights some Gemma 3n/4 files carry for KV-shared layers, which
+compute none, are dropped as transformers drops them (Gemma4TextModel's
+_keys_to_ignore_on_load_unexpected).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gemmakit.config import GemmaConfig
@@ -21,8 +26,8 @@ from gemmakit.errors import ModelFileError
 from gemmakit.files import atomic_write
 
 _MULTIMODAL_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                    "model.multi_modal_projector.")  # fmt: skip
+# What a KV-shared layer's attention owns no weights for.
+_KV_WEIGHTS = ("k_proj", "v_proj", "k_norm", "v_norm")
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -69,12 +74,18 @@ def _check_safetensors(path: Path):
         raise ModelFileError(f"{path}: truncated: data needs {8 + n + end:,} bytes, file has {size:,}")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, or only those in `names` (the others are never read)."""
+    wanted = None if names is None else set(names)
     tensors = {}
     for f in files:
         _check_safetensors(f)
         try:
-            tensors.update(load_file(f))
+            if wanted is None:
+                tensors.update(load_file(f))
+                continue
+            with safe_open(f, "pt") as handle:
+                tensors.update({k: handle.get_tensor(k) for k in handle.keys() if k in wanted})
         except (SafetensorError, OSError) as e:
             raise ModelFileError(f"{f}: cannot read safetensors ({e})") from None
     return tensors
@@ -114,6 +125,10 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
 
+    def nbytes(self, name: str) -> int:
+        _, dtype, shape, _ = self.entries[name]
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (the first dimension), cast to `dtype`."""
         path, stored, shape, offset = self.entries[name]
@@ -136,18 +151,46 @@ class SafetensorsReader:
         return self.rows(name, 0, shape[0] if shape else 1, dtype)
 
 
+def split_towers(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the text model's names, the other towers' names) of a checkpoint's tensors.
+
+    In a multimodal checkpoint (one with `language_model` names) everything outside the
+    language model but the head belongs to a vision or audio tower (`model.vision_tower.`,
+    `model.audio_tower.`, `model.embed_vision.`, `multi_modal_projector.`, ...)."""
+    names = list(names)
+    if not any(n.startswith(_MULTIMODAL_PREFIXES) for n in names):
+        return names, []
+    text = [n for n in names if n.startswith((*_MULTIMODAL_PREFIXES, "lm_head."))]
+    kept = set(text)
+    return text, [n for n in names if n not in kept]
+
+
+def _shared_kv_weight(name: str, config: GemmaConfig) -> bool:
+    """A k/v weight of a layer that reads another layer's keys and values."""
+    parts = name.split(".")  # model.layers.N.self_attn.k_proj.weight
+    return (
+        len(parts) > 4
+        and parts[:2] == ["model", "layers"]
+        and parts[3] == "self_attn"
+        and parts[4] in _KV_WEIGHTS
+        and not config.layer_owns_kv(int(parts[2]))
+    )
+
+
 def hf_to_native(tensors: dict[str, torch.Tensor], config: GemmaConfig) -> dict[str, torch.Tensor]:
     """Renames an HF state dict to this project's module names (see module docstring)."""
     out = {}
-    for name, t in tensors.items():
-        if name.startswith(_VISION_PREFIXES):
-            continue
+    text, _ = split_towers(tensors)
+    for name in text:
+        t = tensors[name]
         for prefix in _MULTIMODAL_PREFIXES:
             if name.startswith(prefix):
                 name = "model." + name[len(prefix) :] if not name.startswith("lm_head") else name
                 break
         if not config.use_post_norms and name.endswith("post_attention_layernorm.weight"):
             name = name.replace("post_attention_layernorm", "pre_feedforward_layernorm")
+        if config.num_kv_shared_layers and _shared_kv_weight(name, config):
+            continue
         out[name] = t
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)

@@ -20,7 +20,7 @@ import ctypes
 import torch
 from torch import nn
 
-from gemmakit.config import FULL, SLIDING
+from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.kernels import bindings
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import KVCache
@@ -142,6 +142,38 @@ def _embedding(model: Gemma, keep: list):
     return None
 
 
+def unsupported_by_c_step(config: GemmaConfig) -> str | None:
+    """What in `config` the C step cannot compute, or None when it can run the model.
+
+    The step is Gemma 1-3's block: one head dim and KV-head count for every layer, every
+    layer's own K/V, (1 + w) norm gains, full RoPE, a GeGLU MLP of one width, nothing added
+    to the residual stream. Gemma 3n/4 decode with the torch step.
+    """
+    c = config
+    per_layer_shapes = any(
+        (c.layer_head_dim(i), c.layer_kv_heads(i), c.layer_intermediate_size(i))
+        != (c.head_dim, c.num_key_value_heads, c.intermediate_size)
+        for i in range(c.num_hidden_layers)
+    )
+    reasons = {
+        "odd head_dim": c.head_dim % 2,
+        "head_dim over 512": c.head_dim > 512,
+        "per-layer head dims, KV heads or MLP widths": per_layer_shapes,
+        "norm gains without the unit offset": not c.norm_unit_offset,
+        "v_norm": c.use_v_norm,
+        "per-layer embeddings": c.hidden_size_per_layer_input,
+        "KV sharing": c.num_kv_shared_layers,
+        "K = V": c.attention_k_eq_v,
+        "partial RoPE": c.rope_partial_rotary_factor != 1.0,
+        "layer scalars": c.use_layer_scalar,
+        "mixture of experts": c.num_experts,
+        "activation sparsity": any(c.layer_activation_sparsity(i) for i in range(c.num_hidden_layers)),
+        "AltUp": c.altup_num_inputs,
+        "LAuReL": c.laurel_rank,
+    }
+    return next((reason for reason, applies in reasons.items() if applies), None)
+
+
 def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     """A C decoder for `model` and `cache`, or None when the C step does not apply."""
     if (
@@ -154,18 +186,14 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     if model.device.type != "cpu" or model.dtype not in WEIGHT_TYPES or cache.dtype != model.dtype:
         return None
     config = model.config
-    if (
-        config.head_dim % 2
-        or config.head_dim > 512
-        or config.num_attention_heads % config.num_key_value_heads
-    ):
+    if unsupported_by_c_step(config) is not None:
         return None
     lib = cpu_kernels.library()
     if lib is None:
         return None
     keep: list = []
     layers = [
-        _layer(block, layer_cache, keep) for block, layer_cache in zip(model.model.layers, cache.layers)
+        _layer(block, layer_cache, keep) for block, layer_cache in zip(model.model.layers, cache.for_layer)
     ]
     embed, head = _embedding(model, keep), _mat(model.lm_head, keep)
     final_norm = _gain(model.model.norm, keep)

@@ -70,7 +70,8 @@ class GroupState:
 class KVCache:
     """The whole model's cache for a batch of B rows and at most `max_length` columns.
 
-    Rows are left-padded to a common length, so a column index is shared by the batch;
+    `for_layer[i]` is layer i's LayerCache, or None for a KV-shared layer (it owns none);
+    `layers` lists the caches that exist. Rows are left-padded to a common length, so a column index is shared by the batch;
     `valid` marks which (row, column) pairs hold real tokens.
     """
 
@@ -81,10 +82,18 @@ class KVCache:
         if SLIDING in config.layer_types:
             window = config.sliding_window
             self.groups[SLIDING] = GroupState(min(window, max_length), window, device)
-        self.layers = [
-            LayerCache(self.groups[t], batch, config.num_key_value_heads, config.head_dim, dtype, device)
-            for t in config.layer_types
+        # Only layers that produce keys and values hold a cache, each in its own shape (Gemma 4's
+        # global layers: their own KV heads and head dim); a KV-shared layer reads its source's.
+        self.for_layer: list[LayerCache | None] = [
+            LayerCache(
+                self.groups[t], batch, config.layer_kv_heads(i), config.layer_head_dim(i), dtype, device
+            )
+            if config.layer_owns_kv(i)
+            else None
+            for i, t in enumerate(config.layer_types)
         ]
+        # The caches that exist, in layer order (every layer's for Gemma 1-3).
+        self.layers = [c for c in self.for_layer if c is not None]
 
     def advance(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Registers T new columns and returns each group's additive mask (B, 1, T, S)."""

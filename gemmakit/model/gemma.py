@@ -10,7 +10,7 @@ from torch import nn
 
 from gemmakit.config import SLIDING, GemmaConfig
 from gemmakit.model.cache import KVCache, build_mask
-from gemmakit.model.layers import Block, RMSNorm, rope_cos_sin, rope_inv_freq
+from gemmakit.model.layers import Block, config_norm, layer_type_inv_freqs, rope_cos_sin
 
 
 class GemmaModel(nn.Module):
@@ -19,8 +19,8 @@ class GemmaModel(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(config, t, i) for i, t in enumerate(config.layer_types))
+        self.norm = config_norm(config, config.hidden_size)
 
 
 class Gemma(nn.Module):
@@ -33,10 +33,7 @@ class Gemma(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = {
-            t: rope_inv_freq(config.head_dim, config.rope_base(t), config.rope_scale(t))
-            for t in set(config.layer_types)
-        }
+        self._inv_freq = layer_type_inv_freqs(config)
 
     def _embedding_scale(self, dtype: torch.dtype) -> float:
         # A Python float holding the dtype-rounded value: multiplying by it equals
@@ -75,6 +72,18 @@ class Gemma(nn.Module):
                 packed rows): a token attends only within its segment. Pass `positions`
                 counted per segment with it. Not with a cache.
         """
+        positions, masks, layer_caches = self._attention_inputs(
+            input_ids, attention_mask, positions, cache, segment_ids
+        )
+        h = self._embed(self.model.embed_tokens, input_ids, self.config.embedding_scale)
+        ropes = self._ropes(positions, h)
+        shared_kv = {}  # a KV-shared layer's source's keys and values, by source layer
+        for block, layer_cache in zip(self.model.layers, layer_caches):
+            h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache, shared_kv)
+        return self.model.norm(h)
+
+    def _attention_inputs(self, input_ids, attention_mask, positions, cache, segment_ids):
+        """(positions (B, T), the additive mask of each layer type, each layer's cache or None)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -89,20 +98,25 @@ class Gemma(nn.Module):
             masks = {
                 t: build_mask(cols, cols, attention_mask, w, self.dtype, same) for t, w in windows.items()
             }
-            layer_caches = [None] * len(self.model.layers)
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are for cache-free (training) calls")
-            masks = cache.advance(attention_mask)
-            layer_caches = cache.layers
-        h = self.model.embed_tokens(input_ids).to(self.dtype)
-        # The sqrt(C) factor is rounded to the activation dtype first, as the reference
-        # does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch GH#67).
-        h = h * self._embedding_scale(h.dtype)
-        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
-        for block, layer_cache in zip(self.model.layers, layer_caches):
-            h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache)
-        return self.model.norm(h)
+            return positions, masks, [None] * len(self.model.layers)
+        if segment_ids is not None:
+            raise ValueError("segment_ids are for cache-free (training) calls")
+        return positions, cache.advance(attention_mask), cache.for_layer
+
+    def _embed(self, table: nn.Module, input_ids: torch.Tensor, scale: float) -> torch.Tensor:
+        """table(input_ids) in the activation dtype, times `scale` rounded to that dtype first,
+        as the reference does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch
+        GH#67)."""
+        h = table(input_ids).to(self.dtype)
+        # A Python float holding the dtype-rounded value: multiplying by it equals
+        # multiplying by torch.tensor(scale, dtype=dtype), without a tensor per call.
+        return h * float(torch.tensor(scale, dtype=h.dtype))
+
+    def _ropes(
+        self, positions: torch.Tensor, h: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE's (cos, sin) for each layer type at `positions`."""
+        return {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
