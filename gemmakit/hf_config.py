@@ -212,7 +212,7 @@ def _architecture(raw: dict[str, Any]) -> str:
     if arch is None:
         found = ", ".join(arch_list) or raw.get("model_type") or "none given"
         raise ConfigError(
-            f"unsupported architecture ({found}); gemmakit runs Gemma 1, 2 and 3 text models: "
+            f"unsupported architecture ({found}); gemmakit runs Gemma 1, 2, 3, 3n and 4 text models: "
             + ", ".join(_ARCHITECTURES)
         )
     return arch
@@ -336,13 +336,21 @@ def _new_family_fields(raw: dict[str, Any], arch: str, layer_types, intermediate
             "laurel_rank",
         ):
             fields[key] = pop(key)
+        raw.pop("altup_lr_multiplier", None)  # a training hyperparameter; no effect on the network
         return fields
     fields["use_double_wide_mlp"] = bool(pop("use_double_wide_mlp", False))
     k_eq_v = bool(pop("attention_k_eq_v", False))
     fields["attention_k_eq_v"] = k_eq_v
     head_dim, kv_heads = _global_attention_shape(raw, layer_types, k_eq_v)
     fields["global_head_dim"], fields["num_global_key_value_heads"] = head_dim, kv_heads
-    experts = (pop("num_experts", None), pop("top_k_experts", None), pop("moe_intermediate_size", None))
+    # Early Gemma 4 config.json files name the expert width expert_intermediate_size.
+    expert_width = pop("moe_intermediate_size", None)
+    alias = pop("expert_intermediate_size", None)
+    experts = (
+        pop("num_experts", None),
+        pop("top_k_experts", None),
+        alias if expert_width is None else expert_width,
+    )
     if pop("enable_moe_block", False):
         if None in experts:
             raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")

@@ -1,6 +1,9 @@
 """Gemma 3n / Gemma 4 config.json reading: every per-layer shape gemmakit derives equals what
 transformers' own config classes derive, and gemmakit's config.json reads back the same."""
 
+import json
+from pathlib import Path
+
 import pytest
 import transformers
 
@@ -108,3 +111,32 @@ def test_gemma4_settings_gemmakit_cannot_honour_are_refused(changes, message):
     raw = {"model_type": "gemma4_text", "num_hidden_layers": 6, **changes}
     with pytest.raises(ConfigError, match=message):
         from_hf_config(raw)
+
+
+REAL_CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+@pytest.mark.parametrize(
+    "file", ["gemma-3n-E2B-it", "gemma-3n-E4B-it", "gemma-4-E2B", "gemma-4-E4B-it", "gemma-4-26B-A4B-it"]
+)
+def test_real_configs_read_as_transformers_reads_them(file):
+    raw = json.loads((REAL_CONFIGS / f"{file}.json").read_text())
+    cfg = from_hf_config(raw)
+    text = transformers.AutoConfig.for_model(**raw).text_config
+    n = text.num_hidden_layers
+    assert list(cfg.layer_types) == list(text.layer_types)
+    assert [not cfg.layer_owns_kv(i) for i in range(n)] == [m == "reuse" for m in text.kv_sharing_modes]
+    if cfg.model_type == "gemma4_text":
+        assert [cfg.layer_head_dim(i) for i in range(n)] == [
+            text.per_layer_config[i].head_dim for i in range(n)
+        ]
+        kv = [text.per_layer_config[i].num_key_value_heads for i in range(n)]
+        assert [cfg.layer_kv_heads(i) for i in range(n)] == kv
+    sizes = (
+        text.intermediate_size if isinstance(text.intermediate_size, list) else [text.intermediate_size] * n
+    )
+    double = [
+        2 if getattr(text, "use_double_wide_mlp", False) and m == "reuse" else 1
+        for m in text.kv_sharing_modes
+    ]
+    assert [cfg.layer_intermediate_size(i) for i in range(n)] == [s * d for s, d in zip(sizes, double)]

@@ -7,6 +7,7 @@ from torch import nn
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ConfigError
 from gemmakit.model.gemma import Gemma
+from gemmakit.model.gemma3n import Gemma3n
 from gemmakit.model.gemma4 import Gemma4
 
 # model_type -> the class that computes it. Gemma 1-3 share one class (their differences are
@@ -15,6 +16,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "gemma": Gemma,
     "gemma2": Gemma,
     "gemma3_text": Gemma,
+    "gemma3n_text": Gemma3n,
     "gemma4_text": Gemma4,
 }
 
