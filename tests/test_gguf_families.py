@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from gemmakit.export import export
 from gemmakit.formats.gguf import SHARED_LAYER_KV_TENSORS, GGUFFile, config_from_gguf, state_dict_from_gguf
-from gemmakit.formats.gguf_writer import write_gguf
-from gemmakit.formats.tokenizer import Tokenizer
 from gemmakit.hf_config import load_hf_config
 from tests.test_export import tiny_sentencepiece
 
@@ -230,9 +229,8 @@ DESCRIPTIVE_KEYS = ("general.name", "general.size_label")
 def test_export_matches_llama_cpp(converted, tmp_path, case, outtype):
     folder, model, theirs = converted(case, outtype)
     config = load_hf_config(folder)
-    tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
     out = tmp_path / "ours.gguf"
-    write_gguf(out, hf_state(model), config, tokenizer, qtype=outtype, progress=False)
+    export(model=str(folder), to="gguf", output=out, qtype=outtype, progress=False)  # export --to gguf
     ours = GGUFFile(out)
     model_keys = {k for k in theirs.metadata if not k.startswith(("tokenizer.", "general."))}
     model_keys |= {"general.architecture", "general.file_type", "general.quantization_version"}
@@ -276,9 +274,7 @@ def test_export_load_round_trip(tmp_path, case):
     folder = save_folder(model, tmp_path / "hf")
     config = load_hf_config(folder)
     out = tmp_path / "m.gguf"
-    write_gguf(
-        out, hf_state(model), config, Tokenizer.from_file(folder / "tokenizer.model"), "f32", progress=False
-    )
+    export(model=str(folder), to="gguf", output=out, qtype="f32", progress=False)
     g = GGUFFile(out)
     back = config_from_gguf(g)
     assert_same_config(back, config)
@@ -320,8 +316,7 @@ def test_llama_cpp_decodes_like_gemmakit(tmp_path, case):
     model = random_hf_model(case, wide_margins=True)
     folder = save_folder(model, tmp_path / "hf")
     out = tmp_path / "m.gguf"
-    tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
-    write_gguf(out, hf_state(model), load_hf_config(folder), tokenizer, "f32", progress=False)
+    export(model=str(folder), to="gguf", output=out, qtype="f32", progress=False)
     loaded = load(str(out), dtype="float32", device="cpu")
     ids = loaded.tokenizer.encode(PROMPTS[case])
     stops = {loaded.tokenizer.eos_id, loaded.tokenizer.end_of_turn_id}
