@@ -292,3 +292,21 @@ def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path, variant
     ours = load_model(ModelSource("hf", out, variant))
     with torch.no_grad():
         torch.testing.assert_close(back(torch.tensor([IDS])).logits[0], _logits(ours, IDS), atol=1e-5, rtol=0)
+
+
+def test_gradients_match_transformers(pair):
+    # Training runs other kernels (ops' autograd paths: C RMSNorm and GeGLU backward, RoPE's).
+    ours, ref = pair
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model, logits in ((ours, lambda: ours(ids)), (ref, lambda: ref(ids).logits)):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits()[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+    ours.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
