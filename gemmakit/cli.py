@@ -48,6 +48,16 @@ def _module(name: str):
     return importlib.import_module(f"gemmakit.commands.{name}")
 
 
+def _check_shared_flags(args) -> None:
+    """Checks the flags several subcommands share, so none of them fails on one deep inside."""
+    from gemmakit.commands.common import check_device, check_seed
+
+    if getattr(args, "device", None):
+        check_device(args.device)
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     from gemmakit.errors import GemmakitError
 
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_shared_flags(args)
         return _module(COMMANDS[args.command][0]).run(args) or 0
     except GemmakitError as e:
         print(f"gemmakit {args.command}: error: {e}", file=sys.stderr)

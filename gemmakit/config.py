@@ -261,7 +261,49 @@ def _gemma3(name, vocab, hidden, inter, layers, heads, kv, head_dim, qpas, windo
     )  # fmt: skip
 
 
-# Public sizes, as the models' Hugging Face config.json files give them.
+def _gemma3n(name, layers, inter, shared, widths_listed, qpas, eos):
+    """Gemma 3n E2B/E4B's text model; widths_listed: the file lists intermediate_size per layer."""
+    return GemmaConfig(
+        vocab_size=262400, hidden_size=2048, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        layer_types=tuple(FULL if (i + 1) % 5 == 0 else SLIDING for i in range(layers)),
+        max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=qpas,
+        final_logit_softcapping=30.0, rope_theta=1e6, rope_local_base_freq=1e4,
+        use_qk_norm=True, use_post_norms=True, eos_token_ids=eos,
+        architecture="Gemma3nForCausalLM", model_type="gemma3n_text",
+        norm_unit_offset=False, fixed_attention_scale=1.0, use_v_norm=True,
+        hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=shared, intermediate_sizes=(inter,) * layers if widths_listed else None,
+        activation_sparsity_pattern=(0.95,) * 10 + (0.0,) * (layers - 10),
+        altup_num_inputs=4, altup_coef_clip=120.0, altup_correct_scale=True, laurel_rank=64,
+        name=name,
+    )  # fmt: skip
+
+
+def _gemma4(name, hidden, inter, layers, heads, kv, full_every, window, max_pos, ple, shared,
+            double_wide=False, global_kv=None, experts=(0, 0, 0)):  # fmt: skip
+    """Gemma 4's text model; global_kv: KV heads of the K = V global layers (None: no K = V);
+    experts: (num_experts, top_k_experts, moe_intermediate_size)."""
+    return GemmaConfig(
+        vocab_size=262144, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=256,
+        layer_types=tuple(FULL if (i + 1) % full_every == 0 else SLIDING for i in range(layers)),
+        max_position_embeddings=max_pos, sliding_window=window, final_logit_softcapping=30.0,
+        rope_theta=1e6, rope_local_base_freq=1e4, use_qk_norm=True, use_post_norms=True,
+        architecture="Gemma4ForCausalLM", model_type="gemma4_text",
+        norm_unit_offset=False, fixed_attention_scale=1.0, use_v_norm=True, use_layer_scalar=True,
+        hidden_size_per_layer_input=ple, vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=shared, use_double_wide_mlp=double_wide, global_head_dim=512,
+        num_global_key_value_heads=global_kv, attention_k_eq_v=global_kv is not None,
+        rope_partial_rotary_factor=0.25, num_experts=experts[0], top_k_experts=experts[1],
+        moe_intermediate_size=experts[2], name=name,
+    )  # fmt: skip
+
+
+# Public sizes, as the models' Hugging Face config.json files give them. Gemma 3n and 4 come from
+# the released configs in tests/data/configs (SOURCES.md cites each; a test reads every file
+# through hf_config.from_hf_config and compares): E2B/E4B/26B-A4B from copies of their
+# config.json, 31B from a lock file quoting its text_config.
 PRESETS: dict[str, GemmaConfig] = {
     "gemma-2b": _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),
     "gemma-7b": _gemma1("gemma-7b", 3072, 24576, 28, 16, 16),
@@ -273,6 +315,13 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma-3-4b": _gemma3("gemma-3-4b", 262208, 2560, 10240, 34, 8, 4, 256, 256, 1024, 131072, 8.0),
     "gemma-3-12b": _gemma3("gemma-3-12b", 262208, 3840, 15360, 48, 16, 8, 256, 256, 1024, 131072, 8.0),
     "gemma-3-27b": _gemma3("gemma-3-27b", 262208, 5376, 21504, 62, 32, 16, 128, 168, 1024, 131072, 8.0),
+    "gemma-3n-e2b": _gemma3n("gemma-3n-e2b", 30, 8192, 10, True, None, (106,)),
+    "gemma-3n-e4b": _gemma3n("gemma-3n-e4b", 35, 16384, 15, False, 256, (1, 106)),
+    "gemma-4-e2b": _gemma4("gemma-4-e2b", 1536, 6144, 35, 8, 1, 5, 512, 131072, 256, 20, double_wide=True),
+    "gemma-4-e4b": _gemma4("gemma-4-e4b", 2560, 10240, 42, 8, 2, 6, 512, 131072, 256, 18),
+    "gemma-4-26b-a4b": _gemma4("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 6, 1024, 262144, 0, 0,
+                               global_kv=2, experts=(128, 8, 704)),
+    "gemma-4-31b": _gemma4("gemma-4-31b", 5376, 21504, 60, 32, 16, 6, 1024, 262144, 0, 0, global_kv=4),
 }  # fmt: skip
 
 

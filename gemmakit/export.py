@@ -12,7 +12,6 @@ dispatches.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -66,21 +65,13 @@ def source_metadata(loaded: Loaded) -> dict | None:
 
 
 def source_chat_template(loaded: Loaded, metadata: dict | None = None) -> str | None:
-    """The source's own chat template (GGUF metadata or the HF folder's files), if any."""
+    """The source's own chat template (its default one), as the tokenizer read it from the GGUF
+    metadata or the HF folder's files; None when the source has none."""
+    template = loaded.tokenizer.chat_template
+    if template is not None:
+        return template.text
     if metadata and isinstance(metadata.get("tokenizer.chat_template"), str):
         return metadata["tokenizer.chat_template"]
-    if loaded.source.kind == "hf":
-        folder = loaded.source.path
-        if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text()
-        cfg = folder / "tokenizer_config.json"
-        if cfg.is_file():
-            try:
-                template = json.loads(cfg.read_text()).get("chat_template")
-            except json.JSONDecodeError:
-                template = None
-            if isinstance(template, str):
-                return template
     return None
 
 

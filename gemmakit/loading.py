@@ -311,10 +311,10 @@ def load(
 
 # --- the converted-GGUF cache ------------------------------------------------------------------
 # Dequantizing a GGUF takes seconds (measured: 4.6 s for the bundled 270M), so the first load writes the
-# dequantized float32 weights, config and SentencePiece model into the cache as a Hugging Face
+# dequantized float32 weights, config, SentencePiece model and chat template into the cache as an HF
 # folder; later loads memory-map it (milliseconds). Large models are not cached: their float32
 # copy would be tens of GB.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_MAX_BYTES = 4 * 2**30
 READY = ".complete"
 
@@ -340,10 +340,21 @@ def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer):
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
             (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
+            if tokenizer.chat_template is not None:  # the GGUF's own template travels with the cache
+                _write_chat_template(tmp, tokenizer.chat_template)
             safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
             (tmp / READY).write_text("")
     except OSError:
         pass
+
+
+def _write_chat_template(folder: Path, template):
+    from gemmakit.formats.chat_template import folder_files
+
+    for name, text in folder_files(template).items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(template.special_tokens, indent=2))
 
 
 def read_generation_config(source: ModelSource) -> dict:

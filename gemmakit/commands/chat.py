@@ -11,7 +11,11 @@ HELP = "commands: /reset clears the history, /system TEXT sets a system prompt, 
 
 def add_arguments(p):
     add_model_arguments(p)
-    p.add_argument("--system", default=None, help="system prompt (folded into the first user turn)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt, rendered by the model's chat template (Gemma 3's folds it into the first user turn; Gemma 4 has a system turn)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (512)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")
@@ -41,8 +45,15 @@ def _fit_context(tok, system: str | None, history: list[dict], context: int) -> 
 
 
 def run(args) -> int:
+    import dataclasses
+
     from gemmakit import SamplingParams
 
+    # Built before loading, so a bad flag is refused before the model is read.
+    base = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_new_tokens, seed=args.seed,
+    )  # fmt: skip
     llm = load_llm(args)
     tok = llm.tokenizer
     interactive = sys.stdin.isatty()
@@ -74,11 +85,9 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         history, ids = _fit_context(tok, system, history, llm.model.config.max_position_embeddings)
-        params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            max_tokens=args.max_new_tokens, seed=seed,
-        )  # fmt: skip
-        seed = None if seed is None else seed + 1
+        params = dataclasses.replace(base, seed=seed)
+        # Each reply its own seed; wrapped so that a seed at the 64-bit limit stays valid.
+        seed = None if seed is None else (seed + 1) % 2**64
         reply = []
         for event in llm.stream([ids], params):
             reply.append(event.delta)

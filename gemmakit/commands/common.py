@@ -34,6 +34,46 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, q
         g.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")
 
 
+def check_device(device: str) -> None:
+    """Refuses a --device that torch cannot use here, before anything is loaded."""
+    import re
+
+    import torch
+
+    from gemmakit.errors import GemmakitError
+
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
+    if m is None or (m.group(1) == "cpu" and m.group(2)):
+        raise GemmakitError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise GemmakitError("--device mps: no Apple GPU is available to this torch")
+    if kind != "cuda":
+        return
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise GemmakitError(
+            f"--device {device}: this torch ({torch.__version__}) is built without CUDA; "
+            "use --device cpu or install a CUDA build of torch"
+        )
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise GemmakitError(
+            f"--device {device}: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        )
+    if index >= count:
+        raise GemmakitError(
+            f"--device {device}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+
+
+def check_seed(seed: int) -> None:
+    """Refuses a --seed that torch's generators cannot take (they hold 64 bits)."""
+    from gemmakit.errors import GemmakitError
+
+    if not -(2**63) <= seed < 2**64:
+        raise GemmakitError(f"--seed must fit in 64 bits, got {seed}")
+
+
 def load_llm(args):
     """An `LLM` for the model options parsed by `add_model_arguments`."""
     from gemmakit.inference.api import LLM

@@ -129,6 +129,10 @@ def run_perplexity(args) -> int:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GemmakitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GemmakitError(f"{path}: is a folder; --text takes a text file") from None
+    except OSError as e:
+        raise GemmakitError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise GemmakitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():

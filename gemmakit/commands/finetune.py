@@ -2,7 +2,8 @@
 
 Every `TrainConfig` field is a flag (`lora_r` -> `--lora-r`); precedence is recipe < `--config`
 file < flags. `--resume` continues the run in `--output` from its latest checkpoint with the
-saved settings (flags given again override them). Ctrl-C saves a checkpoint and exits 130.
+saved settings (flags given again override them); a run killed before its first checkpoint
+starts over from step 0. Ctrl-C saves a checkpoint and exits 130.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def effective_config(args):
     saved_path = Path(output) / "config.json" if output else None
     changed = []
     if args.resume and saved_path is not None and saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"{saved_path}: not the JSON a run writes ({e})") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{saved_path}: not the settings of a run (a JSON object)")
         saved = {k: v for k, v in saved.items() if k in train_config.FIELD_NAMES}
         new_recipe = train_config.canonical_recipe(flags.get("recipe") or file_values.get("recipe"))
         if new_recipe and new_recipe != train_config.canonical_recipe(saved.get("recipe")):

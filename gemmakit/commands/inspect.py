@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gemmakit.config import PRESETS, preset
+from gemmakit.config import FULL, PRESETS, preset
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.formats.gguf import GGUFFile
 from gemmakit.planning.architecture import Architecture, from_gemma_config, from_gguf, from_hf_dict
@@ -29,18 +29,26 @@ from gemmakit.planning.training_memory import TRAINING_METHODS
 from gemmakit.planning.weights import gguf_bytes
 
 DESCRIPTION = """\
-Exact parameter counts (total, embedding, non-embedding), the architecture, and memory needs
-(weights per precision, KV cache, fine-tuning) of one or more models, computed from their
-configs: no weights are loaded. GB means 10^9 bytes.
+Exact parameter counts (total, embedding, non-embedding; for Gemma 3n/4 also the per-layer
+embedding, effective and active-per-token counts), the architecture, and memory needs (weights
+per precision, KV cache, fine-tuning) of one or more models, computed from their configs: no
+weights are loaded. GB means 10^9 bytes.
 
-TARGET is a preset name (%(presets)s), a config.json or a model folder of a Gemma 1/2/3,
-Llama, Mistral or Qwen2 model, or a GGUF file. Without a target, the bundled Gemma 3 270M GGUF.
+TARGET is a preset name (%(presets)s), a config.json or a model folder of a Gemma
+1/2/3/3n/4, Llama, Mistral or Qwen2 model, or a GGUF file. Without a target, the bundled
+Gemma 3 270M GGUF.
 """
 
 EPILOG = """\
 rules behind the numbers:
+  effective   Gemma 3n/4: the total without the per-layer embedding (PLE) table, whose rows are
+              looked up per token and never multiplied: Google's "E" number (E2B, E4B).
+  active      mixture of experts: the effective count with only top_k of the num_experts
+              routed experts of each layer, those a token's router picks: Google's "A" number
+              (26B-A4B).
   int8, nf4   bitsandbytes through transformers: block projections quantized; embeddings,
-              lm_head and norms stay 16-bit. NF4 with double quantization costs
+              lm_head and norms (and Gemma 3n/4's per-layer embedding table, gates and
+              stacked expert weights) stay 16-bit. NF4 with double quantization costs
               4 + 8/64 + 32/(64*256) = 4.127 bits per quantized weight; int8 adds an fp32
               scale per output row.
   q8_0, q4_0  llama.cpp block formats (8.5 and 4.5 bits per weight); as llama-quantize does,
@@ -48,9 +56,13 @@ rules behind the numbers:
   q4_k_m      llama.cpp's mixture: Q4_K, with attn_v and ffn_down in Q6_K on the first and
               last eighth of the layers and every third layer between, the output/tied
               embedding in Q6_K, and fallbacks (Q4_K->Q5_0, Q6_K->Q8_0) for rows that are not a
-              multiple of 256. For a GGUF target the file's real bytes per type are shown too.
-  KV cache    2 * layers * kv_heads * head_dim * bytes per token; sliding-window layers hold at
-              most their window.
+              multiple of 256. Gemma 3n/4: the per-layer embedding table is a tied token
+              embedding to llama-quantize (Q6_K); the router, AltUp, LAuReL and the per-layer
+              projection stay 16/32-bit. For a GGUF target the file's real bytes per type are
+              shown too.
+  KV cache    2 * kv_heads * head_dim * bytes per token per layer that owns a cache, each layer
+              at its own head dim and KV heads (Gemma 4 global layers); KV-shared layers
+              (Gemma 3n/4) add nothing; sliding-window layers hold at most their window.
   training    weights + gradients + optimizer states + activations + logits. Full
               fine-tuning keeps weights and gradients in --train-dtype and two fp32 AdamW
               states (8-bit AdamW: ~2 bytes); LoRA/QLoRA train fp32 adapters on
@@ -61,6 +73,7 @@ examples:
   gemmakit inspect
   gemmakit inspect gemma-7b --json
   gemmakit inspect --compare gemma-7b gemma-2b llama2/config.json mistral/ qwen/config.json
+  gemmakit inspect --compare gemma-3-4b gemma-3n-e4b gemma-4-e4b
   gemmakit inspect model.gguf --context 32768 --batch 4 --kv-dtype q8_0
 """
 
@@ -216,6 +229,8 @@ def _rope(a: Architecture) -> str:
         text = f"{text} global, {a.rope_local_base_freq:,.0f} local"
     if a.rope_scaling:
         text += f"; {a.rope_scaling}"
+    if a.rope_partial_rotary_factor != 1.0:
+        text += f"; proportional, {a.rope_partial_rotary_factor:g} of global head dims rotate"
     return text
 
 
@@ -232,6 +247,96 @@ def _embedding(r: Report) -> str:
     p, a = r.params, r.arch
     how = "tied" if a.tie_word_embeddings else "untied: in + out"
     return f"{p.embedding:,} ({p.embedding / p.text:.1%}, {how})"
+
+
+def _share(n: int, r: Report) -> str:
+    return f"{n:,} ({fmt_params(n)}, {n / r.params.text:.1%})"
+
+
+def _per_layer_embedding(r: Report) -> str:
+    a = r.arch
+    if not a.per_layer_input_size:
+        return "-"
+    return (
+        f"{_share(r.params.per_layer_embedding, r)}: {a.per_layer_vocab_size:,} rows of "
+        f"{a.num_layers} x {a.per_layer_input_size}, looked up per token, never multiplied"
+    )
+
+
+def _effective(r: Report) -> str:
+    if not r.arch.per_layer_input_size:
+        return "-"
+    return f"{r.params.effective:,} ({fmt_params(r.params.effective)}): total without the PLE table (the E in E2B/E4B)"
+
+
+def _active(r: Report) -> str:
+    a = r.arch
+    if not a.num_experts:
+        return "-"
+    return (
+        f"{r.params.active:,} ({fmt_params(r.params.active)}): {a.top_k_experts} of the {a.num_experts} "
+        "experts of each layer, as the router picks per token, and no PLE table (the A in 26B-A4B)"
+    )
+
+
+def _layers(a: Architecture) -> str:
+    shared = a.num_kv_shared_layers
+    return f"{a.num_layers}" + (f" (last {shared} reuse an earlier layer's K/V)" if shared else "")
+
+
+def _mlp(a: Architecture) -> str:
+    owning = {a.layer(i).intermediate_size for i in range(a.num_layers) if a.layer(i).owns_kv}
+    shared = {a.layer(i).intermediate_size for i in range(a.num_layers) if not a.layer(i).owns_kv}
+    widths = sorted(owning | shared)
+    if len(widths) == 1:
+        text = f"{widths[0]:,}"
+    elif len(owning) == len(shared) == 1:  # Gemma 4's double-wide MLPs on the KV-shared layers
+        text = f"{min(owning):,} ({min(shared):,} on the {a.num_kv_shared_layers} KV-shared layers)"
+    else:
+        text = f"{widths[0]:,} to {widths[-1]:,} by layer"
+    text += f", {a.activation}"
+    if a.num_experts:
+        text += f"; + {a.num_experts} experts of {a.moe_intermediate_size:,}, top {a.top_k_experts} per token"
+    return text
+
+
+def _heads(a: Architecture) -> str:
+    text = f"{a.num_heads} / {a.num_kv_heads}, {a.attention_kind}"
+    full = a.type_shape(FULL)
+    if full and full.kv_heads != a.num_kv_heads:
+        text += f"; global layers: {a.num_heads} / {full.kv_heads}"
+    return text
+
+
+def _head_dim(a: Architecture) -> str:
+    full = a.type_shape(FULL)
+    if full and full.head_dim != a.head_dim:
+        return f"{a.head_dim} (global layers {full.head_dim})"
+    return f"{a.head_dim}"
+
+
+def _extras(a: Architecture) -> str:
+    """The Gemma 3n/4 modules a block carries besides attention and the MLP."""
+    parts = []
+    if a.per_layer_input_size:
+        parts.append(f"per-layer embeddings ({a.per_layer_input_size} per layer)")
+    if a.k_eq_v_layers:
+        parts.append(f"K = V on global layers ({a.k_eq_v_layers} with no v_proj)")
+    if a.altup_num_inputs:
+        parts.append(f"AltUp ({a.altup_num_inputs} streams)")
+    if a.laurel_rank:
+        parts.append(f"LAuReL (rank {a.laurel_rank})")
+    if a.v_norm:
+        parts.append("v_norm")
+    if a.layer_scalar:
+        parts.append("layer scalars")
+    return ", ".join(parts) or "none"
+
+
+def _kv_layers(r: Report) -> str:
+    if not r.kv.shared_layers:
+        return f"all {r.kv.cached_layers}"
+    return f"{r.kv.cached_layers} of {r.arch.num_layers} ({r.kv.shared_layers} read an earlier layer's)"
 
 
 def _kv_total(r: Report) -> str:
@@ -254,20 +359,34 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
         ("source", lambda r: f"{r.arch.source}, {r.arch.architecture or r.arch.model_type}"),
         ("total", lambda r: f"{r.params.total:,} ({fmt_params(r.params.total)})"),
         ("embedding", _embedding),
-        ("non-embedding", lambda r: f"{r.params.non_embedding:,} ({fmt_params(r.params.non_embedding)})"),
     ]
+    if any(r.params.per_layer_embedding for r in reports):
+        rows.append(("per-layer embedding (PLE)", _per_layer_embedding))
+    rows.append(
+        ("non-embedding", lambda r: f"{r.params.non_embedding:,} ({fmt_params(r.params.non_embedding)})")
+    )
+    if any(r.params.per_layer_embedding for r in reports):
+        rows.append(("effective", _effective))
+    if any(r.arch.num_experts for r in reports):
+        rows.append(("active per token", _active))
     if any(r.params.vision for r in reports):
         rows.append(("vision (tower + projector)", lambda r: f"{r.params.vision:,}"))
+    if any(r.params.audio for r in reports):
+        rows.append(("audio (tower + projector)", lambda r: f"{r.params.audio:,}"))
+    if any(r.arch.uncounted_towers for r in reports):
+        rows.append(
+            (
+                "not counted",
+                lambda r: f"the {r.arch.uncounted_towers} towers" if r.arch.uncounted_towers else "-",
+            )
+        )
     rows += [
         "Architecture",
-        ("layers", lambda r: f"{r.arch.num_layers}"),
+        ("layers", lambda r: _layers(r.arch)),
         ("hidden size", lambda r: f"{r.arch.hidden_size:,}"),
-        ("MLP", lambda r: f"{r.arch.intermediate_size:,}, {r.arch.activation}"),
-        (
-            "heads / KV heads",
-            lambda r: f"{r.arch.num_heads} / {r.arch.num_kv_heads}, {r.arch.attention_kind}",
-        ),
-        ("head dim", lambda r: f"{r.arch.head_dim}"),
+        ("MLP", lambda r: _mlp(r.arch)),
+        ("heads / KV heads", lambda r: _heads(r.arch)),
+        ("head dim", lambda r: _head_dim(r.arch)),
         ("vocabulary", lambda r: f"{r.arch.vocab_size:,}"),
     ]
     if len(reports) > 1:
@@ -281,6 +400,7 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
          if r.arch.tie_word_embeddings else "no"),
         ("norms per layer", lambda r: f"{r.arch.norms_per_layer}" + (" + QK-norm" if r.arch.qk_norm else "")),
         ("q/k/v bias", lambda r: "yes" if r.arch.qkv_bias else "no"),
+        *([("Gemma 3n/4 modules", lambda r: _extras(r.arch))] if any(_extras(r.arch) != "none" for r in reports) else []),
         "Weights",
         ("fp32", lambda r: fmt_bytes(r.memory["fp32"])),
         ("bf16 / fp16", lambda r: fmt_bytes(r.memory["bf16"])),
@@ -302,6 +422,8 @@ def metric_rows(reports: list[Report], options: Options) -> list[tuple[str, list
         ("per token", lambda r: f"{r.kv.bytes_per_token:,.0f} B"),
         ("at context", _kv_total),
     ]
+    if any(r.kv.shared_layers for r in reports):
+        rows.append(("layers with a cache", _kv_layers))
     if any(r.kv.total_no_window != r.kv.total for r in reports):
         rows.append(("same, no window caps", lambda r: fmt_bytes(r.kv.total_no_window)))
     rows.append(f"Fine-tuning ({options.train_batch} x {options.seq_len}, {options.train_dtype})")

@@ -28,6 +28,8 @@ def run(args) -> int:
     from gemmakit.serving.config import ServerConfig
     from gemmakit.serving.transport import api_key_from_env, bind_socket, is_loopback
 
+    if not 0 <= args.port <= 65535:
+        raise GemmakitError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     options = {f.name: getattr(args, f.name) for f in flag_fields(ServerConfig)}
     options["api_key"] = options["api_key"] or api_key_from_env()
     config = ServerConfig(**options)

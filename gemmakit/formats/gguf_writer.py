@@ -357,7 +357,8 @@ def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_temp
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    w.add_chat_template(chat_template or GEMMA_CHAT_TEMPLATE)
+    own = getattr(tokenizer, "chat_template", None)
+    w.add_chat_template(chat_template or (own.text if own is not None else GEMMA_CHAT_TEMPLATE))
     if types and CONTROL not in types:
         log.warning("the vocabulary has no control tokens; is this a Gemma tokenizer?")
 
@@ -385,7 +386,7 @@ def write_gguf(
         qtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0, for the 2-D weights.
         embedding_type: type of token_embd (and output); default: q8_0 below 8 bits, else qtype.
         source_metadata: the source GGUF's metadata, whose vocabulary arrays are copied as is.
-        chat_template: a jinja chat template; default: Gemma's.
+        chat_template: a jinja chat template; default: the tokenizer's own, else Gemma's.
         name: general.name.
 
     Returns:

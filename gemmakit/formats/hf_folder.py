@@ -8,7 +8,9 @@ config.json comes from `hf_config.to_hf_config`, the weights from
 index, as `save_pretrained` does), and the tokenizer either copied from a source folder or
 rebuilt from gemmakit's tokenizer: `tokenizer.model` (the SentencePiece model proto a GGUF's
 tokenizer was built from) or `tokenizer.json` (a `tokenizers` tokenizer), with
-tokenizer_config.json (carrying a chat template) beside it.
+tokenizer_config.json beside it. The model's own chat template goes into chat_template.jinja, as
+transformers' `save_pretrained` writes it; a model without one gets Gemma's format inside
+tokenizer_config.json.
 
 The folder is assembled under a temporary name next to the target. A new folder is then
 renamed into place in one step; into an existing one the files move one by one, config.json
@@ -42,8 +44,9 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # --- the tokenizer ----------------------------------------------------------------------------
 
 
-def tokenizer_config(tokenizer, chat_template: str, max_length: int) -> dict:
-    """tokenizer_config.json for gemmakit's tokenizer: Gemma's special tokens and chat template."""
+def tokenizer_config(tokenizer, chat_template: str | None, max_length: int) -> dict:
+    """tokenizer_config.json for gemmakit's tokenizer: Gemma's special tokens and, unless None
+    (it is then written to chat_template.jinja), the chat template."""
     special = {
         "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
     }  # fmt: skip
@@ -59,11 +62,11 @@ def tokenizer_config(tokenizer, chat_template: str, max_length: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "extra_special_tokens": extra,
-        "chat_template": chat_template,
+        **({} if chat_template is None else {"chat_template": chat_template}),
     }
 
 
-def tokenizer_files(tokenizer, chat_template: str, max_length: int) -> dict[str, bytes]:
+def tokenizer_files(tokenizer, chat_template: str | None, max_length: int) -> dict[str, bytes]:
     """The tokenizer files rebuilt from gemmakit's `Tokenizer`: tokenizer.model (SentencePiece,
     e.g. from a GGUF) or tokenizer.json (a `tokenizers` tokenizer), with its configs."""
     backend = tokenizer._backend
@@ -86,10 +89,17 @@ def tokenizer_files(tokenizer, chat_template: str, max_length: int) -> dict[str,
 
 
 def write_tokenizer(
-    folder: Path, tokenizer, source_folder: Path | None, chat_template: str, max_length: int
+    folder: Path, tokenizer, source_folder: Path | None, chat_template: str | None, max_length: int
 ) -> list[str]:
     """Copies the source folder's tokenizer files, or rebuilds them from `tokenizer`; returns
-    the names written. A copied tokenizer without a tokenizer_config.json gets one."""
+    the names written. A copied tokenizer without a tokenizer_config.json gets one.
+
+    `chat_template` (default: the tokenizer's own) is written to chat_template.jinja unless the
+    copied files carry a template already; with neither, Gemma's format goes into a rebuilt
+    tokenizer_config.json.
+    """
+    from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
+
     copied = []
     if source_folder is not None:
         for name in TOKENIZER_FILES:
@@ -98,15 +108,32 @@ def write_tokenizer(
                 copied.append(name)
     if tokenizer is None:
         return copied
+    own = getattr(tokenizer, "chat_template", None)
+    template = chat_template or (own.text if own is not None else None)
+    files = {}
     if copied:
-        if "tokenizer_config.json" in copied:
-            return copied
-        files = {"tokenizer_config.json": _json(tokenizer_config(tokenizer, chat_template, max_length))}
+        if "tokenizer_config.json" not in copied:
+            config = tokenizer_config(tokenizer, None if template else GEMMA_CHAT_TEMPLATE, max_length)
+            files["tokenizer_config.json"] = _json(config)
     else:
-        files = tokenizer_files(tokenizer, chat_template, max_length)
+        files = tokenizer_files(tokenizer, None if template else GEMMA_CHAT_TEMPLATE, max_length)
+    if template and not _carries_template(folder, copied):
+        files["chat_template.jinja"] = template.encode()
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return copied + list(files)
+
+
+def _carries_template(folder: Path, copied: list[str]) -> bool:
+    """Whether the copied files give transformers' tokenizer a chat template."""
+    if "chat_template.jinja" in copied:
+        return True
+    if "tokenizer_config.json" in copied:
+        try:
+            return json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") is not None
+        except (json.JSONDecodeError, AttributeError):
+            return False
+    return False
 
 
 def _json(obj) -> bytes:
@@ -212,7 +239,8 @@ def write_hf(
         tokenizer: a gemmakit Tokenizer (used when `source_folder` holds no tokenizer files).
         dtype: weight dtype in the safetensors files.
         source_folder: an HF folder whose tokenizer files are copied verbatim.
-        chat_template: written into a rebuilt tokenizer_config.json (default: Gemma's).
+        chat_template: written to chat_template.jinja (default: the tokenizer's own; with
+            neither, Gemma's format goes into a rebuilt tokenizer_config.json).
         stop_ids: generation_config's eos_token_id list (default: the config's).
         max_shard_bytes: shard size limit of the safetensors files.
         force: replace the files of an existing, non-empty folder.
@@ -220,16 +248,13 @@ def write_hf(
     Returns:
         {"path", "bytes", "files"} of the written folder.
     """
-    from gemmakit.formats.gguf_writer import GEMMA_CHAT_TEMPLATE
-
     folder = Path(folder)
     _check_target(folder, force)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in native_to_hf(state, config).items()}
-    template = chat_template or GEMMA_CHAT_TEMPLATE
     try:
         with atomic_folder(folder) as tmp:
             write_weights(tmp, tensors, max_shard_bytes, progress)
-            write_tokenizer(tmp, tokenizer, source_folder, template, config.max_position_embeddings)
+            write_tokenizer(tmp, tokenizer, source_folder, chat_template, config.max_position_embeddings)
             (tmp / "generation_config.json").write_bytes(_json(generation_config(config, stop_ids)))
             (tmp / "config.json").write_bytes(_json(model_config(config, dtype)))
             written = sorted(p.name for p in tmp.iterdir())

@@ -6,6 +6,9 @@ types, so we rebuild the SentencePiece model proto from them instead of deriving
 as transformers does (measured on Gemma 3's 262k pieces: 0.3 s against 12 s). Control tokens
 written in the text
 (`<start_of_turn>`) are recognized as such, as transformers' added tokens are.
+
+Chat: the checkpoint's own Jinja template (`formats.chat_template`) when it has one, rendered
+as transformers renders it; otherwise Gemma 1/2/3's turn format (`render_chat`).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import re
 from pathlib import Path
 
 from gemmakit.errors import ModelFileError
+from gemmakit.formats import chat_template as templates
+from gemmakit.formats.chat_template import ChatTemplate, ChatTemplateError
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF token types use the same ids.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space
+# The tokens that close a model turn: Gemma 1-3 (and 3n) write <end_of_turn>, Gemma 4 <turn|>
+# (its tokenizer_config.json's eot_token), so generation stops there without a generation config.
+END_OF_TURN = ("<end_of_turn>", "<turn|>")
 
 
 class Tokenizer:
@@ -25,10 +33,18 @@ class Tokenizer:
 
     Attributes:
         bos_id, eos_id, pad_id: special ids, resolved by their token strings.
-        stop_ids: ids that end generation (`<eos>` and `<end_of_turn>` when present).
+        stop_ids: ids that end generation: `<eos>` and the end-of-turn tokens present
+            (`END_OF_TURN`).
+        chat_template: the checkpoint's own chat template, or None (Gemma's format is used).
     """
 
-    def __init__(self, backend, pieces: list[str], types: list[int] | None = None):
+    def __init__(
+        self,
+        backend,
+        pieces: list[str],
+        types: list[int] | None = None,
+        chat_template: ChatTemplate | None = None,
+    ):
         self._backend = backend  # a SentencePieceProcessor, or a tokenizers.Tokenizer
         self.pieces = pieces
         self.vocab_size = len(pieces)
@@ -43,8 +59,10 @@ class Tokenizer:
         self.pad_id = self._ids.get("<pad>", 0)
         self.end_of_turn_id = self._ids.get("<end_of_turn>")
         self.start_of_turn_id = self._ids.get("<start_of_turn>")
-        self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        turn_ends = (self._ids.get(p) for p in END_OF_TURN)
+        self.stop_ids = tuple(i for i in (self.eos_id, *turn_ends) if i is not None)
         self.special_ids = frozenset(self._control.values())
+        self.chat_template = chat_template
 
     # --- construction ---------------------------------------------------------------------
 
@@ -65,7 +83,8 @@ class Tokenizer:
         # and Google's tokenizer.model do not prefix: "Hello" -> [9259], not "▁Hello").
         pieces_sp = [p.replace(" ", SPACE) if t == USER_DEFINED else p for p, t in zip(pieces, types)]
         proto = _sentencepiece_proto(pieces_sp, scores, types)
-        return cls(_load_sentencepiece(proto, source), pieces, types)
+        template = templates.from_gguf_metadata(metadata, pieces, source)
+        return cls(_load_sentencepiece(proto, source), pieces, types, template)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -106,9 +125,12 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
+        """The folder's tokenizer.model (or tokenizer.json) with its chat template, if any."""
         for name in ("tokenizer.model", "tokenizer.json"):
             if (folder / name).exists():
-                return cls.from_file(folder / name)
+                tok = cls.from_file(folder / name)
+                tok.chat_template = templates.from_folder(folder, tok.pieces)
+                return tok
         raise ModelFileError(f"{folder}: no tokenizer.model or tokenizer.json")
 
     # --- encoding -------------------------------------------------------------------------
@@ -169,17 +191,32 @@ class Tokenizer:
 
     # --- chat -----------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Gemma's chat format, as text (BOS included).
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation as text, BOS included, ready for `encode` (which adds no second BOS).
 
-        `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`; "assistant" is
-        written as "model"; a system message is folded into the first user turn, as Gemma 3's
-        template does (Gemma 1/2 templates reject the role outright).
+        With the checkpoint's own template, exactly what transformers' `apply_chat_template(...,
+        tokenize=False)` renders; `kwargs` become template variables (`tools=[...]`,
+        `enable_thinking=True`). Without one, Gemma's format (`render_chat`), which has no
+        variables: kwargs are ignored there, as a template that does not read them would.
+
+        Raises:
+            ChatTemplateError (a ValueError): the template rejected the conversation.
         """
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, add_generation_prompt, **kwargs)
         return render_chat(messages, add_generation_prompt)
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Gemma's chat format, for a checkpoint without a template of its own.
+
+    `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`; "assistant" is
+    written as "model"; a system message is folded into the first user turn, as Gemma 3's
+    template does (Gemma 1/2 templates reject the role outright).
+
+    Raises:
+        ChatTemplateError (a ValueError): a conversation Gemma's format cannot express.
+    """
     system = ""
     turns = []
     for i, m in enumerate(messages):
@@ -187,22 +224,22 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
         if isinstance(content, list):  # OpenAI content parts
             content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
         if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string")
+            raise ChatTemplateError(f"message {i}: content must be a string")
         if role == "system":
             if i != 0:
-                raise ValueError("a system message may only come first")
+                raise ChatTemplateError("a system message may only come first")
             system = content + "\n\n"
             continue
         if role not in ("user", "assistant", "model"):
-            raise ValueError(f"message {i}: unknown role {role!r} (user, assistant or system)")
+            raise ChatTemplateError(f"message {i}: unknown role {role!r} (user, assistant or system)")
         turns.append(("model" if role in ("assistant", "model") else "user", content))
     if turns and system:
         if turns[0][0] != "user":
-            raise ValueError("after a system message the first turn must be the user's")
+            raise ChatTemplateError("after a system message the first turn must be the user's")
         turns[0] = ("user", system + turns[0][1])
     for i in range(1, len(turns)):
         if turns[i][0] == turns[i - 1][0]:
-            raise ValueError("roles must alternate between user and assistant")
+            raise ChatTemplateError("roles must alternate between user and assistant")
     text = "<bos>" + "".join(f"<start_of_turn>{r}\n{c.strip()}<end_of_turn>\n" for r, c in turns)
     if add_generation_prompt:
         text += "<start_of_turn>model\n"
@@ -251,7 +288,7 @@ def _load_sentencepiece(proto: bytes, source: str):
 
 
 def generation_stop_ids(tokenizer: Tokenizer, generation_config: dict, config_eos) -> tuple[int, ...]:
-    """Stop ids: the generation config's eos list when given, plus <eos>/<end_of_turn>."""
+    """Stop ids: the generation config's eos list when given, plus the tokenizer's stop ids."""
     eos = generation_config.get("eos_token_id", list(config_eos))
     eos = eos if isinstance(eos, list) else [eos]
     return tuple(dict.fromkeys([*eos, *tokenizer.stop_ids]))

@@ -12,12 +12,14 @@ vLLM's offline `LLM.generate` code runs with only the import changed: the same p
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.errors import GemmakitError
 from gemmakit.inference.engine import Request
 from gemmakit.inference.sampling import SamplingParams, request_generator
 from gemmakit.inference.text import StreamEvent, TextStream, stream_text, text_streams
@@ -40,6 +42,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict = field(default_factory=dict)
+
+
+def _is_token(t, vocab: int) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
 
 
 class LLM:
@@ -96,24 +102,46 @@ class LLM:
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per prompt")
+            raise GemmakitError(
+                f"give one SamplingParams, or one per prompt ({len(params_list)} for {len(prompts)} prompts)"
+            )
         requests, texts = [], []
-        for prompt, p in zip(prompts, params_list):
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            if not isinstance(p, SamplingParams):
+                raise GemmakitError(f"prompt {i}: sampling params must be a SamplingParams, got {p!r}")
             if isinstance(prompt, dict):  # vLLM's {"prompt_token_ids": [...]} form
-                ids, text = list(prompt["prompt_token_ids"]), None
-            elif isinstance(prompt, list):
-                ids, text = list(prompt), None
-            else:
+                if "prompt_token_ids" not in prompt:
+                    raise GemmakitError(f"prompt {i}: a dict prompt needs 'prompt_token_ids'")
+                ids, text = self._token_ids(prompt["prompt_token_ids"], i), None
+            elif isinstance(prompt, (list, tuple)):
+                ids, text = self._token_ids(prompt, i), None
+            elif isinstance(prompt, str):
                 ids, text = self.tokenizer.encode(prompt), prompt
+            else:
+                raise GemmakitError(
+                    f"prompt {i}: a prompt is text, a list of token ids or a dict, got {prompt!r}"
+                )
             # Drawn in prompt order, so an LLM's seed makes the whole call reproducible.
             gen = request_generator(p, self._generator)
             requests.append(Request(ids, p, self.loaded.stop_ids, gen))
             texts.append(text)
         return requests, texts
 
+    def _token_ids(self, ids, i: int) -> list[int]:
+        """A token-id prompt, checked: an id outside the embedding would index past it."""
+        vocab = self.model.config.vocab_size
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise GemmakitError(f"prompt {i}: token ids must be a non-empty list")
+        bad = [t for t in ids if not _is_token(t, vocab)]
+        if bad:
+            raise GemmakitError(f"prompt {i}: token id {bad[0]!r} is not an integer in [0, {vocab})")
+        return [int(t) for t in ids]
+
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
         """Yields text deltas for a batch of prompts as they are generated."""
         requests, _ = self._requests(prompts, sampling_params)
+        if not requests:
+            return
         yield from self._stream(requests, text_streams(self.tokenizer, requests))
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
@@ -123,6 +151,8 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for every prompt (str, token-id list, or {"prompt_token_ids": ...})."""
         requests, texts = self._requests(prompts, sampling_params)
+        if not requests:  # vLLM answers an empty batch with an empty list
+            return []
         streams = text_streams(self.tokenizer, requests)
         start = time.perf_counter()
         first = None

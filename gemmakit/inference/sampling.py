@@ -6,6 +6,8 @@ from logits to logits with the dropped tokens at -inf, as mlx-lm's `sample_utils
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from dataclasses import dataclass
 
@@ -13,12 +15,41 @@ import torch
 
 from gemmakit.errors import GemmakitError
 
+# The smallest positive temperature accepted. Logits divided by a tiny one overflow float32
+# (1e-40 turns every logit into inf and the softmax into NaN); divided by 1e-5 they stay far
+# from it (|logit| 1e4 -> 1e9). vLLM takes temperatures under 1e-5 as greedy
+# (vllm/sampling_params.py, _SAMPLING_EPS); here the caller says 0 for greedy.
+MIN_TEMPERATURE = 1e-5
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_str_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x)
+
+
+def _number(name: str, value) -> float:
+    """`value` as a finite float, or a GemmakitError naming the field."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise GemmakitError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise GemmakitError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    if not _is_int(value):
+        raise GemmakitError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
 
 @dataclass
 class SamplingParams:
     """What vLLM's `SamplingParams` means, for the fields it shares.
 
-    temperature 0 is greedy; top_k <= 0 and top_p = 1 disable those filters; `seed` makes
+    temperature 0 is greedy; top_k -1 or 0 and top_p = 1 disable those filters; `seed` makes
     a request reproducible on its own, independent of the batch it runs in; generated text
     stops before the first `stop` string, which is not included.
     """
@@ -35,18 +66,44 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self):
+        # Checked here, at the edge, because a bad value fails later inside a batch: NaN or a
+        # temperature of 1e-40 turns the scaled logits into inf/NaN and torch.multinomial raises.
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not _is_str_list(self.stop):
+            raise GemmakitError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.temperature < 0:
-            raise GemmakitError(f"temperature must be >= 0, got {self.temperature}")
+        ids = self.stop_token_ids
+        if ids is not None and not (
+            isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids)
+        ):
+            raise GemmakitError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+        self.stop_token_ids = list(ids or [])
+        self.temperature = _number("temperature", self.temperature)
+        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise GemmakitError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
+            )
+        self.top_p = _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise GemmakitError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.min_p = _number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise GemmakitError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise GemmakitError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        self.top_k = _integer("top_k", self.top_k)
+        if self.top_k < -1:
+            raise GemmakitError(f"top_k must be -1 or 0 (no top-k filter) or at least 1, got {self.top_k}")
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed)
+            # torch's Generator.manual_seed takes exactly this range.
+            if not -(2**63) <= self.seed < 2**64:
+                raise GemmakitError(f"seed must fit in 64 bits, got {self.seed}")
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise GemmakitError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not isinstance(self.ignore_eos, bool):
+            raise GemmakitError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.n != 1:
             raise GemmakitError("n > 1 is not supported; send the prompt several times")
 

@@ -2,11 +2,12 @@
 and loaded in PEFT's format (peft)."""
 
 from gemmakit.lora.apply import LoraSettings, apply_lora, lora_modules, merge
-from gemmakit.lora.layers import LoRAEmbedding, LoRALinear
+from gemmakit.lora.layers import LoRAEmbedding, LoRALinear, LoRAParameters
 from gemmakit.lora.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
+    adapter_parameters,
     adapter_state_dict,
     load_adapter,
     load_adapter_state,
@@ -21,7 +22,9 @@ __all__ = [
     "PEFT_PREFIX",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAParameters",
     "LoraSettings",
+    "adapter_parameters",
     "adapter_state_dict",
     "apply_lora",
     "load_adapter",

@@ -3,7 +3,9 @@
 `apply_lora(model, r, alpha, dropout, targets)` freezes the model and swaps each targeted
 `nn.Linear` (or a quantized linear from `gemmakit.quant`, for QLoRA) for a `LoRALinear`, and
 a targeted `nn.Embedding` for a `LoRAEmbedding`, walking the modules as PEFT matches
-`target_modules`. `merge(model)` folds every adapter into its base weight.
+`target_modules`. Weights held as parameters rather than linear layers (Gemma 4's MoE experts)
+are targeted by parameter name, as PEFT's `target_parameters`, and wrapped in a
+`LoRAParameters`. `merge(model)` folds every adapter into its base weight.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError
-from gemmakit.lora.layers import LORA_TYPES, LoRAEmbedding, LoRALinear
+from gemmakit.lora.layers import LORA_TYPES, LoRAEmbedding, LoRALinear, LoRAParameters
 
 
 @dataclass
@@ -27,12 +29,15 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = PROJECTIONS
     use_rslora: bool = False
-    # Modules that were actually wrapped (full names), filled by apply_lora.
+    # Modules that were actually wrapped (full names), filled by apply_lora; a targeted
+    # parameter appears under its full name ("model.layers.0.experts.gate_up_proj").
     wrapped: list[str] = field(default_factory=list)
     base_model_name_or_path: str | None = None
+    # Parameters targeted by name (PEFT's target_parameters), e.g. "experts.gate_up_proj".
+    target_parameters: tuple[str, ...] = ()
 
 
-def _matches(name: str, targets) -> bool:
+def target_matches(name: str, targets) -> bool:
     # PEFT's rule for a list of names: the full module name, or its last components.
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -48,8 +53,54 @@ def set_module(model: nn.Module, name: str, module: nn.Module):
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Full name -> LoRALinear/LoRAEmbedding, in module order."""
+    """Full name -> LoRALinear/LoRAEmbedding/LoRAParameters, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+
+
+def wrapped_names(model: nn.Module) -> list[str]:
+    """What carries an adapter: module names, and a targeted parameter's full name."""
+    out = []
+    for name, m in lora_modules(model).items():
+        out += [f"{name}.{p}" for p in m.names] if isinstance(m, LoRAParameters) else [name]
+    return out
+
+
+def _weight_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> names of the 2-D/3-D parameters it holds itself, for modules that are
+    not linear layers or embeddings (whose weights are targeted as modules)."""
+    out = {}
+    for name, module in model.named_modules():
+        if not name or is_linear_like(module) or isinstance(module, nn.Embedding):
+            continue
+        own = [n for n, p in module.named_parameters(recurse=False) if p.dim() in (2, 3)]
+        if own:
+            out[name] = own
+    return out
+
+
+def split_targets(
+    model: nn.Module, targets, target_parameters=()
+) -> tuple[tuple, tuple, dict[str, list[str]]]:
+    """(module targets, parameter targets, {module name: its targeted parameters}).
+
+    A target that names no module but a weight parameter ("experts.gate_up_proj", or just
+    "gate_up_proj") is taken as a parameter target, as if given in PEFT's `target_parameters`;
+    PEFT matches those by the same rule (the full name or its trailing components).
+    """
+    modules = [n for n, _ in model.named_modules() if n]
+    held = _weight_parameters(model)
+    as_params = [t for t in targets if not any(target_matches(n, [t]) for n in modules)]
+    as_params = [
+        t for t in as_params if any(target_matches(f"{m}.{p}", [t]) for m, ps in held.items() for p in ps)
+    ]
+    module_targets = tuple(t for t in targets if t not in as_params)
+    param_targets = tuple(dict.fromkeys((*target_parameters, *as_params)))
+    chosen = {}
+    for m, ps in held.items():
+        names = [p for p in ps if target_matches(f"{m}.{p}", param_targets)]
+        if names:
+            chosen[m] = names
+    return module_targets, param_targets, chosen
 
 
 def apply_lora(
@@ -60,12 +111,20 @@ def apply_lora(
     targets=PROJECTIONS,
     use_rslora: bool = False,
     freeze: bool = True,
+    target_parameters=(),
 ) -> LoraSettings:
     """Freezes `model` and wraps every module named in `targets` with a LoRA adapter.
 
     Args:
         targets: module names matched as PEFT matches `target_modules` (a full name or its
-            trailing components: "q_proj", "mlp.down_proj", "lm_head", "embed_tokens").
+            trailing components: "q_proj", "mlp.down_proj", "lm_head", "embed_tokens"). Any
+            linear layer can be named: Gemma 3n/4's per_layer_input_gate, per_layer_projection,
+            laurel.linear_left, router.proj. A name that matches no module but a weight
+            parameter is a parameter target (see `target_parameters`).
+        target_parameters: weight parameters matched by the same rule, as PEFT's
+            `target_parameters`: "experts.gate_up_proj" and "experts.down_proj", the fused
+            expert weights of Gemma 4's MoE block, which are 3-D parameters, not linear
+            layers. These take no dropout (PEFT refuses it for them too).
         freeze: set requires_grad False on every existing parameter first.
 
     Returns:
@@ -73,27 +132,43 @@ def apply_lora(
     """
     if lora_modules(model):
         raise GemmakitError("the model already has LoRA adapters; merge them first")
-    targets = tuple(targets)
+    targets, param_targets, held = split_targets(model, tuple(targets), tuple(target_parameters))
+    if held and dropout > 0:
+        raise GemmakitError(
+            f"LoRA on parameters ({', '.join(sorted({p for ps in held.values() for p in ps}))}) takes no "
+            "dropout: the input cannot be factored out of W + BA (peft refuses it too); set lora_dropout to 0"
+        )
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
-    wrapped = []
     for name, module in list(model.named_modules()):
-        if not name or not _matches(name, targets):
+        if not name or not target_matches(name, targets):
             continue
         if isinstance(module, nn.Embedding):
             wrapper = LoRAEmbedding(module, r, alpha, use_rslora)
         elif is_linear_like(module):
             wrapper = LoRALinear(module, r, alpha, dropout, use_rslora)
         else:
-            raise GemmakitError(f"LoRA target {name} is a {type(module).__name__}, not a linear or embedding")
+            raise GemmakitError(_not_a_target(name, module))
         set_module(model, name, wrapper.train(module.training))  # dropout only in training mode
-        wrapped.append(name)
+    for name, params in held.items():
+        set_module(model, name, LoRAParameters(model.get_submodule(name), params, r, alpha, use_rslora))
+    wrapped = wrapped_names(model)
     if not wrapped:
         raise GemmakitError(f"no module matches the LoRA targets {', '.join(targets)}")
-    settings = LoraSettings(r, alpha, dropout, targets, use_rslora, wrapped)
+    settings = LoraSettings(r, alpha, dropout, targets, use_rslora, wrapped, target_parameters=param_targets)
     model.lora_settings = settings
     return settings
+
+
+def _not_a_target(name: str, module: nn.Module) -> str:
+    """Why a matched module cannot take an adapter, and what to name instead."""
+    params = [n for n, p in module.named_parameters(recurse=False) if p.dim() in (2, 3)]
+    hint = ""
+    if params:
+        short = name.rsplit(".", 1)[-1]
+        hint = "; its weights are parameters: target " + ", ".join(f"{short}.{p}" for p in params)
+    return f"LoRA target {name} is a {type(module).__name__}, not a linear or embedding{hint}"
 
 
 def _untie_if_needed(model: nn.Module, names: list[str]):
@@ -124,6 +199,12 @@ def merge(model: nn.Module) -> nn.Module:
     _untie_if_needed(model, list(modules))
     for name, m in modules.items():
         base = m.base
+        if isinstance(m, LoRAParameters):
+            for p in m.names:
+                w = getattr(base, p)
+                w.copy_((w.float() + m.delta_weight(p).to(w.device)).to(w.dtype))
+            set_module(model, name, base)
+            continue
         if isinstance(m, LoRAEmbedding):
             base.weight.copy_((base.weight.float() + m.delta_weight()).to(base.weight.dtype))
             set_module(model, name, base)

@@ -1,4 +1,5 @@
-"""LoRA's layers: a frozen linear layer or embedding plus a trainable low-rank update.
+"""LoRA's layers: a frozen linear layer, embedding or module's own weight parameters (the MoE
+experts) plus a trainable low-rank update.
 
     y = base(x) + B(A(dropout(x))) * alpha / r        (alpha / sqrt(r) with rsLoRA)
 
@@ -139,9 +140,19 @@ class LoRAEmbedding(nn.Module, _KeepBaseNames):
     def padding_idx(self):
         return self.base.padding_idx
 
+    @property
+    def num_embeddings(self) -> int:
+        # Read by models that clip ids to the table (Gemma 3n's per-layer embedding).
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        after_a = F.embedding(ids, self.lora_embedding_A.T)  # (..., r)
+        # The padding row gets no gradient, as in the base table and in PEFT's Embedding._embed.
+        after_a = F.embedding(ids, self.lora_embedding_A.T, self.base.padding_idx)  # (..., r)
         delta = after_a @ self.lora_embedding_B.T  # (..., dim)
         return out + (delta * self.scaling).to(out.dtype)
 
@@ -150,4 +161,65 @@ class LoRAEmbedding(nn.Module, _KeepBaseNames):
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
 
 
-LORA_TYPES = (LoRALinear, LoRAEmbedding)
+class LoRAParameters(nn.Module, _KeepBaseNames):
+    """Low-rank updates of weights a module holds as its own parameters rather than as
+    linear layers: Gemma 4's MoE experts, `gate_up_proj` (E, 2I, C) and `down_proj` (E, C, I)
+    (PEFT's `target_parameters`, its `ParamWrapper`).
+
+    A 3-D weight (E, out, in) gets one rank-r update per expert; its factors are stored as PEFT
+    stores them, so an adapter file is a plain copy: `lora_A` (E*r, in) holds expert e's A in
+    rows e*r .. e*r+r-1, `lora_B` (out, r*E) its B in columns k*E + e, k < r (peft
+    tuners/lora/layer.py, ParamWrapper.get_delta_weight). A 2-D weight (out, in) is the E = 1 case.
+    The module runs with W + B A * scaling in place of each W (`torch.func.functional_call`),
+    so gradients reach the factors only. PEFT refuses dropout here (the input cannot be
+    factored out of W + BA), and so does `apply_lora`.
+
+    Args:
+        base: the module holding the parameters (e.g. `model.moe.Experts`).
+        names: which of its parameters get updates.
+    """
+
+    def __init__(self, base: nn.Module, names, r: int, alpha: float, use_rslora=False):
+        super().__init__()
+        if r <= 0:
+            raise GemmakitError(f"LoRA rank must be positive, got {r}")
+        self.base = base
+        # Registration order: the order PEFT nests its wrappers, which names the adapter's keys.
+        self.names = tuple(n for n, _ in base.named_parameters(recurse=False) if n in set(names))
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = _scaling(r, alpha, use_rslora)
+        self.lora_A, self.lora_B, self.num_experts = nn.ModuleDict(), nn.ModuleDict(), {}
+        for name in self.names:
+            w = getattr(base, name)
+            if w.dim() not in (2, 3):
+                raise GemmakitError(
+                    f"LoRA parameter {name} is {w.dim()}-D; only 2-D and 3-D weights take LoRA"
+                )
+            E, out_f, in_f = (1, *w.shape) if w.dim() == 2 else w.shape
+            self.num_experts[name] = E
+            self.lora_A[name] = nn.Linear(in_f, r * E, bias=False, device=w.device, dtype=torch.float32)
+            self.lora_B[name] = nn.Linear(r * E, out_f, bias=False, device=w.device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        self._install_name_hooks()
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """B A * scaling for parameter `name`, float32, shaped as the parameter."""
+        E, a, b = self.num_experts[name], self.lora_A[name].weight, self.lora_B[name].weight
+        a = a.float().reshape(E, self.r, a.shape[-1])  # (E, r, in)
+        b = b.float().reshape(b.shape[0], self.r, E).permute(2, 0, 1)  # (E, out, r)
+        delta = (b @ a) * self.scaling  # (E, out, in)
+        return delta[0] if getattr(self.base, name).dim() == 2 else delta
+
+    def forward(self, *args, **kwargs):
+        weights = {}
+        for name in self.names:
+            w = getattr(self.base, name)
+            weights[name] = w + self.delta_weight(name).to(w.dtype)
+        return torch.func.functional_call(self.base, weights, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"parameters={','.join(self.names)}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+LORA_TYPES = (LoRALinear, LoRAEmbedding, LoRAParameters)

@@ -114,11 +114,12 @@ class AltUp(nn.Module):
         by routed coefficients plus one, to every prediction; (N, B, T, C)."""
         modalities = self.router_modalities(activated)  # (B, T, N)
         innovation = activated - predictions[self.active]  # (B, T, C)
-        weight = self.correction_coefs.weight
         if self.training and self.coef_clip is not None:
             # Here the reference clamps a copy: no gradient beyond the clip.
-            weight = weight.clamp(-self.coef_clip, self.coef_clip)
-        coefs = nn.functional.linear(modalities, weight) + 1.0  # (B, T, N)
+            weight = self.correction_coefs.weight.clamp(-self.coef_clip, self.coef_clip)
+            coefs = nn.functional.linear(modalities, weight) + 1.0  # (B, T, N)
+        else:  # the module itself, so that a LoRA adapter on it applies (as under peft)
+            coefs = self.correction_coefs(modalities) + 1.0
         coefs = coefs.permute(2, 0, 1).unsqueeze(-1)  # (N, B, T, 1)
         return (innovation * coefs + predictions).type_as(activated)
 

@@ -1,6 +1,8 @@
 """Bytes of activations: one inference forward, and what a training step keeps for backward.
 
-Per-token, per-layer figures; `gemmakit.planning.training_memory` multiplies them out.
+Per-token, per-layer figures; `gemmakit.planning.training_memory` multiplies them out. Where
+blocks differ (Gemma 3n/4), each block is estimated with its own shapes through
+`Architecture.layer_view`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ def inference_activation_bytes(arch: Architecture, batch: int, tokens: int, dtyp
     sized tensors: gelu(gate), up and their product) or the end (hidden state plus the logits
     over the whole vocabulary, which dominate for Gemma's 256k vocabulary).
     """
+    if arch.varies_by_layer:
+        return max(
+            inference_activation_bytes(arch.layer_view(i), batch, tokens, dtype)
+            for i in range(arch.num_layers)
+        )
     a = DTYPE_BYTES[dtype]
     n = batch * tokens
     mlp = n * a * (3 * arch.hidden_size + 3 * arch.intermediate_size)
@@ -100,3 +107,39 @@ def logits_bytes_per_token(arch: Architecture, a: int) -> int:
     float32 log-softmax kept for backward, and the float32 gradient made during backward."""
     per_logit = a + (4 if a < 4 else 0) + (4 if arch.final_logit_softcapping else 0) + 4 + 4
     return arch.vocab_size * per_logit
+
+
+def family_extra_bytes_per_token_layer(arch: Architecture, a: int, norm_bytes: int, full: bool) -> float:
+    """What autograd keeps per token per block for the Gemma 3n/4 modules beside attention and
+    the dense MLP (an estimate by the same rules as `activation_bytes_per_token_layer`; each
+    extra RMSNorm keeps its input at `norm_bytes` per channel):
+      * per-layer input (PLE): the gate's output, its activation and the per-layer slice it
+        multiplies (a each, P wide), the post norm; full fine-tuning adds the gate's and the
+        projection's inputs;
+      * mixture of experts: the router's scaled input (a * H) and the three extra feed-forward
+        norms' inputs, and per routed expert (top_k of them) its gathered input and its output
+        before the routing weight (2 * a * H), gate and up (2 * a * I), act(gate) and the
+        product down_proj reads (2 * a * I);
+      * AltUp: per stream, the stacked input of the prediction, the prediction, the
+        correction's innovation product and the corrected stream (4 * a * H); for the active
+        stream four more (its prediction, innovation, scaled output and the block's input to
+        it); and the router norm;
+      * LAuReL: the rank-r intermediate (a * r) and its post norm.
+    Checked against the activations autograd saves in transformers' Gemma 3n and Gemma 4
+    (float32, full fine-tuning, tiny models, weights left out): within 1% on both, each
+    module's term growing with its width as measured (Gemma 3 on the same check: 3%;
+    2026-12-03).
+    """
+    H, P, r, n = arch.hidden_size, arch.per_layer_input_size, arch.laurel_rank, arch.altup_num_inputs
+    total = 0.0
+    if P:
+        total += 3 * a * P + norm_bytes * H + (a * (H + P) if full else 0)
+    if arch.num_experts:
+        total += (
+            3 * norm_bytes * H + a * H + arch.top_k_experts * a * (2 * H + 4 * arch.moe_intermediate_size)
+        )
+    if n:
+        total += 4 * (n + 1) * a * H + norm_bytes * H
+    if r:
+        total += a * r + norm_bytes * H
+    return total

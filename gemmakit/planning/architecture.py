@@ -1,8 +1,10 @@
 """What parameter and memory accounting knows about a decoder-only model, and where it comes from.
 
-`Architecture` describes Gemma 1/2/3, Llama, Mistral and Qwen2 text models alike; its
+`Architecture` describes Gemma 1/2/3/3n/4, Llama, Mistral and Qwen2 text models alike; its
 `tensors()` list, under Hugging Face state-dict names, is the one source every count and byte
-figure in `gemmakit.planning` is computed from. Gemma architectures are always derived from a
+figure in `gemmakit.planning` is computed from. Shapes that vary by layer (Gemma 3n/4: per-type
+head dims and KV heads, KV-shared layers, per-layer MLP widths) sit in `layers`, one
+`LayerShape` per block. Gemma architectures are always derived from a
 `GemmaConfig` (a preset, `gemmakit.hf_config.from_hf_config` on a config.json, or
 `gemmakit.formats.gguf.config_from_gguf` on a GGUF header), so inspect reads a Gemma model
 exactly as the loader does. The other families are read here, from their config.json keys or
@@ -20,9 +22,14 @@ from gemmakit.config import FULL, PROJECTIONS, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, ModelFileError
 from gemmakit.formats.gguf import GGUF_ARCHITECTURES, GGUFFile, config_from_gguf, hf_to_gguf_name
 from gemmakit.hf_config import from_hf_config
+from gemmakit.planning.towers import gemma4_audio_params, gemma4_vision_params, siglip_params
 
 # Tensor kinds besides the projections (whose kind is their name in `PROJECTIONS`).
 EMBEDDING, OUTPUT, NORM, BIAS = "embed_tokens", "lm_head", "norm", "bias"
+# Gemma 3n/4: the per-layer embedding table (PLE), the routed experts' stacked weights, the
+# other small tensors of these families (PLE gates and projections, AltUp, LAuReL, the router),
+# and checkpoint buffers that are not parameters (Gemma 4's layer_scalar).
+PER_LAYER_EMBEDDING, EXPERTS, AUX, BUFFER = "embed_tokens_per_layer", "experts", "aux", "buffer"
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,27 @@ class Tensor:
 
     @property
     def is_linear(self) -> bool:
-        """A projection inside a block: what bitsandbytes quantizes and LoRA adapts."""
+        """A projection inside a block: what weight-only quantization swaps and LoRA adapts."""
         return self.kind in PROJECTIONS and len(self.shape) == 2
+
+    @property
+    def is_parameter(self) -> bool:
+        """A parameter (what transformers' numel counts), not a stored buffer."""
+        return self.kind != BUFFER
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One block's attention and MLP shapes, where Gemma 3n/4 vary them by layer."""
+
+    head_dim: int
+    kv_heads: int
+    intermediate_size: int
+    # KV-shared layers (Gemma 3n/4's last num_kv_shared_layers) own no k_proj/v_proj/k_norm
+    # and no cache: they attend over an earlier layer's keys and values.
+    owns_kv: bool = True
+    # Gemma 4 full-attention layers with attention_k_eq_v: no v_proj, the values are the keys.
+    has_v_proj: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,8 +111,31 @@ class Architecture:
     embedding_scaled: bool = False
     # Gemma 1/2 technical reports count a vocabulary padded to 256,128 rows.
     report_vocab_size: int | None = None
-    # Vision tower + projector of a multimodal checkpoint (not part of the text model).
+    # Vision and audio towers + their projectors of a multimodal checkpoint (not part of the
+    # text model).
     vision_params: int = 0
+    audio_params: int = 0
+    # --- Gemma 3n / 4 (transformers modeling_gemma3n.py, modeling_gemma4.py) ------------------
+    # One LayerShape per block; empty: every block has the shapes of the fields above.
+    layers: tuple[LayerShape, ...] = ()
+    # Per-layer embeddings: width of each layer's slice, rows of the table (0: none).
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    # Gemma 3n/4 RMSNorm over head_dim on the values, without a weight (no parameters).
+    v_norm: bool = False
+    # Gemma 4: a one-element layer_scalar buffer per block, stored in the checkpoint.
+    layer_scalar: bool = False
+    # Gemma 4 mixture of experts beside the dense MLP: experts, chosen per token, expert width.
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    # Gemma 3n AltUp streams (0: none) and LAuReL rank (0: none).
+    altup_num_inputs: int = 0
+    laurel_rank: int = 0
+    # "proportional" RoPE: the fraction of a global layer's head dim that rotates.
+    rope_partial_rotary_factor: float = 1.0
+    # The multimodal wrapper's towers that are not counted (e.g. "vision and audio"), if any.
+    uncounted_towers: str = ""
     # Where the description came from: preset, config.json, GGUF.
     source: str = ""
     # The HF architecture (GemmaForCausalLM, LlamaForCausalLM ...), or a non-Gemma GGUF file's
@@ -103,6 +152,41 @@ class Architecture:
             )
         if self.norms_per_layer not in (2, 4):
             raise ConfigError(f"{self.name}: {self.norms_per_layer} norms per layer is not supported")
+        if self.layers and len(self.layers) != self.num_layers:
+            raise ConfigError(f"{self.name}: layers must describe all {self.num_layers} blocks")
+
+    def layer(self, i: int) -> LayerShape:
+        """Block i's shapes."""
+        if self.layers:
+            return self.layers[i]
+        return LayerShape(self.head_dim, self.num_kv_heads, self.intermediate_size)
+
+    def layer_view(self, i: int) -> Architecture:
+        """A one-block Architecture with block i's shapes as its scalar fields, for the
+        estimates (activations) that read a block's dimensions from those fields."""
+        s = self.layer(i)
+        return dataclasses.replace(
+            self, num_layers=1, layer_types=(self.layer_types[i],), layers=(s,),
+            head_dim=s.head_dim, num_kv_heads=s.kv_heads, intermediate_size=s.intermediate_size,
+        )  # fmt: skip
+
+    @property
+    def num_kv_shared_layers(self) -> int:
+        return sum(not self.layer(i).owns_kv for i in range(self.num_layers))
+
+    def type_shape(self, layer_type: str) -> LayerShape | None:
+        """The shapes of the first block of a layer type (None if the model has none)."""
+        return next((self.layer(i) for i, t in enumerate(self.layer_types) if t == layer_type), None)
+
+    @property
+    def k_eq_v_layers(self) -> int:
+        """KV-owning blocks whose values are their keys (no v_proj; Gemma 4 attention_k_eq_v)."""
+        return sum(s.owns_kv and not s.has_v_proj for s in map(self.layer, range(self.num_layers)))
+
+    @property
+    def varies_by_layer(self) -> bool:
+        """Whether some block's shapes differ from the first's (Gemma 3n/4)."""
+        return len(set(self.layers)) > 1
 
     @property
     def q_dim(self) -> int:
@@ -129,24 +213,30 @@ class Architecture:
         return self.num_layers - self.num_sliding
 
     def tensors(self) -> list[Tensor]:
-        """Every parameter tensor: the embedding, each block (its projections, then its norms),
-        the final norm, and lm_head when it is not tied to the embedding."""
+        """Every tensor of the checkpoint: the embeddings, each block (its projections, its
+        norms, then the Gemma 3n/4 extras), the final norm, and lm_head when it is not tied
+        to the embedding. Buffers (kind BUFFER) are listed but are not parameters."""
         H, V = self.hidden_size, self.vocab_size
         out = [Tensor("model.embed_tokens.weight", (V, H), EMBEDDING)]
+        out += _model_extra_tensors(self)
         for i in range(self.num_layers):
-            out += self._block_tensors(f"model.layers.{i}.")
+            prefix = f"model.layers.{i}."
+            out += self._block_tensors(i, prefix)
+            out += _block_extra_tensors(self, prefix)
         out.append(Tensor("model.norm.weight", (H,), NORM))
         if not self.tie_word_embeddings:
             out.append(Tensor("lm_head.weight", (V, H), OUTPUT))
         return out
 
-    def _block_tensors(self, prefix: str) -> list[Tensor]:
-        H, inter, q, kv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
-        # projection -> (parent module, (out_features, in_features), has a bias)
+    def _block_tensors(self, i: int, prefix: str) -> list[Tensor]:
+        s, H = self.layer(i), self.hidden_size
+        inter, q, kv = s.intermediate_size, self.num_heads * s.head_dim, s.kv_heads * s.head_dim
+        # projection -> (parent module, (out_features, in_features), has a bias); a KV-shared
+        # layer has no k_proj/v_proj, a K = V layer no v_proj (transformers Gemma4TextAttention).
         layout = {
             "q_proj": ("self_attn", (q, H), self.qkv_bias),
-            "k_proj": ("self_attn", (kv, H), self.qkv_bias),
-            "v_proj": ("self_attn", (kv, H), self.qkv_bias),
+            "k_proj": ("self_attn", (kv, H), self.qkv_bias) if s.owns_kv else None,
+            "v_proj": ("self_attn", (kv, H), self.qkv_bias) if s.owns_kv and s.has_v_proj else None,
             "o_proj": ("self_attn", (H, q), self.o_bias),
             "gate_proj": ("mlp", (inter, H), self.mlp_bias),
             "up_proj": ("mlp", (inter, H), self.mlp_bias),
@@ -154,6 +244,8 @@ class Architecture:
         }
         out = []
         for proj in PROJECTIONS:
+            if layout[proj] is None:
+                continue
             parent, shape, bias = layout[proj]
             out.append(Tensor(f"{prefix}{parent}.{proj}.weight", shape, proj))
             if bias:
@@ -162,11 +254,84 @@ class Architecture:
         if self.norms_per_layer == 4:
             norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         if self.qk_norm:
-            norms += ["self_attn.q_norm", "self_attn.k_norm"]
+            # v_norm, where there is one, has no weight (transformers with_scale=False).
+            norms += ["self_attn.q_norm"] + (["self_attn.k_norm"] if s.owns_kv else [])
         for norm in norms:
-            width = self.head_dim if norm.startswith("self_attn.") else H
+            width = s.head_dim if norm.startswith("self_attn.") else H
             out.append(Tensor(f"{prefix}{norm}.weight", (width,), NORM))
         return out
+
+
+# --- Gemma 3n / 4 tensors beside the Gemma 1-3 block --------------------------------------------
+
+
+def _model_extra_tensors(a: Architecture) -> list[Tensor]:
+    """Model-level tensors of Gemma 3n/4: the per-layer embedding table, its projection from
+    the hidden state and its norm (transformers Gemma4TextModel / Gemma3nTextModel), and Gemma
+    3n's AltUp stream projections in and out (altup_projections, altup_unembed_projections)."""
+    H, L, P = a.hidden_size, a.num_layers, a.per_layer_input_size
+    out = []
+    if P:
+        out += [
+            Tensor(
+                "model.embed_tokens_per_layer.weight", (a.per_layer_vocab_size, L * P), PER_LAYER_EMBEDDING
+            ),
+            Tensor("model.per_layer_model_projection.weight", (L * P, H), AUX),
+            Tensor("model.per_layer_projection_norm.weight", (P,), NORM),
+        ]
+    for kind in ("altup_projections", "altup_unembed_projections"):
+        # One (H, H) matrix per stream besides the active one.
+        out += [
+            Tensor(f"model.{kind}.{j}.weight", (H, H), AUX) for j in range(max(a.altup_num_inputs - 1, 0))
+        ]
+    return out
+
+
+def _block_extra_tensors(a: Architecture, prefix: str) -> list[Tensor]:
+    """A Gemma 3n/4 block's tensors beside attention and the dense MLP, by module:
+    the per-layer input gate (Gemma4TextDecoderLayer), the router and experts
+    (Gemma4TextRouter, Gemma4TextExperts: fused (E, 2 * I, H) gate_up_proj), AltUp
+    (Gemma3nTextAltUp), LAuReL (Gemma3nTextLaurelBlock) and Gemma 4's layer_scalar buffer."""
+    H, P, E, n, r = a.hidden_size, a.per_layer_input_size, a.num_experts, a.altup_num_inputs, a.laurel_rank
+    out = []
+    if P:
+        out += [
+            Tensor(f"{prefix}per_layer_input_gate.weight", (P, H), AUX),
+            Tensor(f"{prefix}per_layer_projection.weight", (H, P), AUX),
+            Tensor(f"{prefix}post_per_layer_input_norm.weight", (H,), NORM),
+        ]
+    if E:
+        inter = a.moe_intermediate_size
+        out += [
+            Tensor(f"{prefix}router.proj.weight", (E, H), AUX),
+            Tensor(f"{prefix}router.scale", (H,), AUX),
+            Tensor(f"{prefix}router.per_expert_scale", (E,), AUX),
+            Tensor(f"{prefix}experts.gate_up_proj", (E, 2 * inter, H), EXPERTS),
+            Tensor(f"{prefix}experts.down_proj", (E, H, inter), EXPERTS),
+        ]
+        for norm in (
+            "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+            "pre_feedforward_layernorm_2",
+        ):
+            out.append(Tensor(f"{prefix}{norm}.weight", (H,), NORM))
+    if n:
+        out += [
+            Tensor(f"{prefix}altup.correct_output_scale", (H,), AUX),
+            Tensor(f"{prefix}altup.correction_coefs.weight", (n, n), AUX),
+            Tensor(f"{prefix}altup.prediction_coefs.weight", (n * n, n), AUX),
+            Tensor(f"{prefix}altup.modality_router.weight", (n, H), AUX),
+            Tensor(f"{prefix}altup.router_norm.weight", (H,), NORM),
+        ]
+    if r:
+        out += [
+            Tensor(f"{prefix}laurel.linear_left.weight", (r, H), AUX),
+            Tensor(f"{prefix}laurel.linear_right.weight", (H, r), AUX),
+            Tensor(f"{prefix}laurel.post_laurel_norm.weight", (H,), NORM),
+        ]
+    if a.layer_scalar:
+        out.append(Tensor(f"{prefix}layer_scalar", (1,), BUFFER))
+    return out
 
 
 # --- Gemma: always through GemmaConfig ---------------------------------------------------------
@@ -175,6 +340,17 @@ class Architecture:
 def from_gemma_config(cfg: GemmaConfig, name: str | None = None, source: str = "") -> Architecture:
     factor = cfg.rope_scaling_factor
     sliding = SLIDING in cfg.layer_types
+    n = cfg.num_hidden_layers
+    layers = tuple(
+        LayerShape(
+            head_dim=cfg.layer_head_dim(i),
+            kv_heads=cfg.layer_kv_heads(i),
+            intermediate_size=cfg.layer_intermediate_size(i),
+            owns_kv=cfg.layer_owns_kv(i),
+            has_v_proj=cfg.layer_has_v_proj(i),
+        )
+        for i in range(n)
+    )
     return Architecture(
         name=name or cfg.name or cfg.model_type,
         model_type=cfg.model_type,
@@ -182,7 +358,7 @@ def from_gemma_config(cfg: GemmaConfig, name: str | None = None, source: str = "
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_hidden_layers,
+        num_layers=n,
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim,
@@ -204,6 +380,17 @@ def from_gemma_config(cfg: GemmaConfig, name: str | None = None, source: str = "
         report_vocab_size=256128
         if cfg.vocab_size == 256000 and cfg.model_type in ("gemma", "gemma2")
         else None,
+        layers=layers,
+        per_layer_input_size=cfg.hidden_size_per_layer_input,
+        per_layer_vocab_size=cfg.vocab_size_per_layer_input if cfg.hidden_size_per_layer_input else 0,
+        v_norm=cfg.use_v_norm,
+        layer_scalar=cfg.use_layer_scalar,
+        num_experts=cfg.num_experts,
+        top_k_experts=cfg.top_k_experts,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        altup_num_inputs=cfg.altup_num_inputs,
+        laurel_rank=cfg.laurel_rank,
+        rope_partial_rotary_factor=cfg.rope_partial_rotary_factor,
         source=source,
     )
 
@@ -214,35 +401,28 @@ def _gemma_from_hf(raw: dict[str, Any], name: str, source: str) -> Architecture:
     except KeyError as e:
         raise ConfigError(f"{name}: config.json lacks {e.args[0]!r}") from None
     arch = from_gemma_config(cfg, name=name, source=source)
-    # A multimodal Gemma 3 config: from_hf_config reads its text half; count the vision half.
-    multimodal = "text_config" in raw or raw.get("model_type") == "gemma3"
-    vision = siglip_params(raw.get("vision_config") or {}, cfg.hidden_size) if multimodal else 0
-    if vision:
-        arch = dataclasses.replace(arch, vision_params=vision, architecture="Gemma3ForConditionalGeneration")
+    wrapper = next((a for a in raw.get("architectures") or [] if a in _MULTIMODAL_WRAPPERS), None)
+    wrapper = wrapper or _MULTIMODAL_TYPES.get(raw.get("model_type", ""))
+    if wrapper is None and "text_config" in raw:
+        wrapper = "Gemma3ForConditionalGeneration"
+    if wrapper == "Gemma3ForConditionalGeneration":
+        # A multimodal Gemma 3 config: from_hf_config reads its text half; count the vision half.
+        vision = siglip_params(raw.get("vision_config") or {}, cfg.hidden_size)
+        return dataclasses.replace(arch, vision_params=vision, architecture=wrapper)
+    if wrapper == "Gemma4ForConditionalGeneration":
+        vision, audio = raw.get("vision_config"), raw.get("audio_config")
+        return dataclasses.replace(
+            arch,
+            architecture=wrapper,
+            vision_params=gemma4_vision_params(vision, cfg.hidden_size) if vision else 0,
+            audio_params=gemma4_audio_params(audio, cfg.hidden_size) if audio else 0,
+        )
+    if wrapper:
+        # Gemma 3n's vision encoder is a timm MobileNetV5 and its audio encoder a USM
+        # conformer, neither modelled here: their parameters are named as not counted.
+        towers = " and ".join(t for t in ("vision", "audio") if raw.get(f"{t}_config"))
+        return dataclasses.replace(arch, architecture=wrapper, uncounted_towers=towers)
     return arch
-
-
-def siglip_params(vision: dict[str, Any], text_hidden: int) -> int:
-    """SigLIP vision tower (no pooling head) plus Gemma 3's projection into the text width.
-
-    transformers SiglipVisionModel: a patch conv with bias, a position embedding per patch,
-    per layer two LayerNorms (weight + bias), q/k/v/o and fc1/fc2 with biases, a final
-    LayerNorm; Gemma3MultiModalProjector: a (vision, text) matrix and an RMSNorm.
-    """
-    if not vision:
-        return 0
-    d, inter = int(vision.get("hidden_size", 1152)), int(vision.get("intermediate_size", 4304))
-    layers, patch = int(vision.get("num_hidden_layers", 27)), int(vision.get("patch_size", 14))
-    image, channels = int(vision.get("image_size", 896)), int(vision.get("num_channels", 3))
-    per_layer = 2 * 2 * d + 4 * (d * d + d) + (d * inter + inter) + (inter * d + d)
-    embed = channels * patch * patch * d + d + (image // patch) ** 2 * d
-    head = (
-        0
-        if not vision.get("vision_use_head", False)
-        else d * d * 4 + 4 * d + d * inter * 2 + inter + d + 3 * d
-    )
-    projector = d * text_hidden + d
-    return embed + layers * per_layer + 2 * d + head + projector
 
 
 # --- config.json: Gemma through from_hf_config, the Llama families here -----------------------
@@ -253,19 +433,36 @@ _LLAMA_FAMILIES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-_GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+_GEMMA_MODEL_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "gemma3n",
+    "gemma3n_text",
+    "gemma4",
+    "gemma4_text",
+)
 _GEMMA_ARCHS = (
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "Gemma3nForCausalLM",
+    "Gemma4ForCausalLM",
     "Gemma3ForConditionalGeneration",
+    "Gemma3nForConditionalGeneration",
+    "Gemma4ForConditionalGeneration",
 )
+# Multimodal wrappers, by architecture and by model_type: their text tower is counted.
+_MULTIMODAL_WRAPPERS = _GEMMA_ARCHS[-3:]
+_MULTIMODAL_TYPES = dict(zip(("gemma3", "gemma3n", "gemma4"), _MULTIMODAL_WRAPPERS))
 # Keys that mean a different parameter layout than the dense decoder counted here.
 _UNSUPPORTED_KEYS = ("num_local_experts", "num_experts", "moe_intermediate_size", "n_routed_experts")
 
 
 def from_hf_dict(raw: dict[str, Any], name: str, source: str = "config.json") -> Architecture:
-    """An Architecture from a transformers config.json dict (Gemma 1/2/3, Llama, Mistral, Qwen2).
+    """An Architecture from a transformers config.json dict (Gemma 1/2/3/3n/4, Llama, Mistral,
+    Qwen2).
 
     Gemma configs go through `gemmakit.hf_config.from_hf_config`, so inspect reads them exactly as
     the model loader does.
@@ -282,7 +479,7 @@ def from_hf_dict(raw: dict[str, Any], name: str, source: str = "config.json") ->
     if family is None:
         found = ", ".join(archs) or model_type or "none given"
         raise ConfigError(
-            f"{name}: architecture {found} is not one inspect can count; it reads Gemma 1/2/3, "
+            f"{name}: architecture {found} is not one inspect can count; it reads Gemma 3n/4 and Gemma 1/2/3, "
             "Llama, Mistral and Qwen2 configs"
         )
     moe = [k for k in _UNSUPPORTED_KEYS if raw.get(k)]
@@ -363,7 +560,11 @@ def _llama_family_from_gguf(g: GGUFFile) -> Architecture:
         return value
 
     def has(hf_name: str) -> bool:
-        return hf_to_gguf_name(hf_name) in g.tensors
+        # Through the weight's GGUF name, so a rename table that lists weights only still
+        # finds the biases beside them (blk.0.attn_q.weight -> blk.0.attn_q.bias).
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = hf_to_gguf_name(f"{base}.weight")
+        return gguf_name is not None and f"{gguf_name.removesuffix('.weight')}.{suffix}" in g.tensors
 
     hidden, heads, layers = (
         int(get("embedding_length")),

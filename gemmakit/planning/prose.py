@@ -7,7 +7,7 @@ GB is 10**9 bytes, as printed.
 
 from __future__ import annotations
 
-from gemmakit.planning.architecture import Architecture
+from gemmakit.planning.architecture import EXPERTS, Architecture
 from gemmakit.planning.report import Report
 from gemmakit.planning.weights import NF4_BITS_PER_WEIGHT
 
@@ -17,10 +17,12 @@ GB = 10**9
 def notes(r: Report) -> list[str]:
     """Remarks printed under a model's numbers: where public figures differ, and why."""
     a, p, out = r.arch, r.params, []
-    if r.gguf_file and r.gguf_file["params"] != p.text:  # the header disagrees with its own tensors
+    # Stored values: the parameters and the buffers a checkpoint keeps (Gemma 4's layer_scalar).
+    stored = sum(t.numel for t in a.tensors())
+    if r.gguf_file and r.gguf_file["params"] != stored:  # the header disagrees with its own tensors
         out.append(
-            f"The GGUF tensors hold {r.gguf_file['params']:,} parameters, but its metadata describes "
-            f"{p.text:,}; the counts above follow the metadata."
+            f"The GGUF tensors hold {r.gguf_file['params']:,} values, but its metadata describes "
+            f"{stored:,}; the counts above follow the metadata."
         )
     if p.report_embedding:
         out.append(
@@ -29,11 +31,22 @@ def notes(r: Report) -> list[str]:
             f"{a.hidden_size:,}); config.json and the checkpoint hold {a.vocab_size:,} rows "
             f"({p.embedding:,}). Non-embedding counts agree exactly."
         )
-    if p.vision:
+    if p.vision and not p.audio:
         out.append(
             f"Multimodal checkpoint: {p.vision:,} vision parameters (SigLIP tower + projector) "
             f"are in the total; memory and training figures are for the {p.text:,}-parameter "
             "text model gemmakit runs."
+        )
+    elif p.audio:
+        out.append(
+            f"Multimodal checkpoint: {p.vision:,} vision and {p.audio:,} audio parameters "
+            f"(towers + projectors) are in the total; memory and training figures are for the "
+            f"{p.text:,}-parameter text model gemmakit runs."
+        )
+    if a.uncounted_towers:
+        out.append(
+            f"Multimodal checkpoint: the {a.uncounted_towers} towers are not counted (not "
+            f"modelled here); the figures are for the {p.text:,}-parameter text model gemmakit runs."
         )
     nf4, bf16 = r.memory["nf4"], r.memory["bf16"]
     emb16 = 2 * p.embedding
@@ -45,8 +58,9 @@ def notes(r: Report) -> list[str]:
             f"in 16-bit ({emb16 / GB:.2f} GB), so NF4 weights are {nf4 / bf16:.0%} of bf16, not "
             f"the {NF4_BITS_PER_WEIGHT / 16:.0%} that {NF4_BITS_PER_WEIGHT:.3f} of 16 bits suggests."
         )
+    out += _new_family_notes(r)
     if a.final_logit_softcapping or a.qk_norm:
-        out.append("fp16 overflows Gemma 2/3 activations (trained in bf16): use bf16 or fp32.")
+        out.append("fp16 overflows Gemma 2 and later activations (trained in bf16): use bf16 or fp32.")
     full = r.training["full"]
     if full["logits"] > full["activations"] / 4 and a.vocab_size > 100_000:
         out.append(
@@ -54,6 +68,30 @@ def notes(r: Report) -> list[str]:
             f"{full['logits'] / GB:.1f} GB at batch {r.train_batch} (float32 logits, log-softmax and "
             f"gradient); a chunked cross-entropy ({r.chunk_tokens} tokens at a time) keeps "
             f"{full['logits_chunked'] / GB:.2f} GB."
+        )
+    return out
+
+
+def _new_family_notes(r: Report) -> list[str]:
+    """What the per-layer embedding table and the routed experts mean for the figures."""
+    a, p, out = r.arch, r.params, []
+    if p.per_layer_embedding:
+        out.append(
+            f"The per-layer embedding (PLE) table is {p.per_layer_embedding / p.text:.0%} of the "
+            f"parameters ({2 * p.per_layer_embedding / GB:.2f} GB in bf16) but only "
+            f"{a.num_layers} x {a.per_layer_input_size} of its values are read per token, by lookup: "
+            f"Google counts the model by its effective {fmt_params(p.effective)} and its runtimes can "
+            "keep the table off the accelerator; the weight figures here hold it in memory, "
+            "unquantized by int8/NF4 as an embedding."
+        )
+    if a.num_experts:
+        experts = sum(t.numel for t in a.tensors() if t.kind == EXPERTS)
+        out.append(
+            f"The routed experts are {experts / p.text:.0%} of the parameters; a token runs through "
+            f"{a.top_k_experts} of {a.num_experts} per layer ({fmt_params(p.active)} active), but all "
+            "must be in memory. int8/NF4 here quantize the q/k/v/o/gate/up/down projections only "
+            "(as gemmakit --quantize does), so the experts' stacked weights stay 16-bit; LoRA does "
+            "not adapt them."
         )
     return out
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemmakit.config import FULL
 from gemmakit.formats.gguf import GGUFFile
 from gemmakit.planning.architecture import Architecture
 from gemmakit.planning.kv_cache import KVCacheSize, kv_cache
@@ -67,7 +68,12 @@ class Report:
             "embedding_params": self.params.embedding,
             "non_embedding_params": self.params.non_embedding,
             "vision_params": self.params.vision,
+            "audio_params": self.params.audio,
             "report_embedding_params": self.params.report_embedding,
+            "per_layer_embedding_params": self.params.per_layer_embedding,
+            "effective_params": self.params.effective,
+            "active_params": self.params.active,
+            "uncounted_towers": a.uncounted_towers or None,
             "config": {
                 "vocab_size": a.vocab_size,
                 "hidden_size": a.hidden_size,
@@ -91,6 +97,7 @@ class Report:
                 "qk_norm": a.qk_norm,
                 "qkv_bias": a.qkv_bias,
                 "activation": a.activation,
+                **_family_config(a),
             },
             "memory": dict(self.memory),
             "kv_cache": {
@@ -100,6 +107,8 @@ class Report:
                 "bytes_per_token": self.kv.bytes_per_token,
                 "bytes": self.kv.total,
                 "bytes_no_window": self.kv.total_no_window,
+                "cached_layers": self.kv.cached_layers,
+                "shared_layers": self.kv.shared_layers,
             },
             "training": {
                 "batch": self.train_batch,
@@ -114,6 +123,29 @@ class Report:
         if self.gguf_file:
             out["gguf_file"] = self.gguf_file
         return out
+
+
+def _family_config(a: Architecture) -> dict[str, Any]:
+    """The Gemma 3n/4 shape keys of the JSON config: per-type head dims and KV heads, KV
+    sharing, K = V, per-layer MLP widths, PLE, experts, AltUp, LAuReL."""
+    full = a.type_shape(FULL)
+    return {
+        "global_head_dim": full.head_dim if full else None,
+        "global_kv_heads": full.kv_heads if full else None,
+        "kv_shared_layers": a.num_kv_shared_layers,
+        "k_eq_v_layers": a.k_eq_v_layers,
+        "layer_intermediate_sizes": [a.layer(i).intermediate_size for i in range(a.num_layers)],
+        "per_layer_input_size": a.per_layer_input_size,
+        "per_layer_vocab_size": a.per_layer_vocab_size,
+        "num_experts": a.num_experts,
+        "top_k_experts": a.top_k_experts,
+        "moe_intermediate_size": a.moe_intermediate_size,
+        "altup_num_inputs": a.altup_num_inputs,
+        "laurel_rank": a.laurel_rank,
+        "rope_partial_rotary_factor": a.rope_partial_rotary_factor,
+        "v_norm": a.v_norm,
+        "layer_scalar": a.layer_scalar,
+    }
 
 
 def make_report(arch: Architecture, options: Options | None = None, gguf_file: dict | None = None) -> Report:
@@ -133,9 +165,15 @@ def make_report(arch: Architecture, options: Options | None = None, gguf_file: d
     return Report(arch, count_params(arch), memory, kv, training, o.train_batch, o.ce_chunk, gguf_file)
 
 
+# llama.cpp's per-dimension RoPE frequency factors: derived from the config (Gemma 4's
+# proportional RoPE), not a model weight.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
 def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
-    """A GGUF file's real tensor bytes and tensor count per GGML type (largest first), and its
-    parameter count from the tensor shapes; read from the header alone."""
+    """A GGUF file's real tensor bytes and tensor count per GGML type (largest first), and the
+    values its model tensors hold from their shapes (without llama.cpp's rope_freqs, a table
+    derived from the config); read from the header alone."""
     by_type: dict[str, int] = {}
     counts: dict[str, int] = {}
     for t in g.tensors.values():
@@ -146,7 +184,7 @@ def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
         "path": str(g.path),
         "file_bytes": g.path.stat().st_size,
         "tensor_bytes": sum(by_type.values()),
-        "params": sum(math.prod(t.shape) for t in g.tensors.values()),
+        "params": sum(math.prod(t.shape) for name, t in g.tensors.items() if name != _ROPE_FREQS),
         "bytes_by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "tensors_by_type": counts,
         "file_type": g.metadata.get("general.file_type"),

@@ -10,6 +10,7 @@ from gemmakit.planning.activations import (
     DTYPE_BYTES,
     activation_bytes_per_token_layer,
     eager_attention_bytes_per_token_layer,
+    family_extra_bytes_per_token_layer,
     logits_bytes_per_token,
 )
 from gemmakit.planning.architecture import Architecture
@@ -59,9 +60,11 @@ def training_memory(
     * gradients: one per trained weight, in its dtype;
     * optimizer: AdamW keeps two fp32 states per trained weight (8 B); 8-bit AdamW two uint8
       states plus an fp32 absmax per 256 values (tensors under 4096 values stay 32-bit);
-    * activations: see `activation_bytes_per_token_layer`, times layers and batch * seq_len;
-      with gradient checkpointing only each block's input is kept (a B per channel), plus one
-      block's activations while it is recomputed;
+    * activations: see `activation_bytes_per_token_layer` (and, for Gemma 3n/4's extra
+      modules, `family_extra_bytes_per_token_layer`), summed over the blocks with each
+      block's own shapes, times batch * seq_len; with gradient checkpointing only each
+      block's input is kept (a B per channel, per AltUp stream), plus the largest block's
+      activations while it is recomputed;
     * logits: `logits_bytes_per_token` times batch * seq_len tokens, or times `ce_chunk`
       tokens for a chunked cross-entropy that never builds the whole (B, T, V) tensor.
     """
@@ -72,9 +75,10 @@ def training_memory(
     tensors = arch.tensors()
     n_tokens = batch * seq_len
     if trained == "all":
-        sizes = [t.numel for t in tensors]
+        # Buffers (Gemma 4's layer_scalar) are stored but not trained.
+        sizes = [t.numel for t in tensors if t.is_parameter]
         trainable = sum(sizes)
-        weights = a * trainable
+        weights = a * sum(t.numel for t in tensors)
         grads = a * trainable
         lora = None
     else:
@@ -91,12 +95,18 @@ def training_memory(
         lora = {"rank": lora_rank, "dropout": lora_dropout, "targets": LORA_TARGETS}
     opt = _adam_bytes(sizes, optimizer)
     cpu_kernels = cpu_kernels and lora is not None
-    per_layer = activation_bytes_per_token_layer(arch, a, trained == "all", lora, cpu_kernels)
-    per_layer += eager_attention_bytes_per_token_layer(arch, a, seq_len)
-    # Outside the blocks: the scaled embedding output and the final norm's float32 input.
+    per_layer = _per_layer_activations(arch, a, trained == "all", lora, cpu_kernels, seq_len)
+    # Outside the blocks: the scaled embedding output, the final norm's float32 input, and
+    # Gemma 3n/4's per-layer inputs, made once for every block (the projection's output and
+    # its norm's input), and Gemma 3n's AltUp streams projected in (one per extra stream).
     outside = n_tokens * (a * arch.hidden_size + 4 * arch.hidden_size)
-    activations = round(n_tokens * per_layer * arch.num_layers + outside)
-    checkpointed = round(n_tokens * (a * arch.hidden_size * arch.num_layers + per_layer) + outside)
+    outside += n_tokens * 2 * a * arch.num_layers * arch.per_layer_input_size
+    outside += n_tokens * a * max(arch.altup_num_inputs - 1, 0) * arch.hidden_size
+    streams = max(arch.altup_num_inputs, 1)
+    activations = round(n_tokens * sum(per_layer) + outside)
+    checkpointed = round(
+        n_tokens * (a * streams * arch.hidden_size * arch.num_layers + max(per_layer)) + outside
+    )
     per_token_logits = logits_bytes_per_token(arch, a)
     if cpu_kernels and arch.final_logit_softcapping is None:
         # float32: the attention call's output and the target rows, (N, C) each; bfloat16:
@@ -119,3 +129,18 @@ def training_memory(
         "total": fixed + activations + logits_full,
         "total_checkpointed_chunked": fixed + checkpointed + logits_chunked,
     }
+
+
+def _per_layer_activations(
+    arch: Architecture, a: int, full: bool, lora, cpu_kernels: bool, seq_len: int
+) -> list:
+    """Bytes per token each block keeps for backward, each with its own shapes."""
+    blocks = [arch.layer_view(i) for i in range(arch.num_layers)] if arch.varies_by_layer else [arch]
+    norm_bytes = 8 if full else (a if cpu_kernels else 4)
+    per_block = [
+        activation_bytes_per_token_layer(b, a, full, lora, cpu_kernels)
+        + eager_attention_bytes_per_token_layer(b, a, seq_len)
+        + family_extra_bytes_per_token_layer(b, a, norm_bytes, full)
+        for b in blocks
+    ]
+    return per_block if arch.varies_by_layer else per_block * arch.num_layers

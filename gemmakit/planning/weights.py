@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from gemmakit.planning.architecture import EMBEDDING, OUTPUT, Architecture, Tensor
+from gemmakit.planning.architecture import EMBEDDING, OUTPUT, PER_LAYER_EMBEDDING, Architecture, Tensor
 
 # GGML block sizes and bytes per block (llama.cpp gguf-py constants.GGML_QUANT_SIZES).
 GGML_BLOCKS = {
@@ -42,7 +42,9 @@ def weight_bytes(arch: Architecture, precision: str) -> int:
     """Bytes of the text model's weights in one precision.
 
     int8 and nf4 follow bitsandbytes through transformers: only the projections inside the
-    blocks are quantized; embeddings, lm_head, norms and biases stay 16-bit. The GGUF types
+    blocks are quantized; embeddings, lm_head, norms and biases stay 16-bit, and so do Gemma
+    3n/4's per-layer embedding table, gates, AltUp/LAuReL/router weights and stacked expert
+    weights, as gemmakit's own --quantize leaves them (it swaps the seven projections only). The GGUF types
     follow llama.cpp's quantizer (`gguf_tensor_types`) and count tensor data only.
     """
     tensors = arch.tensors()
@@ -63,17 +65,40 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+# Tensors llama-quantize leaves in the type the converter wrote, by a piece of their HF name
+# (llama.cpp src/llama-quant.cpp tensor_allows_quantization: the router [ffn_gate_inp],
+# altup, laurel, per_layer_model_proj); convert_hf_to_gguf.py writes the router and AltUp's
+# coefficient matrices in F32 and the others in the file's 16 bits. First match wins.
+_KEPT_TYPES = (
+    ("router.proj.weight", "F32"),
+    ("altup.correction_coefs", "F32"),
+    ("altup.prediction_coefs", "F32"),
+    ("altup", "F16"),
+    ("laurel", "F16"),
+    ("per_layer_model_projection", "F16"),
+)
+
+
+def _layer_index(name: str) -> int:
+    """i of model.layers.{i}. in an HF tensor name."""
+    return int(name.split("model.layers.", 1)[1].split(".", 1)[0])
+
+
 def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
     """The GGML type llama-quantize gives each tensor for ftype q8_0, q4_0 or q4_k_m.
 
     The rule, from llama.cpp src/llama-quant.cpp (llama_tensor_get_type), with llama.cpp's
     tensor names in brackets:
-      * 1-D tensors (norms, biases) stay F32;
-      * lm_head [output] (or, when tied, embed_tokens [token_embd]) becomes Q6_K, or Q8_0 if
-        its rows are not a multiple of the base type's block; Q8_0 files keep it Q8_0;
-      * Q4_K_M: Q4_K everywhere, except v_proj [attn_v] and down_proj [ffn_down] on the
-        layers where use_more_bits(i, n) holds (first and last eighth, every third between):
-        Q6_K;
+      * 1-D tensors (norms, biases, scales) stay F32;
+      * lm_head [output] (or, when tied, embed_tokens [token_embd] and Gemma 3n/4's
+        per-layer table [per_layer_token_embd], both token embeddings to llama.cpp) becomes
+        Q6_K, or Q8_0 if its rows are not a multiple of the base type's block; Q8_0 files keep
+        it Q8_0;
+      * the router, AltUp, LAuReL and the per-layer projection are not quantized (_KEPT_TYPES);
+      * Q4_K_M: Q4_K everywhere, except v_proj [attn_v] (counted over the layers that have
+        one) and down_proj [ffn_down], the experts' included [ffn_down_exps] (by layer index),
+        on the layers where use_more_bits(i, n) holds (first and last eighth, every third
+        between): Q6_K;
       * k-quants need rows that are a multiple of 256: otherwise Q4_K falls back to Q5_0,
         Q5_K to Q5_1, Q6_K to Q8_0 (and anything else to F16).
     """
@@ -81,25 +106,29 @@ def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
         raise ValueError(f"unknown GGUF type {ftype!r}; known: {', '.join(GGUF_FTYPES)}")
     base = GGUF_FTYPES[ftype]
     tensors = arch.tensors()
-    # Layer index of each v_proj and down_proj, counted as llama.cpp counts them.
-    more_bits = {"v_proj": 0, "down_proj": 0}
-    n_layers = {kind: sum(t.kind == kind for t in tensors) for kind in more_bits}
+    # llama.cpp counts attn_v tensors in order, but takes ffn_down's layer from its index.
+    v_seen, v_total = 0, sum(t.kind == "v_proj" for t in tensors)
     out = {}
     for t in tensors:
-        if len(t.shape) < 2:
-            out[t.name] = "F32"
+        kept = next((kind for piece, kind in _KEPT_TYPES if piece in t.name), None)
+        if len(t.shape) < 2 or kept:
+            out[t.name] = "F32" if len(t.shape) < 2 else kept
             continue
         row = t.shape[-1]  # ggml ne[0]
         new = base
-        if t.kind == OUTPUT or (t.kind == EMBEDDING and arch.tie_word_embeddings):
+        token_embedding = t.kind in (EMBEDDING, PER_LAYER_EMBEDDING)
+        if t.kind == OUTPUT or (token_embedding and arch.tie_word_embeddings):
             if row % GGML_BLOCKS[base][0]:
                 new = "Q8_0"
             elif base != "Q8_0":
                 new = "Q6_K"
-        elif t.kind in more_bits:
-            if ftype == "q4_k_m" and _use_more_bits(more_bits[t.kind], n_layers[t.kind]):
+        elif t.kind == "v_proj":
+            if ftype == "q4_k_m" and _use_more_bits(v_seen, v_total):
                 new = "Q6_K"
-            more_bits[t.kind] += 1
+            v_seen += 1
+        elif t.kind == "down_proj" or t.name.endswith("experts.down_proj"):
+            if ftype == "q4_k_m" and _use_more_bits(_layer_index(t.name), arch.num_layers):
+                new = "Q6_K"
         if row % GGML_BLOCKS[new][0]:
             new = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(new, "F16")
             if row % GGML_BLOCKS[new][0]:

@@ -39,7 +39,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import ContextLengthError, GemmakitError
-from gemmakit.formats.tokenizer import render_chat
 from gemmakit.inference.engine import check_length
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
@@ -271,7 +270,7 @@ class _Server:
             for m in req.messages
         ]
         try:
-            ids = self.tokenizer.encode(render_chat(messages))
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         # max_completion_tokens is the newer name of max_tokens (OpenAI deprecated the latter).

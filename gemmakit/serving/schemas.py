@@ -7,10 +7,10 @@ that changes nothing, and answered 400 otherwise (`unsupported`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
 
 
 class APIError(Exception):
@@ -37,30 +37,39 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+# Numbers as JSON writes them: an int or a float, never a bool or a numeric string (OpenAI
+# refuses `"max_tokens": true` and `"temperature": "1"`); NaN and Infinity, which Python's JSON
+# parser accepts, are refused by `allow_inf_nan=False` below.
+Number = Annotated[float, Strict()]
+# OpenAI's documented range for both penalties.
+Penalty = Annotated[Number, Field(ge=-2.0, le=2.0)]
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored, as vLLM does."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
+    # Ranges are checked where SamplingParams is built (one check for the API and the server).
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    max_tokens: StrictInt | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
+    n: StrictInt = 1
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, Number] | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
 
 
 class Message(BaseModel):
@@ -72,17 +81,17 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
     tools: list | None = None
     response_format: dict | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gemmakit import lora
+from gemmakit.errors import GemmakitError
 from gemmakit.files import atomic_folder
 from gemmakit.training.config import TrainConfig
 
@@ -75,6 +76,7 @@ def load_checkpoint(path: Path, model, cfg: TrainConfig) -> dict:
     """Loads the checkpoint's weights into `model`; returns its trainer state."""
     from gemmakit.formats.safetensors import read_safetensors
 
+    state = read_state(path)  # first: a damaged state fails before the model is touched
     if cfg.method == "full":
         tensors = read_safetensors([path / FULL_WEIGHTS])
         params = dict(model.named_parameters())
@@ -84,6 +86,29 @@ def load_checkpoint(path: Path, model, cfg: TrainConfig) -> dict:
     else:
         _, tensors = lora.read_adapter(path / "adapter")
         lora.load_adapter_state(model, {lora.PEFT_PREFIX + k: v for k, v in tensors.items()})
-    # On the CPU: both generators take their state as a CPU byte tensor (the CUDA one too),
-    # and optimizer.load_state_dict moves each state tensor to its parameter's device itself.
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return state
+
+
+# What `Trainer.checkpoint` writes into every trainer state; a file without them is not one.
+STATE_KEYS = ("step", "consumed", "optimizer", "scheduler", "rng")
+
+
+def read_state(path: Path) -> dict:
+    """The trainer state of checkpoint `path`, or a GemmakitError naming the file.
+
+    Checkpoints are renamed into place only when complete, so a damaged state file was
+    damaged after it was written (a disk fault, a copy cut short, an edit).
+    """
+    file = path / STATE_FILE
+    hint = f"remove {path} to resume from the checkpoint before it"
+    try:
+        # On the CPU: both generators take their state as a CPU byte tensor (the CUDA one
+        # too), and optimizer.load_state_dict moves each state tensor to its parameter's device.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for damage
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GemmakitError(f"{file}: corrupt or truncated trainer state ({reason}); {hint}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise GemmakitError(f"{file}: not a gemmakit trainer state (no {', '.join(missing)}); {hint}")
+    return state

@@ -94,7 +94,9 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept (oldest removed first; 0 keeps all)")
     max_length: int = option(512, "tokens per sequence (longer rows are truncated)")
     chat_template: bool = option(
-        False, "convert rows to Gemma's chat template (<start_of_turn>user/model) instead of guanaco text"
+        False,
+        "format rows with the model's own chat template (Gemma's <start_of_turn> format when it "
+        "has none) instead of guanaco text",
     )
     train_on_responses_only: bool = option(
         False, "loss on response tokens only (prompt tokens get no gradient)"

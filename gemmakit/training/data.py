@@ -9,7 +9,8 @@ dataset name (`datasets.load_dataset`, online only):
 
 Every row becomes segments of text marked prompt or response, rendered either in the guanaco
 format (`### Human: …### Assistant: …`, as the openassistant-guanaco data set writes it) or,
-with `chat_template=True`, in Gemma's chat format
+with `chat_template=True`, in the model's own chat template when its tokenizer has one (Gemma
+4's `<|turn>` format, say), else Gemma's chat format
 (`<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…`).
 
 Tokenization rules:
@@ -25,6 +26,7 @@ generates after the prompt at inference time.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -79,27 +81,50 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
     return _read_hub(name, split)
 
 
+class Row(dict):
+    """A data row that knows where it came from (`where`: "FILE:LINE", "FILE item N" or
+    "NAME row N"), so that messages name the file's line after the rows were split and shuffled."""
+
+    where: str = ""
+
+
+def _row(value, where: str) -> Row:
+    if not isinstance(value, dict):
+        raise GemmakitError(f"{where}: a row must be a JSON object, got {_json_kind(value)}")
+    row = Row(value)
+    row.where = where
+    return row
+
+
 def _read_file(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GemmakitError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
             raise GemmakitError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise GemmakitError(f"{path}: JSON nested too deeply") from None
+        rows = [_row(r, f"{path} item {i}") for i, r in enumerate(items, 1)]
     else:
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GemmakitError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise GemmakitError(f"{path}:{i}: JSON nested too deeply") from None
+            rows.append(_row(value, f"{path}:{i}"))
     if not rows:
         raise GemmakitError(f"{path}: no rows")
-    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
-    if bad:
-        raise GemmakitError(f"{path}: row {bad} is not a JSON object")
     return rows
 
 
@@ -119,7 +144,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
             f"{name}: could not load the Hugging Face dataset (split {split!r}): {msg}. "
             "Offline? Pass a local JSONL file instead."
         ) from None
-    return [dict(r) for r in ds]
+    return [_row(dict(r), f"{name} row {i}") for i, r in enumerate(ds, 1)]
 
 
 # --- formatting -------------------------------------------------------------------------------
@@ -137,17 +162,26 @@ def parse_guanaco(text: str) -> list[tuple[str, str]]:
     return turns
 
 
-def row_turns(row: dict, index: int = 0) -> tuple[list[tuple[str, str]] | None, str | None]:
-    """(turns, None) for conversational rows, (None, text) for plain text rows."""
+def _where(row: dict, index) -> str:
+    """Where a row is, for messages: its file line when read from a file, else `row INDEX`."""
+    return getattr(row, "where", "") or f"row {index}"
+
+
+def row_turns(row: dict, index=0) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """(turns, None) for conversational rows, (None, text) for plain text rows.
+
+    A field of the wrong type (a null prompt, a number as content) is an error: training on
+    its Python spelling ("None") would teach the model text that is in no data.
+    """
+    where = _where(row, index)
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-            raise GemmakitError(f"row {index}: 'messages' must be a list of {{role, content}} objects")
+            raise GemmakitError(f"{where}: 'messages' must be a list of {{role, content}} objects")
         turns, system = [], ""
         for m in msgs:
             role, content = m.get("role"), m.get("content")
-            if not isinstance(content, str):
-                raise GemmakitError(f"row {index}: message content must be a string")
+            _check_text(content, where, "message content")
             if role == "system":
                 system += content.strip() + "\n\n"
             elif role in ("user", "human"):
@@ -156,34 +190,71 @@ def row_turns(row: dict, index: int = 0) -> tuple[list[tuple[str, str]] | None, 
             elif role in ("assistant", "model", "gpt"):
                 turns.append(("assistant", content.strip()))
             else:
-                raise GemmakitError(f"row {index}: unknown role {role!r}")
+                raise GemmakitError(f"{where}: unknown role {role!r}")
         return turns, None
     if "prompt" in row and "completion" in row:
-        return [("user", str(row["prompt"]).strip()), ("assistant", str(row["completion"]).strip())], None
+        prompt, completion = row["prompt"], row["completion"]
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            _check_text(value, where, f"'{name}'")
+        return [("user", prompt.strip()), ("assistant", completion.strip())], None
     if "text" in row:
         text = row["text"]
-        if not isinstance(text, str):
-            raise GemmakitError(f"row {index}: 'text' must be a string")
+        _check_text(text, where, "'text'")
         turns = parse_guanaco(text)
         return (turns, None) if turns else (None, text)
-    raise GemmakitError(f"row {index}: needs 'text', 'prompt'+'completion' or 'messages' (has {sorted(row)})")
+    raise GemmakitError(f"{where}: needs 'text', 'prompt'+'completion' or 'messages' (has {sorted(row)})")
 
 
-def format_row(row: dict, chat_template: bool = False, index: int = 0) -> list[tuple[str, bool]]:
+def _check_text(value, where: str, name: str) -> None:
+    """Refuses a field that is not a string, or not Unicode text (JSON's "\\ud800" escape
+    decodes to a lone surrogate, which the tokenizer cannot take)."""
+    if not isinstance(value, str):
+        raise GemmakitError(f"{where}: {name} must be a string, got {_json_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GemmakitError(
+            f"{where}: {name} holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not text"
+        ) from None
+
+
+def _json_kind(value) -> str:
+    """A value's type as JSON names it (null, number, ...), for messages about data files."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def format_row(row: dict, chat_template: bool = False, index=0, render=None) -> list[tuple[str, bool]]:
     """Segments [(text, is_response)] of a row, without BOS or the final end token.
 
     Guanaco format: `### Human: q### Assistant: a` exactly as the guanaco data is written;
     the response segment is what follows `### Assistant:`. Chat format: Gemma's turns, each
     model turn closed by `<end_of_turn>` inside the response (it is what the model must emit).
+    [] for a row with nothing to learn from: empty text, or no assistant turn with content
+    (it would otherwise train `<bos><eos>`, teaching the model to stop at once).
+
+    `render(messages, add_generation_prompt)`, the tokenizer's own chat template, replaces
+    Gemma's built-in chat format when given (see `_template_segments`).
     """
     turns, text = row_turns(row, index)
     if turns is None:
+        if not text.strip():
+            return []
         if chat_template:
             raise GemmakitError(
-                f"row {index}: plain text without '### Human:'/'### Assistant:' turns cannot be put "
-                "into the chat template"
+                f"{_where(row, index)}: plain text without '### Human:'/'### Assistant:' turns cannot be "
+                "put into the chat template"
             )
         return [(text, True)]
+    if not any(role == "assistant" and content for role, content in turns):
+        return []
+    if chat_template and render is not None:
+        return _template_segments(turns, render, _where(row, index))
     if chat_template:
         segs, prompt = [], ""
         for role, content in turns:
@@ -200,6 +271,34 @@ def format_row(row: dict, chat_template: bool = False, index: int = 0) -> list[t
         else:
             segs += [(prompt, False), (f" {content}", True)]
             prompt = ""
+    return [s for s in segs if s[0]]
+
+
+def _template_segments(turns, render, where: str) -> list[tuple[str, bool]]:
+    """Segments of a conversation in the model's own template, split as the template writes
+    the whole conversation: an assistant turn's response is what rendering the conversation
+    through that turn adds past the point where it parts from the rendering up to the turn's
+    generation prompt (its content and the template's end-of-turn marker, which the model must
+    learn to emit). The generation prompt itself may differ from the history: Gemma 4's adds an
+    empty thinking channel that its rendered history leaves out. A template that rewrites
+    earlier turns as later ones arrive has no such split, and is refused."""
+    messages, segs, done = [], [], ""
+    for role, content in turns:
+        if role == "user":
+            messages.append({"role": "user", "content": content})
+            continue
+        prompt = render(messages, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": content})
+        full = render(messages, add_generation_prompt=False)
+        split = len(os.path.commonprefix([prompt, full]))
+        if not full.startswith(done) or split < len(done) or split == len(full):
+            raise GemmakitError(
+                f"{where}: the model's chat template renders earlier turns differently as the "
+                "conversation grows, so prompt and response cannot be told apart; train without "
+                "--chat-template"
+            )
+        segs += [(full[len(done) : split], False), (full[split:], True)]
+        done = full
     return [s for s in segs if s[0]]
 
 
@@ -240,10 +339,20 @@ def tokenize(
 
 
 def build_examples(rows, tokenizer, max_length, chat_template=False, responses_only=False):
-    """(examples, dropped count) for rows; chat rows end with <end_of_turn>, others with <eos>."""
+    """(examples, skipped count) for rows; chat rows end with the end-of-turn marker (the
+    template's, or <end_of_turn>), others with <eos>.
+
+    Skipped: rows with nothing to learn from (see `format_row`), and rows whose responses
+    fall entirely past `max_length` under `responses_only`.
+    """
     out, dropped = [], 0
+    own_template = getattr(tokenizer, "chat_template", None) is not None
+    render = tokenizer.apply_chat_template if chat_template and own_template else None
     for i, row in enumerate(rows, 1):
-        segs = format_row(row, chat_template, i)
+        segs = format_row(row, chat_template, i, render)
+        if not segs:
+            dropped += 1
+            continue
         end = None if chat_template else tokenizer.eos_id
         ex = tokenize(segs, tokenizer, max_length, responses_only, end)
         if ex is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gemmakit.errors import GemmakitError
 from gemmakit.files import atomic_write
 
 
@@ -18,10 +19,8 @@ class Metrics:
         """Drops lines an interrupted run wrote past the checkpoint it resumes from."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+        keep = [r for r in self.read() if r["step"] <= step]
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def write(self, record: dict):
         if self.enabled:
@@ -29,9 +28,31 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        """The records; a GemmakitError names the line of a damaged file.
+
+        A last line without its newline that does not parse is what a kill in the middle of
+        `write` leaves; it is left out (the resume rewrites the file without it).
+        """
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        records = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) and not text.endswith("\n"):
+                    break
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise GemmakitError(
+                    f"{self.path}:{i}: not a metrics record (damaged file); remove the line to continue"
+                )
+            records.append(record)
+        return records
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -118,7 +119,7 @@ class Trainer:
         self.autocast = setup.use_autocast(cfg, self.dtype)
         self._build(loaded)
         self.global_step, self.consumed = 0, 0
-        if resume:
+        if saved and resume:
             self._restore(saved[-1])
         self._write_run_config()
         self._describe()
@@ -129,15 +130,55 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------------
 
     def _check_output(self, resume: bool) -> list[Path]:
-        """The output folder's checkpoints; raises unless `resume` matches what the folder holds."""
+        """The output folder's checkpoints; raises unless `resume` matches what the folder holds.
+
+        A run stopped before its first checkpoint (SIGKILL, the OOM killer, a second Ctrl-C)
+        leaves config.json and metrics.jsonl but nothing to continue from: it starts over, with
+        or without `resume`, and says so. Every finished or interrupted run has a checkpoint
+        (`fit` saves one on Ctrl-C and at the last step), so nothing of value is discarded.
+        """
         saved = checkpoints(self.output)
-        if resume and not saved:
-            raise GemmakitError(f"{self.output}: no checkpoint to resume from")
-        if not resume and (saved or self.metrics.path.exists()):
+        if not resume and saved:
             raise GemmakitError(
                 f"{self.output} already holds a run; pass --resume to continue it or choose another --output"
             )
+        started = self.metrics.path.exists() or self._holds_run_config()
+        if resume and not saved and not started:  # most likely a mistyped --output
+            raise GemmakitError(f"{self.output}: no run and no checkpoint to resume from")
+        if not saved and started:
+            self.log(
+                f"note: the run in {self.output} stopped before its first checkpoint; starting it over from step 0"
+            )
+            if self.dist.main:
+                self._discard_unsaved_run()
         return saved
+
+    def _holds_run_config(self) -> bool:
+        """Whether OUTPUT/config.json is a run's (written by `_write_run_config`).
+
+        Any other config.json (a model folder given as --output) is refused rather than
+        overwritten."""
+        path = self.output / "config.json"
+        if not path.exists():
+            return False
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or "effective" not in saved:
+            raise GemmakitError(
+                f"{path} is not a fine-tuning run's settings (a model folder?); choose another --output"
+            )
+        return True
+
+    def _discard_unsaved_run(self):
+        """Removes what a run that never saved a checkpoint left: its records and temporaries."""
+        for name in ("metrics.jsonl", "loss.png"):
+            (self.output / name).unlink(missing_ok=True)
+        root = self.output / "checkpoints"
+        if root.is_dir():  # only temporaries of the killed run's checkpoint saves are in it
+            for tmp in root.glob(".step-*.tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _build(self, loaded):
         """Model, optimizer, schedule and data, in the order that fixes what the seed draws."""
@@ -193,6 +234,11 @@ class Trainer:
             f"{notes['total_parameters']:,} parameters; {notes['train_rows']} train / {notes['eval_rows']} "
             f"eval rows; optimizer {self.optimizer_name}"
         )
+        if notes.get("dropped_rows"):
+            self.log(
+                f"note: skipped {notes['dropped_rows']} row(s) with nothing to learn from (empty text, no "
+                "assistant turn with content, or no response token within max_length)"
+            )
 
     # --- the parts of the loop ------------------------------------------------------------------
 
