@@ -9,6 +9,7 @@ copied until asked for.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
-from gemmakit.errors import ModelFileError
+from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.hf_config import from_hf_config
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -39,52 +41,98 @@ GGUF_ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "gemma3n": "Gemma3nForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
 }
 
-# llama.cpp tensor names (gguf-py tensor_mapping.py) -> our (HF) names. `{i}` is the layer.
+# The one HF <-> GGUF name table: llama.cpp tensor names (gguf-py constants.py TENSOR_NAMES,
+# as convert_hf_to_gguf.py's Gemma*Model classes emit them) -> our (HF) names, whole names
+# with their suffix, since llama.cpp adds `.weight` to some HF buffers and parameters
+# (conversion/gemma.py filter_tensors: layer_scalar, the altup scale, the experts).
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    # Per-layer embeddings (Gemma 3n, Gemma 4 E2B/E4B).
+    "inp_gate.weight": "per_layer_input_gate.weight",
+    "proj.weight": "per_layer_projection.weight",
+    "post_norm.weight": "post_per_layer_input_norm.weight",
+    # Gemma 4: the block's output scale and the mixture of experts beside the dense MLP.
+    "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.weight": "router.proj.weight",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+    "ffn_down_exps.weight": "experts.down_proj",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
+    # Gemma 3n: AltUp and LAuReL.
+    "altup_correct_scale.weight": "altup.correct_output_scale",
+    "altup_correct_coef.weight": "altup.correction_coefs.weight",
+    "altup_predict_coef.weight": "altup.prediction_coefs.weight",
+    "altup_router.weight": "altup.modality_router.weight",
+    "altup_router_norm.weight": "altup.router_norm.weight",
+    "laurel_l.weight": "laurel.linear_left.weight",
+    "laurel_r.weight": "laurel.linear_right.weight",
+    "laurel_post_norm.weight": "laurel.post_laurel_norm.weight",
 }
 _GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
+# Gemma 3n's altup_num_inputs - 1 projections, stacked by llama.cpp into one 3-D tensor
+# (conversion/gemma.py Gemma3NModel._stack_matrices): GGUF name -> HF name of entry k.
+STACKED_NAMES = {
+    "altup_proj.weight": "model.altup_projections.{}.weight",
+    "altup_unembd_proj.weight": "model.altup_unembed_projections.{}.weight",
+}
+# K/V weights of a KV-shared layer: llama.cpp's gemma3n loader requires them on every layer
+# (src/models/gemma3n.cpp, create_tensor_qkv) and Gemma 3n checkpoints from before transformers
+# 5 carry them, but a shared layer never uses them and has none in transformers' model.
+SHARED_LAYER_KV_TENSORS = ("attn_k.weight", "attn_v.weight", "attn_k_norm.weight")
+# Gemma 4's proportional-RoPE frequency factors: derived from the config on reading, written
+# from it on export (conversion/gemma.py Gemma4Model.generate_extra_tensors).
+ROPE_FREQS = "rope_freqs.weight"
+# What llama.cpp writes for the frequencies that do not rotate (a factor that sends them to 0).
+UNROTATED_FREQ_FACTOR = 1e30
 
 
 def gguf_to_hf_name(name: str) -> str | None:
     """Maps `blk.3.attn_q.weight` to `model.layers.3.self_attn.q_proj.weight`."""
-    base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[base]}.{suffix}"
-    parts = base.split(".")
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
     return None
 
 
+_HF_GLOBAL = {h: g for g, h in _GLOBAL_NAMES.items()}
+_HF_LAYER = {h: g for g, h in _LAYER_NAMES.items()}
+
+
 def hf_to_gguf_name(name: str) -> str | None:
-    base, _, suffix = name.rpartition(".")
-    for g, h in _GLOBAL_NAMES.items():
-        if base == h:
-            return f"{g}.{suffix}"
-    if base.startswith("model.layers."):
-        _, _, layer, rest = base.split(".", 3)
-        for g, h in _LAYER_NAMES.items():
-            if rest == h:
-                return f"blk.{layer}.{g}.{suffix}"
+    if name in _HF_GLOBAL:
+        return _HF_GLOBAL[name]
+    if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)
+        if rest in _HF_LAYER:
+            return f"blk.{layer}.{_HF_LAYER[rest]}"
     return None
 
 
@@ -281,6 +329,8 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
             raise ModelFileError(f"{g.path}: metadata key {arch}.{key} is missing")
         return value
 
+    if arch in ("gemma3n", "gemma4"):
+        return from_hf_config(_per_layer_family_hf_config(g, get), name=g.path.name)
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     layers = int(get("block_count"))
@@ -329,21 +379,173 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     )  # fmt: skip
 
 
-def state_dict_from_gguf(g: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors under HF names, dequantized to `dtype`, with llama.cpp's `norm + 1` undone.
+def _per_layer_family_hf_config(g: GGUFFile, get) -> dict[str, Any]:
+    """The config.json keys of a gemma3n / gemma4 GGUF, for `from_hf_config` to read.
 
-    llama.cpp stores Gemma RMSNorm weights as w + 1 (convert_hf_to_gguf.py, Gemma*Model
-    `data_torch + 1`; Gemma 3 `norm_shift`), because its RMSNorm multiplies by w alone. Each
-    tensor is dequantized chunk by chunk straight into `dtype` (`GGUFFile.tensor`), so a
-    bfloat16 load never holds a float32 copy of a big tensor.
+    The keys are those convert_hf_to_gguf.py writes (conversion/gemma.py Gemma3NModel and
+    Gemma4Model set_gguf_parameters); what it does not write is read from the tensors
+    (LAuReL rank, K = V, the PLE vocabulary, Gemma 4's rotary fraction) or left to
+    transformers' defaults for the family (Gemma 3n's AltUp clip and output scaling).
     """
+    arch, md, tensors = g.architecture, g.metadata, g.tensors
+    layers = int(get("block_count"))
+    sliding = [bool(x) for x in np.atleast_1d(get("attention.sliding_window_pattern"))]
+    if len(sliding) != layers:
+        raise ModelFileError(f"{g.path}: {arch}.attention.sliding_window_pattern must list every layer")
+    types = [SLIDING if s else FULL for s in sliding]
+    ff = np.atleast_1d(get("feed_forward_length")).tolist()
+    rope_full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(get("rope.freq_base"))}
+    if md.get(f"{arch}.rope.scaling.type") == "linear":
+        rope_full["factor"] = float(get("rope.scaling.factor"))
+    raw: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "vocab_size": tensors["token_embd.weight"].shape[0],
+        "hidden_size": int(get("embedding_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(get("attention.head_count")),
+        "max_position_embeddings": int(get("context_length", 8192)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "sliding_window": int(get("attention.sliding_window")),
+        "layer_types": types,
+        "final_logit_softcapping": md.get(f"{arch}.final_logit_softcapping"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "num_kv_shared_layers": int(get("attention.shared_kv_layers", 0)),
+        "hidden_size_per_layer_input": int(get("embedding_length_per_layer_input", 0)),
+        "bos_token_id": int(md.get("tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": int(md.get("tokenizer.ggml.eos_token_id", 1)),
+        "pad_token_id": int(md.get("tokenizer.ggml.padding_token_id", 0)),
+    }
+    if "per_layer_token_embd.weight" in tensors:  # else unused: the family's default stays
+        raw["vocab_size_per_layer_input"] = tensors["per_layer_token_embd.weight"].shape[0]
+    if arch == "gemma3n":
+        raw["head_dim"] = int(get("attention.key_length"))
+        raw["num_key_value_heads"] = int(get("attention.head_count_kv"))
+        raw["intermediate_size"] = ff if len(ff) > 1 else ff[0]
+        raw["activation_sparsity_pattern"] = [
+            _normal_cdf(x) for x in np.atleast_1d(get("activation_sparsity_scale")).tolist()
+        ]
+        raw["altup_num_inputs"] = int(get("altup.num_inputs"))
+        raw["altup_active_idx"] = int(get("altup.active_idx"))
+        raw["laurel_rank"] = tensors["blk.0.laurel_l.weight"].shape[0]
+        raw["rope_parameters"] = {
+            SLIDING: {"rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10000.0))},
+            FULL: rope_full,
+        }
+        return raw
+    raw.update(_gemma4_attention_keys(g, get, types, ff, rope_full))
+    if md.get(f"{arch}.expert_count"):
+        raw.update(
+            enable_moe_block=True, num_experts=int(get("expert_count")),
+            top_k_experts=int(get("expert_used_count")),
+            moe_intermediate_size=int(get("expert_feed_forward_length")),
+        )  # fmt: skip
+    return raw
+
+
+def _gemma4_attention_keys(g: GGUFFile, get, types, ff, rope_full) -> dict[str, Any]:
+    """Gemma 4's per-type head dims and KV heads, K = V, MLP widths and proportional RoPE."""
+    n = len(types)
+    shared = int(get("attention.shared_kv_layers", 0))
+    full = [i for i, t in enumerate(types) if t == FULL]
+    global_dim = int(get("attention.key_length"))
+    out: dict[str, Any] = {"head_dim": int(get("attention.key_length_swa")), "global_head_dim": global_dim}
+    kv = np.atleast_1d(get("attention.head_count_kv")).tolist()
+    sliding_kv = next((kv[i] for i, t in enumerate(types) if t == SLIDING), kv[0]) if len(kv) > 1 else kv[0]
+    out["num_key_value_heads"] = int(sliding_kv)
+    if len(kv) > 1 and full:  # per-type KV heads: what transformers' per_layer_config says
+        out["per_layer_config"] = {
+            str(i): {"head_dim": global_dim, "num_key_value_heads": int(kv[i])} for i in full
+        }
+    # K = V is not a key: llama.cpp uses the keys as values where a layer has no attn_v
+    # (src/models/gemma4.cpp, "v_proj is optional").
+    producing_full = [i for i in full if i < n - shared]
+    out["attention_k_eq_v"] = bool(producing_full) and all(
+        f"blk.{i}.attn_v.weight" not in g.tensors for i in producing_full
+    )
+    out["intermediate_size"] = int(ff[0])
+    # An array of widths is how the converter writes the double-wide MLP of the shared layers.
+    out["use_double_wide_mlp"] = len(ff) > 1 and shared > 0 and int(ff[-1]) == 2 * int(ff[0])
+    partial = 1.0
+    if ROPE_FREQS in g.tensors:
+        factors = g.tensor(ROPE_FREQS).numpy()
+        partial = 2 * int(np.sum(factors < UNROTATED_FREQ_FACTOR)) / global_dim
+    out["rope_parameters"] = {
+        SLIDING: {"rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10000.0))},
+        FULL: {**rope_full, "rope_type": "proportional", "partial_rotary_factor": partial},
+    }
+    return out
+
+
+def _normal_cdf(x: float) -> float:
+    """The sparsity a Gemma 3n layer was given, from the standard-normal quantile llama.cpp
+    stores (conversion/gemma.py: Normal(0, 1).icdf(p) in float32); rounded to 6 decimals,
+    which undoes the float32 rounding of the quantile (0.95 comes back as 0.9500000xx)."""
+    if x == float("-inf"):
+        return 0.0
+    return round(0.5 * math.erfc(-x / math.sqrt(2.0)), 6)
+
+
+def state_dict_from_gguf(
+    g: GGUFFile, dtype: torch.dtype = torch.float32, config: GemmaConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors under HF names, dequantized to `dtype`, converted back from llama.cpp's forms.
+
+    llama.cpp stores Gemma 1-3 RMSNorm weights as w + 1 (convert_hf_to_gguf.py, Gemma*Model
+    `data_torch + 1`; Gemma 3 `norm_shift`), because its RMSNorm multiplies by w alone; Gemma
+    3n and 4 already multiply by w (`config.norm_unit_offset` False) and are stored as they
+    are. Gemma 3n's stacked AltUp projections are split back into one tensor each, and
+    Gemma 4's `rope_freqs` (RoPE factors the config already implies) is dropped. Each tensor
+    is dequantized chunk by chunk straight into `dtype` (`GGUFFile.tensor`), so a bfloat16
+    load never holds a float32 copy of a big tensor.
+    """
+    config = config or config_from_gguf(g)
     out = {}
     for name in g.tensors:
+        if name == ROPE_FREQS or _unused_shared_kv(name, config):
+            continue
+        if name in STACKED_NAMES:
+            for k, part in enumerate(g.tensor(name, dtype).unbind(0)):  # (n - 1, D, D) -> n - 1 x (D, D)
+                out[STACKED_NAMES[name].format(k)] = part.clone()
+            continue
         hf = gguf_to_hf_name(name)
         if hf is None:
             raise ModelFileError(f"{g.path}: unexpected tensor {name!r} for a Gemma model")
-        if is_norm(hf):  # small vectors: subtract in float32, then cast
+        if is_norm(hf) and config.norm_unit_offset:  # small vectors: subtract in float32, then cast
             out[hf] = (g.tensor(name, torch.float32) - 1.0).to(dtype)
         else:
             out[hf] = g.tensor(name, dtype)
+    return out
+
+
+def _unused_shared_kv(name: str, config: GemmaConfig) -> bool:
+    parts = name.split(".", 2)
+    return (
+        len(parts) == 3
+        and parts[0] == "blk"
+        and parts[2] in SHARED_LAYER_KV_TENSORS
+        and not config.layer_owns_kv(int(parts[1]))
+    )
+
+
+def gguf_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, list[str], torch.Tensor]]:
+    """The GGUF tensors of an HF state dict: (GGUF name, the HF names it holds, tensor).
+
+    The inverse of `state_dict_from_gguf` for the names: stacked tensors (Gemma 3n AltUp) are
+    stacked here; values are left as they are (the writer shifts norms and casts).
+    """
+    out, stacked = [], set()
+    for g_name, pattern in STACKED_NAMES.items():
+        names = []
+        while pattern.format(len(names)) in state:
+            names.append(pattern.format(len(names)))
+        if names:
+            out.append((g_name, names, torch.stack([state[n] for n in names])))  # (n - 1, D, D)
+            stacked.update(names)
+    for hf_name, t in state.items():
+        if hf_name in stacked:
+            continue
+        g_name = hf_to_gguf_name(hf_name)
+        if g_name is None:
+            raise GemmakitError(f"no GGUF name for tensor {hf_name!r}")
+        out.append((g_name, [hf_name], t))
     return out

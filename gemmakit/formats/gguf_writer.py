@@ -29,7 +29,13 @@ from gguf import GGMLQuantizationType as Q
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import GemmakitError
 from gemmakit.files import atomic_write
-from gemmakit.formats.gguf import hf_to_gguf_name, is_norm
+from gemmakit.formats.gguf import (
+    ROPE_FREQS,
+    SHARED_LAYER_KV_TENSORS,
+    UNROTATED_FREQ_FACTOR,
+    gguf_tensors,
+    is_norm,
+)
 from gemmakit.formats.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,16 @@ GGUF_TYPES = {
 # no K-quant quantizer, so below 8 bits the default embedding type is Q8_0.
 _LOW_BIT = {"q5_1", "q5_0", "q4_1", "q4_0"}
 
-ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+ARCHITECTURES = {
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "gemma3n_text": "gemma3n",
+    "gemma4_text": "gemma4",
+}
+# 2-D tensors llama.cpp's converter keeps in F32 whatever the output type (convert_hf_to_gguf.py
+# conversion/base.py: the MoE router input, Gemma 3n's AltUp coefficients).
+_F32_TENSORS = ("ffn_gate_inp.weight", "altup_correct_coef.weight", "altup_predict_coef.weight")
 
 # Gemma's chat format, as Google's Gemma 3 chat template writes it: "assistant" is written
 # "model", a system message is folded into the first user turn (Gemma 3's rule), one <bos> at
@@ -78,9 +93,11 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def tensor_type(hf_name: str, shape: tuple[int, ...], qtype: str, embedding_type: str | None) -> Q:
+def tensor_type(
+    hf_name: str, shape: tuple[int, ...], qtype: str, embedding_type: str | None, gguf_name: str = ""
+) -> Q:
     """The GGUF type a tensor is written in (see the module docstring)."""
-    if len(shape) < 2 or is_norm(hf_name):
+    if len(shape) < 2 or is_norm(hf_name) or gguf_name.endswith(("_norm.weight", *_F32_TENSORS)):
         return Q.F32
     name = qtype
     if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -240,6 +257,89 @@ def _add_architecture(w: gguf.GGUFWriter, config: GemmaConfig, arch: str) -> lis
     return notes
 
 
+def _add_per_layer_family(w: gguf.GGUFWriter, config: GemmaConfig, arch: str) -> list[str]:
+    """Gemma 3n / Gemma 4 hyper-parameter keys, as convert_hf_to_gguf.py writes them
+    (conversion/gemma.py Gemma3NModel / Gemma4Model set_gguf_parameters); returns notes."""
+    c, n, notes = config, config.num_hidden_layers, []
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(n)
+    w.add_head_count(c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_freq_base_swa(c.rope_local_base_freq if c.rope_local_base_freq is not None else c.rope_theta)
+    if c.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling_factor)
+    if c.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_sliding_window(c.sliding_window or c.max_position_embeddings)
+    w.add_sliding_window_pattern([t == SLIDING for t in c.layer_types])
+    w.add_shared_kv_layers(c.num_kv_shared_layers)
+    w.add_embedding_length_per_layer_input(c.hidden_size_per_layer_input)
+    if arch == "gemma3n":
+        # Transformers keeps per-layer widths as a list, which the converter writes as is.
+        w.add_feed_forward_length([c.layer_intermediate_size(i) for i in range(n)])
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_altup_active_idx(c.altup_active_idx)
+        w.add_altup_num_inputs(c.altup_num_inputs)
+        # The quantile of each layer's sparsity, computed as the converter does (float32).
+        normal = torch.distributions.normal.Normal(0, 1)
+        w.add_activation_sparsity_scale(
+            [normal.icdf(torch.tensor(c.layer_activation_sparsity(i))).item() for i in range(n)]
+        )
+        # llama.cpp's gemma3n fixes what gemma3n's keys cannot say (src/models/gemma3n.cpp,
+        # models.h): 20 KV layers, LAuReL rank 64, 256-wide PLE, sparsity 0.95 on 10 layers.
+        expected = (n - c.num_kv_shared_layers, c.laurel_rank, c.hidden_size_per_layer_input)
+        if expected != (20, 64, 256) or list(c.activation_sparsity_pattern or ()) != [0.95] * 10 + [0.0] * (
+            n - 10
+        ):
+            notes.append("llama.cpp's gemma3n assumes the E2B/E4B shapes; this model's differ")
+        return notes
+    widths = [c.layer_intermediate_size(i) for i in range(n)]
+    w.add_feed_forward_length(widths if c.use_double_wide_mlp else c.intermediate_size)
+    kv = [c.layer_kv_heads(i) for i in range(n)]
+    w.add_head_count_kv(kv if c.num_global_key_value_heads is not None else c.num_key_value_heads)
+    global_dim = c.global_head_dim or c.head_dim
+    w.add_key_length(global_dim)
+    w.add_value_length(global_dim)
+    w.add_key_length_swa(c.head_dim)
+    w.add_value_length_swa(c.head_dim)
+    # Full layers rotate through rope_freqs (see rope_freqs below), so all of their dims count.
+    w.add_rope_dimension_count(global_dim)
+    w.add_rope_dimension_count_swa(c.head_dim)
+    if c.num_experts:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.top_k_experts)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    return notes
+
+
+def shared_layer_kv_placeholders(config: GemmaConfig) -> list[tuple[str, str, torch.Tensor]]:
+    """Zero K/V weights for the KV-shared layers, which llama.cpp's gemma3n loader requires and
+    never reads (see `SHARED_LAYER_KV_TENSORS`); gemmakit's reader drops them again."""
+    out = []
+    for i in range(config.num_hidden_layers):
+        if config.layer_owns_kv(i):
+            continue
+        kv_dim, hidden = config.layer_kv_heads(i) * config.layer_head_dim(i), config.hidden_size
+        for name in SHARED_LAYER_KV_TENSORS:
+            shape = (config.layer_head_dim(i),) if "norm" in name else (kv_dim, hidden)
+            out.append((f"blk.{i}.{name}", "", torch.zeros(shape)))
+    return out
+
+
+def rope_freqs(config: GemmaConfig) -> torch.Tensor:
+    """Gemma 4's RoPE frequency factors of the full-attention layers: 1 for the rotated pairs,
+    1e30 (a frequency of 0: no rotation) for the rest, llama.cpp's way of expressing
+    proportional RoPE (conversion/gemma.py Gemma4Model.generate_extra_tensors)."""
+    half = (config.global_head_dim or config.head_dim) // 2
+    rotated = int(half * config.rope_partial_rotary_factor)
+    return torch.tensor([1.0] * rotated + [UNROTATED_FREQ_FACTOR] * (half - rotated), dtype=torch.float32)
+
+
 def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_template):
     pieces, scores, types = _vocab_arrays(tokenizer, config.vocab_size, source_metadata)
     w.add_tokenizer_model("llama")
@@ -309,7 +409,10 @@ def write_gguf(
     for key in ("general.basename", "general.size_label", "general.license"):
         if isinstance(md.get(key), str):
             w.add_string(key, md[key])
-    notes = _add_architecture(w, config, arch)
+    if arch in ("gemma3n", "gemma4"):
+        notes = _add_per_layer_family(w, config, arch)
+    else:
+        notes = _add_architecture(w, config, arch)
     w.add_file_type(GGUF_TYPES[qtype][1])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
@@ -317,14 +420,21 @@ def write_gguf(
     else:
         notes.append("no tokenizer written: llama.cpp cannot run this file")
 
-    plan = []
-    for hf_name, t in state.items():
-        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+    tensors = []
+    for g_name, hf_names, t in gguf_tensors(state):
+        if config.tie_word_embeddings and hf_names == ["lm_head.weight"]:
             continue  # tied: llama.cpp reuses token_embd as the output
-        g_name = hf_to_gguf_name(hf_name)
-        if g_name is None:
-            raise GemmakitError(f"no GGUF name for tensor {hf_name!r}")
-        t_type = tensor_type(hf_name, tuple(t.shape), qtype, embedding_type)
+        if config.norm_unit_offset and is_norm(hf_names[0]):
+            # Gemma 1-3's RMSNorm multiplies by 1 + w; llama.cpp's by the stored weight.
+            t = t.detach().float() + 1.0
+        tensors.append((g_name, hf_names[0], t))
+    if arch == "gemma4":
+        tensors.insert(0, (ROPE_FREQS, "", rope_freqs(config)))
+    if arch == "gemma3n":
+        tensors += shared_layer_kv_placeholders(config)
+    plan = []
+    for g_name, hf_name, t in tensors:
+        t_type = tensor_type(hf_name, tuple(t.shape), qtype, embedding_type, g_name)
         block, size = gguf.GGML_QUANT_SIZES[t_type]
         nbytes = t.numel() // block * size
         plan.append((g_name, hf_name, t, t_type))
@@ -336,12 +446,7 @@ def write_gguf(
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _, hf_name, t, t_type in tqdm(
-            plan, desc=f"writing {path.name}", unit="tensor", disable=not progress
-        ):
-            if is_norm(hf_name):
-                # Gemma's RMSNorm multiplies by 1 + w; llama.cpp's by the stored weight.
-                t = t.detach().float() + 1.0
+        for _, _, t, t_type in tqdm(plan, desc=f"writing {path.name}", unit="tensor", disable=not progress):
             w.write_tensor_data(_quantize(t, t_type))
         w.close()
 
