@@ -337,3 +337,18 @@ def test_llama_cpp_decodes_like_gemmakit(tmp_path, case):
     expected = "".join(_piece_text(pieces[i]) for i in ids + generated)
     assert len(generated) >= 8
     assert done.stdout.rstrip("\n") == expected, (done.stdout, expected)
+
+
+def test_inspect_counts_a_gemma3n_export_without_its_kv_placeholders(tmp_path):
+    """The zero K/V a gemma3n GGUF carries for llama.cpp's loader are no model weights: the
+    file's own tensors then hold exactly the parameters its metadata describes."""
+    from gemmakit.planning.architecture import from_gguf
+    from gemmakit.planning.params import count_params
+    from gemmakit.planning.report import gguf_file_summary
+
+    folder = save_folder(random_hf_model("gemma3n"), tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    export(model=str(folder), to="gguf", output=out, qtype="f32", progress=False)
+    g = GGUFFile(out)
+    assert any(name.startswith("blk.4.attn_k") for name in g.tensors)  # the placeholders are there
+    assert gguf_file_summary(g)["params"] == count_params(from_gguf(g)).total

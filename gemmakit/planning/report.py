@@ -170,12 +170,27 @@ def make_report(arch: Architecture, options: Options | None = None, gguf_file: d
 _ROPE_FREQS = "rope_freqs.weight"
 
 
+def _unread_tensors(g: GGUFFile) -> set[str]:
+    """Tensors a GGUF stores that no model weight corresponds to: llama.cpp's rope_freqs, and
+    the K/V weights of Gemma 3n's KV-shared layers (llama.cpp's gemma3n loader requires them
+    and never reads them; the model has none)."""
+    unread = {_ROPE_FREQS}
+    arch = g.architecture
+    layers = g.metadata.get(f"{arch}.block_count")
+    shared = g.metadata.get(f"{arch}.attention.shared_kv_layers")
+    if arch == "gemma3n" and layers and shared:
+        for i in range(int(layers) - int(shared), int(layers)):
+            unread |= {f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight", f"blk.{i}.attn_k_norm.weight"}
+    return unread
+
+
 def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
     """A GGUF file's real tensor bytes and tensor count per GGML type (largest first), and the
-    values its model tensors hold from their shapes (without llama.cpp's rope_freqs, a table
-    derived from the config); read from the header alone."""
+    values its model tensors hold from their shapes (without the tensors no weight corresponds
+    to, `_unread_tensors`); read from the header alone."""
     by_type: dict[str, int] = {}
     counts: dict[str, int] = {}
+    unread = _unread_tensors(g)
     for t in g.tensors.values():
         name = t.ggml_type.name
         by_type[name] = by_type.get(name, 0) + t.nbytes
@@ -184,7 +199,7 @@ def gguf_file_summary(g: GGUFFile) -> dict[str, Any]:
         "path": str(g.path),
         "file_bytes": g.path.stat().st_size,
         "tensor_bytes": sum(by_type.values()),
-        "params": sum(math.prod(t.shape) for name, t in g.tensors.items() if name != _ROPE_FREQS),
+        "params": sum(math.prod(t.shape) for name, t in g.tensors.items() if name not in unread),
         "bytes_by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "tensors_by_type": counts,
         "file_type": g.metadata.get("general.file_type"),
