@@ -41,6 +41,9 @@ LAST_USED = ".last-used"
 # Written by the cache's writer: {"source": the model it was made from}, for `gemmakit cache list`.
 SOURCE_FILE = "cache-source.json"
 DEFAULT_CACHE_LIMIT = 8 * 2**30  # room for a few 270M-1B float32 copies
+# An entry used this recently may be being opened by another process (found complete, not yet
+# memory-mapped), so eviction leaves it; once mapped, removing its files is harmless on POSIX.
+IN_USE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,21 @@ def mark_used(folder: Path) -> None:
         pass
 
 
-def evict(limit: int | None = None, keep: Path | None = None) -> list[CacheEntry]:
+def evict(
+    limit: int | None = None, keep: Path | None = None, grace: float = IN_USE_SECONDS
+) -> list[CacheEntry]:
     """Removes least recently used entries until the cache holds at most `limit` bytes
-    (default `cache_limit()`), never `keep` (the entry just written or read); returns them."""
+    (default `cache_limit()`), never `keep` (the entry just written or read) nor one used in
+    the last `grace` seconds; returns them."""
     limit = cache_limit() if limit is None else limit
     entries = cache_entries()
+    recent = time.time() - grace
     total = sum(e.bytes for e in entries)
     removed = []
     for entry in entries:
         if total <= limit:
             break
-        if keep is not None and entry.path.resolve() == Path(keep).resolve():
+        if entry.last_used > recent or (keep is not None and entry.path.resolve() == Path(keep).resolve()):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         total -= entry.bytes
