@@ -3,6 +3,8 @@ content and bounded (LRU), `gemmakit cache list|clear`, and an HF export's token
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import subprocess
@@ -216,3 +218,100 @@ def test_cache_command_lists_and_clears(cache, capsys, monkeypatch):
     monkeypatch.setenv("GEMMAKIT_CACHE_MAX_BYTES", "lots")
     assert cli.main(["cache", "list"]) == 2
     assert "GEMMAKIT_CACHE_MAX_BYTES='lots'" in capsys.readouterr().err
+
+
+# --- tokenizer.json in HF exports -------------------------------------------------------------
+
+TEXTS = [
+    "The orchard  produced\n\nmore fruit than she could sell.",
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "   runs   of\t\tspaces, tabs\n\n\nand newlines   ",
+    "héllo wörld: 日本語, emoji 🍎, ligature ﬁ, nbsp\u00a0here",
+    "digits 1234567 and symbols #$%^&*",
+    " a leading space",
+]
+
+
+@functools.cache
+def byte_fallback_sentencepiece() -> bytes:
+    """A 400-piece SentencePiece BPE model with byte fallback (as Gemma's): non-ASCII text
+    becomes <0xXX> pieces, so the tokenizer.json must fall back the same way."""
+    import sentencepiece as spm
+
+    from gemmakit.evaluation.verify import DEFAULT_TEXT
+
+    lines = [line for line in DEFAULT_TEXT.read_text().splitlines() if line.strip()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=400, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=["\u2581\u2581", "\n", "\n\n", "\t"], add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, minloglevel=2,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+@pytest.fixture
+def exported(hf_folder, tmp_path):
+    """(gemmakit's tokenizer, an HF export of a model whose source has only tokenizer.model)."""
+    folder, _ = hf_folder("gemma3", vocab_size=400)
+    (folder / "tokenizer.model").write_bytes(byte_fallback_sentencepiece())
+    out = tmp_path / "hf"
+    result = export(model=str(folder), to="hf", output=out, qtype="f32", progress=False)
+    assert {"tokenizer.model", "tokenizer.json"} <= set(result["files"])
+    return L.load(str(folder), "float32", "cpu").tokenizer, out
+
+
+def test_hf_export_tokenizer_json_tokenizes_as_gemmakit(exported):
+    import tokenizers
+    import transformers
+
+    ours, out = exported
+    tj = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    assert any(ours.pieces[i].startswith("<0x") for i in ours.encode(TEXTS[3]))  # bytes were used
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert tj.encode(text).ids == ids, text
+        assert fast(text)["input_ids"] == ids, text
+        assert tj.decode(ids[1:], skip_special_tokens=False) == text, text
+
+
+NO_PROTOBUF = """
+import json, sys
+sys.modules["google.protobuf"] = None  # as if protobuf were not installed
+import transformers
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps([tok(t)["input_ids"] for t in json.loads(sys.argv[2])]))
+"""
+
+
+def test_hf_export_loads_in_transformers_without_protobuf(exported):
+    """AutoTokenizer reads the export with protobuf unimportable; without tokenizer.json it
+    cannot (which shows the simulation takes protobuf away)."""
+    ours, out = exported
+
+    def auto_tokenizer(folder):
+        return subprocess.run(
+            [sys.executable, "-c", NO_PROTOBUF, str(folder), json.dumps(TEXTS)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    done = auto_tokenizer(out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [ours.encode(t) for t in TEXTS]
+    (out / "tokenizer.json").unlink()
+    failed = auto_tokenizer(out)  # transformers' message is about tiktoken (issue 19, item 13)
+    assert failed.returncode != 0 and ("tiktoken" in failed.stderr or "protobuf" in failed.stderr)
+
+
+def test_hf_export_copies_the_source_tokenizer_json(hf_folder, tmp_path):
+    folder, _ = hf_folder("gemma3", vocab_size=400)
+    (folder / "tokenizer.model").write_bytes(byte_fallback_sentencepiece())
+    source_json = b'{"copied": "verbatim"}'
+    (folder / "tokenizer.json").write_bytes(source_json)
+    out = tmp_path / "hf"
+    export(loaded=L.load(str(folder), "float32", "cpu"), to="hf", output=out, qtype="f32", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == source_json
