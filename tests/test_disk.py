@@ -315,3 +315,15 @@ def test_hf_export_copies_the_source_tokenizer_json(hf_folder, tmp_path):
     out = tmp_path / "hf"
     export(loaded=L.load(str(folder), "float32", "cpu"), to="hf", output=out, qtype="f32", progress=False)
     assert (out / "tokenizer.json").read_bytes() == source_json
+
+
+def test_gemma_vocabulary_tokenizer_json_tokenizes_as_gemmakit(bundled):
+    """Gemma 3's own 262k-piece vocabulary (byte fallback, whitespace-run pieces, control tokens)."""
+    import tokenizers
+
+    from gemmakit.formats.hf_folder import sentencepiece_tokenizer_json
+
+    ours = bundled.tokenizer
+    tj = tokenizers.Tokenizer.from_str(sentencepiece_tokenizer_json(ours).decode())
+    for text in TEXTS + ["def f(x):\n    return x ** 2  # 平方", "\x00\x07 control bytes \u200b"]:
+        assert tj.encode(text).ids == ours.encode(text), text
