@@ -212,7 +212,7 @@ def test_cache_command_lists_and_clears(cache, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "2 entries" in text and "2 h ago" in text and "/models/m.gguf" in text
     assert cli.main(["cache", "clear", "--kind", "quantized"]) == 0
-    assert "removed 1 entries" in capsys.readouterr().out and a.exists() and not b.exists()
+    assert "removed 1 entry" in capsys.readouterr().out and a.exists() and not b.exists()
     assert cli.main(["cache", "clear"]) == 0
     assert not a.exists() and cache_entries() == []
     monkeypatch.setenv("GEMMAKIT_CACHE_MAX_BYTES", "lots")

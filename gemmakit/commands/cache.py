@@ -36,12 +36,16 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _count(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
 def run(args) -> int:
     from gemmakit.paths import age, cache_dir, cache_entries, cache_limit, clear_cache
 
     if args.action == "clear":
         removed = clear_cache((args.kind,) if args.kind else ("converted", "quantized"))
-        print(f"removed {len(removed)} entries, {_size(sum(e.bytes for e in removed))} from {cache_dir()}")
+        print(f"removed {_count(len(removed))}, {_size(sum(e.bytes for e in removed))} from {cache_dir()}")
         return 0
     entries, limit = cache_entries(), cache_limit()
     total = sum(e.bytes for e in entries)
@@ -59,7 +63,7 @@ def run(args) -> int:
         print_json({"cache_dir": str(cache_dir()), "bytes": total, "limit_bytes": limit, "entries": rows})
         return 0
     print(
-        f"{cache_dir()}: {len(entries)} entries, {_size(total)} of {_size(limit)} (GEMMAKIT_CACHE_MAX_BYTES)"
+        f"{cache_dir()}: {_count(len(entries))}, {_size(total)} of {_size(limit)} (GEMMAKIT_CACHE_MAX_BYTES)"
     )
     for e in entries:
         print(
