@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,8 @@ def load(
         if net is None:
             net = load_quantized_model(weights, torch_dtype, quantize, progress)
             if folder is not None:
+                # An entry there could not be read (damaged): it would shadow the new one.
+                shutil.rmtree(folder, ignore_errors=True)
                 _write_quantized(folder, net, source.path)
     else:
         net = load_model(weights, torch_dtype, device, gguf_file)

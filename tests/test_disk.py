@@ -151,6 +151,10 @@ def test_quantized_entry_is_keyed_by_content(tiny, cache, tmp_path):
         (copy / f.name).write_bytes(f.read_bytes())
     L.load(str(copy), "float32", "cpu", quantize="int8")
     assert [e.path for e in cache_entries()] == [entry.path]
+    weights = entry.path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # damaged: rebuilt, not left in the way
+    L.load(str(copy), "float32", "cpu", quantize="int8")
+    assert L._read_quantized(entry.path, torch.float32, {"kind": "int8"}) is not None
 
 
 # --- the bound --------------------------------------------------------------------------------
