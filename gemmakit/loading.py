@@ -276,6 +276,8 @@ def load(
     gguf_file = None
     if source.kind == "gguf":
         converted = converted_folder(source)
+        if converted is not None:
+            _drop_if_damaged(converted)
         if converted is not None and not (converted / READY).exists() and quantize and device == "cpu":
             load(source.path, "float32", "cpu")  # writes the converted folder streamed from below
         if converted is not None and (converted / READY).exists():
@@ -330,6 +332,18 @@ def converted_folder(source: ModelSource) -> Path | None:
     key = f"{content_key(source.path)}|v{CACHE_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"gguf-{digest}"
+
+
+def _drop_if_damaged(folder: Path):
+    """Removes a converted entry whose config or weights cannot be read (a disk fault, a
+    copy cut short): its content key is stable, so it would fail every later load."""
+    if not (folder / READY).exists():
+        return
+    try:
+        load_hf_config(folder)
+        safetensors.SafetensorsReader([folder / "model.safetensors"])
+    except (OSError, ValueError, GemmakitError):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer, source: Path | None = None):

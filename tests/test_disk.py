@@ -139,6 +139,14 @@ def test_touched_or_copied_gguf_reuses_one_converted_entry(tiny, cache, tmp_path
     ids = torch.tensor([[2, 17, 45, 99]])
     with torch.no_grad():
         assert torch.equal(first.model(ids), second.model(ids))
+    weights = cache_entries()[0].path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # damaged: rebuilt from the GGUF
+    third = L.load(str(gguf), "float32", "cpu")
+    with torch.no_grad():
+        assert torch.equal(first.model(ids), third.model(ids))
+    from gemmakit.formats.safetensors import SafetensorsReader
+
+    assert SafetensorsReader([weights]).entries  # the entry written again, whole
 
 
 def test_quantized_entry_is_keyed_by_content(tiny, cache, tmp_path):
