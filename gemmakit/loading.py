@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,13 @@ import torch
 
 from gemmakit.config import PRESETS, GemmaConfig
 from gemmakit.errors import GemmakitError, ModelFileError
-from gemmakit.files import atomic_folder, atomic_write
+from gemmakit.files import atomic_folder, atomic_write, content_key
 from gemmakit.formats import safetensors
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_config, to_hf_config
 from gemmakit.model.families import model_class
 from gemmakit.model.gemma import Gemma
-from gemmakit.paths import cache_dir
+from gemmakit.paths import SOURCE_FILE, cache_dir, evict, mark_used
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +276,12 @@ def load(
     gguf_file = None
     if source.kind == "gguf":
         converted = converted_folder(source)
+        if converted is not None:
+            _drop_if_damaged(converted)
         if converted is not None and not (converted / READY).exists() and quantize and device == "cpu":
             load(source.path, "float32", "cpu")  # writes the converted folder streamed from below
         if converted is not None and (converted / READY).exists():
+            mark_used(converted)
             weights = ModelSource("hf", converted, source.name)
         else:
             from gemmakit.formats.gguf import GGUFFile
@@ -289,7 +293,9 @@ def load(
         if net is None:
             net = load_quantized_model(weights, torch_dtype, quantize, progress)
             if folder is not None:
-                _write_quantized(folder, net)
+                # An entry there could not be read (damaged): it would shadow the new one.
+                shutil.rmtree(folder, ignore_errors=True)
+                _write_quantized(folder, net, source.path)
     else:
         net = load_model(weights, torch_dtype, device, gguf_file)
         if quantize:
@@ -300,7 +306,7 @@ def load(
     # Only a float32 load holds the exact dequantized values worth caching.
     if gguf_file is not None and torch_dtype == torch.float32 and converted_folder(source) is not None:
         if not quantize:
-            _write_converted(converted_folder(source), net, tokenizer)
+            _write_converted(converted_folder(source), net, tokenizer, source.path)
     if tokenizer.vocab_size > net.config.vocab_size:
         raise ModelFileError(
             f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
@@ -313,8 +319,9 @@ def load(
 # Dequantizing a GGUF takes seconds (measured: 4.6 s for the bundled 270M), so the first load writes the
 # dequantized float32 weights, config, SentencePiece model and chat template into the cache as an HF
 # folder; later loads memory-map it (milliseconds). Large models are not cached: their float32
-# copy would be tens of GB.
-CACHE_VERSION = 2
+# copy would be tens of GB. Entries are keyed by the file's content (`files.content_key`), so a
+# `touch` or a copy finds the same entry, and bounded with LRU eviction (`paths.evict`).
+CACHE_VERSION = 3
 CACHE_MAX_BYTES = 4 * 2**30
 READY = ".complete"
 
@@ -322,15 +329,26 @@ READY = ".complete"
 def converted_folder(source: ModelSource) -> Path | None:
     if os.environ.get("GEMMAKIT_NO_CACHE"):
         return None
-    st = source.path.stat()
-    key = f"{source.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_VERSION}"
+    key = f"{content_key(source.path)}|v{CACHE_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return cache_dir() / "converted" / f"{source.path.stem}-{digest}"
+    return cache_dir() / "converted" / f"gguf-{digest}"
 
 
-def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer):
-    """Writes the HF folder atomically (`atomic_folder`); best effort: a read-only or full
-    cache only costs speed, so a failed write is dropped."""
+def _drop_if_damaged(folder: Path):
+    """Removes a converted entry whose config or weights cannot be read (a disk fault, a
+    copy cut short): its content key is stable, so it would fail every later load."""
+    if not (folder / READY).exists():
+        return
+    try:
+        load_hf_config(folder)
+        safetensors.SafetensorsReader([folder / "model.safetensors"])
+    except (OSError, ValueError, GemmakitError):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer, source: Path | None = None):
+    """Writes the HF folder atomically (`atomic_folder`), then evicts what no longer fits;
+    best effort: a read-only or full cache only costs speed, so a failed write is dropped."""
     state = safetensors.native_to_hf(model.state_dict(), model.config)
     if sum(t.numel() for t in state.values()) * 4 > CACHE_MAX_BYTES or not hasattr(
         tokenizer._backend, "serialized_model_proto"
@@ -343,9 +361,12 @@ def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer):
             if tokenizer.chat_template is not None:  # the GGUF's own template travels with the cache
                 _write_chat_template(tmp, tokenizer.chat_template)
             safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
+            if source is not None:
+                (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(Path(source).resolve())}))
             (tmp / READY).write_text("")
     except OSError:
-        pass
+        return
+    evict(keep=folder)
 
 
 def _write_chat_template(folder: Path, template):
@@ -381,15 +402,12 @@ def quantized_folder(weights: ModelSource, dtype: torch.dtype, quantize: dict) -
 
     if os.environ.get("GEMMAKIT_NO_CACHE"):
         return None
-    stamps = [
-        (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in safetensors.safetensors_files(weights.path)
-    ]
+    stamps = [content_key(f) for f in safetensors.safetensors_files(weights.path)]
     key = json.dumps(
         [stamps, str(dtype), quantize, torch.__version__, tinygemm_layout(), CACHE_VERSION], sort_keys=True
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return cache_dir() / "quantized" / f"{weights.path.name}-{quantize['kind']}-{digest}"
+    return cache_dir() / "quantized" / f"{quantize['kind']}-{digest}"
 
 
 def _quantized_state(model: Gemma) -> dict[str, torch.Tensor]:
@@ -405,6 +423,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
 
     if not (folder / READY).exists():
         return None
+    mark_used(folder)
     try:
         config = load_hf_config(folder)
         reader = safetensors.SafetensorsReader([folder / "model.safetensors"])
@@ -422,7 +441,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
     return model.eval()
 
 
-def _write_quantized(folder: Path, model: Gemma):
+def _write_quantized(folder: Path, model: Gemma, source: Path | None = None):
     """Writes the quantized tensors atomically (`atomic_folder`); best effort, as the
     converted cache."""
     state = _quantized_state(model)
@@ -432,6 +451,9 @@ def _write_quantized(folder: Path, model: Gemma):
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
             safetensors.save_safetensors(state, tmp / "model.safetensors")
+            if source is not None:
+                (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(Path(source).resolve())}))
             (tmp / READY).write_text("")
     except OSError:
-        pass
+        return
+    evict(keep=folder)

@@ -8,7 +8,9 @@ config.json comes from `hf_config.to_hf_config`, the weights from
 index, as `save_pretrained` does), and the tokenizer either copied from a source folder or
 rebuilt from gemmakit's tokenizer: `tokenizer.model` (the SentencePiece model proto a GGUF's
 tokenizer was built from) or `tokenizer.json` (a `tokenizers` tokenizer), with
-tokenizer_config.json beside it. The model's own chat template goes into chat_template.jinja, as
+tokenizer_config.json beside it. A SentencePiece tokenizer also gets a `tokenizer.json` built
+from its pieces (`sentencepiece_tokenizer_json`), as Google's repositories ship one: without
+it, transformers can only read `tokenizer.model` through protobuf. The model's own chat template goes into chat_template.jinja, as
 transformers' `save_pretrained` writes it; a model without one gets Gemma's format inside
 tokenizer_config.json.
 
@@ -119,9 +121,60 @@ def write_tokenizer(
         files = tokenizer_files(tokenizer, None if template else GEMMA_CHAT_TEMPLATE, max_length)
     if template and not _carries_template(folder, copied):
         files["chat_template.jinja"] = template.encode()
+    if "tokenizer.json" not in copied and "tokenizer.json" not in files:
+        if hasattr(tokenizer._backend, "serialized_model_proto"):
+            files["tokenizer.json"] = sentencepiece_tokenizer_json(tokenizer)
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return copied + list(files)
+
+
+def sentencepiece_tokenizer_json(tokenizer) -> bytes:
+    """tokenizer.json (the `tokenizers` library's format) encoding as gemmakit's SentencePiece
+    BPE tokenizer does.
+
+    SentencePiece BPE merges, at each step, the adjacent pair whose joined piece scores highest;
+    a `tokenizers` BPE merges the pair of lowest rank. So every way of splitting a normal piece
+    into two vocabulary pieces becomes a merge ranked by the joined piece's score. Spaces are
+    normalized to "▁" with no pre-tokenizer (Gemma has no dummy prefix and splits nothing), bytes
+    fall back to `<0xXX>` pieces, control pieces are special added tokens and user-defined
+    pieces (whitespace runs) added tokens matched before BPE, as SentencePiece matches them.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    from gemmakit.formats.tokenizer import CONTROL, NORMAL, UNKNOWN, USER_DEFINED
+
+    sp, pieces, types = tokenizer._backend, tokenizer.pieces, tokenizer.types
+    vocab = {p: i for i, p in enumerate(pieces)}
+    mergeable = {p for p, t in zip(pieces, types) if t == NORMAL}
+    ranked = []
+    for i, (piece, kind) in enumerate(zip(pieces, types)):
+        if kind != NORMAL or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in mergeable and b in mergeable:
+                ranked.append((-sp.get_score(i), i, vocab[a], vocab[b], a, b))
+    ranked.sort()
+    unk = next((p for p, t in zip(pieces, types) if t == UNKNOWN), None)
+    bpe = BPE(
+        vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk, fuse_unk=True, byte_fallback=True
+    )
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    special = [p for p, t in zip(pieces, types) if t in (CONTROL, UNKNOWN)]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in special])
+    user = [p for p, t in zip(pieces, types) if t == USER_DEFINED]
+    tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in user])
+    bos = tokenizer.pieces[tokenizer.bos_id]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    return tok.to_str(pretty=True).encode()
 
 
 def _carries_template(folder: Path, copied: list[str]) -> bool:
