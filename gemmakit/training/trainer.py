@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -32,7 +31,7 @@ import torch
 
 from gemmakit import lora
 from gemmakit.errors import ConfigError, GemmakitError
-from gemmakit.files import atomic_folder, atomic_write
+from gemmakit.files import atomic_folder, atomic_write, remove_stale_temporaries
 from gemmakit.training import data as sft_data
 from gemmakit.training import setup
 from gemmakit.training.checkpoints import (
@@ -176,9 +175,8 @@ class Trainer:
         for name in ("metrics.jsonl", "loss.png"):
             (self.output / name).unlink(missing_ok=True)
         root = self.output / "checkpoints"
-        if root.is_dir():  # only temporaries of the killed run's checkpoint saves are in it
-            for tmp in root.glob(".step-*.tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if root.is_dir():  # temporaries of the killed run's checkpoint saves; never a live one's
+            remove_stale_temporaries(root)
 
     def _build(self, loaded):
         """Model, optimizer, schedule and data, in the order that fixes what the seed draws."""
