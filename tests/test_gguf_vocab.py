@@ -210,6 +210,7 @@ HAND_TEXTS = [
     "<|turn>hello<turn|>\n<|channel>é😀",
     "\tx<unk>\t\t\tz",
     "\n\n\n\n\nhe\n\nd",
+    "<he\t\tlo><<|turn>>",
 ]
 # llama-tokenize's ids for HAND_TEXTS on a GGUF holding hand_vocabulary() (read once, by hand).
 HAND_IDS = [
@@ -219,6 +220,7 @@ HAND_IDS = [
     [2, 4, 279, 5, 264, 6, 203, 177, 248, 167, 160, 136],
     [2, 17, 128, 3, 7, 17, 130],
     [2, 264, 264, 264, 264, 264, 276, 265, 274],
+    [2, 68, 276, 7, 270, 271, 70, 68, 4, 70],
 ]
 
 

@@ -130,8 +130,7 @@ class Tokenizer:
         tok._newline_runs = {p: i for p, i in ids.items() if not p.strip("\n")}
         kept = [p for p, t in zip(pieces, types) if p and t in (CONTROL, UNKNOWN, USER_DEFINED)]
         tok._kept_pieces = {p: ids[p] for p in kept}
-        # Longest first, as llama.cpp's special-token cache is sorted.
-        tok._kept_re = re.compile("|".join(re.escape(p) for p in sorted(kept, key=len, reverse=True)))
+        tok._kept_re = _kept_pattern(kept)
         return tok
 
     @classmethod
@@ -207,14 +206,18 @@ class Tokenizer:
         if not text:
             return []
         if self._kept_re is None:
-            return self._encode_backend(text)
+            return self._encode_newline_runs(text) if self._newline_runs else self._encode_backend(text)
         ids: list[int] = []
-        pos = 0
-        for m in self._kept_re.finditer(text):
-            ids += self._encode_newline_runs(text[pos : m.start()])
-            ids.append(self._kept_pieces[m.group(0)])
-            pos = m.end()
-        return ids + self._encode_newline_runs(text[pos:])
+        pos = done = 0
+        while (m := self._kept_re.search(text, pos)) is not None:
+            token_id = self._kept_pieces.get(m.group(0))
+            if token_id is None:  # a "<...>" candidate that is no token: look on from its next char
+                pos = m.start() + 1
+                continue
+            ids += self._encode_newline_runs(text[done : m.start()])
+            ids.append(token_id)
+            pos = done = m.end()
+        return ids + self._encode_newline_runs(text[done:])
 
     def _encode_newline_runs(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -320,6 +323,23 @@ def _control_pattern(control: list[str]):
     if all(p.startswith("<") and p.endswith(">") and "<" not in p[1:] for p in control):
         return re.compile(r"<[^<>]*>")  # candidates; membership is checked per match
     return re.compile("|".join(re.escape(p) for p in sorted(control, key=len, reverse=True)))
+
+
+def _kept_pattern(kept: list[str]):
+    """The pieces to cut out of the text before BPE, leftmost and longest first.
+
+    Pieces shaped "<...>" (Gemma 4 has thousands: <unused0>...) are found through one
+    candidate pattern and a dictionary lookup, since a regex alternation of thousands of
+    literals is slow to compile and to scan; the others (whitespace runs) are spelled out.
+    """
+    if not kept:
+        return None
+    angle = [
+        p for p in kept if len(p) > 2 and p[0] == "<" and p[-1] == ">" and not re.search("[<>]", p[1:-1])
+    ]
+    spelled = sorted(set(kept) - set(angle), key=len, reverse=True)
+    alternatives = [re.escape(p) for p in spelled] + (["<[^<>]*>"] if angle else [])
+    return re.compile("|".join(alternatives))
 
 
 def _bpe_backend(pieces: list[str], types: list[int], merges: list[str], source: str):
