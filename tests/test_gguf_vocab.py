@@ -140,8 +140,8 @@ def test_ids_match_llama_tokenize(converted, text):
 
 @needs_converter
 def test_round_trip_and_hf_ids(converted):
-    """decode(encode(s)) == s, and the ids of the folder's own tokenizer.json where llama.cpp
-    agrees with it (it splits newline runs off, which transformers does not)."""
+    """decode(encode(s)) == s, and the ids of the folder's own tokenizer.json (transformers'
+    tokenizer agrees with llama.cpp on this vocabulary)."""
     import tokenizers
 
     folder, gguf = converted
@@ -150,8 +150,7 @@ def test_round_trip_and_hf_ids(converted):
     for text in TEXTS:
         ids = tok.encode(text, add_bos=False)
         assert tok.decode(ids, skip_special=False) == text, text
-        if "\n" not in text:
-            assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
     assert tok.decode(tok.encode("<|turn>user\nHi<turn|>")) == "user\nHi"  # control tokens skipped
 
 
@@ -171,6 +170,18 @@ def test_load_gives_transformers_logits(converted):
         expected = ref(torch.tensor([ids])).logits
     ours = ours.logits if hasattr(ours, "logits") else ours
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_converter
+def test_hf_export_keeps_the_tokenization(converted, tmp_path):
+    from gemmakit.export import export_hf
+    from gemmakit.loading import load
+
+    loaded = load(converted[1], dtype="float32", device="cpu")
+    export_hf(loaded, tmp_path / "hf", progress=False)
+    exported = Tokenizer.from_folder(tmp_path / "hf")
+    for text in TEXTS:
+        assert exported.encode(text) == loaded.tokenizer.encode(text), text
 
 
 # --- a hand-written gemma4 vocabulary (no llama.cpp needed) ------------------------------------
