@@ -3,8 +3,9 @@
 Gemma's tokenizer is a SentencePiece BPE model (no dummy prefix, byte fallback, user-defined
 pieces for runs of spaces, tabs and newlines). A GGUF file carries the same pieces, scores and
 types, so we rebuild the SentencePiece model proto from them instead of deriving BPE merges
-as transformers does (measured on Gemma 3's 262k pieces: 0.3 s against 12 s). Control tokens
-written in the text
+as transformers does (measured on Gemma 3's 262k pieces: 0.3 s against 12 s). A Gemma 4 GGUF
+from llama.cpp's converter stores a BPE vocabulary with merges instead (tokenizer model
+"gemma4"), tokenized here as llama.cpp tokenizes it. Control tokens written in the text
 (`<start_of_turn>`) are recognized as such, as transformers' added tokens are.
 
 Chat: the checkpoint's own Jinja template (`formats.chat_template`) when it has one, rendered
@@ -63,14 +64,23 @@ class Tokenizer:
         self.stop_ids = tuple(i for i in (self.eos_id, *turn_ends) if i is not None)
         self.special_ids = frozenset(self._control.values())
         self.chat_template = chat_template
+        # llama.cpp's gemma4 vocabulary: the control, unknown and user-defined pieces cut out
+        # first, then the newline runs that are tokens, taken whole before BPE.
+        self._kept_pieces: dict[str, int] = {}
+        self._kept_re = None
+        self._newline_runs: dict[str, int] = {}
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF") -> Tokenizer:
         model = metadata.get("tokenizer.ggml.model")
+        if model == "gemma4":
+            return cls._from_gguf_bpe(metadata, source)
         if model not in ("llama", None):
-            raise ModelFileError(f"{source}: tokenizer model {model!r} is not SentencePiece ('llama')")
+            raise ModelFileError(
+                f"{source}: tokenizer model {model!r} is neither SentencePiece ('llama') nor 'gemma4'"
+            )
         try:
             pieces = list(metadata["tokenizer.ggml.tokens"])
             scores = [float(s) for s in metadata["tokenizer.ggml.scores"]]
@@ -85,6 +95,43 @@ class Tokenizer:
         proto = _sentencepiece_proto(pieces_sp, scores, types)
         template = templates.from_gguf_metadata(metadata, pieces, source)
         return cls(_load_sentencepiece(proto, source), pieces, types, template)
+
+    @classmethod
+    def _from_gguf_bpe(cls, metadata: dict, source: str) -> Tokenizer:
+        """llama.cpp's "gemma4" vocabulary: SentencePiece-style BPE with merges.
+
+        llama.cpp (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GEMMA4) tokenizes it as follows:
+        control, unknown and user-defined tokens are cut out of the text first; in the rest,
+        spaces become "▁"; the text splits into newline runs and what lies between them; a
+        newline run that is itself a token is that token; everything else is merged by BPE
+        rank over UTF-8 characters, and a symbol outside the vocabulary becomes its <0xNN>
+        byte tokens. `_newline_runs` does the newline-run rule, the backend the rest.
+        """
+        try:
+            pieces = [str(p) for p in metadata["tokenizer.ggml.tokens"]]
+            types = [int(t) for t in metadata["tokenizer.ggml.token_type"]]
+            merges = [str(m) for m in metadata["tokenizer.ggml.merges"]]
+        except KeyError as e:
+            raise ModelFileError(f"{source}: no gemma4 tokenizer in the file (missing {e.args[0]})") from None
+        if len(types) != len(pieces):
+            raise ModelFileError(f"{source}: {len(pieces)} tokens but {len(types)} token types")
+        # llama.cpp's converter (LlamaHfVocab) marks every added token of transformers' Gemma
+        # tokenizer as control, whitespace runs ("\n\n", "▁▁") included: they are text, so they
+        # are user-defined here and decode as text. Encoding is unchanged (llama.cpp cuts both
+        # kinds out of the text the same way).
+        types = [
+            USER_DEFINED if t == CONTROL and p and not p.strip(f"\n\t {SPACE}") else t
+            for p, t in zip(pieces, types)
+        ]
+        template = templates.from_gguf_metadata(metadata, pieces, source)
+        tok = cls(_bpe_backend(pieces, types, merges, source), pieces, types, template)
+        # The last id of a repeated piece wins, as in llama.cpp's token_to_id map.
+        ids = {p: i for i, p in enumerate(pieces) if p}
+        tok._newline_runs = {p: i for p, i in ids.items() if not p.strip("\n")}
+        kept = [p for p, t in zip(pieces, types) if p and t in (CONTROL, UNKNOWN, USER_DEFINED)]
+        tok._kept_pieces = {p: ids[p] for p in kept}
+        tok._kept_re = _kept_pattern(kept)
+        return tok
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -156,6 +203,30 @@ class Tokenizer:
         return ids
 
     def _encode_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._kept_re is None:
+            return self._encode_newline_runs(text) if self._newline_runs else self._encode_backend(text)
+        ids: list[int] = []
+        pos = done = 0
+        while (m := self._kept_re.search(text, pos)) is not None:
+            token_id = self._kept_pieces.get(m.group(0))
+            if token_id is None:  # a "<...>" candidate that is no token: look on from its next char
+                pos = m.start() + 1
+                continue
+            ids += self._encode_newline_runs(text[done : m.start()])
+            ids.append(token_id)
+            pos = done = m.end()
+        return ids + self._encode_newline_runs(text[done:])
+
+    def _encode_newline_runs(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in re.split(r"(\n+)", text):
+            run = self._newline_runs.get(part)
+            ids += [run] if run is not None else self._encode_backend(part)
+        return ids
+
+    def _encode_backend(self, text: str) -> list[int]:
         if not text:
             return []
         if hasattr(self._backend, "encode_as_ids"):
@@ -252,6 +323,58 @@ def _control_pattern(control: list[str]):
     if all(p.startswith("<") and p.endswith(">") and "<" not in p[1:] for p in control):
         return re.compile(r"<[^<>]*>")  # candidates; membership is checked per match
     return re.compile("|".join(re.escape(p) for p in sorted(control, key=len, reverse=True)))
+
+
+def _kept_pattern(kept: list[str]):
+    """The pieces to cut out of the text before BPE, leftmost and longest first.
+
+    Pieces shaped "<...>" (Gemma 4 has thousands: <unused0>...) are found through one
+    candidate pattern and a dictionary lookup, since a regex alternation of thousands of
+    literals is slow to compile and to scan; the others (whitespace runs) are spelled out.
+    """
+    if not kept:
+        return None
+    angle = [
+        p for p in kept if len(p) > 2 and p[0] == "<" and p[-1] == ">" and not re.search("[<>]", p[1:-1])
+    ]
+    spelled = sorted(set(kept) - set(angle), key=len, reverse=True)
+    alternatives = [re.escape(p) for p in spelled] + (["<[^<>]*>"] if angle else [])
+    return re.compile("|".join(alternatives))
+
+
+def _bpe_backend(pieces: list[str], types: list[int], merges: list[str], source: str):
+    """A `tokenizers.Tokenizer` that tokenizes as llama.cpp does a "gemma4" vocabulary."""
+    import tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    vocab = {p: i for i, p in enumerate(pieces)}
+    pairs = []
+    for m in merges:
+        # llama.cpp splits a merge at the first space after its first byte (a piece may be " ").
+        cut = m.find(" ", 1)
+        if cut < 0:
+            raise ModelFileError(f"{source}: merge {m!r} is not two pieces")
+        pairs.append((m[:cut], m[cut + 1 :]))
+    try:
+        # No unknown token: llama.cpp drops a character that has neither a token nor byte tokens.
+        model = tokenizers.models.BPE(vocab, pairs, byte_fallback=True, fuse_unk=False, ignore_merges=False)
+    except Exception as e:  # tokenizers raises a bare Exception on inconsistent merges
+        raise ModelFileError(f"{source}: invalid gemma4 vocabulary ({e})") from None
+    backend = tokenizers.Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", SPACE)
+    # llama.cpp's regex "[^\n]+|[\n]+": newline runs apart from the text around them.
+    backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"\n+"), behavior="isolated")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    # Matched in the raw text before anything else, as llama.cpp's special-token partition does
+    # (control and unknown tokens as specials, user-defined ones as plain text pieces).
+    added = []
+    for p, t in zip(pieces, types):
+        if t in (CONTROL, UNKNOWN, USER_DEFINED) and p:
+            added.append(tokenizers.AddedToken(p, special=t != USER_DEFINED, normalized=False))
+    backend.add_tokens(added)
+    return backend
 
 
 def _sentencepiece_proto(pieces, scores, types) -> bytes:
