@@ -282,3 +282,28 @@ def test_broken_gemma4_vocabulary_is_one_clear_error():
     md["tokenizer.ggml.model"] = "gpt2"
     with pytest.raises(ModelFileError, match="'gpt2' is neither"):
         Tokenizer.from_gguf_metadata(md, "x.gguf")
+
+
+def test_gguf_export_keeps_a_gemma4_vocabulary(tmp_path):
+    """Re-exporting a gemma4-vocabulary GGUF writes that vocabulary (model and merges) back, so
+    the file tokenizes exactly as its source."""
+    import gguf
+
+    from gemmakit.config import PRESETS
+    from gemmakit.formats.gguf import GGUFFile
+    from gemmakit.formats.gguf_writer import _add_tokenizer
+
+    source = hand_vocabulary()
+    tok = Tokenizer.from_gguf_metadata(source, "hand")
+    config = PRESETS["gemma-3-270m"].replace(vocab_size=400)
+    path = tmp_path / "out.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    _add_tokenizer(w, tok, config, source, None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    md = GGUFFile(path).metadata
+    assert md["tokenizer.ggml.model"] == "gemma4" and list(md["tokenizer.ggml.merges"]) == HAND_MERGES
+    back = Tokenizer.from_gguf_metadata(md, str(path))
+    assert [back.encode(t) for t in HAND_TEXTS] == HAND_IDS

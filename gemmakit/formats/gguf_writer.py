@@ -342,11 +342,21 @@ def rope_freqs(config: GemmaConfig) -> torch.Tensor:
 
 def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_template):
     pieces, scores, types = _vocab_arrays(tokenizer, config.vocab_size, source_metadata)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
+    md = source_metadata or {}
+    # A "gemma4" vocabulary (BPE by merge rank, as llama.cpp's converter writes Gemma 4) is
+    # written back as such: rebuilt as SentencePiece from its scores it would tokenize
+    # differently (two spaces, say).
+    bpe_merges = md.get("tokenizer.ggml.merges") if md.get("tokenizer.ggml.model") == "gemma4" else None
+    if bpe_merges is not None:
+        w.add_tokenizer_model("gemma4")
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
     w.add_token_types(types)
+    if bpe_merges is not None:
+        w.add_token_merges([str(m) for m in bpe_merges])
     ids = {p: i for i, p in enumerate(pieces)}
     # Looked up by string: some GGUFs in the wild carry wrong ids here.
     for piece, add in (("<bos>", w.add_bos_token_id), ("<eos>", w.add_eos_token_id),
