@@ -11,9 +11,11 @@ neither: its expected ids were read from llama-tokenize on the same metadata.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,3 +309,35 @@ def test_gguf_export_keeps_a_gemma4_vocabulary(tmp_path):
     assert md["tokenizer.ggml.model"] == "gemma4" and list(md["tokenizer.ggml.merges"]) == HAND_MERGES
     back = Tokenizer.from_gguf_metadata(md, str(path))
     assert [back.encode(t) for t in HAND_TEXTS] == HAND_IDS
+
+
+def test_gemma4_hf_export_writes_the_bpe_vocabulary(tmp_path):
+    """A Gemma 4 HF folder (tokenizer.json BPE) exports to GGUF as a "gemma4" vocabulary with
+    its merges, tokenizing as the folder does (rebuilt as SentencePiece it would not)."""
+    from gemmakit.export import export
+    from gemmakit.formats.gguf import GGUFFile
+
+    folder = gemma_style_folder(tmp_path / "hf")
+    out = tmp_path / "ours.gguf"
+    export(model=str(folder), to="gguf", output=out, qtype="f32", progress=False)
+    md = GGUFFile(out).metadata
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    assert md["tokenizer.ggml.model"] == "gemma4"
+    assert list(md["tokenizer.ggml.merges"]) == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    source, exported = Tokenizer.from_folder(folder), gguf_tokenizer(out)
+    for text in TEXTS:
+        assert exported.encode(text) == source.encode(text), text
+
+
+@needs_converter
+def test_gemma4_hf_export_vocabulary_equals_llama_cpp_conversion(converted, tmp_path):
+    from gemmakit.export import export
+    from gemmakit.formats.gguf import GGUFFile
+
+    folder, theirs = converted
+    out = tmp_path / "ours.gguf"
+    export(model=str(folder), to="gguf", output=out, qtype="f32", progress=False)
+    a, b = GGUFFile(out).metadata, GGUFFile(theirs).metadata
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.scores", "tokenizer.ggml.merges"):  # fmt: skip
+        assert list(np.atleast_1d(a[key])) == list(np.atleast_1d(b[key])), key

@@ -18,6 +18,7 @@ the file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -341,12 +342,11 @@ def rope_freqs(config: GemmaConfig) -> torch.Tensor:
 
 
 def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_template):
-    pieces, scores, types = _vocab_arrays(tokenizer, config.vocab_size, source_metadata)
-    md = source_metadata or {}
-    # A "gemma4" vocabulary (BPE by merge rank, as llama.cpp's converter writes Gemma 4) is
-    # written back as such: rebuilt as SentencePiece from its scores it would tokenize
-    # differently (two spaces, say).
-    bpe_merges = md.get("tokenizer.ggml.merges") if md.get("tokenizer.ggml.model") == "gemma4" else None
+    bpe_merges = _gemma4_merges(tokenizer, config, source_metadata or {})
+    if bpe_merges is not None and "tokenizer.ggml.tokens" not in (source_metadata or {}):
+        pieces, scores, types = _gemma4_vocab_arrays(tokenizer, config.vocab_size)
+    else:
+        pieces, scores, types = _vocab_arrays(tokenizer, config.vocab_size, source_metadata)
     if bpe_merges is not None:
         w.add_tokenizer_model("gemma4")
     else:
@@ -371,6 +371,56 @@ def _add_tokenizer(w, tokenizer, config: GemmaConfig, source_metadata, chat_temp
     w.add_chat_template(chat_template or (own.text if own is not None else GEMMA_CHAT_TEMPLATE))
     if types and CONTROL not in types:
         log.warning("the vocabulary has no control tokens; is this a Gemma tokenizer?")
+
+
+def _gemma4_merges(tokenizer, config: GemmaConfig, md: dict) -> list[str] | None:
+    """The merges to write a "gemma4" vocabulary with (BPE by merge rank, as llama.cpp's
+    converter writes Gemma 4: conversion/gemma.py, Gemma4Model.set_vocab), or None for a
+    SentencePiece one. A gemma4 GGUF source keeps its own; a Gemma 4 model whose tokenizer is
+    a tokenizer.json BPE writes that BPE's merges. Rebuilt as SentencePiece from scores
+    instead, such a vocabulary would tokenize differently (two spaces, say)."""
+    if md.get("tokenizer.ggml.model") == "gemma4":
+        return [str(m) for m in md.get("tokenizer.ggml.merges", [])] or None
+    if md.get("tokenizer.ggml.model") or config.model_type != "gemma4_text":
+        return None
+    backend = getattr(tokenizer, "_backend", None)
+    if not hasattr(backend, "to_str"):  # SentencePiece (tokenizer.model): scores, no merges
+        return None
+    model = json.loads(backend.to_str()).get("model", {})
+    if model.get("type") != "BPE" or not model.get("merges"):
+        return None
+    return [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+
+
+# Control pieces llama.cpp's Gemma 4 converter types USER_DEFINED so that they are always
+# rendered, for its chat parser (conversion/gemma.py, Gemma4Model.set_vocab).
+_GEMMA4_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                   "<tool_response|>", '<|"|>'}  # fmt: skip
+
+
+def _gemma4_vocab_arrays(tokenizer, vocab_size: int):
+    """(pieces, scores, types) of a tokenizer.json BPE as llama.cpp's converter writes a Gemma 4
+    vocabulary (gguf-py LlamaHfVocab): pieces as spelled in tokenizer.json, every score -1000,
+    `<0xNN>` pieces BYTE, the added tokens CONTROL (the visible ones USER_DEFINED), the rest
+    NORMAL."""
+    backend = tokenizer._backend
+    added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+    n = backend.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise GemmakitError(f"the tokenizer has {n} tokens but the model only {vocab_size} rows")
+    pieces, types = [], []
+    for i in range(n):
+        piece = backend.id_to_token(i)
+        pieces.append(piece)
+        if i in added:
+            types.append(USER_DEFINED if piece in _GEMMA4_VISIBLE else CONTROL)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+    pieces += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types += [UNUSED] * (vocab_size - n)
+    return pieces, [-1000.0] * vocab_size, types
 
 
 def write_gguf(
