@@ -175,7 +175,7 @@ def _unread_tensors(g: GGUFFile) -> set[str]:
     the K/V weights of Gemma 3n's KV-shared layers (llama.cpp's gemma3n loader requires them
     and never reads them; the model has none)."""
     unread = {_ROPE_FREQS}
-    arch = g.architecture
+    arch = g.metadata.get("general.architecture")
     layers = g.metadata.get(f"{arch}.block_count")
     shared = g.metadata.get(f"{arch}.attention.shared_kv_layers")
     if arch == "gemma3n" and layers and shared:
