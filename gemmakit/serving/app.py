@@ -116,6 +116,16 @@ class _Server:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        except RecursionError:  # Python's parser recurses once per nesting level
+            raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
+        try:
+            # A `\ud800` escape parses to a lone surrogate, which no tokenizer or UTF-8 answer
+            # can hold; re-encoding the parsed body finds one anywhere in it.
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(
+                400, "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff)", code="invalid_json"
+            ) from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         return data

@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 
 class APIError(Exception):
@@ -77,6 +86,16 @@ class Message(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def text_parts_hold_strings(cls, content):
+        # OpenAI refuses a content part whose "text" is not a string; the chat template
+        # would fail on it later with an error that is not the client's to read.
+        for part in content if isinstance(content, list) else ():
+            if "text" in part and not isinstance(part["text"], str):
+                raise ValueError("a content part's text must be a string")
+        return content
 
 
 class ChatCompletionRequest(SamplingFields):
