@@ -250,7 +250,13 @@ class GGUFFile:
             except ValueError:
                 raise ModelFileError(f"{self.path}: tensor {name} has unknown type {raw_type}") from None
             block, type_size = GGML_QUANT_SIZES[ggml_type]
-            count = int(np.prod(dims)) if dims else 1
+            # Rows are whole blocks (llama.cpp's gguf.cpp checks the same); a dimension of 0
+            # holds nothing a Gemma model needs. Python ints: a hostile size cannot wrap.
+            if any(d == 0 for d in dims) or (dims and dims[0] % block):
+                raise ModelFileError(
+                    f"{self.path}: tensor {name} has an impossible shape {dims} for {ggml_type.name}"
+                )
+            count = math.prod(dims)
             infos.append((name, tuple(reversed(dims)), ggml_type, cur.scalar(10), count // block * type_size))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align <= 0:
