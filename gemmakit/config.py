@@ -118,6 +118,10 @@ class GemmaConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, not {value!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but the model has "

@@ -401,7 +401,23 @@ def load_hf_config(path: str | Path) -> GemmaConfig:
         raise ConfigError(f"{file}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    return from_hf_config(raw, name=path.name if path.is_dir() else path.parent.name)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: not a JSON object (found {type(raw).__name__})")
+    try:
+        return from_hf_config(raw, name=path.name if path.is_dir() else path.parent.name)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    except (
+        ValueError,
+        TypeError,
+        ZeroDivisionError,
+        OverflowError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as e:
+        # A value of the wrong kind ("hidden_size": "big", a list where a dict belongs).
+        raise ConfigError(f"{file}: invalid value ({type(e).__name__}: {e})") from None
 
 
 # --- To Hugging Face config.json ---------------------------------------------------------

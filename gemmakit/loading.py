@@ -287,6 +287,11 @@ def load(
             from gemmakit.formats.gguf import GGUFFile
 
             gguf_file = GGUFFile(source.path)
+            if "tokenizer.ggml.tokens" not in gguf_file.metadata:
+                # Checked before the weights are read, so the error comes at once.
+                raise ModelFileError(
+                    f"{source.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)"
+                )
     if quantize and device == "cpu" and weights.kind == "hf":
         folder = quantized_folder(weights, torch_dtype, quantize)
         net = _read_quantized(folder, torch_dtype, quantize) if folder is not None else None

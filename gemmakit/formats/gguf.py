@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
-from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.hf_config import from_hf_config
 
 GGUF_MAGIC = b"GGUF"
@@ -222,6 +222,14 @@ class GGUFFile:
         buf = memoryview(self._data)
         if bytes(buf[:4]) != GGUF_MAGIC:
             raise ModelFileError(f"{self.path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
+        try:
+            self._read_header(buf)
+        except (struct.error, ValueError, OverflowError, TypeError, KeyError, MemoryError) as e:
+            # A damaged header can hold any value in a count or size field; whatever the
+            # parser trips on, the user gets one line naming the file.
+            raise ModelFileError(f"{self.path}: corrupt GGUF header ({type(e).__name__}: {e})") from None
+
+    def _read_header(self, buf: memoryview):
         cur = _Cursor(buf, self.path)
         cur.pos = 4
         self.version = cur.scalar(4)
@@ -242,14 +250,26 @@ class GGUFFile:
             except ValueError:
                 raise ModelFileError(f"{self.path}: tensor {name} has unknown type {raw_type}") from None
             block, type_size = GGML_QUANT_SIZES[ggml_type]
-            count = int(np.prod(dims)) if dims else 1
+            # Rows are whole blocks (llama.cpp's gguf.cpp checks the same); a dimension of 0
+            # holds nothing a Gemma model needs. Python ints: a hostile size cannot wrap.
+            if any(d == 0 for d in dims) or (dims and dims[0] % block):
+                raise ModelFileError(
+                    f"{self.path}: tensor {name} has an impossible shape {dims} for {ggml_type.name}"
+                )
+            count = math.prod(dims)
             infos.append((name, tuple(reversed(dims)), ggml_type, cur.scalar(10), count // block * type_size))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align <= 0:
+            raise ModelFileError(f"{self.path}: general.alignment must be a positive integer, not {align!r}")
+        align = int(align)
         self.data_offset = (cur.pos + align - 1) // align * align
         self.tensors = {
             name: TensorInfo(name, shape, t, self.data_offset + off, nbytes)
             for name, shape, t, off, nbytes in infos
         }
+        for t in self.tensors.values():
+            if t.nbytes < 0 or any(d < 0 for d in t.shape):
+                raise ModelFileError(f"{self.path}: tensor {t.name} has an impossible shape {t.shape}")
         end = max((t.offset + t.nbytes for t in self.tensors.values()), default=self.data_offset)
         if end > len(self._data):
             raise ModelFileError(
@@ -314,7 +334,22 @@ class GGUFFile:
 
 
 def config_from_gguf(g: GGUFFile) -> GemmaConfig:
-    """Reads a GemmaConfig from GGUF metadata (llama.cpp's key names)."""
+    """Reads a GemmaConfig from GGUF metadata (llama.cpp's key names).
+
+    A metadata value of the wrong kind (a string for a count, zero heads) or an invalid
+    combination becomes one ModelFileError naming the file.
+    """
+    if "token_embd.weight" not in g.tensors:
+        raise ModelFileError(f"{g.path}: no token_embd.weight tensor (not a complete Gemma model)")
+    try:
+        return _config_from_gguf(g)
+    except ConfigError as e:
+        raise ModelFileError(f"{g.path}: invalid model configuration: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, KeyError, IndexError) as e:
+        raise ModelFileError(f"{g.path}: invalid GGUF metadata ({type(e).__name__}: {e})") from None
+
+
+def _config_from_gguf(g: GGUFFile) -> GemmaConfig:
     arch = g.architecture
     if arch not in GGUF_ARCHITECTURES:
         raise ModelFileError(
@@ -333,6 +368,8 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
         return from_hf_config(_per_layer_family_hf_config(g, get), name=g.path.name)
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
+    if heads <= 0:
+        raise ModelFileError(f"{g.path}: {arch}.attention.head_count must be positive, not {heads}")
     layers = int(get("block_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
     vocab = len(md.get("tokenizer.ggml.tokens", [])) or g.tensors["token_embd.weight"].shape[0]

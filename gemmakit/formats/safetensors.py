@@ -36,7 +36,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelFileError(f"{index}: not a valid safetensors index ({e})") from None
         files = sorted({folder / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
@@ -67,11 +67,41 @@ def _check_safetensors(path: Path):
             raise ModelFileError(f"{path}: corrupt or truncated safetensors header")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ModelFileError(f"{path}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            end = max(end, _check_entry(path, name, info))
     if 8 + n + end > size:
         raise ModelFileError(f"{path}: truncated: data needs {8 + n + end:,} bytes, file has {size:,}")
+    return n, header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, info) -> int:
+    """The end offset of one header entry, after checking its fields agree with each other."""
+    bad = f"{path}: corrupt safetensors header entry {name!r}"
+    if not isinstance(info, dict):
+        raise ModelFileError(bad)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise ModelFileError(f"{path}: {name} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ModelFileError(f"{bad} (shape {shape!r})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise ModelFileError(f"{bad} (data_offsets {offsets!r})")
+    count = 1
+    for d in shape:
+        count *= d
+    if offsets[1] - offsets[0] != count * _SAFETENSORS_DTYPES[dtype].itemsize:
+        raise ModelFileError(f"{bad} (data_offsets {offsets} do not match shape {shape} of {dtype})")
+    return offsets[1]
 
 
 def read_safetensors(files: list[Path], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -110,15 +140,10 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
         for path in files:
-            _check_safetensors(path)
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            n, header = _check_safetensors(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                if info["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise ModelFileError(f"{path}: {name} has unsupported dtype {info['dtype']}")
                 offset = 8 + n + info["data_offsets"][0]
                 self.entries[name] = (path, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), offset)
 
