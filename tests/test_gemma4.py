@@ -57,7 +57,11 @@ def random_gemma4(variant: str, seed: int = 0):
     cfg = transformers.Gemma4TextConfig(**VARIANTS[variant])
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Gemma4ForCausalLM(cfg).eval()
+    return randomize_saved_tensors(transformers.Gemma4ForCausalLM(cfg).eval())
+
+
+def randomize_saved_tensors(model):
+    """Every tensor a checkpoint of `model` saves made random (in place; returns `model`)."""
     saved = model.state_dict()
     with torch.no_grad():
         for t in model.parameters():

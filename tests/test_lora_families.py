@@ -21,7 +21,7 @@ from gemmakit.config import PROJECTIONS
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.loading import ModelSource, load_model
 from tests.test_gemma3n import hf_model as gemma3n_hf_model
-from tests.test_gemma4 import COMMON, VOCAB
+from tests.test_gemma4 import COMMON, VOCAB, randomize_saved_tensors
 from tests.test_gemma4 import F as FULL
 from tests.test_gemma4 import S as SLIDING
 from tests.test_lora import perturb
@@ -57,15 +57,7 @@ def gemma4_hf_model(seed: int = 0):
     )  # fmt: skip
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Gemma4ForCausalLM(cfg).eval()
-    saved = model.state_dict()
-    with torch.no_grad():
-        for t in model.parameters():
-            t.copy_(1.0 + 0.3 * torch.randn_like(t) if t.dim() == 1 else 0.1 * torch.randn_like(t))
-        for name, t in model.named_buffers():
-            if name in saved:  # layer_scalar
-                t.uniform_(0.5, 1.5)
-    return model
+    return randomize_saved_tensors(transformers.Gemma4ForCausalLM(cfg).eval())
 
 
 @pytest.fixture(scope="module")
