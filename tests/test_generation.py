@@ -148,3 +148,24 @@ def test_finish_step_ends_a_request_on_a_stop_string_and_flushes_its_text():
     requests[0].finish_reason = "length"
     events = finish_step([(0, ord("N"))], requests, streams)
     assert (events[0].delta, events[0].finish_reason) == ("EN", "length")  # held-back text flushed
+
+
+def test_logprobs_are_the_raw_log_softmax_and_processor_steers_sampling():
+    # sample_row records log-softmax of the model's logits (before the processor) and samples
+    # from the processed ones: a processor that forbids the argmax must change the token.
+    from gemmakit.inference.engine import Request, sample_row
+    from gemmakit.inference.sampling import SamplingParams
+
+    logits = torch.tensor([0.5, 3.0, 1.0, -2.0])
+    banned = int(logits.argmax())
+
+    def forbid(_ids, row):
+        return row.masked_fill(torch.arange(len(row)) == banned, float("-inf"))
+
+    req = Request([0], SamplingParams(temperature=0), logits_processor=forbid, logprobs=2)
+    token = sample_row(logits, req)
+    expected = torch.log_softmax(logits, -1)
+    assert token == 2 and req.output_ids == [2]
+    assert req.output_logprobs[0].logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in req.output_logprobs[0].top] == [1, 2]
+    assert req.output_logprobs[0].top[0][1] == pytest.approx(float(expected[1]))

@@ -9,7 +9,7 @@ these ids are `gemmakit.inference.text`'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +20,28 @@ from gemmakit.inference.sampling import SamplingParams, sample
 
 
 @dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model (log-softmax of its raw
+    logits, before any sampling filter or logits processor, as OpenAI and vLLM report it),
+    and the `top` most likely tokens of that step as (token id, log-probability), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Request:
     """One row of a batch: its prompt, how to sample it, and what it has generated so far.
 
     `stop_ids` are the model's end-of-turn ids (ignored with `params.ignore_eos`);
     `finish_reason` is None while the row runs, then "stop" or "length" (or a caller's own
     reason, such as the server's "abort").
+
+    `logits_processor(output_ids, logits) -> logits` reshapes a row's next-token logits (V,)
+    before sampling (penalties, logit bias, a grammar's mask); `logprobs` None records no
+    log-probabilities, k >= 0 records each token's and the top k of each step into
+    `output_logprobs`; `adapter` names the LoRA adapter the row runs with (None: the base).
     """
 
     prompt_ids: list[int]
@@ -34,6 +50,10 @@ class Request:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    logprobs: int | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    adapter: str | None = None
 
 
 def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
@@ -88,6 +108,25 @@ def decode_one_token(model, next_ids: torch.Tensor, live: list[int], cache, fast
     return logits
 
 
+def sample_row(logits: torch.Tensor, request: Request) -> int:
+    """Samples the next token of `request` from its row of logits (V,), appends it to
+    `output_ids` and, when the request asks for them, its log-probabilities to
+    `output_logprobs`. The one place a row's token is chosen: every engine path calls it."""
+    raw = logits
+    if request.logits_processor is not None:
+        logits = request.logits_processor(request.output_ids, logits)
+    token = sample(logits, request.params, request.generator)
+    if request.logprobs is not None:
+        log_probs = torch.log_softmax(raw.float(), dim=-1)
+        top = []
+        if request.logprobs > 0:
+            values, ids = torch.topk(log_probs, request.logprobs)
+            top = [(int(i), float(v)) for i, v in zip(ids, values)]
+        request.output_logprobs.append(TokenLogprob(token, float(log_probs[token]), top))
+    request.output_ids.append(token)
+    return token
+
+
 def _finish_reason(request: Request, token: int, limit: int) -> str | None:
     """ "stop" when token ends the request, "length" when it used its last allowed token."""
     stops = request.params.stop_token_ids + ([] if request.params.ignore_eos else list(request.stop_ids))
@@ -109,8 +148,7 @@ def sample_live_rows(
     step, next_ids = [], torch.full((len(requests), 1), pad_id, dtype=torch.long)
     for row in live:
         req = requests[row]
-        token = sample(logits[row], req.params, req.generator)
-        req.output_ids.append(token)
+        token = sample_row(logits[row], req)
         next_ids[row, 0] = token
         step.append((row, token))
         req.finish_reason = _finish_reason(req, token, limits[row])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gemmakit.inference.engine import Request, generate_steps
+from gemmakit.inference.engine import Request, TokenLogprob, generate_steps
 
 
 @dataclass
@@ -20,13 +20,15 @@ class StreamEvent:
 
     `token_id` is the token that produced it (None for an event that only ends a request);
     `finish_reason` is set on a request's last event: "stop" (a stop string or stop token),
-    "length", or a caller's own reason.
+    "length", or a caller's own reason; `logprob` is that token's log-probabilities when the
+    request asked for them (`Request.logprobs`).
     """
 
     index: int
     delta: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 class TextStream:
@@ -96,7 +98,8 @@ def finish_step(
             req.finish_reason = "stop"  # a stop string ends the request
         if req.finish_reason is not None:
             delta += ts.flush()
-        events.append(StreamEvent(row, delta, token, req.finish_reason))
+        logprob = req.output_logprobs[-1] if req.output_logprobs else None
+        events.append(StreamEvent(row, delta, token, req.finish_reason, logprob))
     return events
 
 
