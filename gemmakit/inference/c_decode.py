@@ -224,3 +224,16 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
         cache_bf16=cache.dtype == torch.bfloat16,
     )
     return CDecoder(lib, model, cache, spec, keep)
+
+
+def batch_decoder(model: Gemma, layer_kv: list[tuple[torch.Tensor, torch.Tensor] | None]):
+    """A batched C decoder over a slot cache, or None when the batched C step does not apply.
+
+    `layer_kv[i]` is layer i's (keys, values), each (slots, kv_heads, capacity, head_dim) in the
+    model's dtype, or None for a layer that owns no K/V; full-attention layers hold a column per
+    position, sliding layers a ring of exactly `sliding_window` slots (column c in slot
+    c % capacity). The decoder's `step(tokens, slots, positions)` feeds one token per row into
+    its own slot at its own position and returns the logits (rows, vocab). Until the batched
+    step exists every batch decodes with the torch model.
+    """
+    return None
