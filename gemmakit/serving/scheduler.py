@@ -54,6 +54,10 @@ class SchedulerStats:
     max_batch_seen: int = 0
     generated_tokens: int = 0
     cancelled: int = 0
+    prompt_tokens: int = 0  # prompt tokens of the rows that started
+    prefix_hit_tokens: int = 0  # of those, tokens whose keys and values were reused, not prefilled
+    # seconds from submit to each row's first token, for the last 1000 rows
+    time_to_first_token: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     # (finish_reason, generated tokens) of the last 1000 rows that finished
     finished: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
