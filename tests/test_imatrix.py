@@ -9,9 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gemmakit.errors import GemmakitError, ModelFileError
+from gemmakit.evaluation.imatrix import compute_imatrix, imatrix_chunks
+from gemmakit.formats.gguf import hf_to_gguf_name
 from gemmakit.formats.imatrix import load_imatrix, read_imatrix, write_imatrix
+from gemmakit.formats.safetensors import hf_to_native, load_into
+from gemmakit.hf_config import from_hf_config
+from gemmakit.loading import ModelSource, load_model
+from gemmakit.model.families import model_class
 
 LLAMA_CPP_BIN = Path(os.environ.get("GEMMAKIT_LLAMA_CPP_BIN", "/work/llamacpp/build/bin"))
 
@@ -183,3 +190,103 @@ def test_reads_llama_imatrix_files_and_rewrites_them_byte_for_byte(tmp_path, bun
         loaded.chunk_size,
     )
     assert ours.read_bytes() == made.read_bytes()
+
+
+# --- the statistic ------------------------------------------------------------------------
+
+
+def test_chunks_follow_llama_imatrix():
+    ids = [2, *range(10, 30)]  # <bos> + 20 text tokens = 21 ids
+    chunks = imatrix_chunks(ids, bos_id=2, ctx=8)
+    # 21 // 8 = 2 chunks; each starts with <bos> in place of its first token; the tail is dropped.
+    assert chunks == [[2, *range(10, 17)], [2, *range(18, 25)]]
+    assert imatrix_chunks(ids, 2, 5, chunks=3) == [
+        [2, 10, 11, 12, 13],
+        [2, 15, 16, 17, 18],
+        [2, 20, 21, 22, 23],
+    ]
+    with pytest.raises(GemmakitError, match="needs at least 22"):
+        imatrix_chunks(ids, 2, 11)
+    with pytest.raises(GemmakitError, match="--chunks"):
+        imatrix_chunks(ids, 2, 4, chunks=0)
+
+
+def reference_stats(hf_model, chunks):
+    """The statistic computed independently: transformers' model, one chunk at a time, each
+    linear's input captured and squared-summed in float64."""
+    sums, counts = {}, {}
+
+    def hook_for(name):
+        def hook(_m, args):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = []
+    for path, m in hf_model.named_modules():
+        if isinstance(m, torch.nn.Linear) and path.startswith("model.layers."):
+            handles.append(m.register_forward_pre_hook(hook_for(hf_to_gguf_name(path + ".weight"))))
+    with torch.no_grad():
+        for chunk in chunks:
+            hf_model(torch.tensor([chunk]))
+    for h in handles:
+        h.remove()
+    return sums, counts
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_statistic_matches_an_independent_computation(family, hf_folder):
+    folder, hf_model = hf_folder(family)
+    model = load_model(ModelSource("hf", folder, family))
+    ids = [2, *torch.randint(3, 256, (70,), generator=torch.Generator().manual_seed(1)).tolist()]
+    stats, n = compute_imatrix(model, ids, bos_id=2, ctx=16, batch_tokens=32)  # two passes of 2 chunks
+    assert n == 4
+    ref_sums, ref_counts = reference_stats(hf_model, imatrix_chunks(ids, 2, 16))
+    per_layer = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    assert set(stats.sums) == {f"blk.{i}.{t}.weight" for i in range(2) for t in per_layer} == set(ref_sums)
+    for name, s in stats.sums.items():
+        assert s.dtype == torch.float32 and s.shape == (1, ref_sums[name].shape[0])
+        assert stats.counts[name].tolist() == [ref_counts[name]] == [64]
+        torch.testing.assert_close(s[0].double(), ref_sums[name], rtol=1e-5, atol=1e-6)
+    # And by hand for layer 0's q/k/v: the input is input_layernorm(embed * sqrt(C)), (1 + w).
+    chunks = torch.tensor(imatrix_chunks(ids, 2, 16))
+    layer = hf_model.model.layers[0].input_layernorm
+    h = hf_model.model.embed_tokens.weight[chunks].double() * torch.tensor(64**0.5).double()
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + layer.eps) * (1 + layer.weight.double())
+    expected = h.reshape(-1, 64).square().sum(0)
+    for t in ("attn_q", "attn_k", "attn_v"):
+        torch.testing.assert_close(
+            stats.sums[f"blk.0.{t}.weight"][0].double(), expected, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_experts_are_counted_per_expert():
+    """Gemma 4's experts: one row of sums and one count per expert, as llama.cpp's MUL_MAT_ID
+    collection; each token adds its input to each of its top-k experts."""
+    from tests.test_gemma4 import VARIANTS, random_gemma4
+
+    hf_model = random_gemma4("moe")
+    config = from_hf_config(hf_model.config.to_dict())
+    model = model_class(config)(config)
+    load_into(model, hf_to_native(hf_model.state_dict(), config), "moe")
+    model.eval()
+    expert_inputs = []
+    norm = model.model.layers[1].pre_feedforward_layernorm_2
+    handle = norm.register_forward_hook(lambda _m, _a, out: expert_inputs.append(out.detach()))
+    ids = [2, *torch.randint(3, 160, (40,), generator=torch.Generator().manual_seed(2)).tolist()]
+    stats, n = compute_imatrix(model, ids, bos_id=2, ctx=8, chunks=3)
+    handle.remove()
+    k, experts = VARIANTS["moe"]["top_k_experts"], VARIANTS["moe"]["num_experts"]
+    gate_up, down = stats.sums["blk.1.ffn_gate_up_exps.weight"], stats.sums["blk.1.ffn_down_exps.weight"]
+    assert gate_up.shape == (experts, 48) and down.shape == (experts, 24)
+    counts = stats.counts["blk.1.ffn_gate_up_exps.weight"]
+    assert (
+        counts.sum().item() == n * 8 * k
+        and counts.tolist() == stats.counts["blk.1.ffn_down_exps.weight"].tolist()
+    )
+    x = torch.cat(expert_inputs).reshape(-1, 48).double()
+    torch.testing.assert_close(gate_up.double().sum(0), k * x.square().sum(0), rtol=1e-5, atol=1e-6)
+    assert stats.counts["blk.1.ffn_gate_inp.weight"].tolist() == [n * 8]  # the router: dense
+    assert "blk.1.ffn_gate.weight" in stats.sums  # the dense MLP beside the experts
