@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -290,3 +291,57 @@ def test_experts_are_counted_per_expert():
     torch.testing.assert_close(gate_up.double().sum(0), k * x.square().sum(0), rtol=1e-5, atol=1e-6)
     assert stats.counts["blk.1.ffn_gate_inp.weight"].tolist() == [n * 8]  # the router: dense
     assert "blk.1.ffn_gate.weight" in stats.sums  # the dense MLP beside the experts
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundled_load(monkeypatch, bundled):
+    """`gemmakit imatrix` gets the session's bundled model instead of loading it again."""
+    import gemmakit.loading
+
+    monkeypatch.setattr(gemmakit.loading, "load", lambda model=None, **kw: bundled)
+    return bundled
+
+
+def test_cli_writes_the_statistic_of_the_text(tmp_path, capsys, bundled_load):
+    from gemmakit.cli import main
+    from gemmakit.paths import DATA
+
+    text = DATA / "eval_text.txt"
+    out = tmp_path / "imatrix.gguf"
+    assert (
+        main(["imatrix", "--text", str(text), "-o", str(out), "--ctx", "16", "--chunks", "2", "--json"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chunks"] == 2 and summary["tokens"] == 32 and summary["entries"] == 18 * 7
+    loaded = load_imatrix(out)
+    assert loaded.datasets == [str(text)] and (loaded.chunk_count, loaded.chunk_size) == (2, 16)
+    assert set(loaded.counts) == {f"blk.{i}.{t}.weight" for i in range(18) for t in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}  # fmt: skip
+    tok = bundled_load.tokenizer
+    ids = tok.encode(text.read_text(), add_bos=True)
+    stats, _ = compute_imatrix(bundled_load.model, ids, tok.bos_id, ctx=16, chunks=2)
+    for name in ("blk.0.attn_q.weight", "blk.17.ffn_down.weight"):
+        np.testing.assert_array_equal(loaded.sums[name][0], stats.sums[name][0].numpy())
+        assert loaded.counts[name].tolist() == [32]
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys, bundled_load):
+    from gemmakit.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    cases = [
+        (["--text", str(short), "--ctx", "512"], "needs at least 1024"),
+        (["--text", str(tmp_path)], "is a folder"),
+        (["--ctx", "1"], "--ctx must be at least 2"),
+        (["--chunks", "0"], "--chunks must be positive"),
+        (["-o", str(tmp_path)], "-o takes a file name"),
+    ]
+    for extra, message in cases:
+        assert main(["imatrix", "-o", str(tmp_path / "x.gguf"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()
