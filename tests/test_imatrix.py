@@ -345,3 +345,45 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys, bundled_load):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.gguf").exists()
+
+
+def relative_differences(ours: dict, reference: dict) -> dict[str, float]:
+    """Per entry, |ours - reference|_2 / |reference|_2 over the per-column means."""
+    return {
+        name: float(np.linalg.norm(ours[name] - ref) / max(np.linalg.norm(ref), 1e-30))
+        for name, ref in reference.items()
+    }
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ctx, chunks", [(128, 4), (512, None)])
+def test_cli_matches_llama_imatrix_on_the_bundled_model(tmp_path, bundled_gguf, ctx, chunks):
+    """The same text, ctx and chunks through `gemmakit imatrix` and `llama-imatrix`: the same
+    entries and counts, and means within the difference of llama.cpp running the Q4_K_M blocks
+    with 8-bit-quantized activations against gemmakit's float32 dequantized weights."""
+    from gemmakit.cli import main
+    from gemmakit.paths import DATA
+
+    text = DATA / "eval_text_wiki.txt"
+    ref = llama_imatrix(bundled_gguf, text, tmp_path / "ref.gguf", ctx=ctx, chunks=chunks or 10**6)
+    args = [
+        "imatrix",
+        str(bundled_gguf),
+        "--text",
+        str(text),
+        "-o",
+        str(tmp_path / "ours.gguf"),
+        "--ctx",
+        str(ctx),
+    ]
+    assert main(args + (["--chunks", str(chunks)] if chunks else [])) == 0
+    theirs, ours = load_imatrix(ref), load_imatrix(tmp_path / "ours.gguf")
+    assert set(ours.sums) == set(theirs.sums)
+    assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size)
+    for name in theirs.counts:
+        assert ours.counts[name].tolist() == theirs.counts[name].tolist(), name
+    diffs = relative_differences(ours.importance(), theirs.importance())
+    worst = max(diffs, key=diffs.get)
+    print(f"\nctx {ctx}: max relative L2 difference {diffs[worst]:.2e} ({worst}), "
+          f"median {np.median(list(diffs.values())):.2e}")  # fmt: skip
+    assert diffs[worst] < 0.05, (worst, diffs[worst])
