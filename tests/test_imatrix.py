@@ -387,3 +387,37 @@ def test_cli_matches_llama_imatrix_on_the_bundled_model(tmp_path, bundled_gguf, 
     print(f"\nctx {ctx}: max relative L2 difference {diffs[worst]:.2e} ({worst}), "
           f"median {np.median(list(diffs.values())):.2e}")  # fmt: skip
     assert diffs[worst] < 0.05, (worst, diffs[worst])
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", ["gemma3", "gemma4_e", "gemma3n"])
+def test_matches_llama_imatrix_on_tiny_float32_models(tmp_path, case):
+    """Tiny random models of every family gemmakit exports to GGUF (Gemma 3; Gemma 4 with PLE,
+    KV sharing and experts; Gemma 3n with AltUp and LAuReL), written as float32 GGUFs, so
+    llama.cpp multiplies float32 weights by float32 activations: the same entries (the experts
+    per expert) and counts as llama-imatrix, and the same means up to float rounding."""
+    from gemmakit.cli import main
+    from gemmakit.export import export
+    from gemmakit.paths import DATA
+    from tests.conftest import random_hf_model as random_gemma3
+    from tests.test_gguf_families import random_hf_model, save_folder
+
+    model = random_gemma3("gemma3") if case == "gemma3" else random_hf_model(case)
+    folder = save_folder(model, tmp_path / "hf")
+    gguf_path = tmp_path / "m.gguf"
+    export(model=str(folder), to="gguf", output=gguf_path, qtype="f32", progress=False)
+    text = DATA / "eval_text.txt"
+    ref = llama_imatrix(gguf_path, text, tmp_path / "ref.gguf", ctx=64, chunks=4)
+    out = tmp_path / "ours.gguf"
+    assert (
+        main(["imatrix", str(gguf_path), "--text", str(text), "-o", str(out), "--ctx", "64", "--chunks", "4"])
+        == 0
+    )
+    theirs, ours = load_imatrix(ref), load_imatrix(out)
+    assert set(ours.sums) == set(theirs.sums)
+    for name in theirs.counts:
+        assert ours.counts[name].tolist() == theirs.counts[name].tolist(), name
+    diffs = relative_differences(ours.importance(), theirs.importance())
+    worst = max(diffs, key=diffs.get)
+    print(f"\n{case}: {len(diffs)} entries, max relative L2 difference {diffs[worst]:.2e} ({worst})")
+    assert diffs[worst] < 1e-3, (worst, diffs[worst])
