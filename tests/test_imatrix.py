@@ -421,3 +421,10 @@ def test_matches_llama_imatrix_on_tiny_float32_models(tmp_path, case):
     worst = max(diffs, key=diffs.get)
     print(f"\n{case}: {len(diffs)} entries, max relative L2 difference {diffs[worst]:.2e} ({worst})")
     assert diffs[worst] < 1e-3, (worst, diffs[worst])
+    # llama.cpp's quantizer takes gemmakit's file as its own.
+    done = subprocess.run(
+        [str(LLAMA_CPP_BIN / "llama-quantize"), "--imatrix", str(out), str(gguf_path), str(tmp_path / "q.gguf"), "q4_k_m"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"loaded {len(diffs)} importance matrix entries" in done.stdout + done.stderr

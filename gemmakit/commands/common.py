@@ -93,16 +93,18 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def read_text_file(path, flag: str = "--text") -> str:
-    """A UTF-8 text file's content; a missing, unreadable, non-UTF-8 or empty file is one
-    GemmakitError naming it."""
+def read_text_file(path, flag: str = "--text", keep_newlines: bool = False) -> str:
+    """A UTF-8 text file's content (with `keep_newlines`, its line ends as they are, not
+    translated to \n); a missing, unreadable, non-UTF-8 or empty file is one GemmakitError
+    naming it."""
     from pathlib import Path
 
     from gemmakit.errors import GemmakitError
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="" if keep_newlines else None) as f:
+            text = f.read()
     except FileNotFoundError:
         raise GemmakitError(f"{path}: no such file") from None
     except IsADirectoryError:

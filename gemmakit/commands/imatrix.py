@@ -53,14 +53,19 @@ def run(args) -> int:
     if args.batch_tokens < 1:
         raise GemmakitError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     text_path = Path(args.text) if args.text else DEFAULT_TEXT
-    text = read_text_file(text_path)
+    # As llama-imatrix reads -f (common/arg.cpp): the bytes as they are, one final \n dropped.
+    text = read_text_file(text_path, keep_newlines=True)
+    text = text[:-1] if text.endswith("\n") else text
     output = Path(args.output)
     if output.is_dir():
         raise GemmakitError(f"{output}: is a folder; -o takes a file name")
 
     loaded = load(args.model_path or args.model, dtype=args.dtype, device=args.device)
     tok = loaded.tokenizer
-    ids = tok.encode(text, add_bos=True)  # as llama-imatrix: one <bos>, then the whole text
+    # As llama-imatrix: one <bos>, then the whole text. (It leaves control-token strings in the
+    # text as plain text; gemmakit's tokenizer reads them as the tokens. Calibration text
+    # rarely holds any.)
+    ids = tok.encode(text, add_bos=True)
     start = time.perf_counter()
     stats, chunks = compute_imatrix(
         loaded.model, ids, tok.bos_id, args.ctx, args.chunks, progress=not args.json,
