@@ -292,6 +292,7 @@ def test_experts_are_counted_per_expert():
     torch.testing.assert_close(gate_up.double().sum(0), k * x.square().sum(0), rtol=1e-5, atol=1e-6)
     assert stats.counts["blk.1.ffn_gate_inp.weight"].tolist() == [n * 8]  # the router: dense
     assert "blk.1.ffn_gate.weight" in stats.sums  # the dense MLP beside the experts
+    assert not [n for n in stats.sums if "norm" in n]  # pre_ffw_norm_2 & co. are no matrices
 
 
 # --- the command --------------------------------------------------------------------------
