@@ -142,6 +142,31 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path):
         read_imatrix(tmp_path / "model.gguf")
 
 
+def test_fuzz_imatrix_reader(tmp_path):
+    """Both formats cut at every offset and with bytes flipped: a result or one ModelFileError."""
+    import random
+
+    sums, counts = sample_stats()
+    gguf_bytes = write_imatrix(tmp_path / "m.gguf", sums, counts, ["t.txt"], 2, 512).read_bytes()
+    write_legacy(tmp_path / "m.dat", [("blk.0.ffn_up.weight", 3, np.ones(16, np.float32))])
+    rng = random.Random(0)
+    path = tmp_path / "fuzz"
+    for data in (gguf_bytes, (tmp_path / "m.dat").read_bytes()):
+        cases = [data[:cut] for cut in sorted({*range(0, len(data), 7), len(data) - 1})]
+        for _ in range(300):
+            damaged = bytearray(data)
+            damaged[rng.randrange(len(data))] = rng.choice([0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+            cases.append(bytes(damaged))
+        for case in cases:
+            path.write_bytes(case)
+            try:
+                result = read_imatrix(path)
+            except ModelFileError as e:
+                assert "fuzz" in str(e) and "\n" not in str(e)
+                continue
+            assert all(v.dtype == np.float32 and v.ndim == 1 for v in result.values())
+
+
 def test_write_refuses_mismatched_counts(tmp_path):
     with pytest.raises(GemmakitError, match="do not match"):
         write_imatrix(tmp_path / "m.gguf", {"a.weight": np.ones((2, 4))}, {"a.weight": 5}, [], 1, 1)
