@@ -355,6 +355,15 @@ def test_cli_writes_the_statistic_of_the_text(tmp_path, capsys, bundled_load):
         assert loaded.counts[name].tolist() == [32]
 
 
+def test_cli_help(capsys):
+    from gemmakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["imatrix", "--help"])
+    text = capsys.readouterr().out
+    assert "--ctx" in text and "--chunks" in text and "llama-imatrix" in text and "MODEL" in text
+
+
 def test_cli_mistakes_are_one_line_errors(tmp_path, capsys, bundled_load):
     from gemmakit.cli import main
 
