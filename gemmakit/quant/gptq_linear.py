@@ -1,0 +1,115 @@
+"""A linear layer with GPTQ-packed 4-bit weights (calibrated 4-bit from GPTQ or AWQ).
+
+Its state dict is the GPTQ checkpoint's own tensors (`qweight`, `qzeros`, `scales`,
+`g_idx`, layout in `packed4`), so a model holding these modules writes and reads the files
+transformers and vLLM load. For the matmul the weight is repacked once, on first use, into
+torch's CPU int4 kernel layout (`_convert_weight_to_int4pack_for_cpu`): that kernel computes
+(q - 8) * scale + zero per group, so zero = (8 - z) * scale reproduces GPTQ's (q - z) * scale;
+it reads scales and zeros in bfloat16, so its products carry that rounding (as `Int4Linear`'s
+do). An act-order weight (g_idx not sorted) has its input columns permuted so that groups are
+contiguous, and the activations are permuted the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gemmakit import ops
+from gemmakit.quant.integer import tinygemm_layout
+from gemmakit.quant.linear import QuantizedLinear
+from gemmakit.quant.packed4 import gptq_pack, gptq_unpack
+
+TINYGEMM_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
+
+
+class GPTQLinear(QuantizedLinear):
+    """4-bit weight-only linear in GPTQ's v1 checkpoint layout.
+
+    Buffers: `qweight` int32 (K/8, N), `qzeros` int32 (G, N/8), `scales` fp16 (G, N),
+    `g_idx` int32 (K,).
+    """
+
+    kind = "gptq"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, compute_dtype=torch.float32):
+        super().__init__(in_features, out_features, compute_dtype)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // group_size)
+        self._kernel = None
+
+    @classmethod
+    def from_quantized(cls, q: dict, group_size: int, compute_dtype=torch.float32, desc_act: bool = False):
+        """From `gptq.gptq_quantize`'s levels (N, K), scales (N, G), zeros (N, G), g_idx (K,)."""
+        N, K = q["levels"].shape
+        module = cls(K, N, group_size, compute_dtype)
+        qweight, qzeros = gptq_pack(q["levels"], q["zeros"])
+        module.qweight.copy_(qweight)
+        module.qzeros.copy_(qzeros)
+        module.scales.copy_(q["scales"].t())
+        module.g_idx.copy_(q["g_idx"])
+        return module
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels (N, K) uint8, zeros (N, G) int32)."""
+        return gptq_unpack(self.qweight, self.qzeros)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        levels, zeros = self.unpacked()
+        g = self.g_idx.long()
+        scales = self.scales.float().t()  # (N, G)
+        return ((levels.float() - zeros[:, g].float()) * scales[:, g]).to(dtype)
+
+    def _matmul(self, x):
+        kernel = self._kernel_weights(x)
+        if kernel is None:
+            return F.linear(x, self.dequantize(x.dtype))
+        weight, scale_zero, perm = kernel
+        if perm is not None:
+            x = x[..., perm]
+        return ops.int4_linear(x, weight, self.group_size, scale_zero, True, self.dequantize)
+
+    def _kernel_weights(self, x):
+        """(packed weight, (G, N, 2) bfloat16 scales/zeros, column permutation or None), or None
+        where torch's int4 CPU kernel does not apply."""
+        if self._kernel is not None:
+            return self._kernel or None
+        usable = (
+            x.device.type == "cpu"
+            and ops.int_kernels_vectorized()
+            and tinygemm_layout() is not None
+            and self.group_size in TINYGEMM_GROUPS
+            and self.out_features % 16 == 0
+        )
+        self._kernel = ()
+        if not usable:
+            return None
+        g = self.g_idx.long()
+        perm = torch.argsort(g, stable=True)
+        if not torch.equal(g[perm], torch.arange(self.in_features) // self.group_size):
+            return None  # groups of unequal sizes: dequantize instead
+        levels, zeros = self.unpacked()
+        scales = self.scales.float()  # (G, N)
+        zero = (8 - zeros.t().float()) * scales  # tinygemm: (q - 8) * scale + zero
+        scale_zero = torch.stack([scales, zero], dim=-1).to(torch.bfloat16).contiguous()
+        ordered = levels[:, perm].int().contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ordered, 2)
+        sorted_already = torch.equal(perm, torch.arange(self.in_features))
+        self._kernel = (packed, scale_zero, None if sorted_already else perm)
+        return self._kernel
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None  # new weights: repack on next use
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
