@@ -24,6 +24,7 @@ from gemmakit.config import PRESETS, GemmaConfig
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.files import atomic_folder, atomic_write, content_key
 from gemmakit.formats import safetensors
+from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_config, to_hf_config
 from gemmakit.model.families import model_class
@@ -138,11 +139,18 @@ def load_model(
         check_dtype(config, dtype)
         # Dequantized straight into `dtype`, chunk by chunk: no float32 copy of a bf16 model.
         state = state_dict_from_gguf(g, dtype)
+    packed = read_quantization_config(source.path) if source.kind == "hf" else None
     with torch.device("meta"):
         model = model_class(config)(config)
+    if packed is not None:  # a GPTQ folder: its linears hold packed 4-bit tensors
+        from gemmakit.quant.gptq_linear import swap_in_gptq
+
+        swap_in_gptq(model, [k for k in state if k.endswith(".qweight")], packed["group_size"], dtype)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
-        state[key] = state.pop(key).to(device=device, dtype=dtype)
+        t = state.pop(key)
+        keep = packed is not None and (not t.is_floating_point() or key.endswith(".scales"))
+        state[key] = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
     safetensors.load_into(model, state, str(source.path))
     return model.eval()
 
@@ -292,7 +300,9 @@ def load(
                 raise ModelFileError(
                     f"{source.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)"
                 )
-    if quantize and device == "cpu" and weights.kind == "hf":
+    if quantize and quantize.get("kind") == "gptq":
+        net = _load_gptq(weights, torch_dtype, device, quantize, gguf_file, progress)
+    elif quantize and device == "cpu" and weights.kind == "hf":
         folder = quantized_folder(weights, torch_dtype, quantize)
         net = _read_quantized(folder, torch_dtype, quantize) if folder is not None else None
         if net is None:
@@ -458,6 +468,57 @@ def _write_quantized(folder: Path, model: Gemma, source: Path | None = None):
             safetensors.save_safetensors(state, tmp / "model.safetensors")
             if source is not None:
                 (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(Path(source).resolve())}))
+            (tmp / READY).write_text("")
+    except OSError:
+        return
+    evict(keep=folder)
+
+
+# --- GPTQ on load ----------------------------------------------------------------------------
+# GPTQ calibrates on a text (seconds to minutes), so its result is cached as a GPTQ folder
+# (config.json with quantization_config + model.safetensors) that `load_model` reads back.
+
+
+def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, progress: bool) -> Gemma:
+    """The model with GPTQ 4-bit block linears, calibrated on `quantize["calibration"]` (a text
+    file; default the shipped wiki text, disjoint from the evaluation text)."""
+    from gemmakit.paths import DATA
+    from gemmakit.quant.gptq import calibration_windows, gptq_quantize_model
+
+    calibration = Path(quantize.get("calibration") or DATA / "eval_text_wiki.txt")
+    try:
+        text = calibration.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GemmakitError(f"{calibration}: {e.strerror or e}") from None
+    group_size, desc_act = quantize.get("group_size", 128), bool(quantize.get("desc_act", False))
+    key = {"kind": "gptq", "group_size": group_size, "desc_act": desc_act,
+           "calibration": hashlib.sha1(text.encode()).hexdigest()}  # fmt: skip
+    folder = quantized_folder(weights, dtype, key) if weights.kind == "hf" and device == "cpu" else None
+    if folder is not None and (folder / READY).exists():
+        try:
+            mark_used(folder)
+            return load_model(ModelSource("hf", folder, weights.name), dtype, device)
+        except (OSError, ValueError, GemmakitError):
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuilt below
+    net = load_model(weights, dtype, device, gguf_file)
+    tokenizer = load_tokenizer(weights, gguf_file)
+    windows = calibration_windows(tokenizer.encode(text, add_bos=False), tokenizer.bos_id)
+    gptq_quantize_model(net, [w.to(device) for w in windows], group_size, desc_act, progress)
+    if folder is not None:
+        _write_gptq_cache(folder, net, group_size, desc_act)
+    return net
+
+
+def _write_gptq_cache(folder: Path, model: Gemma, group_size: int, desc_act: bool):
+    """Best effort, as the other caches."""
+    state = _quantized_state(model)
+    config = to_hf_config(model.config) | {"quantization_config": gptq_config(group_size, desc_act)}
+    try:
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            safetensors.save_safetensors(
+                safetensors.native_to_hf(state, model.config), tmp / "model.safetensors"
+            )
             (tmp / READY).write_text("")
     except OSError:
         return

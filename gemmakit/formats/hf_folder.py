@@ -282,6 +282,7 @@ def write_hf(
     max_shard_bytes: int = 5 * 2**30,
     force: bool = False,
     progress: bool = True,
+    quantization_config: dict | None = None,
 ) -> dict:
     """Writes config.json, safetensors weights, tokenizer and generation_config.json.
 
@@ -297,19 +298,29 @@ def write_hf(
         stop_ids: generation_config's eos_token_id list (default: the config's).
         max_shard_bytes: shard size limit of the safetensors files.
         force: replace the files of an existing, non-empty folder.
+        quantization_config: a packed-4-bit model's config.json entry (`formats.gptq_folder`):
+            its integer tensors and fp16 `scales` keep their own dtype.
 
     Returns:
         {"path", "bytes", "files"} of the written folder.
     """
     folder = Path(folder)
     _check_target(folder, force)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in native_to_hf(state, config).items()}
+
+    def stored(name: str, t: torch.Tensor) -> torch.Tensor:
+        keep = quantization_config is not None and (not t.is_floating_point() or name.endswith(".scales"))
+        return t.detach().contiguous() if keep else t.detach().to(dtype).contiguous()
+
+    tensors = {k: stored(k, v) for k, v in native_to_hf(state, config).items()}
+    hf_config = model_config(config, dtype) | (
+        {"quantization_config": quantization_config} if quantization_config else {}
+    )
     try:
         with atomic_folder(folder) as tmp:
             write_weights(tmp, tensors, max_shard_bytes, progress)
             write_tokenizer(tmp, tokenizer, source_folder, chat_template, config.max_position_embeddings)
             (tmp / "generation_config.json").write_bytes(_json(generation_config(config, stop_ids)))
-            (tmp / "config.json").write_bytes(_json(model_config(config, dtype)))
+            (tmp / "config.json").write_bytes(_json(hf_config))
             written = sorted(p.name for p in tmp.iterdir())
             if folder.exists():  # empty, or replaced file by file under `force`
                 _move_files(tmp, folder, written)

@@ -54,7 +54,9 @@ def rtn_quantize(weight: torch.Tensor, group_size: int) -> dict:
     for g in range(K // group_size):
         s, z = group_params(w[:, g])
         scales.append(s), zeros.append(z), levels.append(quantize_columns(w[:, g], s, z))
-    return _result(torch.cat(levels, 1), torch.stack(scales, 1), torch.stack(zeros, 1), torch.arange(K) // group_size)
+    return _result(
+        torch.cat(levels, 1), torch.stack(scales, 1), torch.stack(zeros, 1), torch.arange(K) // group_size
+    )
 
 
 def _result(levels, scales, zeros, g_idx) -> dict:
@@ -159,11 +161,15 @@ class HessianCollector:
         return self.H.float()
 
 
-def calibration_windows(ids: list[int], bos_id: int, window: int = 512, max_windows: int = 8) -> list[torch.Tensor]:
+def calibration_windows(
+    ids: list[int], bos_id: int, window: int = 512, max_windows: int = 8
+) -> list[torch.Tensor]:
     """Calibration batches: consecutive windows of the text's ids, each after one <bos>."""
     body = window - 1
     out = [
-        torch.tensor([[bos_id] + ids[i : i + body]]) for i in range(0, len(ids), body) if len(ids[i : i + body]) > 16
+        torch.tensor([[bos_id] + ids[i : i + body]])
+        for i in range(0, len(ids), body)
+        if len(ids[i : i + body]) > 16
     ]
     if not out:
         raise GemmakitError("the calibration text is too short (fewer than 16 tokens)")
@@ -172,7 +178,9 @@ def calibration_windows(ids: list[int], bos_id: int, window: int = 512, max_wind
 
 def _block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {
-        name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name.rpartition(".")[2] in PROJECTIONS
+        name: m
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in PROJECTIONS
     }
 
 
@@ -205,7 +213,9 @@ def gptq_quantize_model(
             hooks = [m.register_forward_pre_hook(collectors[name]) for name, m in linears.items()]
             try:
                 for s in states:
-                    block(s["h"], s["ropes"][block.layer_type], s["masks"][block.layer_type], None, s["shared"])
+                    block(
+                        s["h"], s["ropes"][block.layer_type], s["masks"][block.layer_type], None, s["shared"]
+                    )
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -215,6 +225,8 @@ def gptq_quantize_model(
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, leaf, GPTQLinear.from_quantized(q, group_size, m.weight.dtype, desc_act))
             for s in states:  # the next block's inputs come from this quantized block
-                s["h"] = block(s["h"], s["ropes"][block.layer_type], s["masks"][block.layer_type], None, s["shared"])
+                s["h"] = block(
+                    s["h"], s["ropes"][block.layer_type], s["masks"][block.layer_type], None, s["shared"]
+                )
     model.quantization = {"kind": "gptq", "group_size": group_size, "desc_act": desc_act, "embeddings": False}
     return model

@@ -113,3 +113,17 @@ class GPTQLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def swap_in_gptq(model, qweight_names, group_size: int, compute_dtype=torch.float32):
+    """Replaces the linears whose `<module>.qweight` is in `qweight_names` by empty
+    GPTQLinear modules of the same shape (to load a GPTQ checkpoint's tensors into)."""
+    for name in qweight_names:
+        path = name.removesuffix(".qweight")
+        parent_name, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        with torch.device("cpu"):
+            setattr(parent, leaf, GPTQLinear(old.in_features, old.out_features, group_size, compute_dtype))
+    model.quantization = {"kind": "gptq", "group_size": group_size, "embeddings": False}
+    return model

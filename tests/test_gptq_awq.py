@@ -1,0 +1,144 @@
+"""GPTQ: the algorithm against round-to-nearest, the packed layouts, the 4-bit module and kernel,
+the GPTQ folder written and read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gemmakit.quant.gptq import dequantize, gptq_quantize, rtn_quantize
+from gemmakit.quant.gptq_linear import GPTQLinear
+from gemmakit.quant.packed4 import AWQ_ORDER, awq_pack, awq_unpack, gptq_pack, gptq_unpack
+
+
+def _correlated_layer(seed=0, N=64, K=256, T=1024):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=g) / K**0.5
+    X = torch.randn(T, K, generator=g) @ mix + 0.3 * torch.randn(T, K, generator=g)
+    X[:, :8] *= 10  # a few outlier channels, as real activations have
+    W = 0.05 * torch.randn(N, K, generator=g)
+    return W, X
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_output_error_is_lower_than_round_to_nearest(desc_act):
+    W, X = _correlated_layer()
+    H = 2 * X.t() @ X / len(X)
+    q, r = gptq_quantize(W, H, 64, desc_act), rtn_quantize(W, 64)
+    gptq_err = ((W - dequantize(q)) @ X.t()).pow(2).sum()
+    rtn_err = ((W - dequantize(r)) @ X.t()).pow(2).sum()
+    assert gptq_err < 0.8 * rtn_err
+    # The grid is GPTQ's: levels 0..15, zeros 1..15, fp16 scales; g_idx maps 64 columns per group.
+    assert int(q["levels"].max()) <= 15 and 1 <= int(q["zeros"].min()) and int(q["zeros"].max()) <= 15
+    assert torch.bincount(q["g_idx"].long()).tolist() == [64] * 4
+    if not desc_act:
+        assert torch.equal(q["g_idx"].long(), torch.arange(256) // 64)
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    """With uncorrelated inputs there is no error to move: GPTQ's levels are RTN's."""
+    W, _ = _correlated_layer(1)
+    q, r = gptq_quantize(W, torch.eye(256), 64, damp_percent=0.0), rtn_quantize(W, 64)
+    assert torch.equal(q["levels"], r["levels"]) and torch.equal(q["scales"], r["scales"])
+
+
+def test_packed_layouts_round_trip_and_bit_positions():
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (24, 64), generator=g)
+    zeros = torch.randint(1, 16, (24, 2), generator=g)
+    qweight, qzeros = gptq_pack(levels, zeros)
+    assert qweight.shape == (8, 24) and qzeros.shape == (2, 3) and qweight.dtype == torch.int32
+    back, back_zeros = gptq_unpack(qweight, qzeros)
+    assert torch.equal(back.long(), levels) and torch.equal(back_zeros.long(), zeros)
+    word = int(qweight[1, 5]) & 0xFFFFFFFF  # input rows 8..15 of output column 5, row 8 lowest
+    assert [(word >> (4 * j)) & 15 for j in range(8)] == levels[5, 8:16].tolist()
+    zword = int(qzeros[0, 1]) & 0xFFFFFFFF  # v1: zero - 1 of output columns 8..15
+    assert [(zword >> (4 * j)) & 15 for j in range(8)] == (zeros[8:16, 0] - 1).tolist()
+
+    qweight, qzeros = awq_pack(levels, zeros)
+    assert qweight.shape == (64, 3) and qzeros.shape == (2, 3)
+    back, back_zeros = awq_unpack(qweight, qzeros)
+    assert torch.equal(back.long(), levels) and torch.equal(back_zeros.long(), zeros)
+    word = int(qweight[7, 2]) & 0xFFFFFFFF  # input row 7, output columns 16..23 interleaved
+    assert [(word >> (4 * j)) & 15 for j in range(8)] == [int(levels[16 + c, 7]) for c in AWQ_ORDER]
+    with pytest.raises(ValueError):
+        gptq_pack(levels, zeros - 1)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_linear_kernel_matches_its_dequantized_weight(desc_act):
+    W, X = _correlated_layer(2, N=64, K=256)
+    q = gptq_quantize(W, 2 * X.t() @ X / len(X), 64, desc_act)
+    module = GPTQLinear.from_quantized(q, 64)
+    weight = module.dequantize()
+    assert torch.equal(weight, dequantize(q))
+    x = X[:5]
+    with torch.no_grad():
+        y = module(x)
+    # torch's int4 kernel rounds activations, scales and zeros to bfloat16.
+    torch.testing.assert_close(y, x @ weight.t(), rtol=0.02, atol=0.02 * float((x @ weight.t()).abs().max()))
+    # The state dict is the checkpoint's tensors, nothing else.
+    assert sorted(module.state_dict()) == ["g_idx", "qweight", "qzeros", "scales"]
+
+
+def _tiny_loaded(hf_folder):
+    from gemmakit.loading import load
+
+    from tests.test_export import tiny_sentencepiece
+
+    folder, _ = hf_folder("gemma3", intermediate_size=128)
+    (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
+    return folder, load(folder, dtype="float32", device="cpu")
+
+
+def test_gptq_model_written_folder_reloads_with_identical_logits(hf_folder, tmp_path):
+    from gemmakit.formats.gptq_folder import gptq_config, write_gptq_folder
+    from gemmakit.loading import load
+    from gemmakit.quant.gptq import gptq_quantize_model
+
+    folder, loaded = _tiny_loaded(hf_folder)
+    model = loaded.model
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        float_logits = model(ids)
+    windows = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    gptq_quantize_model(model, windows, group_size=32, desc_act=True)
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        logits = model(ids)
+    # 4 bits of random weights: the logits follow the float model's, not equal to them.
+    assert torch.cosine_similarity(logits.flatten(), float_logits.flatten(), dim=0) > 0.9
+    assert not torch.equal(logits, float_logits)
+
+    out = tmp_path / "gptq"
+    write_gptq_folder(out, model.state_dict(), model.config, loaded.tokenizer, gptq_config(32, True),
+                      torch.float32, source_folder=folder, progress=False)  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["checkpoint_format"] == "gptq"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.int32
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype == torch.float16
+    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+    assert "model.layers.1.mlp.down_proj.g_idx" in keys
+
+    reloaded = load(out, dtype="float32", device="cpu").model
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), logits)
+
+
+def test_other_prequantized_folders_are_one_clear_error(hf_folder):
+    from gemmakit.errors import GemmakitError
+    from gemmakit.loading import load
+
+    folder, _ = hf_folder("gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GemmakitError, match="awq"):
+        load(folder, dtype="float32", device="cpu")
