@@ -85,7 +85,6 @@ def test_gptq_linear_kernel_matches_its_dequantized_weight(desc_act):
 
 def _tiny_loaded(hf_folder):
     from gemmakit.loading import load
-
     from tests.test_export import tiny_sentencepiece
 
     folder, _ = hf_folder("gemma3", intermediate_size=128)
