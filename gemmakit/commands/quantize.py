@@ -22,7 +22,18 @@ from pathlib import Path
 
 from gemmakit.commands.common import add_model_arguments, print_json
 
-MEMORY_TYPES = ("fp32", "bf16", "nf4", "int8", "int8-linear", "int4", "int4-linear", "int4-all")
+MEMORY_TYPES = (
+    "fp32",
+    "bf16",
+    "nf4",
+    "int8",
+    "int8-linear",
+    "int4",
+    "int4-linear",
+    "int4-all",
+    "gptq",
+    "gptq-g32",
+)
 GGUF_TYPES = (
     "gguf-f32",
     "gguf-f16",
@@ -43,7 +54,10 @@ DESCRIPTIONS = {
     "int4": "int4 group-32 linear layers, embedding/lm_head int8",
     "int4-linear": "int4 group-32, linear layers only",
     "int4-all": "int4 group-32, linear layers + embedding/lm_head",
+    "gptq": "GPTQ 4-bit group-128 act-order, linear layers (calibrated on the wiki text)",
+    "gptq-g32": "GPTQ 4-bit group-32 act-order, linear layers (calibrated on the wiki text)",
 }
+CALIBRATED = ("gptq", "gptq-g32")  # commands/quantize_gptq.py
 
 
 def add_arguments(p):
@@ -65,6 +79,9 @@ def add_arguments(p):
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N text tokens")
     p.add_argument("--context", type=int, default=512, help="perplexity window, <bos> included (512)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    from gemmakit.commands import quantize_gptq
+
+    quantize_gptq.add_arguments(p)
 
 
 def parse_types(spec: str) -> list[str]:
@@ -87,6 +104,10 @@ def _variant(loaded, kind: str):
 
     from gemmakit.quant import quantize_model
 
+    if kind in CALIBRATED:
+        from gemmakit.commands.quantize_gptq import table_variant
+
+        return table_variant(loaded, kind)
     model = copy.deepcopy(loaded.model)
     if kind == "bf16":
         return model.to(torch.bfloat16)
@@ -161,6 +182,10 @@ def run(args) -> int:
     from gemmakit.export import apply_adapter
     from gemmakit.loading import load
 
+    if args.method:
+        from gemmakit.commands import quantize_gptq
+
+        return quantize_gptq.run(args)
     types = parse_types(args.types)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise GemmakitError("--max-tokens must be at least 2")

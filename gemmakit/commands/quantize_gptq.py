@@ -1,0 +1,87 @@
+"""`gemmakit quantize --method gptq -o DIR`: a GPTQ 4-bit folder transformers and vLLM load.
+
+Also the calibrated rows of the quality table (`gptq`, `gptq-g32`): the model quantized in
+memory by `gemmakit.quant.gptq`, calibrated on `--calibration` (default: the shipped wiki
+text, disjoint from the evaluation text the table scores).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+METHODS = ("gptq",)
+TABLE_TYPES = {"gptq": 128, "gptq-g32": 32}  # quality-table type -> group size
+
+
+def add_arguments(p):
+    g = p.add_argument_group("calibrated 4-bit (writes a folder)")
+    g.add_argument("--method", choices=METHODS, default=None,
+                   help="quantize with GPTQ and write a GPTQ folder to -o (no quality table)")  # fmt: skip
+    g.add_argument("--bits", type=int, default=4, help="bits per weight (4 only)")
+    g.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero (128)")
+    g.add_argument("--no-desc-act", dest="desc_act", action="store_false",
+                   help="quantize columns in order instead of by decreasing activation (act-order)")  # fmt: skip
+    g.add_argument("--calibration", default=None,
+                   help="calibration text file (default: the shipped wiki text, eval_text_wiki.txt)")  # fmt: skip
+    g.add_argument("-o", "--output", default=None, help="the folder to write (--method)")
+    g.add_argument("--force", action="store_true", help="overwrite the files of a non-empty folder")
+
+
+def calibration_text(path) -> tuple[str, Path]:
+    from gemmakit.errors import GemmakitError
+    from gemmakit.paths import DATA
+
+    path = Path(path) if path else DATA / "eval_text_wiki.txt"
+    try:
+        return path.read_text(encoding="utf-8"), path
+    except OSError as e:
+        raise GemmakitError(f"{path}: {e.strerror or e}") from None
+
+
+def gptq_model(loaded, group_size: int, desc_act: bool, calibration=None, progress: bool = False):
+    """A GPTQ-quantized copy of the loaded model."""
+    from gemmakit.quant.gptq import calibration_windows, gptq_quantize_model
+
+    text, _ = calibration_text(calibration)
+    windows = calibration_windows(loaded.tokenizer.encode(text, add_bos=False), loaded.tokenizer.bos_id)
+    return gptq_quantize_model(copy.deepcopy(loaded.model), windows, group_size, desc_act, progress)
+
+
+def table_variant(loaded, kind: str):
+    return gptq_model(loaded, TABLE_TYPES[kind], desc_act=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from gemmakit.commands.common import print_json
+    from gemmakit.errors import GemmakitError
+    from gemmakit.formats.gptq_folder import gptq_config, write_gptq_folder
+    from gemmakit.loading import load
+
+    if args.bits != 4:
+        raise GemmakitError("--bits: GPTQ is written at 4 bits only")
+    if not args.output:
+        raise GemmakitError("--method gptq needs -o DIR, the folder to write")
+    if args.group_size not in (32, 64, 128, 256):
+        raise GemmakitError("--group-size must be 32, 64, 128 or 256")
+    _, calibration = calibration_text(args.calibration)
+    start = time.perf_counter()
+    loaded = load(args.model, dtype="float32", device=args.device or "cpu")
+    model = gptq_model(loaded, args.group_size, args.desc_act, calibration, progress=not args.json)
+    dtype = torch.bfloat16 if args.dtype in ("auto", "bf16", "bfloat16") else torch.float32
+    source = loaded.source.path if loaded.source.kind == "hf" else None
+    summary = write_gptq_folder(
+        args.output, model.state_dict(), model.config, loaded.tokenizer, gptq_config(args.group_size, args.desc_act),
+        dtype, source_folder=source, force=args.force, progress=not args.json, stop_ids=loaded.stop_ids,
+    )  # fmt: skip
+    summary |= {"method": "gptq", "group_size": args.group_size, "desc_act": args.desc_act,
+                "calibration": str(calibration), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, GPTQ 4-bit group {args.group_size}, "
+              f"calibrated on {calibration.name}) in {summary['seconds']} s")  # fmt: skip
+    return 0
