@@ -141,3 +141,43 @@ def test_other_prequantized_folders_are_one_clear_error(hf_folder):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(GemmakitError, match="awq"):
         load(folder, dtype="float32", device="cpu")
+
+
+def test_quantize_method_gptq_cli_writes_a_folder_gemmakit_loads(hf_folder, tmp_path, capsys):
+    from gemmakit.cli import main
+    from gemmakit.loading import load
+
+    folder, loaded = _tiny_loaded(hf_folder)
+    out = tmp_path / "out"
+    rc = main(
+        ["quantize", "-m", str(folder), "--method", "gptq", "--group-size", "32", "-o", str(out), "--json"]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "gptq" and summary["calibration"].endswith("eval_text_wiki.txt")
+    assert (out / "tokenizer.model").exists()
+    model = load(out, dtype="float32", device="cpu").model
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
+    # A user mistake is one line, exit code 2.
+    assert (
+        main(["quantize", "-m", str(folder), "--method", "gptq", "-o", str(out), "--group-size", "32"]) == 2
+    )
+    assert "not empty" in capsys.readouterr().err
+    assert main(["quantize", "-m", str(folder), "--method", "gptq"]) == 2
+
+
+def test_quantize_gptq_on_load_is_cached(hf_folder, tmp_path, monkeypatch):
+    from gemmakit.loading import load
+
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GEMMAKIT_NO_CACHE", raising=False)
+    folder, _ = _tiny_loaded(hf_folder)
+    spec = {"kind": "gptq", "group_size": 32}
+    first = load(folder, dtype="float32", device="cpu", quantize=spec).model
+    cached = list((tmp_path / "cache" / "quantized").glob("gptq-*"))
+    assert len(cached) == 1 and (cached[0] / "config.json").exists()
+    second = load(folder, dtype="float32", device="cpu", quantize=spec).model
+    ids = torch.tensor([[2, 10, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.equal(first(ids), second(ids))
+    assert isinstance(second.model.layers[0].mlp.down_proj, GPTQLinear)
