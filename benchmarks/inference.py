@@ -29,6 +29,8 @@ SYSTEMS = {
     "gemmakit int8, torch step": ("gemmakit", "float32", "int8"),  # GEMMAKIT_NO_C_KERNELS=1
     "gemmakit int4": ("gemmakit", "float32", "int4"),
     "gemmakit nf4": ("gemmakit", "float32", "nf4"),
+    # GPTQ 4-bit group-128 (calibrated on first load, read from gemmakit's cache after).
+    "gemmakit gptq": ("gemmakit", "float32", "gptq"),
     "llama.cpp Q4_K_M": ("llamacpp", None, None),
     "transformers fp32": ("transformers", "float32", None),
     "transformers bf16": ("transformers", "bfloat16", None),
@@ -190,7 +192,7 @@ def ratios(rows: list[dict]) -> list[str]:
 
     lines = []
     best_quantized = max(
-        (n for n in med if n.startswith("gemmakit") and ("int" in n or "nf4" in n)),
+        (n for n in med if n.startswith("gemmakit") and ("int" in n or "nf4" in n or "gptq" in n)),
         key=lambda n: get(n, "decode_tok_s"), default=None,
     )  # fmt: skip
     if best_quantized and get("llama.cpp Q4_K_M", "decode_tok_s"):

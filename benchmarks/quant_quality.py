@@ -55,10 +55,15 @@ def timings(loaded, rounds: int = 6, steps: int = 5) -> list[dict]:
                 ("int8-linear", "int8", False), ("int8", "int8", None),
                 ("int4-linear", "int4", False), ("int4", "int4", None), ("int4-all", "int4", True)]  # fmt: skip
     decoders, sizes = {}, {}
+    variants.append(("gptq", "gptq", None))
     for name, kind, embeddings in variants:
         model = copy.deepcopy(loaded.model)
         if name == "bf16":
             model = model.to(torch.bfloat16)
+        elif kind == "gptq":  # calibrated on the shipped wiki text (commands/quantize_gptq.py)
+            from gemmakit.commands.quantize_gptq import gptq_model
+
+            model = gptq_model(loaded, 128, desc_act=True)
         elif kind:
             quantize_model(model, kind, embeddings=embeddings)
         decoders[name], sizes[name] = Decoder(model, steps=rounds * steps + 2), model_memory(model)
@@ -99,7 +104,7 @@ def main() -> int:
     }
     result["decode"] = timings(loaded)
     if not args.timings:
-        table = quality_table(loaded, DEFAULT_TEXT.read_text(), DEFAULT_TYPES)
+        table = quality_table(loaded, DEFAULT_TEXT.read_text(), DEFAULT_TYPES + ("gptq", "gptq-g32"))
         print(format_table(table))
         result["quality"] = table
     result["load_average_after"] = os.getloadavg()
