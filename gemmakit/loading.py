@@ -300,7 +300,7 @@ def load(
                 raise ModelFileError(
                     f"{source.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)"
                 )
-    if quantize and quantize.get("kind") == "gptq":
+    if quantize and quantize.get("kind") in ("gptq", "awq"):
         net = _load_gptq(weights, torch_dtype, device, quantize, gguf_file, progress)
     elif quantize and device == "cpu" and weights.kind == "hf":
         folder = quantized_folder(weights, torch_dtype, quantize)
@@ -480,9 +480,11 @@ def _write_quantized(folder: Path, model: Gemma, source: Path | None = None):
 
 
 def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, progress: bool) -> Gemma:
-    """The model with GPTQ 4-bit block linears, calibrated on `quantize["calibration"]` (a text
-    file; default the shipped wiki text, disjoint from the evaluation text)."""
+    """The model with GPTQ- or AWQ-calibrated 4-bit block linears (`quantize["kind"]`),
+    calibrated on `quantize["calibration"]` (a text file; default the shipped wiki text,
+    disjoint from the evaluation text). Both are held in GPTQ's layout, and cached so."""
     from gemmakit.paths import DATA
+    from gemmakit.quant.awq import awq_quantize_model
     from gemmakit.quant.gptq import calibration_windows, gptq_quantize_model
 
     calibration = Path(quantize.get("calibration") or DATA / "eval_text_wiki.txt")
@@ -491,7 +493,8 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
     except OSError as e:
         raise GemmakitError(f"{calibration}: {e.strerror or e}") from None
     group_size, desc_act = quantize.get("group_size", 128), bool(quantize.get("desc_act", False))
-    key = {"kind": "gptq", "group_size": group_size, "desc_act": desc_act,
+    method = quantize["kind"]
+    key = {"kind": method, "group_size": group_size, "desc_act": desc_act,
            "calibration": hashlib.sha1(text.encode()).hexdigest()}  # fmt: skip
     folder = quantized_folder(weights, dtype, key) if weights.kind == "hf" and device == "cpu" else None
     if folder is not None and (folder / READY).exists():
@@ -503,7 +506,11 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
     net = load_model(weights, dtype, device, gguf_file)
     tokenizer = load_tokenizer(weights, gguf_file)
     windows = calibration_windows(tokenizer.encode(text, add_bos=False), tokenizer.bos_id)
-    gptq_quantize_model(net, [w.to(device) for w in windows], group_size, desc_act, progress)
+    windows = [w.to(device) for w in windows]
+    if method == "awq":
+        awq_quantize_model(net, windows, group_size, progress)
+    else:
+        gptq_quantize_model(net, windows, group_size, desc_act, progress)
     if folder is not None:
         _write_gptq_cache(folder, net, group_size, desc_act)
     return net

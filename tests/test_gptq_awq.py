@@ -181,3 +181,52 @@ def test_quantize_gptq_on_load_is_cached(hf_folder, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(first(ids), second(ids))
     assert isinstance(second.model.layers[0].mlp.down_proj, GPTQLinear)
+
+
+# --- AWQ ----------------------------------------------------------------------------------------
+
+
+def test_awq_scale_search_beats_plain_rounding_with_salient_channels():
+    from gemmakit.quant.awq import search_scale
+
+    W, X = _correlated_layer(3)
+    X[:, 8:16] *= 20  # salient input channels
+    s = search_scale(X, [W], 64)
+    awq = dequantize(rtn_quantize(W * s, 64)) / s
+    rtn = dequantize(rtn_quantize(W, 64))
+    assert ((X @ (W - awq).t()).pow(2).sum()) < 0.9 * (X @ (W - rtn).t()).pow(2).sum()
+    assert float(s[8:16].mean()) > float(s[16:].mean())  # the salient channels are scaled up
+
+
+def test_awq_folding_keeps_the_float_block_and_quantizes_every_linear(hf_folder):
+    import functools
+
+    from gemmakit.quant.awq import awq_quantize_model, awq_scale_block
+    from gemmakit.quant.gptq import block_states
+
+    _, loaded = _tiny_loaded(hf_folder)
+    model = loaded.model
+    ids = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(1))
+    states = block_states(model, [ids])
+
+    def run(block):
+        return [
+            block(s["h"], s["ropes"][block.layer_type], s["masks"][block.layer_type], None, {})
+            for s in states
+        ]
+
+    block = model.model.layers[0]
+    with torch.no_grad():
+        before = run(block)[0]
+        norm_before = block.input_layernorm.weight.clone()
+        awq_scale_block(block, functools.partial(run, block), 32)
+        after = run(block)[0]
+    assert not torch.equal(norm_before, block.input_layernorm.weight)  # a scale was folded in
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # the same function
+
+    with torch.no_grad():
+        float_logits = model(ids)
+        awq_quantize_model(model, [ids], group_size=32)
+        logits = model(ids)
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
+    assert torch.cosine_similarity(logits.flatten(), float_logits.flatten(), dim=0) > 0.9

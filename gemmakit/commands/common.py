@@ -7,7 +7,7 @@ import importlib.util
 import json
 import sys
 
-QUANTIZATIONS = ("nf4", "int8", "int4", "gptq")
+QUANTIZATIONS = ("nf4", "int8", "int4", "gptq", "awq")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, quantize: bool = True):
@@ -29,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter: bool = True, q
             help="quantize after loading: int8 per-channel "
             "(linear layers + embedding/lm_head) or int4 group-32 (embedding/lm_head int8), "
             "weight-only; nf4 = bitsandbytes NF4 (double quantization) on the linear layers; "
-            "gptq = GPTQ 4-bit group-128 calibrated on the shipped wiki text (cached)",
+            "gptq / awq = GPTQ / AWQ 4-bit group-128 calibrated on the shipped wiki text (cached)",
         )  # fmt: skip
     if adapter:
         g.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")

@@ -33,6 +33,7 @@ MEMORY_TYPES = (
     "int4-all",
     "gptq",
     "gptq-g32",
+    "awq",
 )
 GGUF_TYPES = (
     "gguf-f32",
@@ -56,8 +57,9 @@ DESCRIPTIONS = {
     "int4-all": "int4 group-32, linear layers + embedding/lm_head",
     "gptq": "GPTQ 4-bit group-128 act-order, linear layers (calibrated on the wiki text)",
     "gptq-g32": "GPTQ 4-bit group-32 act-order, linear layers (calibrated on the wiki text)",
+    "awq": "AWQ 4-bit group-128, linear layers (calibrated on the wiki text)",
 }
-CALIBRATED = ("gptq", "gptq-g32")  # commands/quantize_gptq.py
+CALIBRATED = ("gptq", "gptq-g32", "awq")  # commands/quantize_gptq.py
 
 
 def add_arguments(p):

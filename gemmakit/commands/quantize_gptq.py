@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 METHODS = ("gptq",)
-TABLE_TYPES = {"gptq": 128, "gptq-g32": 32}  # quality-table type -> group size
+TABLE_TYPES = {"gptq": 128, "gptq-g32": 32, "awq": 128}  # quality-table type -> group size
 
 
 def add_arguments(p):
@@ -40,17 +40,23 @@ def calibration_text(path) -> tuple[str, Path]:
         raise GemmakitError(f"{path}: {e.strerror or e}") from None
 
 
-def gptq_model(loaded, group_size: int, desc_act: bool, calibration=None, progress: bool = False):
-    """A GPTQ-quantized copy of the loaded model."""
+def gptq_model(
+    loaded, group_size: int, desc_act: bool, calibration=None, progress: bool = False, method="gptq"
+):
+    """A GPTQ- (or AWQ-) quantized copy of the loaded model."""
+    from gemmakit.quant.awq import awq_quantize_model
     from gemmakit.quant.gptq import calibration_windows, gptq_quantize_model
 
     text, _ = calibration_text(calibration)
     windows = calibration_windows(loaded.tokenizer.encode(text, add_bos=False), loaded.tokenizer.bos_id)
-    return gptq_quantize_model(copy.deepcopy(loaded.model), windows, group_size, desc_act, progress)
+    model = copy.deepcopy(loaded.model)
+    if method == "awq":
+        return awq_quantize_model(model, windows, group_size, progress)
+    return gptq_quantize_model(model, windows, group_size, desc_act, progress)
 
 
 def table_variant(loaded, kind: str):
-    return gptq_model(loaded, TABLE_TYPES[kind], desc_act=True)
+    return gptq_model(loaded, TABLE_TYPES[kind], desc_act=True, method="awq" if kind == "awq" else "gptq")
 
 
 def run(args) -> int:

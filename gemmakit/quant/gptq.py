@@ -188,12 +188,22 @@ def calibration_windows(
     return out[:max_windows]
 
 
-def _block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {
         name: m
         for name, m in block.named_modules()
         if isinstance(m, nn.Linear) and name.rpartition(".")[2] in PROJECTIONS
     }
+
+
+def block_states(model: nn.Module, windows: list[torch.Tensor]) -> list[dict]:
+    """What the first block receives for each window, computed as Gemma.hidden_states does."""
+    states = []
+    for ids in windows:
+        positions, masks, _ = model._attention_inputs(ids, None, None, None, None)
+        h = model._embed(model.model.embed_tokens, ids, model.config.embedding_scale)
+        states.append({"h": h, "ropes": model._ropes(positions, h), "masks": masks, "shared": {}})
+    return states
 
 
 def gptq_quantize_model(
@@ -214,13 +224,9 @@ def gptq_quantize_model(
 
     model.eval()
     with torch.no_grad():
-        states = []
-        for ids in windows:  # what each block receives, computed as Gemma.hidden_states does
-            positions, masks, _ = model._attention_inputs(ids, None, None, None, None)
-            h = model._embed(model.model.embed_tokens, ids, model.config.embedding_scale)
-            states.append({"h": h, "ropes": model._ropes(positions, h), "masks": masks, "shared": {}})
+        states = block_states(model, windows)
         for block in tqdm(model.model.layers, desc="gptq", disable=not progress, leave=False):
-            linears = _block_linears(block)
+            linears = block_linears(block)
             collectors = {name: HessianCollector(m.in_features) for name, m in linears.items()}
             hooks = [m.register_forward_pre_hook(collectors[name]) for name, m in linears.items()]
             try:
