@@ -267,7 +267,10 @@ def _refuse_unsupported(raw: dict[str, Any]) -> None:
             raise ConfigError(f"config key {key}={value!r} is not supported")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
-        if method != "gptq":  # GPTQ folders: gemmakit.loading reads them (formats/gptq_folder.py)
+        if method not in (
+            "gptq",
+            "awq",
+        ):  # GPTQ/AWQ folders: gemmakit.loading reads them (formats/gptq_folder.py)
             raise ConfigError(
                 f"pre-quantized checkpoints ({method}) are not supported; "
                 "load the full-precision checkpoint and use --quantize"

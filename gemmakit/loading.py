@@ -142,8 +142,15 @@ def load_model(
     packed = read_quantization_config(source.path) if source.kind == "hf" else None
     with torch.device("meta"):
         model = model_class(config)(config)
-    if packed is not None:  # a GPTQ folder: its linears hold packed 4-bit tensors
+    if packed is not None:  # a GPTQ/AWQ folder: its linears hold packed 4-bit tensors
         from gemmakit.quant.gptq_linear import swap_in_gptq
+        from gemmakit.quant.packed4 import awq_state_to_gptq
+
+        if packed["quant_method"] == "awq":
+            try:
+                state = awq_state_to_gptq(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise ModelFileError(f"{source.path}: {e}") from None
 
         swap_in_gptq(model, [k for k in state if k.endswith(".qweight")], packed["group_size"], dtype)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.

@@ -137,10 +137,16 @@ def test_other_prequantized_folders_are_one_clear_error(hf_folder):
 
     folder, _ = hf_folder("gemma3")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GemmakitError, match="awq"):
-        load(folder, dtype="float32", device="cpu")
+    for qconfig, message in [
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "GEMM"),
+        ({"quant_method": "gptq", "bits": 8, "group_size": 32}, "4-bit only"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}, "v1"),
+    ]:
+        config["quantization_config"] = qconfig
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(GemmakitError, match=message):
+            load(folder, dtype="float32", device="cpu")
 
 
 def test_quantize_method_gptq_cli_writes_a_folder_gemmakit_loads(hf_folder, tmp_path, capsys):
@@ -230,3 +236,32 @@ def test_awq_folding_keeps_the_float_block_and_quantizes_every_linear(hf_folder)
         logits = model(ids)
     assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
     assert torch.cosine_similarity(logits.flatten(), float_logits.flatten(), dim=0) > 0.9
+
+
+def test_awq_folder_written_and_reloaded_with_identical_logits(hf_folder, tmp_path):
+    from gemmakit.formats.gptq_folder import awq_config, write_gptq_folder
+    from gemmakit.loading import load
+    from gemmakit.quant.awq import awq_quantize_model
+    from gemmakit.quant.packed4 import gptq_state_to_awq
+
+    folder, loaded = _tiny_loaded(hf_folder)
+    model = loaded.model
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    awq_quantize_model(model, [ids], group_size=32)
+    out = tmp_path / "awq"
+    write_gptq_folder(out, gptq_state_to_awq(model.state_dict()), model.config, loaded.tokenizer,
+                      awq_config(32), torch.float32, source_folder=folder, progress=False)  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert tuple(f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape) == (128, 64 // 8)
+        assert "model.layers.0.mlp.down_proj.g_idx" not in set(f.keys())
+    reloaded = load(out, dtype="float32", device="cpu").model
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), model(ids))
+    # act-order weights have no AWQ form: one clear error.
+    with pytest.raises(ValueError, match="act-order"):
+        state = dict(model.state_dict())
+        state["model.layers.0.mlp.down_proj.g_idx"] = state["model.layers.0.mlp.down_proj.g_idx"].flip(0)
+        gptq_state_to_awq(state)

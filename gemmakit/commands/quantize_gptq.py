@@ -1,4 +1,4 @@
-"""`gemmakit quantize --method gptq -o DIR`: a GPTQ 4-bit folder transformers and vLLM load.
+"""`gemmakit quantize --method gptq|awq -o DIR`: a GPTQ or AWQ 4-bit folder transformers and vLLM load.
 
 Also the calibrated rows of the quality table (`gptq`, `gptq-g32`): the model quantized in
 memory by `gemmakit.quant.gptq`, calibrated on `--calibration` (default: the shipped wiki
@@ -11,14 +11,14 @@ import copy
 import time
 from pathlib import Path
 
-METHODS = ("gptq",)
+METHODS = ("gptq", "awq")
 TABLE_TYPES = {"gptq": 128, "gptq-g32": 32, "awq": 128}  # quality-table type -> group size
 
 
 def add_arguments(p):
     g = p.add_argument_group("calibrated 4-bit (writes a folder)")
     g.add_argument("--method", choices=METHODS, default=None,
-                   help="quantize with GPTQ and write a GPTQ folder to -o (no quality table)")  # fmt: skip
+                   help="quantize with GPTQ or AWQ and write a folder in that format to -o (no quality table)")  # fmt: skip
     g.add_argument("--bits", type=int, default=4, help="bits per weight (4 only)")
     g.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero (128)")
     g.add_argument("--no-desc-act", dest="desc_act", action="store_false",
@@ -64,30 +64,36 @@ def run(args) -> int:
 
     from gemmakit.commands.common import print_json
     from gemmakit.errors import GemmakitError
-    from gemmakit.formats.gptq_folder import gptq_config, write_gptq_folder
+    from gemmakit.formats.gptq_folder import awq_config, gptq_config, write_gptq_folder
     from gemmakit.loading import load
+    from gemmakit.quant.packed4 import gptq_state_to_awq
 
     if args.bits != 4:
-        raise GemmakitError("--bits: GPTQ is written at 4 bits only")
+        raise GemmakitError(f"--bits: {args.method} is written at 4 bits only")
     if not args.output:
-        raise GemmakitError("--method gptq needs -o DIR, the folder to write")
+        raise GemmakitError(f"--method {args.method} needs -o DIR, the folder to write")
     if args.group_size not in (32, 64, 128, 256):
         raise GemmakitError("--group-size must be 32, 64, 128 or 256")
     _, calibration = calibration_text(args.calibration)
     start = time.perf_counter()
     loaded = load(args.model, dtype="float32", device=args.device or "cpu")
-    model = gptq_model(loaded, args.group_size, args.desc_act, calibration, progress=not args.json)
+    awq = args.method == "awq"
+    model = gptq_model(
+        loaded, args.group_size, args.desc_act and not awq, calibration, not args.json, args.method
+    )
+    state = gptq_state_to_awq(model.state_dict()) if awq else model.state_dict()
+    qconfig = awq_config(args.group_size) if awq else gptq_config(args.group_size, args.desc_act)
     dtype = torch.bfloat16 if args.dtype in ("auto", "bf16", "bfloat16") else torch.float32
     source = loaded.source.path if loaded.source.kind == "hf" else None
     summary = write_gptq_folder(
-        args.output, model.state_dict(), model.config, loaded.tokenizer, gptq_config(args.group_size, args.desc_act),
+        args.output, state, model.config, loaded.tokenizer, qconfig,
         dtype, source_folder=source, force=args.force, progress=not args.json, stop_ids=loaded.stop_ids,
     )  # fmt: skip
-    summary |= {"method": "gptq", "group_size": args.group_size, "desc_act": args.desc_act,
+    summary |= {"method": args.method, "group_size": args.group_size, "desc_act": args.desc_act and not awq,
                 "calibration": str(calibration), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     if args.json:
         print_json(summary)
     else:
-        print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, GPTQ 4-bit group {args.group_size}, "
+        print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {args.method.upper()} 4-bit group {args.group_size}, "
               f"calibrated on {calibration.name}) in {summary['seconds']} s")  # fmt: skip
     return 0

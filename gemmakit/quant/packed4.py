@@ -71,3 +71,37 @@ def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tenso
     levels = _unpack_last(qweight, AWQ_ORDER).t().contiguous()
     zeros = _unpack_last(qzeros, AWQ_ORDER).to(torch.int32).t().contiguous()
     return levels, zeros
+
+
+def gptq_state_to_awq(state: dict) -> dict:
+    """A state dict's GPTQ tensors in AWQ GEMM's layout (g_idx dropped: it must be in order)."""
+    out = {}
+    for name, t in state.items():
+        if not name.endswith(".qweight"):
+            if not name.endswith((".qzeros", ".g_idx")):
+                out[name] = t
+            continue
+        prefix = name.removesuffix(".qweight")
+        g_idx = state[prefix + ".g_idx"].long()
+        group_size = len(g_idx) // state[prefix + ".scales"].shape[0]
+        if not torch.equal(g_idx, torch.arange(len(g_idx)) // group_size):
+            raise ValueError("AWQ's layout has no act-order: quantize without desc_act")
+        levels, zeros = gptq_unpack(t, state[prefix + ".qzeros"])
+        out[name], out[prefix + ".qzeros"] = awq_pack(levels, zeros)
+    return out
+
+
+def awq_state_to_gptq(state: dict) -> dict:
+    """An AWQ GEMM state dict's tensors in GPTQ's v1 layout (zeros must be at least 1)."""
+    out = dict(state)
+    for name in [n for n in state if n.endswith(".qweight")]:
+        prefix = name.removesuffix(".qweight")
+        levels, zeros = awq_unpack(state[name], state[prefix + ".qzeros"])
+        if int(zeros.min()) < 1:
+            raise ValueError(f"{prefix}: an AWQ zero point of 0 has no GPTQ v1 form")
+        out[name], out[prefix + ".qzeros"] = gptq_pack(levels, zeros)
+        K = levels.shape[1]
+        out[prefix + ".g_idx"] = (torch.arange(K) // (K // state[prefix + ".scales"].shape[0])).to(
+            torch.int32
+        )
+    return out
