@@ -93,6 +93,8 @@ class CDecoder:
             self._dense = bool(cache.valid[0, :col].all())
         if not self._dense:  # a left-padded row: the torch step builds the masks
             return None
+        if not cache.dense_step_exact():  # a ring with slack holds keys outside the window
+            return None
         st = self._step
         st.token, st.position = token, col
         for kind, (slot, visible) in cache.append_dense().items():
