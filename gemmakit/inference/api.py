@@ -57,6 +57,8 @@ class LLM:
         seed: seeds requests that give no seed of their own, as vLLM's `seed` does.
         quantization / adapter: optional, applied after loading (see `gemmakit.quant`
             and `gemmakit.lora`).
+        draft_model: a smaller model with the same tokenizer (named as `model` is), loaded
+            with the same dtype and device, for `SamplingParams(speculative="draft")`.
 
     Attributes:
         memory: with `quantization`, {"before": ..., "after": ...}: the model's bytes in
@@ -72,6 +74,7 @@ class LLM:
         quantization: str | None = None,
         adapter: str | None = None,
         loaded: Loaded | None = None,
+        draft_model: str | None = None,
     ):
         from gemmakit.quant import float_memory, model_memory, quantize_model
 
@@ -92,6 +95,12 @@ class LLM:
             net = self.loaded.model
             self.memory = {"before": float_memory(net), "after": model_memory(net)}
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.draft: Loaded | None = None
+        if draft_model is not None:
+            from gemmakit.inference.proposers import check_draft
+
+            self.draft = load(draft_model, dtype=self.model.dtype, device=str(self.model.device))
+            check_draft(self.model, self.tokenizer, self.draft.model, self.draft.tokenizer)
         self._generator = torch.Generator().manual_seed(seed)
         self._next_id = 0
 
@@ -145,7 +154,8 @@ class LLM:
         yield from self._stream(requests, text_streams(self.tokenizer, requests))
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
-        for events in stream_text(self.model, self.tokenizer, requests, streams):
+        draft = self.draft.model if self.draft is not None else None
+        for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
             yield from events
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -172,7 +182,8 @@ class LLM:
                         "time_to_first_token": (first or end) - start,
                         "generation_seconds": end - start,
                         "generated_tokens": len(req.output_ids),
-                    },
+                    }
+                    | ({"speculation": req.speculation.as_dict()} if req.speculation else {}),
                 )
             )
         return outputs

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.model.cache import RING_SLACK
+
+# The speculative decoding modes (None: none).
+SPECULATIVE_MODES = (None, "ngram", "draft")
 
 # The smallest positive temperature accepted. Logits divided by a tiny one overflow float32
 # (1e-40 turns every logit into inf and the softmax into NaN); divided by 1e-5 they stay far
@@ -64,6 +68,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     n: int = 1
+    # Speculative decoding (gemmakit.inference.speculative): None, "ngram" (prompt lookup) or
+    # "draft" (the LLM's draft model), proposing up to num_speculative_tokens tokens a step.
+    speculative: str | None = None
+    num_speculative_tokens: int = 8
 
     def __post_init__(self):
         # Checked here, at the edge, because a bad value fails later inside a batch: NaN or a
@@ -106,6 +114,16 @@ class SamplingParams:
             raise GemmakitError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.n != 1:
             raise GemmakitError("n > 1 is not supported; send the prompt several times")
+        if self.speculative not in SPECULATIVE_MODES:
+            modes = ", ".join(repr(m) for m in SPECULATIVE_MODES)
+            raise GemmakitError(f"speculative must be one of {modes}, got {self.speculative!r}")
+        self.num_speculative_tokens = _integer("num_speculative_tokens", self.num_speculative_tokens)
+        if not 1 <= self.num_speculative_tokens <= RING_SLACK:
+            # A verification step writes 1 + k cache columns that a rollback must be able to
+            # drop again: the sliding rings keep RING_SLACK spare slots (model/cache.py).
+            raise GemmakitError(
+                f"num_speculative_tokens must be in [1, {RING_SLACK}], got {self.num_speculative_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -157,6 +175,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     values = apply_min_p(apply_top_p(values, params.top_p), params.min_p)
     choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
     return int(ids[choice])
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution (V,) float32 that `sample` draws a token from, for a row of logits
+    (V,): one-hot on the argmax when greedy, else the softmax over what the filters keep."""
+    logits = logits.float()
+    probs = torch.zeros_like(logits)
+    if params.greedy:
+        probs[logits.argmax()] = 1.0
+        return probs
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        values, ids = torch.topk(logits, params.top_k)
+    elif params.top_p < 1.0 or params.min_p > 0.0:
+        values, ids = torch.sort(logits, descending=True)
+    else:
+        return logits.softmax(-1)
+    values = apply_min_p(apply_top_p(values, params.top_p), params.min_p)
+    return probs.scatter_(0, ids, values.softmax(-1))
 
 
 def request_generator(params: SamplingParams, seeds: torch.Generator | None) -> torch.Generator:
