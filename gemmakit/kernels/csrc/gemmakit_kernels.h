@@ -38,7 +38,9 @@ typedef struct {
     /* 1 + w gains (float32); NULL where the model has no such norm */
     const float *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
     const float *q_norm, *k_norm;
-    void *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0, float or bfloat16 */
+    /* decode_step: (kv_heads, capacity, head_dim) of batch row 0; decode_batch: (slots,
+     * kv_heads, capacity, head_dim) from slot 0 on; float or bfloat16 */
+    void *k_cache, *v_cache;
     int64_t capacity, group; /* group: 0 full attention, 1 sliding (Step's indices) */
 } Layer;
 
@@ -52,6 +54,7 @@ typedef struct {
     const Layer *layers;
     int64_t max_visible; /* the longest key row any group can have (scratch size) */
     int64_t cache_bf16;  /* the KV cache holds bfloat16 (a bfloat16 model), else float */
+    int64_t window;      /* decode_batch: the sliding layers' window (a position p sees p - window + 1 on) */
 } Model;
 
 typedef struct {
@@ -65,6 +68,22 @@ typedef struct {
 /* One decode step on `threads` threads (the caller's included): 0, or -1 when the head size
  * is unsupported or the buffers cannot be allocated (decode_step.c). */
 GEMMAKIT_API int decode_step(const Model *m, const Step *st, int threads);
+
+/* --- the batched decode step (decode_batch.c, c_decode.batch_decoder) --- */
+
+typedef struct {
+    int64_t rows;
+    /* per row: the token fed, its slot in the cache, its position. Every row's key and value
+     * are stored (slot, position % layer capacity) before any row attends; a row then sees the
+     * positions [0, p] (full layers) or [max(0, p - window + 1), p] (sliding) of its own slot. */
+    const int64_t *tokens, *slots, *positions;
+    float *logits; /* (rows, vocab) output */
+} Batch;
+
+/* One decode step of b->rows rows on `threads` threads (the caller's included), each weight
+ * matrix read once for all rows: 0, or -1 when the head size is unsupported or the buffers
+ * cannot be allocated. */
+GEMMAKIT_API int decode_batch(const Model *m, const Batch *b, int threads);
 
 /* --- kernels over a range, on the calling thread --- */
 
