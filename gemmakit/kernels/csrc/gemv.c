@@ -126,12 +126,17 @@ typedef float vec;
 #define V_SUM(v) (v)
 #endif
 #define TILE_NR 4 /* activation rows per tile */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#else
+#define PREFETCH(p) __builtin_prefetch(p)
+#endif
 
 /* y[j * N + i] = row i of w (NW rows of K) . row j of x (NR rows of K), for the constant tile
  * shape NW x NR (each call site's constants unroll the loops) */
 #define MATMUL_TILE(name, T, V_LOAD_W, TO_F32)                                                   \
     ALWAYS_INLINE void name(const T *w, const float *x, float *y, int64_t K, int64_t N, const int NW,  \
-                            const int NR) {                                                      \
+                            const int NR, const T *next) {                                       \
         vec acc[TILE_NW][TILE_NR];                                                               \
         for (int i = 0; i < NW; i++)                                                             \
             for (int j = 0; j < NR; j++) acc[i][j] = V_ZERO();                                   \
@@ -139,6 +144,8 @@ typedef float vec;
         for (; k + VL <= K; k += VL) {                                                           \
             vec wv[TILE_NW];                                                                     \
             for (int i = 0; i < NW; i++) wv[i] = V_LOAD_W(w + i * K + k);                        \
+            if (next)                                                                            \
+                for (int i = 0; i < NW; i++) PREFETCH(next + i * K + k);                         \
             for (int j = 0; j < NR; j++) {                                                       \
                 const vec xv = V_LOAD_F32(x + j * K + k);                                        \
                 for (int i = 0; i < NW; i++) acc[i][j] = V_FMA(wv[i], xv, acc[i][j]);            \
@@ -153,14 +160,15 @@ typedef float vec;
     }
 
 /* every activation row against NW weight rows: tiles of TILE_NR rows, then the leftover */
-#define MATMUL_ROW_TILES(tile, w, x, rows, y, K, N, NW)                                          \
+#define MATMUL_ROW_TILES(tile, w, x, rows, y, K, N, NW, next)                                          \
     do {                                                                                         \
         int64_t r_ = 0;                                                                          \
-        for (; r_ + TILE_NR <= (rows); r_ += TILE_NR) tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, TILE_NR); \
+        for (; r_ + TILE_NR <= (rows); r_ += TILE_NR)                                            \
+            tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, TILE_NR, r_ ? NULL : (next));       \
         switch ((rows) - r_) {                                                                   \
-        case 3: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 3); break;                     \
-        case 2: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 2); break;                     \
-        case 1: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 1); break;                     \
+        case 3: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 3, r_ ? NULL : (next)); break;  \
+        case 2: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 2, r_ ? NULL : (next)); break;  \
+        case 1: tile(w, (x) + r_ * (K), (y) + r_ * (N), K, N, NW, 1, r_ ? NULL : (next)); break;  \
         }                                                                                        \
     } while (0)
 
@@ -169,8 +177,9 @@ typedef float vec;
     static void name(const T *w, const float *x, int64_t rows, float *y, int64_t N, int64_t K, int64_t lo, \
                      int64_t hi) {                                                               \
         int64_t n = lo;                                                                          \
-        for (; n + TILE_NW <= hi; n += TILE_NW) MATMUL_ROW_TILES(tile, w + n * K, x, rows, y + n, K, N, TILE_NW); \
-        for (; n < hi; n++) MATMUL_ROW_TILES(tile, w + n * K, x, rows, y + n, K, N, 1);          \
+        for (; n + TILE_NW <= hi; n += TILE_NW)                                                  \
+            MATMUL_ROW_TILES(tile, w + n * K, x, rows, y + n, K, N, TILE_NW, w + (n + TILE_NW) * K); \
+        for (; n < hi; n++) MATMUL_ROW_TILES(tile, w + n * K, x, rows, y + n, K, N, 1, w + (n + 1) * K); \
     }
 
 MATMUL_TILE(tile_f32, float, V_LOAD_F32, SAME_F32)
