@@ -89,13 +89,14 @@ def test_batched_steps_equal_the_torch_model_per_sequence(family, overrides, hf_
 @pytest.mark.parametrize("family,overrides", [CASES[2], CASES[4]])
 def test_rows_in_a_batch_equal_rows_decoded_alone(family, overrides, hf_folder):
     """A row's logits do not depend on the other rows of its step (other slots, other
-    lengths), bit for bit: the weight tiles give every output the same sums."""
+    lengths), bit for bit: the weight tiles (4 x 4 from 8 rows on, 1 x 4 below) give every
+    output the same sums."""
     model, _ = paired(hf_folder, family, **overrides)
-    seqs = sequences([21, 6, 13, 2, 17], seed=1)
+    seqs = sequences([21, 6, 13, 2, 17, 9, 9, 11, 5, 10], seed=1)  # steps of 10 rows down to 1
     with torch.inference_mode():
-        together = decode_together(c_decode.batch_decoder(model, slot_cache(model, 8, 24)), seqs)
+        together = decode_together(c_decode.batch_decoder(model, slot_cache(model, 13, 24)), seqs)
         for i, seq in enumerate(seqs):
-            alone = c_decode.batch_decoder(model, slot_cache(model, 8, 24))
+            alone = c_decode.batch_decoder(model, slot_cache(model, 13, 24))
             got = torch.stack([alone.step([t], [i + 3], [p])[0].clone() for p, t in enumerate(seq)])
             assert torch.equal(got, together[i])
 
@@ -163,11 +164,11 @@ def test_avx2_and_scalar_paths_give_the_same_numbers(flags, dtype, hf_folder):
         quantize_model(model, "int8")
     else:
         model.to(dtype)
-    seqs = sequences([9, 4], seed=4)
+    seqs = sequences([9, 4, 6, 6, 5, 7, 3, 8, 9], seed=4)  # 9 rows down to 2: wide and narrow tiles
     other = _variant(flags)
     with torch.inference_mode():
-        want = decode_together(c_decode.batch_decoder(model, slot_cache(model, 2, 10)), seqs)
-        decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 10))
+        want = decode_together(c_decode.batch_decoder(model, slot_cache(model, 9, 10)), seqs)
+        decoder = c_decode.batch_decoder(model, slot_cache(model, 9, 10))
         decoder.lib = other
         got = decode_together(decoder, seqs)
     for g, w in zip(got, want):
