@@ -1,5 +1,5 @@
-"""Drives the C decode steps: the single-sequence one (csrc/decode_step.c; torch prefills,
-C decodes) and the batched one over a slot cache (csrc/decode_batch.c).
+"""Drives the C decode step (csrc/decode_batch.c): one sequence over the torch model's KVCache
+(torch prefills, C decodes), or R rows over the serving engine's slot cache.
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
@@ -8,16 +8,16 @@ it returns None and the caller runs the torch model. Activations are float32 in 
 float32 model therefore decodes as the torch model does up to the order of additions
 (tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
 not rounded to bfloat16 after every operation, as llama.cpp runs its 16-bit files. The C step
-reads the model's own weight and KV-cache tensors (no copies) and the cache's slot
-bookkeeping stays the cache's (`KVCache.append_dense`), so a generation can switch between
-the two paths at any step.
+reads the model's own weight and KV-cache tensors (no copies; the sequence is slot 0 of a
+one-row step) and the cache's bookkeeping stays the cache's (`KVCache.append_dense`), so a
+generation can switch between the two paths at any step.
 
 `batch_decoder(model, layer_kv)` returns a `BatchDecoder` for the serving engine's slot
 cache under the same conditions: its `step(tokens, slots, positions)` runs R rows, each at
-its own slot and position, reading every weight matrix once for all rows, with the single
-step's maths per row (tests/test_c_batch.py). The structs handed to C (Mat, Layer, Model,
-Step, Batch) and the weight type codes are those csrc/gemmakit_kernels.h declares
-(kernels/bindings.py).
+its own slot and position, reading every weight matrix once for all rows; a row's logits
+are the same, bit for bit, whatever else is in its step (tests/test_c_batch.py). The
+structs handed to C (Mat, Layer, Model, Batch) and the weight type codes are those
+csrc/gemmakit_kernels.h declares (kernels/bindings.py).
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
-GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
+GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
 _DECLARED = bindings.declarations()
-_Mat, _Layer, _Model, _Step, _Batch = (
-    _DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Step", "Batch")
-)
+_Mat, _Layer, _Model, _Batch = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Batch"))
 W_F32, W_INT8, W_BF16 = (_DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16"))
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
 _INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
@@ -81,14 +79,25 @@ def _gain(norm: nn.Module, keep: list) -> int | None:
 
 
 class CDecoder:
-    """Runs decode steps of one sequence in C against `model` and `cache`."""
+    """Runs decode steps of one sequence in C against `model` and `cache`: one-row calls of
+    the batched step (csrc/decode_batch.c), the cache's batch row 0 as slot 0."""
 
     def __init__(self, lib, model: Gemma, cache: KVCache, spec: _Model, keep: list):
         # The model, cache and `keep` (derived tensors, the layer array) own the memory `spec`
         # points into: they live as long as the decoder.
         self.lib, self.model, self.cache, self.spec, self._keep = lib, model, cache, spec, keep
         self.logits = torch.empty((1, model.config.vocab_size), dtype=torch.float32)
-        self._step = _Step(logits=self.logits.data_ptr())
+        # token, slot (0), position: a ctypes array, set without a torch op (a forked child's
+        # torch thread pool is gone; the C step starts its own)
+        self._row = (ctypes.c_int64 * 3)()
+        address, size = ctypes.addressof(self._row), ctypes.sizeof(ctypes.c_int64)
+        self._batch = _Batch(
+            rows=1,
+            tokens=address,
+            slots=address + size,
+            positions=address + 2 * size,
+            logits=self.logits.data_ptr(),
+        )
         self._dense: bool | None = None
 
     def step(self, token: int) -> torch.Tensor | None:
@@ -102,12 +111,11 @@ class CDecoder:
             self._dense = bool(cache.valid[0, :col].all())
         if not self._dense:  # a left-padded row: the torch step builds the masks
             return None
-        st = self._step
-        st.token, st.position = token, col
-        for kind, (slot, visible) in cache.append_dense().items():
-            i = GROUPS.index(kind)
-            st.slot[i], st.visible[i] = slot, visible
-        if self.lib.decode_step(ctypes.byref(self.spec), ctypes.byref(st), torch.get_num_threads()):
+        # Dense: column c is position c, kept at c % capacity of each group (a sliding group's
+        # ring), where the batched step stores and finds it; the cache keeps its bookkeeping.
+        cache.append_dense()
+        self._row[0], self._row[2] = token, col
+        if self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(self._batch), torch.get_num_threads()):
             raise MemoryError("the C decode step could not allocate its buffers")
         return self.logits
 

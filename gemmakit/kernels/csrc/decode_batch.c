@@ -1,24 +1,36 @@
-/* The batched decode step: one step of a Gemma model for R rows in one call, each row a token
- * at its own position of its own slot of a slot KV cache (driven by
- * gemmakit/inference/c_decode.py's BatchDecoder for the serving engine, speculative
- * verification and chunked prefill).
+/* The C decode step: one step of a Gemma model for R rows in one call, each row a token at
+ * its own position of its own slot of a slot KV cache, logits out (driven by
+ * gemmakit/inference/c_decode.py: BatchDecoder for the serving engine, speculative
+ * verification and chunked prefill; CDecoder for one sequence over the torch model's
+ * KVCache, one row in slot 0).
  *
- * Why batched: a decode step is memory-bound on its weights (Gemma 3 270M in float32 reads
- * ~1 GB a step). Here every matrix is read once for all R rows (gemv.c's matmul_rows), so R
- * rows cost about the weight traffic of one plus R times the arithmetic.
+ * Why a C step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a 2-core
+ * CPU their dispatch costs more than the arithmetic. Here the whole step runs as plain loops
+ * over the same weights and KV cache tensors the torch model uses, with float32
+ * activations, so prefill can stay in torch and decode continue in C. Why batched: the step
+ * is memory-bound on its weights (Gemma 3 270M in float32 reads ~1 GB a step), so every
+ * matrix is read once for all R rows (gemv.c's matmul_rows): R rows cost about the weight
+ * traffic of one plus R times the arithmetic.
  *
- * The maths is the single-row step's (decode_step.c; step.h says whose it is): float32
- * activations over float32, bfloat16 or int8 weights and a float32 or bfloat16 cache.
- * Attention differs in where a row's keys are: every row's key and value are stored first,
- * at (slot, position % capacity of the layer), then each row attends to the positions
- * [0, p] (full layers) or [max(0, p - window + 1), p] (sliding layers: a ring of the
- * layer's own capacity) of its own slot. Several rows of one slot at consecutive positions
- * therefore see each other causally, as the rows of a prefill chunk do.
+ * The maths is the torch model's (gemmakit/model/, which cites the reference
+ * implementations), operation for operation: RMSNorm, rotate-half RoPE, q/k norms (Gemma 3),
+ * attention soft-capping (Gemma 2), tanh-approximate GeGLU (geglu.c's training forward),
+ * pre/post norms, final soft-capping (step.h), over float32, bfloat16 or int8 weights and a
+ * float32 or bfloat16 cache. Only the order of the additions inside dot products differs
+ * from torch's kernels; it is the same for a row whatever else is in its step.
  *
- * Threads: as in decode_step.c, matrices are split by output rows over the threads, and the
- * element-wise work of every row (norms, residual adds) is repeated on each thread on its
- * own copy of the residual streams instead of paying a barrier; keys and values are split by
- * (row, KV head), attention by (row, query head).
+ * Attention: every row's key and value are stored first, at (slot, position % capacity of
+ * the layer), then each row attends to the positions [0, p] (full layers) or
+ * [max(0, p - window + 1), p] (sliding layers: a ring of the layer's own capacity) of its
+ * own slot. Several rows of one slot at consecutive positions therefore see each other
+ * causally, as the rows of a prefill chunk do.
+ *
+ * Threads: the Python caller's thread and n-1 workers run the step together (SPMD, step.c's
+ * pool). Matrices are split by output rows over the threads; the element-wise work of every
+ * row (norms, residual adds) is repeated on each thread on its own copy of the residual
+ * streams (identical instructions on identical data, so the copies stay bit-identical)
+ * instead of paying a barrier; keys and values are split by (row, KV head), attention by
+ * (row, query head).
  */
 #include <stdlib.h>
 

@@ -135,9 +135,12 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* A forked child has none of the parent's workers: it starts its own pool. */
+/* A forked child has none of the parent's workers: it starts its own pool, whose workers
+ * wait for job generation 1 (left at the parent's count, a new worker would take the
+ * parent's last job, long gone, for a new one). */
 static void forget_pool(void) {
     pool_size = 0;
+    atomic_store(&job_generation, 0);
     atomic_store(&barrier_count, 0);
     pthread_mutex_init(&step_lock, NULL);
     pthread_mutex_init(&pool_lock, NULL);

@@ -1,7 +1,6 @@
-/* What the two decode steps share (internal: decode_step.c runs one sequence over the
- * torch model's KVCache, decode_batch.c several rows over a slot cache): the per-row maths
- * of a Gemma block outside the matrix products, and the worker pool that runs a step on
- * several threads (step.c).
+/* The decode step's helpers (internal, for decode_batch.c): the per-row maths of a Gemma
+ * block outside the matrix products, and the worker pool that runs a step on several
+ * threads (step.c).
  *
  * The maths is the torch model's (gemmakit/model/, which cites the reference
  * implementations): RMSNorm x * rsqrt(mean(x^2) + eps) * (1 + w) in float32 (norm.c's
