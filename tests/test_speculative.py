@@ -8,7 +8,7 @@ import torch
 from gemmakit.errors import GemmakitError
 from gemmakit.inference import c_decode, speculative
 from gemmakit.inference.engine import Request, generate_steps
-from gemmakit.inference.proposers import Backoff, NgramProposer
+from gemmakit.inference.proposers import Backoff, NgramProposer, cache_rows, feed
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import RING_SLACK
@@ -59,26 +59,29 @@ def test_rollback_refuses_what_the_ring_cannot_restore(hf_folder):
 
 
 @needs_kernel
-def test_c_step_on_a_rolled_back_cache_with_slack_equals_torch(hf_folder):
-    """The C step runs a cache with slack while its rings hold no more than a window, and
-    declines once they do (it attends every visible slot): the torch step takes over."""
+def test_c_steps_on_a_rolled_back_cache_with_slack_equal_torch(hf_folder):
+    """The batched C step runs 1 + k rows of a one-row cache whose rings have slack and were
+    rolled back (the ring wraps: window 4 + 16 slots, 60 columns): its logits are the torch
+    model's on a cache that never held the rejected rows."""
     model, _ = paired(hf_folder, "gemma3")
-    prompt, tokens = torch.tensor([_tokens(2, 0)]), _tokens(12, 1)
+    prompt, tokens = torch.tensor([_tokens(2, 0)]), _tokens(40, 1)
     with torch.inference_mode():
-        spec, plain = model.make_cache(1, 40, ring_slack=RING_SLACK), model.make_cache(1, 40)
+        spec, plain = model.make_cache(1, 80, ring_slack=RING_SLACK), model.make_cache(1, 80)
         model(prompt, cache=spec), model(prompt, cache=plain)
-        fast = c_decode.decoder(model, spec, 1)
-        ran_in_c = []
+        rows_step = cache_rows(model, spec)
+        assert rows_step is not None
         for step, token in enumerate(tokens):
-            model(torch.tensor([_tokens(3, 50 + step)]), cache=spec)
-            spec.rollback(3)
-            got = fast.step(token)
-            ran_in_c.append(got is not None)
-            if got is None:
-                got = model(torch.tensor([[token]]), cache=spec)[:, -1]
-            want = model(torch.tensor([[token]]), cache=plain)[:, -1]
+            rejected = _tokens([0, 2, RING_SLACK][step % 3], 50 + step)
+            got = feed(model, spec, rows_step, [token] + rejected)[0].clone()
+            spec.rollback(len(rejected))
+            want = model(torch.tensor([[token]]), cache=plain)[0, -1]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert ran_in_c[:2] == [True, True] and not ran_in_c[-1]  # window 4: C for columns 2 and 3
+        fast = c_decode.decoder(model, spec, 1)  # the one-row step goes on from there
+        for token in _tokens(5, 2):
+            torch.testing.assert_close(
+                fast.step(token)[0], model(torch.tensor([[token]]), cache=plain)[0, -1], rtol=1e-4, atol=1e-4
+            )
+    assert spec.length == plain.length and torch.equal(spec.valid, plain.valid)
 
 
 # --- speculative generation on tiny random models -----------------------------------------

@@ -90,6 +90,26 @@ class NgramProposer:
         """Nothing to keep in step: the index only ever grows with accepted tokens."""
 
 
+def cache_rows(model, cache) -> c_decode.BatchDecoder | None:
+    """The batched C step over a one-row KVCache as its slot 0, or None where it does not
+    apply (then `feed` runs the torch model)."""
+    return c_decode.batch_decoder(model, [None if c is None else (c.k, c.v) for c in cache.for_layer])
+
+
+def feed(model, cache, rows_step: c_decode.BatchDecoder | None, tokens: list[int]) -> torch.Tensor:
+    """Runs `tokens` into a one-row cache whose every column holds a token (no padding: a
+    speculative cache); the logits (len(tokens), V) after each. In C when `rows_step` (from
+    `cache_rows`) is given: its rows see each other causally, as the torch model's do."""
+    if rows_step is not None:
+        start = cache.length
+        logits = rows_step.step(tokens, [0] * len(tokens), list(range(start, start + len(tokens))))
+        for _ in tokens:  # the cache's bookkeeping of the columns the step wrote
+            cache.append_dense()
+        return logits
+    ids = torch.tensor([tokens], dtype=torch.long, device=model.device)
+    return model(ids, cache=cache)[0]
+
+
 class DraftProposer:
     """A draft model proposing k tokens one at a time, with its own KV cache.
 
@@ -103,16 +123,14 @@ class DraftProposer:
     def __init__(self, model, max_length: int):
         self.model = model
         self.cache = model.make_cache(1, max_length, ring_slack=RING_SLACK)
-        self.fast = c_decode.decoder(model, self.cache, 1)
+        self.rows_step = cache_rows(model, self.cache)
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Runs tokens into the draft's cache; the logits (V,) after the last one."""
-        if len(tokens) == 1 and self.fast is not None:
-            logits = self.fast.step(tokens[0])
-            if logits is not None:
-                return logits[0]
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
-        return self.model(ids, cache=self.cache)[0, -1]
+        if self.cache.length == 0 or len(tokens) > RING_SLACK + 1:  # a prompt: the torch prefill
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
+            return self.model(ids, cache=self.cache)[0, -1]
+        return feed(self.model, self.cache, self.rows_step, tokens)[-1]
 
     def propose(self, request: Request, k: int) -> tuple[list[int], torch.Tensor | None]:
         """k proposed tokens and, for a sampled request, their distributions q (k, V)."""

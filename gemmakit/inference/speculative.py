@@ -21,8 +21,9 @@ request gives different (equally distributed) text with and without speculation.
 Log-probabilities are recorded from each row's raw logits, as `engine.sample_row` records them.
 
 Speculation decodes one sequence at a time: `generate_steps` runs a batch's requests one
-after another, yielding one token per step. The verification is the torch model's forward
-(the C decode step runs one row; a row with nothing proposed still decodes in C).
+after another, yielding one token per step. The 1 + k rows run in the batched C step
+(`c_decode.batch_decoder`, the cache as its one slot; each weight matrix read once for all
+rows) where it applies, else in the torch model.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from collections.abc import Iterator
 import torch
 
 from gemmakit.errors import GemmakitError
-from gemmakit.inference import c_decode
 from gemmakit.inference.engine import (
     Request,
     SpeculationStats,
@@ -43,7 +43,7 @@ from gemmakit.inference.engine import (
     record_token,
     sample_row,
 )
-from gemmakit.inference.proposers import Backoff, DraftProposer, NgramProposer
+from gemmakit.inference.proposers import Backoff, DraftProposer, NgramProposer, cache_rows, feed
 from gemmakit.inference.sampling import probabilities, sample
 from gemmakit.model.cache import RING_SLACK
 
@@ -81,16 +81,6 @@ def choose(logits: torch.Tensor, request: Request, proposal: int, q: torch.Tenso
     return token, kept
 
 
-def _verify(model, cache, fast, rows: list[int]) -> torch.Tensor:
-    """Feeds `rows` to the model; the logits (len(rows), V) after each."""
-    if len(rows) == 1 and fast is not None:
-        logits = fast.step(rows[0])
-        if logits is not None:
-            return logits
-    ids = torch.tensor([rows], dtype=torch.long, device=model.device)
-    return model(ids, cache=cache)[0]
-
-
 def _proposer(model, request: Request, draft, max_length: int):
     mode = request.params.speculative
     if mode == "ngram":
@@ -115,7 +105,7 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
     backoff = Backoff(request.params.num_speculative_tokens)
     # No row past `limit` is fed: at most limit - 1 tokens follow the prompt's.
     cache = model.make_cache(1, len(prompt) + limit, ring_slack=RING_SLACK if proposer else 0)
-    fast = c_decode.decoder(model, cache, 1)
+    rows_step = cache_rows(model, cache)
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     token = sample_row(prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)[0], request)
 
@@ -129,7 +119,7 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
     while request.finish_reason is None:  # a caller may have finished it between yields
         k = min(backoff.budget() if proposer else 0, limit - len(request.output_ids) - 1)
         proposals, q = proposer.propose(request, k) if k > 0 else ([], None)
-        logits = _verify(model, cache, fast, [token] + proposals)
+        logits = feed(model, cache, rows_step, [token] + proposals)
         stats.steps, stats.proposed = stats.steps + 1, stats.proposed + len(proposals)
         kept = 0
         for i, proposal in enumerate(proposals):

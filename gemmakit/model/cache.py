@@ -67,12 +67,6 @@ class GroupState:
         self.visible = min(start + T, cap)
         return self.slot_cols[: self.visible]
 
-    def window_exact(self, col: int) -> bool:
-        """Whether the slots visible to column `col` (`place`'s count) all lie inside its
-        window once `col` is written, so attending over all of them needs no mask: always
-        for full attention; for a ring with slack only until it holds more than a window."""
-        return self.window is None or min(col + 1, self.capacity) <= self.window
-
     def drop(self, cols: range):
         """Forgets columns `cols` (the last ones written): their slots hold nothing now."""
         for col in cols:
@@ -137,21 +131,15 @@ class KVCache:
 
     def append_dense(self) -> dict[str, tuple[int, int]]:
         """Registers one real token of a one-row cache whose every column holds a token, and
-        returns each group's (slot written, slots visible), building no masks: while
-        `dense_step_exact()`, every visible slot then holds a token inside its group's window
-        (a sliding group's ring without slack is the window), so the masks `advance` would
-        build are all zeros. For the C decode step."""
+        returns each group's (slot written, slots visible), building no masks: the C decode
+        step finds column c at c % capacity of each group and attends within the window by
+        position, as the masks `advance` would build them."""
         col = self.length
         if col >= self.max_length:
             raise ValueError(f"cache holds {self.max_length} tokens; {col + 1} requested")
         self.valid[0, col] = True
         self.length = col + 1
         return {kind: group.place(col) for kind, group in self.groups.items()}
-
-    def dense_step_exact(self) -> bool:
-        """Whether `append_dense`'s next column sees only keys inside every group's window
-        (false once a ring with slack holds more than a window: the caller builds masks)."""
-        return all(group.window_exact(self.length) for group in self.groups.values())
 
     def rollback(self, count: int):
         """Drops the last `count` columns, as if they had never been written.
