@@ -20,9 +20,10 @@ from gemmakit.inference.engine import Request
 from gemmakit.inference.sampling import probabilities
 from gemmakit.model.cache import RING_SLACK
 
-# A verification that kept fewer proposals than this did not pay for itself. The torch
-# model's forward over 1 + k rows costs a few single-token C steps (measure it with
-# benchmarks/speculative.py), so a step has to gain about two tokens to be worth running.
+# A verification that kept fewer proposals than this did not pay for itself: a step of 1 + k
+# rows costs more than a one-row step (the batched C step reads the weights once but computes
+# k more rows; the torch forward, where C does not apply, costs several C steps), so it has
+# to gain about two tokens to be worth running (benchmarks/speculative.py shows the balance).
 MIN_USEFUL_ACCEPTED = 2
 # The longest pause (in target steps) between two tries after proposals kept failing: a
 # failed try then costs at most about 1/64 of the steps in a text with nothing to copy.

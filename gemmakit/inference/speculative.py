@@ -81,7 +81,7 @@ def choose(logits: torch.Tensor, request: Request, proposal: int, q: torch.Tenso
     return token, kept
 
 
-def _proposer(model, request: Request, draft, max_length: int):
+def _proposer(request: Request, draft, max_length: int):
     mode = request.params.speculative
     if mode == "ngram":
         return NgramProposer()
@@ -99,7 +99,7 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
     `finish_reason` set). A caller may set `finish_reason` between two tokens: generation
     then stops. `request.speculation` counts the steps when the request speculates."""
     prompt = request.prompt_ids
-    proposer = _proposer(model, request, draft, len(prompt) + limit)
+    proposer = _proposer(request, draft, len(prompt) + limit)
     stats = SpeculationStats()
     request.speculation = stats if proposer is not None else None
     backoff = Backoff(request.params.num_speculative_tokens)
