@@ -206,7 +206,7 @@ def test_speculative_choice_keeps_the_target_distribution():
         assert tv < 0.015, (q, counts)  # a wrong residual or acceptance rule is off by > 0.05
 
 
-@pytest.mark.slow  # 1500 generations: about a minute
+@pytest.mark.slow  # 1500 generations: minutes
 def test_speculative_sampling_matches_the_target_distribution(tiny_models):
     """End to end on a tiny model: the second generated token (the first that speculation
     chooses) follows its exact marginal sum_a p(a) p(b | a), for a draft's proposals."""
