@@ -118,3 +118,150 @@ def test_greedy_n_gives_n_equal_completions(tiny_llm):
     out = tiny_llm.generate([[2, 5, 6]], SamplingParams(temperature=0, max_tokens=4, n=2))[0].outputs
     assert out[0].token_ids == out[1].token_ids and out[0].logprobs is None
     assert len(out) == 2
+
+
+# --- the server, through the official openai client, on the bundled model ----------------
+
+NAME = "gemma-test"
+ASK = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def server(bundled):
+    pytest.importorskip("fastapi")
+    from gemmakit.inference.api import LLM
+    from gemmakit.serving.app import create_app
+    from gemmakit.serving.config import ServerConfig
+    from gemmakit.serving.transport import serve_in_thread
+
+    app = create_app(LLM(loaded=bundled), ServerConfig(served_model_name=NAME, max_batch=8, max_queue=16))
+    srv = serve_in_thread(app)
+    srv.scheduler = app.state.scheduler
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_n_logprobs_and_usage_through_the_client(client, bundled):
+    r = client.chat.completions.create(
+        model=NAME, messages=ASK, n=2, max_tokens=3, temperature=1.0, seed=4, logprobs=True, top_logprobs=2
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    prompt_ids = bundled.tokenizer.encode(bundled.tokenizer.apply_chat_template(ASK))
+    assert r.usage.prompt_tokens == len(prompt_ids)  # the prompt counted once for both choices
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    for c in r.choices:
+        assert len(c.logprobs.content) >= 1
+        for tok in c.logprobs.content:
+            assert tok.logprob <= 0 and len(tok.top_logprobs) == 2
+            assert tok.top_logprobs[0].logprob >= tok.top_logprobs[1].logprob
+            assert tok.logprob <= tok.top_logprobs[0].logprob + 1e-6
+            if not tok.token.startswith("bytes:"):
+                assert bytes(tok.bytes) == tok.token.encode()
+
+
+def test_chat_logprobs_are_the_models_log_softmax(client, bundled):
+    r = client.chat.completions.create(model=NAME, messages=ASK, max_tokens=3, temperature=0, logprobs=True)
+    tok = bundled.tokenizer
+    prompt_ids = tok.encode(tok.apply_chat_template(ASK))
+    out_ids = [
+        bundled.tokenizer.token_id(t.token.replace(" ", "\u2581")) for t in r.choices[0].logprobs.content
+    ]
+    assert None not in out_ids
+    with torch.no_grad():
+        logits = bundled.model(torch.tensor([prompt_ids + out_ids]))[0, len(prompt_ids) - 1 : -1].float()
+    expected = torch.log_softmax(logits, -1)
+    for step, (token, entry) in enumerate(zip(out_ids, r.choices[0].logprobs.content)):
+        assert entry.logprob == pytest.approx(float(expected[step, token]), abs=2e-3)
+        assert token == int(expected[step].argmax())  # greedy picked the most likely token
+
+
+def test_completions_n_logprobs_and_streaming(client):
+    r = client.completions.create(
+        model=NAME, prompt=["The sky is", "Water is"], n=2, max_tokens=3, temperature=1.0, seed=1, logprobs=2
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+        assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt="The sky is", n=2, max_tokens=3, stream=True, logprobs=1, seed=2
+        )
+    )
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.logprobs is not None:
+                assert len(c.logprobs.token_logprobs) == 1
+    assert set(texts) == {0, 1}
+
+
+def test_chat_streaming_n_and_logprobs(client):
+    stream = client.chat.completions.create(
+        model=NAME, messages=ASK, n=2, max_tokens=3, stream=True, logprobs=True, top_logprobs=1,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    content, logprobs, finish, usage = {0: "", 1: ""}, {0: 0, 1: 0}, {}, None
+    for ch in stream:
+        usage = ch.usage or usage
+        for c in ch.choices:
+            content[c.index] += c.delta.content or ""
+            logprobs[c.index] += len(c.logprobs.content) if c.logprobs else 0
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert set(finish) == {0, 1} and all(finish.values())
+    assert usage.completion_tokens == logprobs[0] + logprobs[1]
+
+
+def test_penalties_and_logit_bias_through_the_server(client, bundled):
+    tok = bundled.tokenizer
+    forced = tok.encode(" banana", add_bos=False)[0]
+    r = client.chat.completions.create(
+        model=NAME, messages=ASK, max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].message.content == tok.decode([forced] * 3)
+    r = client.completions.create(
+        model=NAME, prompt="one one one one", max_tokens=4, temperature=0,
+        frequency_penalty=2.0, presence_penalty=2.0, extra_body={"repetition_penalty": 1.3},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"n": 0}, "n"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 150}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 30}, "logprobs"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+    ],
+)
+def test_bad_openai_fields_are_400_naming_the_param(server, body, param):
+    import httpx
+
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": NAME, "messages": ASK, "max_tokens": 1, **body},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
