@@ -3,6 +3,7 @@ output, tools and /metrics, from SamplingParams up to the official `openai` clie
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,95 @@ def test_bad_openai_fields_are_400_naming_the_param(server, body, param):
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+# --- structured output ---------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "note": {"type": "string", "maxLength": 12},
+    },
+    "required": ["colour", "count", "note"],
+    "additionalProperties": False,
+}
+
+
+def test_packed_bitmask_unpacks_as_xgrammar_applies_it():
+    xgr = pytest.importorskip("xgrammar")
+    from gemmakit.inference.grammar import allowed_tokens, apply_mask
+
+    vocab = 1000
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(1, vocab)
+    theirs = logits.clone()
+    xgr.apply_token_bitmask_inplace(theirs, bitmask)
+    assert torch.equal(apply_mask(logits[0], allowed_tokens(bitmask[0], vocab)), theirs[0])
+
+
+def test_json_schema_constraint_allows_a_valid_answer_then_only_stop(bundled):
+    from gemmakit.inference.grammar import JsonSchemaConstraint
+
+    tok = bundled.tokenizer
+    stops = list(bundled.stop_ids)
+    grammar = JsonSchemaConstraint(tok, SCHEMA, stops)
+    answer = tok.encode('{"colour": "red", "count": 3, "note": "hi there"}', add_bos=False)
+    logits = torch.zeros(bundled.config.vocab_size)
+    for i, token in enumerate(answer):
+        masked = grammar(answer[:i], logits)
+        assert masked[token] == 0, tok.decode(answer[: i + 1])  # the valid next token is allowed
+    masked = grammar(answer, logits)
+    assert set(torch.nonzero(masked == 0).flatten().tolist()) == set(stops)
+    bad = tok.encode('{"colour": "pink"', add_bos=False)
+    grammar = JsonSchemaConstraint(tok, SCHEMA, stops)
+    assert any(grammar(bad[:i], logits)[t] == float("-inf") for i, t in enumerate(bad))
+
+
+def test_llm_generate_with_a_json_schema_validates(bundled):
+    jsonschema = pytest.importorskip("jsonschema")
+    from gemmakit.inference.api import LLM
+
+    llm = LLM(loaded=bundled)
+    prompt = tok_prompt(bundled, "Describe a ball as JSON.")
+    outs = llm.generate(
+        [prompt], SamplingParams(temperature=1.0, seed=2, max_tokens=40, n=2, json_schema=SCHEMA)
+    )
+    for out in outs[0].outputs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def tok_prompt(bundled, text: str) -> list[int]:
+    tok = bundled.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+
+def test_response_format_json_schema_and_json_object_through_the_client(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Describe a ball as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "ball", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=40, response_format=fmt, seed=0
+    )
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        max_tokens=40,
+        response_format=fmt,
+        seed=1,
+        temperature=1.0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=60, response_format={"type": "json_object"}, temperature=0
+    )
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still a prefix of an object
+        assert r.choices[0].message.content.startswith("{")

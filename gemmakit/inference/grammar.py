@@ -13,7 +13,7 @@ tokenizer, 262,144 pieces, a 3-field object schema, 27 forced tokens, `nice`d on
 tokenizer set-up took 0.29 s against 2.7 s. Compiling a schema costs xgrammar ~60-80 ms
 (llguidance ~1 ms), paid once per distinct schema thanks to `_compiled`. Both libraries'
 own CPU "apply bitmask" helpers cost far more than the fill (15 ms and 240 ms per row);
-`allowed_tokens` unpacks the bits with one vectorized shift instead.
+`allowed_tokens` and `apply_mask` do it with numpy instead (~4 ms per row, loaded machine).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import torch
 
 from gemmakit.errors import GemmakitError
 from gemmakit.formats.tokenizer import BYTE, NORMAL, USER_DEFINED
-
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
-
 
 def _xgrammar():
     try:
@@ -54,9 +52,10 @@ def _compiler(tokenizer, vocab_size: int, stop_ids: tuple[int, ...]):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(compiler, schema_json: str):
+def _compiled(tokenizer, vocab_size: int, stop_ids: tuple[int, ...], schema_json: str):
+    compiler = _compiler(tokenizer, vocab_size, stop_ids)
     try:
-        # Compact separators and no free whitespace: a small model given room for whitespace
+        # JSON.dumps's separators (", ", ": ") and no free whitespace: a small model given room for whitespace
         # between tokens can loop on newlines until max_tokens and never close the object.
         return compiler.compile_json_schema(schema_json, any_whitespace=False, strict_mode=True)
     except RuntimeError as e:
@@ -72,10 +71,21 @@ def check_schema(schema: dict) -> None:
         raise GemmakitError(f"the JSON schema cannot be compiled: {e}") from None
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """xgrammar's packed bitmask (words,) int32, bit j of word i = token 32 i + j, as (V,) bools."""
-    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1  # (words, 32)
-    return bits.view(-1)[:vocab_size].bool()
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """xgrammar's packed bitmask (words,) int32, bit j of word i = token 32 i + j (little-endian
+    words, so byte b bit k is token 8 b + k), as (V,) bools.
+
+    numpy's unpackbits: measured 0.02 ms for 262k tokens where torch's shift-and-mask took
+    15-40 ms on the loaded 2-core machine (torch's intra-op threads contend there).
+    """
+    return np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size].view(bool)
+
+
+def apply_mask(logits: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
+    """`logits` (V,) with every token outside `allowed` at -inf (a new tensor). np.where: ~4 ms
+    for 262k logits on the loaded machine where torch's masked_fill took 5-90 ms."""
+    row = logits.detach().float().cpu().numpy()
+    return torch.from_numpy(np.where(allowed, row, np.float32(-np.inf))).to(logits.device)
 
 
 class JsonSchemaConstraint:
@@ -99,7 +109,7 @@ class JsonSchemaConstraint:
     def _start(self, vocab_size: int) -> None:
         xgr = _xgrammar()
         vocab_size = max(vocab_size, self.tokenizer.vocab_size)
-        compiled = _compiled(_compiler(self.tokenizer, vocab_size, self.stop_ids), self.schema_json)
+        compiled = _compiled(self.tokenizer, vocab_size, self.stop_ids, self.schema_json)
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
@@ -114,9 +124,9 @@ class JsonSchemaConstraint:
         if not ok or self.matcher.is_terminated():
             # A token the grammar refused (only a caller that bypassed the mask can cause it):
             # end the request rather than go on unconstrained.
-            allowed = torch.zeros(vocab, dtype=torch.bool)
+            allowed = np.zeros(vocab, dtype=bool)
             allowed[[t for t in self.stop_ids if t < vocab]] = True
         else:
             self.matcher.fill_next_token_bitmask(self.bitmask, 0)
             allowed = allowed_tokens(self.bitmask[0], vocab)
-        return logits.masked_fill(~allowed, float("-inf"))
+        return apply_mask(logits, allowed)
