@@ -4,6 +4,7 @@ output, tools and /metrics, from SamplingParams up to the official `openai` clie
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -318,12 +319,9 @@ def test_llm_generate_with_a_json_schema_validates(bundled):
 
     llm = LLM(loaded=bundled)
     prompt = tok_prompt(bundled, "Describe a ball as JSON.")
-    outs = llm.generate(
-        [prompt], SamplingParams(temperature=1.0, seed=2, max_tokens=40, n=2, json_schema=SCHEMA)
-    )
-    for out in outs[0].outputs:
-        assert out.finish_reason == "stop", out.text
-        jsonschema.validate(json.loads(out.text), SCHEMA)
+    out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=2, max_tokens=40, json_schema=SCHEMA))
+    assert out[0].outputs[0].finish_reason == "stop", out[0].outputs[0].text
+    jsonschema.validate(json.loads(out[0].outputs[0].text), SCHEMA)
 
 
 def tok_prompt(bundled, text: str) -> list[int]:
@@ -343,18 +341,155 @@ def test_response_format_json_schema_and_json_object_through_the_client(client):
     stream = client.chat.completions.create(
         model=NAME,
         messages=messages,
-        max_tokens=40,
-        response_format=fmt,
-        seed=1,
-        temperature=1.0,
+        max_tokens=8,
+        response_format={"type": "json_object"},
+        temperature=0,
         stream=True,
     )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    jsonschema.validate(json.loads(text), SCHEMA)
-    r = client.chat.completions.create(
-        model=NAME, messages=messages, max_tokens=60, response_format={"type": "json_object"}, temperature=0
+    chunks = [c for c in stream if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    if chunks[-1].choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # cut by max_tokens: the start of an object all the same
+        assert text.startswith("{")
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_json_calls_parse_in_the_gemma3_convention_forms():
+    from gemmakit.serving.tools import parse_json_calls
+
+    assert parse_json_calls('{"name": "f", "parameters": {"x": 1}}') == [("f", {"x": 1})]
+    assert parse_json_calls('```tool_code\n[{"name": "f", "arguments": {}}, {"name": "g"}]\n```') == [
+        ("f", {}),
+        ("g", {}),
+    ]
+    assert parse_json_calls("It is sunny.") is None
+    assert parse_json_calls('{"name": "f", "parameters": [1]}') is None
+
+
+def test_gemma4_tool_calls_round_trip_through_its_template():
+    from gemmakit.formats.chat_template import ChatTemplate
+    from gemmakit.serving.tools import native_messages, parse_gemma4_calls
+
+    src = (Path(__file__).parent / "data/chat_templates/gemma-4-31B-it.jinja").read_text()
+    template = ChatTemplate({"default": src}, {"bos_token": "<bos>", "eos_token": "<eos>"})
+    args = {"city": 'Paris "15e"', "days": 3, "metric": True, "tags": ["a", "b"], "at": {"h": 1.5}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps(args)},
+    }
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    text = template.render(native_messages(messages), True, tools=[WEATHER])
+    assert "<|tool_call>call:get_weather{" in text and "sunny" in text
+    assert parse_gemma4_calls(text) == [("get_weather", args)]
+
+
+def test_tool_results_go_back_into_a_gemma3_prompt():
+    from gemmakit.serving.tools import convention_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    out = convention_messages(
+        [
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+        ]
     )
-    if r.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(r.choices[0].message.content), dict)
-    else:  # cut by max_tokens: still a prefix of an object
-        assert r.choices[0].message.content.startswith("{")
+    assert [m["role"] for m in out] == ["user", "assistant", "user"]
+    assert json.loads(out[1]["content"]) == {"name": "get_time", "parameters": {}}
+    assert out[2]["content"] == "Result of get_time:\n12:00"
+
+
+def test_forced_tool_call_round_trips_through_the_client(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=40, temperature=0
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # The next turn: the call and its result go back; the model answers in text.
+    messages += [
+        c.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C"},
+    ]
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=5
+    )
+    assert isinstance(r.choices[0].message.content, str) and not r.choices[0].message.tool_calls
+
+
+def test_required_tool_call_streams_as_a_tool_calls_delta(client):
+    stream = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "What time is it?"}], tools=[TIME], tool_choice="required",
+        max_tokens=30, temperature=0, stream=True,
+    )  # fmt: skip
+    calls, finish = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_time"]
+    assert json.loads(calls[0].function.arguments) == {}
+
+
+# --- /metrics ------------------------------------------------------------------------------
+
+
+def test_metrics_parse_as_prometheus_text_and_count_requests(server, client):
+    parser = pytest.importorskip("prometheus_client.parser")
+    import httpx
+
+    client.completions.create(model=NAME, prompt="Hello", max_tokens=2, n=2)
+    r = httpx.get(server.url + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in parser.text_string_to_metric_families(r.text)}
+    value = {name: f.samples[0].value for name, f in families.items() if f.samples}
+    stats = server.scheduler.stats
+    assert value["gemmakit_requests_started"] == stats.rows >= 2  # the parser drops "_total"
+    assert value["gemmakit_generation_tokens"] == stats.generated_tokens >= 2
+    assert value["gemmakit_requests_waiting"] == 0 and value["gemmakit_batch_size_max"] >= 2
+    assert (
+        "gemmakit_prefix_cache_hit_tokens" in families and "gemmakit_generation_tokens_per_second" in families
+    )
+    ttft = {
+        s.labels.get("quantile"): s.value for s in families["gemmakit_time_to_first_token_seconds"].samples
+    }
+    assert set(ttft) >= {"0.5", "0.95"}
+    assert families["gemmakit_requests_started"].samples[0].labels == {"model_name": NAME}
+
+
+def test_metric_quantiles_interpolate():
+    from gemmakit.serving.metrics import _quantile
+
+    assert _quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and _quantile([5.0], 0.99) == 5.0
+    assert math.isnan(_quantile([], 0.5))

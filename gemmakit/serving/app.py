@@ -8,8 +8,9 @@
     # OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(...)
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
-`stream: true` as server-sent events, the way OpenAI's clients read them), `GET /health`, and
-the chat page `GET /`. Errors are OpenAI's JSON: `{"error": {"message", "type", "param",
+`stream: true` as server-sent events, the way OpenAI's clients read them; `n`, log-probabilities,
+penalties, `logit_bias`, `response_format` and `tools`), `GET /health`, `GET /metrics`
+(Prometheus) and the chat page `GET /`. Errors are OpenAI's JSON: `{"error": {"message", "type", "param",
 "code"}}`, with 4xx statuses for anything the client can fix.
 
 Requests are decoded by `gemmakit.serving.scheduler.Scheduler`: concurrent requests share batches, a
@@ -34,7 +35,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,6 +45,8 @@ from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
 from gemmakit.serving import responses
 from gemmakit.serving.config import ServerConfig
+from gemmakit.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gemmakit.serving.metrics import Metrics
 from gemmakit.serving.responses import Choice
 from gemmakit.serving.scheduler import QueueFullError, Scheduler, ShuttingDownError, Ticket
 from gemmakit.serving.schemas import (
@@ -514,6 +517,13 @@ def create_app(llm, config: ServerConfig | None = None):
         s = server.scheduler
         body = {"status": "shutting down" if s.closing else "ok", "waiting": s.waiting, "running": s.running}
         return JSONResponse(body, status_code=503 if s.closing else 200)
+
+    metrics = Metrics(server.scheduler, server.name)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        # Outside /v1 and its API key, as vLLM serves it: scrapers carry no OpenAI key.
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
