@@ -250,6 +250,15 @@ def test_penalties_and_logit_bias_through_the_server(client, bundled):
         ({"tool_choice": "required"}, "tool_choice"),
         (
             {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        (
+            {
                 "tools": [{"type": "function", "function": {"name": "f"}}],
                 "tool_choice": {"function": {"name": "g"}},
             },

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import ContextLengthError, GemmakitError
 from gemmakit.inference.engine import check_length
+from gemmakit.inference.grammar import check_schema
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.paths import STATIC
 from gemmakit.serving import responses
@@ -299,6 +300,11 @@ class _Server:
             raise APIError(400, "messages must not be empty", param="messages")
         plan = tool_plan(req.tools, req.tool_choice)
         schema = plan.schema if plan.schema is not None else response_schema(req.response_format)
+        if plan.schema is not None:
+            try:  # here, not in the worker: a schema that cannot compile is this request's error
+                check_schema(plan.schema)
+            except GemmakitError as e:
+                raise APIError(400, f"a function's parameters: {e}", param="tools") from None
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
             ids = self.tokenizer.encode(render_prompt(self.tokenizer, messages, plan))
