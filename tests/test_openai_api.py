@@ -502,3 +502,17 @@ def test_metric_quantiles_interpolate():
 
     assert _quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and _quantile([5.0], 0.99) == 5.0
     assert math.isnan(_quantile([], 0.5))
+
+
+def test_native_calls_are_read_from_token_ids_when_markers_are_control_tokens():
+    from gemmakit.serving.tools import ToolPlan
+
+    class Tok:  # decodes "<|tool_call>" only when asked to write control tokens
+        def decode(self, ids, skip_special=True):
+            call = 'call:get_time{zone:<|"|>UTC<|"|>}'
+            return call if skip_special else f"<|tool_call>{call}<tool_call|><turn|>"
+
+    plan = ToolPlan([TIME], native=True)
+    (call,) = plan.parse(Tok().decode([1]), Tok(), [1, 2, 3])
+    assert call["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    assert ToolPlan([TIME]).parse(Tok().decode([1]), Tok(), [1, 2, 3]) is None  # not native: text only

@@ -320,7 +320,7 @@ class _Server:
 
         def message_of(c: Choice) -> tuple[dict, str | None]:
             """The assistant message and finish reason of a finished choice."""
-            calls = plan.parse(c.text) if c.finish_reason == "stop" else None
+            calls = plan.parse(c.text, self.tokenizer, c.token_ids) if c.finish_reason == "stop" else None
             if calls:
                 return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
             return {"role": "assistant", "content": c.text}, c.finish_reason

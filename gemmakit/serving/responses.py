@@ -22,10 +22,13 @@ class Choice:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
     def add(self, ev: StreamEvent) -> None:
         self.text += ev.delta
-        self.tokens += ev.token_id is not None
+        if ev.token_id is not None:
+            self.tokens += 1
+            self.token_ids.append(ev.token_id)
         self.finish_reason = ev.finish_reason or self.finish_reason
         if ev.logprob is not None:
             self.logprobs.append(ev.logprob)

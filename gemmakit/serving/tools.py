@@ -74,12 +74,17 @@ class ToolPlan:
                 )
         return options[0] if len(options) == 1 else {"anyOf": options}
 
-    def parse(self, text: str) -> list[dict] | None:
-        """The OpenAI `tool_calls` in a finished answer, or None when it is not a call."""
+    def parse(self, text: str, tokenizer=None, token_ids: list[int] | None = None) -> list[dict] | None:
+        """The OpenAI `tool_calls` in a finished answer, or None when it is not a call.
+
+        With a template's own format the call markers may be control tokens, which the text
+        drops; the answer is then re-read from its `token_ids` with them written out.
+        """
         if not self.tools:
             return None
         known = {t["function"]["name"] for t in self.tools}
-        calls = parse_gemma4_calls(text) if GEMMA4_CALL.search(text) else parse_json_calls(text)
+        written = tokenizer.decode(token_ids, skip_special=False) if self.native and token_ids else text
+        calls = parse_gemma4_calls(written) if GEMMA4_CALL.search(written) else parse_json_calls(text)
         if not calls or any(name not in known for name, _ in calls):
             return None
         return [
