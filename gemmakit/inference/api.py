@@ -114,8 +114,9 @@ class LLM:
 
     # --- requests ------------------------------------------------------------------------
 
-    def _requests(self, prompts, params) -> tuple[list[Request], list[str | None]]:
-        """One Request per completion: `n` consecutive rows per prompt; texts are per prompt."""
+    def _requests(self, prompts, params) -> tuple[list[Request], list[tuple[str | None, int]]]:
+        """One Request per completion, the `n` rows of a prompt consecutive; and per prompt,
+        its text (None for token ids) and its `n`."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -144,7 +145,7 @@ class LLM:
                 gen = request_generator(row_params, self._generator)
                 request = Request(ids, row_params, self.loaded.stop_ids, gen)
                 requests.append(logits_processing.prepare(request, self.tokenizer))
-            texts.append(text)
+            texts.append((text, p.n))
         return requests, texts
 
     def _token_ids(self, ids, i: int) -> list[int]:
@@ -180,8 +181,8 @@ class LLM:
             first = first or time.perf_counter()
         end = time.perf_counter()
         outputs, row = [], 0
-        for text in texts:
-            rows = range(row, row + self._rows_of(requests, row))
+        for text, n in texts:
+            rows = range(row, row + n)
             row = rows.stop
             self._next_id += 1
             outputs.append(
@@ -198,15 +199,6 @@ class LLM:
                 )
             )
         return outputs
-
-    @staticmethod
-    def _rows_of(requests: list[Request], row: int) -> int:
-        """How many consecutive rows from `row` are completions of one prompt (`_requests`
-        gives the n rows of a prompt the same prompt_ids list)."""
-        n = 1
-        while row + n < len(requests) and requests[row + n].prompt_ids is requests[row].prompt_ids:
-            n += 1
-        return n
 
     def _completion(self, index: int, req: Request, stream: TextStream) -> CompletionOutput:
         out = CompletionOutput(index, stream.text, req.output_ids, req.finish_reason)
