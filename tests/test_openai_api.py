@@ -516,3 +516,27 @@ def test_native_calls_are_read_from_token_ids_when_markers_are_control_tokens():
     (call,) = plan.parse(Tok().decode([1]), Tok(), [1, 2, 3])
     assert call["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
     assert ToolPlan([TIME]).parse(Tok().decode([1]), Tok(), [1, 2, 3]) is None  # not native: text only
+
+
+def test_streamed_answers_are_held_only_while_they_may_be_a_call():
+    from gemmakit.serving.tools import ToolPlan
+
+    auto = ToolPlan([TIME])
+    assert auto.holds("") and auto.holds("  \n") and auto.holds(' {"name"') and auto.holds("```tool")
+    assert not auto.holds("It is noon") and not ToolPlan([]).holds("")
+    assert ToolPlan([TIME], "required").holds("x") and ToolPlan([TIME], native=True).holds("x")
+
+
+def test_auto_tools_stream_plain_answers_as_content(client, bundled):
+    tok = bundled.tokenizer
+    # Tokens that would open a call are banned, so the answer is plain text.
+    openers = {tok.encode(s, add_bos=False)[0] for s in ("{", "[", "`", "```", " {", '{"', " [", " `")}
+    stream = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Say hello."}], tools=[TIME], max_tokens=6,
+        temperature=0, stream=True, logit_bias={str(t): -100 for t in openers},
+    )  # fmt: skip
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    text = "".join(d.content or "" for d in deltas)
+    assert text.strip() and not text.lstrip().startswith(("{", "[", "`"))
+    assert sum(bool(d.content) for d in deltas) > 1  # streamed as it came, not one held-back chunk
+    assert not any(d.tool_calls for d in deltas)

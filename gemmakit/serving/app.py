@@ -354,19 +354,25 @@ class _Server:
             lp = responses.chat_logprobs(tok, lps) if lps else None
             return [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]
 
+        held = set(range(len(ticket))) if plan.buffered else set()  # choices that may be a call
+
         def event_chunks(ev, c: Choice):
             lps = [ev.logprob] if ev.logprob is not None else None
-            if not plan.buffered:
-                if ev.delta or lps:
-                    yield chunk(choice(ev.index, {"content": ev.delta}, lps=lps))
-            elif lps:
-                yield chunk(choice(ev.index, {}, lps=lps))
+            if ev.index in held and not plan.holds(c.text):  # not a call after all: stream it
+                held.discard(ev.index)
+                if c.text or lps:
+                    yield chunk(choice(ev.index, {"content": c.text}, lps=lps))
+            elif ev.index in held:
+                if lps:
+                    yield chunk(choice(ev.index, {}, lps=lps))
+            elif ev.delta or lps:
+                yield chunk(choice(ev.index, {"content": ev.delta}, lps=lps))
             if ev.finish_reason is not None:
                 message, finish = message_of(c)
-                if plan.buffered and message.get("tool_calls"):
+                if ev.index in held and message.get("tool_calls"):
                     calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
                     yield chunk(choice(ev.index, {"tool_calls": calls}))
-                elif plan.buffered and c.text:
+                elif ev.index in held and c.text:
                     yield chunk(choice(ev.index, {"content": c.text}))
                 yield chunk(choice(ev.index, {}, finish))
 

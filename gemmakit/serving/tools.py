@@ -14,8 +14,9 @@ Two formats, chosen by the checkpoint:
 
 `tool_choice` "required" or a named function makes the call a JSON schema the grammar engine
 enforces (`inference.grammar`), so the answer is always a valid call; "none" leaves the tools
-out of the prompt. A streamed answer that may be a call is held until it ends, then sent as
-one `tool_calls` delta (or as content when it was not a call).
+out of the prompt. A streamed answer that may be a call (`ToolPlan.holds`) is held until it
+ends, then sent as one `tool_calls` delta (or as content when it was not a call); one that
+visibly is not a call streams as usual.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ class ToolPlan:
     def buffered(self) -> bool:
         """Whether a streamed answer is held back: it may be a call."""
         return bool(self.tools)
+
+    def holds(self, text: str) -> bool:
+        """Whether a streamed answer that starts with `text` may still be a call, so must be
+        held back: a forced call or a template's own format (its markers are control tokens,
+        invisible in the text) always; the Gemma 3 convention until the first visible
+        character is known, then only when it opens JSON or a code fence."""
+        if not self.tools:
+            return False
+        if self.forced is not None or self.native:
+            return True
+        start = text.lstrip()
+        return not start or start[0] in "{[`"
 
     @property
     def schema(self) -> dict | None:
