@@ -174,7 +174,6 @@ def unsupported_by_c_step(config: GemmaConfig) -> str | None:
     )
     reasons = {
         "odd head_dim": c.head_dim % 2,
-        "head_dim over 512": c.head_dim > 512,
         "per-layer head dims, KV heads or MLP widths": per_layer_shapes,
         "norm gains without the unit offset": not c.norm_unit_offset,
         "v_norm": c.use_v_norm,
