@@ -129,10 +129,9 @@ _HF_LAYER = {h: g for g, h in _LAYER_NAMES.items()}
 def hf_to_gguf_name(name: str) -> str | None:
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
-    if name.startswith("model.layers."):
-        _, _, layer, rest = name.split(".", 3)
-        if rest in _HF_LAYER:
-            return f"blk.{layer}.{_HF_LAYER[rest]}"
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_LAYER:
+        return f"blk.{parts[2]}.{_HF_LAYER[parts[3]]}"
     return None
 
 
