@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -296,6 +298,25 @@ def test_cli_export_rejects_unknown_mix(tmp_path, capsys):
     assert "q4_k_m" in capsys.readouterr().err
 
 
+@needs_kernels
+def test_quantize_table_gains_the_k_mixes(tmp_path, capsys):
+    folder = tiny_256(tmp_path, layers=2)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["quantize", "--model", str(folder), "--text", str(text), "--context", "64", "--json",
+            "--types", "fp32,gguf-q6_k,gguf-q4_k_m,gguf-q2_k"]  # fmt: skip
+    assert main(args) == 0
+    rows = {r["type"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert (
+        "Q6_K" in rows["gguf-q4_k_m"]["description"]
+        and "embedding Q6_K" in rows["gguf-q4_k_m"]["description"]
+    )
+    assert rows["gguf-q2_k"]["bytes"] < rows["gguf-q4_k_m"]["bytes"] < rows["gguf-q6_k"]["bytes"]
+    # a random model's perplexity is noise around the vocabulary size; still, 6 bits stay
+    # nearer float32 than 2 bits
+    assert abs(rows["gguf-q6_k"]["change"]) < abs(rows["gguf-q2_k"]["change"])
+
+
 # --- parity with llama.cpp ------------------------------------------------------------------------
 
 
@@ -344,3 +365,75 @@ def test_blocks_equal_ggml_quantize_chunk(qtype):
         cases += [(x, None), (x, weights)]
     for i, (x, w) in enumerate(cases):
         assert np.array_equal(gguf_quantize(x, int(qtype), w), ggml_quantize(lib, x, qtype, w)), i
+
+
+def llama_quantize(source: Path, out: Path, mix: str, imatrix: Path | None = None) -> Path:
+    """llama.cpp's llama-quantize (llama_model_quantize) of `source` into `mix`, 2 threads."""
+    exe = LLAMA_CPP_BIN / "llama-quantize"
+    if not exe.exists():
+        pytest.skip(f"{exe} not built (GEMMAKIT_LLAMA_CPP_BIN)")
+    cmd = [
+        str(exe),
+        *(["--imatrix", str(imatrix)] if imatrix else []),
+        str(source),
+        str(out),
+        mix.upper(),
+        "2",
+    ]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(LLAMA_CPP_BIN)}
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    return out
+
+
+def compare_tensors(ours: Path, theirs: Path) -> tuple[int, list[str]]:
+    """(tensors compared, the names whose type or bytes differ) of two GGUF files."""
+    a, b = GGUFFile(ours), GGUFFile(theirs)
+    assert set(a.tensors) == set(b.tensors)
+    differ = [
+        name
+        for name in b.tensors
+        if a.tensors[name].ggml_type != b.tensors[name].ggml_type
+        or not np.array_equal(a.raw(name).view(np.uint8), b.raw(name).view(np.uint8))
+    ]
+    return len(b.tensors), differ
+
+
+def synthetic_imatrix(f32_file: Path, out: Path, seed: int = 0) -> Path:
+    """An importance matrix in llama.cpp's GGUF format with an entry for every block matrix
+    of `f32_file` (sums over 512 tokens), as llama-imatrix would write one."""
+    rng = np.random.default_rng(seed)
+    sums, counts = {}, {}
+    for name, t in GGUFFile(f32_file).tensors.items():
+        if name.startswith("blk.") and len(t.shape) == 2:
+            sums[name] = (rng.random(t.shape[-1], dtype=np.float32) ** 2 * 512).astype(np.float32)
+            counts[name] = 512
+    return write_imatrix(out, sums, counts, ["synthetic"], 1, 512)
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory):
+    """A random 8-layer Gemma 3 with 256-multiple rows as a float32 GGUF gemmakit wrote."""
+    root = tmp_path_factory.mktemp("tiny_f32")
+    folder = tiny_256(root)
+    return Path(
+        export(model=str(folder), to="gguf", output=root / "f32.gguf", qtype="f32", progress=False)["path"]
+    )
+
+
+@pytest.mark.llamacpp
+@needs_kernels
+@pytest.mark.parametrize("mix", [m for m in MIXES if m != "q2_k_s"] + ["q2_k_s+imatrix"])
+def test_tiny_model_files_equal_llama_quantize(tiny_f32, tmp_path, mix):
+    """Every tensor of every mix: the same type and the same bytes as llama-quantize's file
+    from the same float32 GGUF; and again with an importance matrix."""
+    mix = mix.removesuffix("+imatrix")
+    imatrix = synthetic_imatrix(tiny_f32, tmp_path / "im.gguf")
+    runs = [imatrix] if mix == "q2_k_s" else [None, imatrix]
+    for im in runs:
+        theirs = llama_quantize(tiny_f32, tmp_path / "theirs.gguf", mix, im)
+        ours = export(
+            model=str(tiny_f32), to="gguf", output=tmp_path / "ours.gguf", qtype=mix, progress=False,
+            imatrix=str(im) if im else None,
+        )  # fmt: skip
+        total, differ = compare_tensors(ours["path"], theirs)
+        assert differ == [], (mix, im is not None, f"{len(differ)} of {total} differ")
