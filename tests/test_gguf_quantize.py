@@ -28,7 +28,20 @@ from gemmakit.ops.gguf import gguf_quantize
 from tests.test_export import tiny_sentencepiece
 
 LLAMA_CPP_BIN = Path(os.environ.get("GEMMAKIT_LLAMA_CPP_BIN", "/work/llamacpp/build/bin"))
-BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+BLOCK_TYPES = (
+    Q.Q4_0,
+    Q.Q4_1,
+    Q.Q5_0,
+    Q.Q5_1,
+    Q.Q8_0,
+    Q.Q2_K,
+    Q.Q3_K,
+    Q.Q4_K,
+    Q.Q5_K,
+    Q.Q6_K,
+    Q.IQ4_NL,
+    Q.IQ4_XS,
+)
 
 needs_kernels = pytest.mark.skipif(cpu.library() is None, reason="the C kernels do not build here")
 
@@ -60,13 +73,15 @@ GOLDEN = {
     Q.Q4_K: ("6469ef4c096abde0", "32e8ff9222d2d4a1"),
     Q.Q5_K: ("5ac67decb582a9de", "6d57151cfa5b0951"),
     Q.Q6_K: ("c5d3b0805fd2c0d3", "6a3cdf38eea94717"),
+    Q.IQ4_NL: ("5adb05b172e2139d", "bc00155cdba698ff"),
+    Q.IQ4_XS: ("00064b54db9f43cb", "c645da0c2c60a239"),
 }
 
 # Relative RMS error of a round trip on Gaussian rows, upper bounds a few times above what
 # each type gives (bits per weight: Q2_K 2.6, Q3_K 3.4, Q4 4.5, Q5 5.5, Q6_K 6.6, Q8_0 8.5).
 MAX_RELATIVE_ERROR = {
     Q.Q2_K: 0.45, Q.Q3_K: 0.25, Q.Q4_0: 0.15, Q.Q4_1: 0.15, Q.Q4_K: 0.12, Q.Q5_0: 0.08,
-    Q.Q5_1: 0.08, Q.Q5_K: 0.06, Q.Q6_K: 0.03, Q.Q8_0: 0.01,
+    Q.Q5_1: 0.08, Q.Q5_K: 0.06, Q.Q6_K: 0.03, Q.Q8_0: 0.01, Q.IQ4_NL: 0.15, Q.IQ4_XS: 0.15,
 }  # fmt: skip
 
 
@@ -192,6 +207,10 @@ def test_mix_rules_pick_llama_cpps_layers():
     assert q40.types["token_embd.weight"] == Q.Q6_K and q40.types["blk.0.ffn_down.weight"] == Q.Q4_0
     # with an importance matrix Q4_0 guards the first eighth of ffn_down with Q4_1
     assert plan_mix(tensors, "q4_0", shape, has_imatrix=True).types["blk.1.ffn_down.weight"] == Q.Q4_1
+    iq4 = plan_mix(tensors, "iq4_xs", shape).types
+    assert (iq4["blk.0.attn_v.weight"], iq4["blk.1.ffn_down.weight"], iq4["blk.2.ffn_down.weight"]) == (
+        Q.Q5_K, Q.Q5_K, Q.IQ4_XS)  # fmt: skip
+    assert plan_mix(tensors, "iq4_nl", shape, has_imatrix=True).types["blk.1.ffn_down.weight"] == Q.IQ4_NL
     untied = plan_mix(gemma_tensors(16, tied=False), "q4_k_m", shape).types
     assert untied["output.weight"] == Q.Q6_K and untied["token_embd.weight"] == Q.Q4_K
 
@@ -209,6 +228,7 @@ def test_mix_fallbacks_for_rows_that_do_not_fit():
     assert q3["blk.3.attn_q.weight"] == Q.Q4_0
     q5 = plan_mix(gemma_tensors(8, hidden=640, ffn=2048), "q5_k_s", shape).types
     assert q5["blk.3.attn_q.weight"] == Q.Q5_1
+    assert plan_mix(gemma_tensors(8, hidden=640), "iq4_xs", shape).types["blk.3.attn_q.weight"] == Q.IQ4_NL
     odd = plan_mix({"blk.0.attn_q.weight": (64, 48)}, "q4_k_m", shape).types
     assert odd["blk.0.attn_q.weight"] == Q.F16  # Q5_0's 32 does not divide 48 either
     assert plan.notes and "640" in plan.notes[0]
@@ -437,3 +457,40 @@ def test_tiny_model_files_equal_llama_quantize(tiny_f32, tmp_path, mix):
         )  # fmt: skip
         total, differ = compare_tensors(ours["path"], theirs)
         assert differ == [], (mix, im is not None, f"{len(differ)} of {total} differ")
+
+
+@pytest.fixture(scope="module")
+def bundled_f32(tmp_path_factory):
+    """The bundled Gemma 3 270M dequantized to a float32 GGUF (1.1 GB), and an importance
+    matrix llama-imatrix computes for it on the shipped evaluation text."""
+    from gemmakit.paths import DATA
+
+    root = tmp_path_factory.mktemp("bundled_f32")
+    f32 = Path(export(to="gguf", output=root / "f32.gguf", qtype="f32", progress=False)["path"])
+    exe = LLAMA_CPP_BIN / "llama-imatrix"
+    if not exe.exists():
+        pytest.skip(f"{exe} not built (GEMMAKIT_LLAMA_CPP_BIN)")
+    imatrix = root / "imatrix.gguf"
+    cmd = [str(exe), "-m", str(f32), "-f", str(DATA / "eval_text.txt"), "-o", str(imatrix), "-c", "128",
+           "--chunks", "4", "--no-ppl", "-t", "2"]  # fmt: skip
+    env = {**os.environ, "LD_LIBRARY_PATH": str(LLAMA_CPP_BIN)}
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    return f32, imatrix
+
+
+@pytest.mark.llamacpp
+@needs_kernels
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q8_0", "q2_k"])
+def test_bundled_model_files_equal_llama_quantize(bundled_f32, tmp_path, mix):
+    """The real model (640-wide rows: llama.cpp's fallbacks decide most types), with and
+    without llama-imatrix's importance matrix: every tensor's type and bytes."""
+    f32, imatrix = bundled_f32
+    for im in (None, imatrix):
+        theirs = llama_quantize(f32, tmp_path / "theirs.gguf", mix, im)
+        ours = export(
+            model=str(f32), to="gguf", output=tmp_path / "ours.gguf", qtype=mix, progress=False,
+            imatrix=str(im) if im else None,
+        )  # fmt: skip
+        total, differ = compare_tensors(ours["path"], theirs)
+        print(f"{mix} imatrix={im is not None}: {total - len(differ)} of {total} tensors equal")
+        assert differ == [], (mix, im is not None, f"{len(differ)} of {total} differ: {differ[:3]}")

@@ -8,9 +8,9 @@ from gemmakit.commands.common import print_json
 
 # the float types, then llama.cpp's mixes (formats/gguf_mix.py MIXES), largest first
 GGUF_CHOICES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
-                "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")  # fmt: skip
-EMBEDDING_CHOICES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
-                     "q3_k", "q2_k")  # fmt: skip
+                "iq4_xs", "iq4_nl", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")  # fmt: skip
+EMBEDDING_CHOICES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "iq4_xs", "iq4_nl",
+                     "q4_1", "q4_0", "q3_k", "q2_k")  # fmt: skip
 
 
 def add_arguments(p):

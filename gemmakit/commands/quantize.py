@@ -27,8 +27,8 @@ MEMORY_TYPES = ("fp32", "bf16", "nf4", "int8", "int8-linear", "int4", "int4-line
 # with llama-quantize's per-tensor types and bytes)
 GGUF_TYPES = (
     "gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q5_k_s",
-    "gguf-q5_1", "gguf-q5_0", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-q4_1", "gguf-q4_0", "gguf-q3_k_l",
-    "gguf-q3_k_m", "gguf-q3_k_s", "gguf-q2_k",
+    "gguf-q5_1", "gguf-q5_0", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-iq4_xs", "gguf-iq4_nl", "gguf-q4_1",
+    "gguf-q4_0", "gguf-q3_k_l", "gguf-q3_k_m", "gguf-q3_k_s", "gguf-q2_k",
 )  # fmt: skip
 DEFAULT_TYPES = ("fp32", "bf16", "nf4", "int8", "int4", "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_0",
                  "gguf-q4_k_m", "gguf-q4_0", "gguf-q3_k_m")  # fmt: skip

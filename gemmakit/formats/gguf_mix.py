@@ -1,8 +1,8 @@
 """llama.cpp's per-tensor type choice for a quantization mix (Q4_K_M, Q3_K_S, Q8_0, ...).
 
 This follows `src/llama-quant.cpp` of the llama.cpp vendored by llama-cpp-python 0.3.36, the
-parts that apply to the K-quant and legacy mixes (the IQ, TQ and MXFP4 mixes are not written
-by gemmakit):
+parts that apply to the K-quant, IQ4 and legacy mixes (the 1-3 bit IQ, TQ and MXFP4 mixes are
+not written by gemmakit):
 - `tensor_allows_quantization`: 2-D+ tensors named `*weight`, never norms, MoE routers
   (`ffn_gate_inp`), Gemma 3n's AltUp / LAuReL / per-layer projection; the rest keep their
   source type (float32 here);
@@ -10,7 +10,7 @@ by gemmakit):
   Q8_0 when its rows are not a whole number of the mix's blocks; attn_v and ffn_down get more
   bits in the layers `use_more_bits` picks; attn_output more for Q2_K / Q3_K_M / Q3_K_L;
 - `tensor_type_fallback`: a type whose block does not divide the row falls back (Q2_K/Q3_K ->
-  Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to F16 if that still does not fit;
+  Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL), then to F16 if that still does not fit;
 - `tensor_requires_imatrix`: Q2_K_S's Q2_K tensors need an importance matrix.
 The counters that pick layers (`i_attention_wv`, `i_ffn_down`) advance in llama.cpp's tensor
 order, by layer number then name (llama-model-loader.h `weight_name_comparer`), which
@@ -38,6 +38,8 @@ MIXES = {
     "q5_0": (LlamaFileType.MOSTLY_Q5_0, Q.Q5_0),
     "q4_k_m": (LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K),
     "q4_k_s": (LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_K),
+    "iq4_xs": (LlamaFileType.MOSTLY_IQ4_XS, Q.IQ4_XS),
+    "iq4_nl": (LlamaFileType.MOSTLY_IQ4_NL, Q.IQ4_NL),
     "q4_1": (LlamaFileType.MOSTLY_Q4_1, Q.Q4_1),
     "q4_0": (LlamaFileType.MOSTLY_Q4_0, Q.Q4_0),
     "q3_k_l": (LlamaFileType.MOSTLY_Q3_K_L, Q.Q3_K),
@@ -48,7 +50,14 @@ MIXES = {
 }
 
 # tensor_type_fallback: the type a 256-block type falls back to when the row does not fit
-_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_FALLBACK = {
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+    Q.IQ4_XS: Q.IQ4_NL,
+}
 
 # tensor_allows_quantization: name parts whose tensors are never quantized (of those that can
 # occur in a Gemma model)
@@ -148,7 +157,9 @@ def _mix_rule(st: _State, mix: str, new: Q, name: str, ne0: int, shape: ModelSha
         return new
     if category == "attn_output":
         if shape.n_expert == 8:
-            return Q.Q5_K if mix in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else new
+            return (
+                Q.Q5_K if mix in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs") else new
+            )
         return {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(mix, new)
     return new
 
@@ -162,6 +173,8 @@ def _attn_v_rule(st: _State, mix: str, new: Q, shape: ModelShape) -> Q:
     elif mix == "q3_k_m":
         new = Q.Q5_K if i < 2 else Q.Q4_K
     elif mix == "q3_k_l":
+        new = Q.Q5_K
+    elif mix in ("iq4_nl", "iq4_xs") and shape.n_gqa >= 4:
         new = Q.Q5_K
     elif mix in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
         new = Q.Q6_K
@@ -183,6 +196,8 @@ def _ffn_down_rule(st: _State, mix: str, new: Q, i_layer: int, n_layer: int) -> 
         return Q.Q5_K
     if mix == "q4_k_m":
         return Q.Q6_K if _use_more_bits(i_layer, n_layer) else new
+    if i_layer < n_layer // 8 and mix in ("iq4_nl", "iq4_xs") and not st.has_imatrix:
+        return Q.Q5_K
     if mix == "q5_k_m" and _use_more_bits(i_layer, n_layer):
         return Q.Q6_K
     if mix == "q4_k_s" and i_layer < n_layer // 8:

@@ -54,7 +54,7 @@ GGUF_TYPES = {
 EMBEDDING_TYPES = {
     "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
     "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_k": Q.Q4_K, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0, "q3_k": Q.Q3_K,
-    "q2_k": Q.Q2_K,
+    "q2_k": Q.Q2_K, "iq4_xs": Q.IQ4_XS, "iq4_nl": Q.IQ4_NL,
 }  # fmt: skip
 
 ARCHITECTURES = {

@@ -121,6 +121,106 @@ static void quantize_row_q8_0(const float *x, uint8_t *y, int64_t k) {
     }
 }
 
+/* ================= IQ4_NL (18 bytes: d, qs) and IQ4_XS (136 bytes: d, scales_h, scales_l[4], qs[128]) ================= */
+
+/* the 16 non-linear levels of IQ4_NL / IQ4_XS (ggml-common.h kvalues_iq4nl) */
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* ggml-quants.c best_index_int8: the index of the level nearest x (ties to the upper one) by
+ * bisection of the sorted levels */
+static int best_index_int8(int n, const int8_t *val, float x) {
+    if (x <= val[0]) return 0;
+    if (x >= val[n - 1]) return n - 1;
+    int ml = 0, mu = n - 1;
+    while (mu - ml > 1) {
+        const int mav = (ml + mu) / 2;
+        if (x < val[mav]) mu = mav; else ml = mav;
+    }
+    return x - val[mu - 1] < val[mu] - x ? mu - 1 : mu;
+}
+
+/* the scale of one 32-value group on the IQ4 levels: the extreme's scale, then 15 trial
+ * scales (ntry 7) keeping the best weighted fit (quantize_row_iq4_nl_impl's inner loop) */
+static float iq4_group_scale(const float *xb, const float *weight, uint8_t *Lb) {
+    float amax = 0, max = 0;
+    for (int j = 0; j < 32; ++j) {
+        if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); max = xb[j]; }
+    }
+    if (amax < GROUP_MAX_EPS) return 0;
+    float d = -max / IQ4_VALUES[0];
+    float id = 1 / d;
+    float sumqx = 0, sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+        const int l = best_index_int8(16, IQ4_VALUES, id * xb[j]);
+        Lb[j] = (uint8_t)l;
+        const float q = IQ4_VALUES[l], w = weight[j];
+        sumqx += w * q * xb[j];
+        sumq2 += w * q * q;
+    }
+    d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+    float best = d * sumqx;
+    for (int itry = -7; itry <= 7; ++itry) {
+        id = (itry + IQ4_VALUES[0]) / max;
+        sumqx = sumq2 = 0;
+        for (int j = 0; j < 32; ++j) {
+            const float q = IQ4_VALUES[best_index_int8(16, IQ4_VALUES, id * xb[j])], w = weight[j];
+            sumqx += w * q * xb[j];
+            sumq2 += w * q * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+/* quantize_iq4_nl / quantize_iq4_xs (both through quantize_row_iq4_nl_impl, ntry 7): groups of
+ * 32 weighted by x^2, or with an imatrix by qw * sqrt(sigma2 + x^2); IQ4_XS then stores each
+ * group's scale as a 6-bit multiple of d = -max_scale / 32 and requantizes against it */
+static void quantize_row_iq4(const float *x, uint8_t *y, int64_t k, const float *qw, int super) {
+    const int nb = super / 32, bytes = super == 32 ? 18 : 136;
+    for (int64_t ibl = 0; ibl < k / super; ++ibl, x += super, y += bytes) {
+        const float *w = qw ? qw + ibl * super : NULL;
+        float sigma2 = 0, scales[8], weight[32], max_scale = 0, amax_scale = 0;
+        uint8_t L[QK_K];
+        for (int j = 0; j < super; ++j) sigma2 += x[j] * x[j];
+        sigma2 *= 2.f / super;
+        for (int ib = 0; ib < nb; ++ib) {
+            const float *xb = x + ib * 32;
+            for (int j = 0; j < 32; ++j) weight[j] = w ? w[ib * 32 + j] * sqrtf(sigma2 + xb[j] * xb[j]) : xb[j] * xb[j];
+            scales[ib] = iq4_group_scale(xb, weight, L + ib * 32);
+            if (fabsf(scales[ib]) > amax_scale) {
+                amax_scale = fabsf(scales[ib]);
+                max_scale = scales[ib];
+            }
+        }
+        uint8_t *qs = y + bytes - super / 2;
+        if (nb == 1) {
+            put_half(y, scales[0]);
+            const float id = scales[0] ? 1 / scales[0] : 0;
+            for (int j = 0; j < 32; ++j) L[j] = (uint8_t)best_index_int8(16, IQ4_VALUES, id * x[j]);
+        } else {
+            uint16_t scales_h = 0;
+            uint8_t *scales_l = y + 4;
+            const float d = -max_scale / 32;
+            put_half(y, d);
+            const float id = d ? 1 / d : 0.f;
+            for (int ib = 0; ib < nb; ++ib) {
+                const int l = imax(-32, imin(31, nearest_int(id * scales[ib])));
+                const float dl = d * l, idl = dl ? 1 / dl : 0.f;
+                for (int j = 0; j < 32; ++j) L[ib * 32 + j] = (uint8_t)best_index_int8(16, IQ4_VALUES, idl * x[ib * 32 + j]);
+                const int stored = l + 32;
+                if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(stored & 0xf);
+                else scales_l[ib / 2] |= (uint8_t)((stored & 0xf) << 4);
+                scales_h |= (uint16_t)((stored >> 4) << 2 * (ib % 8));
+            }
+            memcpy(y + 2, &scales_h, 2);
+        }
+        for (int i = 0; i < super / 32; ++i) pack_nibbles(qs + 16 * i, L + 32 * i);
+    }
+}
+
 /* bytes of one row of k values in `type`, or 0 when the type is not one of ours or k is not a
  * whole number of its blocks */
 static int64_t row_bytes(int64_t type, int64_t k) {
@@ -136,6 +236,8 @@ static int64_t row_bytes(int64_t type, int64_t k) {
         case 12: size = 144; block = QK_K; break; /* Q4_K */
         case 13: size = 176; block = QK_K; break; /* Q5_K */
         case 14: size = 210; block = QK_K; break; /* Q6_K */
+        case 20: size = 18; break;                /* IQ4_NL */
+        case 23: size = 136; block = QK_K; break; /* IQ4_XS */
         default: return 0;
     }
     return k > 0 && k % block == 0 ? k / block * size : 0;
@@ -159,6 +261,8 @@ GEMMAKIT_API int64_t gguf_quantize_rows(int64_t type, const float *x, void *out,
             case 12: quantize_row_q45_K(row, y, k, imatrix, 4); break;
             case 13: quantize_row_q45_K(row, y, k, imatrix, 5); break;
             case 14: quantize_row_q6_K(row, y, k, imatrix); break;
+            case 20: quantize_row_iq4(row, y, k, imatrix, 32); break;
+            case 23: quantize_row_iq4(row, y, k, imatrix, QK_K); break;
         }
     }
     return bytes;
