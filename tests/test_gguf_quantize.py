@@ -480,7 +480,7 @@ def bundled_f32(tmp_path_factory):
 
 @pytest.mark.llamacpp
 @needs_kernels
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q8_0", "q2_k"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q8_0", "q2_k", "iq4_xs"])
 def test_bundled_model_files_equal_llama_quantize(bundled_f32, tmp_path, mix):
     """The real model (640-wide rows: llama.cpp's fallbacks decide most types), with and
     without llama-imatrix's importance matrix: every tensor's type and bytes."""
