@@ -66,6 +66,16 @@ typedef struct {
  * is unsupported or the buffers cannot be allocated (decode_step.c). */
 GEMMAKIT_API int decode_step(const Model *m, const Step *st, int threads);
 
+/* --- GGUF block quantization with llama.cpp's bytes (gguf_quantize.c, gguf_quantize_k.c) --- */
+
+/* Rows [lo, hi) of x (n, k) float32 quantized to ggml type `type` (Q4_0 2, Q4_1 3, Q5_0 6,
+ * Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23) into
+ * out (n rows of the returned bytes), with the importance matrix's k column weights or NULL.
+ * Returns the bytes of one row, or -1 for another type or a k that is not a whole number of
+ * its blocks. */
+GEMMAKIT_API int64_t gguf_quantize_rows(int64_t type, const float *x, void *out, int64_t k, int64_t lo, int64_t hi,
+                                        const float *imatrix);
+
 /* --- kernels over a range, on the calling thread --- */
 
 /* y[n] = s[n] * (x . row n of int8 w (N, K)) for rows [start, stop) (gemv.c) */
@@ -90,15 +100,6 @@ GEMMAKIT_API void geglu_backward(const void *grad, const void *gate, const void 
 /* NF4 weight over the 64-value blocks [lo, hi) of n values (nf4.c) */
 GEMMAKIT_API void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, void *out, int64_t n,
                                  int64_t lo, int64_t hi, int64_t bf16);
-
-/* --- GGUF block quantization with llama.cpp's bytes (gguf_quantize.c, gguf_quantize_k.c) --- */
-
-/* Rows [lo, hi) of x (n, k) float32 quantized to ggml type `type` (Q4_0 2, Q4_1 3, Q5_0 6,
- * Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23) into out (n rows of the
- * returned bytes), with the importance matrix's k column weights or NULL. Returns the bytes of
- * one row, or -1 for another type or a k that is not a whole number of its blocks. */
-GEMMAKIT_API int64_t gguf_quantize_rows(int64_t type, const float *x, void *out, int64_t k, int64_t lo, int64_t hi,
-                                        const float *imatrix);
 
 /* --- the same kernels over [0, n) split over threads (split.c) --- */
 
