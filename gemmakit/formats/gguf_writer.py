@@ -560,5 +560,12 @@ def _tensor_plan(tensors, config: GemmaConfig, qtype: str, embedding_type, imatr
     if imatrix:
         missing = [p[0] for p in plan if p[4] is None and p[3] not in (Q.F32, Q.F16, Q.BF16)]
         if missing:
-            notes.append(f"the importance matrix has no entry for {len(missing)} tensors ({missing[0]}, ...)")
+            examples = ", ".join(missing[:2]) + (", ..." if len(missing) > 2 else "")
+            notes.append(
+                f"the importance matrix has no entry for {_count(len(missing), 'tensor')} ({examples})"
+            )
     return plan
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
