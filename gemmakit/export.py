@@ -77,17 +77,14 @@ def source_chat_template(loaded: Loaded, metadata: dict | None = None) -> str | 
 
 def export_gguf(
     loaded: Loaded, output: str | Path, qtype: str = "f16", embedding_type: str | None = None,
-    progress: bool = True, imatrix: str | Path | None = None,
+    progress: bool = True, imatrix: str | Path | dict | None = None,
 ) -> dict:  # fmt: skip
-    """Writes `loaded` as a GGUF file (see `gemmakit.formats.gguf_writer.write_gguf`), with the
-    importance matrix file `imatrix` (llama.cpp's GGUF or .dat format) if given."""
+    """Writes `loaded` as a GGUF file (see `gemmakit.formats.gguf_writer.write_gguf`), with an
+    importance matrix if given: a file (llama.cpp's GGUF or .dat format) or what
+    `gemmakit.formats.imatrix.read_imatrix` returns."""
     from gemmakit.formats.gguf_writer import write_gguf
 
-    importance = None
-    if imatrix is not None:
-        from gemmakit.formats.imatrix import read_imatrix
-
-        importance = read_imatrix(imatrix)
+    importance = _read_importance(imatrix)
     md = source_metadata(loaded)
     return write_gguf(
         output, float_state(loaded), loaded.model.config, loaded.tokenizer, qtype=qtype,
@@ -95,6 +92,14 @@ def export_gguf(
         chat_template=source_chat_template(loaded, md), name=_display_name(loaded, md),
         progress=progress, imatrix=importance,
     )  # fmt: skip
+
+
+def _read_importance(imatrix: str | Path | dict | None) -> dict | None:
+    if imatrix is None or isinstance(imatrix, dict):
+        return imatrix
+    from gemmakit.formats.imatrix import read_imatrix
+
+    return read_imatrix(imatrix)
 
 
 def export_hf(
@@ -160,6 +165,7 @@ def export(
         raise GemmakitError(f"unknown export target {to!r}; use gguf or hf")
     if imatrix is not None and to != "gguf":
         raise GemmakitError("--imatrix applies to GGUF export only")
+    importance = _read_importance(imatrix)  # before the model: a bad file fails fast
     if loaded is None:
         loaded = load(model, dtype=dtype, device="cpu")
     if adapter:
@@ -167,7 +173,7 @@ def export(
     if qtype == "auto":
         qtype = default_type(to, loaded)
     if to == "gguf":
-        result = export_gguf(loaded, output, qtype, embedding_type, progress, imatrix)
+        result = export_gguf(loaded, output, qtype, embedding_type, progress, importance)
     else:
         result = export_hf(loaded, output, qtype, force, progress)
     result.update(

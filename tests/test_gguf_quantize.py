@@ -313,9 +313,24 @@ def test_export_with_imatrix_uses_it_per_tensor(tmp_path):
         export(model=str(folder), to="hf", output=tmp_path / "hf", imatrix=str(imatrix), progress=False)
 
 
-def test_cli_export_rejects_unknown_mix(tmp_path, capsys):
-    assert main(["export", "--to", "gguf", "--type", "q4_k_x", "-o", str(tmp_path / "m.gguf")]) != 0
+def test_cli_export_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert main(["export", "--to", "gguf", "--type", "q4_k_x", "-o", str(tmp_path / "m.gguf")]) == 2
     assert "q4_k_m" in capsys.readouterr().err
+    missing = tmp_path / "none.gguf"
+    args = [
+        "export",
+        "--to",
+        "gguf",
+        "--type",
+        "q4_k_m",
+        "--imatrix",
+        str(missing),
+        "-o",
+        str(tmp_path / "m.gguf"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none.gguf" in err and "\n" not in err and not (tmp_path / "m.gguf").exists()
 
 
 @needs_kernels
