@@ -339,7 +339,7 @@ def test_quantize_table_gains_the_k_mixes(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     args = ["quantize", "--model", str(folder), "--text", str(text), "--context", "64", "--json",
-            "--types", "fp32,gguf-q6_k,gguf-q4_k_m,gguf-q2_k"]  # fmt: skip
+            "--types", "fp32,gguf-q6_k,gguf-q4_k_m,gguf-q2_k", "--max-tokens", "200"]  # fmt: skip
     assert main(args) == 0
     rows = {r["type"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert (
