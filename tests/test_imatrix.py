@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -141,6 +142,31 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path):
         read_imatrix(tmp_path / "model.gguf")
 
 
+def test_fuzz_imatrix_reader(tmp_path):
+    """Both formats cut at every offset and with bytes flipped: a result or one ModelFileError."""
+    import random
+
+    sums, counts = sample_stats()
+    gguf_bytes = write_imatrix(tmp_path / "m.gguf", sums, counts, ["t.txt"], 2, 512).read_bytes()
+    write_legacy(tmp_path / "m.dat", [("blk.0.ffn_up.weight", 3, np.ones(16, np.float32))])
+    rng = random.Random(0)
+    path = tmp_path / "fuzz"
+    for data in (gguf_bytes, (tmp_path / "m.dat").read_bytes()):
+        cases = [data[:cut] for cut in sorted({*range(0, len(data), 7), len(data) - 1})]
+        for _ in range(300):
+            damaged = bytearray(data)
+            damaged[rng.randrange(len(data))] = rng.choice([0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+            cases.append(bytes(damaged))
+        for case in cases:
+            path.write_bytes(case)
+            try:
+                result = read_imatrix(path)
+            except ModelFileError as e:
+                assert "fuzz" in str(e) and "\n" not in str(e)
+                continue
+            assert all(v.dtype == np.float32 and v.ndim == 1 for v in result.values())
+
+
 def test_write_refuses_mismatched_counts(tmp_path):
     with pytest.raises(GemmakitError, match="do not match"):
         write_imatrix(tmp_path / "m.gguf", {"a.weight": np.ones((2, 4))}, {"a.weight": 5}, [], 1, 1)
@@ -156,7 +182,8 @@ def llama_imatrix(model: Path, text: Path, out: Path, ctx: int, chunks: int, fmt
         pytest.skip(f"{exe} not built")
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx), "--chunks",
            str(chunks), "--output-format", fmt, "--no-ppl", "-t", "2"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
@@ -290,3 +317,178 @@ def test_experts_are_counted_per_expert():
     torch.testing.assert_close(gate_up.double().sum(0), k * x.square().sum(0), rtol=1e-5, atol=1e-6)
     assert stats.counts["blk.1.ffn_gate_inp.weight"].tolist() == [n * 8]  # the router: dense
     assert "blk.1.ffn_gate.weight" in stats.sums  # the dense MLP beside the experts
+    assert not [n for n in stats.sums if "norm" in n]  # pre_ffw_norm_2 & co. are no matrices
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundled_load(monkeypatch, bundled):
+    """`gemmakit imatrix` gets the session's bundled model instead of loading it again."""
+    import gemmakit.loading
+
+    monkeypatch.setattr(gemmakit.loading, "load", lambda model=None, **kw: bundled)
+    return bundled
+
+
+def test_cli_writes_the_statistic_of_the_text(tmp_path, capsys, bundled_load):
+    from gemmakit.cli import main
+    from gemmakit.paths import DATA
+
+    text = DATA / "eval_text.txt"
+    out = tmp_path / "imatrix.gguf"
+    assert (
+        main(["imatrix", "--text", str(text), "-o", str(out), "--ctx", "16", "--chunks", "2", "--json"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chunks"] == 2 and summary["tokens"] == 32 and summary["entries"] == 18 * 7
+    loaded = load_imatrix(out)
+    assert loaded.datasets == [str(text)] and (loaded.chunk_count, loaded.chunk_size) == (2, 16)
+    assert set(loaded.counts) == {f"blk.{i}.{t}.weight" for i in range(18) for t in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}  # fmt: skip
+    tok = bundled_load.tokenizer
+    ids = tok.encode(text.read_text(), add_bos=True)
+    stats, _ = compute_imatrix(bundled_load.model, ids, tok.bos_id, ctx=16, chunks=2)
+    for name in ("blk.0.attn_q.weight", "blk.17.ffn_down.weight"):
+        np.testing.assert_array_equal(loaded.sums[name][0], stats.sums[name][0].numpy())
+        assert loaded.counts[name].tolist() == [32]
+
+
+def test_cli_help(capsys):
+    from gemmakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["imatrix", "--help"])
+    text = capsys.readouterr().out
+    assert "--ctx" in text and "--chunks" in text and "llama-imatrix" in text and "MODEL" in text
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys, bundled_load):
+    from gemmakit.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    cases = [
+        (["--text", str(short), "--ctx", "512"], "needs at least 1024"),
+        (["--text", str(tmp_path)], "is a folder"),
+        (["--ctx", "1"], "--ctx must be at least 2"),
+        (["--chunks", "0"], "--chunks must be positive"),
+        (["-o", str(tmp_path)], "-o takes a file name"),
+    ]
+    for extra, message in cases:
+        assert main(["imatrix", "-o", str(tmp_path / "x.gguf"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def relative_differences(ours: dict, reference: dict) -> dict[str, float]:
+    """Per entry, |ours - reference|_2 / |reference|_2 over the per-column means."""
+    return {
+        name: float(np.linalg.norm(ours[name] - ref) / max(np.linalg.norm(ref), 1e-30))
+        for name, ref in reference.items()
+    }
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ctx, chunks", [(128, 4), (512, None)])
+def test_cli_matches_llama_imatrix_on_the_bundled_model(tmp_path, bundled_gguf, ctx, chunks):
+    """The same text, ctx and chunks through `gemmakit imatrix` and `llama-imatrix`: the same
+    entries and counts, and means within the difference of llama.cpp running the Q4_K_M blocks
+    with 8-bit-quantized activations against gemmakit's float32 dequantized weights."""
+    from gemmakit.cli import main
+    from gemmakit.paths import DATA
+
+    text = DATA / "eval_text_wiki.txt"
+    ref = llama_imatrix(bundled_gguf, text, tmp_path / "ref.gguf", ctx=ctx, chunks=chunks or 10**6)
+    args = [
+        "imatrix",
+        str(bundled_gguf),
+        "--text",
+        str(text),
+        "-o",
+        str(tmp_path / "ours.gguf"),
+        "--ctx",
+        str(ctx),
+    ]
+    assert main(args + (["--chunks", str(chunks)] if chunks else [])) == 0
+    theirs, ours = load_imatrix(ref), load_imatrix(tmp_path / "ours.gguf")
+    assert set(ours.sums) == set(theirs.sums)
+    assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size)
+    for name in theirs.counts:
+        assert ours.counts[name].tolist() == theirs.counts[name].tolist(), (
+            name,
+            ours.counts[name],
+            theirs.counts[name],
+        )
+    diffs = relative_differences(ours.importance(), theirs.importance())
+    worst = max(diffs, key=diffs.get)
+    print(f"\nctx {ctx}: max relative L2 difference {diffs[worst]:.2e} ({worst}), "
+          f"median {np.median(list(diffs.values())):.2e}")  # fmt: skip
+    assert diffs[worst] < 0.05, (worst, diffs[worst])
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", ["gemma3", "gemma4_e", "gemma3n_llama_cpp"])
+def test_matches_llama_imatrix_on_tiny_float32_models(tmp_path, case):
+    """Tiny random models of every family gemmakit exports to GGUF (Gemma 3; Gemma 4 with PLE,
+    KV sharing and experts; Gemma 3n with AltUp and LAuReL), written as float32 GGUFs, so
+    llama.cpp multiplies float32 weights by float32 activations: the same entries (the experts
+    per expert) and counts as llama-imatrix, and the same means up to float rounding."""
+    from gemmakit.cli import main
+    from gemmakit.export import export
+    from gemmakit.paths import DATA
+    from tests.conftest import random_hf_model as random_gemma3
+    from tests.test_gguf_families import random_hf_model, save_folder
+
+    if case == "gemma3":
+        model = random_gemma3("gemma3")
+        # llama.cpp ignores Gemma 3's query_pre_attn_scalar (it uses head_dim; gguf_writer notes it).
+        model.config.query_pre_attn_scalar = model.config.head_dim
+    else:
+        model = random_hf_model(case)
+    folder = save_folder(model, tmp_path / "hf")
+    gguf_path = tmp_path / "m.gguf"
+    export(model=str(folder), to="gguf", output=gguf_path, qtype="f32", progress=False)
+    text = DATA / "eval_text.txt"
+    ref = llama_imatrix(gguf_path, text, tmp_path / "ref.gguf", ctx=64, chunks=4)
+    out = tmp_path / "ours.gguf"
+    assert (
+        main(["imatrix", str(gguf_path), "--text", str(text), "-o", str(out), "--ctx", "64", "--chunks", "4"])
+        == 0
+    )
+    theirs, ours = load_imatrix(ref), load_imatrix(out)
+    assert set(ours.sums) == set(theirs.sums), set(ours.sums) ^ set(theirs.sums)
+    flipped = []  # layers where an expert choice differs
+    for name, count in theirs.counts.items():
+        if "_exps." in name:
+            # Each token's k experts: the same total; an expert choice that is a near tie may
+            # flip between llama.cpp's arithmetic (its GELU is a float16 table) and torch's.
+            assert ours.counts[name].sum() == count.sum(), name
+            assert np.abs(ours.counts[name] - count).max() <= 0.03 * count.max(), (
+                name,
+                ours.counts[name],
+                count,
+            )
+            if ours.counts[name].tolist() != count.tolist():
+                flipped.append(int(name.split(".")[1]))
+        else:
+            assert ours.counts[name].tolist() == count.tolist(), name
+    diffs = relative_differences(ours.importance(), theirs.importance())
+    # Until routing first differs, the statistic is the same up to float drift; Gemma 3n
+    # drifts more with depth (llama.cpp's sparsity cutoff uses the n - 1 standard deviation
+    # where transformers uses n; measured: blk.0 within 1e-6, blk.21 1.3e-2).
+    same_routing = {n: d for n, d in diffs.items() if int(n.split(".")[1]) < min(flipped, default=10**6)}
+    worst = max(same_routing, key=same_routing.get)
+    print(f"\n{case}: {len(diffs)} entries, max relative L2 difference {diffs[worst]:.2e} ({worst})"
+          f"{f' before layer {min(flipped)} (expert choices differ there), {max(diffs.values()):.2e} overall' if flipped else ''}")  # fmt: skip
+    assert diffs[worst] < (0.02 if case.startswith("gemma3n") else 3e-3), (worst, diffs[worst])
+    assert max(diffs.values()) < 0.1
+    # llama.cpp's quantizer takes gemmakit's file as its own.
+    done = subprocess.run(
+        [str(LLAMA_CPP_BIN / "llama-quantize"), "--imatrix", str(out), str(gguf_path), str(tmp_path / "q.gguf"), "q4_k_m"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"loaded {len(diffs)} importance matrix entries" in done.stdout + done.stderr

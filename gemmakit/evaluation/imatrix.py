@@ -35,7 +35,7 @@ from torch import nn
 from gemmakit import ops
 from gemmakit.errors import GemmakitError
 from gemmakit.evaluation.logprobs import BATCH_TOKENS, progress_bar
-from gemmakit.formats.gguf import hf_to_gguf_name, is_norm
+from gemmakit.formats.gguf import hf_to_gguf_name
 from gemmakit.model.moe import Experts
 
 DEFAULT_CONTEXT = 512
@@ -73,9 +73,10 @@ def collected_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, Experts):
             out[path] = module
             continue
-        hf_name = f"{path}.weight"
-        gguf_name = hf_to_gguf_name(hf_name)
-        if gguf_name is not None and gguf_name.startswith("blk.") and not is_norm(hf_name):
+        gguf_name = hf_to_gguf_name(f"{path}.weight")
+        # Every norm's GGUF name holds "norm" (Gemma 4's pre_ffw_norm_2 too, whose HF name
+        # does not end in "norm.weight"); no matrix's does.
+        if gguf_name is not None and gguf_name.startswith("blk.") and "norm" not in gguf_name:
             out[gguf_name] = module
     return out
 
