@@ -151,17 +151,8 @@ static void run_step(const Model *m, const Step *st, const Shared *sh, int tid, 
     float *cos_g[2], *sin_g[2];
     float trig[2][2][256];
     /* the embedding row, times sqrt(hidden) rounded to the activation dtype */
-    const Mat *e = &m->embed;
-    if (e->type == W_INT8) {
-        const int8_t *row = (const int8_t *)e->w + st->token * C;
-        for (int64_t i = 0; i < C; i++) x[i] = ((float)row[i] * e->s[st->token]) * m->embed_scale;
-    } else if (e->type == W_BF16) {
-        const uint16_t *row = (const uint16_t *)e->w + st->token * C;
-        for (int64_t i = 0; i < C; i++) x[i] = bf16_to_f32(row[i]) * m->embed_scale;
-    } else {
-        const float *row = (const float *)e->w + st->token * C;
-        for (int64_t i = 0; i < C; i++) x[i] = row[i] * m->embed_scale;
-    }
+    mat_row(&m->embed, st->token, x);
+    for (int64_t i = 0; i < C; i++) x[i] *= m->embed_scale;
     for (int g = 0; g < 2; g++) {
         cos_g[g] = trig[g][0], sin_g[g] = trig[g][1];
         if (!m->inv_freq[g]) continue;

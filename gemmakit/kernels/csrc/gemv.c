@@ -36,7 +36,9 @@ DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 /* y[n] = row n of m . x for rows [lo, hi) */
 void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
-    if (m->type == W_INT8) {
+    if (m->type >= W_GGUF_BASE) {
+        gguf_matvec(m->type - W_GGUF_BASE, m->w, m->k, x, y, lo, hi);
+    } else if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_i8(x, w + n * m->k, m->k) * m->s[n];
     } else if (m->type == W_BF16) {
@@ -45,6 +47,22 @@ void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
     } else {
         const float *w = (const float *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_f32(x, w + n * m->k, m->k);
+    }
+}
+
+/* row `row` of m as k floats: the embedding lookup of the decode step */
+void mat_row(const Mat *m, int64_t row, float *out) {
+    const int64_t k = m->k;
+    if (m->type >= W_GGUF_BASE) {
+        gguf_dequantize_rows(m->type - W_GGUF_BASE, m->w, k, out, row, row + 1);
+    } else if (m->type == W_INT8) {
+        const int8_t *w = (const int8_t *)m->w + row * k;
+        for (int64_t i = 0; i < k; i++) out[i] = (float)w[i] * m->s[row];
+    } else if (m->type == W_BF16) {
+        const uint16_t *w = (const uint16_t *)m->w + row * k;
+        for (int64_t i = 0; i < k; i++) out[i] = bf16_to_f32(w[i]);
+    } else {
+        memcpy(out, (const float *)m->w + row * k, sizeof(float) * k);
     }
 }
 

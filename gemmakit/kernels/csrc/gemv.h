@@ -12,4 +12,7 @@ float dot_bf16(const float *x, const uint16_t *w, int64_t K);
 /* y[n] = row n of m . x for rows [lo, hi) (int8 rows times their scale) */
 void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi);
 
+/* row `row` of m as m->k floats (int8 rows times their scale) */
+void mat_row(const Mat *m, int64_t row, float *out);
+
 #endif
