@@ -291,11 +291,13 @@ def nf4_dequantize(
 
 
 # --- GGUF block types (csrc/gguf_blocks.c) ----------------------------------------------------
-# Rows of x from which a product with GGUF blocks dequantizes the whole weight once and lets
-# torch's float32 matmul run (below, the C multi-row product reads each block once for all
-# rows): measured on the bundled model's 2048 x 640 Q5_0 up-projection, 2 cores, ms,
-# C / dequantize+matmul: 1 row 0.31 / 2.1, 8 rows 1.6 / 2.3, 32 rows 6.3 / 2.6.
-GGUF_MATMUL_MAX_ROWS = 16
+# Rows of x up to which a product with GGUF blocks runs the C multi-row kernel (each block
+# read once for all rows); above, the weight is dequantized once and torch's float32 matmul
+# runs. Measured on one thread of a loaded 2-core machine (best of 7), the bundled model's
+# layer 0, ms, C / dequantize + matmul: Q5_0 2048 x 640 at 1, 8, 16 rows 0.14 / 0.42, 0.74 /
+# 0.70, 1.14 / 0.88; Q6_K 640 x 2048 0.53 / 0.56, 0.87 / 0.94, 1.33 / 1.14; Q4_K 640 x 1024
+# 0.13 / 0.15, 0.30 / 0.34, 0.50 / 0.44.
+GGUF_MATMUL_MAX_ROWS = 8
 
 
 def _gguf_applies(raw: torch.Tensor, ggml_type: int, k: int):

@@ -109,13 +109,15 @@ static void block_q8_0(const uint8_t *b, float *out) {
 static void block_q2_k(const uint8_t *b, float *out) {
     const uint8_t *scales = b, *qs = b + 16;
     const float d = half_to_float(b + 80), dmin = half_to_float(b + 82);
-    for (int g = 0; g < 16; g++) {
-        const float dl = d * (float)(scales[g] & 0xF), ml = dmin * (float)(scales[g] >> 4);
-        for (int i = 0; i < 16; i++) {
-            const int e = g * 16 + i, h = e / 128, s = (e / 32) % 4, l = e % 32;
-            out[e] = dl * (float)((qs[h * 32 + l] >> (2 * s)) & 3) - ml;
-        }
-    }
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int half = 0; half < 2; half++) {
+                const int g = h * 8 + s * 2 + half; /* (h*128 + s*32 + half*16) / 16 */
+                const float dl = d * (float)(scales[g] & 0xF), ml = dmin * (float)(scales[g] >> 4);
+                const uint8_t *q = qs + h * 32 + half * 16;
+                float *o = out + g * 16;
+                for (int l = 0; l < 16; l++) o[l] = dl * (float)((q[l] >> (2 * s)) & 3) - ml;
+            }
 }
 
 /* Q3_K: hmask[32], qs[64], scales[12] (16 six-bit signed scales), d. Value e: low bits as
@@ -123,16 +125,18 @@ static void block_q2_k(const uint8_t *b, float *out) {
 static void block_q3_k(const uint8_t *b, float *out) {
     const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
     const float d = half_to_float(b + 108);
-    for (int g = 0; g < 16; g++) {
-        const int low = g < 8 ? sc[g] & 0xF : sc[g - 8] >> 4;
-        const int high = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
-        const float dl = d * (float)((int8_t)(low | high << 4) - 32);
-        for (int i = 0; i < 16; i++) {
-            const int e = g * 16 + i, h = e / 128, s = (e / 32) % 4, l = e % 32;
-            const int q = ((qs[h * 32 + l] >> (2 * s)) & 3) - (((hmask[l] >> (e / 32)) & 1) ? 0 : 4);
-            out[e] = dl * (float)q;
-        }
-    }
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int half = 0; half < 2; half++) {
+                const int g = h * 8 + s * 2 + half, bit = h * 4 + s; /* bit: (g * 16) / 32 */
+                const int low = g < 8 ? sc[g] & 0xF : sc[g - 8] >> 4;
+                const int high = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+                const float dl = d * (float)((int8_t)(low | high << 4) - 32);
+                const uint8_t *q = qs + h * 32 + half * 16, *m = hmask + half * 16;
+                float *o = out + g * 16;
+                for (int l = 0; l < 16; l++)
+                    o[l] = dl * (float)((int)((q[l] >> (2 * s)) & 3) - (((m[l] >> bit) & 1) ? 0 : 4));
+            }
 }
 
 /* the 6-bit scale and min of sub-block j of Q4_K / Q5_K (gguf/quants.py Q4_K.get_scale_min) */
@@ -180,15 +184,16 @@ static void block_q6_k(const uint8_t *b, float *out) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *scales = (const int8_t *)(b + 192);
     const float d = half_to_float(b + 208);
-    for (int g = 0; g < 16; g++) {
-        const float dl = d * (float)scales[g];
-        for (int i = 0; i < 16; i++) {
-            const int e = g * 16 + i, h = e / 128, r = e % 128;
-            const int low = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
-            const int high = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
-            out[e] = dl * (float)((low | high << 4) - 32);
-        }
-    }
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < 4; t++)
+            for (int half = 0; half < 2; half++) {
+                const int g = h * 8 + t * 2 + half; /* (h*128 + t*32 + half*16) / 16 */
+                const float dl = d * (float)scales[g];
+                const uint8_t *lo = ql + h * 64 + (t % 2) * 32 + half * 16, *hi = qh + h * 32 + half * 16;
+                float *o = out + g * 16;
+                for (int l = 0; l < 16; l++)
+                    o[l] = dl * (float)((((lo[l] >> (4 * (t / 2))) & 0xF) | ((hi[l] >> (2 * t)) & 3) << 4) - 32);
+            }
 }
 
 typedef void (*BlockFn)(const uint8_t *, float *);
@@ -304,6 +309,39 @@ static float dot_q8_0(const uint8_t *row, const float *x, int64_t k) {
     return acc;
 }
 
+/* Q5_0 row . x: the 5-bit values assembled in registers (low nibbles, then bit j of qh
+ * shifted into place lane by lane), each block's sum scaled by its d */
+static float dot_q5_0(const uint8_t *row, const float *x, int64_t k) {
+    int64_t b = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(16));
+    const __m512i nibble = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1), offset = _mm512_set1_epi32(16);
+    __m512 a0 = _mm512_setzero_ps();
+    for (; b < k / QK; b++) {
+        const uint8_t *p = row + b * 22;
+        const float *xb = x + b * QK;
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 6)));
+        const __m512i qh = _mm512_set1_epi32((int)q5_high_bits(p + 2));
+        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_srli_epi32(v, 4);
+        lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(qh, first), one), 4));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(qh, second), one), 4));
+        const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset));
+        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset));
+        const __m512 s = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(flo, _mm512_loadu_ps(xb)));
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(p)), s, a0);
+    }
+    acc = _mm512_reduce_add_ps(a0);
+#endif
+    for (; b < k / QK; b++) {
+        float buf[QK];
+        block_q5_0(row + b * 22, buf);
+        acc += dot_floats(buf, x + b * QK, QK);
+    }
+    return acc;
+}
+
 /* row . x for any block type: a block at a time through an L1 buffer */
 static float dot_blocks(const BlockType *t, const uint8_t *row, const float *x, int64_t k) {
     float buf[QKK];
@@ -322,6 +360,8 @@ void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *
     const uint8_t *base = (const uint8_t *)w;
     if (type == 8)
         for (int64_t n = lo; n < hi; n++) y[n] = dot_q8_0(base + n * rb, x, k);
+    else if (type == 6)
+        for (int64_t n = lo; n < hi; n++) y[n] = dot_q5_0(base + n * rb, x, k);
     else
         for (int64_t n = lo; n < hi; n++) y[n] = dot_blocks(t, base + n * rb, x, k);
 }
