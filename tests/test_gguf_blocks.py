@@ -4,6 +4,8 @@ the C decode step over them."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,155 @@ def test_fallback_paths_agree(flags):
                 )
             expected = cpu_kernels.gguf_matmul(x[:rows], raw, int(ggml_type), k)
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+# --- the modules and ops ---------------------------------------------------------------------
+
+
+def _linear(ggml_type=T.Q4_K, n=40, k=512, seed=7):
+    from gemmakit.quant.gguf_blocks import GGUFLinear
+
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=seed))
+    return GGUFLinear(raw, int(ggml_type), k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_gguf_linear_is_the_dequantized_product(rows, monkeypatch):
+    """One row (mat-vec), a few (multi-row kernel) and many (tiles of dequantized rows, made
+    small here so several tiles run) give x W^T of the dequantized weight."""
+    gguf_ops = importlib.import_module("gemmakit.ops.gguf_linear")  # the module, not the function
+    monkeypatch.setattr(gguf_ops, "TILE_VALUES", 512 * 16)
+    layer = _linear()
+    w = torch.from_numpy(quants.dequantize(layer.weight.numpy(), T.Q4_K))
+    assert torch.equal(layer.dequantize(), w)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
+    y16 = layer(x.bfloat16())  # computed in float32, returned in the activations' dtype
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), x.bfloat16().float() @ w.T, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_fallback_without_the_kernels(monkeypatch):
+    """Without the C library (another device, no compiler) the gguf package dequantizes and
+    torch multiplies: the same values."""
+    layer = _linear(T.Q5_0, n=12, k=64)
+    w = torch.from_numpy(quants.dequantize(layer.weight.numpy(), T.Q5_0))
+    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(layer.dequantize(), w)
+    torch.testing.assert_close(layer(x), x @ w.T)
+    assert torch.equal(layer.rows(torch.tensor([4, 1])), w[[4, 1]])
+
+
+@needs_kernel
+def test_frozen_base_gradient():
+    """As the frozen base of a LoRA adapter: the input gradient is that of the dequantized
+    weight (QuantizedLinear's backward dequantizes again)."""
+    layer = _linear(T.Q8_0, n=24, k=64)
+    w = layer.dequantize()
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ w.T).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+
+
+# --- loading a GGUF with its own types -------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_q8_gguf(tmp_path, hf_folder):
+    """A tiny random Gemma 3 exported to a Q8_0 GGUF (every matrix in blocks of 32)."""
+    from gemmakit.export import export
+    from tests.test_export import tiny_sentencepiece
+
+    folder, _ = hf_folder("gemma3")
+    (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
+    path = tmp_path / "tiny.q8_0.gguf"
+    export(model=str(folder), to="gguf", output=path, qtype="q8_0", progress=False)
+    return path
+
+
+IDS = [2, 17, 45, 99, 200, 31, 7, 250, 64, 12, 90, 33]
+
+
+@needs_kernel
+def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
+    from gemmakit.export import float_state
+    from gemmakit.loading import converted_folder, load, resolve
+    from gemmakit.quant import GGUFEmbedding, GGUFLinear
+
+    native = load(tiny_q8_gguf, device="cpu")
+    model = native.model
+    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.type_name == "Q8_0"
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)
+    assert model.model.embed_tokens.source is model.lm_head  # the tied matrix, stored once
+    assert all(isinstance(b.mlp.down_proj, GGUFLinear) for b in model.model.layers)
+    assert model.lm_head.weight.dtype == torch.uint8  # no float copy
+    folder = converted_folder(resolve(tiny_q8_gguf))
+    assert folder is None or not folder.exists()  # nothing written to the converted cache
+    floats = load(tiny_q8_gguf, dtype="float32", device="cpu")
+    assert type(floats.model.lm_head) is torch.nn.Linear
+    # the same dequantized values: export and verify see identical float weights
+    a, b = float_state(native), float_state(floats)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        ours, ref = model(torch.tensor([IDS])), floats.model(torch.tensor([IDS]))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_c_decode_step_runs_the_blocks(tiny_q8_gguf):
+    """The C decode step reads the GGUF matrices (embedding row through mat_row, products
+    through gguf_matvec) and gives the torch model's logits step by step."""
+    from gemmakit.inference import c_decode
+    from gemmakit.loading import load
+
+    model = load(tiny_q8_gguf, device="cpu").model
+    torch.set_grad_enabled(False)
+    try:
+        cache_c, cache_t = model.make_cache(1, 32), model.make_cache(1, 32)
+        prompt = torch.tensor([IDS[:4]])
+        model(prompt, cache=cache_c), model(prompt, cache=cache_t)
+        decoder = c_decode.decoder(model, cache_c, 1)
+        assert decoder is not None
+        for token in IDS[4:]:
+            got = decoder.step(token).clone()
+            ref = model(torch.tensor([[token]]), cache=cache_t)[:, -1]
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+@needs_kernel
+def test_keep_blocks_false_and_quantize_dequantize(tiny_q8_gguf):
+    from gemmakit.loading import load
+    from gemmakit.quant import GGUFLinear
+
+    for kwargs in ({"keep_blocks": False}, {"quantize": "int8"}):
+        model = load(tiny_q8_gguf, device="cpu", **kwargs).model
+        assert not any(isinstance(m, GGUFLinear) for m in model.modules())
+
+
+@needs_kernel
+def test_bundled_native_matches_its_float32_load(bundled):
+    """The bundled Q4_K_M file with its own types (Q8_0, Q5_0, Q4_K, Q6_K) computes what its
+    float32 dequantization computes, up to summation order: logits on 64 tokens within 2e-3,
+    and the same 32 greedy tokens (generate's C decode step on the blocks)."""
+    from gemmakit import SamplingParams
+    from gemmakit.inference.api import LLM
+    from gemmakit.loading import load
+    from tests.test_bundled import ROME
+
+    native = load(device="cpu")
+    types = {m.type_name for m in native.model.modules() if hasattr(m, "type_name")}
+    assert types == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    ids = torch.tensor([bundled.tokenizer.encode(ROME)[:64]])
+    with torch.no_grad():
+        diff = (native.model(ids) - bundled.model(ids)).abs().max().item()
+    assert diff < 2e-3
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    prompt = [bundled.tokenizer.encode("The best recipe for pasta is")]
+    ours = LLM(loaded=native).generate(prompt, params)[0].outputs[0].token_ids
+    assert ours == LLM(loaded=bundled).generate(prompt, params)[0].outputs[0].token_ids
