@@ -11,11 +11,8 @@ activations in float32; only the order of the additions differs.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from gemmakit.kernels import cpu as cpu_kernels
 
@@ -31,6 +28,11 @@ def gguf_supported(ggml_type: int, k: int) -> bool:
 
 def _reference(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """The gguf package's dequantization, on the CPU (float32 (n, k))."""
+    # Imported here: only the fallback needs numpy and the gguf package.
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
     blocks = np.ascontiguousarray(raw.detach().cpu().numpy())
     return torch.from_numpy(gguf_quants.dequantize(blocks, GGMLQuantizationType(ggml_type)))
 

@@ -17,7 +17,6 @@ mistake them for weights (shapes and dtypes differ), and export dequantizes them
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType
 
 from gemmakit import ops
 from gemmakit.quant.linear import QuantizedEmbedding, QuantizedLinear
@@ -38,6 +37,8 @@ class GGUFLinear(QuantizedLinear):
 
     @property
     def type_name(self) -> str:
+        from gguf import GGMLQuantizationType
+
         return GGMLQuantizationType(self.ggml_type).name
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
