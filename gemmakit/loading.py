@@ -184,10 +184,12 @@ def load_native_gguf(g, source: ModelSource) -> Gemma:
     from gemmakit.quant.gguf_blocks import GGUFEmbedding, GGUFLinear
 
     config = config_from_gguf(g)
-    native = native_gguf_tensors(g, config)
-    state = state_dict_from_gguf(g, torch.float32, config, skip=set(native.values()))
     with torch.device("meta"):
         model = model_class(config)(config)
+    # Only matrices the model has: the K/V of Gemma 3n/4's KV-shared layers stay unread.
+    expected = model.state_dict().keys()
+    native = {k: v for k, v in native_gguf_tensors(g, config).items() if k in expected}
+    state = state_dict_from_gguf(g, torch.float32, config, skip=set(native.values()))
     shapes = {k: tuple(t.shape) for k, t in state.items()} | {
         k: g.tensors[v].shape for k, v in native.items()
     }

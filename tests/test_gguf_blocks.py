@@ -331,3 +331,21 @@ def test_chunked_perplexity_scores_the_second_half_of_each_chunk():
     result = chunked_perplexity(Uniform(), list(range(10)) * 5, bos_id=2, context=16)
     assert (result.windows, result.tokens) == (3, 3 * 7)
     assert result.perplexity == pytest.approx(10.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["gemma4_e", "gemma3n"])
+def test_per_layer_families_keep_their_blocks(tmp_path, case):
+    """Gemma 4 (KV-shared layers, MoE) and Gemma 3n load a Q8_0 GGUF in its own types where
+    a projection's width allows, and compute what their float32 load computes."""
+    from gemmakit.export import export
+    from gemmakit.loading import load
+    from gemmakit.quant import GGUFLinear
+    from tests.test_gguf_families import logits_of, random_hf_model, save_folder
+
+    folder = save_folder(random_hf_model(case), tmp_path / "hf")
+    out = tmp_path / "m.q8_0.gguf"
+    export(model=str(folder), to="gguf", output=out, qtype="q8_0", progress=False)
+    native, floats = load(str(out), device="cpu"), load(str(out), dtype="float32", device="cpu")
+    assert any(isinstance(m, GGUFLinear) for m in native.model.modules())
+    torch.testing.assert_close(logits_of(native.model), logits_of(floats.model), rtol=1e-4, atol=1e-4)
