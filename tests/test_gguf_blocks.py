@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -200,6 +201,9 @@ def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
     from gemmakit.loading import converted_folder, load, resolve
     from gemmakit.quant import GGUFEmbedding, GGUFLinear
 
+    folder = converted_folder(resolve(tiny_q8_gguf))
+    if folder is not None:  # an earlier run's float32 load of the same bytes left one
+        shutil.rmtree(folder, ignore_errors=True)
     native = load(tiny_q8_gguf, device="cpu")
     model = native.model
     assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.type_name == "Q8_0"
@@ -207,7 +211,6 @@ def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
     assert model.model.embed_tokens.source is model.lm_head  # the tied matrix, stored once
     assert all(isinstance(b.mlp.down_proj, GGUFLinear) for b in model.model.layers)
     assert model.lm_head.weight.dtype == torch.uint8  # no float copy
-    folder = converted_folder(resolve(tiny_q8_gguf))
     assert folder is None or not folder.exists()  # nothing written to the converted cache
     floats = load(tiny_q8_gguf, dtype="float32", device="cpu")
     assert type(floats.model.lm_head) is torch.nn.Linear
