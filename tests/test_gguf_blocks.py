@@ -352,3 +352,20 @@ def test_per_layer_families_keep_their_blocks(tmp_path, case):
     native, floats = load(str(out), device="cpu"), load(str(out), dtype="float32", device="cpu")
     assert any(isinstance(m, GGUFLinear) for m in native.model.modules())
     torch.testing.assert_close(logits_of(native.model), logits_of(floats.model), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_batched_c_step_runs_the_blocks(tiny_q8_gguf):
+    """The serving engine's batched C step (matmul_rows' GGUF branch: each block dequantized
+    once for all rows) gives the torch model's logits for sequences decoded side by side."""
+    from gemmakit.inference import c_decode
+    from gemmakit.loading import load
+    from tests.test_c_batch import decode_together, sequences, slot_cache, torch_logits
+
+    model = load(tiny_q8_gguf, device="cpu").model
+    with torch.inference_mode():
+        decoder = c_decode.batch_decoder(model, slot_cache(model, 3, 32))
+        assert decoder is not None
+        seqs = sequences([9, 5, 7])
+        for got, ref in zip(decode_together(decoder, seqs), torch_logits(model, seqs)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
