@@ -140,7 +140,7 @@ def test_mistakes_are_clear_errors(setup, served, tmp_path):
     with pytest.raises(ModelFileError, match="no such adapter folder"):
         multi.attach(served, "x", tmp_path / "missing")
     multi.select_rows(served, ["attn", None, "mlp"])
-    with pytest.raises(GemmakitError, match="a batch of 2 rows"):
+    with pytest.raises(GemmakitError, match="a batch of 2 rows"):  # neither 3 rows nor 3 * k
         served(prompts(2))
     single = copy.deepcopy(base)
     lora.load_adapter(single, folders["attn"])
@@ -186,3 +186,38 @@ def test_a_shape_mismatch_leaves_the_model_unchanged(setup, tmp_path):
     assert not multi.has_adapters(model) and not any(
         isinstance(m, multi.MULTI_TYPES) for m in model.modules()
     )
+
+
+@pytest.mark.parametrize("family", ["gemma3n", "gemma4"])
+def test_mixed_rows_on_gemma3n_and_gemma4(tmp_path, family):
+    """AltUp streams, per-layer inputs, KV sharing and MoE blocks still see rows first."""
+    from tests.test_lora_families import EXTRA_MODULES, gemma3n_hf_model, gemma4_hf_model
+
+    hf = gemma3n_hf_model() if family == "gemma3n" else gemma4_hf_model()
+    hf.save_pretrained(tmp_path / "base")
+    base = load_model(ModelSource("hf", tmp_path / "base", "base")).eval()
+    folders = {}
+    for i, targets in enumerate(
+        [("q_proj", "o_proj", "down_proj"), ("v_proj", "up_proj", *EXTRA_MODULES[family][:3])]
+    ):
+        model = copy.deepcopy(base)
+        lora.apply_lora(model, r=2 + 2 * i, alpha=4, dropout=0.0, targets=targets)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        folders[f"a{i}"] = tmp_path / f"a{i}"
+        lora.save_adapter(model, folders[f"a{i}"])
+    served = copy.deepcopy(base)
+    for name, folder in folders.items():
+        multi.attach(served, name, folder)
+    rows = ["a0", None, "a1"]
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(0))
+    multi.select_rows(served, rows)
+    first, second = prefill_and_decode(served, ids)
+    for row, name in enumerate(rows):
+        ref = merged(base, folders[name] if name else None)
+        ref_first, ref_second = prefill_and_decode(ref, ids[row : row + 1])
+        torch.testing.assert_close(first[row], ref_first[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(second[row], ref_second[0], rtol=1e-4, atol=1e-4)

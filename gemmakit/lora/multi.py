@@ -71,15 +71,23 @@ class RowSelection:
         }
 
     def updates(self, adapters: dict, batch: int):
-        """(factors, rows) for each selected adapter this layer holds; rows None = all rows."""
+        """(factors, rows) for each selected adapter this layer holds; rows None = all rows.
+
+        An input of k * rows leading entries is a row-major flatten of (rows, k, ...): Gemma
+        4's MoE router sees the tokens as (B*T, C) (`model/gemma4.py`), row r's tokens at
+        r*k .. r*k+k-1.
+        """
         for name, rows in self.groups.items():
             factors = adapters.get(name)
             if factors is None:
                 continue
             if rows is not None and batch != self.rows:
-                raise GemmakitError(
-                    f"a batch of {batch} rows, but select_rows named adapters for {self.rows} rows"
-                )
+                if self.rows == 0 or batch % self.rows:
+                    raise GemmakitError(
+                        f"a batch of {batch} rows, but select_rows named adapters for {self.rows} rows"
+                    )
+                k = batch // self.rows
+                rows = (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
             yield factors, rows
 
 
@@ -87,7 +95,7 @@ class MultiLoRALinear(nn.Module, _KeepBaseNames):
     """A frozen linear layer (or quantized linear) plus named low-rank updates, per row.
 
     `adapters[name] = (A (r, in) float32, B (out, r) float32, scaling)`. The input's first
-    dimension is the batch row (B, ..., in), as every Gemma projection receives it.
+    dimension is the batch row (B, ..., in), or rows flattened with their tokens (B*T, in).
     """
 
     def __init__(self, base: nn.Module, selection: RowSelection):
