@@ -124,6 +124,11 @@ def test_generate_steps_runs_each_request_with_its_adapter(setup, served):
         for _ in generate_steps(merged(base, folders.get(name) if name else None), [alone]):
             pass
         assert req.output_ids == alone.output_ids, name
+        # A batch of one, where the C step would run on a plain model, keeps its adapter too.
+        single = Request(req.prompt_ids, params, adapter=name)
+        for _ in generate_steps(served, [single]):
+            pass
+        assert single.output_ids == alone.output_ids, name
 
 
 def test_mistakes_are_clear_errors(setup, served, tmp_path):
