@@ -105,7 +105,7 @@ def test_two_adapters_and_the_base_in_one_batch_equal_each_served_alone(tiny):
                 assert time.monotonic() < deadline, "requests did not arrive"
                 time.sleep(0.01)
         together = {n: f.result() for n, f in zip(names, futures)}
-        assert scheduler.stats.max_batch_seen == 3 and scheduler.stats.batches == 1
+        assert scheduler.stats.max_batch_seen == 3  # the three rows ran side by side
     finally:
         srv.stop()
     assert {n: r["model"] for n, r in together.items()} == {n: n for n in names}
