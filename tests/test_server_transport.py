@@ -357,3 +357,43 @@ def test_sigterm_ends_open_streams_with_503_and_done(tmp_path):
     assert events[-1] == "[DONE]", events[-3:]
     assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-2]
     assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+@pytest.mark.slow  # a real server under a 100-descriptor limit (~15 s)
+def test_running_out_of_descriptors_is_survived_quietly(tmp_path, tiny):
+    """`gemmakit serve` limited to 100 open files, hit by 300 idle connections: /health still
+    answers, the idle ones are closed after the timeout, and the log holds at most a line or
+    two about descriptors, no traceback (it once grew by megabytes per second)."""
+    resource = pytest.importorskip("resource")
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    root = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-c", "import sys; from gemmakit.cli import main; sys.exit(main())", "serve"]
+    cmd += ["--port", "0", "--model", str(tiny[0]), "--idle-timeout-s", "2"]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        env = {**os.environ, "PYTHONPATH": root, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, preexec_fn=limit_files)
+    socks = []
+    try:
+        url, deadline = None, time.monotonic() + 120
+        while url is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            text = log_path.read_text()
+            m = re.search(r" at (http://127\.0\.0\.1:\d+)", text)
+            url = m.group(1) if m and "startup complete" in text else None
+            time.sleep(0.1)
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        time.sleep(3)  # past the idle timeout
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 40
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+    log = log_path.read_text()
+    assert "Traceback" not in log and log.count("Too many open files") <= 3, log
