@@ -226,3 +226,23 @@ def test_mixed_rows_on_gemma3n_and_gemma4(tmp_path, family):
         ref_first, ref_second = prefill_and_decode(ref, ids[row : row + 1])
         torch.testing.assert_close(first[row], ref_first[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(second[row], ref_second[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_c_steps_decline_a_model_with_adapters(setup, tmp_path):
+    """Both C steps read plain weights only: attached adapters (even on the embedding alone)
+    must send every step to the torch model, which applies them per row."""
+    from gemmakit.inference import c_decode
+    from tests.test_c_batch import slot_cache
+
+    base, _ = setup
+    model = copy.deepcopy(base)
+    lora.apply_lora(model, r=2, alpha=2, dropout=0.0, targets=("embed_tokens",))
+    lora.save_adapter(model, tmp_path / "embed")
+    model = copy.deepcopy(base)
+    with torch.inference_mode():
+        kv = slot_cache(model, 2, 8)
+        if c_decode.batch_decoder(model, kv) is None:
+            pytest.skip("the C kernels are not built here")
+        multi.attach(model, "embed", tmp_path / "embed")
+        assert c_decode.batch_decoder(model, kv) is None
+        assert c_decode.decoder(model, model.make_cache(1, 8), 1) is None
