@@ -69,6 +69,53 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     return out
 
 
+# Rows per task when a GGUF tensor is quantized over several threads: small enough to balance
+# two to sixteen threads over a 640-row tensor, large enough that a task outlasts its hand-off.
+GGUF_QUANTIZE_ROWS_PER_TASK = 32
+
+
+def gguf_quantize_rows(
+    x: torch.Tensor, ggml_type: int, imatrix: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Rows of x (n, k) float32 as the blocks of ggml type `ggml_type` (gguf_quantize.c): (n,
+    row bytes) uint8, bytes as llama.cpp's quantizer writes them; `imatrix` (k,) float32 column
+    weights or None. None when the kernel does not apply (no compiler, not CPU, a type it does
+    not write or k not a whole number of its blocks). Rows are split over torch's threads
+    (ctypes releases the GIL for the call)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    n, k = x.shape
+    if imatrix is not None:
+        imatrix = imatrix.to(torch.float32).contiguous()
+        if imatrix.shape != (k,):
+            return None
+    im = imatrix.data_ptr() if imatrix is not None else None
+    row_bytes = lib.gguf_quantize_rows(ggml_type, x.data_ptr(), None, k, 0, 0, im)
+    if row_bytes < 0:
+        return None
+    out = torch.empty((n, row_bytes), dtype=torch.uint8)
+    starts = range(0, n, GGUF_QUANTIZE_ROWS_PER_TASK)
+
+    def run(lo: int) -> None:
+        hi = min(n, lo + GGUF_QUANTIZE_ROWS_PER_TASK)
+        lib.gguf_quantize_rows(ggml_type, x.data_ptr(), out.data_ptr(), k, lo, hi, im)
+
+    threads = _threads(n, 2 * GGUF_QUANTIZE_ROWS_PER_TASK)
+    if threads == 1:
+        for lo in starts:
+            run(lo)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    return out
+
+
 # Element counts from which a kernel is split over torch's threads (below, one thread runs
 # it): where handing the work over costs more than the second thread saves. Measured on a
 # 2-core VM right after a torch matmul (its OpenMP workers spinning), one thread against

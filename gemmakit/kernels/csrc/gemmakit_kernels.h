@@ -72,6 +72,16 @@ typedef struct {
  * cannot be allocated. */
 GEMMAKIT_API int decode_batch(const Model *m, const Batch *b, int threads);
 
+/* --- GGUF block quantization with llama.cpp's bytes (gguf_quantize.c, gguf_quantize_k.c) --- */
+
+/* Rows [lo, hi) of x (n, k) float32 quantized to ggml type `type` (Q4_0 2, Q4_1 3, Q5_0 6,
+ * Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23) into
+ * out (n rows of the returned bytes), with the importance matrix's k column weights or NULL.
+ * Returns the bytes of one row, or -1 for another type or a k that is not a whole number of
+ * its blocks. */
+GEMMAKIT_API int64_t gguf_quantize_rows(int64_t type, const float *x, void *out, int64_t k, int64_t lo, int64_t hi,
+                                        const float *imatrix);
+
 /* --- kernels over a range, on the calling thread --- */
 
 /* y[n] = s[n] * (x . row n of int8 w (N, K)) for rows [start, stop) (gemv.c) */
