@@ -96,8 +96,9 @@ class LLM:
         # read: the float model never exists (int8 270M: 0.7 GB peak instead of 1.9 GB).
         streamed = bool(quantization) and loaded is None and not adapter
         self.loaded = loaded or load(
-            model, dtype=dtype, device=device, quantize=quantization if streamed else None
-        )
+            model, dtype=dtype, device=device, quantize=quantization if streamed else None,
+            keep_blocks=not quantization,  # quantized below: a GGUF is read as floats first
+        )  # fmt: skip
         if adapter:
             from gemmakit.lora import load_adapter
 
