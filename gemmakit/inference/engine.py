@@ -17,6 +17,7 @@ import torch
 from gemmakit.errors import ContextLengthError
 from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample
+from gemmakit.lora import multi
 
 
 @dataclass
@@ -218,12 +219,15 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
     """Runs a batch to completion, yielding [(row, token_id), ...] for each step.
 
     Rows are left-padded into one batch; a finished row keeps a slot but is no longer
-    sampled. Each request's limits are checked against the model's context first.
+    sampled. Each request's limits are checked against the model's context first. Each row
+    runs with its request's LoRA adapter (`Request.adapter`, attached by `lora.multi.attach`).
     """
     context = model.config.max_position_embeddings
     limits = [check_length(len(r.prompt_ids), r.params.max_tokens, context) for r in requests]
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id, model.device)
     cache = model.make_cache(len(requests), ids.shape[1] + max(limits))
-    fast = c_decode.decoder(model, cache, len(requests))
+    # The rows keep their places for the whole batch, so one selection serves every step.
+    multi.select_rows(model, [r.adapter for r in requests])
+    fast = None if multi.has_adapters(model) else c_decode.decoder(model, cache, len(requests))
     logits = prefill(model, ids, mask, cache)  # (B, V)
     yield from decode_n_tokens(model, requests, logits, cache, fast, limits, pad_id)

@@ -43,6 +43,7 @@ from gemmakit.errors import ContextLengthError, GemmakitError
 from gemmakit.inference.engine import check_length
 from gemmakit.inference.grammar import check_schema
 from gemmakit.inference.sampling import SamplingParams
+from gemmakit.lora import multi
 from gemmakit.paths import STATIC
 from gemmakit.serving import responses
 from gemmakit.serving.config import ServerConfig
@@ -61,7 +62,7 @@ from gemmakit.serving.schemas import (
     unsupported,
 )
 from gemmakit.serving.tools import render_prompt, tool_plan
-from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, is_loopback
+from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, ServerErrors, is_loopback
 
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.
@@ -81,8 +82,13 @@ class _Server:
             )
         self.context = config.max_model_len or context
         self.name = config.served_model_name or llm.loaded.source.name
+        # LoRA adapters attached before the app was made (`gemmakit serve --lora NAME=DIR`).
+        self.adapters = multi.adapter_names(llm.model)
+        if self.name in self.adapters:
+            raise GemmakitError(f"a LoRA adapter is named {self.name!r}, as the served model is")
         self.created = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
+        self.draining = False
         self.scheduler = Scheduler(
             llm.model,
             self.tokenizer,
@@ -138,14 +144,19 @@ class _Server:
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         return data
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist; this server serves '{self.name}'",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (vLLM's convention), None for the base."""
+        if model is None or model == self.name:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(f"'{n}'" for n in [self.name, *self.adapters])
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {served}",
+            param="model",
+            code="model_not_found",
+        )
 
     def sampling(
         self,
@@ -202,17 +213,31 @@ class _Server:
             out[int(key)] = value
         return out
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Ticket:
-        """Queues `params.n` rows per prompt (row p * n + j is completion j of prompt p)."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None) -> Ticket:
+        """Queues `params.n` rows per prompt (row p * n + j is completion j of prompt p), run
+        with LoRA adapter `adapter` (None: the base)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         rows = [p for p in prompts for _ in range(params.n)]
         if len(rows) > self.config.max_queue:
             raise APIError(400, f"at most {self.config.max_queue} completions per request", param="n")
         try:
-            return self.scheduler.submit(rows, params.expand_n() * len(prompts))
+            return self.scheduler.submit(rows, params.expand_n() * len(prompts), adapter=adapter)
         except QueueFullError as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
         except ShuttingDownError as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+
+    async def drain(self, grace_s: float) -> None:
+        """Stops taking requests, lets the running and queued ones finish for up to `grace_s`
+        seconds, then closes the scheduler: what still runs ends with `ShuttingDownError`,
+        which a stream reports as the 503 error event followed by `[DONE]`."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        s = self.scheduler
+        while (s.running or s.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(s.close)
 
     # --- events -------------------------------------------------------------------------
 
@@ -276,16 +301,18 @@ class _Server:
     # --- endpoints ----------------------------------------------------------------------
 
     def models(self) -> dict:
-        return {"object": "list", "data": [self.model_card()]}
+        return {"object": "list", "data": [self.model_card(n) for n in [None, *self.adapters]]}
 
-    def model_card(self) -> dict:
-        return {
-            "id": self.name,
+    def model_card(self, adapter: str | None = None) -> dict:
+        """The base model's card, or an adapter's (with `parent`, as vLLM lists LoRA modules)."""
+        card = {
+            "id": adapter or self.name,
             "object": "model",
             "created": self.created,
             "owned_by": "gemmakit",
             "max_model_len": self.context,
         }
+        return card | ({"parent": self.name} if adapter else {})
 
     def chat_logprobs(self, req: ChatCompletionRequest) -> int | None:
         """Chat's `logprobs: true` + `top_logprobs: k` as the engine's k (None: none)."""
@@ -295,7 +322,8 @@ class _Server:
 
     async def chat_completions(self, request):
         req = parse(ChatCompletionRequest, await self.read_json(request))
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
+        model_name = adapter or self.name
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         plan = tool_plan(req.tools, req.tool_choice)
@@ -314,7 +342,7 @@ class _Server:
         name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         logprobs = self.chat_logprobs(req)
         params = self.sampling(req, getattr(req, name), [len(ids)], "conversation", name, logprobs, schema)
-        ticket = self.submit([ids], params)
+        ticket = self.submit([ids], params, adapter)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         tok = self.tokenizer
 
@@ -336,7 +364,7 @@ class _Server:
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
-                "model": self.name,
+                "model": model_name,
                 "choices": out,
                 "usage": responses.usage(ticket.prompt_tokens, params.n, choices),
             }
@@ -344,7 +372,7 @@ class _Server:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices, usage=None):
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name}
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
             c["choices"] = choices
             if include_usage:  # OpenAI sends "usage": null on every chunk but the last
                 c["usage"] = usage
@@ -390,7 +418,8 @@ class _Server:
 
     async def completions(self, request):
         req = parse(CompletionRequest, await self.read_json(request))
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
+        model_name = adapter or self.name
         unsupported(req, {"best_of": (1,), "suffix": ("",)})
         prompts = self.prompts(req.prompt)
         if len(prompts) > self.config.max_queue:
@@ -403,13 +432,13 @@ class _Server:
             (p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in prompts
         ]
         echoes = [e for e in echoes for _ in range(n)]  # one per choice: row p * n + j
-        ticket = self.submit(ids, params)
+        ticket = self.submit(ids, params, adapter)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = not req.stream or bool(req.stream_options and req.stream_options.include_usage)
         tok = self.tokenizer
 
         def chunk(choices, usage=None):
-            c = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
+            c = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
             c["choices"] = choices
             if include_usage:  # null on every streamed chunk but the last
                 c["usage"] = usage
@@ -486,6 +515,7 @@ def create_app(llm, config: ServerConfig | None = None):
 
     app = FastAPI(title="gemmakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.config, app.state.model_name = server.scheduler, config, server.name
+    app.state.drain = server.drain  # run by transport.build_server's shutdown
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -499,10 +529,6 @@ def create_app(llm, config: ServerConfig | None = None):
     async def validation_error(request, e: RequestValidationError):
         return error_response(APIError(400, str(e.errors()[0].get("msg", e))))
 
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
-
     def authorized(request: Request) -> None:
         server.check_auth(request)
 
@@ -511,8 +537,7 @@ def create_app(llm, config: ServerConfig | None = None):
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str):
-        server.check_model(model_id)
-        return server.model_card()
+        return server.model_card(server.check_model(model_id))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -545,6 +570,7 @@ def create_app(llm, config: ServerConfig | None = None):
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    app.add_middleware(ServerErrors)  # a 500 keeps the keep-alive connection
     if is_loopback(config.host):
         app.add_middleware(HostCheck, allowed=LOOPBACK_NAMES)
     return app
