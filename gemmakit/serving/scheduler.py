@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from gemmakit.inference import logits_processing
 from gemmakit.inference.engine import Request
 from gemmakit.inference.sampling import SamplingParams, request_generator
 from gemmakit.inference.text import StreamEvent, stream_text
@@ -214,11 +215,13 @@ class Scheduler:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         loop: asyncio.AbstractEventLoop | None = None,
+        adapter: str | None = None,
     ) -> Ticket:
         """Queues prompts (token ids, limits already checked) and returns their `Ticket`.
 
         A row's seed (`params.seed`, or a fresh random one) seeds its own generator, so its
         tokens do not depend on which other rows share its batch (`request_generator`).
+        `adapter` names the LoRA adapter the rows run with (`lora.multi.attach`; None: the base).
 
         Raises:
             QueueFullError: the waiting rows would exceed `max_queue`.
@@ -235,7 +238,10 @@ class Scheduler:
         rows = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             gen = request_generator(p, seeds=None)
-            rows.append(_Row(ticket, i, Request(list(prompt), p, self.stop_ids, gen)))
+            # Penalties, logit bias, a grammar and log-probabilities, from the params (openai part).
+            request = Request(list(prompt), p, self.stop_ids, gen, adapter=adapter)
+            request = logits_processing.prepare(request, self.tokenizer)
+            rows.append(_Row(ticket, i, request))
         self.start()
         with self._cond:
             if self._closing or not self._thread.is_alive():
