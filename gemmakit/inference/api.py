@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.errors import GemmakitError
-from gemmakit.inference.engine import Request
+from gemmakit.inference.batching import Engine, available_memory, slot_bytes
+from gemmakit.inference.engine import Request, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, TextStream, stream_text, text_streams
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step, text_streams
 from gemmakit.loading import Loaded, load
 
 
@@ -94,6 +95,7 @@ class LLM:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self._generator = torch.Generator().manual_seed(seed)
         self._next_id = 0
+        self._engine: Engine | None = None  # kept between calls: its slots cache prefixes
 
     # --- requests ------------------------------------------------------------------------
 
@@ -145,8 +147,40 @@ class LLM:
         yield from self._stream(requests, text_streams(self.tokenizer, requests))
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
-        for events in stream_text(self.model, self.tokenizer, requests, streams):
-            yield from events
+        """Runs the requests on the continuous-batching engine (the server's), yielding each
+        step's text events; a row that fails alone ends with finish reason "error"."""
+        engine = self._engine_for(requests)
+        row_of = {id(r): i for i, r in enumerate(requests)}
+        for r in requests:
+            engine.add(r)
+        try:
+            while any(r.finish_reason is None for r in requests):
+                step = [(row_of[id(req)], token) for req, token in engine.step() if id(req) in row_of]
+                yield from finish_step([(row, t) for row, t in step if t is not None], requests, streams)
+                for row, _ in (e for e in step if e[1] is None):
+                    yield StreamEvent(row, streams[row].flush(), None, requests[row].finish_reason)
+        finally:  # a caller that stops iterating early frees the rows' slots
+            engine.abort(requests)
+
+    def _engine_for(self, requests: list[Request]) -> Engine:
+        """The engine, rebuilt when its slots or capacity do not cover these requests: a slot
+        per request (at most 16), each as long as the longest prompt + its tokens, rounded up
+        to 256 positions, within half the available memory."""
+        context = self.model.config.max_position_embeddings
+        need = max(
+            len(r.prompt_ids) + check_length(len(r.prompt_ids), r.params.max_tokens, context)
+            for r in requests
+        )
+        capacity = min(context, -(-need // 256) * 256)
+        free = available_memory()
+        per_slot = slot_bytes(self.model.config, self.model.dtype, capacity)
+        fits = len(requests) if free is None else max(1, int(0.5 * free // per_slot))
+        slots = min(len(requests), 16, fits)
+        e = self._engine
+        if e is None or e.capacity < capacity or e.slots < slots:
+            self._engine = None  # the old cache goes before the new one is allocated
+            self._engine = Engine(self.model, slots=slots, capacity=capacity)
+        return self._engine
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for every prompt (str, token-id list, or {"prompt_token_ids": ...})."""

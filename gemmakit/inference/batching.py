@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.config import SLIDING
 from gemmakit.inference import c_decode
 from gemmakit.inference.engine import Request, check_length, sample_row
-from gemmakit.model.slot_cache import SlotCache
+from gemmakit.model.slot_cache import RING_SLACK, SlotCache
 
 ERROR = "error"  # the finish reason of a row whose own sampling or forward pass failed
 
@@ -135,6 +136,13 @@ class Engine:
         return seq
 
     # --- one step ------------------------------------------------------------------------
+
+    def abort(self, requests: list[Request], reason: str = "abort") -> None:
+        """Ends the unfinished ones of `requests` (waiting or running) and frees their slots."""
+        for req in requests:
+            if req.finish_reason is None:
+                req.finish_reason = reason
+        self._release()
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int | None]]:
@@ -279,3 +287,45 @@ class Engine:
     def _fail(self, seq: Sequence, error: Exception) -> tuple[Request, None]:
         seq.error, seq.request.finish_reason = error, ERROR
         return seq.request, None
+
+
+# --- sizing --------------------------------------------------------------------------------
+
+
+def slot_bytes(config, dtype, capacity: int) -> int:
+    """Bytes of keys and values one slot of `capacity` positions takes (sliding layers: their
+    ring of window + RING_SLACK positions)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for i, kind in enumerate(config.layer_types):
+        if config.layer_owns_kv(i):
+            cap = min(capacity, config.sliding_window + RING_SLACK) if kind == SLIDING else capacity
+            total += 2 * config.layer_kv_heads(i) * config.layer_head_dim(i) * cap * size
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes the OS says can be allocated without swapping (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def fitting_capacity(config, dtype, slots: int, share: float = 0.5, granule: int = 256) -> int:
+    """The longest sequence `slots` slots can hold within `share` of the available memory
+    (a multiple of `granule`, at least one granule), capped by the model's context."""
+    context = config.max_position_embeddings
+    free = available_memory()
+    if free is None:
+        return context
+    budget = share * free / slots
+    lo, hi = 1, context
+    while lo < hi:  # the largest capacity whose slot fits the budget
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if slot_bytes(config, dtype, mid) <= budget else (lo, mid - 1)
+    return min(context, max(granule, lo // granule * granule))

@@ -114,11 +114,6 @@ class SlotCache:
         """Each model layer's (keys, values), None for a layer that owns none."""
         return [None if c is None else (c.k, c.v) for c in self.for_layer]
 
-    def bytes_per_token(self) -> int:
-        """Bytes one position of one slot takes across all layers (a sliding layer's ring counts
-        as if full: the bound a capacity plan must assume)."""
-        return bytes_per_token(self.config, self.dtype)
-
     def advance(self, slots: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Plans a forward pass whose row b feeds positions[b] (consecutive) of slot slots[b],
         and returns each attention type's additive mask (B, 1, T, S)."""
@@ -168,12 +163,3 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, float("-inf"))[:, None]
 
-
-def bytes_per_token(config: GemmaConfig, dtype) -> int:
-    """K and V bytes one position takes in every layer that owns K/V."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(
-        2 * config.layer_kv_heads(i) * config.layer_head_dim(i) * size
-        for i in range(config.num_hidden_layers)
-        if config.layer_owns_kv(i)
-    )
