@@ -14,6 +14,9 @@ min(capacity, window + RING_SLACK), position p at index p % cap_layer.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
@@ -50,8 +53,7 @@ class SlotLayerCache:
     def __init__(self, plan: _TypePlan, slots: int, kv_heads: int, head_dim: int, dtype, device):
         self.plan = plan
         shape = (slots, kv_heads, plan.capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device)
 
     def _read(self, store: torch.Tensor) -> torch.Tensor:
         """The keys (or values) the rows attend over: (B, K, read_length, D)."""
@@ -158,8 +160,22 @@ class SlotCache:
         return _additive(allowed, self.dtype)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """torch.zeros, whose memory on the CPU is committed only as it is written.
+
+    numpy's zeros is calloc, for which the OS maps zero pages on demand, while torch.zeros
+    writes every byte: a cache sized for long sequences then costs the memory its sequences
+    use (issue 19 item 8: memory linear in the prompt), not its capacity.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocator gives (SIMD loads)
+    return torch.from_numpy(raw[start : start + nbytes]).view(dtype).view(shape)
+
+
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """(B, T, S) booleans -> additive mask (B, 1, T, S): 0 where allowed, -inf elsewhere."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, float("-inf"))[:, None]
-
