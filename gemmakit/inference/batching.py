@@ -104,7 +104,8 @@ class Engine:
         self.model, self.capacity, self.prefill_chunk = model, capacity, prefill_chunk
         self.prefix_cache = prefix_cache
         self.cache = SlotCache(model.config, slots, capacity, model.dtype, model.device)
-        self.fast = c_decode.batch_decoder(model, self.cache.layer_kv())
+        with torch.inference_mode():  # as every step runs: the C step declines autograd
+            self.fast = c_decode.batch_decoder(model, self.cache.layer_kv())
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         # Free slots, least recently used first, each with the tokens its cache still holds.
