@@ -227,3 +227,21 @@ def test_prompt_over_capacity_is_a_context_length_error(model):
     engine = Engine(model, slots=1, capacity=16)
     with pytest.raises(ContextLengthError):
         engine.add(Request(prompt(16, 1), GREEDY))
+
+
+def test_a_prompt_sharing_a_running_rows_prefix_copies_its_keys_and_values(model):
+    """Two requests with one system prompt: the second, admitted while the first runs, copies
+    the first's keys and values for the shared part; both give their cold tokens."""
+    system = prompt(12, 11)
+    first = Request(system + prompt(4, 12), GREEDY)
+    second = Request(system + prompt(5, 13), GREEDY)
+    engine = Engine(model, slots=2, capacity=64)
+    engine.add(first)
+    engine.step()
+    seq = engine.add(second)
+    run(engine, [])
+    # The first row held 17 positions when the second came: a sliding ring of window 4 +
+    # RING_SLACK still holds the window before position 12.
+    assert seq.reused == 12 and engine.counters.prefix_hit_tokens == 12
+    assert first.output_ids == alone(model, first.prompt_ids)
+    assert second.output_ids == alone(model, second.prompt_ids)

@@ -20,7 +20,8 @@ logits processor that raises) ends with finish reason "error" and its exception 
 
 Prefix reuse: a finished row's slot keeps its keys and values as a cached prefix until the
 slot is needed again (least recently used first). A new prompt starting with those tokens
-takes that slot and prefills only the rest. Sliding-window layers keep a ring of
+takes that slot and prefills only the rest; one that starts with what a running row holds (a
+shared system prompt, the n completions of one prompt) gets a copy of those keys and values. Sliding-window layers keep a ring of
 window + RING_SLACK positions, so the keys of a prefix cut at m are still in the ring only
 when the cached sequence went at most RING_SLACK + 1 positions past m (`_reusable`); a
 shorter match there would need keys the ring has overwritten, and is not reused.
@@ -173,6 +174,10 @@ class Engine:
         while self.waiting and self._free:
             seq = self.waiting.popleft()
             slot, reused = self._pick_slot(seq.request.prompt_ids)
+            source, shared = self._running_prefix(seq.request.prompt_ids)
+            if shared > reused:  # a running row holds more of the prompt: copy its keys and values
+                slot, reused = next(iter(self._free)), shared
+                self.cache.copy_prefix(source, slot, shared)
             del self._free[slot]
             seq.slot, seq.held, seq.reused = slot, reused, reused
             seq.admitted_at = time.perf_counter()
@@ -191,6 +196,17 @@ class Engine:
                 m = self._reusable(held, prompt)
                 if m > best:
                     best_slot, best = slot, m
+        return best_slot, best
+
+    def _running_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        """The slot of the running row that holds the longest reusable prefix of `prompt`, and
+        its length (a shared system prompt, the n completions of one prompt)."""
+        best_slot, best = None, 0
+        if self.prefix_cache:
+            for seq in self.running:
+                m = self._reusable(seq.tokens(), prompt)
+                if m > best:
+                    best_slot, best = seq.slot, m
         return best_slot, best
 
     def _reusable(self, held: list[int], prompt: list[int]) -> int:

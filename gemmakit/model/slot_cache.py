@@ -116,6 +116,16 @@ class SlotCache:
         """Each model layer's (keys, values), None for a layer that owns none."""
         return [None if c is None else (c.k, c.v) for c in self.for_layer]
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copies what slot `source` holds for positions [0, length) into slot `target`: the
+        first `length` indices of full layers, the whole ring of sliding ones (which positions
+        of it a later row may attend is the caller's bound, as for reusing a slot in place)."""
+        for layer in self.for_layer:
+            if layer is not None:
+                n = length if layer.plan.window is None else layer.plan.capacity
+                layer.k[target, :, :n] = layer.k[source, :, :n]
+                layer.v[target, :, :n] = layer.v[source, :, :n]
+
     def advance(self, slots: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Plans a forward pass whose row b feeds positions[b] (consecutive) of slot slots[b],
         and returns each attention type's additive mask (B, 1, T, S)."""
