@@ -429,18 +429,20 @@ def test_prompt_over_max_model_len_is_a_400(llm):
 
 
 @pytest.mark.slow
-def test_streams_with_random_disconnects_leave_no_slot_and_no_memory_behind(llm):
-    """64 concurrent streams a round, a third of them hanging up mid-stream, for 4 rounds: every
-    other stream ends with [DONE] and no error, every slot is free after each round, and the
-    process's memory after the last round is what it was after the first."""
+def test_streams_with_random_disconnects_leave_no_slot_and_no_memory_behind(tmp_path):
+    """1,024 requests, 64 concurrent streams at a time, a third of them hanging up mid-stream
+    (a tiny model, so that the serving machinery is what runs): every other stream ends with
+    [DONE] and no error, every slot is free after each round, and the process's memory after
+    the last round is what it was after the second."""
+    from tests.test_training import tiny_model_folder
 
     def rss() -> int:  # resident bytes of this process (Linux)
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    app = create_app(
-        llm, ServerConfig(served_model_name=NAME, max_num_seqs=16, max_queue=256, max_model_len=256)
-    )
+    llm = LLM(model=str(tiny_model_folder(tmp_path)), dtype="float32", device="cpu")
+    config = ServerConfig(served_model_name=NAME, max_num_seqs=16, max_queue=256, max_model_len=256)
+    app = create_app(llm, config)
     sched = app.state.scheduler
 
     async def one(client, url, i):
@@ -466,19 +468,21 @@ def test_streams_with_random_disconnects_leave_no_slot_and_no_memory_behind(llm)
 
     async def round_(url):
         limits = httpx.Limits(max_connections=80)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             return await asyncio.gather(*(one(client, url, i) for i in range(64)))
 
     sizes = []
     with serve_in_thread(app) as srv:
-        for _ in range(4):
+        for _ in range(16):
             outcomes = asyncio.run(round_(srv.url))
-            assert outcomes.count("hung up") == 22 and outcomes.count("done") == 42
+            # (a stream whose text came in fewer chunks than its hang-up point ends first)
+            assert set(outcomes) <= {"hung up", "done"} and outcomes.count("done") >= 42, outcomes
             wait_for(lambda: sched.running == 0 and sched.waiting == 0, what="every row to end")
             engine = sched.engine
             assert engine.free_slots == engine.slots and not engine.running and not engine.waiting
             sizes.append(rss())
-    assert sizes[-1] - sizes[0] < 64 * 2**20, sizes
+    assert sched.stats.cancelled >= 16 * 10  # hang-ups that came before the row's last token
+    assert sizes[-1] - sizes[1] < 32 * 2**20, sizes
 
 
 # --- the load test, small ---------------------------------------------------------------
