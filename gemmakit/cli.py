@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": ("eval", "perplexity and multiple-choice evaluation with the method stated"),
     "finetune": ("finetune", "LoRA / QLoRA / full fine-tuning (a QLoRA recipe by default)"),
     "merge": ("merge", "merge a LoRA adapter into its base model and save the result"),
+    "imatrix": ("imatrix", "importance matrix over a text, as llama-imatrix computes and writes it"),
     "cache": ("cache", "list or clear the model caches (dequantized GGUFs, quantized models)"),
 }
 

@@ -274,3 +274,40 @@ def test_bad_config_json(hf_folder, change, match, capsys):
     assert main(["generate", "--model", str(folder), "--max-new-tokens", "1", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json" in err, err
+
+
+def _set_tensor_offset(data: bytes, name: str, offset: int) -> bytes:
+    """The GGUF bytes with tensor `name`'s data offset (relative to the data section) replaced."""
+    raw = name.encode()
+    at = data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    field = at + 4 + 8 * n_dims + 4  # after the dims and the type
+    return data[:field] + struct.pack("<Q", offset) + data[field + 8 :]
+
+
+@pytest.mark.parametrize(
+    "offset, match",
+    [
+        (64, "token_embd.weight and output_norm.weight overlap"),
+        (10**9, "truncated: tensor output_norm.weight"),
+    ],
+)
+def test_gguf_tensor_data_overlapping_or_past_the_end(tmp_path, gguf_bytes, offset, match, capsys, no_cache):
+    """Issue 19: a tensor whose bytes overlap another's, or lie past the end, is one clear line."""
+    data, _, _ = gguf_bytes
+    path = tmp_path / "ranges.gguf"
+    path.write_bytes(_set_tensor_offset(data, "output_norm.weight", offset))
+    with pytest.raises(ModelFileError, match=match):
+        GGUFFile(path)
+    _assert_one_line_error(path, match, capsys, ModelFileError)
+
+
+def test_gguf_tensor_listed_twice(tmp_path, gguf_bytes):
+    data, _, _ = gguf_bytes
+    second = struct.pack("<Q", 18) + b"output_norm.weight"
+    assert data.count(second) == 1
+    twice = data.replace(second, struct.pack("<Q", 17) + b"token_embd.weight")
+    path = tmp_path / "twice.gguf"
+    path.write_bytes(twice)
+    with pytest.raises(ModelFileError, match="listed twice"):
+        GGUFFile(path)

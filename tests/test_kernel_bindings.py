@@ -31,7 +31,7 @@ def test_every_exported_function_is_declared_and_bound():
     for name, (restype, argtypes) in declared.items():
         fn = getattr(lib, name)
         assert fn.argtypes == argtypes and fn.restype == restype, name
-    assert declared["decode_step"][0] is ctypes.c_int
+    assert declared["decode_batch"][0] is ctypes.c_int
     assert declared["rms_norm_forward_mt"][1][5] is ctypes.c_double
 
 
@@ -59,7 +59,7 @@ def test_struct_layouts_are_the_compilers(tmp_path):
         for field, _ in struct._fields_:
             ours[f"{name}.{field}"] = str(getattr(struct, field).offset)
     assert ours == compiler_says
-    assert set(structs) == {"Mat", "Layer", "Model", "Step"}
+    assert set(structs) == {"Mat", "Layer", "Model", "Batch"}
 
 
 def test_constants_come_from_the_header():

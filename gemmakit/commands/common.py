@@ -91,3 +91,28 @@ def print_json(obj):
 
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def read_text_file(path, flag: str = "--text", keep_newlines: bool = False) -> str:
+    """A UTF-8 text file's content (with `keep_newlines`, its line ends as they are, not
+    translated to \n); a missing, unreadable, non-UTF-8 or empty file is one GemmakitError
+    naming it."""
+    from pathlib import Path
+
+    from gemmakit.errors import GemmakitError
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="" if keep_newlines else None) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise GemmakitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GemmakitError(f"{path}: is a folder; {flag} takes a text file") from None
+    except OSError as e:
+        raise GemmakitError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise GemmakitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise GemmakitError(f"{path}: the text is empty")
+    return text

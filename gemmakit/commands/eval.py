@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemmakit.commands.common import QUANTIZATIONS, print_json
+from gemmakit.commands.common import QUANTIZATIONS, print_json, read_text_file
 from gemmakit.errors import GemmakitError
 
 
@@ -125,18 +125,7 @@ def run_perplexity(args) -> int:
     from gemmakit.evaluation.table import format_table
 
     path = Path(args.text) if args.text else DEFAULT_TEXT
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GemmakitError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GemmakitError(f"{path}: is a folder; --text takes a text file") from None
-    except OSError as e:
-        raise GemmakitError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise GemmakitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise GemmakitError(f"{path}: the text is empty")
+    text = read_text_file(path)
     stride = args.stride or max(1, args.context // 2)
     strided_windows(1, args.context, stride)  # checks the numbers before any loading
     if args.batch_tokens < 1:

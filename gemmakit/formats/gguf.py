@@ -129,10 +129,9 @@ _HF_LAYER = {h: g for g, h in _LAYER_NAMES.items()}
 def hf_to_gguf_name(name: str) -> str | None:
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
-    if name.startswith("model.layers."):
-        _, _, layer, rest = name.split(".", 3)
-        if rest in _HF_LAYER:
-            return f"blk.{layer}.{_HF_LAYER[rest]}"
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_LAYER:
+        return f"blk.{parts[2]}.{_HF_LAYER[parts[3]]}"
     return None
 
 
@@ -267,14 +266,29 @@ class GGUFFile:
             name: TensorInfo(name, shape, t, self.data_offset + off, nbytes)
             for name, shape, t, off, nbytes in infos
         }
+        if len(self.tensors) != len(infos):
+            twice = next(n for i, (n, *_) in enumerate(infos) if any(n == m for m, *_ in infos[:i]))
+            raise ModelFileError(f"{self.path}: corrupt GGUF header (tensor {twice} is listed twice)")
         for t in self.tensors.values():
             if t.nbytes < 0 or any(d < 0 for d in t.shape):
                 raise ModelFileError(f"{self.path}: tensor {t.name} has an impossible shape {t.shape}")
-        end = max((t.offset + t.nbytes for t in self.tensors.values()), default=self.data_offset)
-        if end > len(self._data):
+        self._check_data_ranges()
+
+    def _check_data_ranges(self):
+        """Each tensor's bytes lie inside the file and belong to it alone (llama.cpp's gguf.cpp
+        is stricter still: each tensor must start where the previous one ends, padded)."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        last = max(spans, key=lambda s: s[1], default=None)
+        if last is not None and last[1] > len(self._data):
             raise ModelFileError(
-                f"{self.path}: truncated: tensor data needs {end:,} bytes, file has {len(self._data):,}"
+                f"{self.path}: truncated: tensor {last[2]} needs bytes up to {last[1]:,}, "
+                f"the file has {len(self._data):,}"
             )
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise ModelFileError(
+                    f"{self.path}: corrupt GGUF header (the data of tensors {first} and {second} overlap)"
+                )
 
     @property
     def architecture(self) -> str:

@@ -1,4 +1,5 @@
-"""Drives the single-sequence decode step in C (csrc/decode_step.c): torch prefills, C decodes.
+"""Drives the C decode step (csrc/decode_batch.c): one sequence over the torch model's KVCache
+(torch prefills, C decodes), or R rows over the serving engine's slot cache.
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
@@ -7,10 +8,16 @@ it returns None and the caller runs the torch model. Activations are float32 in 
 float32 model therefore decodes as the torch model does up to the order of additions
 (tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
 not rounded to bfloat16 after every operation, as llama.cpp runs its 16-bit files. The C step
-reads the model's own weight and KV-cache tensors (no copies) and the cache's slot
-bookkeeping stays the cache's (`KVCache.append_dense`), so a generation can switch between
-the two paths at any step. The structs handed to C (Mat, Layer, Model, Step) and the weight
-type codes are those csrc/gemmakit_kernels.h declares (kernels/bindings.py).
+reads the model's own weight and KV-cache tensors (no copies; the sequence is slot 0 of a
+one-row step) and the cache's bookkeeping stays the cache's (`KVCache.append_dense`), so a
+generation can switch between the two paths at any step.
+
+`batch_decoder(model, layer_kv)` returns a `BatchDecoder` for the serving engine's slot
+cache under the same conditions: its `step(tokens, slots, positions)` runs R rows, each at
+its own slot and position, reading every weight matrix once for all rows; a row's logits
+are the same, bit for bit, whatever else is in its step (tests/test_c_batch.py). The
+structs handed to C (Mat, Layer, Model, Batch) and the weight type codes are those
+csrc/gemmakit_kernels.h declares (kernels/bindings.py).
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
-GROUPS = (FULL, SLIDING)  # the step's per-group slot and visible count, by index
+GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
 _DECLARED = bindings.declarations()
-_Mat, _Layer, _Model, _Step = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Step"))
+_Mat, _Layer, _Model, _Batch = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Batch"))
 W_F32, W_INT8, W_BF16 = (_DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16"))
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
 _INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
@@ -72,14 +79,25 @@ def _gain(norm: nn.Module, keep: list) -> int | None:
 
 
 class CDecoder:
-    """Runs decode steps of one sequence in C against `model` and `cache`."""
+    """Runs decode steps of one sequence in C against `model` and `cache`: one-row calls of
+    the batched step (csrc/decode_batch.c), the cache's batch row 0 as slot 0."""
 
     def __init__(self, lib, model: Gemma, cache: KVCache, spec: _Model, keep: list):
         # The model, cache and `keep` (derived tensors, the layer array) own the memory `spec`
         # points into: they live as long as the decoder.
         self.lib, self.model, self.cache, self.spec, self._keep = lib, model, cache, spec, keep
         self.logits = torch.empty((1, model.config.vocab_size), dtype=torch.float32)
-        self._step = _Step(logits=self.logits.data_ptr())
+        # token, slot (0), position: a ctypes array, set without a torch op (a forked child's
+        # torch thread pool is gone; the C step starts its own)
+        self._row = (ctypes.c_int64 * 3)()
+        address, size = ctypes.addressof(self._row), ctypes.sizeof(ctypes.c_int64)
+        self._batch = _Batch(
+            rows=1,
+            tokens=address,
+            slots=address + size,
+            positions=address + 2 * size,
+            logits=self.logits.data_ptr(),
+        )
         self._dense: bool | None = None
 
     def step(self, token: int) -> torch.Tensor | None:
@@ -93,18 +111,18 @@ class CDecoder:
             self._dense = bool(cache.valid[0, :col].all())
         if not self._dense:  # a left-padded row: the torch step builds the masks
             return None
-        st = self._step
-        st.token, st.position = token, col
-        for kind, (slot, visible) in cache.append_dense().items():
-            i = GROUPS.index(kind)
-            st.slot[i], st.visible[i] = slot, visible
-        if self.lib.decode_step(ctypes.byref(self.spec), ctypes.byref(st), torch.get_num_threads()):
+        # Dense: column c is position c, kept at c % capacity of each group (a sliding group's
+        # ring), where the batched step stores and finds it; the cache keeps its bookkeeping.
+        cache.append_dense()
+        self._row[0], self._row[2] = token, col
+        if self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(self._batch), torch.get_num_threads()):
             raise MemoryError("the C decode step could not allocate its buffers")
         return self.logits
 
 
-def _layer(block: nn.Module, layer_cache, keep: list):
-    """The C view of one decoder block and its KV cache, or None when the C step cannot run it."""
+def _layer(block: nn.Module, k: torch.Tensor, v: torch.Tensor, keep: list):
+    """The C view of one decoder block and its keys and values (capacity: dimension 2), or
+    None when the C step cannot run it."""
     attn, mlp = block.self_attn, block.mlp
     projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj}
     projections |= {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
@@ -117,7 +135,6 @@ def _layer(block: nn.Module, layer_cache, keep: list):
         "q_norm": _gain(attn.q_norm, keep),
         "k_norm": _gain(attn.k_norm, keep),
     }
-    k, v = layer_cache.k, layer_cache.v
     if None in mats.values() or None in norms.values() or not (_plain(k) and _plain(v)):
         return None
     if not norms["input_norm"] or not norms["pre_feedforward_norm"]:  # the step always applies these
@@ -157,7 +174,6 @@ def unsupported_by_c_step(config: GemmaConfig) -> str | None:
     )
     reasons = {
         "odd head_dim": c.head_dim % 2,
-        "head_dim over 512": c.head_dim > 512,
         "per-layer head dims, KV heads or MLP widths": per_layer_shapes,
         "norm gains without the unit offset": not c.norm_unit_offset,
         "v_norm": c.use_v_norm,
@@ -174,27 +190,20 @@ def unsupported_by_c_step(config: GemmaConfig) -> str | None:
     return next((reason for reason, applies in reasons.items() if applies), None)
 
 
-def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
-    """A C decoder for `model` and `cache`, or None when the C step does not apply."""
-    if (
-        batch != 1
-        or model.training
-        or torch.is_grad_enabled()
-        and any(p.requires_grad for p in model.parameters())
-    ):
-        return None
-    if model.device.type != "cpu" or model.dtype not in WEIGHT_TYPES or cache.dtype != model.dtype:
-        return None
+def _runnable(model: Gemma) -> bool:
+    """Whether a C step may run `model`: inference on the CPU in a dtype it reads, a config
+    it computes, and the kernels' library built."""
+    if model.training or torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return False
+    if model.device.type != "cpu" or model.dtype not in WEIGHT_TYPES:
+        return False
+    return unsupported_by_c_step(model.config) is None and cpu_kernels.library() is not None
+
+
+def _model_spec(model: Gemma, kv: list[tuple[torch.Tensor, torch.Tensor]], max_visible: int, keep: list):
+    """The C view of `model` over per-layer (keys, values), or None when a step cannot run it."""
     config = model.config
-    if unsupported_by_c_step(config) is not None:
-        return None
-    lib = cpu_kernels.library()
-    if lib is None:
-        return None
-    keep: list = []
-    layers = [
-        _layer(block, layer_cache, keep) for block, layer_cache in zip(model.model.layers, cache.for_layer)
-    ]
+    layers = [_layer(block, k, v, keep) for block, (k, v) in zip(model.model.layers, kv, strict=True)]
     embed, head = _embedding(model, keep), _mat(model.lm_head, keep)
     final_norm = _gain(model.model.norm, keep)
     if None in layers or embed is None or head is None or not final_norm:
@@ -202,7 +211,7 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
     freqs = [model._inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
     layer_array = (_Layer * len(layers))(*layers)
     keep.append(layer_array)
-    spec = _Model(
+    return _Model(
         n_layers=len(layers),
         hidden=config.hidden_size,
         heads=config.num_attention_heads,
@@ -220,20 +229,102 @@ def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
         lm_head=head,
         final_norm=final_norm,
         layers=layer_array,
-        max_visible=max(cache.groups[kind].capacity for kind in cache.groups),
-        cache_bf16=cache.dtype == torch.bfloat16,
+        max_visible=max_visible,
+        cache_bf16=model.dtype == torch.bfloat16,
+        window=config.sliding_window or 0,
     )
-    return CDecoder(lib, model, cache, spec, keep)
 
 
-def batch_decoder(model: Gemma, layer_kv: list[tuple[torch.Tensor, torch.Tensor] | None]):
+def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
+    """A C decoder for `model` and `cache`, or None when the C step does not apply."""
+    if batch != 1 or cache.dtype != model.dtype or not _runnable(model):
+        return None
+    keep: list = []
+    kv = [(layer_cache.k, layer_cache.v) for layer_cache in cache.for_layer]
+    spec = _model_spec(model, kv, max(cache.groups[kind].capacity for kind in cache.groups), keep)
+    if spec is None:
+        return None
+    return CDecoder(cpu_kernels.library(), model, cache, spec, keep)
+
+
+class BatchDecoder:
+    """Runs batched decode steps in C (csrc/decode_batch.c) against `model` and a slot cache."""
+
+    def __init__(self, lib, model: Gemma, spec: _Model, keep: list, slots: int, max_position: int | None):
+        # The model, the slot cache's tensors (in `keep`) and the derived tensors own the memory
+        # `spec` points into: they live as long as the decoder.
+        self.lib, self.model, self.spec, self._keep = lib, model, spec, keep
+        self.slots, self.max_position = slots, max_position
+        self._logits = torch.empty((0, model.config.vocab_size), dtype=torch.float32)
+
+    def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Feeds `tokens[r]` at `positions[r]` of slot `slots[r]` for every row r; the logits
+        (rows, vocab) float32 of each row's next token, a buffer the next step reuses.
+
+        Every row's key and value are stored before any row attends: a row at position p sees
+        positions [0, p] (full layers) or [p - window + 1, p] (sliding layers) of its own
+        slot, so rows of one slot at consecutive positions see each other causally (chunked
+        prefill, speculative verification). Raises ValueError for rows the cache cannot hold.
+        """
+        rows = len(tokens)
+        if rows == 0 or len(slots) != rows or len(positions) != rows:
+            raise ValueError(
+                f"a step needs one slot and position per token ({rows}, {len(slots)}, {len(positions)})"
+            )
+        vocab = self.model.config.vocab_size
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if min(slots) < 0 or max(slots) >= self.slots:
+            raise ValueError(f"slots must be in [0, {self.slots})")
+        if min(positions) < 0 or self.max_position is not None and max(positions) > self.max_position:
+            raise ValueError(f"positions must be in [0, {self.max_position}]")
+        if self._logits.shape[0] < rows:
+            self._logits = torch.empty((rows, vocab), dtype=torch.float32)
+        logits = self._logits[:rows]
+        ids = torch.tensor([tokens, slots, positions], dtype=torch.int64)  # (3, rows)
+        batch = _Batch(
+            rows=rows,
+            tokens=ids[0].data_ptr(),
+            slots=ids[1].data_ptr(),
+            positions=ids[2].data_ptr(),
+            logits=logits.data_ptr(),
+        )
+        if self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads()):
+            raise MemoryError("the batched C decode step could not allocate its buffers")
+        return logits
+
+
+def batch_decoder(
+    model: Gemma, layer_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+) -> BatchDecoder | None:
     """A batched C decoder over a slot cache, or None when the batched C step does not apply.
 
-    `layer_kv[i]` is layer i's (keys, values), each (slots, kv_heads, capacity, head_dim) in the
-    model's dtype, or None for a layer that owns no K/V; full-attention layers hold a column per
-    position, sliding layers a ring of exactly `sliding_window` slots (column c in slot
-    c % capacity). The decoder's `step(tokens, slots, positions)` feeds one token per row into
-    its own slot at its own position and returns the logits (rows, vocab). Until the batched
-    step exists every batch decodes with the torch model.
+    `layer_kv[i]` is layer i's (keys, values), each (slots, kv_heads, capacity, head_dim),
+    contiguous, in the model's dtype, or None for a layer that owns no K/V (the C step then
+    declines). Full-attention layers hold position p at index p, sliding layers a ring of
+    their own capacity (position p at p % capacity; a capacity over the window leaves slack
+    for several rows of one slot in a step). The step reads the model's weights and these
+    tensors in place, no copies. None also where the single-row step declines (not the CPU,
+    adapters, training, a family or weight type it does not compute).
     """
-    return None
+    if not _runnable(model) or len(layer_kv) != model.config.num_hidden_layers or None in layer_kv:
+        return None
+    c = model.config
+    slots = layer_kv[0][0].shape[0]
+    for k, v in layer_kv:
+        if k.dtype != model.dtype or k.shape != v.shape or k.dim() != 4 or k.shape[0] != slots:
+            return None
+        if (k.shape[1], k.shape[3]) != (c.num_key_value_heads, c.head_dim):
+            return None
+    # the last position every layer can hold: a full layer's capacity, or a sliding ring's
+    # where the ring is shorter than the window (the whole sequence then fits in it)
+    limits = [
+        k.shape[2] - 1
+        for (k, _), kind in zip(layer_kv, c.layer_types)
+        if kind == FULL or k.shape[2] < (c.sliding_window or 0)
+    ]
+    keep: list = [layer_kv]
+    spec = _model_spec(model, layer_kv, max(k.shape[2] for k, _ in layer_kv), keep)
+    if spec is None:
+        return None
+    return BatchDecoder(cpu_kernels.library(), model, spec, keep, slots, min(limits) if limits else None)

@@ -22,7 +22,7 @@
 /* Mat.type: how a matrix's weights are stored */
 enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2 };
 
-/* --- the decode step's view of a model (decode_step.c, gemmakit/inference/c_decode.py) --- */
+/* --- the decode step's view of a model (decode_batch.c, gemmakit/inference/c_decode.py) --- */
 
 typedef struct {
     /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,);
@@ -38,8 +38,9 @@ typedef struct {
     /* 1 + w gains (float32); NULL where the model has no such norm */
     const float *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
     const float *q_norm, *k_norm;
-    void *k_cache, *v_cache; /* (kv_heads, capacity, head_dim) of batch row 0, float or bfloat16 */
-    int64_t capacity, group; /* group: 0 full attention, 1 sliding (Step's indices) */
+    /* (slots, kv_heads, capacity, head_dim) from slot 0 on, float or bfloat16 */
+    void *k_cache, *v_cache;
+    int64_t capacity, group; /* group: 0 full attention, 1 sliding (inv_freq's index) */
 } Layer;
 
 typedef struct {
@@ -52,19 +53,24 @@ typedef struct {
     const Layer *layers;
     int64_t max_visible; /* the longest key row any group can have (scratch size) */
     int64_t cache_bf16;  /* the KV cache holds bfloat16 (a bfloat16 model), else float */
+    int64_t window;      /* the sliding layers' window (a position p sees p - window + 1 on) */
 } Model;
 
-typedef struct {
-    int64_t token, position;
-    /* per group: the cache slot written, and the slots attended (all of [0, visible) hold
-     * real tokens inside the group's window: the caller checks, so no mask is needed) */
-    int64_t slot[2], visible[2];
-    float *logits; /* (vocab,) output */
-} Step;
+/* --- the decode step: R rows of a slot cache (decode_batch.c; one row: c_decode.CDecoder) --- */
 
-/* One decode step on `threads` threads (the caller's included): 0, or -1 when the head size
- * is unsupported or the buffers cannot be allocated (decode_step.c). */
-GEMMAKIT_API int decode_step(const Model *m, const Step *st, int threads);
+typedef struct {
+    int64_t rows;
+    /* per row: the token fed, its slot in the cache, its position. Every row's key and value
+     * are stored (slot, position % layer capacity) before any row attends; a row then sees the
+     * positions [0, p] (full layers) or [max(0, p - window + 1), p] (sliding) of its own slot. */
+    const int64_t *tokens, *slots, *positions;
+    float *logits; /* (rows, vocab) output */
+} Batch;
+
+/* One decode step of b->rows rows on `threads` threads (the caller's included), each weight
+ * matrix read once for all rows: 0, or -1 when the head size is unsupported or the buffers
+ * cannot be allocated. */
+GEMMAKIT_API int decode_batch(const Model *m, const Batch *b, int threads);
 
 /* --- kernels over a range, on the calling thread --- */
 
