@@ -131,13 +131,17 @@ def test_ring_layout_is_the_contract(model):
 # --- the engine ---------------------------------------------------------------------------
 
 
-def test_greedy_tokens_alone_equal_batched_with_rows_joining_mid_run(model):
+@pytest.mark.parametrize("c_step", [True, False], ids=["c-step-if-any", "torch-step"])
+def test_greedy_tokens_alone_equal_batched_with_rows_joining_mid_run(model, c_step):
     """Several prompt lengths (longer than the window), rows joining while others decode,
-    prefill chunks shorter than the prompts: every row's tokens equal its own generation."""
+    prefill chunks shorter than the prompts: every row's tokens equal its own generation,
+    with the batched C step (Gemma 1-3) and with the torch step over the slot cache."""
     lengths = [3, 17, 40, 9, 26]
     prompts = [prompt(n, seed) for seed, n in enumerate(lengths)]
     want = [alone(model, p) for p in prompts]
     engine = Engine(model, slots=3, capacity=64, prefill_chunk=8)
+    if not c_step:
+        engine.fast = None
     requests = [Request(p, GREEDY) for p in prompts]
     run(engine, requests, join_at={1: 2, 2: 3, 3: 9, 4: 10})
     assert [r.output_ids for r in requests] == want
