@@ -282,6 +282,9 @@ def server_process(name: str, gguf: Path, slots: int, threads: int, log: Path):
 
 
 def measure(url: str, name: str, args) -> tuple[list[RunResult], dict | None]:
+    # One uncounted request first: a server's first forward pays one-time costs (allocations,
+    # kernel loading) that are not serving speed.
+    asyncio.run(run_load(url, 1, 2, api_key=args.api_key, server=name))
     runs = []
     for clients in args.clients:
         print(f"{name}: {clients} concurrent clients…", file=sys.stderr, flush=True)
