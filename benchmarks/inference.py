@@ -23,6 +23,7 @@ import time
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 SYSTEMS = {
+    "gemmakit (file's own types)": ("gemmakit", "auto", None),
     "gemmakit fp32": ("gemmakit", "float32", None),
     "gemmakit bf16": ("gemmakit", "bfloat16", None),
     "gemmakit int8": ("gemmakit", "float32", "int8"),
@@ -30,6 +31,7 @@ SYSTEMS = {
     "gemmakit int4": ("gemmakit", "float32", "int4"),
     "gemmakit nf4": ("gemmakit", "float32", "nf4"),
     "llama.cpp Q4_K_M": ("llamacpp", None, None),
+    "llama.cpp Q4_K_M (llama-bench)": ("llamacpp-bin", None, None),
     "transformers fp32": ("transformers", "float32", None),
     "transformers bf16": ("transformers", "bfloat16", None),
 }
@@ -94,6 +96,35 @@ def run_llamacpp() -> dict:
     return _result(load_s, t0, t1, t2)
 
 
+def run_llamacpp_bin() -> dict:
+    """llama.cpp's own programs (GEMMAKIT_LLAMA_CPP_BIN): llama-bench's pp512 / tg128 rates on
+    2 threads, llama-simple's reported model load time, and the peak RSS of the two (the
+    larger; llama-bench holds the 512-token batch)."""
+    import re
+
+    from gemmakit.loading import default_gguf
+
+    folder = os.environ.get("GEMMAKIT_LLAMA_CPP_BIN", "/work/llamacpp/build/bin")
+    path = str(default_gguf())
+    threads = os.environ.get("OMP_NUM_THREADS", "2")
+    bench = subprocess.run(
+        [f"{folder}/llama-bench", "-m", path, "-p", str(PROMPT_TOKENS), "-n", str(DECODE_TOKENS),
+         "-t", threads, "-r", "1", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rates = {(t["n_prompt"], t["n_gen"]): t["avg_ts"] for t in json.loads(bench.stdout)}
+    simple = subprocess.run(
+        [f"{folder}/llama-simple", "-m", path, "-n", "1", "Hello"], capture_output=True, text=True, check=True
+    )
+    load_ms = re.search(r"load time =\s*([0-9.]+) ms", simple.stderr + simple.stdout)
+    return {
+        "load_s": float(load_ms.group(1)) / 1000 if load_ms else float("nan"),
+        "prefill_tok_s": rates[(PROMPT_TOKENS, 0)],
+        "decode_tok_s": rates[(0, DECODE_TOKENS)],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
 def run_transformers(dtype: str) -> dict:
     import torch
     import transformers
@@ -135,6 +166,8 @@ def child(name: str) -> dict:
         return run_gemmakit(dtype, quantize)
     if kind == "llamacpp":
         return run_llamacpp()
+    if kind == "llamacpp-bin":
+        return run_llamacpp_bin()
     return run_transformers(dtype)
 
 
@@ -189,6 +222,17 @@ def ratios(rows: list[dict]) -> list[str]:
         return med[name][key]["median"] if name in med else None
 
     lines = []
+    native = "gemmakit (file's own types)"
+    peer = next((n for n in ("llama.cpp Q4_K_M", "llama.cpp Q4_K_M (llama-bench)") if n in med), None)
+    if native in med and peer:
+        for key, what, target in (
+            ("decode_tok_s", "decode", "target >= 1.5x"),
+            ("prefill_tok_s", "prefill 512", "target >= 2x"),
+            ("peak_rss_mib", "peak RSS", "target <= 1x"),
+            ("load_s", "load", "target <= 1x"),
+        ):
+            r = get(native, key) / get(peer, key)
+            lines.append(f"{what}, {native} / {peer}: {r:.2f}x ({target})")
     best_quantized = max(
         (n for n in med if n.startswith("gemmakit") and ("int" in n or "nf4" in n)),
         key=lambda n: get(n, "decode_tok_s"), default=None,

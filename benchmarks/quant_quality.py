@@ -2,8 +2,11 @@
 
     .venv/bin/python benchmarks/quant_quality.py            # table + timings -> quant_quality.json
     .venv/bin/python benchmarks/quant_quality.py --timings  # decode timings only
+    .venv/bin/python benchmarks/quant_quality.py --quality --types gguf-q4_k_m,gguf-q3_k_m  # rows only
 
-The quality table is `gemmakit quantize`'s (size, perplexity on gemmakit/data/eval_text.txt).
+The quality table is `gemmakit quantize`'s (size, perplexity on gemmakit/data/eval_text.txt),
+by default for its default types: the in-memory formats and the GGUF mixes from F16 to Q3_K_M,
+K-quants included (written with llama-quantize's types and bytes, read back dequantized).
 The decode timing is the wall time of one KV-cached decode step (batch 1, 32 tokens of
 context) for each in-memory format, measured in interleaved rounds (min and median of 30
 steps each). The machine running it is often shared: the JSON records the load average next
@@ -80,16 +83,23 @@ def timings(loaded, rounds: int = 6, steps: int = 5) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--timings", action="store_true", help="only the decode timings (updates the JSON)")
+    p.add_argument("--quality", action="store_true", help="only the quality table (updates the JSON)")
+    p.add_argument(
+        "--types",
+        default=None,
+        help="comma-separated types of the quality table (default: gemmakit quantize's)",
+    )
     p.add_argument("--out", default=str(HERE / "quant_quality.json"))
     args = p.parse_args()
 
-    from gemmakit.commands.quantize import DEFAULT_TYPES, format_table, quality_table
+    from gemmakit.commands.quantize import DEFAULT_TYPES, format_table, parse_types, quality_table
     from gemmakit.evaluation.verify import DEFAULT_TEXT
     from gemmakit.loading import load
 
     loaded = load(dtype="float32", device="cpu")
     out = Path(args.out)
-    result = json.loads(out.read_text()) if args.timings and out.exists() else {}
+    partial = args.timings or args.quality
+    result = json.loads(out.read_text()) if partial and out.exists() else {}
     result |= {
         "model": str(loaded.source.path),
         "torch": torch.__version__,
@@ -97,9 +107,11 @@ def main() -> int:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average_before": os.getloadavg(),
     }
-    result["decode"] = timings(loaded)
+    if not args.quality:
+        result["decode"] = timings(loaded)
     if not args.timings:
-        table = quality_table(loaded, DEFAULT_TEXT.read_text(), DEFAULT_TYPES)
+        types = parse_types(args.types) if args.types else DEFAULT_TYPES
+        table = quality_table(loaded, DEFAULT_TEXT.read_text(), types)
         print(format_table(table))
         result["quality"] = table
     result["load_average_after"] = os.getloadavg()

@@ -77,18 +77,29 @@ def source_chat_template(loaded: Loaded, metadata: dict | None = None) -> str | 
 
 def export_gguf(
     loaded: Loaded, output: str | Path, qtype: str = "f16", embedding_type: str | None = None,
-    progress: bool = True,
+    progress: bool = True, imatrix: str | Path | dict | None = None,
 ) -> dict:  # fmt: skip
-    """Writes `loaded` as a GGUF file (see `gemmakit.formats.gguf_writer.write_gguf`)."""
+    """Writes `loaded` as a GGUF file (see `gemmakit.formats.gguf_writer.write_gguf`), with an
+    importance matrix if given: a file (llama.cpp's GGUF or .dat format) or what
+    `gemmakit.formats.imatrix.read_imatrix` returns."""
     from gemmakit.formats.gguf_writer import write_gguf
 
+    importance = _read_importance(imatrix)
     md = source_metadata(loaded)
     return write_gguf(
         output, float_state(loaded), loaded.model.config, loaded.tokenizer, qtype=qtype,
         embedding_type=embedding_type, source_metadata=md,
         chat_template=source_chat_template(loaded, md), name=_display_name(loaded, md),
-        progress=progress,
+        progress=progress, imatrix=importance,
     )  # fmt: skip
+
+
+def _read_importance(imatrix: str | Path | dict | None) -> dict | None:
+    if imatrix is None or isinstance(imatrix, dict):
+        return imatrix
+    from gemmakit.formats.imatrix import read_imatrix
+
+    return read_imatrix(imatrix)
 
 
 def export_hf(
@@ -133,6 +144,7 @@ def export(
     force: bool = False,
     progress: bool = True,
     loaded: Loaded | None = None,
+    imatrix: str | Path | None = None,
 ) -> dict:
     """Loads a model (and merges an adapter), then writes it as GGUF or an HF folder.
 
@@ -141,15 +153,19 @@ def export(
         adapter: a PEFT LoRA adapter folder to merge first.
         to: "gguf" or "hf".
         output: the .gguf file or the output folder.
-        qtype: GGUF type (f32, f16, bf16, q8_0, ...) or HF dtype (f32, bf16, f16); "auto"
-            picks f16 for GGUF and the model's dtype for HF.
+        qtype: GGUF type (f32, f16, bf16, or a llama.cpp mix: q4_k_m, q6_k, q8_0, q4_0, ...)
+            or HF dtype (f32, bf16, f16); "auto" picks f16 for GGUF and the model's dtype for HF.
         embedding_type: GGUF type of the token embedding (default: see gguf_writer).
         dtype: the dtype the model is loaded in (float32 keeps dequantized GGUF weights exact).
         force: overwrite a non-empty output folder (HF).
         loaded: an already loaded model to export instead of `model`.
+        imatrix: an importance matrix file for the GGUF mixes (llama-imatrix's or gemmakit's).
     """
     if to not in TARGETS:
         raise GemmakitError(f"unknown export target {to!r}; use gguf or hf")
+    if imatrix is not None and to != "gguf":
+        raise GemmakitError("--imatrix applies to GGUF export only")
+    importance = _read_importance(imatrix)  # before the model: a bad file fails fast
     if loaded is None:
         loaded = load(model, dtype=dtype, device="cpu")
     if adapter:
@@ -157,7 +173,7 @@ def export(
     if qtype == "auto":
         qtype = default_type(to, loaded)
     if to == "gguf":
-        result = export_gguf(loaded, output, qtype, embedding_type, progress)
+        result = export_gguf(loaded, output, qtype, embedding_type, progress, importance)
     else:
         result = export_hf(loaded, output, qtype, force, progress)
     result.update(

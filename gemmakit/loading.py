@@ -147,6 +147,82 @@ def load_model(
     return model.eval()
 
 
+def native_gguf_tensors(g, config: GemmaConfig) -> dict[str, str]:
+    """HF name -> GGUF name of the matrices a GGUF keeps in its own block types: the seven
+    projections of each block, the embedding and the output matrix, where the C kernels run
+    their type and width (`ops.gguf_supported`). Float tensors (norms, F16/BF16 matrices) and
+    types without a kernel are dequantized as before."""
+    from gemmakit import ops
+    from gemmakit.config import PROJECTIONS
+    from gemmakit.formats.gguf import FLOAT_TYPES, gguf_to_hf_name
+
+    out = {}
+    for name, info in g.tensors.items():
+        hf = gguf_to_hf_name(name)
+        if hf is None or info.ggml_type in FLOAT_TYPES or len(info.shape) != 2:
+            continue
+        parts = hf.split(".")  # model.layers.3.self_attn.q_proj.weight
+        matrix = hf in ("model.embed_tokens.weight", "lm_head.weight") or (
+            len(parts) == 6
+            and parts[1] == "layers"
+            and parts[3] in ("self_attn", "mlp")
+            and parts[4] in PROJECTIONS
+        )
+        if matrix and ops.gguf_supported(int(info.ggml_type), info.shape[1]):
+            out[hf] = name
+    return out
+
+
+def load_native_gguf(g, source: ModelSource) -> Gemma:
+    """A float32 model whose quantized matrices stay in the file's GGUF blocks (`GGUFLinear`,
+    zero-copy views of the memory-mapped file): no float copy, no converted-cache entry.
+
+    The tied embedding is a `GGUFEmbedding` over the lm_head's blocks; an untied one owns its
+    blocks under `model.embed_tokens_q` (gemmakit's convention for quantized embeddings).
+    """
+    from gemmakit.formats.gguf import config_from_gguf, state_dict_from_gguf
+    from gemmakit.quant.gguf_blocks import GGUFEmbedding, GGUFLinear
+
+    config = config_from_gguf(g)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    # Only matrices the model has: the K/V of Gemma 3n/4's KV-shared layers stay unread.
+    expected = model.state_dict().keys()
+    native = {k: v for k, v in native_gguf_tensors(g, config).items() if k in expected}
+    state = state_dict_from_gguf(g, torch.float32, config, skip=set(native.values()))
+    shapes = {k: tuple(t.shape) for k, t in state.items()} | {
+        k: g.tensors[v].shape for k, v in native.items()
+    }
+    safetensors.check_shapes(model, shapes, str(source.path))
+    model.load_state_dict(state, strict=False, assign=True)
+
+    def linear(hf_name: str) -> GGUFLinear:
+        info = g.tensors[native[hf_name]]
+        return GGUFLinear(g.blocks(info.name), int(info.ggml_type), info.shape[1])
+
+    embed = model.model.embed_tokens
+    for hf_name in native:
+        module_path = hf_name.removesuffix(".weight")
+        if hf_name.startswith("model.layers."):
+            parent, _, leaf = module_path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, linear(hf_name))
+    if "model.embed_tokens.weight" in native:
+        table = linear("model.embed_tokens.weight")
+        if config.tie_word_embeddings:
+            model.lm_head = table
+        else:
+            model.model.add_module("embed_tokens_q", table)
+        model.model.embed_tokens = GGUFEmbedding(table, embed.padding_idx)
+    elif config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if "lm_head.weight" in native:
+        model.lm_head = linear("lm_head.weight")
+    still = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if still:
+        raise ModelFileError(f"{source.path}: no weights were read for {', '.join(still[:3])}")
+    return model.eval()
+
+
 def report_skipped_towers(source: ModelSource, reader: safetensors.SafetensorsReader, names: list[str]):
     """One line on stderr (the `gemmakit.loading` logger) when a multimodal checkpoint's
     vision/audio weights are left out: gemmakit runs its text model only."""
@@ -260,11 +336,16 @@ def load(
     device: str | None = None,
     quantize: str | dict | None = None,
     progress: bool = False,
+    keep_blocks: bool = True,
 ) -> Loaded:
     """Loads model and tokenizer: `model` is a folder, a .gguf file, or None (the default).
 
     `quantize` is a kind ("nf4", "int8", "int4") or `gemmakit.quant.apply.quantize_model`'s keyword
     arguments as a dict; on the CPU the weights are then quantized as they are read.
+
+    A quantized GGUF loaded on the CPU with dtype "auto" (or None) keeps its matrices in the
+    file's own block types (`load_native_gguf`), unless `quantize` is given or `keep_blocks`
+    is False (a caller that will quantize the model itself); a named dtype dequantizes.
     """
     start = time.perf_counter()
     device = device or default_device()
@@ -272,6 +353,10 @@ def load(
     source = resolve(model)
     if isinstance(quantize, str):
         quantize = {"kind": quantize}
+    if keep_blocks and not quantize and dtype in (None, "auto") and device == "cpu" and source.kind == "gguf":
+        native = _load_native(source, start)
+        if native is not None:
+            return native
     weights = source
     gguf_file = None
     if source.kind == "gguf":
@@ -317,6 +402,26 @@ def load(
             f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
         )
     stop_ids = generation_stop_ids(tokenizer, read_generation_config(source), net.config.eos_token_ids)
+    return Loaded(net, tokenizer, source, stop_ids, time.perf_counter() - start)
+
+
+def _load_native(source: ModelSource, start: float) -> Loaded | None:
+    """`load` of a GGUF in its own block types, or None when no matrix of it has a kernel
+    (a float GGUF, a type without one, no C compiler): the caller dequantizes as before."""
+    from gemmakit.formats.gguf import GGUFFile, config_from_gguf
+
+    g = GGUFFile(source.path)
+    if "tokenizer.ggml.tokens" not in g.metadata:
+        raise ModelFileError(f"{source.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)")
+    if not native_gguf_tensors(g, config_from_gguf(g)):
+        return None
+    net = load_native_gguf(g, source)
+    tokenizer = load_tokenizer(source, g)
+    if tokenizer.vocab_size > net.config.vocab_size:
+        raise ModelFileError(
+            f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
+        )
+    stop_ids = generation_stop_ids(tokenizer, {}, net.config.eos_token_ids)
     return Loaded(net, tokenizer, source, stop_ids, time.perf_counter() - start)
 
 

@@ -81,6 +81,7 @@ def load_llm(args):
     return LLM(
         model=args.model, dtype=args.dtype, device=args.device,
         quantization=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
+        draft_model=getattr(args, "draft_model", None),
     )  # fmt: skip
 
 

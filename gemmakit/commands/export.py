@@ -6,7 +6,11 @@ import sys
 
 from gemmakit.commands.common import print_json
 
-GGUF_CHOICES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# the float types, then llama.cpp's mixes (formats/gguf_mix.py MIXES), largest first
+GGUF_CHOICES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                "iq4_xs", "iq4_nl", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")  # fmt: skip
+EMBEDDING_CHOICES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "iq4_xs", "iq4_nl",
+                     "q4_1", "q4_0", "q3_k", "q2_k")  # fmt: skip
 
 
 def add_arguments(p):
@@ -24,12 +28,19 @@ def add_arguments(p):
     o.add_argument("--to", required=True, choices=["gguf", "hf"], help="GGUF file or Hugging Face folder")
     o.add_argument(
         "--type", default="auto", metavar="TYPE",
-        help="GGUF: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (auto = f16); "
+        help=f"GGUF: {', '.join(GGUF_CHOICES)} (auto = f16); the quantized types are llama.cpp's "
+        "mixes (per-tensor types and block bytes as llama-quantize writes them from float32); "
         "HF: f32, bf16, f16 (auto = the loaded dtype)",
     )  # fmt: skip
     o.add_argument(
-        "--embedding-type", default=None, choices=GGUF_CHOICES,
-        help="GGUF type of the (tied) token embedding; default q8_0 for the 4/5-bit types, else --type",
+        "--embedding-type", default=None, choices=EMBEDDING_CHOICES,
+        help="GGUF type of the (tied) token embedding, as llama-quantize's --token-embedding-type; "
+        "default: the mix's choice (Q6_K, or Q8_0 where rows do not fit), or --type for f32/f16/bf16",
+    )  # fmt: skip
+    o.add_argument(
+        "--imatrix", default=None, metavar="FILE",
+        help="GGUF mixes: an importance matrix (llama-imatrix's GGUF or .dat file, or gemmakit "
+        "imatrix's) weighting the rounding error as llama-quantize --imatrix does",
     )  # fmt: skip
     o.add_argument("--output", "-o", required=True, help="the .gguf file or the output folder")
     o.add_argument("--force", action="store_true", help="HF: overwrite the files of a non-empty folder")
@@ -52,6 +63,7 @@ def run(args) -> int:
     result = export(
         model=args.model, adapter=args.adapter, to=args.to, output=args.output, qtype=qtype,
         embedding_type=args.embedding_type, dtype=args.dtype, force=args.force, progress=not args.json,
+        imatrix=args.imatrix,
     )  # fmt: skip
     if args.json:
         print_json(result)

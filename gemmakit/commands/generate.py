@@ -20,6 +20,20 @@ def add_arguments(p):
     s.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     s.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap each prompt in Gemma's chat template")
+    d = p.add_argument_group("speculative decoding (same output distribution, fewer model steps)")
+    d.add_argument(
+        "--speculative", choices=["ngram", "draft"], default=None,
+        help="ngram: propose tokens copied from the prompt and the text so far (prompt lookup); "
+        "draft: propose with --draft-model",
+    )  # fmt: skip
+    d.add_argument(
+        "--draft-model", default=None, metavar="M",
+        help="a smaller model with the same tokenizer (folder, .gguf) for --speculative draft",
+    )  # fmt: skip
+    d.add_argument(
+        "--num-speculative", type=int, default=8, metavar="K",
+        help="tokens proposed per step at most, 1 to 16 (8); fewer when proposals fail",
+    )  # fmt: skip
     o = p.add_argument_group("output")
     o.add_argument("--stream", action="store_true", help="print text as it is generated")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -27,10 +41,16 @@ def add_arguments(p):
 
 def run(args) -> int:
     from gemmakit import SamplingParams
+    from gemmakit.errors import GemmakitError
 
+    if args.speculative == "draft" and not args.draft_model:
+        raise GemmakitError("--speculative draft needs --draft-model M (a model with the same tokenizer)")
+    if args.draft_model and args.speculative != "draft":
+        raise GemmakitError("--draft-model is used by --speculative draft only")
     params = SamplingParams(
         temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
+        speculative=args.speculative, num_speculative_tokens=args.num_speculative,
     )  # fmt: skip
     llm = load_llm(args)
     if llm.memory:  # MB = 1e6 bytes, as model sizes are usually quoted
@@ -66,9 +86,12 @@ def run(args) -> int:
                     "token_ids": o.outputs[0].token_ids,
                     "finish_reason": o.outputs[0].finish_reason,
                 }  # fmt: skip
+                | ({"speculation": o.metrics["speculation"]} if "speculation" in o.metrics else {})
                 for p, o in zip(args.prompts, outputs)
             ],
         }
+        if args.speculative:
+            report["speculation"] = _total_speculation([o.metrics.get("speculation") for o in outputs])
         if llm.memory:
             report["memory"] = {"before_bytes": llm.memory["before"], "after_bytes": llm.memory["after"]}
         print_json(report)
@@ -79,8 +102,22 @@ def run(args) -> int:
         print(p + o.outputs[0].text if not args.chat else o.outputs[0].text)
         print()
     rate = f", {generated / seconds:.1f} tokens/s ({generated} tokens)" if generated else ""
+    if args.speculative and outputs:
+        total = _total_speculation([o.metrics.get("speculation") for o in outputs])
+        rate += (
+            f" | speculative {args.speculative}: {total['acceptance_rate']:.0%} of proposals accepted, "
+            f"{total['tokens_per_step']:.2f} tokens per step"
+        )
     print(
         f"Loading time: {llm.loaded.load_seconds:.2f} s | generation time: {seconds:.2f} s{rate}",
         file=sys.stderr,
     )
     return 0
+
+
+def _total_speculation(per_output: list[dict | None]) -> dict:
+    """The speculation counts of all outputs summed, with the overall rates."""
+    from gemmakit.inference.engine import SpeculationStats
+
+    keys = ("steps", "proposed", "accepted", "generated")
+    return SpeculationStats(**{k: sum(s[k] for s in per_output if s) for k in keys}).as_dict()

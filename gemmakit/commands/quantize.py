@@ -23,17 +23,15 @@ from pathlib import Path
 from gemmakit.commands.common import add_model_arguments, print_json
 
 MEMORY_TYPES = ("fp32", "bf16", "nf4", "int8", "int8-linear", "int4", "int4-linear", "int4-all")
+# the GGUF float types, then llama.cpp's mixes as `gemmakit export` writes them (the K-quants
+# with llama-quantize's per-tensor types and bytes)
 GGUF_TYPES = (
-    "gguf-f32",
-    "gguf-f16",
-    "gguf-bf16",
-    "gguf-q8_0",
-    "gguf-q5_1",
-    "gguf-q5_0",
-    "gguf-q4_1",
-    "gguf-q4_0",
-)
-DEFAULT_TYPES = ("fp32", "bf16", "nf4", "int8", "int4", "gguf-f16", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
+    "gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q5_k_s",
+    "gguf-q5_1", "gguf-q5_0", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-iq4_xs", "gguf-iq4_nl", "gguf-q4_1",
+    "gguf-q4_0", "gguf-q3_k_l", "gguf-q3_k_m", "gguf-q3_k_s", "gguf-q2_k",
+)  # fmt: skip
+DEFAULT_TYPES = ("fp32", "bf16", "nf4", "int8", "int4", "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_0",
+                 "gguf-q4_k_m", "gguf-q4_0", "gguf-q3_k_m")  # fmt: skip
 DESCRIPTIONS = {
     "fp32": "float32 weights",
     "bf16": "bfloat16 weights and compute",
@@ -63,6 +61,10 @@ def add_arguments(p):
         f"(default: {','.join(DEFAULT_TYPES)}); 'all' for every one",
     )  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N text tokens")
+    p.add_argument(
+        "--imatrix", default=None, metavar="FILE",
+        help="an importance matrix the GGUF mixes are written with (as `gemmakit export --imatrix`)",
+    )  # fmt: skip
     p.add_argument("--context", type=int, default=512, help="perplexity window, <bos> included (512)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
@@ -97,8 +99,11 @@ def _variant(loaded, kind: str):
     return quantize_model(model, base, embeddings=embeddings)
 
 
-def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int | None = None, progress=True):
-    """Rows of {type, description, bytes, perplexity, change} for each type, fp32 first."""
+def quality_table(
+    loaded, text: str, types, context: int = 512, max_tokens: int | None = None, progress=True, imatrix=None
+):
+    """Rows of {type, description, bytes, perplexity, change} for each type, fp32 first;
+    `imatrix`: an importance matrix file the GGUF mixes are written with."""
     from gemmakit.errors import GemmakitError
     from gemmakit.evaluation.perplexity import perplexity
     from gemmakit.export import export_gguf
@@ -116,11 +121,9 @@ def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int 
             if kind.startswith("gguf-"):
                 qtype = kind.removeprefix("gguf-")
                 path = Path(tmp) / f"model.{qtype}.gguf"
-                summary = export_gguf(loaded, path, qtype, progress=False)
+                summary = export_gguf(loaded, path, qtype, progress=False, imatrix=imatrix)
                 model, size = load(path, dtype="float32", device="cpu").model, summary["bytes"]
-                where, desc = "file", f"GGUF {qtype.upper()} written and read back"
-                if summary["tensor_types"].get("Q8_0") and qtype.startswith(("q4", "q5")):
-                    desc += " (embedding Q8_0)"
+                where, desc = "file", f"GGUF {qtype.upper()} written and read back" + _mix_note(path, qtype)
                 path.unlink()
             else:
                 model = _variant(loaded, kind)
@@ -137,6 +140,23 @@ def quality_table(loaded, text: str, types, context: int = 512, max_tokens: int 
     for r in rows:
         r["change"] = r["perplexity"] / ref - 1
     return {"tokens": len(ids), "context": context, "stride": stride, "rows": rows}
+
+
+def _mix_note(path: Path, qtype: str) -> str:
+    """How a mix's file differs from its name: the token embedding's type, and the types the
+    tensors whose rows do not fit the mix's blocks fell back to."""
+    from gemmakit.formats.gguf import GGUFFile
+
+    if qtype in ("f32", "f16", "bf16"):
+        return ""
+    tensors = GGUFFile(path).tensors
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        if len(t.shape) > 1:
+            counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
+    embd = tensors.get("token_embd.weight")
+    parts = [f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return f" ({', '.join(parts)}; embedding {embd.ggml_type.name})" if embd else f" ({', '.join(parts)})"
 
 
 def format_table(table: dict) -> str:
@@ -173,7 +193,9 @@ def run(args) -> int:
     loaded = load(args.model, dtype=dtype, device=args.device or "cpu")
     if args.adapter:
         loaded = apply_adapter(loaded, args.adapter)
-    table = quality_table(loaded, text, types, args.context, args.max_tokens, progress=not args.json)
+    table = quality_table(
+        loaded, text, types, args.context, args.max_tokens, progress=not args.json, imatrix=args.imatrix
+    )
     table.update(model=str(loaded.source.path), text=str(path))
     if args.json:
         print_json(table)

@@ -136,6 +136,32 @@ def perplexity(
     return PerplexityResult(n, nll, math.exp(nll), context, stride, windows)
 
 
+@torch.inference_mode()
+def chunked_perplexity(
+    model, tokens: Sequence[int], bos_id: int, context: int = DEFAULT_CONTEXT
+) -> PerplexityResult:
+    """Perplexity by llama.cpp's `llama-perplexity` method, to compare with it like for like.
+
+    `tokens` is the text as llama.cpp tokenizes it (its `<bos>` first). They are cut into
+    len // context non-overlapping chunks (the rest is dropped); each chunk's first id is
+    replaced by `<bos>` and only its second half is scored: positions context/2 ... context-2
+    predict the ids after them (llama.cpp tools/perplexity/perplexity.cpp, `first = n_ctx/2`,
+    process_logits over n_ctx - 1 - first tokens per chunk).
+    """
+    chunks = len(tokens) // context
+    if chunks < 1:
+        raise GemmakitError(f"the text has {len(tokens)} tokens, fewer than one chunk of {context}")
+    first, total, count = context // 2, 0.0, 0
+    for i in range(chunks):
+        chunk = [bos_id, *tokens[i * context + 1 : (i + 1) * context]]
+        batch = torch.tensor([chunk], device=model.device)  # (1, context)
+        hidden = model.hidden_states(batch)[0, first : context - 1]  # (context - 1 - first, C)
+        logps, _ = target_logprobs(model, hidden, batch[0, first + 1 :])
+        total -= float(logps.sum())
+        count += logps.numel()
+    return PerplexityResult(count, total / count, math.exp(total / count), context, context, chunks)
+
+
 def text_perplexity(
     loaded, text: str, context: int = DEFAULT_CONTEXT, stride: int | None = None, progress: bool = False,
     batch_tokens: int = BATCH_TOKENS,

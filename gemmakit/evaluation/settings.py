@@ -52,5 +52,6 @@ def load_setting(setting: Setting, dtype: str = "auto", device: str | None = Non
     from gemmakit.inference.api import LLM
     from gemmakit.loading import load
 
-    loaded = load(setting.model, dtype=dtype, device=device)
+    # A setting quantized below needs the float weights, not a GGUF's own blocks.
+    loaded = load(setting.model, dtype=dtype, device=device, keep_blocks=not setting.quantize)
     return LLM(loaded=loaded, quantization=setting.quantize, adapter=setting.adapter).loaded

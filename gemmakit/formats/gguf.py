@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.hf_config import from_hf_config
 
 GGUF_MAGIC = b"GGUF"
+# Types whose values are floats (read as they are), not blocks.
+FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
 DEFAULT_ALIGNMENT = 32
 # Values per dequantization chunk in GGUFFile.tensor: 16 MB in float32.
 CHUNK_VALUES = 1 << 22
@@ -306,6 +309,14 @@ class GGUFFile:
             return data.view(np.uint16).reshape(info.shape)
         return data.reshape(*info.shape[:-1], -1)
 
+    def blocks(self, name: str) -> torch.Tensor:
+        """A quantized 2-D tensor's bytes as uint8 (rows, bytes per row), a zero-copy view of
+        the memory-mapped file (read-only: nothing may write to it)."""
+        raw = self.raw(name)
+        with warnings.catch_warnings():  # torch warns that the mapping is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(raw.reshape(-1, raw.shape[-1]))
+
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor dequantized to `dtype` (default float32; bfloat16 stays bfloat16).
 
@@ -537,7 +548,7 @@ def _normal_cdf(x: float) -> float:
 
 
 def state_dict_from_gguf(
-    g: GGUFFile, dtype: torch.dtype = torch.float32, config: GemmaConfig | None = None
+    g: GGUFFile, dtype: torch.dtype = torch.float32, config: GemmaConfig | None = None, skip=frozenset()
 ) -> dict[str, torch.Tensor]:
     """All tensors under HF names, dequantized to `dtype`, converted back from llama.cpp's forms.
 
@@ -547,12 +558,13 @@ def state_dict_from_gguf(
     are. Gemma 3n's stacked AltUp projections are split back into one tensor each, and
     Gemma 4's `rope_freqs` (RoPE factors the config already implies) is dropped. Each tensor
     is dequantized chunk by chunk straight into `dtype` (`GGUFFile.tensor`), so a bfloat16
-    load never holds a float32 copy of a big tensor.
+    load never holds a float32 copy of a big tensor. GGUF names in `skip` are left out (the
+    loader keeps those in their blocks).
     """
     config = config or config_from_gguf(g)
     out = {}
     for name in g.tensors:
-        if name == ROPE_FREQS or _unused_shared_kv(name, config):
+        if name == ROPE_FREQS or name in skip or _unused_shared_kv(name, config):
             continue
         if name in STACKED_NAMES:
             for k, part in enumerate(g.tensor(name, dtype).unbind(0)):  # (n - 1, D, D) -> n - 1 x (D, D)

@@ -37,25 +37,25 @@ from gemmakit.formats.gguf import (
     gguf_tensors,
     is_norm,
 )
+from gemmakit.formats.gguf_mix import MIXES, MixPlan, ModelShape, plan_mix
+from gemmakit.formats.gguf_quantize import check_importance, imatrix_for, quantize_tensor
 from gemmakit.formats.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNUSED, USER_DEFINED
 
 log = logging.getLogger(__name__)
 
-# --type name -> tensor type for the 2-D weights, and the file type llama.cpp reports.
+# --type name -> tensor type for the 2-D weights, and the file type llama.cpp reports, for the
+# float types; the quantized types are llama.cpp's mixes (formats/gguf_mix.py MIXES).
 GGUF_TYPES = {
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q5_1": (Q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
-    "q5_0": (Q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
-    "q4_1": (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
-    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-# The tied token_embd doubles as the output layer, the tensor llama.cpp's quantizer keeps at
-# higher precision (llama-quant.cpp gives the output Q6_K for the 4/5-bit types); gguf-py has
-# no K-quant quantizer, so below 8 bits the default embedding type is Q8_0.
-_LOW_BIT = {"q5_1", "q5_0", "q4_1", "q4_0"}
+# --embedding-type name -> the token embedding's type (llama-quantize --token-embedding-type)
+EMBEDDING_TYPES = {
+    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
+    "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_k": Q.Q4_K, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0, "q3_k": Q.Q3_K,
+    "q2_k": Q.Q2_K, "iq4_xs": Q.IQ4_XS, "iq4_nl": Q.IQ4_NL,
+}  # fmt: skip
 
 ARCHITECTURES = {
     "gemma": "gemma",
@@ -97,36 +97,34 @@ GEMMA_CHAT_TEMPLATE = (
 def tensor_type(
     hf_name: str, shape: tuple[int, ...], qtype: str, embedding_type: str | None, gguf_name: str = ""
 ) -> Q:
-    """The GGUF type a tensor is written in (see the module docstring)."""
+    """The GGUF type a tensor is written in for a float --type (f32, f16, bf16); the mixes
+    choose theirs by llama.cpp's rules (formats/gguf_mix.py)."""
     if len(shape) < 2 or is_norm(hf_name) or gguf_name.endswith(("_norm.weight", *_F32_TENSORS)):
         return Q.F32
-    name = qtype
-    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-        name = embedding_type or ("q8_0" if qtype in _LOW_BIT else qtype)
-    t = GGUF_TYPES[name][0]
+    t = GGUF_TYPES[qtype][0]
+    if embedding_type is not None and hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = EMBEDDING_TYPES[embedding_type]
     block = gguf.GGML_QUANT_SIZES[t][0]
     if shape[-1] % block:
         return Q.F16
     return t
 
 
-def _quantize(t: torch.Tensor, qtype: Q) -> np.ndarray:
-    """The tensor's bytes in `qtype` (float32 / float16 arrays for those types)."""
-    x = t.detach().to(torch.float32).cpu().contiguous().numpy()
-    if qtype == Q.F32:
-        return x
-    if qtype == Q.F16:
-        return x.astype(np.float16)
-    if qtype == Q.BF16:  # bit-exact round to nearest even, as gguf.quants.BF16 does
-        return t.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint8)
-    # Row chunks bound the float64 temporaries of the numpy quantizers.
-    rows = x.reshape(-1, x.shape[-1])
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
-    step = max(1, (1 << 22) // rows.shape[1])
-    for i in range(0, rows.shape[0], step):
-        out[i : i + step] = gguf.quants.quantize(rows[i : i + step], qtype)
-    return out.reshape(*x.shape[:-1], -1)
+def _quantize(t: torch.Tensor, qtype: Q, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """The tensor's data in `qtype` (formats/gguf_quantize.py)."""
+    return quantize_tensor(t, qtype, imatrix)
+
+
+def _mix_types(tensors, config: GemmaConfig, qtype: str, embedding_type: str | None, importance) -> MixPlan:
+    """llama.cpp's type for each tensor under mix `qtype` (formats/gguf_mix.py)."""
+    shape = ModelShape(
+        n_layer=config.num_hidden_layers,
+        n_gqa=config.num_attention_heads // max(1, config.layer_kv_heads(0)),
+        n_expert=config.num_experts or 0,
+    )
+    embedding = EMBEDDING_TYPES[embedding_type] if embedding_type is not None else None
+    shapes = {g_name: tuple(t.shape) for g_name, _, t in tensors}
+    return plan_mix(shapes, qtype, shape, has_imatrix=bool(importance), embedding_type=embedding)
 
 
 def _vocab_arrays(tokenizer, vocab_size: int, source_metadata: dict | None):
@@ -434,6 +432,7 @@ def write_gguf(
     chat_template: str | None = None,
     name: str | None = None,
     progress: bool = True,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Writes a complete GGUF file that llama.cpp and gemmakit load.
 
@@ -443,24 +442,31 @@ def write_gguf(
         config: the model's config.
         tokenizer: a `gemmakit.formats.tokenizer.Tokenizer`; None writes no vocabulary (gemmakit can
             still load the weights, llama.cpp cannot run the file).
-        qtype: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0, for the 2-D weights.
-        embedding_type: type of token_embd (and output); default: q8_0 below 8 bits, else qtype.
+        qtype: f32, f16 or bf16 for the 2-D weights, or one of llama.cpp's mixes (q4_k_m,
+            q6_k, q8_0, q4_0, ...: formats/gguf_mix.py MIXES), whose types and bytes are the
+            ones llama-quantize writes from a float32 file.
+        embedding_type: type of token_embd (and output), as llama-quantize's
+            --token-embedding-type; default: the mix's choice, or qtype for the float types.
         source_metadata: the source GGUF's metadata, whose vocabulary arrays are copied as is.
         chat_template: a jinja chat template; default: the tokenizer's own, else Gemma's.
         name: general.name.
+        imatrix: GGUF tensor name -> per-column importance (formats/imatrix.read_imatrix),
+            used by the mixes as llama.cpp's quantizer uses it.
 
     Returns:
         A summary: path, bytes, tensor count per type, notes on what llama.cpp ignores.
     """
-    if qtype not in GGUF_TYPES:
-        raise GemmakitError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if embedding_type is not None and embedding_type not in GGUF_TYPES:
+    if qtype not in GGUF_TYPES and qtype not in MIXES:
+        raise GemmakitError(f"unknown GGUF type {qtype!r}; choose one of {', '.join([*GGUF_TYPES, *MIXES])}")
+    if embedding_type is not None and embedding_type not in EMBEDDING_TYPES:
         raise GemmakitError(
-            f"unknown embedding type {embedding_type!r}; choose one of {', '.join(GGUF_TYPES)}"
+            f"unknown embedding type {embedding_type!r}; choose one of {', '.join(EMBEDDING_TYPES)}"
         )
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise GemmakitError(f"no GGUF architecture for model type {config.model_type!r}")
+    if imatrix:
+        check_importance(imatrix)
     path = Path(path)
     w = gguf.GGUFWriter(path=None, arch=arch)
     w.add_type("model")
@@ -473,13 +479,48 @@ def write_gguf(
         notes = _add_per_layer_family(w, config, arch)
     else:
         notes = _add_architecture(w, config, arch)
-    w.add_file_type(GGUF_TYPES[qtype][1])
+    w.add_file_type(MIXES[qtype][0] if qtype in MIXES else GGUF_TYPES[qtype][1])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
         _add_tokenizer(w, tokenizer, config, source_metadata, chat_template)
     else:
         notes.append("no tokenizer written: llama.cpp cannot run this file")
 
+    tensors = _gguf_tensor_list(state, config, arch)
+    plan = _tensor_plan(tensors, config, qtype, embedding_type, imatrix, notes)
+    if imatrix and qtype in MIXES:
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix))
+    for g_name, _, t, t_type, _ in plan:
+        block, size = gguf.GGML_QUANT_SIZES[t_type]
+        w.add_tensor_info(g_name, tuple(t.shape), np.float32, t.numel() // block * size, raw_dtype=t_type)
+
+    def write(tmp: Path):
+        from tqdm import tqdm
+
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, _, t, t_type, im in tqdm(
+            plan, desc=f"writing {path.name}", unit="tensor", disable=not progress
+        ):
+            w.write_tensor_data(_quantize(t, t_type) if im is None else _quantize(t, t_type, im))
+        w.close()
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise GemmakitError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        w.close()
+    counts: dict[str, int] = {}
+    for _, _, _, t_type, _ in plan:
+        counts[t_type.name] = counts.get(t_type.name, 0) + 1
+    return {"path": str(path), "bytes": path.stat().st_size, "tensor_types": counts, "notes": notes}
+
+
+def _gguf_tensor_list(state: dict[str, torch.Tensor], config: GemmaConfig, arch: str):
+    """(GGUF name, first HF name, tensor) of every tensor the file holds, norms as llama.cpp
+    stores them."""
     tensors = []
     for g_name, hf_names, t in gguf_tensors(state):
         if config.tie_word_embeddings and hf_names == ["lm_head.weight"]:
@@ -492,31 +533,39 @@ def write_gguf(
         tensors.insert(0, (ROPE_FREQS, "", rope_freqs(config)))
     if arch == "gemma3n":
         tensors += shared_layer_kv_placeholders(config)
+    return tensors
+
+
+def _tensor_plan(tensors, config: GemmaConfig, qtype: str, embedding_type, imatrix, notes: list[str]):
+    """(GGUF name, HF name, tensor, type, importance or None) per tensor; adds notes."""
+    if qtype not in MIXES:
+        if imatrix:
+            notes.append(f"the importance matrix is not used by {qtype}")
+        return [
+            (g, h, t, tensor_type(h, tuple(t.shape), qtype, embedding_type, g), None) for g, h, t in tensors
+        ]
+    mix = _mix_types(tensors, config, qtype, embedding_type, imatrix)
+    if mix.notes:
+        notes.append(
+            f"{len(mix.notes)} tensors fell back to a type their rows fit, as llama.cpp does ({mix.notes[0]})"
+        )
     plan = []
     for g_name, hf_name, t in tensors:
-        t_type = tensor_type(hf_name, tuple(t.shape), qtype, embedding_type, g_name)
-        block, size = gguf.GGML_QUANT_SIZES[t_type]
-        nbytes = t.numel() // block * size
-        plan.append((g_name, hf_name, t, t_type))
-        w.add_tensor_info(g_name, tuple(t.shape), np.float32, nbytes, raw_dtype=t_type)
+        t_type = mix.types[g_name]
+        quantized = t_type not in (Q.F32, Q.F16, Q.BF16)
+        im = imatrix_for(g_name, tuple(t.shape), imatrix) if quantized else None
+        if im is None and g_name in mix.requires_imatrix:
+            raise GemmakitError(f"{qtype} needs an importance matrix (--imatrix) with an entry for {g_name}")
+        plan.append((g_name, hf_name, t, t_type, im))
+    if imatrix:
+        missing = [p[0] for p in plan if p[4] is None and p[3] not in (Q.F32, Q.F16, Q.BF16)]
+        if missing:
+            examples = ", ".join(missing[:2]) + (", ..." if len(missing) > 2 else "")
+            notes.append(
+                f"the importance matrix has no entry for {_count(len(missing), 'tensor')} ({examples})"
+            )
+    return plan
 
-    def write(tmp: Path):
-        from tqdm import tqdm
 
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for _, _, t, t_type in tqdm(plan, desc=f"writing {path.name}", unit="tensor", disable=not progress):
-            w.write_tensor_data(_quantize(t, t_type))
-        w.close()
-
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise GemmakitError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        w.close()
-    counts: dict[str, int] = {}
-    for _, _, _, t_type in plan:
-        counts[t_type.name] = counts.get(t_type.name, 0) + 1
-    return {"path": str(path), "bytes": path.stat().st_size, "tensor_types": counts, "notes": notes}
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

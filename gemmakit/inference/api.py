@@ -20,19 +20,36 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.inference import logits_processing
 from gemmakit.inference.batching import Engine, available_memory, slot_bytes
-from gemmakit.inference.engine import Request, check_length
+from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, TextStream, finish_step, text_streams
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step, stream_text, text_streams
 from gemmakit.loading import Loaded, load
 
 
 @dataclass
+class Logprob:
+    """vLLM's `Logprob`: a token's log-probability, its rank in its step (1 = most likely,
+    None when unknown) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
+    """One completion of a prompt. With `SamplingParams.logprobs` set, `logprobs[i]` maps the
+    i-th token's id and its step's top ids to their `Logprob`s (vLLM's shape) and
+    `cumulative_logprob` is the sum of the chosen tokens' log-probabilities."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -43,6 +60,15 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict = field(default_factory=dict)
+
+
+def _speculation(requests: list[Request]) -> dict:
+    """{"speculation": the counts summed over `requests`} when they ran speculatively, else {}."""
+    stats = [r.speculation for r in requests if r.speculation is not None]
+    if not stats:
+        return {}
+    keys = ("steps", "proposed", "accepted", "generated")
+    return {"speculation": SpeculationStats(**{k: sum(getattr(s, k) for s in stats) for k in keys}).as_dict()}
 
 
 def _is_token(t, vocab: int) -> bool:
@@ -58,6 +84,8 @@ class LLM:
         seed: seeds requests that give no seed of their own, as vLLM's `seed` does.
         quantization / adapter: optional, applied after loading (see `gemmakit.quant`
             and `gemmakit.lora`).
+        draft_model: a smaller model with the same tokenizer (named as `model` is), loaded
+            with the same dtype and device, for `SamplingParams(speculative="draft")`.
 
     Attributes:
         memory: with `quantization`, {"before": ..., "after": ...}: the model's bytes in
@@ -73,6 +101,7 @@ class LLM:
         quantization: str | None = None,
         adapter: str | None = None,
         loaded: Loaded | None = None,
+        draft_model: str | None = None,
     ):
         from gemmakit.quant import float_memory, model_memory, quantize_model
 
@@ -80,8 +109,9 @@ class LLM:
         # read: the float model never exists (int8 270M: 0.7 GB peak instead of 1.9 GB).
         streamed = bool(quantization) and loaded is None and not adapter
         self.loaded = loaded or load(
-            model, dtype=dtype, device=device, quantize=quantization if streamed else None
-        )
+            model, dtype=dtype, device=device, quantize=quantization if streamed else None,
+            keep_blocks=not quantization,  # quantized below: a GGUF is read as floats first
+        )  # fmt: skip
         if adapter:
             from gemmakit.lora import load_adapter
 
@@ -93,13 +123,21 @@ class LLM:
             net = self.loaded.model
             self.memory = {"before": float_memory(net), "after": model_memory(net)}
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.draft: Loaded | None = None
+        if draft_model is not None:
+            from gemmakit.inference.proposers import check_draft
+
+            self.draft = load(draft_model, dtype=self.model.dtype, device=str(self.model.device))
+            check_draft(self.model, self.tokenizer, self.draft.model, self.draft.tokenizer)
         self._generator = torch.Generator().manual_seed(seed)
         self._next_id = 0
         self._engine: Engine | None = None  # kept between calls: its slots cache prefixes
 
     # --- requests ------------------------------------------------------------------------
 
-    def _requests(self, prompts, params) -> tuple[list[Request], list[str | None]]:
+    def _requests(self, prompts, params) -> tuple[list[Request], list[tuple[str | None, int]]]:
+        """One Request per completion, the `n` rows of a prompt consecutive; and per prompt,
+        its text (None for token ids) and its `n`."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -123,10 +161,12 @@ class LLM:
                 raise GemmakitError(
                     f"prompt {i}: a prompt is text, a list of token ids or a dict, got {prompt!r}"
                 )
-            # Drawn in prompt order, so an LLM's seed makes the whole call reproducible.
-            gen = request_generator(p, self._generator)
-            requests.append(Request(ids, p, self.loaded.stop_ids, gen))
-            texts.append(text)
+            for row_params in p.expand_n():
+                # Drawn in prompt order, so an LLM's seed makes the whole call reproducible.
+                gen = request_generator(row_params, self._generator)
+                request = Request(ids, row_params, self.loaded.stop_ids, gen)
+                requests.append(logits_processing.prepare(request, self.tokenizer))
+            texts.append((text, p.n))
         return requests, texts
 
     def _token_ids(self, ids, i: int) -> list[int]:
@@ -148,7 +188,12 @@ class LLM:
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
         """Runs the requests on the continuous-batching engine (the server's), yielding each
-        step's text events; a row that fails alone ends with finish reason "error"."""
+        step's text events; a row that fails alone ends with finish reason "error". With a
+        draft model, speculative decoding runs the static batch (`stream_text`)."""
+        if self.draft is not None:
+            for events in stream_text(self.model, self.tokenizer, requests, streams, self.draft.model):
+                yield from events
+            return
         engine = self._engine_for(requests)
         row_of = {id(r): i for i, r in enumerate(requests)}
         for r in requests:
@@ -193,23 +238,40 @@ class LLM:
         for _ in self._stream(requests, streams):
             first = first or time.perf_counter()
         end = time.perf_counter()
-        outputs = []
-        for req, text, ts in zip(requests, texts, streams):
+        outputs, row = [], 0
+        for text, n in texts:
+            rows = range(row, row + n)
+            row = rows.stop
             self._next_id += 1
             outputs.append(
                 RequestOutput(
                     request_id=str(self._next_id),
                     prompt=text,
-                    prompt_token_ids=req.prompt_ids,
-                    outputs=[CompletionOutput(0, ts.text, req.output_ids, req.finish_reason)],
+                    prompt_token_ids=requests[rows[0]].prompt_ids,
+                    outputs=[self._completion(i, requests[r], streams[r]) for i, r in enumerate(rows)],
                     metrics={
                         "time_to_first_token": (first or end) - start,
                         "generation_seconds": end - start,
-                        "generated_tokens": len(req.output_ids),
-                    },
+                        "generated_tokens": sum(len(requests[r].output_ids) for r in rows),
+                    }
+                    | _speculation([requests[r] for r in rows]),
                 )
             )
         return outputs
+
+    def _completion(self, index: int, req: Request, stream: TextStream) -> CompletionOutput:
+        out = CompletionOutput(index, stream.text, req.output_ids, req.finish_reason)
+        if req.logprobs is not None:
+            out.logprobs = [self._logprob_entry(lp) for lp in req.output_logprobs]
+            out.cumulative_logprob = sum(lp.logprob for lp in req.output_logprobs)
+        return out
+
+    def _logprob_entry(self, lp: TokenLogprob) -> dict[int, Logprob]:
+        decode = self.tokenizer.decode
+        entry = {t: Logprob(v, rank, decode([t])) for rank, (t, v) in enumerate(lp.top, start=1)}
+        if lp.token_id not in entry:
+            entry = {lp.token_id: Logprob(lp.logprob, None, decode([lp.token_id])), **entry}
+        return entry
 
     def chat(self, messages, sampling_params=None) -> list[RequestOutput]:
         """Generates a reply to one conversation (list of messages) or several."""

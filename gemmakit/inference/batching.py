@@ -38,6 +38,7 @@ import torch
 from gemmakit.config import SLIDING
 from gemmakit.inference import c_decode
 from gemmakit.inference.engine import Request, check_length, sample_row
+from gemmakit.lora import multi
 from gemmakit.model.slot_cache import RING_SLACK, SlotCache
 
 ERROR = "error"  # the finish reason of a row whose own sampling or forward pass failed
@@ -236,7 +237,7 @@ class Engine:
             n = min(budget, len(prompt) - seq.held)
             budget -= n
             try:
-                hidden = self._forward(prompt[seq.held : seq.held + n], [seq.slot], seq.held)
+                hidden = self._forward(prompt[seq.held : seq.held + n], seq)
             except Exception as e:  # noqa: BLE001 - this row's forward pass failed, not the batch's
                 events.append(self._fail(seq, e))
                 continue
@@ -261,7 +262,8 @@ class Engine:
             logits = self.fast.step(tokens, slots, positions) if self.fast is not None else None
             if logits is None:
                 ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)[:, None]
-                logits = self.model.logits(self._forward_rows(ids, slots, positions)[:, -1])
+                adapters = [s.request.adapter for s in rows]
+                logits = self.model.logits(self._forward_rows(ids, slots, positions, adapters)[:, -1])
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
             return [self._fail(s, e) for s in rows]
         events = []
@@ -272,12 +274,15 @@ class Engine:
 
     # --- pieces --------------------------------------------------------------------------
 
-    def _forward(self, tokens: list[int], slots: list[int], start: int) -> torch.Tensor:
-        """Hidden states (1, T, C) of one slot's tokens from position `start`."""
+    def _forward(self, tokens: list[int], seq: Sequence) -> torch.Tensor:
+        """Hidden states (1, T, C) of a row's next prompt tokens, from the position it holds."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)[None]
-        return self._forward_rows(ids, slots, [start])
+        return self._forward_rows(ids, [seq.slot], [seq.held], [seq.request.adapter])
 
-    def _forward_rows(self, ids: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def _forward_rows(self, ids, slots: list[int], starts: list[int], adapters: list[str | None]):
+        """Hidden states (B, T, C): row b feeds ids[b] at starts[b]... of slot slots[b], with
+        LoRA adapter adapters[b] (`lora.multi`; None: the base)."""
+        multi.select_rows(self.model, adapters)
         B, T = ids.shape
         device = self.model.device
         offsets = torch.arange(T, device=device)[None]

@@ -3,7 +3,8 @@
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
-bfloat16 or int8 weight-only (gemmakit's int8 quantization), no adapters, no training. Else
+bfloat16, int8 weight-only (gemmakit's int8 quantization) or GGUF blocks of a type
+csrc/gguf_blocks.c runs (a GGUF loaded with its own types), no adapters, no training. Else
 it returns None and the caller runs the torch model. Activations are float32 in the step; a
 float32 model therefore decodes as the torch model does up to the order of additions
 (tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
@@ -33,12 +34,15 @@ from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
+from gemmakit.quant.gguf_blocks import GGUFLinear
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
 _DECLARED = bindings.declarations()
 _Mat, _Layer, _Model, _Batch = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Batch"))
-W_F32, W_INT8, W_BF16 = (_DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16"))
+W_F32, W_INT8, W_BF16, W_GGUF_BASE = (
+    _DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16", "W_GGUF_BASE")
+)
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
 _INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
 
@@ -56,6 +60,21 @@ def _matrix(weight_type: int, w: torch.Tensor, scale: torch.Tensor | None = None
 
 def _mat(module: nn.Module, keep: list):
     """The C view of a linear layer's matrix, or None when the C step cannot read it."""
+    if isinstance(module, GGUFLinear):  # the file's blocks as they are (csrc/gguf_blocks.c)
+        w = module.weight
+        if (
+            w.device.type != "cpu"
+            or not w.is_contiguous()
+            or not cpu_kernels.gguf_row_bytes(module.ggml_type, module.in_features)
+        ):
+            return None
+        return _Mat(
+            type=W_GGUF_BASE + module.ggml_type,
+            w=w.data_ptr(),
+            s=None,
+            n=module.out_features,
+            k=module.in_features,
+        )
     if isinstance(module, Int8Linear):
         w, s = module.weight, module.weight_scale.float().contiguous()
         if w.device.type != "cpu" or not w.is_contiguous():

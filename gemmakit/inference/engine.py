@@ -17,6 +17,7 @@ import torch
 from gemmakit.errors import ContextLengthError
 from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample
+from gemmakit.lora import multi
 
 
 @dataclass
@@ -31,6 +32,33 @@ class TokenLogprob:
 
 
 @dataclass
+class SpeculationStats:
+    """What speculative decoding did for one request (gemmakit.inference.speculative):
+    `steps` target forward passes after the prefill, `proposed` tokens offered to them,
+    `accepted` of those kept, `generated` tokens produced by those steps."""
+
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    generated: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.generated / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
+            "generated": self.generated, "acceptance_rate": round(self.acceptance_rate, 4),
+            "tokens_per_step": round(self.tokens_per_step, 4),
+        }  # fmt: skip
+
+
+@dataclass
 class Request:
     """One row of a batch: its prompt, how to sample it, and what it has generated so far.
 
@@ -41,7 +69,8 @@ class Request:
     `logits_processor(output_ids, logits) -> logits` reshapes a row's next-token logits (V,)
     before sampling (penalties, logit bias, a grammar's mask); `logprobs` None records no
     log-probabilities, k >= 0 records each token's and the top k of each step into
-    `output_logprobs`; `adapter` names the LoRA adapter the row runs with (None: the base).
+    `output_logprobs`; `adapter` names the LoRA adapter the row runs with (None: the base);
+    `speculation` counts what speculative decoding did when the request ran with it.
     """
 
     prompt_ids: list[int]
@@ -54,6 +83,7 @@ class Request:
     logprobs: int | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     adapter: str | None = None
+    speculation: SpeculationStats | None = None
 
 
 def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
@@ -111,11 +141,24 @@ def decode_one_token(model, next_ids: torch.Tensor, live: list[int], cache, fast
 def sample_row(logits: torch.Tensor, request: Request) -> int:
     """Samples the next token of `request` from its row of logits (V,), appends it to
     `output_ids` and, when the request asks for them, its log-probabilities to
-    `output_logprobs`. The one place a row's token is chosen: every engine path calls it."""
-    raw = logits
-    if request.logits_processor is not None:
-        logits = request.logits_processor(request.output_ids, logits)
-    token = sample(logits, request.params, request.generator)
+    `output_logprobs`. The one place a row's token is chosen: every engine path calls it (a
+    speculative step that accepts or resamples a proposal calls its two halves,
+    `processed_logits` and `record_token`, around its own choice)."""
+    token = sample(processed_logits(logits, request), request.params, request.generator)
+    record_token(logits, request, token)
+    return token
+
+
+def processed_logits(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """A row's logits (V,) after the request's logits processor (given its output so far)."""
+    if request.logits_processor is None:
+        return logits
+    return request.logits_processor(request.output_ids, logits)
+
+
+def record_token(raw: torch.Tensor, request: Request, token: int):
+    """Appends the chosen `token` to the request's output, with its log-probabilities from
+    the row's raw logits (V,) when the request asks for them."""
     if request.logprobs is not None:
         log_probs = torch.log_softmax(raw.float(), dim=-1)
         top = []
@@ -124,7 +167,6 @@ def sample_row(logits: torch.Tensor, request: Request) -> int:
             top = [(int(i), float(v)) for i, v in zip(ids, values)]
         request.output_logprobs.append(TokenLogprob(token, float(log_probs[token]), top))
     request.output_ids.append(token)
-    return token
 
 
 def _finish_reason(request: Request, token: int, limit: int) -> str | None:
@@ -177,12 +219,15 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
     """Runs a batch to completion, yielding [(row, token_id), ...] for each step.
 
     Rows are left-padded into one batch; a finished row keeps a slot but is no longer
-    sampled. Each request's limits are checked against the model's context first.
+    sampled. Each request's limits are checked against the model's context first. Each row
+    runs with its request's LoRA adapter (`Request.adapter`, attached by `lora.multi.attach`).
     """
     context = model.config.max_position_embeddings
     limits = [check_length(len(r.prompt_ids), r.params.max_tokens, context) for r in requests]
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id, model.device)
     cache = model.make_cache(len(requests), ids.shape[1] + max(limits))
-    fast = c_decode.decoder(model, cache, len(requests))
+    # The rows keep their places for the whole batch, so one selection serves every step.
+    multi.select_rows(model, [r.adapter for r in requests])
+    fast = None if multi.has_adapters(model) else c_decode.decoder(model, cache, len(requests))
     logits = prefill(model, ids, mask, cache)  # (B, V)
     yield from decode_n_tokens(model, requests, logits, cache, fast, limits, pad_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from gemmakit.inference import speculative
 from gemmakit.inference.engine import Request, TokenLogprob, generate_steps
 
 
@@ -104,14 +105,21 @@ def finish_step(
 
 
 def stream_text(
-    model, tokenizer, requests: list[Request], streams: list[TextStream] | None = None
+    model, tokenizer, requests: list[Request], streams: list[TextStream] | None = None, draft=None
 ) -> Iterator[list[StreamEvent]]:
     """Generates for a batch of requests, yielding each step's text events.
 
     `streams` (from `text_streams`) lets the caller read each request's whole text after
     the last step. Between two steps the generation is suspended, so a caller may finish a
     request there (set its `finish_reason`): later steps neither sample nor report it.
+    A batch in which a request asks for speculation runs through
+    `gemmakit.inference.speculative` (one request after another), with `draft` as the
+    draft model of "draft" speculation.
     """
     streams = streams if streams is not None else text_streams(tokenizer, requests)
-    for step in generate_steps(model, requests, tokenizer.pad_id):
+    if any(r.params.speculative for r in requests):
+        steps = speculative.generate_steps(model, requests, draft)
+    else:
+        steps = generate_steps(model, requests, tokenizer.pad_id)
+    for step in steps:
         yield finish_step(step, requests, streams)

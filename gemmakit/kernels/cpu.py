@@ -69,6 +69,53 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     return out
 
 
+# Rows per task when a GGUF tensor is quantized over several threads: small enough to balance
+# two to sixteen threads over a 640-row tensor, large enough that a task outlasts its hand-off.
+GGUF_QUANTIZE_ROWS_PER_TASK = 32
+
+
+def gguf_quantize_rows(
+    x: torch.Tensor, ggml_type: int, imatrix: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Rows of x (n, k) float32 as the blocks of ggml type `ggml_type` (gguf_quantize.c): (n,
+    row bytes) uint8, bytes as llama.cpp's quantizer writes them; `imatrix` (k,) float32 column
+    weights or None. None when the kernel does not apply (no compiler, not CPU, a type it does
+    not write or k not a whole number of its blocks). Rows are split over torch's threads
+    (ctypes releases the GIL for the call)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    n, k = x.shape
+    if imatrix is not None:
+        imatrix = imatrix.to(torch.float32).contiguous()
+        if imatrix.shape != (k,):
+            return None
+    im = imatrix.data_ptr() if imatrix is not None else None
+    row_bytes = lib.gguf_quantize_rows(ggml_type, x.data_ptr(), None, k, 0, 0, im)
+    if row_bytes < 0:
+        return None
+    out = torch.empty((n, row_bytes), dtype=torch.uint8)
+    starts = range(0, n, GGUF_QUANTIZE_ROWS_PER_TASK)
+
+    def run(lo: int) -> None:
+        hi = min(n, lo + GGUF_QUANTIZE_ROWS_PER_TASK)
+        lib.gguf_quantize_rows(ggml_type, x.data_ptr(), out.data_ptr(), k, lo, hi, im)
+
+    threads = _threads(n, 2 * GGUF_QUANTIZE_ROWS_PER_TASK)
+    if threads == 1:
+        for lo in starts:
+            run(lo)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    return out
+
+
 # Element counts from which a kernel is split over torch's threads (below, one thread runs
 # it): where handing the work over costs more than the second thread saves. Measured on a
 # 2-core VM right after a torch matmul (its OpenMP workers spinning), one thread against
@@ -287,4 +334,76 @@ def nf4_dequantize(
     out = torch.empty(shape, dtype=dtype)
     args = (packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), n)
     lib.nf4_dequantize_mt(*args, int(dtype == torch.bfloat16), _threads(n, SPLIT_NF4))
+    return out
+
+
+# --- GGUF block types (csrc/gguf_blocks.c) ----------------------------------------------------
+# Rows of x up to which a product with GGUF blocks runs the C multi-row kernel (each block
+# read once for all rows); above, the weight is dequantized once and torch's float32 matmul
+# runs. Measured on one thread of a loaded 2-core machine (best of 7), the bundled model's
+# layer 0, ms, C / dequantize + matmul: Q5_0 2048 x 640 at 1, 8, 16 rows 0.14 / 0.42, 0.74 /
+# 0.70, 1.14 / 0.88; Q6_K 640 x 2048 0.53 / 0.56, 0.87 / 0.94, 1.33 / 1.14; Q4_K 640 x 1024
+# 0.13 / 0.15, 0.30 / 0.34, 0.50 / 0.44.
+GGUF_MATMUL_MAX_ROWS = 8
+
+
+def _gguf_applies(raw: torch.Tensor, ggml_type: int, k: int):
+    """The library when its GGUF kernels take `raw` (uint8 (n, row bytes), CPU, contiguous)."""
+    if raw.device.type != "cpu" or raw.dtype != torch.uint8 or raw.dim() != 2 or not raw.is_contiguous():
+        return None
+    lib = library()
+    if lib is None or lib.gguf_row_bytes(ggml_type, k) != raw.shape[1]:
+        return None
+    return lib
+
+
+def gguf_row_bytes(ggml_type: int, k: int) -> int | None:
+    """Bytes of one row of k values of a ggml block type, or None when the C kernels do not
+    run the type (or k is not a whole number of its blocks, or there is no library)."""
+    lib = library()
+    if lib is None:
+        return None
+    size = lib.gguf_row_bytes(ggml_type, k)
+    return None if size < 0 else size
+
+
+def gguf_dequantize(raw: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
+    """The (n, k) float32 values of n rows of GGUF blocks, bit for bit the `gguf` package's
+    `quants.dequantize`; None when the kernel does not apply."""
+    lib = _gguf_applies(raw, ggml_type, k)
+    if lib is None:
+        return None
+    n = raw.shape[0]
+    out = torch.empty((n, k), dtype=torch.float32)
+    lib.gguf_dequantize_rows_mt(ggml_type, raw.data_ptr(), n, k, out.data_ptr(), _threads(n * k, SPLIT_NF4))
+    return out
+
+
+def gguf_rows(raw: torch.Tensor, ggml_type: int, k: int, ids: torch.Tensor) -> torch.Tensor | None:
+    """Rows `ids` (any shape) of a GGUF matrix as float32 (*ids.shape, k): an embedding lookup."""
+    lib = _gguf_applies(raw, ggml_type, k)
+    if lib is None or ids.device.type != "cpu":
+        return None
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= raw.shape[0]):
+        raise IndexError(f"token id out of range for an embedding of {raw.shape[0]} rows")
+    out = torch.empty((flat.numel(), k), dtype=torch.float32)
+    count = flat.numel()
+    lib.gguf_gather_rows_mt(ggml_type, raw.data_ptr(), k, flat.data_ptr(), count, out.data_ptr(),
+                            _threads(count * k, SPLIT_NF4))  # fmt: skip
+    return out.view(*ids.shape, k)
+
+
+def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
+    """x (M, k) float32 times the transposed (n, k) GGUF matrix: (M, n) float32, each block
+    dequantized in registers or L1 and read once for all M rows. None where it does not apply."""
+    lib = _gguf_applies(raw, ggml_type, k)
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        return None
+    x = x.contiguous()
+    rows, n = x.shape[0], raw.shape[0]
+    out = torch.empty((rows, n), dtype=torch.float32)
+    lib.gguf_matmul_rows_mt(
+        ggml_type, raw.data_ptr(), n, k, x.data_ptr(), rows, out.data_ptr(), _threads(n, 0)
+    )
     return out

@@ -7,13 +7,20 @@ import torch
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 
+# Extra ring slots of a sliding layer beyond its window in a cache that can roll back: a step
+# of up to RING_SLACK + 1 columns (a speculative verification of RING_SLACK proposals) then
+# never overwrites a key the window of any column still held needs, so dropping the step's
+# rejected columns leaves every kept column's window intact. The same constant sizes the
+# serving engine's slot rings (gemmakit/model/slot_cache.py).
+RING_SLACK = 16
+
 
 class LayerCache:
     """Preallocated keys and values of one layer: (B, K, capacity, D).
 
     Full-attention layers keep a slot per column. Sliding layers keep a ring of
-    `min(window, length)` slots: column c lives in slot c % capacity, and the shared
-    `GroupState` says which column each slot holds.
+    `min(window + ring slack, length)` slots: column c lives in slot c % capacity, and the
+    shared `GroupState` says which column each slot holds (-1: none).
     """
 
     def __init__(self, group: GroupState, batch, kv_heads, head_dim, dtype, device):
@@ -60,6 +67,13 @@ class GroupState:
         self.visible = min(start + T, cap)
         return self.slot_cols[: self.visible]
 
+    def drop(self, cols: range):
+        """Forgets columns `cols` (the last ones written): their slots hold nothing now."""
+        for col in cols:
+            slot = col % self.capacity
+            if int(self.slot_cols[slot]) == col:
+                self.slot_cols[slot] = -1
+
     def place(self, col: int) -> tuple[int, int]:
         """plan() for the single column `col`, in plain ints: (slot written, slots visible)."""
         slot = col % self.capacity
@@ -73,15 +87,19 @@ class KVCache:
     `for_layer[i]` is layer i's LayerCache, or None for a KV-shared layer (it owns none);
     `layers` lists the caches that exist. Rows are left-padded to a common length, so a column index is shared by the batch;
     `valid` marks which (row, column) pairs hold real tokens.
+
+    `ring_slack` (0, or `RING_SLACK` for speculative decoding) gives each sliding ring that
+    many slots beyond the window, so that `rollback` can drop up to `ring_slack + 1` columns.
     """
 
-    def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device):
+    def __init__(self, config: GemmaConfig, batch: int, max_length: int, dtype, device, ring_slack: int = 0):
         self.max_length, self.length, self.dtype = max_length, 0, dtype
+        self.ring_slack = ring_slack
         self.valid = torch.zeros((batch, max_length), dtype=torch.bool, device=device)
         self.groups = {FULL: GroupState(max_length, None, device)}
         if SLIDING in config.layer_types:
             window = config.sliding_window
-            self.groups[SLIDING] = GroupState(min(window, max_length), window, device)
+            self.groups[SLIDING] = GroupState(min(window + ring_slack, max_length), window, device)
         # Only layers that produce keys and values hold a cache, each in its own shape (Gemma 4's
         # global layers: their own KV heads and head dim); a KV-shared layer reads its source's.
         self.for_layer: list[LayerCache | None] = [
@@ -113,15 +131,40 @@ class KVCache:
 
     def append_dense(self) -> dict[str, tuple[int, int]]:
         """Registers one real token of a one-row cache whose every column holds a token, and
-        returns each group's (slot written, slots visible), building no masks: every visible
-        slot then holds a token inside its group's window (a sliding group's ring is the
-        window), so the masks `advance` would build are all zeros. For the C decode step."""
+        returns each group's (slot written, slots visible), building no masks: the C decode
+        step finds column c at c % capacity of each group and attends within the window by
+        position, as the masks `advance` would build them."""
         col = self.length
         if col >= self.max_length:
             raise ValueError(f"cache holds {self.max_length} tokens; {col + 1} requested")
         self.valid[0, col] = True
         self.length = col + 1
         return {kind: group.place(col) for kind, group in self.groups.items()}
+
+    def rollback(self, count: int):
+        """Drops the last `count` columns, as if they had never been written.
+
+        A sliding ring keeps every kept column's window when the dropped columns overwrote
+        only keys older than the window of the new last column: when the ring never wrapped
+        over them, or `count <= ring_slack + 1` (the dropped column c overwrote column
+        c - capacity, and c - capacity < new length - window + 1 exactly then).
+
+        Raises:
+            ValueError: `count` is more than the cache holds, or more than a ring can restore.
+        """
+        if not 0 <= count <= self.length:
+            raise ValueError(f"cannot roll back {count} of {self.length} columns")
+        start = self.length - count
+        for group in self.groups.values():
+            wrapped = self.length > group.capacity
+            if group.window is not None and wrapped and count > group.capacity - group.window + 1:
+                raise ValueError(
+                    f"a sliding ring of {group.capacity} slots for a window of {group.window} "
+                    f"can roll back at most {group.capacity - group.window + 1} columns, not {count}"
+                )
+            group.drop(range(start, self.length))
+        self.valid[:, start : self.length] = False
+        self.length = start
 
 
 def build_mask(q_cols, key_cols, key_valid, window, dtype=torch.float32, same_segment=None):

@@ -50,8 +50,8 @@ class Gemma(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def make_cache(self, batch: int, max_length: int) -> KVCache:
-        return KVCache(self.config, batch, max_length, self.dtype, self.device)
+    def make_cache(self, batch: int, max_length: int, ring_slack: int = 0) -> KVCache:
+        return KVCache(self.config, batch, max_length, self.dtype, self.device, ring_slack)
 
     def hidden_states(
         self,

@@ -33,6 +33,24 @@ class ServerConfig:
         metavar="N",
     )
     max_body_bytes: int = option(4 * 2**20, "request body limit in bytes (4 MiB)", metavar="BYTES")
+    max_connections: int | None = option(
+        None,
+        "open client connections at most; beyond it the longest-idle one is closed, or 503 when all are "
+        "busy (default: from the open-file limit, which serve raises to its hard limit)",
+        metavar="N",
+    )
+    idle_timeout_s: float = option(
+        15.0,
+        "close a connection that has sent no complete request headers for this long, at its start or "
+        "between keep-alive requests (15)",
+        metavar="SECONDS",
+    )
+    shutdown_grace_s: float = option(
+        10.0,
+        "on SIGTERM or Ctrl+C, let running requests finish for this long; streams still open then end "
+        "with a 503 error event and [DONE] (10)",
+        metavar="SECONDS",
+    )
     batch_window_s: float = option(
         0.01, "how long the scheduler waits for simultaneous requests to fill a batch", cli=False
     )
@@ -43,6 +61,10 @@ class ServerConfig:
         for name in ("max_num_seqs", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise GemmakitError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise GemmakitError("max-connections must be at least 1")
+        if not self.idle_timeout_s > 0 or not self.shutdown_grace_s >= 0:
+            raise GemmakitError("idle-timeout-s must be positive and shutdown-grace-s not negative")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise GemmakitError("max-model-len must be at least 2")
         if self.api_key is not None and not self.api_key:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from gemmakit.errors import ContextLengthError
+from gemmakit.inference import logits_processing
 from gemmakit.inference.batching import Engine
 from gemmakit.inference.batching import Sequence as EngineSequence
 from gemmakit.inference.engine import Request
@@ -224,11 +225,13 @@ class Scheduler:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         loop: asyncio.AbstractEventLoop | None = None,
+        adapter: str | None = None,
     ) -> Ticket:
         """Queues prompts (token ids, limits already checked) and returns their `Ticket`.
 
         A row's seed (`params.seed`, or a fresh random one) seeds its own generator, so its
         tokens do not depend on which other rows run beside it (`request_generator`).
+        `adapter` names the LoRA adapter the rows run with (`lora.multi.attach`; None: the base).
 
         Raises:
             QueueFullError: the waiting rows would exceed `max_queue`.
@@ -245,7 +248,9 @@ class Scheduler:
         rows = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             gen = request_generator(p, seeds=None)
-            request = Request(list(prompt), p, self.stop_ids, gen)
+            # Penalties, logit bias, a grammar and log-probabilities, from the params (openai part).
+            request = Request(list(prompt), p, self.stop_ids, gen, adapter=adapter)
+            request = logits_processing.prepare(request, self.tokenizer)
             rows.append(_Row(ticket, i, request, TextStream(self.tokenizer, p.stop)))
         self.start()
         with self._cond:

@@ -78,6 +78,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     logit_bias: dict[str, Number] | None = None
+    repetition_penalty: Number | None = None  # vLLM's extension: HF's multiplicative penalty
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
 
 
@@ -102,7 +103,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[Message]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
-    tools: list | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: StrictBool | None = None
     response_format: dict | None = None
 
 
@@ -130,3 +134,35 @@ def unsupported(req, fields: dict[str, Any]) -> None:
         value = getattr(req, name)
         if value is not None and value not in neutral:
             raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
+
+
+def response_schema(response_format: dict | None) -> dict | None:
+    """The JSON schema a chat `response_format` asks for: None for text, `{"type": "object"}`
+    for `json_object`, the given schema for `json_schema` (checked by the grammar engine)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format",
+            )
+        from gemmakit.errors import GemmakitError
+        from gemmakit.inference.grammar import check_schema
+
+        try:
+            check_schema(schema)
+        except GemmakitError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        return schema
+    raise APIError(
+        400,
+        f"response_format type {kind!r} is not one of text, json_object, json_schema",
+        param="response_format",
+    )

@@ -19,14 +19,15 @@
 
 #define GEMMAKIT_API __attribute__((visibility("default")))
 
-/* Mat.type: how a matrix's weights are stored */
-enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2 };
+/* Mat.type: how a matrix's weights are stored; W_GGUF_BASE + a ggml type id (Q8_0 108,
+ * Q4_K 112, Q6_K 114, ...): the raw GGUF block bytes of the (n, k) matrix (gguf_blocks.c) */
+enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2, W_GGUF_BASE = 100 };
 
 /* --- the decode step's view of a model (decode_batch.c, gemmakit/inference/c_decode.py) --- */
 
 typedef struct {
     /* W_F32: w is float (n, k); W_INT8: w is int8 (n, k) with float scale s (n,);
-     * W_BF16: w is bfloat16 (n, k) */
+     * W_BF16: w is bfloat16 (n, k); W_GGUF_BASE + t: w is the GGUF blocks of ggml type t, s unused */
     int64_t type;
     const void *w;
     const float *s;
@@ -72,6 +73,16 @@ typedef struct {
  * cannot be allocated. */
 GEMMAKIT_API int decode_batch(const Model *m, const Batch *b, int threads);
 
+/* --- GGUF block quantization with llama.cpp's bytes (gguf_quantize.c, gguf_quantize_k.c) --- */
+
+/* Rows [lo, hi) of x (n, k) float32 quantized to ggml type `type` (Q4_0 2, Q4_1 3, Q5_0 6,
+ * Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23) into
+ * out (n rows of the returned bytes), with the importance matrix's k column weights or NULL.
+ * Returns the bytes of one row, or -1 for another type or a k that is not a whole number of
+ * its blocks. */
+GEMMAKIT_API int64_t gguf_quantize_rows(int64_t type, const float *x, void *out, int64_t k, int64_t lo, int64_t hi,
+                                        const float *imatrix);
+
 /* --- kernels over a range, on the calling thread --- */
 
 /* y[n] = s[n] * (x . row n of int8 w (N, K)) for rows [start, stop) (gemv.c) */
@@ -96,6 +107,19 @@ GEMMAKIT_API void geglu_backward(const void *grad, const void *gate, const void 
 /* NF4 weight over the 64-value blocks [lo, hi) of n values (nf4.c) */
 GEMMAKIT_API void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, void *out, int64_t n,
                                  int64_t lo, int64_t hi, int64_t bf16);
+/* GGUF block types (ggml type ids 2, 3, 6, 7, 8, 10-14) over the raw blocks w of a (n, k)
+ * matrix (gguf_blocks.c): bytes per row (-1 for a type or k it does not take); rows [lo, hi)
+ * as floats (out: (hi - lo, k)), bit for bit the gguf package's dequantize; rows ids[lo..hi)
+ * into out rows [lo, hi) (out: (len(ids), k)); y[n] = row n . x for rows [lo, hi); and
+ * y (rows, n) = x (rows, k) W^T over output columns [lo, hi) */
+GEMMAKIT_API int64_t gguf_row_bytes(int64_t type, int64_t k);
+GEMMAKIT_API void gguf_dequantize_rows(int64_t type, const void *w, int64_t k, float *out, int64_t lo, int64_t hi);
+GEMMAKIT_API void gguf_gather_rows(int64_t type, const void *w, int64_t k, const int64_t *ids, float *out,
+                                   int64_t lo, int64_t hi);
+GEMMAKIT_API void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo,
+                              int64_t hi);
+GEMMAKIT_API void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows,
+                                   float *y, int64_t lo, int64_t hi);
 
 /* --- the same kernels over [0, n) split over threads (split.c) --- */
 
@@ -115,5 +139,11 @@ GEMMAKIT_API void geglu_backward_mt(const void *grad, const void *gate, const vo
                                     void *grad_up, int64_t n, int64_t bf16, int64_t threads);
 GEMMAKIT_API void nf4_dequantize_mt(const uint8_t *packed, const float *absmax, const float *code, void *out,
                                     int64_t n, int64_t bf16, int64_t threads);
+GEMMAKIT_API void gguf_dequantize_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, float *out,
+                                          int64_t threads);
+GEMMAKIT_API void gguf_gather_rows_mt(int64_t type, const void *w, int64_t k, const int64_t *ids, int64_t count,
+                                      float *out, int64_t threads);
+GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
+                                      int64_t rows, float *y, int64_t threads);
 
 #endif

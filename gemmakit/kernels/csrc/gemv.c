@@ -36,7 +36,9 @@ DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 /* y[n] = row n of m . x for rows [lo, hi) */
 void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
-    if (m->type == W_INT8) {
+    if (m->type >= W_GGUF_BASE) {
+        gguf_matvec(m->type - W_GGUF_BASE, m->w, m->k, x, y, lo, hi);
+    } else if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_i8(x, w + n * m->k, m->k) * m->s[n];
     } else if (m->type == W_BF16) {
@@ -58,10 +60,13 @@ void gemv_int8(const float *x, const int8_t *w, const float *s, float *y, int64_
     matvec(&m, x, y, start, stop);
 }
 
-/* out = row `row` of m as floats (int8 rows times their scale): the embedding lookup */
+/* out = row `row` of m as floats (int8 rows times their scale; GGUF blocks dequantized, as
+ * gguf_blocks.c does): the embedding lookup */
 void mat_row(const Mat *m, int64_t row, float *out) {
     const int64_t K = m->k;
-    if (m->type == W_INT8) {
+    if (m->type >= W_GGUF_BASE) {
+        gguf_dequantize_rows(m->type - W_GGUF_BASE, m->w, K, out, row, row + 1);
+    } else if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w + row * K;
         for (int64_t i = 0; i < K; i++) out[i] = (float)w[i] * m->s[row];
     } else if (m->type == W_BF16) {
@@ -205,7 +210,10 @@ MATMUL(matmul_i8, tile_i8, int8_t)
 
 void matmul_rows(const Mat *m, const float *x, int64_t rows, float *y, int64_t lo, int64_t hi) {
     const int64_t N = m->n, K = m->k;
-    if (m->type == W_F32) {
+    if (m->type >= W_GGUF_BASE) { /* each block dequantized once for all rows (gguf_blocks.c) */
+        if (rows == 1) gguf_matvec(m->type - W_GGUF_BASE, m->w, K, x, y, lo, hi);
+        else gguf_matmul_rows(m->type - W_GGUF_BASE, m->w, N, K, x, rows, y, lo, hi);
+    } else if (m->type == W_F32) {
         matmul_f32((const float *)m->w, x, rows, y, N, K, lo, hi);
     } else if (m->type == W_BF16) {
         matmul_bf16((const uint16_t *)m->w, x, rows, y, N, K, lo, hi);

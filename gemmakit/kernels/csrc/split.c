@@ -61,3 +61,19 @@ void nf4_dequantize_mt(const uint8_t *packed, const float *absmax, const float *
     SPLIT((n + 63) / 64, threads, nf4_dequantize(packed, absmax, code, out, n, lo, hi, bf16));
 }
 
+
+void gguf_dequantize_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, float *out, int64_t threads) {
+    SPLIT(n, threads, gguf_dequantize_rows(type, w, k, out + lo * k, lo, hi));
+}
+
+void gguf_gather_rows_mt(int64_t type, const void *w, int64_t k, const int64_t *ids, int64_t count, float *out,
+                         int64_t threads) {
+    SPLIT(count, threads, gguf_gather_rows(type, w, k, ids, out, lo, hi));
+}
+
+/* one x row: the mat-vec; more: the multi-row product (each weight row read once) */
+void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                         int64_t threads) {
+    if (rows == 1) SPLIT(n, threads, gguf_matvec(type, w, k, x, y, lo, hi));
+    else SPLIT(n, threads, gguf_matmul_rows(type, w, n, k, x, rows, y, lo, hi));
+}

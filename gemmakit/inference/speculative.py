@@ -1,0 +1,153 @@
+"""Speculative decoding: cheap proposals, checked k at a time by one forward pass of the model.
+
+A step feeds the last chosen token and k proposed ones (`gemmakit.inference.proposers`) to
+the model as 1 + k rows over one KV cache; row i's logits choose the token after row i
+exactly as a plain step would, so proposal i + 1 is kept when it is the token chosen there.
+At the first rejection the chosen token replaces it, and the cache is rolled back past the
+rejected rows (`KVCache.rollback`; the sliding rings keep `RING_SLACK` spare slots for it).
+When all k are kept, the last row gives one more token. Decode is memory-bound, so the
+1 + k rows cost little more than one.
+
+Greedy requests keep a proposal when it is the argmax: the output is plain greedy's, token
+for token. Sampled requests use speculative sampling (Leviathan et al. 2023, "Fast Inference
+from Transformers via Speculative Decoding", arXiv:2211.17192, algorithm 1): proposal d drawn
+from q is kept with probability min(1, p(d) / q(d)), else the token is drawn from the residual
+max(0, p - q) renormalized, which makes each token's distribution exactly p. Here p is the
+distribution plain sampling draws from (`sampling.probabilities`: temperature, top-k, top-p,
+min-p) of the request's logits after its logits processor, which sees the tokens kept so far,
+as in a plain step; an n-gram proposal has a one-hot q, a draft model's q is its own filtered
+distribution (no logits processor). The random draws differ from a plain run's, so a seeded
+request gives different (equally distributed) text with and without speculation.
+Log-probabilities are recorded from each row's raw logits, as `engine.sample_row` records them.
+
+Speculation decodes one sequence at a time: `generate_steps` runs a batch's requests one
+after another, yielding one token per step. The 1 + k rows run in the batched C step
+(`c_decode.batch_decoder`, the cache as its one slot; each weight matrix read once for all
+rows) where it applies, else in the torch model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from gemmakit.errors import GemmakitError
+from gemmakit.inference.engine import (
+    Request,
+    SpeculationStats,
+    _finish_reason,
+    check_length,
+    prefill,
+    processed_logits,
+    record_token,
+    sample_row,
+)
+from gemmakit.inference.proposers import Backoff, DraftProposer, NgramProposer, cache_rows, feed
+from gemmakit.inference.sampling import probabilities, sample
+from gemmakit.model.cache import RING_SLACK
+
+
+def speculative_choice(
+    p: torch.Tensor, proposal: int, q: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[int, bool]:
+    """(token, kept): the proposal kept with probability min(1, p(d) / q(d)), else a token
+    drawn from max(0, p - q) renormalized. `q` None is one-hot on the proposal (n-gram)."""
+    q_d = 1.0 if q is None else float(q[proposal])
+    u = float(torch.rand((), generator=generator))
+    if u * q_d < float(p[proposal]):  # u < p/q without dividing by a tiny q
+        return proposal, True
+    if q is None:
+        residual = p.clone()
+        residual[proposal] = 0.0
+    else:
+        residual = (p - q).clamp_(min=0.0)
+    if not float(residual.sum()) > 0:  # p <= q everywhere means p == q: kept above, barring rounding
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator)), False
+
+
+def choose(logits: torch.Tensor, request: Request, proposal: int, q: torch.Tensor | None) -> tuple[int, bool]:
+    """Chooses the request's next token from its row of logits (V,) given a proposal, and
+    records it as `engine.sample_row` does. Returns (token, whether it is the proposal)."""
+    processed = processed_logits(logits, request)
+    params = request.params
+    if params.greedy:
+        token = sample(processed, params, request.generator)
+        kept = token == proposal
+    else:
+        token, kept = speculative_choice(probabilities(processed, params), proposal, q, request.generator)
+    record_token(logits, request, token)
+    return token, kept
+
+
+def _proposer(request: Request, draft, max_length: int):
+    mode = request.params.speculative
+    if mode == "ngram":
+        return NgramProposer()
+    if mode == "draft":
+        if draft is None:
+            raise GemmakitError(
+                "speculative='draft' needs a draft model (LLM(draft_model=...), --draft-model)"
+            )
+        return DraftProposer(draft, max_length)
+    return None
+
+
+def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[int]:
+    """Generates one request with speculation, yielding each token once it is chosen (and
+    `finish_reason` set). A caller may set `finish_reason` between two tokens: generation
+    then stops. `request.speculation` counts the steps when the request speculates."""
+    prompt = request.prompt_ids
+    proposer = _proposer(request, draft, len(prompt) + limit)
+    stats = SpeculationStats()
+    request.speculation = stats if proposer is not None else None
+    backoff = Backoff(request.params.num_speculative_tokens)
+    # No row past `limit` is fed: at most limit - 1 tokens follow the prompt's.
+    cache = model.make_cache(1, len(prompt) + limit, ring_slack=RING_SLACK if proposer else 0)
+    rows_step = cache_rows(model, cache)
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+    token = sample_row(prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)[0], request)
+
+    def finish(token: int):
+        """Sets the request's finish reason after `token` (None while it runs)."""
+        request.finish_reason = _finish_reason(request, token, limit)
+        stats.generated = len(request.output_ids) - 1  # the prefill's token is no step's
+
+    finish(token)
+    yield token
+    while request.finish_reason is None:  # a caller may have finished it between yields
+        k = min(backoff.budget() if proposer else 0, limit - len(request.output_ids) - 1)
+        proposals, q = proposer.propose(request, k) if k > 0 else ([], None)
+        logits = feed(model, cache, rows_step, [token] + proposals)
+        stats.steps, stats.proposed = stats.steps + 1, stats.proposed + len(proposals)
+        kept = 0
+        for i, proposal in enumerate(proposals):
+            token, accepted = choose(logits[i], request, proposal, None if q is None else q[i])
+            stats.accepted += accepted
+            finish(token)
+            yield token
+            if request.finish_reason is not None:  # finished, or by the caller
+                return
+            if not accepted:
+                break
+            kept += 1
+        else:
+            token = sample_row(logits[len(proposals)], request)
+            finish(token)
+            yield token
+        cache.rollback(len(proposals) - kept)
+        if proposer is not None:
+            proposer.update(kept, len(proposals))
+            backoff.update(kept, len(proposals))
+
+
+@torch.inference_mode()
+def generate_steps(model, requests: list[Request], draft=None) -> Iterator[list[tuple[int, int]]]:
+    """`engine.generate_steps` with speculation: [(row, token_id)] per step, the requests
+    run one after another. Every request's limits are checked against the context first."""
+    context = model.config.max_position_embeddings
+    limits = [check_length(len(r.prompt_ids), r.params.max_tokens, context) for r in requests]
+    for row, (request, limit) in enumerate(zip(requests, limits)):
+        for token in generate_one(model, request, limit, draft):
+            yield [(row, token)]

@@ -1,0 +1,76 @@
+"""Products with GGUF block-quantized weights (quant/gguf_blocks.py): which kernel runs.
+
+On the CPU with the C kernels (kernels/csrc/gguf_blocks.c): a few rows of activations go
+through the C product that dequantizes each block in registers (or L1) and reads it once for
+all rows; more rows (a prefill) dequantize tiles of weight rows into float32 and let torch's
+matmul run, so a 262k-row output matrix never exists in float32 at once. Elsewhere (another
+device, no compiler) the `gguf` package dequantizes on the CPU and the product is plain torch.
+Every path multiplies the same dequantized values (the gguf package's, bit for bit) with the
+activations in float32; only the order of the additions differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gemmakit.kernels import cpu as cpu_kernels
+
+# Weight values dequantized per tile of a many-row product: 16 MB of float32.
+TILE_VALUES = 1 << 22
+
+
+def gguf_supported(ggml_type: int, k: int) -> bool:
+    """Whether the C kernels run rows of k values of this ggml type (the loader keeps such
+    tensors in their blocks; others are dequantized as before)."""
+    return cpu_kernels.gguf_row_bytes(int(ggml_type), k) is not None
+
+
+def _reference(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """The gguf package's dequantization, on the CPU (float32 (n, k))."""
+    # Imported here: only the fallback needs numpy and the gguf package.
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
+    blocks = np.ascontiguousarray(raw.detach().cpu().numpy())
+    return torch.from_numpy(gguf_quants.dequantize(blocks, GGMLQuantizationType(ggml_type)))
+
+
+def gguf_dequantize(raw: torch.Tensor, ggml_type: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight (n, k) in `dtype` of n rows of blocks (uint8 (n, row bytes))."""
+    out = cpu_kernels.gguf_dequantize(raw, ggml_type, k)
+    if out is None:
+        out = _reference(raw, ggml_type).to(raw.device)
+    return out.to(dtype)
+
+
+def gguf_rows(
+    raw: torch.Tensor, ggml_type: int, k: int, ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows `ids` (any shape) of the weight as (*ids.shape, k) in `dtype`: an embedding lookup."""
+    out = cpu_kernels.gguf_rows(raw, ggml_type, k, ids) if ids.device.type == "cpu" else None
+    if out is None:
+        flat = ids.reshape(-1)
+        out = _reference(raw[flat.to(raw.device)], ggml_type).to(ids.device).view(*ids.shape, k)
+    return out.to(dtype)
+
+
+def gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+    """x W^T for the (n, k) weight held as GGUF blocks `raw`; x (..., k), result (..., n) in
+    x's dtype (computed in float32 on the CPU)."""
+    n = raw.shape[0]
+    rows = x.numel() // k
+    if x.device.type == "cpu" and cpu_kernels.gguf_row_bytes(ggml_type, k) is not None:
+        flat = x.reshape(rows, k).float()
+        if rows <= cpu_kernels.GGUF_MATMUL_MAX_ROWS:
+            y = cpu_kernels.gguf_matmul(flat, raw, ggml_type, k)
+        else:
+            y = torch.empty((rows, n), dtype=torch.float32)
+            step = max(1, TILE_VALUES // k)
+            for lo in range(0, n, step):
+                tile = cpu_kernels.gguf_dequantize(raw[lo : lo + step], ggml_type, k)
+                y[:, lo : lo + step] = flat @ tile.T  # (rows, k) @ (k, tile)
+        if y is not None:
+            return y.to(x.dtype).view(*x.shape[:-1], n)
+    return F.linear(x, gguf_dequantize(raw, ggml_type, k, x.dtype))
