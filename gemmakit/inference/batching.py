@@ -153,7 +153,9 @@ class Engine:
         self._release()
         self._admit()
         events = self._prefill()
-        events += self._decode()
+        # A row whose first token came from this step's prefill decodes from the next step:
+        # one token per row per step, so each event's log-probabilities are its own.
+        events += self._decode(skip={id(req) for req, _ in events})
         self._release()
         return events
 
@@ -247,9 +249,14 @@ class Engine:
                 events.append(self._sample(seq, logits[0]))
         return events
 
-    def _decode(self) -> list[tuple[Request, int | None]]:
-        """Feeds every running row's last token (one step for all) and samples the next."""
-        rows = [s for s in self.running if not s.prefilling and s.request.finish_reason is None]
+    def _decode(self, skip: set[int]) -> list[tuple[Request, int | None]]:
+        """Feeds every running row's last token (one step for all) and samples the next; rows
+        whose request is in `skip` (by id) wait for the next step."""
+        rows = [
+            s
+            for s in self.running
+            if not s.prefilling and s.request.finish_reason is None and id(s.request) not in skip
+        ]
         if not rows:
             return []
         tokens = [s.request.output_ids[-1] for s in rows]
