@@ -188,10 +188,11 @@ class LLM:
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
         """Runs the requests on the continuous-batching engine (the server's), yielding each
-        step's text events; a row that fails alone ends with finish reason "error". With a
-        draft model, speculative decoding runs the static batch (`stream_text`)."""
-        if self.draft is not None:
-            for events in stream_text(self.model, self.tokenizer, requests, streams, self.draft.model):
+        step's text events; a row that fails alone ends with finish reason "error". A batch
+        that asks for speculative decoding runs `stream_text`'s speculative path instead."""
+        if any(r.params.speculative for r in requests):
+            draft = self.draft.model if self.draft is not None else None
+            for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
                 yield from events
             return
         engine = self._engine_for(requests)
