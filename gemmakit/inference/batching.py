@@ -110,9 +110,10 @@ class Engine:
             self.fast = c_decode.batch_decoder(model, self.cache.layer_kv())
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
-        # Free slots, least recently used first, each with the tokens its cache still holds.
-        self._free: collections.OrderedDict[int, list[int]] = collections.OrderedDict(
-            (s, []) for s in range(slots)
+        # Free slots, least recently used first, each with the LoRA adapter its cache was
+        # computed under and the tokens it still holds (keys and values depend on both).
+        self._free: collections.OrderedDict[int, tuple[str | None, list[int]]] = collections.OrderedDict(
+            (s, (None, [])) for s in range(slots)
         )
         self.counters = EngineCounters()
 
@@ -169,15 +170,15 @@ class Engine:
             if seq.request.finish_reason is None:
                 kept.append(seq)
                 continue
-            self._free[seq.slot] = seq.tokens() if self.prefix_cache else []
+            self._free[seq.slot] = (seq.request.adapter, seq.tokens() if self.prefix_cache else [])
             self._free.move_to_end(seq.slot)
         self.running = kept
 
     def _admit(self) -> None:
         while self.waiting and self._free:
             seq = self.waiting.popleft()
-            slot, reused = self._pick_slot(seq.request.prompt_ids)
-            source, shared = self._running_prefix(seq.request.prompt_ids)
+            slot, reused = self._pick_slot(seq.request)
+            source, shared = self._running_prefix(seq.request)
             if shared > reused:  # a running row holds more of the prompt: copy its keys and values
                 slot, reused = next(iter(self._free)), shared
                 self.cache.copy_prefix(source, slot, shared)
@@ -190,24 +191,30 @@ class Engine:
             c.prompt_tokens += len(seq.request.prompt_ids)
             c.prefix_hit_tokens += reused
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot to run `prompt` in and how many of its first tokens that slot's cache
-        already holds: the longest reusable prefix, else the least recently used slot."""
+    def _pick_slot(self, request: Request) -> tuple[int, int]:
+        """The free slot to run `request` in and how many of its prompt's first tokens that
+        slot's cache already holds: the longest reusable prefix computed under the same adapter,
+        else the least recently used slot."""
         best_slot, best = next(iter(self._free)), 0
         if self.prefix_cache:
-            for slot, held in self._free.items():
-                m = self._reusable(held, prompt)
+            for slot, (adapter, held) in self._free.items():
+                if adapter != request.adapter:
+                    continue
+                m = self._reusable(held, request.prompt_ids)
                 if m > best:
                     best_slot, best = slot, m
         return best_slot, best
 
-    def _running_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
-        """The slot of the running row that holds the longest reusable prefix of `prompt`, and
-        its length (a shared system prompt, the n completions of one prompt)."""
+    def _running_prefix(self, request: Request) -> tuple[int | None, int]:
+        """The slot of the running row (same adapter) that holds the longest reusable prefix of
+        `request`'s prompt, and its length (a shared system prompt, the n completions of one
+        prompt)."""
         best_slot, best = None, 0
         if self.prefix_cache:
             for seq in self.running:
-                m = self._reusable(seq.tokens(), prompt)
+                if seq.request.adapter != request.adapter:
+                    continue
+                m = self._reusable(seq.tokens(), request.prompt_ids)
                 if m > best:
                     best_slot, best = seq.slot, m
         return best_slot, best
