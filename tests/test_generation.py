@@ -169,3 +169,18 @@ def test_logprobs_are_the_raw_log_softmax_and_processor_steers_sampling():
     assert req.output_logprobs[0].logprob == pytest.approx(float(expected[2]))
     assert [t for t, _ in req.output_logprobs[0].top] == [1, 2]
     assert req.output_logprobs[0].top[0][1] == pytest.approx(float(expected[1]))
+
+
+def test_top_p_on_candidates_keeps_what_a_full_sort_keeps():
+    """Top-p without top-k decides on the best 1,024 tokens when they hold p of the mass (a
+    peaked row) and sorts the whole row otherwise (a flat one): both give the full sort's set."""
+    from gemmakit.inference.sampling import probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (8.0, 0.01):  # peaked: the fast path; nearly flat: the fallback
+        logits = torch.randn(262_144, generator=gen) * scale
+        params = SamplingParams(temperature=1.0, top_p=0.9)
+        full = apply_top_p(logits, 0.9)
+        expected = torch.where(torch.isinf(full), torch.zeros(()), full.softmax(-1))
+        assert torch.allclose(probabilities(logits, params), expected, atol=1e-6)
+        assert (probabilities(logits, params) > 0).sum() == (~torch.isinf(full)).sum()

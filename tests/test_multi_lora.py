@@ -246,3 +246,28 @@ def test_the_c_steps_decline_a_model_with_adapters(setup, tmp_path):
         multi.attach(model, "embed", tmp_path / "embed")
         assert c_decode.batch_decoder(model, kv) is None
         assert c_decode.decoder(model, model.make_cache(1, 8), 1) is None
+
+
+def test_the_engine_reuses_a_prefix_only_under_the_same_adapter(setup, served):
+    """Keys and values computed under one adapter are wrong for another: a second request with
+    the same prompt and another adapter prefills from scratch and matches that adapter alone."""
+    from gemmakit.inference.batching import Engine
+
+    base, folders = setup
+    prompt = prompts(1, 12).tolist()[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine = Engine(served, slots=1, capacity=64)
+    outputs = {}
+    for name in ("attn", "mlp", "mlp"):
+        req = Request(prompt, params, adapter=name)
+        engine.add(req)
+        while engine.has_work():
+            engine.step()
+        outputs.setdefault(name, []).append(req.output_ids)
+    # Only the third request (same adapter as the second) reused the prompt.
+    assert engine.counters.prefix_hit_tokens == len(prompt) - 1
+    for name in ("attn", "mlp"):
+        alone = Request(prompt, params)
+        for _ in generate_steps(merged(base, folders[name]), [alone]):
+            pass
+        assert all(out == alone.output_ids for out in outputs[name]), name

@@ -21,9 +21,10 @@ import torch
 
 from gemmakit.errors import GemmakitError
 from gemmakit.inference import logits_processing
-from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob
+from gemmakit.inference.batching import Engine, available_memory, slot_bytes
+from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, TextStream, stream_text, text_streams
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step, stream_text, text_streams
 from gemmakit.loading import Loaded, load
 
 
@@ -130,6 +131,7 @@ class LLM:
             check_draft(self.model, self.tokenizer, self.draft.model, self.draft.tokenizer)
         self._generator = torch.Generator().manual_seed(seed)
         self._next_id = 0
+        self._engine: Engine | None = None  # kept between calls: its slots cache prefixes
 
     # --- requests ------------------------------------------------------------------------
 
@@ -185,9 +187,46 @@ class LLM:
         yield from self._stream(requests, text_streams(self.tokenizer, requests))
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
-        draft = self.draft.model if self.draft is not None else None
-        for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
-            yield from events
+        """Runs the requests on the continuous-batching engine (the server's), yielding each
+        step's text events; a row that fails alone ends with finish reason "error". A batch
+        that asks for speculative decoding runs `stream_text`'s speculative path instead."""
+        if any(r.params.speculative for r in requests):
+            draft = self.draft.model if self.draft is not None else None
+            for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
+                yield from events
+            return
+        engine = self._engine_for(requests)
+        row_of = {id(r): i for i, r in enumerate(requests)}
+        for r in requests:
+            engine.add(r)
+        try:
+            while any(r.finish_reason is None for r in requests):
+                step = [(row_of[id(req)], token) for req, token in engine.step() if id(req) in row_of]
+                yield from finish_step([(row, t) for row, t in step if t is not None], requests, streams)
+                for row, _ in (e for e in step if e[1] is None):
+                    yield StreamEvent(row, streams[row].flush(), None, requests[row].finish_reason)
+        finally:  # a caller that stops iterating early frees the rows' slots
+            engine.abort(requests)
+
+    def _engine_for(self, requests: list[Request]) -> Engine:
+        """The engine, rebuilt when its slots or capacity do not cover these requests: a slot
+        per request (at most 16), each as long as the longest prompt + its tokens, rounded up
+        to 256 positions, within half the available memory."""
+        context = self.model.config.max_position_embeddings
+        need = max(
+            len(r.prompt_ids) + check_length(len(r.prompt_ids), r.params.max_tokens, context)
+            for r in requests
+        )
+        capacity = min(context, -(-need // 256) * 256)
+        free = available_memory()
+        per_slot = slot_bytes(self.model.config, self.model.dtype, capacity)
+        fits = len(requests) if free is None else max(1, int(0.5 * free // per_slot))
+        slots = min(len(requests), 16, fits)
+        e = self._engine
+        if e is None or e.capacity < capacity or e.slots < slots:
+            self._engine = None  # the old cache goes before the new one is allocated
+            self._engine = Engine(self.model, slots=slots, capacity=capacity)
+        return self._engine
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for every prompt (str, token-id list, or {"prompt_token_ids": ...})."""

@@ -27,6 +27,7 @@ import torch
 from gemmakit.errors import GemmakitError
 from gemmakit.formats.tokenizer import BYTE, NORMAL, USER_DEFINED
 
+
 def _xgrammar():
     try:
         import xgrammar

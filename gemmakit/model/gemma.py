@@ -11,6 +11,7 @@ from torch import nn
 from gemmakit.config import SLIDING, GemmaConfig
 from gemmakit.model.cache import KVCache, build_mask
 from gemmakit.model.layers import Block, config_norm, layer_type_inv_freqs, rope_cos_sin
+from gemmakit.model.slot_cache import SlotCache
 
 
 class GemmaModel(nn.Module):
@@ -67,7 +68,8 @@ class Gemma(nn.Module):
             attention_mask: (B, T) booleans, False on (left) padding. Default: all real.
             positions: (B, T) RoPE positions. Default: counted from the first real token.
             cache: continues from and extends this cache; without one, the call sees only
-                its own tokens.
+                its own tokens. A `SlotCache` needs `positions` and its `row_slots` set: row
+                b feeds positions[b] of slot row_slots[b].
             segment_ids: (B, T) ids of the packed examples tokens belong to (training on
                 packed rows): a token attends only within its segment. Pass `positions`
                 counted per segment with it. Not with a cache.
@@ -85,6 +87,10 @@ class Gemma(nn.Module):
     def _attention_inputs(self, input_ids, attention_mask, positions, cache, segment_ids):
         """(positions (B, T), the additive mask of each layer type, each layer's cache or None)."""
         B, T = input_ids.shape
+        if isinstance(cache, SlotCache):  # rows at their own positions: `cache.advance`'s masks
+            if positions is None:
+                raise ValueError("a slot cache needs each row's positions")
+            return positions, cache.advance(cache.row_slots, positions), cache.for_layer
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()

@@ -40,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmakit.errors import ContextLengthError, GemmakitError
+from gemmakit.inference.batching import fitting_capacity
 from gemmakit.inference.engine import check_length
 from gemmakit.inference.grammar import check_schema
 from gemmakit.inference.sampling import SamplingParams
@@ -80,7 +81,8 @@ class _Server:
             raise GemmakitError(
                 f"max-model-len {config.max_model_len} exceeds the model's context ({context})"
             )
-        self.context = config.max_model_len or context
+        model = llm.model
+        self.context = config.max_model_len or fitting_capacity(model.config, model.dtype, config.max_num_seqs)
         self.name = config.served_model_name or llm.loaded.source.name
         # LoRA adapters attached before the app was made (`gemmakit serve --lora NAME=DIR`).
         self.adapters = multi.adapter_names(llm.model)
@@ -93,9 +95,10 @@ class _Server:
             llm.model,
             self.tokenizer,
             llm.loaded.stop_ids,
-            max_batch=config.max_batch,
+            max_batch=config.max_num_seqs,
             max_queue=config.max_queue,
             batch_window_s=config.batch_window_s,
+            max_model_len=self.context,
         )
 
     # --- checks -------------------------------------------------------------------------

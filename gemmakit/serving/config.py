@@ -22,10 +22,15 @@ class ServerConfig:
     served_model_name: str | None = option(
         None, "model name clients send and /v1/models lists (default: the model's)", metavar="NAME"
     )
-    max_batch: int = option(8, "requests decoded together at most (8)", metavar="N")
-    max_queue: int = option(64, "requests waiting for a batch before 429 (64)", metavar="N")
+    max_num_seqs: int = option(16, "sequences decoded together at most: the KV-cache slots (16)", metavar="N")
+    max_batch: int | None = option(None, "the former name of --max-num-seqs", metavar="N")
+    max_queue: int = option(64, "requests waiting for a slot before 429 (64)", metavar="N")
     max_model_len: int | None = option(
-        None, "context length served (default: the model's); lower it to bound KV-cache memory", metavar="N"
+        None,
+        "tokens (prompt + reply) of one sequence at most: each slot's KV-cache capacity "
+        "(default: what --max-num-seqs slots fit in half the available memory, at most the "
+        "model's context)",
+        metavar="N",
     )
     max_body_bytes: int = option(4 * 2**20, "request body limit in bytes (4 MiB)", metavar="BYTES")
     max_connections: int | None = option(
@@ -51,7 +56,9 @@ class ServerConfig:
     )
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_body_bytes"):
+        if self.max_batch is not None:
+            self.max_num_seqs = self.max_batch
+        for name in ("max_num_seqs", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise GemmakitError(f"{name.replace('_', '-')} must be at least 1")
         if self.max_connections is not None and self.max_connections < 1:

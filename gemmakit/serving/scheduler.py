@@ -1,22 +1,18 @@
-"""The server's batching engine: one worker thread owns the model and decodes requests in batches.
+"""The server's side of the engine: one worker thread owns the model and a continuous-batching
+`Engine` (gemmakit/inference/batching.py).
 
 HTTP handlers run on an asyncio event loop and must never block it, while a forward pass holds
 a CPU for tens of milliseconds. So handlers only `submit()` prompts and read a `Ticket`: an
-asyncio queue that the worker thread fills with `StreamEvent`s (text deltas and finish reasons
-from `gemmakit.inference.text.stream_text`, as the Python API gets them). The worker takes up
-to `max_batch` waiting rows at a time and runs them as one left-padded batch; whatever arrives
-meanwhile waits, bounded by `max_queue`, and starts together in the next batch.
+asyncio queue that the worker thread fills with `StreamEvent`s (text deltas and finish reasons,
+made by `gemmakit.inference.text.finish_step` as for the Python API). Between two engine steps
+the worker moves waiting rows into free slots (continuous batching: a request that arrives
+while others generate starts at the next step), so at most `max_batch` rows run at once and
+the others wait, bounded by `max_queue`.
 
-Why not continuous batching (admitting rows into the running batch between decode steps)?
-The KV cache shares one column index across the batch, and sliding-window layers count the
-window in columns. A row spliced into a running batch would have to be re-aligned inside the
-cache's private slot layout, or have other rows' columns inside its window; neither keeps "same
-tokens alone or batched" true without reaching into the cache's internals. Static batches keep
-that guarantee with the public `generate_steps` only.
-
-Cancelling (a client that went away) marks the row finished between two decode steps, so the
-batch stops sampling it (its slot rides along, masked, until the batch ends, as
-`generate_steps` keeps slots); a row cancelled while still queued never runs.
+Cancelling (a client that went away) finishes the row between two steps: its slot is freed at
+the next step, even in the middle of a long prompt's prefill (prefill runs in chunks); a row
+cancelled while still queued never runs. A row whose own sampling fails ends alone with its
+error; the other rows go on.
 """
 
 from __future__ import annotations
@@ -30,10 +26,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from gemmakit.errors import ContextLengthError
 from gemmakit.inference import logits_processing
+from gemmakit.inference.batching import Engine
+from gemmakit.inference.batching import Sequence as EngineSequence
 from gemmakit.inference.engine import Request
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, stream_text
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step
 
 ABORT = "abort"  # the finish_reason of a cancelled row (vLLM's name)
 
@@ -67,9 +66,11 @@ class SchedulerStats:
 class _Row:
     """One prompt of a ticket, as the worker sees it."""
 
-    def __init__(self, ticket: Ticket, index: int, request: Request):
-        self.ticket, self.index, self.request = ticket, index, request
+    def __init__(self, ticket: Ticket, index: int, request: Request, stream: TextStream):
+        self.ticket, self.index, self.request, self.stream = ticket, index, request, stream
         self.tokens = 0
+        self.submitted = time.perf_counter()
+        self.sequence: EngineSequence | None = None  # the engine's handle, once the row has a slot
 
 
 class Ticket:
@@ -121,16 +122,20 @@ class Ticket:
 
 
 class Scheduler:
-    """Owns the model in one worker thread and runs submitted prompts in batches.
+    """Owns the model in one worker thread and runs submitted prompts on a continuous-batching
+    engine.
 
     Args:
         model, tokenizer: what `gemmakit.load()` returns (`LLM.model`, `LLM.tokenizer`).
         stop_ids: token ids that end a row (`LLM.loaded.stop_ids`).
-        max_batch: rows decoded together at most.
-        max_queue: rows allowed to wait for a batch; `submit` raises `QueueFullError` beyond.
-        batch_window_s: before starting a batch that is not full, the worker waits until no
-            new row has arrived for this long (at most 10 times this in all), so that requests
-            sent at the same moment share a batch.
+        max_batch: rows decoded together at most: the engine's slots (vLLM's max_num_seqs).
+        max_queue: rows allowed to wait for a slot; `submit` raises `QueueFullError` beyond.
+        batch_window_s: when the engine is idle, the worker waits until no new row has
+            arrived for this long (at most 10 times this in all) before the first step, so
+            that requests sent at the same moment start in the same step.
+        max_model_len: tokens (prompt + generated) of one row at most: each slot's capacity
+            (default: the model's context). Callers check prompts against it before `submit`.
+        prefill_chunk: prompt tokens prefilled per step at most (between decode steps).
     """
 
     def __init__(
@@ -141,14 +146,19 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         batch_window_s: float = 0.01,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, tuple(stop_ids)
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.prefill_chunk = prefill_chunk
         self.stats = SchedulerStats()
+        self.engine: Engine | None = None  # made by the worker: its cache is allocated there
         self._waiting: collections.deque[_Row] = collections.deque()
-        self._running: list[_Row] = []
+        self._running: dict[int, _Row] = {}  # id(request) -> row, for the rows in the engine
         self._cond = threading.Condition()
         self._closing = False
         self._holds = 0
@@ -169,7 +179,7 @@ class Scheduler:
         """Refuses new work; waiting and running rows end with `ShuttingDownError`."""
         with self._cond:
             self._closing = True
-            rows = list(self._waiting) + self._running
+            rows = list(self._waiting) + list(self._running.values())
             self._waiting.clear()
             self._cond.notify_all()
         for ticket in {id(r.ticket): r.ticket for r in rows}.values():
@@ -184,20 +194,20 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Rows waiting for a batch."""
+        """Rows waiting for a slot."""
         return len(self._waiting)
 
     @property
     def running(self) -> int:
-        """Rows in the batch being decoded."""
+        """Rows in the engine (prefilling or decoding)."""
         return len(self._running)
 
     @contextlib.contextmanager
     def paused(self):
-        """No new batch starts inside this block (the running one finishes); rows still queue.
+        """No new row starts inside this block (running rows go on); rows still queue.
 
         Used to line requests up before they run, e.g. to drain a server or in tests that need
-        several requests in one batch.
+        several requests to start in the same step.
         """
         with self._cond:
             self._holds += 1
@@ -220,7 +230,7 @@ class Scheduler:
         """Queues prompts (token ids, limits already checked) and returns their `Ticket`.
 
         A row's seed (`params.seed`, or a fresh random one) seeds its own generator, so its
-        tokens do not depend on which other rows share its batch (`request_generator`).
+        tokens do not depend on which other rows run beside it (`request_generator`).
         `adapter` names the LoRA adapter the rows run with (`lora.multi.attach`; None: the base).
 
         Raises:
@@ -241,7 +251,7 @@ class Scheduler:
             # Penalties, logit bias, a grammar and log-probabilities, from the params (openai part).
             request = Request(list(prompt), p, self.stop_ids, gen, adapter=adapter)
             request = logits_processing.prepare(request, self.tokenizer)
-            rows.append(_Row(ticket, i, request))
+            rows.append(_Row(ticket, i, request, TextStream(self.tokenizer, p.stop)))
         self.start()
         with self._cond:
             if self._closing or not self._thread.is_alive():
@@ -257,41 +267,117 @@ class Scheduler:
     # --- the worker ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        try:
+            self.engine = Engine(
+                self.model, self.max_batch, self.max_model_len, self.prefill_chunk, prefix_cache=True
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. no memory for the cache: every request learns why
+            self._fail_all(e)
+            return
+        while self._admit():
+            self._step()
+        self._abort_running()
 
-    def _next_batch(self) -> list[_Row] | None:
-        """Blocks until rows can run and takes up to `max_batch` of them; None when closing."""
+    def _admit(self) -> bool:
+        """Blocks until there is work, then moves waiting rows into free slots; False when closing."""
+        engine = self.engine
         with self._cond:
             while True:
                 self._drop_cancelled()
                 if self._closing:
-                    return None
+                    return False
+                if self._running or engine.has_work():
+                    break
                 if not self._waiting or self._holds:
                     self._cond.wait()
                     continue
-                # Give a burst of requests the chance to share this batch: wait while they keep
-                # arriving (gaps under the window), for at most 10 windows. A request that slips
-                # ahead of the burst alone would make all the others wait its whole generation.
-                start = time.monotonic()
-                last_count, last_arrival = len(self._waiting), start
-                while len(self._waiting) < self.max_batch and not self._closing:
-                    now = time.monotonic()
-                    if len(self._waiting) != last_count:
-                        last_count, last_arrival = len(self._waiting), now
-                    left = min(last_arrival + self.batch_window_s, start + 10 * self.batch_window_s) - now
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                self._drop_cancelled()
-                if self._closing or not self._waiting or self._holds:
+                self._wait_for_burst()
+                if self._waiting and not self._holds:
+                    break
+            while self._waiting and not self._holds and engine.free_slots > 0:
+                row = self._waiting.popleft()
+                try:
+                    row.sequence = engine.add(row.request)
+                except ContextLengthError as e:  # callers check first; a direct caller may not
+                    row.request.finish_reason = "error"
+                    row.ticket._put(e)
                     continue
-                n = min(self.max_batch, len(self._waiting))
-                self._running = [self._waiting.popleft() for _ in range(n)]
-                return self._running
+                self._running[id(row.request)] = row
+                self.stats.rows += 1
+            return True
+
+    def _wait_for_burst(self) -> None:
+        """Lets requests sent at the same moment start together (lock held): waits while they
+        keep arriving (gaps under the window), for at most 10 windows."""
+        start = time.monotonic()
+        last_count, last_arrival = len(self._waiting), start
+        while len(self._waiting) < self.max_batch and not self._closing:
+            now = time.monotonic()
+            if len(self._waiting) != last_count:
+                last_count, last_arrival = len(self._waiting), now
+            left = min(last_arrival + self.batch_window_s, start + 10 * self.batch_window_s) - now
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        self._drop_cancelled()
+
+    def _step(self) -> None:
+        """One engine step: cancelled rows end first, then each new token goes to its ticket."""
+        engine, s = self.engine, self.stats
+        for row in list(self._running.values()):
+            if row.ticket.cancelled and row.request.finish_reason is None:
+                self._finish(row, ABORT)
+        steps_before = engine.counters.steps
+        try:
+            events = engine.step()
+        except Exception as e:  # noqa: BLE001 - reported to the rows, the worker lives on
+            self._abort_running(e)
+            return
+        c = engine.counters
+        if c.steps != steps_before:
+            s.batches, s.max_batch_seen = c.steps, max(s.max_batch_seen, c.step_rows[-1])
+            s.batch_sizes.append(c.step_rows[-1])
+        s.prompt_tokens, s.prefix_hit_tokens = c.prompt_tokens, c.prefix_hit_tokens
+        for request, token in events:
+            row = self._running.get(id(request))
+            if row is not None:
+                self._deliver(row, token)
+        with self._cond:
+            for key in [k for k, row in self._running.items() if row.request.finish_reason is not None]:
+                del self._running[key]
+
+    def _deliver(self, row: _Row, token: int | None) -> None:
+        """Hands a row's new token (as text) to its ticket; None: the row failed alone."""
+        if token is None:
+            row.ticket._put(row.sequence.error)
+            self.stats.finished.append((row.request.finish_reason, row.tokens))
+            return
+        if row.tokens == 0:
+            self.stats.time_to_first_token.append(time.perf_counter() - row.submitted)
+        (event,) = finish_step([(0, token)], [row.request], [row.stream])
+        self._emit(row, event)
+
+    def _abort_running(self, error: Exception | None = None) -> None:
+        """Ends every running row: with `error` when given, else as cancelled."""
+        rows = list(self._running.values())
+        for row in rows:
+            if row.request.finish_reason is None:
+                if error is None:
+                    self._finish(row, ABORT)
+                else:
+                    row.request.finish_reason = "error"
+                    row.ticket._put(error)
+        if self.engine is not None:
+            self.engine.abort([row.request for row in rows])
+        with self._cond:
+            self._running.clear()
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            self._closing = True
+            rows, self._waiting = list(self._waiting), collections.deque()
+        for row in rows:
+            row.ticket._put(error)
 
     def _forget_cancelled(self) -> None:
         # A queued row of a cancelled ticket frees its place in the queue at once; a running
@@ -319,33 +405,8 @@ class Scheduler:
         self.stats.finished.append((reason, row.tokens))
         row.ticket._put(StreamEvent(row.index, "", None, reason))
 
-    def _run(self, batch: list[_Row]) -> None:
-        s = self.stats
-        s.batches += 1
-        s.rows += len(batch)
-        s.max_batch_seen = max(s.max_batch_seen, len(batch))
-        s.batch_sizes.append(len(batch))
-        requests = [row.request for row in batch]
-        try:
-            for events in stream_text(self.model, self.tokenizer, requests):
-                for event in events:
-                    self._emit(batch[event.index], event)
-                # Between two steps the generation is suspended, so finishing a row here is
-                # safe: the next step neither samples it nor reports it.
-                for row in batch:
-                    if row.ticket.cancelled and row.request.finish_reason is None:
-                        self._finish(row, ABORT)
-        except Exception as e:  # noqa: BLE001 - reported to the requests, the worker lives on
-            for row in batch:
-                if row.request.finish_reason is None:
-                    row.request.finish_reason = "error"
-                    row.ticket._put(e)
-        finally:
-            with self._cond:
-                self._running = []
-
     def _emit(self, row: _Row, event: StreamEvent) -> None:
-        """Counts a batch row's event and hands it to its ticket, indexed within the ticket."""
+        """Counts a row's event and hands it to its ticket, indexed within the ticket."""
         row.tokens += 1
         self.stats.generated_tokens += 1
         if event.finish_reason is not None:

@@ -1,0 +1,251 @@
+"""The continuous-batching engine and its slot cache, on tiny random models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.config import SLIDING
+from gemmakit.hf_config import from_hf_config
+from gemmakit.inference.batching import ERROR, Engine
+from gemmakit.inference.engine import Request, generate_steps
+from gemmakit.inference.sampling import SamplingParams
+from gemmakit.model.families import model_class
+from gemmakit.model.slot_cache import RING_SLACK, SlotCache
+from tests.conftest import FAMILIES, tiny_hf_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(hf_config, seed: int = 0):
+    """A gemmakit model of a transformers config with every parameter random."""
+    config = from_hf_config(hf_config.to_dict())
+    torch.manual_seed(seed)
+    model = model_class(config)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model
+
+
+def gemma3n_config():
+    from tests.test_gemma3n import tiny_config
+
+    return tiny_config("shared_kv_altup3_active1")
+
+
+def gemma4_config(variant: str):
+    import transformers
+
+    from tests.test_gemma4 import VARIANTS
+
+    cfg = transformers.Gemma4TextConfig(**VARIANTS[variant])
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+CONFIGS = {
+    **{f: (lambda f=f: tiny_hf_config(f)) for f in FAMILIES},
+    "gemma3n": gemma3n_config,
+    "gemma4_shared": lambda: gemma4_config("ple_shared_k_eq_v"),
+    "gemma4_moe": lambda: gemma4_config("moe"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    return tiny_model(CONFIGS[request.param]())
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 150, (length,), generator=gen).tolist()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def alone(model, ids: list[int], params=GREEDY) -> list[int]:
+    """Today's generation of one row (`generate_steps`): the reference."""
+    req = Request(list(ids), params)
+    for _ in generate_steps(model, [req]):
+        pass
+    return req.output_ids
+
+
+def run(engine: Engine, requests: list[Request], join_at: dict[int, int] | None = None) -> int:
+    """Steps the engine until every request ends; request i joins at step join_at[i] (0)."""
+    join_at = join_at or {}
+    steps = 0
+    pending = dict(enumerate(requests))
+    while pending or engine.has_work():
+        for i in [i for i in pending if join_at.get(i, 0) <= steps]:
+            engine.add(pending.pop(i))
+        engine.step()
+        steps += 1
+    return steps
+
+
+# --- the slot cache -----------------------------------------------------------------------
+
+
+def test_chunked_prefill_through_the_slot_cache_equals_a_full_forward(model):
+    """Logits of a prompt prefilled in chunks of 1, 5 and 23 tokens into slot 2 of a slot cache
+    equal one cache-free forward; the sliding window (4) is far shorter than the prompt."""
+    ids = torch.tensor([prompt(40, 1)])
+    with torch.no_grad():
+        want = model(ids)[0]
+        for chunk in (1, 5, 23):
+            cache = SlotCache(model.config, 3, 64, model.dtype, model.device)
+            cache.row_slots = torch.tensor([2])
+            got = []
+            for start in range(0, 40, chunk):
+                part = ids[:, start : start + chunk]
+                positions = torch.arange(start, start + part.shape[1])[None]
+                got.append(model(part, positions=positions, cache=cache)[0])
+            torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_ring_layout_is_the_contract(model):
+    c = model.config
+    cache = SlotCache(c, 3, 64, model.dtype, model.device)
+    kv = cache.layer_kv()
+    assert len(kv) == c.num_hidden_layers
+    for i, entry in enumerate(kv):
+        if not c.layer_owns_kv(i):
+            assert entry is None
+            continue
+        k, v = entry
+        cap = min(64, c.sliding_window + RING_SLACK) if c.layer_types[i] == SLIDING else 64
+        assert k.shape == v.shape == (3, c.layer_kv_heads(i), cap, c.layer_head_dim(i))
+        assert k.is_contiguous() and k.dtype == model.dtype
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c_step", [True, False], ids=["c-step-if-any", "torch-step"])
+def test_greedy_tokens_alone_equal_batched_with_rows_joining_mid_run(model, c_step):
+    """Several prompt lengths (longer than the window), rows joining while others decode,
+    prefill chunks shorter than the prompts: every row's tokens equal its own generation,
+    with the batched C step (Gemma 1-3) and with the torch step over the slot cache."""
+    lengths = [3, 17, 40, 9, 26]
+    prompts = [prompt(n, seed) for seed, n in enumerate(lengths)]
+    want = [alone(model, p) for p in prompts]
+    engine = Engine(model, slots=3, capacity=64, prefill_chunk=8)
+    if not c_step:
+        engine.fast = None
+    requests = [Request(p, GREEDY) for p in prompts]
+    run(engine, requests, join_at={1: 2, 2: 3, 3: 9, 4: 10})
+    assert [r.output_ids for r in requests] == want
+    assert all(r.finish_reason == "length" for r in requests)
+    assert engine.counters.max_rows == 3  # three slots, all busy at some step
+
+
+def test_a_short_request_finishes_long_before_a_long_one(model):
+    engine = Engine(model, slots=4, capacity=256)
+    long = Request(prompt(10, 1), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    short = Request(prompt(6, 2), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.add(long)
+    for _ in range(20):
+        engine.step()
+    engine.add(short)
+    steps_short = 0
+    while short.finish_reason is None:
+        engine.step()
+        steps_short += 1
+    assert steps_short <= 4 and len(long.output_ids) < 30  # joined at once, did not wait
+    while engine.has_work():
+        engine.step()
+    assert len(long.output_ids) == 200 and short.output_ids == alone(model, short.prompt_ids, short.params)
+
+
+def test_a_failing_row_ends_alone_and_its_slot_is_freed(model):
+    def broken(output_ids, logits):
+        raise RuntimeError("processor broke")
+
+    engine = Engine(model, slots=2, capacity=64)
+    good = Request(prompt(7, 3), GREEDY)
+    bad = Request(prompt(5, 4), GREEDY, logits_processor=broken)
+    nan_logits = lambda output_ids, logits: logits * float("nan")  # noqa: E731
+    nan = Request(prompt(5, 5), SamplingParams(temperature=1.0, max_tokens=4), logits_processor=nan_logits)
+    handles = [engine.add(r) for r in (good, bad, nan)]
+    run(engine, [])
+    assert good.output_ids == alone(model, good.prompt_ids) and good.finish_reason == "length"
+    assert bad.finish_reason == ERROR and "processor broke" in str(handles[1].error)
+    assert nan.finish_reason == ERROR and handles[2].error is not None
+    assert engine.free_slots == 2 and not engine.running
+
+
+def test_cancel_between_prefill_chunks_frees_the_slot(model):
+    engine = Engine(model, slots=1, capacity=256, prefill_chunk=16)
+    req = Request(prompt(200, 6), GREEDY)
+    seq = engine.add(req)
+    engine.step()
+    assert seq.held == 16 and seq.prefilling
+    req.finish_reason = "abort"
+    engine.step()
+    assert seq.held == 16 and not req.output_ids and engine.free_slots == 1 and not engine.has_work()
+
+
+def test_prefix_reuse_prefills_only_the_new_tokens_with_the_same_tokens(model):
+    """A second chat turn that re-sends the first turn's prompt and reply reuses that slot's
+    keys and values; its tokens equal a cold run's."""
+    engine = Engine(model, slots=2, capacity=128, prefill_chunk=32)
+    first = Request(prompt(30, 7), GREEDY)
+    run(engine, [first])
+    history = first.prompt_ids + first.output_ids
+    second = Request(history + prompt(5, 8), GREEDY)
+    seq = engine.add(second)
+    run(engine, [])
+    held_after_first = len(first.prompt_ids) + len(first.output_ids) - 1  # the last was never fed
+    assert seq.reused == held_after_first
+    assert engine.counters.prefix_hit_tokens == held_after_first
+    assert second.output_ids == alone(model, second.prompt_ids)
+
+
+def test_prefix_reuse_refuses_what_a_sliding_ring_no_longer_holds(model):
+    """A prompt that shares only an early part of a long cached sequence: a sliding layer's
+    ring has overwritten the window before the split, so the engine prefills it all."""
+    engine = Engine(model, slots=1, capacity=128)
+    first = Request(prompt(60, 9), GREEDY)
+    run(engine, [first])
+    second = Request(first.prompt_ids[:20] + prompt(6, 10), GREEDY)
+    seq = engine.add(second)
+    run(engine, [])
+    has_sliding = SLIDING in model.config.layer_types
+    assert seq.reused == (0 if has_sliding else 20)
+    assert second.output_ids == alone(model, second.prompt_ids)
+
+
+def test_prompt_over_capacity_is_a_context_length_error(model):
+    from gemmakit.errors import ContextLengthError
+
+    engine = Engine(model, slots=1, capacity=16)
+    with pytest.raises(ContextLengthError):
+        engine.add(Request(prompt(16, 1), GREEDY))
+
+
+def test_a_prompt_sharing_a_running_rows_prefix_copies_its_keys_and_values(model):
+    """Two requests with one system prompt: the second, admitted while the first runs, copies
+    the first's keys and values for the shared part; both give their cold tokens."""
+    system = prompt(12, 11)
+    first = Request(system + prompt(4, 12), GREEDY)
+    second = Request(system + prompt(5, 13), GREEDY)
+    engine = Engine(model, slots=2, capacity=64)
+    engine.add(first)
+    engine.step()
+    seq = engine.add(second)
+    run(engine, [])
+    # The first row held 17 positions when the second came: a sliding ring of window 4 +
+    # RING_SLACK still holds the window before position 12.
+    assert seq.reused == 12 and engine.counters.prefix_hit_tokens == 12
+    assert first.output_ids == alone(model, first.prompt_ids)
+    assert second.output_ids == alone(model, second.prompt_ids)
