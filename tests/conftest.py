@@ -8,6 +8,23 @@ import torch
 FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
+def save_random_adapter(base, folder, seed: int, scale: float, **lora_options) -> None:
+    """Writes a PEFT adapter of `base` (left untouched) to `folder` whose LoRA factors are all
+    random, N(0, scale^2), so that it changes every output (a fresh adapter's B is zero)."""
+    import copy
+
+    from gemmakit import lora
+
+    model = copy.deepcopy(base)
+    lora.apply_lora(model, dropout=0.0, **lora_options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    lora.save_adapter(model, folder)
+
+
 def tiny_hf_config(family: str, **overrides):
     """A 2-layer, 64-wide model with 4 query heads, 1 KV head and a window of 4."""
     import transformers

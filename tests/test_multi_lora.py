@@ -27,22 +27,15 @@ ROWS = ["attn", None, "mlp", "all", "attn"]  # three adapters and the base in on
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(base model, {name: adapter folder}) for a tiny random Gemma 3."""
-    from tests.conftest import random_hf_model
+    from tests.conftest import random_hf_model, save_random_adapter
 
     root = tmp_path_factory.mktemp("multi")
     random_hf_model("gemma3").save_pretrained(root / "base")
     base = load_model(ModelSource("hf", root / "base", "base")).eval()
     folders = {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
-        model = copy.deepcopy(base)
-        lora.apply_lora(model, dropout=0.0, **kw)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         folders[name] = root / name
-        lora.save_adapter(model, folders[name])
+        save_random_adapter(base, folders[name], seed=10 + i, scale=0.2, **kw)
     return base, folders
 
 

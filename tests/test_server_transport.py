@@ -3,7 +3,6 @@ timeouts, 500s that keep the connection, and a graceful SIGTERM (real servers ov
 
 from __future__ import annotations
 
-import copy
 import http.client
 import json
 import logging
@@ -20,12 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
-from gemmakit import lora  # noqa: E402
 from gemmakit.commands.serve import lora_specs  # noqa: E402
 from gemmakit.errors import GemmakitError  # noqa: E402
 from gemmakit.inference.api import LLM  # noqa: E402
@@ -37,7 +34,7 @@ from gemmakit.serving.connections import (  # noqa: E402
     default_max_connections,
 )
 from gemmakit.serving.transport import serve_in_thread  # noqa: E402
-from tests.conftest import random_hf_model  # noqa: E402
+from tests.conftest import random_hf_model, save_random_adapter  # noqa: E402
 from tests.test_training import write_tiny_tokenizer  # noqa: E402
 
 PROMPT = [2, 17, 99, 3, 50, 31, 7]  # token ids (the tiny vocabulary has 102): no tokenizer subtleties
@@ -54,15 +51,8 @@ def tiny(tmp_path_factory):
     base = LLM(model=str(folder), dtype="float32", device="cpu").model
     adapters = {}
     for i, (name, targets) in enumerate([("poet", ("q_proj", "v_proj")), ("coder", ("down_proj", "o_proj"))]):
-        model = copy.deepcopy(base)
-        lora.apply_lora(model, r=4 + 4 * i, alpha=8, dropout=0.0, targets=targets)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         adapters[name] = root / name
-        lora.save_adapter(model, adapters[name])
+        save_random_adapter(base, adapters[name], seed=i, scale=0.3, r=4 + 4 * i, alpha=8, targets=targets)
     return folder, adapters
 
 

@@ -115,22 +115,9 @@ class LoRALinear(nn.Module, _KeepBaseNames):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
-class LoRAEmbedding(nn.Module, _KeepBaseNames):
-    """A frozen embedding plus a low-rank update of its rows (PEFT's LoRA `Embedding`).
-
-    PEFT names the factors `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r) and
-    initializes A to zero and B normal; there is no dropout on token ids.
-    """
-
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora=False):
-        super().__init__()
-        self.base = base
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
-        device = base.weight.device
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
-        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
-        self._install_name_hooks()
+class EmbeddingView:
+    """What callers read of an embedding wrapped as `self.base` (an adapter over a table):
+    its weight, padding row and shape."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -148,6 +135,24 @@ class LoRAEmbedding(nn.Module, _KeepBaseNames):
     @property
     def embedding_dim(self) -> int:
         return self.base.embedding_dim
+
+
+class LoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
+    """A frozen embedding plus a low-rank update of its rows (PEFT's LoRA `Embedding`).
+
+    PEFT names the factors `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r) and
+    initializes A to zero and B normal; there is no dropout on token ids.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora=False):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = _scaling(r, alpha, use_rslora)
+        device = base.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
+        self._install_name_hooks()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)

@@ -36,7 +36,7 @@ from torch import nn
 
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.lora.apply import is_linear_like, lora_modules, set_module
-from gemmakit.lora.layers import _KeepBaseNames, _scaling
+from gemmakit.lora.layers import EmbeddingView, _KeepBaseNames, _scaling
 from gemmakit.lora.peft import _pattern_value, _unused_projection, read_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
@@ -129,7 +129,7 @@ class MultiLoRALinear(nn.Module, _KeepBaseNames):
         return "adapters=" + ",".join(f"{n}(r={a.shape[0]})" for n, (a, _, _) in self.adapters.items())
 
 
-class MultiLoRAEmbedding(nn.Module, _KeepBaseNames):
+class MultiLoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
     """A frozen embedding plus named low-rank updates of its rows, per batch row.
 
     `adapters[name] = (lora_embedding_A (r, vocab), lora_embedding_B (dim, r), scaling)`, as
@@ -141,22 +141,6 @@ class MultiLoRAEmbedding(nn.Module, _KeepBaseNames):
         self.base, self.selection = base, selection
         self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._install_name_hooks()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def padding_idx(self):
-        return self.base.padding_idx
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
