@@ -8,6 +8,16 @@ import torch
 FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: tiny models run fastest that way (and do not
+    fight other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_random_adapter(base, folder, seed: int, scale: float, **lora_options) -> None:
     """Writes a PEFT adapter of `base` (left untouched) to `folder` whose LoRA factors are all
     random, N(0, scale^2), so that it changes every output (a fresh adapter's B is zero)."""

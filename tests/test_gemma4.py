@@ -42,12 +42,8 @@ VARIANTS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other tests for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny models: every test of this module on one thread (conftest's `one_thread`)."""
 
 
 def random_gemma4(variant: str, seed: int = 0):
