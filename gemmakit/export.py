@@ -38,12 +38,11 @@ def float_state(loaded: Loaded) -> dict[str, torch.Tensor]:
 
     Raises if anything other than the model's own tensors is left (an unmerged adapter).
     """
-    from gemmakit.model.families import model_class
+    from gemmakit.model.families import build_empty
     from gemmakit.quant import dequantized_state_dict
 
     state = dequantized_state_dict(loaded.model)
-    with torch.device("meta"):
-        expected = model_class(loaded.model.config)(loaded.model.config).state_dict()
+    expected = build_empty(loaded.model.config).state_dict()
     extra = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if extra or missing:

@@ -27,7 +27,7 @@ from gemmakit.formats import safetensors
 from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_config, to_hf_config
-from gemmakit.model.families import model_class
+from gemmakit.model.families import build_empty
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import SOURCE_FILE, cache_dir, evict, mark_used
 
@@ -140,8 +140,7 @@ def load_model(
         # Dequantized straight into `dtype`, chunk by chunk: no float32 copy of a bf16 model.
         state = state_dict_from_gguf(g, dtype)
     packed = read_quantization_config(source.path) if source.kind == "hf" else None
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = build_empty(config)
     if packed is not None:  # a GPTQ/AWQ folder: its linears hold packed 4-bit tensors
         from gemmakit.quant.gptq_linear import swap_in_gptq
         from gemmakit.quant.packed4 import awq_state_to_gptq
@@ -199,8 +198,7 @@ def load_native_gguf(g, source: ModelSource) -> Gemma:
     from gemmakit.quant.gguf_blocks import GGUFEmbedding, GGUFLinear
 
     config = config_from_gguf(g)
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = build_empty(config)
     # Only matrices the model has: the K/V of Gemma 3n/4's KV-shared layers stay unread.
     expected = model.state_dict().keys()
     native = {k: v for k, v in native_gguf_tensors(g, config).items() if k in expected}
@@ -292,8 +290,7 @@ def load_quantized_model(
     reader = safetensors.SafetensorsReader(safetensors.safetensors_files(source.path))
     report_skipped_towers(source, reader, safetensors.split_towers(reader.entries)[1])
     hf_name = safetensors.hf_to_native({k: k for k in reader.entries}, config)  # native -> HF
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = build_empty(config)
     safetensors.check_shapes(model, {k: reader.shape(v) for k, v in hf_name.items()}, str(source.path))
 
     def read(name):
@@ -555,7 +552,7 @@ def _read_quantized(folder: Path, dtype: torch.dtype, quantize: dict) -> Gemma |
         config = load_hf_config(folder)
         reader = safetensors.SafetensorsReader([folder / "model.safetensors"])
         with torch.device("meta"):  # the same modules, shapes and dtypes, without the work
-            model = quantize_model(model_class(config)(config).to(dtype), **quantize)
+            model = quantize_model(build_empty(config).to(dtype), **quantize)
         expected = {k: (tuple(t.shape), t.dtype) for k, t in _quantized_state(model).items()}
         found = {k: (reader.shape(k), reader.entries[k][1]) for k in reader.entries}
         if found != expected:

@@ -228,3 +228,21 @@ def test_cache_writes_are_best_effort_and_leave_nothing_partial(hf_folder, tmp_p
     L._write_quantized(target, built)
     assert (target / "model.safetensors").stat().st_mtime_ns == first
     assert sorted(p.name for p in target.parent.iterdir()) == ["entry"]
+
+
+def test_loading_builds_the_model_without_initializing_it():
+    """The model is built on the meta device with torch's initializers skipped: a meta
+    `normal_` would import torch._dynamo (over a second of every load), and the initializers
+    are back in place afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from gemmakit.loading import load\n"
+        "load()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "print(float(torch.nn.init.ones_(torch.zeros(2)).sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "2.0"], out.stdout + out.stderr

@@ -90,15 +90,14 @@ def load_for_training(cfg: TrainConfig, device: str, weights_dtype: torch.dtype)
     from gemmakit.formats.gguf import GGUFFile, config_from_gguf, state_dict_from_gguf
     from gemmakit.formats.safetensors import load_into
     from gemmakit.formats.tokenizer import generation_stop_ids
-    from gemmakit.model.families import model_class
+    from gemmakit.model.families import build_empty
 
     start = time.perf_counter()
     g = GGUFFile(source.path)
     config = config_from_gguf(g)
     loading.check_dtype(config, weights_dtype)
     state = state_dict_from_gguf(g, weights_dtype)  # lean: chunked, straight to weights_dtype
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = build_empty(config)
     load_into(model, {k: v.to(device) for k, v in state.items()}, str(source.path))
     del state
     tokenizer = loading.load_tokenizer(source, g)
