@@ -126,7 +126,9 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     return not any(part in name for part in _KEEP_SOURCE_TYPE)
 
 
-def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp src/llama-quant.cpp, use_more_bits: the first and last eighth of the layers,
+    and every third between, get more bits in the _M mixes."""
     # C integer division; i_layer - n_layers // 8 >= 0 wherever the remainder is taken
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
@@ -176,7 +178,7 @@ def _attn_v_rule(st: _State, mix: str, new: Q, shape: ModelShape) -> Q:
         new = Q.Q5_K
     elif mix in ("iq4_nl", "iq4_xs") and shape.n_gqa >= 4:
         new = Q.Q5_K
-    elif mix in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+    elif mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
         new = Q.Q6_K
     elif mix == "q4_k_s" and i < 4:
         new = Q.Q5_K
@@ -195,10 +197,10 @@ def _ffn_down_rule(st: _State, mix: str, new: Q, i_layer: int, n_layer: int) -> 
     if mix == "q3_k_l":
         return Q.Q5_K
     if mix == "q4_k_m":
-        return Q.Q6_K if _use_more_bits(i_layer, n_layer) else new
+        return Q.Q6_K if use_more_bits(i_layer, n_layer) else new
     if i_layer < n_layer // 8 and mix in ("iq4_nl", "iq4_xs") and not st.has_imatrix:
         return Q.Q5_K
-    if mix == "q5_k_m" and _use_more_bits(i_layer, n_layer):
+    if mix == "q5_k_m" and use_more_bits(i_layer, n_layer):
         return Q.Q6_K
     if mix == "q4_k_s" and i_layer < n_layer // 8:
         return Q.Q5_K

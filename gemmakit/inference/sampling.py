@@ -238,8 +238,8 @@ def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
     if 0 < params.top_k < vocab:
         values, ids = torch.topk(logits, params.top_k)  # sorted, descending
     elif params.top_p < 1.0 or params.min_p > 0.0:
-        log_total = torch.logsumexp(logits, -1)
-        for count in TOP_P_CANDIDATES if params.top_p < 1.0 else ():
+        log_total = torch.logsumexp(logits, -1) if params.top_p < 1.0 else None
+        for count in TOP_P_CANDIDATES if log_total is not None else ():
             if count >= vocab:
                 break
             values, ids = torch.topk(logits, count)

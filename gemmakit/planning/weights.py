@@ -60,11 +60,6 @@ def weight_bytes(arch: Architecture, precision: str) -> int:
     raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
 
 
-def _use_more_bits(i_layer: int, n_layers: int) -> bool:
-    # llama.cpp src/llama-quant.cpp, use_more_bits: first and last eighth, every third between.
-    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
-
-
 # Tensors llama-quantize leaves in the type the converter wrote, by a piece of their HF name
 # (llama.cpp src/llama-quant.cpp tensor_allows_quantization: the router [ffn_gate_inp],
 # altup, laurel, per_layer_model_proj); convert_hf_to_gguf.py writes the router and AltUp's
@@ -104,6 +99,8 @@ def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
     """
     if ftype not in GGUF_FTYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; known: {', '.join(GGUF_FTYPES)}")
+    from gemmakit.formats.gguf_mix import use_more_bits  # the writer's rule (imports gguf)
+
     base = GGUF_FTYPES[ftype]
     tensors = arch.tensors()
     # llama.cpp counts attn_v tensors in order, but takes ffn_down's layer from its index.
@@ -123,11 +120,11 @@ def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
             elif base != "Q8_0":
                 new = "Q6_K"
         elif t.kind == "v_proj":
-            if ftype == "q4_k_m" and _use_more_bits(v_seen, v_total):
+            if ftype == "q4_k_m" and use_more_bits(v_seen, v_total):
                 new = "Q6_K"
             v_seen += 1
         elif t.kind == "down_proj" or t.name.endswith("experts.down_proj"):
-            if ftype == "q4_k_m" and _use_more_bits(_layer_index(t.name), arch.num_layers):
+            if ftype == "q4_k_m" and use_more_bits(_layer_index(t.name), arch.num_layers):
                 new = "Q6_K"
         if row % GGML_BLOCKS[new][0]:
             new = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(new, "F16")

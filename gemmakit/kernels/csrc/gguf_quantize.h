@@ -88,14 +88,23 @@ static inline float get_half(const uint8_t *p) {
 
 /* ================= the scale searches (ggml-quants.c, same names) ================= */
 
+/* The value of largest magnitude among x[0..n) (the first such, with its sign; 0 when all are
+ * 0), and that magnitude in *amax: how make_qx_quants and make_q3_quants pick their scale. */
+static inline float largest_magnitude(int n, const float *x, float *amax) {
+    float max = 0, a = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > a) { a = ax; max = x[i]; }
+    }
+    *amax = a;
+    return max;
+}
+
 /* make_qx_quants with rmse_type 1: a symmetric scale for n values in [-nmax, nmax), weights
  * qw (or x^2 when NULL), tried at 19 reciprocal scales; L gets the levels + nmax */
 static inline float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
+    float amax;
+    const float max = largest_magnitude(n, x, &amax);
     if (amax < GROUP_MAX_EPS) {
         memset(L, 0, (size_t)n);
         return 0.f;
@@ -135,11 +144,8 @@ static inline float make_qx_quants(int n, int nmax, const float *x, int8_t *L, c
 /* make_q3_quants with do_rmse: the first guess, then up to 5 passes moving single levels
  * while the x^2-weighted fit improves; L gets the levels + nmax */
 static inline float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
+    float amax;
+    const float max = largest_magnitude(n, x, &amax);
     if (amax < GROUP_MAX_EPS) {
         memset(L, 0, (size_t)n);
         return 0.f;
