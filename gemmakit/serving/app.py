@@ -82,7 +82,9 @@ class _Server:
                 f"max-model-len {config.max_model_len} exceeds the model's context ({context})"
             )
         model = llm.model
-        self.context = config.max_model_len or fitting_capacity(model.config, model.dtype, config.max_num_seqs)
+        self.context = config.max_model_len or fitting_capacity(
+            model.config, model.dtype, config.max_num_seqs
+        )
         self.name = config.served_model_name or llm.loaded.source.name
         # LoRA adapters attached before the app was made (`gemmakit serve --lora NAME=DIR`).
         self.adapters = multi.adapter_names(llm.model)
