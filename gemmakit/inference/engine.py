@@ -16,7 +16,7 @@ import torch
 
 from gemmakit.errors import ContextLengthError
 from gemmakit.inference import c_decode
-from gemmakit.inference.sampling import SamplingParams, sample
+from gemmakit.inference.sampling import SamplingParams, sample, sample_many
 from gemmakit.lora import multi
 
 
@@ -147,6 +147,34 @@ def sample_row(logits: torch.Tensor, request: Request) -> int:
     token = sample(processed_logits(logits, request), request.params, request.generator)
     record_token(logits, request, token)
     return token
+
+
+def sample_rows(logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
+    """`sample_row` for each request r on its row logits[r] (rows, V): the chosen token, or
+    the exception that row's sampling raised (the other rows go on).
+
+    The rows with no logits processor and no log-probabilities are sampled by one
+    `sampling.sample_rows` call, which gives each the token `sample` would for the same
+    generator state; the others go through `sample_row` one by one."""
+    chosen: list[int | Exception | None] = [None] * len(requests)
+    plain = [i for i, r in enumerate(requests) if r.logits_processor is None and r.logprobs is None]
+    if plain:
+        index = torch.tensor(plain) if len(plain) < len(requests) else None
+        rows = logits if index is None else logits.index_select(0, index)
+        tokens = sample_many(
+            rows, [requests[i].params for i in plain], [requests[i].generator for i in plain]
+        )
+        for i, token in zip(plain, tokens):
+            if not isinstance(token, Exception):
+                record_token(logits[i], requests[i], token)
+            chosen[i] = token
+    for i, req in enumerate(requests):
+        if chosen[i] is None:
+            try:
+                chosen[i] = sample_row(logits[i], req)
+            except Exception as e:  # noqa: BLE001 - this row's parameters or logits, not the batch's
+                chosen[i] = e
+    return chosen
 
 
 def processed_logits(logits: torch.Tensor, request: Request) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from gemmakit.errors import GemmakitError
 from gemmakit.model.cache import RING_SLACK
+from gemmakit.ops import top_candidates
 
 # The speculative decoding modes (None: none).
 SPECULATIVE_MODES = (None, "ngram", "draft")
@@ -220,55 +221,122 @@ def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < p * probs.max(-1, keepdim=True).values, float("-inf"))
 
 
-# Candidates taken by topk, in turn, before a full sort is tried, when top-p runs without
-# top-k: on the 2-core CPU, sorting Gemma's 262,144 logits took 21 ms a row, topk of 1,024
-# 1.0 ms and of 16,384 ~2.5 ms; the top 1,024 tokens nearly always hold the top-p mass, and a
-# row too flat for that (a high temperature) is caught by the second try.
+# Candidates taken, in turn, before a full sort is tried, when top-p runs without top-k: on the
+# 2-core CPU, sorting Gemma's 262,144 logits took 21 ms a row, torch's topk of 1,024 1.0 ms
+# and of 16,384 ~2.5 ms (ops.top_candidates' C pass: well under that); the top 1,024 tokens
+# nearly always hold the top-p mass, and a row too flat for that (a high temperature) is
+# caught by the second try.
 TOP_P_CANDIDATES = (1024, 16384)
 
 
-def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The tokens the filters keep for a row of temperature-scaled logits (V,): (logits, ids)
-    with -inf where a filter drops one, or None when no filter applies (the whole row).
+def _first_count(params: SamplingParams, vocab: int) -> int | None:
+    """How many best candidates of a row `sample` looks at first; None: the whole row (no
+    filter, or a filter whose candidates are not a top slice of useful size)."""
+    if 0 < params.top_k < vocab:
+        return params.top_k
+    if params.top_p < 1.0 and TOP_P_CANDIDATES[0] < vocab:
+        return TOP_P_CANDIDATES[0]
+    return None
 
-    Without top-k, top-p is decided on the best TOP_P_CANDIDATES tokens when they already hold
-    p of the probability, measured against the whole row's softmax, which is exactly the set
-    a full sort would keep (up to ties at the boundary); else the whole row is sorted."""
+
+def _kept(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tokens the filters keep for a row of raw logits (V,): (temperature-scaled logits,
+    ids) with -inf where a filter drops one, or None when no filter applies (the whole row).
+
+    `found` is `ops.top_candidates`' (values, ids, lse) of the row for `_first_count` (None
+    when that is None). Without top-k, top-p is decided on the best TOP_P_CANDIDATES tokens
+    when they already hold p of the probability, measured against the whole row's softmax
+    (the lse), which is exactly the set a full sort would keep (up to ties at the boundary);
+    else the whole row is sorted."""
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
-        values, ids = torch.topk(logits, params.top_k)  # sorted, descending
-    elif params.top_p < 1.0 or params.min_p > 0.0:
-        log_total = torch.logsumexp(logits, -1) if params.top_p < 1.0 else None
-        for count in TOP_P_CANDIDATES if log_total is not None else ():
-            if count >= vocab:
-                break
-            values, ids = torch.topk(logits, count)
-            probs = (values - log_total).exp()
+        values, ids, _ = found
+        return apply_min_p(apply_top_p(values, params.top_p), params.min_p), ids
+    if params.top_p < 1.0 or params.min_p > 0.0:
+        counts = [c for c in TOP_P_CANDIDATES if c < vocab] if params.top_p < 1.0 else []
+        for i, count in enumerate(counts):
+            if i > 0:  # the first try did not hold p: take more
+                found = tuple(t[0] for t in top_candidates(logits[None], _temperatures([params]), count))
+            values, ids, lse = found
+            probs = (values - lse).exp()
             if float(probs.sum()) >= params.top_p:
                 cum = probs.cumsum(-1)
                 values = values.masked_fill(cum - probs >= params.top_p, float("-inf"))
                 return apply_min_p(values, params.min_p), ids
-        values, ids = torch.sort(logits, descending=True)
-    else:
-        return None
-    return apply_min_p(apply_top_p(values, params.top_p), params.min_p), ids
+        values, ids = torch.sort(logits / params.temperature, descending=True, stable=True)
+        return apply_min_p(apply_top_p(values, params.top_p), params.min_p), ids
+    return None
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a row of logits (V,).
+def _temperatures(params: list[SamplingParams]) -> torch.Tensor:
+    return torch.tensor([p.temperature for p in params], dtype=torch.float32)
 
-    The filters work on the candidates only (`_candidates`): top-k takes k of the 262k logits
-    before the top-p sort, so a sampled step costs about what a greedy one does.
-    """
-    logits = logits.float()
+
+def _found(logits: torch.Tensor, params: list[SamplingParams]) -> list:
+    """`ops.top_candidates` of every row of logits (R, V) that `_first_count` gives a count,
+    in one call per distinct count: per row (values, ids, lse), or None."""
+    vocab = logits.shape[-1]
+    counts = [None if p.greedy else _first_count(p, vocab) for p in params]
+    found: list = [None] * len(params)
+    for count in {c for c in counts if c is not None}:
+        rows = [r for r, c in enumerate(counts) if c == count]
+        index = torch.tensor(rows)
+        values, ids, lse = top_candidates(
+            logits.index_select(0, index), _temperatures([params[r] for r in rows]), count
+        )
+        for j, r in enumerate(rows):
+            found[r] = (values[j], ids[j], lse[j])
+    return found
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, generator, found) -> int:
+    """One token from a row of raw float32 logits (V,), given its `_found` entry."""
     if params.greedy:
         return int(logits.argmax())
-    kept = _candidates(logits / params.temperature, params)
+    kept = _kept(logits, params, found)
     if kept is None:
         return int(torch.multinomial((logits / params.temperature).softmax(-1), 1, generator=generator))
     values, ids = kept
     choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
     return int(ids[choice])
+
+
+def sample_many(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int | Exception]:
+    """`sample` for every row r of logits (R, V) with params[r] and generators[r]: the token,
+    or the exception that row's sampling raised (NaN logits: the other rows go on).
+
+    The pass over each whole row (its best candidates and log-sum-exp, `ops.top_candidates`)
+    runs for all rows in one call; what follows works on a row's few candidates and its own
+    generator. `sample` is this function on one row, so a row gets the same token alone or
+    among others for the same generator state.
+    """
+    logits = logits.float()
+    found = _found(logits, params)
+    chosen: list[int | Exception] = []
+    for row, p, generator, f in zip(logits, params, generators, found):
+        try:
+            chosen.append(_draw(row, p, generator, f))
+        except Exception as e:  # noqa: BLE001 - this row's logits or parameters, not the batch's
+            chosen.append(e)
+    return chosen
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from a row of logits (V,).
+
+    The filters work on the candidates only (`_kept`): top-k takes k of the 262k logits
+    before the top-p sort, so a sampled step costs about what a greedy one does.
+    """
+    (token,) = sample_many(logits[None], [params], [generator])
+    if isinstance(token, Exception):
+        raise token
+    return token
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -279,7 +347,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.greedy:
         probs[logits.argmax()] = 1.0
         return probs
-    kept = _candidates(logits / params.temperature, params)
+    (found,) = _found(logits[None], [params])
+    kept = _kept(logits, params, found)
     if kept is None:
         return (logits / params.temperature).softmax(-1)
     values, ids = kept

@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+from gemmakit.kernels import bindings
 from gemmakit.kernels.build import FLAGS, compile_library
 
 # Below this many rows gemv_int8 leaves the product to torch: it is for the 262k-row output projection.
@@ -407,3 +408,37 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int) -> t
         ggml_type, raw.data_ptr(), n, k, x.data_ptr(), rows, out.data_ptr(), _threads(n, 0)
     )
     return out
+
+
+# --- sampling (csrc/sample.c) ----------------------------------------------------------------
+
+
+def sample_candidates(
+    logits: torch.Tensor, temperature: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Each row's `count` largest of logits (R, V) float32 divided by temperature (R,): values
+    (R, count) float32 and ids (R, count) int64, by logit descending with ties to the lower id,
+    and each row's log-sum-exp of logits / temperature (R,). A row's result does not depend on
+    the other rows. None when the kernel does not apply."""
+    if (
+        logits.device.type != "cpu"
+        or logits.dtype != torch.float32
+        or logits.dim() != 2
+        or not logits.is_contiguous()
+        or not 1 <= count <= logits.shape[1] < 2**31
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    per_logit = bindings.declarations().constants["SAMPLE_SCRATCH_PER_LOGIT"]
+    rows, vocab = logits.shape
+    temperature = temperature.to(torch.float32).contiguous()
+    values = torch.empty((rows, count), dtype=torch.float32)
+    ids = torch.empty((rows, count), dtype=torch.int64)
+    lse = torch.empty(rows, dtype=torch.float32)
+    threads = min(rows, _threads(rows, 2))
+    scratch = torch.empty(threads * per_logit * vocab, dtype=torch.int32)
+    lib.sample_candidates_mt(logits.data_ptr(), temperature.data_ptr(), vocab, count, values.data_ptr(),
+                             ids.data_ptr(), lse.data_ptr(), scratch.data_ptr(), rows, threads)  # fmt: skip
+    return values, ids, lse

@@ -20,6 +20,7 @@ from gemmakit.ops.quantized import (
     nf4_dequantize,
     nf4_linear,
 )
+from gemmakit.ops.sampling import top_candidates
 
 __all__ = [
     "attention",
@@ -37,4 +38,5 @@ __all__ = [
     "nf4_linear",
     "rms_norm",
     "rope",
+    "top_candidates",
 ]
