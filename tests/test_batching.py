@@ -245,3 +245,71 @@ def test_a_prompt_sharing_a_running_rows_prefix_copies_its_keys_and_values(model
     assert seq.reused == 12 and engine.counters.prefix_hit_tokens == 12
     assert first.output_ids == alone(model, first.prompt_ids)
     assert second.output_ids == alone(model, second.prompt_ids)
+
+
+# --- prefill chunks of several rows in one forward pass -----------------------------------------
+
+
+def count_passes(engine: Engine) -> list[tuple[int, int]]:
+    """Records the (rows, width) of every forward pass the engine's torch model runs."""
+    passes, forward = [], engine._forward_rows
+
+    def counted(ids, *args):
+        passes.append(tuple(ids.shape))
+        return forward(ids, *args)
+
+    engine._forward_rows = counted
+    return passes
+
+
+def test_prompts_arriving_together_prefill_in_shared_passes_with_their_own_tokens(model):
+    """Five prompts at once: chunks within RING_SLACK of each other share a forward pass
+    (padded to the longest), the others get their own; every row's tokens equal its own
+    generation (prompts longer than the window and its ring: sliding layers included)."""
+    lengths = [3, 17, 40, 9, 26]
+    prompts = [prompt(n, 20 + seed) for seed, n in enumerate(lengths)]
+    engine = Engine(model, slots=5, capacity=64)
+    passes = count_passes(engine)
+    requests = [Request(p, GREEDY) for p in prompts]
+    run(engine, requests)
+    assert [r.output_ids for r in requests] == [alone(model, p) for p in prompts]
+    prefill = [p for p in passes if p[1] > 1]
+    assert sorted(prefill) == [(2, 40), (3, 17)]  # {40, 26} and {17, 9, 3}
+
+
+def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
+    engine = Engine(model, slots=3, capacity=64)
+    forward = engine._forward_rows
+
+    def failing(ids, slots, starts, adapters):
+        if 1 in slots:
+            raise RuntimeError("slot 1 broke")
+        return forward(ids, slots, starts, adapters)
+
+    engine._forward_rows = failing
+    requests = [Request(prompt(n, 30 + n), GREEDY) for n in (8, 9, 10)]
+    handles = [engine.add(r) for r in requests]
+    run(engine, [])
+    failed = [h for h in handles if h.request.finish_reason == ERROR]
+    assert len(failed) == 1 and "slot 1 broke" in str(failed[0].error)
+    for h in handles:
+        if h not in failed:
+            assert h.request.output_ids == alone(model, h.request.prompt_ids)
+    assert engine.free_slots == 3
+
+
+def test_prefix_reuse_sees_the_padding_a_shared_prefill_wrote(model):
+    """A 10-token prompt padded to 26 in a shared pass (one token wanted: it never decodes)
+    leaves keys at positions 10..25; a sliding ring of window 4 + RING_SLACK then no longer
+    holds the window before position 8, so a prompt sharing 8 tokens is prefilled whole."""
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    short, long = Request(prompt(10, 40), one), Request(prompt(26, 41), one)
+    engine = Engine(model, slots=2, capacity=64)
+    passes = count_passes(engine)
+    run(engine, [short, long])
+    assert passes == [(2, 26)]
+    second = Request(short.prompt_ids[:8] + prompt(5, 42), GREEDY)
+    seq = engine.add(second)
+    run(engine, [])
+    assert seq.reused == (0 if SLIDING in model.config.layer_types else 8)
+    assert second.output_ids == alone(model, second.prompt_ids)

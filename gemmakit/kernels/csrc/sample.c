@@ -19,9 +19,11 @@
 
 
 
-/* an order-preserving key: for floats a < b (no NaN), key(a) < key(b); a positive NaN sorts
- * above +inf, so a NaN row keeps its NaN among the candidates and its sampling fails alone */
+/* an order-preserving key: for floats a < b (no NaN), key(a) < key(b), and -0 and +0 share one
+ * (f + 0 is +0 for both); a positive NaN sorts above +inf, so a NaN row keeps its NaN among
+ * the candidates and its sampling fails alone */
 static inline uint32_t order_key(float f) {
+    f += 0.0f;
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u ^ (uint32_t)(((int32_t)u >> 31) | (int32_t)0x80000000);
@@ -55,7 +57,7 @@ static int64_t collect_from(const float *x, int64_t V, uint32_t floor, int32_t *
     __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i sixteen = _mm512_set1_epi32(16);
     for (; i + 16 <= V; i += 16) {
-        __m512i u = _mm512_loadu_si512(x + i);
+        __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_setzero_ps()));
         /* order_key on 16 lanes, compared as signed after flipping the top bit back */
         __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
         __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_xor_si512(key, sign), lim);
