@@ -313,3 +313,16 @@ def test_prefix_reuse_sees_the_padding_a_shared_prefill_wrote(model):
     run(engine, [])
     assert seq.reused == (0 if SLIDING in model.config.layer_types else 8)
     assert second.output_ids == alone(model, second.prompt_ids)
+
+
+def test_later_rows_join_a_prefill_step_only_with_their_whole_prompt(model):
+    """Budget 50: the oldest row takes its 35 tokens, a 20-token prompt waits (15 left)
+    rather than prefill a stub of it, a 9-token one behind it fits whole."""
+    engine = Engine(model, slots=3, capacity=64, prefill_chunk=50)
+    passes = count_passes(engine)
+    handles = [engine.add(Request(prompt(n, 50 + n), GREEDY)) for n in (35, 20, 9)]
+    engine.step()
+    assert [h.held for h in handles] == [35, 0, 9] and passes == [(1, 35), (1, 9)]
+    run(engine, [])
+    for h in handles:
+        assert h.request.output_ids == alone(model, h.request.prompt_ids)

@@ -8,13 +8,14 @@ positions, so a request admitted while others decode needs no re-alignment of th
 2. admits waiting requests into free slots, reusing the longest cached prefix it can,
 3. prefills admitted prompts, at most `prefill_chunk` prompt tokens per step (so a long
    prompt neither stalls the running rows nor holds memory beyond one chunk's activations,
-   and a cancelled one stops between chunks), sampling a row's first token when its prompt
-   is done,
+   and a cancelled one stops between chunks), the chunks of several rows in one forward
+   pass, sampling a row's first token when its prompt is done,
 4. decodes one token for every running row together (the batched C step when
    `c_decode.batch_decoder` gives one, else the torch model over the slot cache),
 5. frees the slots of rows that finished, at once.
 
-Every token is chosen by `engine.sample_row`; a row whose sampling fails (NaN logits, a
+Every token is chosen by `engine.sample_rows` (`engine.sample_row`'s choice, the rows that
+need nothing of their own sampled in one call); a row whose sampling fails (NaN logits, a
 logits processor that raises) ends with finish reason "error" and its exception on its
 `Sequence`, while the other rows go on.
 
@@ -245,7 +246,8 @@ class Engine:
         return m
 
     def _prefill(self) -> list[tuple[Request, int | None]]:
-        """Prefills up to `prefill_chunk` prompt tokens, oldest admitted rows first.
+        """Prefills up to `prefill_chunk` prompt tokens: the oldest admitted row's next chunk,
+        then the whole remaining prompts of later rows that fit.
 
         The chunks of several rows run as one forward pass (`_groups`), each row at its own
         slot and positions: a burst of short chat prompts costs one pass over the weights, not
@@ -255,11 +257,17 @@ class Engine:
         """
         chunks, budget = [], self.prefill_chunk
         for seq in [s for s in self.running if s.prefilling]:
-            if budget == 0:
-                break
-            n = min(budget, len(seq.request.prompt_ids) - seq.held)
+            left = len(seq.request.prompt_ids) - seq.held
+            # The oldest row takes what the budget allows; a later one joins only with the
+            # rest of its prompt: a few tokens cut off to fill the budget would cost a pass of
+            # their own (too short to pad into the others' pass) and give no first token.
+            if chunks and left > budget:
+                continue
+            n = min(budget, left)
             budget -= n
             chunks.append((seq, n))
+            if budget == 0:
+                break
         events, done = [], []  # done: (row, hidden state of its last prompt token)
         for group in self._groups(chunks):
             try:
