@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                                  # both servers, bundled GGUF
     python benchmarks/serve_load.py --clients 1 4 --max-tokens 16 --servers gemmakit
     python benchmarks/serve_load.py --url http://127.0.0.1:8000      # a server already running
+    python benchmarks/serve_load.py --servers gemmakit --baseline ../main  # this checkout vs another
 
 Each server runs as its own process on the same GGUF (llama-server with `-t 2 --parallel 16
 -c 16384 --cont-batching`, gemmakit with `--max-num-seqs 16`), one after the other, so they
@@ -10,7 +11,8 @@ never share the CPU. For each number of concurrent clients, every client streams
 completion (its own seed, `ignore_eos`, so both servers generate the same number of tokens);
 reported per (server, clients): aggregate generated tokens per second of wall time, time to
 first token (TTFT) and inter-token latency (ITL, the gaps between a stream's content chunks)
-p50/p95. Then the prefix-reuse measurement: a first chat turn with a long history (about
+p50/p95. `--baseline DIR` also runs the gemmakit of another checkout (as server
+"gemmakit@DIR"), so a change and what it changed are measured in one run. Then the prefix-reuse measurement: a first chat turn with a long history (about
 `--history-tokens` tokens, new to the server) and the second turn that re-sends it, TTFT of
 each. Numbers depend on the machine and on what else runs on it.
 """
@@ -252,8 +254,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> No
 
 
 @contextlib.contextmanager
-def server_process(name: str, gguf: Path, slots: int, threads: int, log: Path):
-    """Starts one server on the GGUF as a subprocess; yields its URL; stops it."""
+def server_process(name: str, gguf: Path, slots: int, threads: int, log: Path, root: Path | None = None):
+    """Starts one server on the GGUF as a subprocess; yields its URL; stops it. A gemmakit
+    server runs the gemmakit of checkout `root` (default: this one)."""
     port = free_port()
     if name == "llama.cpp":
         binary = LLAMA_CPP_BIN / "llama-server"
@@ -264,8 +267,8 @@ def server_process(name: str, gguf: Path, slots: int, threads: int, log: Path):
     else:
         cmd = [sys.executable, "-m", "gemmakit.cli", "serve", "--model", str(gguf), "--port", str(port),
                "--max-num-seqs", str(slots), "--max-queue", "1024", "--log-level", "warning"]  # fmt: skip
-    # This checkout's gemmakit, whatever the environment has installed.
-    root = str(Path(__file__).resolve().parents[1])
+    # This checkout's gemmakit (or root's), whatever the environment has installed.
+    root = str(root or Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=root)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -344,6 +347,8 @@ def main(argv=None) -> int:
         "--servers", nargs="+", default=["llama.cpp", "gemmakit"], choices=["llama.cpp", "gemmakit"]
     )
     p.add_argument("--url", default=None, help="measure this running server instead of starting any")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="also run the gemmakit of this checkout (a folder with gemmakit/ in it)")  # fmt: skip
     p.add_argument("--api-key", default=None, help="for --url")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="(1 4 16 64)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
@@ -366,11 +371,17 @@ def main(argv=None) -> int:
         from gemmakit.loading import default_gguf
 
         gguf = Path(args.gguf) if args.gguf else default_gguf()
-        for name in args.servers:
-            log = Path(args.log_dir) / f"serve_load_{name}.log"
-            print(f"starting {name} on {gguf} (log: {log})…", file=sys.stderr, flush=True)
-            with server_process(name, gguf, args.slots, args.threads, log) as url:
-                r, reuse[name] = measure(url, name, args)
+        servers = [(name, name, None) for name in args.servers]
+        if args.baseline is not None:
+            if not (args.baseline / "gemmakit" / "__init__.py").exists():
+                p.error(f"--baseline {args.baseline}: no gemmakit/ package there")
+            label = f"gemmakit@{args.baseline.resolve().name}"
+            servers.append((label, "gemmakit", args.baseline.resolve()))
+        for label, name, root in servers:
+            log = Path(args.log_dir) / f"serve_load_{label.replace('@', '_')}.log"
+            print(f"starting {label} on {gguf} (log: {log})…", file=sys.stderr, flush=True)
+            with server_process(name, gguf, args.slots, args.threads, log, root) as url:
+                r, reuse[label] = measure(url, label, args)
                 runs += r
     sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
     print(f"streaming chat clients, {args.max_tokens} tokens each (ignore_eos), {sampling}")

@@ -284,10 +284,9 @@ def _found(logits: torch.Tensor, params: list[SamplingParams]) -> list:
     found: list = [None] * len(params)
     for count in {c for c in counts if c is not None}:
         rows = [r for r, c in enumerate(counts) if c == count]
-        index = torch.tensor(rows)
-        values, ids, lse = top_candidates(
-            logits.index_select(0, index), _temperatures([params[r] for r in rows]), count
-        )
+        # Every row (the common case): the logits as they are, no (rows, V) copy.
+        picked = logits if len(rows) == len(params) else logits.index_select(0, torch.tensor(rows))
+        values, ids, lse = top_candidates(picked, _temperatures([params[r] for r in rows]), count)
         for j, r in enumerate(rows):
             found[r] = (values[j], ids[j], lse[j])
     return found
