@@ -63,7 +63,7 @@ def test_the_scalar_build_picks_the_same_candidates():
     temperature = torch.tensor([0.8, 1.3])
     want = cpu_kernels.sample_candidates(x, temperature, 700)
     values, ids = torch.empty(2, 700), torch.empty(2, 700, dtype=torch.int64)
-    lse, scratch = torch.empty(2), torch.empty(3 * 50000, dtype=torch.int32)
+    lse, scratch = torch.empty(2), torch.empty(lib.sample_scratch_words(50000), dtype=torch.int32)
     lib.sample_candidates(x.data_ptr(), temperature.data_ptr(), 50000, 700, values.data_ptr(), ids.data_ptr(),
                           lse.data_ptr(), scratch.data_ptr(), 0, 2)  # fmt: skip
     assert torch.equal(ids, want[1]) and torch.equal(values, want[0])

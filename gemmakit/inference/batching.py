@@ -284,6 +284,8 @@ class Engine:
         if done:
             seqs = [seq for seq, _ in done]
             try:
+                # The output head's rows are these rows (a LoRA adapter on it applies per row).
+                multi.select_rows(self.model, [seq.request.adapter for seq in seqs])
                 logits = self.model.logits(torch.stack([h for _, h in done]))
             except Exception as e:  # noqa: BLE001 - reported to the rows whose prompt ended
                 return events + [self._fail(seq, e) for seq in seqs]

@@ -28,7 +28,6 @@ import sys
 
 import torch
 
-from gemmakit.kernels import bindings
 from gemmakit.kernels.build import FLAGS, compile_library
 
 # Below this many rows gemv_int8 leaves the product to torch: it is for the 262k-row output projection.
@@ -431,14 +430,13 @@ def sample_candidates(
     lib = library()
     if lib is None:
         return None
-    per_logit = bindings.declarations().constants["SAMPLE_SCRATCH_PER_LOGIT"]
     rows, vocab = logits.shape
     temperature = temperature.to(torch.float32).contiguous()
     values = torch.empty((rows, count), dtype=torch.float32)
     ids = torch.empty((rows, count), dtype=torch.int64)
     lse = torch.empty(rows, dtype=torch.float32)
     threads = min(rows, _threads(rows, 2))
-    scratch = torch.empty(threads * per_logit * vocab, dtype=torch.int32)
+    scratch = torch.empty(threads * lib.sample_scratch_words(vocab), dtype=torch.int32)
     lib.sample_candidates_mt(logits.data_ptr(), temperature.data_ptr(), vocab, count, values.data_ptr(),
                              ids.data_ptr(), lse.data_ptr(), scratch.data_ptr(), rows, threads)  # fmt: skip
     return values, ids, lse

@@ -148,11 +148,11 @@ GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, in
 
 /* --- sampling (sample.c) --- */
 
-/* int32 words of scratch one thread of sample_candidates needs per logit of a row */
-enum { SAMPLE_SCRATCH_PER_LOGIT = 3 };
+/* int32 words of scratch one thread of sample_candidates needs for rows of V logits */
+GEMMAKIT_API int64_t sample_scratch_words(int64_t V);
 /* rows [lo, hi) of logits (rows of V): the `count` (<= V) largest of each row as values
  * logit / temperature[r] and ids (rows of count; by logit descending, ties lower id first),
- * and lse[r] = log sum_v e^(logit_v / temperature[r]); scratch: SAMPLE_SCRATCH_PER_LOGIT * V words.
+ * and lse[r] = log sum_v e^(logit_v / temperature[r]); scratch: sample_scratch_words(V) words.
  * The _mt form splits the rows over threads, scratch: threads times that. */
 GEMMAKIT_API void sample_candidates(const float *logits, const float *temperature, int64_t V, int64_t count,
                                     float *values, int64_t *ids, float *lse, int32_t *scratch, int64_t lo, int64_t hi);

@@ -32,7 +32,10 @@ static inline uint32_t order_key(float f) {
 typedef struct {
     uint32_t key;
     int32_t id;
-} Candidate; /* two of the SAMPLE_SCRATCH_PER_LOGIT words; the third is the index list */
+} Candidate;
+
+/* a row's index list, then as many Candidates */
+int64_t sample_scratch_words(int64_t V) { return V + V * (int64_t)(sizeof(Candidate) / sizeof(int32_t)); }
 
 static int by_key_then_id(const void *a, const void *b) {
     const Candidate *x = a, *y = b;
@@ -158,6 +161,6 @@ void sample_candidates_mt(const float *logits, const float *temperature, int64_t
     const int64_t t = threads > 1 ? threads : 1;
 #pragma omp parallel for schedule(static, 1) num_threads(t)
     for (int64_t k = 0; k < t; k++)
-        sample_candidates(logits, temperature, V, count, values, ids, lse, scratch + k * SAMPLE_SCRATCH_PER_LOGIT * V,
+        sample_candidates(logits, temperature, V, count, values, ids, lse, scratch + k * sample_scratch_words(V),
                           rows * k / t, rows * (k + 1) / t);
 }
