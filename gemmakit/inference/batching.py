@@ -281,15 +281,20 @@ class Engine:
                         done += self._prefill_group([chunk])
                     except Exception as e:  # noqa: BLE001
                         events.append(self._fail(chunk[0], e))
-        if done:
-            seqs = [seq for seq, _ in done]
+        seqs, logits = [], []
+        for seq, hidden in done:
+            # One row at a time through the output head: its logits are then those it gets
+            # alone (the GGUF head's product depends on its row count: 1 row, up to 8 in C,
+            # more dequantized for torch's matmul), at no more cost on the CPU (16 rows, one
+            # thread: 186 ms one by one, 176 ms in two 8-row calls, 412 ms in one call).
             try:
-                # The output head's rows are these rows (a LoRA adapter on it applies per row).
-                multi.select_rows(self.model, [seq.request.adapter for seq in seqs])
-                logits = self.model.logits(torch.stack([h for _, h in done]))
-            except Exception as e:  # noqa: BLE001 - reported to the rows whose prompt ended
-                return events + [self._fail(seq, e) for seq in seqs]
-            events += self._sample(seqs, logits)
+                multi.select_rows(self.model, [seq.request.adapter])
+                logits.append(self.model.logits(hidden[None])[0])
+                seqs.append(seq)
+            except Exception as e:  # noqa: BLE001 - this row's head, not the batch's
+                events.append(self._fail(seq, e))
+        if seqs:
+            events += self._sample(seqs, torch.stack(logits))
         return events
 
     def _groups(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
