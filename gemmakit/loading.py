@@ -78,7 +78,7 @@ def resolve(model: str | os.PathLike | None) -> ModelSource:
             raise ModelFileError(f"{path}: no config.json (not a Hugging Face model folder)")
         return ModelSource("hf", path, path.name)
     if path.is_file():
-        if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF":
+        if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
             return ModelSource("gguf", path, path.stem)
         if path.name == "config.json":
             return ModelSource("hf", path.parent, path.parent.name)
@@ -89,6 +89,15 @@ def resolve(model: str | os.PathLike | None) -> ModelSource:
             "Pass the model's folder or GGUF file with --model."
         )
     raise ModelFileError(f"{model}: no such file or folder (and not a preset name)")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    """Whether the file begins with `magic`, reading only that much (a model file is GBs)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
