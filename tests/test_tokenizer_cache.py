@@ -256,3 +256,14 @@ def test_gguf_constants_are_gguf_packages_own():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_small_vocabularies_are_not_cached(tmp_path, cache):
+    from gemmakit.formats.tokenizer_cache import MIN_CACHED_PIECES
+
+    pieces, types = small_vocabulary()
+    keep = MIN_CACHED_PIECES - 1
+    path = write_vocabulary(tmp_path / "v.gguf", pieces[:keep], types[:keep])
+    tok, _ = load_tokenizer(path)
+    assert tok.encode("hello", add_bos=False) == [pieces.index("hello")]
+    assert entries(cache) == []

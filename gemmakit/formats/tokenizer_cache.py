@@ -28,12 +28,17 @@ BUILD_VERSION = 1
 MODEL_FILE = "tokenizer.model"
 # The GGUF keys whose values the built model depends on.
 VOCABULARY_PREFIX = "tokenizer.ggml."
+# Smaller vocabularies build in milliseconds: an entry would cost more than it saves.
+MIN_CACHED_PIECES = 1024
 
 
 def entry_folder(metadata) -> Path | None:
     """The cache folder for this GGUF vocabulary, or None when caching is off
-    (`$GEMMAKIT_NO_CACHE`) or `metadata` is a plain dict (nothing to key it by cheaply)."""
+    (`$GEMMAKIT_NO_CACHE`), `metadata` is a plain dict (nothing to key it by cheaply) or the
+    vocabulary is small (`MIN_CACHED_PIECES`)."""
     if os.environ.get("GEMMAKIT_NO_CACHE") or not hasattr(metadata, "digest"):
+        return None
+    if metadata.array_length(VOCABULARY_PREFIX + "tokens") < MIN_CACHED_PIECES:
         return None
     key = f"{metadata.digest(VOCABULARY_PREFIX)}|v{BUILD_VERSION}"
     return cache_dir() / KIND / f"sp-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
