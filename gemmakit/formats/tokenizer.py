@@ -55,8 +55,9 @@ class Tokenizer:
         self._setup(backend, len(pieces), {p: self._ids[p] for p in control}, self._ids.get, chat_template)
 
     @classmethod
-    def _with_lazy_vocabulary(cls, backend, vocab_size: int, control: dict[str, int], find, vocabulary,
-                              chat_template: ChatTemplate | None) -> Tokenizer:  # fmt: skip
+    def _with_lazy_vocabulary(
+        cls, backend, vocab_size: int, control: dict[str, int], find, vocabulary, chat_template
+    ) -> Tokenizer:
         """A tokenizer whose `pieces` and `types` lists are made by `vocabulary()` when first
         read: encoding and decoding need only the backend, the control pieces and the ids of
         a few named pieces (`find(piece)`, None when absent), and 262k Python strings cost
@@ -152,13 +153,14 @@ class Tokenizer:
         which refuses duplicate pieces, so a piece's id there is the only one."""
         import numpy as np
 
-        types = np.asarray(metadata[_TOKEN_TYPES])
+        size = sp.GetPieceSize()  # the file's token count (`_cached_sentencepiece` checked)
+        types = np.asarray(metadata[_TOKEN_TYPES])[:size]
         control_ids = np.flatnonzero(types == CONTROL).tolist()
         control = dict(zip(sp.IdToPiece(control_ids), control_ids)) if control_ids else {}
         view = _SentencePieces(sp, types, metadata)
         template = templates.from_gguf_metadata(metadata, view, source)
         return cls._with_lazy_vocabulary(
-            sp, len(types), control, view.find, lambda: _gguf_vocabulary(metadata), template
+            sp, size, control, view.find, lambda: _gguf_vocabulary(metadata), template
         )
 
     @classmethod
