@@ -370,7 +370,7 @@ def load(
     is False (a caller that will quantize the model itself); a named dtype dequantizes.
     """
     start = time.perf_counter()
-    _freeze_startup_objects()
+    freeze_startup_objects()
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     source = resolve(model)
@@ -431,7 +431,7 @@ def load(
 
 
 @functools.cache
-def _freeze_startup_objects():
+def freeze_startup_objects():
     """Moves the objects alive at the first load (torch's ~170k import-time objects, which
     live as long as the process) out of the garbage collector's sight (`gc.freeze`). Every
     full collection scanned them: 0.08-0.19 s each (measured; one landed in every load of the
