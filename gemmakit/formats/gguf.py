@@ -38,7 +38,12 @@ def _gguf_constants():
     name = "gguf.constants"
     if name not in sys.modules:
         package = importlib.util.find_spec("gguf")  # locates the package, runs nothing
-        spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "constants.py")
+        path = Path(package.origin).parent / "constants.py" if package and package.origin else None
+        if path is None or not path.is_file():  # not a plain folder (a zip, say): the usual way
+            import gguf.constants
+
+            return gguf.constants
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:
