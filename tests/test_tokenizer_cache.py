@@ -22,6 +22,40 @@ TEXT = (
 )
 
 
+def varied_texts(count: int = 300) -> list[str]:
+    """The shipped evaluation text, and random strings over ASCII, whitespace runs, accents,
+    CJK, emoji, byte-fallback characters and Gemma's control tokens (seeded)."""
+    import random
+
+    from gemmakit.paths import DATA
+
+    rng = random.Random(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,;:!?'\"()-_/\\")
+    alphabet += [
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "\r\n",
+        "é",
+        "ß",
+        "ñ",
+        "日",
+        "本",
+        "語",
+        "😀",
+        "🎉",
+        "\u200b",
+        "\x00",
+    ]
+    alphabet += ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unused7>", "<mask>", "<"]
+    texts = [DATA.joinpath("eval_text.txt").read_text(encoding="utf-8")]
+    for _ in range(count):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60))))
+    return texts
+
+
 def tokenizer_state(tok: Tokenizer, text: str = TEXT):
     """Everything a caller sees of a tokenizer on `text`."""
     ids = tok.encode(text)
@@ -128,6 +162,11 @@ def test_cached_bundled_tokenizer_is_the_built_one(bundled_gguf, cache, monkeypa
     expected = tokenizer_state(fresh)
     assert tokenizer_state(built) == expected
     assert tokenizer_state(cached) == expected
+    for text in varied_texts():
+        ids = fresh.encode(text)
+        assert cached.encode(text) == ids, text
+        assert cached.decode(ids, skip_special=False) == fresh.decode(ids, skip_special=False)
+        assert cached.decode(ids) == fresh.decode(ids)
     assert expected["named"] == (2, 1, 0, 106, 105)
     # The lists are still there when asked for, equal to the file's.
     assert cached.pieces == fresh.pieces and cached.types == fresh.types
