@@ -29,8 +29,8 @@ from gemmakit.hf_config import from_hf_config
 def _gguf_constants():
     """gguf-py's `gguf.constants` (the ggml type ids and block sizes) without running the
     package's `__init__`, which imports its reader, writer and metadata modules (and through
-    them yaml): 0.05 s of a 0.3 s load on a quiet machine, 0.17 s on a busy one (measured
-    with `python -X importtime`). The module is registered under its own name, so a later
+    them yaml): 0.05 s after torch's import, 0.17 s on a busy machine (measured with
+    `python -X importtime`), in a load that now takes ~0.2 s. The module is registered under its own name, so a later
     `import gguf` takes this very module (its `from .constants import *` finds it in
     `sys.modules`) and the enum is one class for everyone. (The one difference: the package
     then has no `constants` attribute; `from gguf.constants import X`, `from gguf import
