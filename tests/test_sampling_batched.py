@@ -43,6 +43,18 @@ def test_candidates_are_torch_topk_with_ties_to_the_lower_id(vocab, count):
 
 
 @needs_kernels
+def test_candidates_when_the_strided_sample_misleads():
+    """The kernel guesses its first bin from every 8th logit: 300 high logits all at sampled
+    indices make it guess too high (300 < 1024 collected), and the whole row decides."""
+    x = torch.zeros(1, 262144)
+    x[0, 0:2400:8] = 10.0
+    x[0, 5] = 3.0
+    values, ids, _ = cpu_kernels.sample_candidates(x, torch.ones(1), 1024)
+    assert torch.equal(values, torch.topk(x, 1024).values) and ids[0, 300] == 5
+    assert ids[0, :300].tolist() == list(range(0, 2400, 8)) and ids[0, 301:].tolist()[:3] == [1, 2, 3]
+
+
+@needs_kernels
 def test_a_rows_candidates_do_not_depend_on_the_other_rows_or_threads():
     x = logits_rows(7, 262144, seed=1)
     temperature = torch.linspace(0.3, 1.5, 7)
@@ -59,12 +71,13 @@ def test_the_scalar_build_picks_the_same_candidates():
     lib = compile_library(FLAGS + ("-mno-avx512f",))
     if lib is None or cpu_kernels.library() is None:
         pytest.skip("no compiler")
-    x = logits_rows(2, 50000, seed=2)
+    vocab, count = 262144, 1024
+    x = logits_rows(2, vocab, seed=2)
     temperature = torch.tensor([0.8, 1.3])
-    want = cpu_kernels.sample_candidates(x, temperature, 700)
-    values, ids = torch.empty(2, 700), torch.empty(2, 700, dtype=torch.int64)
-    lse, scratch = torch.empty(2), torch.empty(lib.sample_scratch_words(50000), dtype=torch.int32)
-    lib.sample_candidates(x.data_ptr(), temperature.data_ptr(), 50000, 700, values.data_ptr(), ids.data_ptr(),
+    want = cpu_kernels.sample_candidates(x, temperature, count)
+    values, ids = torch.empty(2, count), torch.empty(2, count, dtype=torch.int64)
+    lse, scratch = torch.empty(2), torch.empty(lib.sample_scratch_words(vocab), dtype=torch.int32)
+    lib.sample_candidates(x.data_ptr(), temperature.data_ptr(), vocab, count, values.data_ptr(), ids.data_ptr(),
                           lse.data_ptr(), scratch.data_ptr(), 0, 2)  # fmt: skip
     assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
     torch.testing.assert_close(lse, want[2], rtol=1e-6, atol=1e-6)
