@@ -4,10 +4,10 @@
  * (top-k, or top-p decided on the best 1,024) and the log of the softmax's denominator (the
  * candidates' share of the whole row). torch does that in two passes plus a topk that took
  * ~1 ms a row of Gemma's 262,144 logits on the 2-core CPU; here a histogram of the logits'
- * order-preserving integer keys names the bin the count-th largest falls in, one pass collects the few thousand that can be
- * among the best into a scratch list (AVX-512's compress), and the final order is sorted
- * from those alone; the first histogram is taken over every 8th logit when the row is long
- * enough for that sample to name a safe bin. 3.6 ms for 16 rows of the bundled model's
+ * order-preserving integer keys names the bin the count-th largest falls in (a histogram of
+ * every 8th logit, where the row is long enough for that sample to name a safe bin), one
+ * pass collects the few thousand that can be among the best into a scratch list (AVX-512's
+ * compress), and the final order is sorted from those alone. 3.6 ms for 16 rows of the bundled model's
  * logits on one thread of the (loaded) 2-core machine (6.2 ms with the whole-row
  * histogram), against torch's ~1 ms a row.
  *
