@@ -20,38 +20,18 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "gemmakit_kernels.h"
+#include "gguf_dot.h"
 
 /* numpy's rounding: every product is rounded before it is added (see above) */
 #pragma GCC optimize("fp-contract=off")
 
 enum { QK = 32, QKK = 256 };
-
-/* IEEE half -> float, exact (subnormals included): the blocks' fp16 scales */
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0x1F) bits = sign | 0x7F800000u | (mant << 13);
-    else if (exp) bits = sign | ((exp + 112) << 23) | (mant << 13);
-    else if (!mant) bits = sign;
-    else { /* subnormal half: normalize */
-        int e = -1;
-        do mant <<= 1, e++; while (!(mant & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
 
 /* --- one block -> floats (gguf/quants.py dequantize_blocks, type by type) --------------- */
 
@@ -353,7 +333,7 @@ static float dot_blocks(const BlockType *t, const uint8_t *row, const float *x, 
     return acc;
 }
 
-void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
+void gguf_matvec_f32(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
     const BlockType *t = block_type(type);
     const int64_t rb = gguf_row_bytes(type, k);
     if (!t || rb < 0) return;
@@ -378,8 +358,8 @@ static void matmul_rows_buffered(const BlockType *t, const uint8_t *w, int64_t r
 
 enum { STACK_ROW = 4096 }; /* k up to this many floats is dequantized into a stack buffer */
 
-void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
-                      int64_t lo, int64_t hi) {
+void gguf_matmul_rows_f32(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                          int64_t lo, int64_t hi) {
     const BlockType *t = block_type(type);
     const int64_t rb = gguf_row_bytes(type, k);
     if (!t || rb < 0) return;
@@ -397,5 +377,40 @@ void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const f
             t->fn(row + b * t->bytes, blk);
             for (int64_t r = 0; r < rows; r++) y[r * n + o] += dot_floats(blk, x + r * k + b * t->values, t->values);
         }
+    }
+}
+
+/* --- the products the model runs: activations rounded to 8-bit blocks (gguf_act.c) and
+ * integer dots (gguf_dot.c), llama.cpp's products ------------------------------------------ */
+
+enum { STACK_ACT = 8192 }; /* activation bytes rounded on the stack up to this size */
+
+void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                      int64_t lo, int64_t hi) {
+    const int64_t act = gguf_act_type(type), bytes = act_rows_bytes(rows, k);
+    if (act < 0 || gguf_row_bytes(type, k) < 0) return;
+    _Alignas(64) uint8_t stack[STACK_ACT];
+    void *buffer = bytes <= STACK_ACT ? stack : malloc((size_t)bytes);
+    if (!buffer) return;
+    ActRows a;
+    act_rows_init(&a, act, rows, k, buffer);
+    act_rows_quantize(&a, x, 0, rows);
+    gguf_dot_rows(type, w, n, &a, y, lo, hi);
+    if (buffer != stack) free(buffer);
+}
+
+void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
+    gguf_matmul_rows(type, w, hi, k, x, 1, y, lo, hi); /* one row: n only strides rows of y */
+}
+
+/* the float32 product over [0, n) split over threads (split.c's pattern) */
+void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                        int64_t threads) {
+    const int64_t t = threads > 1 ? threads : 1;
+#pragma omp parallel for schedule(static, 1) num_threads(t)
+    for (int64_t i = 0; i < t; i++) {
+        const int64_t lo = n * i / t, hi = n * (i + 1) / t;
+        if (rows == 1) gguf_matvec_f32(type, w, k, x, y, lo, hi);
+        else gguf_matmul_rows_f32(type, w, n, k, x, rows, y, lo, hi);
     }
 }

@@ -1,0 +1,89 @@
+/* GGUF products with 8-bit activations (internal to gguf_blocks.c, gguf_act.c, gguf_dot.c):
+ * fp16 conversions, activation rows rounded to llama.cpp's 8-bit blocks (gguf_act.c), and
+ * the integer dots of a block matrix with them (gguf_dot.c).
+ */
+#ifndef GEMMAKIT_GGUF_DOT_H
+#define GEMMAKIT_GGUF_DOT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "gemmakit_kernels.h"
+
+/* ggml type ids of the activation blocks (ggml.h): Q8_0, Q8_1, Q8_K */
+enum { ACT_Q8_0 = 8, ACT_Q8_1 = 9, ACT_Q8_K = 15 };
+
+/* IEEE half -> float, exact (subnormals included): the blocks' fp16 scales */
+static inline float half_bits_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (mant << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (mant << 13);
+    else if (!mant) bits = sign;
+    else { /* subnormal half: normalize */
+        int e = -1;
+        do mant <<= 1, e++; while (!(mant & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+static inline float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* float -> IEEE half rounded to nearest even, as F16C's vcvtps2ph with immediate 0 (llama.cpp's
+ * GGML_CPU_FP32_TO_FP16 on x86: ggml-cpu/simd-mappings.h) */
+static inline uint16_t float_to_half_bits(float f) {
+#ifdef __F16C__
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00); /* NaN */
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00); /* from 65520 on: infinity */
+    if (ax < 0x38800000u) { /* below 2^-14: a subnormal half, round(|f| * 2^24), exact scaling */
+        float a;
+        memcpy(&a, &ax, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.f));
+    }
+    /* normal: round the 23-bit mantissa to 10 at bit 13, ties to even, then rebias 127 -> 15 */
+    const uint32_t rounded = ax + 0xFFFu + ((ax >> 13) & 1u) - 0x38000000u;
+    return (uint16_t)(sign | (rounded >> 13));
+#endif
+}
+
+static inline float round_to_half(float f) { return half_bits_to_float(float_to_half_bits(f)); }
+
+/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k. Per block of 32
+ * (Q8_0, Q8_1): d the fp16 scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256
+ * (Q8_K): d the float scale and bsums the sums of q over each 16 values. */
+typedef struct {
+    int64_t type, rows, k;
+    int8_t *q;
+    float *d, *s;
+    int16_t *bsums;
+} ActRows;
+
+/* the activation type llama.cpp pairs with a weight type (ggml-cpu.c type_traits_cpu
+ * vec_dot_type), or -1 for a type without an integer dot here */
+int64_t gguf_act_type(int64_t weight_type);
+/* bytes ActRows of `rows` rows of k values take in one buffer (act_rows_init lays them out) */
+int64_t act_rows_bytes(int64_t rows, int64_t k);
+void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buffer);
+/* rows [lo, hi) of x (rows, k) rounded into a */
+void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi);
+
+/* y (rows, n) columns [lo, hi) = the rows of a times the rows [lo, hi) of the (n, k) block
+ * matrix w of ggml type `type` (gguf_dot.c); a->type must be gguf_act_type(type) */
+void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
+
+#endif
