@@ -209,32 +209,46 @@ def tiny_q8_gguf(tmp_path, hf_folder):
 IDS = [2, 17, 45, 99, 200, 31, 7, 250, 64, 12, 90, 33]
 
 
-def round_activations_like(floats_model, native_model):
-    """Forward pre-hooks on the float model's linear layers that round their inputs as the
-    native model's GGUF layer of the same name does (llama.cpp's 8-bit activation blocks for
-    its ggml type) and back to float: the float model then computes the native product up to
-    float32 summation order."""
+def check_products_round_like_llama_cpp(native_model) -> list[str]:
+    """Forward hooks on every GGUF layer of the native model that check its product: the
+    float32 dequantized weight (up to 2048 of its output rows) times the input rounded as
+    llama.cpp rounds it for the layer's type (Q8_0 blocks, Q8_1 for Q4_1 / Q5_1, Q8_K for the
+    K-quants), to float32 summation error. Returns the list the hooks append each checked
+    layer's type to. (A whole model is not compared that tightly with its float32 load: an
+    input that differs in its last bits can land on the other side of a rounding's half step,
+    and over several layers such one-step flips compound.)"""
     from gemmakit.quant import GGUFLinear
 
-    q8_k = {10, 11, 12, 13, 14, 23}  # the K-quants and IQ4_XS take Q8_K blocks (of 256)
-    q8_1 = {3, 7}  # Q4_1, Q5_1 take Q8_1; the rest Q8_0
+    q8_k, q8_1 = {10, 11, 12, 13, 14, 23}, {3, 7}
+    checked = []
 
-    def hook_for(ggml_type):
-        act, block = (15, 256) if ggml_type in q8_k else (9 if ggml_type in q8_1 else 8, 32)
+    def check(module, args, out):
+        x = args[0].reshape(-1, module.in_features).float()
+        act, block = (15, 256) if module.ggml_type in q8_k else (9 if module.ggml_type in q8_1 else 8, 32)
+        a = cpu_kernels.gguf_quantize_activations(x, act)
+        rounded = (a["q"].float().view(x.shape[0], -1, block) * a["d"].unsqueeze(-1)).view(x.shape).double()
+        w = cpu_kernels.gguf_dequantize(module.weight[:2048], module.ggml_type, module.in_features).double()
+        expected, scale = rounded @ w.T, rounded.abs() @ w.abs().T
+        if module.ggml_type in q8_1:  # the min term uses Q8_1's fp16 s, not the exact sum
+            return checked.append(module.type_name)
+        got = out.reshape(x.shape[0], -1)[:, :2048]
+        assert ((got - expected).abs() <= 1e-6 * scale.amax(-1, keepdim=True)).all(), module
+        checked.append(module.type_name)
 
-        def hook(module, args):
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1]).float()
-            a = cpu_kernels.gguf_quantize_activations(flat, act)
-            values = a["q"].float().view(flat.shape[0], -1, block) * a["d"].unsqueeze(-1)
-            return (values.view(x.shape).to(x.dtype),)
-
-        return hook
-
-    linears = dict(floats_model.named_modules())
-    for name, module in native_model.named_modules():
+    for module in native_model.modules():
         if isinstance(module, GGUFLinear):
-            linears[name].register_forward_pre_hook(hook_for(module.ggml_type))
+            module.register_forward_hook(check)
+    return checked
+
+
+def assert_rounded_activations_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Logits of a model whose GGUF products round their activations to 8-bit blocks against
+    its float32 dequantization: each product moves by at most half a step of its activation
+    block (|x| max / 254 per value), which the layers compound; measured on the tiny random
+    models here, at most 2.2 (of logits up to 3.4, Gemma 4 with its per-layer inputs) and 0.23
+    on average; the bounds are about twice that."""
+    diff, top = (ours - ref).abs(), ref.abs().max()
+    assert diff.max() <= 1.2 * top and diff.mean() <= 0.15 * top, (diff.max(), diff.mean(), top)
 
 
 @needs_kernel
@@ -260,14 +274,10 @@ def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
     a, b = float_state(native), float_state(floats)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
+        checked = check_products_round_like_llama_cpp(model)
         ours, ref = model(torch.tensor([IDS])), floats.model(torch.tensor([IDS]))
-    diff = (ours - ref).abs().max()
-    round_activations_like(floats.model, model)  # llama.cpp's product in float32 maths
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(torch.tensor([IDS])), floats.model(torch.tensor([IDS])), rtol=1e-4, atol=1e-4
-        )
-    assert diff > 1e-3  # and without the rounding it differs
+    assert checked and set(checked) == {"Q8_0"}
+    assert_rounded_activations_close(ours, ref)
 
 
 @needs_kernel
@@ -313,28 +323,12 @@ def test_bundled_native_matches_its_float32_load(bundled):
     model is compared by its top tokens (measured on 64 tokens: the same at 63; logits 2.3
     apart at most, 0.21 on average, their standard deviation 5.6)."""
     from gemmakit.loading import load
-    from gemmakit.quant import GGUFLinear
     from tests.test_bundled import ROME
 
     native = load(device="cpu")
     types = {m.type_name for m in native.model.modules() if hasattr(m, "type_name")}
     assert types == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
-    checked = []
-
-    def check(module, args, out):
-        x = args[0].reshape(-1, module.in_features).float()
-        act, block = (15, 256) if module.ggml_type in (12, 14) else (8, 32)
-        a = cpu_kernels.gguf_quantize_activations(x, act)
-        rounded = (a["q"].float().view(x.shape[0], -1, block) * a["d"].unsqueeze(-1)).view(x.shape)
-        w = cpu_kernels.gguf_dequantize(module.weight[:2048], module.ggml_type, module.in_features).double()
-        expected, scale = rounded.double() @ w.T, rounded.double().abs() @ w.abs().T  # 2048 outputs at most
-        got = out.reshape(x.shape[0], -1)[:, :2048]
-        assert ((got - expected).abs() <= 1e-6 * scale.amax(-1, keepdim=True)).all()
-        checked.append(module.type_name)
-
-    for module in native.model.modules():
-        if isinstance(module, GGUFLinear):
-            module.register_forward_hook(check)
+    checked = check_products_round_like_llama_cpp(native.model)
     ids = torch.tensor([bundled.tokenizer.encode(ROME)[:64]])
     with torch.no_grad():
         ours, plain = native.model(ids), bundled.model(ids)
@@ -415,8 +409,9 @@ def test_per_layer_families_keep_their_blocks(tmp_path, case):
     export(model=str(folder), to="gguf", output=out, qtype="q8_0", progress=False)
     native, floats = load(str(out), device="cpu"), load(str(out), dtype="float32", device="cpu")
     assert any(isinstance(m, GGUFLinear) for m in native.model.modules())
-    round_activations_like(floats.model, native.model)
-    torch.testing.assert_close(logits_of(native.model), logits_of(floats.model), rtol=1e-4, atol=1e-4)
+    checked = check_products_round_like_llama_cpp(native.model)
+    assert_rounded_activations_close(logits_of(native.model), logits_of(floats.model))
+    assert checked
 
 
 @needs_kernel

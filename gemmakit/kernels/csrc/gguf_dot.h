@@ -63,9 +63,34 @@ static inline uint16_t float_to_half_bits(float f) {
 
 static inline float round_to_half(float f) { return half_bits_to_float(float_to_half_bits(f)); }
 
-/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k. Per block of 32
- * (Q8_0, Q8_1): d the fp16 scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256
- * (Q8_K): d the float scale and bsums the sums of q over each 16 values. */
+static inline uint32_t le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* IQ4_NL's and IQ4_XS's 16 values (ggml-common.h kvalues_iq4nl) */
+static const int8_t IQ4NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+#if defined(__AVX2__)
+/* 16 bytes -> their low nibbles (values 0..15) then their high nibbles (16..31) */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+/* bit j of the little-endian 32 bits at p -> 0x10 in byte j, else 0 */
+static inline __m256i high_bits32(const uint8_t *p) {
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)le32(p)),
+                                              _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
+                                                               2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+#endif
+
+/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k. Per block of 32 (Q8_0, Q8_1): d the fp16
+ * scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256 (Q8_K): d the float scale
+ * and bsums the sums of q over each 16 values. */
 typedef struct {
     int64_t type, rows, k;
     int8_t *q;
@@ -81,6 +106,29 @@ int64_t act_rows_bytes(int64_t rows, int64_t k);
 void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buffer);
 /* rows [lo, hi) of x (rows, k) rounded into a */
 void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi);
+
+/* One weight row unpacked (gguf_unpack.c): 32-value chunks of int8 values at q + c * stride
+ * (in `values`, stride 32; Q8_0's in place, stride 34), per block a scale d and a min m (blocks
+ * of 32: Q4_1 / Q5_1's fp16 m; super-blocks: dmin), per 16 values an integer scale sc and min
+ * mn (super-blocks), and per 32 values the scales of its two 16-groups as 16 int16 (AVX2's
+ * vpmaddwd operand). */
+typedef struct {
+    const int8_t *q;
+    int64_t stride;
+    int8_t *values;
+    float *d, *m;
+    int16_t *sc, *mn;
+    int16_t *pair_scales;
+    int has_min;
+} WRow;
+
+/* bytes per block of a type with an integer dot, or -1 */
+int gguf_dot_block_bytes(int64_t type);
+/* bytes a WRow of k values takes in one buffer (wrow_init lays them out, 32-byte aligned) */
+int64_t wrow_bytes(int64_t k);
+void wrow_init(WRow *w, int64_t k, void *buffer);
+/* one row of raw blocks of ggml type `type` into w */
+void unpack_row(int64_t type, const uint8_t *row, int64_t k, WRow *w);
 
 /* y (rows, n) columns [lo, hi) = the rows of a times the rows [lo, hi) of the (n, k) block
  * matrix w of ggml type `type` (gguf_dot.c); a->type must be gguf_act_type(type) */
