@@ -147,39 +147,54 @@ static inline __m256i values_iq4_nl(const uint8_t *p) {
     return _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles32(p + 2));
 }
 
-/* out[i * n] = weight row `row` . activation row r0 + i for i < NR (a constant at each call) */
+/* out[i * n + j] = weight row j . activation row r0 + i for NW weight rows from `row` (rb
+ * bytes apart) and NR activation rows (both constants at each call): each block's values are
+ * assembled once for NR rows, each activation block loaded once for NW weight rows */
 #define B32_TILE(name, VALUES, BYTES, HAS_MIN)                                                        \
-    ALWAYS_INLINE void name##_tile(const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR, \
-                                   float *out, int64_t n) {                                          \
-        __m256 acc[4];                                                                               \
-        float min_sum[4];                                                                            \
-        for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;                 \
+    ALWAYS_INLINE void name##_tile(const uint8_t *row, int64_t rb, int64_t nb, const ActRows *a, int64_t r0, \
+                                   const int NW, const int NR, float *out, int64_t n) {              \
+        __m256 acc[2][4];                                                                            \
+        float min_sum[2][4];                                                                         \
+        for (int j = 0; j < NW; j++)                                                                 \
+            for (int i = 0; i < NR; i++) acc[j][i] = _mm256_setzero_ps(), min_sum[j][i] = 0.f;       \
         const int64_t k = a->k;                                                                      \
         for (int64_t b = 0; b < nb; b++) {                                                           \
-            const uint8_t *p = row + b * BYTES;                                                      \
-            const __m256i v = VALUES(p), abs_v = _mm256_sign_epi8(v, v);                             \
-            const float d = half_to_float(p), m = HAS_MIN ? half_to_float(p + 2) : 0.f;              \
+            __m256i v[2], abs_v[2];                                                                  \
+            float d[2], m[2];                                                                        \
+            for (int j = 0; j < NW; j++) {                                                           \
+                const uint8_t *p = row + j * rb + b * BYTES;                                         \
+                v[j] = VALUES(p), abs_v[j] = _mm256_sign_epi8(v[j], v[j]);                           \
+                d[j] = half_to_float(p), m[j] = HAS_MIN ? half_to_float(p + 2) : 0.f;                \
+            }                                                                                        \
             for (int i = 0; i < NR; i++) {                                                           \
                 const int64_t r = r0 + i;                                                            \
-                const __m256i sx = _mm256_sign_epi8(LOAD32(a->q + r * k + b * QK), v);               \
-                const __m256 dd = _mm256_set1_ps(d * a->d[r * (k / QK) + b]);                        \
-                acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes(abs_v, sx)), acc[i]);          \
-                if (HAS_MIN) min_sum[i] = fmaf(m, a->s[r * (k / QK) + b], min_sum[i]);               \
+                const __m256i x = LOAD32(a->q + r * k + b * QK);                                     \
+                const float xd = a->d[r * (k / QK) + b];                                             \
+                for (int j = 0; j < NW; j++) {                                                       \
+                    const __m256i l = lanes(abs_v[j], _mm256_sign_epi8(x, v[j]));                    \
+                    acc[j][i] = _mm256_fmadd_ps(_mm256_set1_ps(d[j] * xd), _mm256_cvtepi32_ps(l), acc[j][i]); \
+                    if (HAS_MIN) min_sum[j][i] = fmaf(m[j], a->s[r * (k / QK) + b], min_sum[j][i]);  \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-        for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) + min_sum[i];                    \
+        for (int j = 0; j < NW; j++)                                                                 \
+            for (int i = 0; i < NR; i++) out[i * n + j] = lanes_sum(acc[j][i]) + min_sum[j][i];      \
+    }                                                                                                \
+    ALWAYS_INLINE void name##_rows(const uint8_t *row, int64_t rb, int64_t nb, const ActRows *a, float *y, int64_t n, \
+                            const int NW) {                                                          \
+        int64_t r = 0;                                                                               \
+        for (; r + 4 <= a->rows; r += 4) name##_tile(row, rb, nb, a, r, NW, 4, y + r * n, n);         \
+        switch (a->rows - r) {                                                                       \
+        case 3: name##_tile(row, rb, nb, a, r, NW, 3, y + r * n, n); break;                          \
+        case 2: name##_tile(row, rb, nb, a, r, NW, 2, y + r * n, n); break;                          \
+        case 1: name##_tile(row, rb, nb, a, r, NW, 1, y + r * n, n); break;                          \
+        }                                                                                            \
     }                                                                                                \
     static void name(const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo, int64_t hi) { \
-        for (int64_t o = lo; o < hi; o++) {                                                          \
-            const uint8_t *row = w + o * nb * BYTES;                                                 \
-            int64_t r = 0;                                                                           \
-            for (; r + 4 <= a->rows; r += 4) name##_tile(row, nb, a, r, 4, y + r * n + o, n);         \
-            switch (a->rows - r) {                                                                   \
-            case 3: name##_tile(row, nb, a, r, 3, y + r * n + o, n); break;                          \
-            case 2: name##_tile(row, nb, a, r, 2, y + r * n + o, n); break;                          \
-            case 1: name##_tile(row, nb, a, r, 1, y + r * n + o, n); break;                          \
-            }                                                                                        \
-        }                                                                                            \
+        const int64_t rb = nb * BYTES;                                                               \
+        int64_t o = lo;                                                                              \
+        for (; o + 2 <= hi && a->rows >= 4; o += 2) name##_rows(w + o * rb, rb, nb, a, y + o, n, 2);  \
+        for (; o < hi; o++) name##_rows(w + o * rb, rb, nb, a, y + o, n, 1);                         \
     }
 
 B32_TILE(fused_q4_0, values_q4_0, 18, 0)
