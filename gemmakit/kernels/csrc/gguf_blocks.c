@@ -9,14 +9,19 @@
  * bits (tests/test_gguf_blocks.py), which is why this unit is compiled without contraction
  * of a product into a following addition: numpy rounds d * q before it subtracts the min.
  *
- * The products dequantize one block (32 or 256 values) at a time into a small buffer on the
- * stack, which stays in L1, and multiply it with float32 activations: no float copy of the
- * matrix is ever made and the activations keep their float32 precision (llama.cpp instead
- * rounds them to 8-bit blocks for integer dots; this is why gemmakit's results are slightly
- * closer to the float model than llama.cpp's). Q8_0, the type of Gemma's 262k-row tied
- * embedding in llama.cpp's Q4_K_M mix (the largest read of a decode step), has a fused
- * vector path that widens its int8 values in registers. Vector paths: AVX-512, then AVX2
- * with FMA, then scalar loops, chosen at compile time.
+ * What the model runs, gguf_matvec and gguf_matmul_rows (at the end of this file), is
+ * llama.cpp's product: the activations rounded to 8-bit blocks (gguf_act.c: Q8_0, Q8_1 or
+ * Q8_K as llama.cpp pairs them with the weight type, with its x86 roundings) and integer dots
+ * with the blocks' values, scaled per block in float32 (gguf_dot.c, gguf_unpack.c). That is
+ * the one rounding beyond float32 summation, at most half a step of each activation's block
+ * (|x| max / 254), and a row's result depends on nothing but its own values.
+ *
+ * The float products here (gguf_matvec_f32, gguf_matmul_rows_f32: autograd's forward, and the
+ * reference the tests compare with) dequantize one block (32 or 256 values) at a time into a
+ * small buffer on the stack, which stays in L1, and multiply it with float32 activations: no
+ * float copy of the matrix is ever made and the activations keep their float32 precision.
+ * Q8_0 has a fused vector path that widens its int8 values in registers. Vector paths:
+ * AVX-512, then AVX2 with FMA, then scalar loops, chosen at compile time.
  */
 #include <math.h>
 #include <stdint.h>

@@ -193,6 +193,8 @@ static inline __m256i values_iq4_nl(const uint8_t *p) {
     static void name(const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo, int64_t hi) { \
         const int64_t rb = nb * BYTES;                                                               \
         int64_t o = lo;                                                                              \
+        /* two weight rows per tile only from 4 activation rows on: with one, measured on the  \
+         * bundled head (one thread, loaded 2-core EPYC), 60 ms against 13 ms one row at a time */ \
         for (; o + 2 <= hi && a->rows >= 4; o += 2) name##_rows(w + o * rb, rb, nb, a, y + o, n, 2);  \
         for (; o < hi; o++) name##_rows(w + o * rb, rb, nb, a, y + o, n, 1);                         \
     }
