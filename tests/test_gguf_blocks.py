@@ -348,12 +348,12 @@ def test_perplexity_equals_llama_cpps_on_the_bundled_file():
     (llama.cpp's own tokenization, `llama-tokenize --ids`) and the same method (512-token
     chunks, second half scored: `chunked_perplexity`).
 
-    Measured on the default evaluation text (2 chunks, 510 scored tokens): gemmakit 35.7497,
-    llama.cpp 35.8023 (0.15% apart). llama.cpp rounds the activations of every quantized
-    product to 8-bit blocks (Q8_0 / Q8_K) and keeps the KV cache in fp16; gemmakit keeps
-    float32 and gives exactly the perplexity of its float32 dequantization. llama.cpp's own
-    result moves by 0.29% between its attention paths (35.9049 with `-fa off`), so the bound
-    here is 0.2%, not the issue's 0.1%.
+    Measured on the default evaluation text (2 chunks, 510 scored tokens): gemmakit 35.7817,
+    llama.cpp 35.8023 (0.06% apart). Both round the activations of every quantized product to
+    8-bit blocks (Q8_0 / Q8_K, llama.cpp's x86 roundings: kernels/csrc/gguf_act.c); llama.cpp
+    also keeps the KV cache in fp16 where gemmakit keeps float32. With float32 activations
+    gemmakit gave 35.7497 (0.15% apart). llama.cpp's own result moves by 0.29% between its
+    attention paths (35.9049 with `-fa off`); the bound is the issue's 0.1%.
     """
     from gemmakit.evaluation.perplexity import DEFAULT_TEXT, chunked_perplexity
     from gemmakit.loading import default_gguf, load
@@ -371,7 +371,7 @@ def test_perplexity_equals_llama_cpps_on_the_bundled_file():
     assert any(hasattr(m, "type_name") for m in loaded.model.modules())  # the native kernels ran
     ours = chunked_perplexity(loaded.model, ids, loaded.tokenizer.bos_id, 512).perplexity
     print(f"perplexity: gemmakit {ours:.4f}, llama.cpp {theirs:.4f}")
-    assert abs(ours - theirs) / theirs < 2e-3
+    assert abs(ours - theirs) / theirs < 1e-3
 
 
 def test_chunked_perplexity_scores_the_second_half_of_each_chunk():
