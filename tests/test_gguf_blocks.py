@@ -23,10 +23,11 @@ from gemmakit.kernels import cpu as cpu_kernels
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
 
 T = GGMLQuantizationType
-TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 # Where each block keeps its fp16 scales (ggml-common.h block_q*): d (and the min's scale).
 HALF_AT = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-           T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}  # fmt: skip
+           T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+           T.IQ4_NL: (0,), T.IQ4_XS: (0,)}  # fmt: skip
 
 
 def random_blocks(ggml_type, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -97,7 +98,7 @@ def test_kernels_refuse_what_they_do_not_run():
     raw = torch.from_numpy(random_blocks(T.Q8_0, 4, 64))
     assert cpu_kernels.gguf_row_bytes(int(T.Q8_0), 64) == 68
     assert cpu_kernels.gguf_row_bytes(int(T.Q8_0), 48) is None  # not whole blocks
-    assert cpu_kernels.gguf_row_bytes(int(T.IQ4_NL), 64) is None  # a type the C unit lacks
+    assert cpu_kernels.gguf_row_bytes(int(T.IQ2_XXS), 256) is None  # a type the C unit lacks
     assert cpu_kernels.gguf_matmul(torch.randn(2, 64), raw, int(T.Q4_0), 64) is None  # bytes per row differ
     assert cpu_kernels.gguf_matmul(torch.randn(2, 64).double(), raw, int(T.Q8_0), 64) is None
 
@@ -219,7 +220,7 @@ def check_products_round_like_llama_cpp(native_model) -> list[str]:
     and over several layers such one-step flips compound.)"""
     from gemmakit.quant import GGUFLinear
 
-    q8_k, q8_1 = {10, 11, 12, 13, 14, 23}, {3, 7}
+    q8_k, q8_1 = {10, 11, 12, 13, 14, 23}, {3, 7}  # the rest (Q4_0, Q5_0, Q8_0, IQ4_NL): Q8_0
     checked = []
 
     def check(module, args, out):

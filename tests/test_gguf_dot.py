@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C co
 T = GGMLQuantizationType
 Q8_0, Q8_1, Q8_K = 8, 9, 15
 # llama.cpp's ggml-cpu.c type_traits_cpu[type].vec_dot_type
-ACTIVATION = {T.Q4_0: Q8_0, T.Q5_0: Q8_0, T.Q8_0: Q8_0, T.Q4_1: Q8_1, T.Q5_1: Q8_1}
+ACTIVATION = {T.Q4_0: Q8_0, T.Q5_0: Q8_0, T.Q8_0: Q8_0, T.IQ4_NL: Q8_0, T.Q4_1: Q8_1, T.Q5_1: Q8_1}
 # the fp16 min of each block of Q4_1 / Q5_1 sits after d (ggml-common.h block_q4_1)
 HAS_BLOCK_MIN = (T.Q4_1, T.Q5_1)
 

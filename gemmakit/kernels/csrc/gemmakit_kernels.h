@@ -107,7 +107,7 @@ GEMMAKIT_API void geglu_backward(const void *grad, const void *gate, const void 
 /* NF4 weight over the 64-value blocks [lo, hi) of n values (nf4.c) */
 GEMMAKIT_API void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, void *out, int64_t n,
                                  int64_t lo, int64_t hi, int64_t bf16);
-/* GGUF block types (ggml type ids 2, 3, 6, 7, 8, 10-14) over the raw blocks w of a (n, k)
+/* GGUF block types (ggml type ids 2, 3, 6, 7, 8, 10-14, 20, 23) over the raw blocks w of a (n, k)
  * matrix (gguf_blocks.c): bytes per row (-1 for a type or k it does not take); rows [lo, hi)
  * as floats (out: (hi - lo, k)), bit for bit the gguf package's dequantize; rows ids[lo..hi)
  * into out rows [lo, hi) (out: (len(ids), k)); y[n] = row n . x for rows [lo, hi); and

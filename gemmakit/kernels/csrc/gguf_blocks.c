@@ -1,7 +1,7 @@
 /* GGUF block types executed as they are stored: dequantization of rows, the mat-vec of the
  * decode step and a multi-row product, over the raw block bytes of a (n, k) matrix as the
  * file holds them (ggml type ids: Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11,
- * Q4_K 12, Q5_K 13, Q6_K 14).
+ * Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23).
  *
  * Block layouts and value formulas are llama.cpp's (ggml/src/ggml-common.h block_q*,
  * ggml-quants.c dequantize_row_q*), as the `gguf` package's numpy dequantizers
@@ -181,6 +181,32 @@ static void block_q6_k(const uint8_t *b, float *out) {
             }
 }
 
+/* IQ4_NL: d, qs[16]; value j is the table entry of nibble j%16 (low for j < 16) of qs[j%16] */
+static void block_iq4_nl(const uint8_t *b, float *out) {
+    const float d = half_to_float(b);
+    for (int j = 0; j < 16; j++) {
+        out[j] = d * (float)IQ4NL_VALUES[b[2 + j] & 0xF];
+        out[j + 16] = d * (float)IQ4NL_VALUES[b[2 + j] >> 4];
+    }
+}
+
+/* IQ4_XS: d, scales_h, scales_l[4], qs[128]: sub-block ib (32 values) has scale d * (ls - 32),
+ * ls six bits (low nibble ib%2 of scales_l[ib/2], high bits 2ib of scales_h), and its values
+ * as IQ4_NL's (gguf/quants.py IQ4_XS: dl = d * scale, then dl * value) */
+static void block_iq4_xs(const uint8_t *b, float *out) {
+    const float d = half_to_float(b);
+    const unsigned scales_h = (unsigned)(b[2] | b[3] << 8);
+    for (int ib = 0; ib < 8; ib++) {
+        const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4);
+        const float dl = d * (float)(ls - 32);
+        const uint8_t *qs = b + 8 + 16 * ib;
+        for (int j = 0; j < 16; j++) {
+            out[32 * ib + j] = dl * (float)IQ4NL_VALUES[qs[j] & 0xF];
+            out[32 * ib + j + 16] = dl * (float)IQ4NL_VALUES[qs[j] >> 4];
+        }
+    }
+}
+
 typedef void (*BlockFn)(const uint8_t *, float *);
 
 typedef struct {
@@ -195,6 +221,7 @@ static const BlockType *block_type(int64_t type) {
     static const BlockType q8_0 = {block_q8_0, QK, 34}, q2_k = {block_q2_k, QKK, 84};
     static const BlockType q3_k = {block_q3_k, QKK, 110}, q4_k = {block_q4_k, QKK, 144};
     static const BlockType q5_k = {block_q5_k, QKK, 176}, q6_k = {block_q6_k, QKK, 210};
+    static const BlockType iq4_nl = {block_iq4_nl, QK, 18}, iq4_xs = {block_iq4_xs, QKK, 136};
     switch (type) {
     case 2: return &q4_0;
     case 3: return &q4_1;
@@ -206,6 +233,8 @@ static const BlockType *block_type(int64_t type) {
     case 12: return &q4_k;
     case 13: return &q5_k;
     case 14: return &q6_k;
+    case 20: return &iq4_nl;
+    case 23: return &iq4_xs;
     default: return NULL;
     }
 }
