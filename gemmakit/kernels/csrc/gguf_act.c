@@ -33,11 +33,11 @@ int64_t gguf_act_type(int64_t weight_type) {
     }
 }
 
-/* q, then d and s per 32 values (Q8_K uses d per 256), then bsums per 16, 64-byte aligned */
+/* q, xu, then d and s per 32 values (Q8_K uses d per 256), then bsums per 16, 64-byte aligned */
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 int64_t act_rows_bytes(int64_t rows, int64_t k) {
-    return align64(rows * k) + 2 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
+    return 2 * align64(rows * k) + 2 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
            align64(rows * (k / 16) * (int64_t)sizeof(int16_t));
 }
 
@@ -45,6 +45,8 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     uint8_t *p = (uint8_t *)buffer;
     a->type = type, a->rows = rows, a->k = k;
     a->q = (int8_t *)p;
+    p += align64(rows * k);
+    a->xu = p;
     p += align64(rows * k);
     a->d = (float *)p;
     p += align64(rows * (k / QK) * (int64_t)sizeof(float));
@@ -103,6 +105,7 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL);
+        for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)(q[i] + 128);
     }
 }
 

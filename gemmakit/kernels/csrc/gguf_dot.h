@@ -88,12 +88,14 @@ static inline __m256i high_bits32(const uint8_t *p) {
 
 #endif
 
-/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k. Per block of 32 (Q8_0, Q8_1): d the fp16
+/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k (and the same values
+ * plus 128 at xu: the unsigned operand of AVX-512 VNNI's vpdpbusd). Per block of 32 (Q8_0, Q8_1): d the fp16
  * scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256 (Q8_K): d the float scale
  * and bsums the sums of q over each 16 values. */
 typedef struct {
     int64_t type, rows, k;
     int8_t *q;
+    uint8_t *xu;
     float *d, *s;
     int16_t *bsums;
 } ActRows;
