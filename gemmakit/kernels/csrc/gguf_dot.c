@@ -242,6 +242,50 @@ static int fused_b32(int64_t type, const uint8_t *w, int64_t nb, const ActRows *
     default: return 0;
     }
 }
+
+/* out[i * n] = the unpacked super-block row w . activation row r0 + i for i < NR: each 32
+ * values' |w| and scales loaded once for NR rows; the float order is dot_k256's */
+ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
+                             int64_t n) {
+    const int64_t k = a->k;
+    __m256 acc[B32_MAX_NR];
+    float min_sum[B32_MAX_NR];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i l[B32_MAX_NR];
+        for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const int64_t chunk = 8 * b + c;
+            const __m256i v = LOAD32(w->q + chunk * QK), abs_v = _mm256_sign_epi8(v, v);
+            const __m256i scales = _mm256_load_si256((const __m256i *)(w->pair_scales + 16 * chunk));
+            for (int i = 0; i < NR; i++) {
+                const __m256i sx = _mm256_sign_epi8(LOAD32(a->q + (r0 + i) * k + chunk * QK), v);
+                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(_mm256_maddubs_epi16(abs_v, sx), scales));
+            }
+        }
+        for (int i = 0; i < NR; i++) {
+            const float xd = a->d[(r0 + i) * (k / QK) + b];
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * w->d[b]), _mm256_cvtepi32_ps(l[i]), acc[i]);
+            if (w->has_min) {
+                const int32_t summ = k_min_sum(w->mn + b * 16, a->bsums + (r0 + i) * (k / 16) + b * 16);
+                min_sum[i] = fmaf(xd * w->m[b], (float)summ, min_sum[i]);
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
+}
+
+/* the unpacked super-block row w against every row of a, into y[r * n] */
+static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int64_t n) {
+    int64_t r = 0;
+    for (; r + B32_MAX_NR <= a->rows; r += B32_MAX_NR) k256_tile(w, nb, a, r, B32_MAX_NR, y + r * n, n);
+    for (; r + 4 <= a->rows; r += 4) k256_tile(w, nb, a, r, 4, y + r * n, n);
+    switch (a->rows - r) {
+    case 3: k256_tile(w, nb, a, r, 3, y + r * n, n); break;
+    case 2: k256_tile(w, nb, a, r, 2, y + r * n, n); break;
+    case 1: k256_tile(w, nb, a, r, 1, y + r * n, n); break;
+    }
+}
 #endif
 
 /* --- rows of activations against rows of weights ----------------------------------------- */
@@ -259,6 +303,12 @@ static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *
     wrow_init(&row, k, buffer);
     for (int64_t o = lo; o < hi; o++) {
         unpack_row(type, (const uint8_t *)w + o * rb, k, &row);
+#ifdef DOT_AVX2
+        if (K) {
+            k256_rows(&row, nb, a, y + o, n);
+            continue;
+        }
+#endif
         for (int64_t r = 0; r < a->rows; r++) {
             const int8_t *xq = a->q + r * k;
             const float *xd = a->d + r * (k / QK);
