@@ -11,8 +11,8 @@
  *    largest magnitude, with its sign; iscale = -127 / max; q = min(127, nearest_int(iscale *
  *    x)) (nearest_int: ties to even); d = 1 / iscale, so d has the opposite sign of max; an
  *    all-zero block has d = 0 and zero values; bsums[j] = sum of q over values 16j..16j+15.
- * Every step is one float operation in a fixed order, so this scalar code (which the
- * compiler may vectorize) gives llama.cpp's bytes in every build.
+ * Every step is one float operation, so the AVX2 loops (llama.cpp's own instructions) and the
+ * scalar ones give llama.cpp's bytes alike.
  */
 #include <stdlib.h>
 
@@ -55,36 +55,69 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     a->bsums = (int16_t *)p;
 }
 
-/* one block of 32 as Q8_0 (s NULL) or Q8_1 */
-static void quantize_q8_32(const float *x, int8_t *q, float *d, float *s) {
+/* the largest |x| of n values (a multiple of 32): exact in any order */
+static float max_abs(const float *x, int n) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#else
     float amax = 0.f;
-    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-    const float scale = amax / 127.f, inverse = amax != 0.f ? 127.f / amax : 0.f;
+    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+#endif
+}
+
+/* q[j] = x[j] * scale rounded to the nearest integer, ties to even (_mm256_round_ps), and
+ * saturated to int8 (vpackssdw / vpacksswb), for 32 values; returns their sum */
+static int round32(const float *x, float scale, int8_t *q) {
+#if defined(__AVX2__)
+    const __m256 m = _mm256_set1_ps(scale);
+    __m256i i[4];
+    for (int t = 0; t < 4; t++)
+        i[t] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * t), m),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+#else
     int sum = 0;
     for (int j = 0; j < QK; j++) {
-        const float v = nearbyintf(x[j] * inverse); /* ties to even, as _mm256_round_ps */
-        q[j] = (int8_t)(v > 127.f ? 127 : v < -128.f ? -128 : (int)v); /* packs saturate */
+        const float v = nearbyintf(x[j] * scale); /* ties to even in the default rounding mode */
+        q[j] = (int8_t)(v > 127.f ? 127 : v < -128.f ? -128 : (int)v);
         sum += q[j];
     }
+    return sum;
+#endif
+}
+
+/* one block of 32 as Q8_0 (s NULL) or Q8_1 */
+static void quantize_q8_32(const float *x, int8_t *q, float *d, float *s) {
+    const float amax = max_abs(x, QK);
+    const float scale = amax / 127.f, inverse = amax != 0.f ? 127.f / amax : 0.f;
+    const int sum = round32(x, inverse, q); /* no value exceeds 127 in magnitude: the sum is q's */
     *d = round_to_half(scale);
     if (s) *s = round_to_half(scale * (float)sum);
 }
 
 static void quantize_q8_k(const float *x, int8_t *q, float *d, int16_t *bsums) {
-    float amax = 0.f, max = 0.f;
-    for (int j = 0; j < QKK; j++)
-        if (fabsf(x[j]) > amax) amax = fabsf(x[j]), max = x[j];
+    const float amax = max_abs(x, QKK);
     if (amax == 0.f) {
         *d = 0.f;
         memset(q, 0, QKK);
         memset(bsums, 0, QKK / 16 * sizeof(int16_t));
         return;
     }
-    const float iscale = -127.f / max;
-    for (int j = 0; j < QKK; j++) {
-        const int v = (int)nearbyintf(iscale * x[j]);
-        q[j] = (int8_t)(v > 127 ? 127 : v);
-    }
+    int first = 0; /* the first value of that magnitude gives the sign */
+    while (first < QKK - 1 && fabsf(x[first]) != amax) first++; /* (a NaN matches none) */
+    const float iscale = -127.f / x[first];
+    for (int c = 0; c < QKK / QK; c++) round32(x + c * QK, iscale, q + c * QK); /* |q| <= 127: min(127, v) */
     for (int g = 0; g < QKK / 16; g++) {
         int sum = 0;
         for (int j = 0; j < 16; j++) sum += q[g * 16 + j];
@@ -105,7 +138,7 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL);
-        for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)(q[i] + 128);
+        for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)q[i] ^ 0x80; /* q + 128 */
     }
 }
 
