@@ -138,9 +138,11 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(ggml_type):
     block = GGML_QUANT_SIZES[ggml_type][0]
     k = block * 8 if block == 32 else block * 2
     raw = torch.from_numpy(random_blocks(ggml_type, 23, k, seed=4))
-    x = torch.randn(9, k, generator=torch.Generator().manual_seed(5))
+    # 40 rows: tiles of 8, 4 and fewer, and (from 16 rows on) blocks unpacked once per call
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(5))
     together = cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)
-    for r in (0, 4, 8):
+    assert torch.equal(cpu_kernels.gguf_matmul(x[:9], raw, int(ggml_type), k), together[:9])
+    for r in (0, 4, 8, 39):
         alone = cpu_kernels.gguf_matmul(x[r : r + 1], raw, int(ggml_type), k)
         assert torch.equal(alone[0], together[r])
     lib = cpu_kernels.library()

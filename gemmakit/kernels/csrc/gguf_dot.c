@@ -159,17 +159,19 @@ static inline __m256i values_iq4_nl(const uint8_t *p) {
 #define B32_MAX_NR 4 /* 8 of 16 */
 #endif
 #ifdef B32_VNNI
-#define B32_START(start, v)                                                                          \
+#define B32_START(start, v, p)                                                                       \
     start = _mm256_sub_epi32(_mm256_setzero_si256(),                                                 \
                              _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), v))
 #define B32_LOAD_X(a, at) LOAD32((a)->xu + (at))
 #define B32_LANES(start, x, v) _mm256_dpbusd_epi32(start, x, v)
 #else
-#define B32_START(start, v) start = _mm256_sign_epi8(v, v) /* |v| */
+#define B32_START(start, v, p) start = _mm256_sign_epi8(v, v) /* |v| */
 #define B32_LOAD_X(a, at) LOAD32((a)->q + (at))
 #define B32_LANES(start, x, v) lanes(start, _mm256_sign_epi8(x, v))
 #endif
-#define B32_TILE(name, VALUES, BYTES, HAS_MIN)                                                        \
+#define B32_TILE(name, VALUES, BYTES, HAS_MIN) B32_TILE_FROM(name, VALUES, B32_START, half_to_float, BYTES, HAS_MIN)
+/* START_OF(start, v, p): the lanes' starting values of block p; SCALE_OF(p): its float d */
+#define B32_TILE_FROM(name, VALUES, START_OF, SCALE_OF, BYTES, HAS_MIN)                              \
     ALWAYS_INLINE void name##_tile(const uint8_t *row, int64_t rb, int64_t nb, const ActRows *a, int64_t r0, \
                                    const int NW, const int NR, float *out, int64_t n) {              \
         __m256 acc[2][B32_MAX_NR];                                                                   \
@@ -184,8 +186,8 @@ static inline __m256i values_iq4_nl(const uint8_t *p) {
             for (int j = 0; j < NW; j++) {                                                           \
                 const uint8_t *p = row + j * rb + b * BYTES;                                         \
                 v[j] = VALUES(p);                                                                    \
-                B32_START(start[j], v[j]);                                                           \
-                d[j] = _mm256_set1_ps(half_to_float(p)), m[j] = HAS_MIN ? half_to_float(p + 2) : 0.f; \
+                START_OF(start[j], v[j], p);                                                         \
+                d[j] = _mm256_set1_ps(SCALE_OF(p)), m[j] = HAS_MIN ? half_to_float(p + 2) : 0.f;     \
             }                                                                                        \
             for (int i = 0; i < NR; i++) {                                                           \
                 const int64_t r = r0 + i;                                                            \
@@ -228,6 +230,43 @@ B32_TILE(fused_q5_0, values_q5_0, 22, 0)
 B32_TILE(fused_q5_1, values_q5_1, 24, 1)
 B32_TILE(fused_q8_0, values_q8_0, 34, 0)
 B32_TILE(fused_iq4_nl, values_iq4_nl, 18, 0)
+
+/* Blocks unpacked once for many activation rows: per block its 32 values, its lanes' start
+ * (B32_START) and its float d, 68 bytes; the product then reads them instead of assembling
+ * each block once per tile of activation rows (Q4_0, Q5_0, IQ4_NL, which assemble their
+ * values from nibbles and bits; blocks with a min, and Q8_0, read the file's blocks) */
+enum { UNPACKED_BYTES = 68 };
+#define UNPACKED_VALUES(p) LOAD32(p)
+#define UNPACKED_START(start, v, p) start = LOAD32((p) + 32)
+static inline float unpacked_scale(const uint8_t *p) {
+    float d;
+    memcpy(&d, p + 64, sizeof d);
+    return d;
+}
+B32_TILE_FROM(fused_unpacked, UNPACKED_VALUES, UNPACKED_START, unpacked_scale, UNPACKED_BYTES, 0)
+
+#define UNPACK_INTO(VALUES)                                                                          \
+    for (int64_t b = 0; b < nb * rows; b++) {                                                        \
+        const uint8_t *p = w + b * bb;                                                               \
+        uint8_t *u = out + b * UNPACKED_BYTES;                                                       \
+        const __m256i v = VALUES(p);                                                                 \
+        __m256i start;                                                                               \
+        B32_START(start, v, p);                                                                      \
+        const float d = half_to_float(p);                                                            \
+        _mm256_storeu_si256((__m256i *)u, v), _mm256_storeu_si256((__m256i *)(u + 32), start);       \
+        memcpy(u + 64, &d, sizeof d);                                                                \
+    }
+
+/* `rows` weight rows of nb blocks (bb bytes each) of type Q4_0, Q5_0 or IQ4_NL unpacked into
+ * out; 0 for another type */
+static int unpack_b32_rows(int64_t type, const uint8_t *w, int64_t nb, int64_t bb, int64_t rows, uint8_t *out) {
+    switch (type) {
+    case 2: UNPACK_INTO(values_q4_0) return 1;
+    case 6: UNPACK_INTO(values_q5_0) return 1;
+    case 20: UNPACK_INTO(values_iq4_nl) return 1;
+    default: return 0;
+    }
+}
 
 /* the fused product of a block-of-32 type: 1, or 0 for another type */
 static int fused_b32(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
@@ -290,11 +329,24 @@ static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int
 
 /* --- rows of activations against rows of weights ----------------------------------------- */
 
+/* From this many activation rows on, blocks of 32 that assemble their values are unpacked
+ * once per call (fused_unpacked) */
+enum { UNPACK_ROWS = 16 };
+
 /* rows [lo, hi) of w against every row of a */
 static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi) {
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type), K = a->type == ACT_Q8_K;
     const int64_t nb = k / (K ? QKK : QK), rb = nb * bb;
 #ifdef DOT_AVX2
+    if (!K && a->rows >= UNPACK_ROWS) { /* many activation rows: each block assembled once */
+        uint8_t *unpacked = malloc((size_t)((hi - lo) * nb * UNPACKED_BYTES));
+        if (unpacked && unpack_b32_rows(type, (const uint8_t *)w + lo * rb, nb, bb, hi - lo, unpacked)) {
+            fused_unpacked(unpacked, nb, a, y + lo, n, 0, hi - lo);
+            free(unpacked);
+            return;
+        }
+        free(unpacked);
+    }
     if (fused_b32(type, (const uint8_t *)w, nb, a, y, n, lo, hi)) return;
 #endif
     void *buffer = malloc((size_t)wrow_bytes(k));
