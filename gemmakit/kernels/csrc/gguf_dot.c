@@ -33,6 +33,7 @@
 #pragma GCC optimize("fp-contract=off") /* the float order above, in every build */
 
 enum { QK = 32, QKK = 256 };
+enum { UNPACKED_BYTES = 68 }; /* a block of 32 unpacked for many rows: values, lanes' start, d */
 
 /* --- the lane sums of 32 products, and the fixed float accumulation --------------------- */
 
@@ -235,7 +236,6 @@ B32_TILE(fused_iq4_nl, values_iq4_nl, 18, 0)
  * (B32_START) and its float d, 68 bytes; the product then reads them instead of assembling
  * each block once per tile of activation rows (Q4_0, Q5_0, IQ4_NL, which assemble their
  * values from nibbles and bits; blocks with a min, and Q8_0, read the file's blocks) */
-enum { UNPACKED_BYTES = 68 };
 #define UNPACKED_VALUES(p) LOAD32(p)
 #define UNPACKED_START(start, v, p) start = LOAD32((p) + 32)
 static inline float unpacked_scale(const uint8_t *p) {
@@ -260,6 +260,7 @@ B32_TILE_FROM(fused_unpacked, UNPACKED_VALUES, UNPACKED_START, unpacked_scale, U
 /* `rows` weight rows of nb blocks (bb bytes each) of type Q4_0, Q5_0 or IQ4_NL unpacked into
  * out; 0 for another type */
 static int unpack_b32_rows(int64_t type, const uint8_t *w, int64_t nb, int64_t bb, int64_t rows, uint8_t *out) {
+    /* (out: rows * nb * UNPACKED_BYTES) */
     switch (type) {
     case 2: UNPACK_INTO(values_q4_0) return 1;
     case 6: UNPACK_INTO(values_q5_0) return 1;
@@ -334,25 +335,23 @@ static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int
 enum { UNPACK_ROWS = 16 };
 
 /* rows [lo, hi) of w against every row of a */
-static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi) {
+static int unpacks_b32(int64_t type) { return type == 2 || type == 6 || type == 20; }
+
+/* rows [lo, hi) of w against every row of a; scratch: the bytes gguf_dot_rows sizes for it */
+static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi,
+                         uint8_t *scratch) {
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type), K = a->type == ACT_Q8_K;
     const int64_t nb = k / (K ? QKK : QK), rb = nb * bb;
 #ifdef DOT_AVX2
-    if (!K && a->rows >= UNPACK_ROWS) { /* many activation rows: each block assembled once */
-        uint8_t *unpacked = malloc((size_t)((hi - lo) * nb * UNPACKED_BYTES));
-        if (unpacked && unpack_b32_rows(type, (const uint8_t *)w + lo * rb, nb, bb, hi - lo, unpacked)) {
-            fused_unpacked(unpacked, nb, a, y + lo, n, 0, hi - lo);
-            free(unpacked);
-            return;
-        }
-        free(unpacked);
+    if (unpacks_b32(type) && a->rows >= UNPACK_ROWS) { /* many activation rows: each block assembled once */
+        unpack_b32_rows(type, (const uint8_t *)w + lo * rb, nb, bb, hi - lo, scratch);
+        fused_unpacked(scratch, nb, a, y + lo, n, 0, hi - lo);
+        return;
     }
     if (fused_b32(type, (const uint8_t *)w, nb, a, y, n, lo, hi)) return;
 #endif
-    void *buffer = malloc((size_t)wrow_bytes(k));
-    if (!buffer) return;
     WRow row;
-    wrow_init(&row, k, buffer);
+    wrow_init(&row, k, scratch);
     for (int64_t o = lo; o < hi; o++) {
         unpack_row(type, (const uint8_t *)w + o * rb, k, &row);
 #ifdef DOT_AVX2
@@ -368,7 +367,6 @@ static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *
                              : dot_b32(&row, xq, xd, a->s + r * (k / QK), nb);
         }
     }
-    free(buffer);
 }
 
 /* The product in tiles of ROWS_PER_PASS activation rows x COLS_PER_TILE weight rows, each
@@ -383,7 +381,10 @@ enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 };
 void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi) {
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type);
     if (bb < 0 || gguf_act_type(type) != a->type) return;
-    const int64_t rb = k / (a->type == ACT_Q8_K ? QKK : QK) * bb;
+    const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb;
+    const int64_t unpacked = COLS_PER_TILE * nb * UNPACKED_BYTES, row = wrow_bytes(k);
+    uint8_t *scratch = malloc((size_t)(unpacked > row ? unpacked : row));
+    if (!scratch) return;
     float tile[ROWS_PER_PASS * COLS_PER_TILE];
     for (int64_t r0 = 0; r0 < a->rows; r0 += ROWS_PER_PASS) {
         ActRows part = *a; /* rows [r0, r0 + pass) of a: each row's result is its own */
@@ -392,11 +393,12 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
         part.bsums += r0 * (k / 16);
         for (int64_t o0 = lo; o0 < hi; o0 += COLS_PER_TILE) {
             const int64_t cols = hi - o0 < COLS_PER_TILE ? hi - o0 : COLS_PER_TILE;
-            dot_rows_all(type, (const uint8_t *)w + o0 * rb, cols, &part, tile, 0, cols);
+            dot_rows_all(type, (const uint8_t *)w + o0 * rb, cols, &part, tile, 0, cols, scratch);
             for (int64_t r = 0; r < part.rows; r++)
                 memcpy(y + (r0 + r) * n + o0, tile + r * cols, (size_t)cols * sizeof(float));
         }
     }
+    free(scratch);
 }
 
 /* x (rows, k) rounded once into 8-bit blocks, then output columns split over threads */
