@@ -263,18 +263,18 @@ def count_passes(engine: Engine) -> list[tuple[int, int]]:
 
 
 def test_prompts_arriving_together_prefill_in_shared_passes_with_their_own_tokens(model):
-    """Five prompts at once: chunks within RING_SLACK of each other share a forward pass
-    (padded to the longest), the others get their own; every row's tokens equal its own
-    generation (prompts longer than the window and its ring: sliding layers included)."""
-    lengths = [3, 17, 40, 9, 26]
+    """Six prompts at once: chunks of one length share a forward pass, the others get their
+    own; every row's tokens equal its own generation (prompts longer than the window and its
+    ring: sliding layers included)."""
+    lengths = [3, 17, 40, 9, 17, 40]
     prompts = [prompt(n, 20 + seed) for seed, n in enumerate(lengths)]
-    engine = Engine(model, slots=5, capacity=64)
+    engine = Engine(model, slots=6, capacity=64)
     passes = count_passes(engine)
     requests = [Request(p, GREEDY) for p in prompts]
     run(engine, requests)
     assert [r.output_ids for r in requests] == [alone(model, p) for p in prompts]
     prefill = [p for p in passes if p[1] > 1]
-    assert sorted(prefill) == [(2, 40), (3, 17)]  # {40, 26} and {17, 9, 3}
+    assert sorted(prefill) == [(1, 3), (1, 9), (2, 17), (2, 40)]
 
 
 def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
@@ -298,23 +298,6 @@ def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
     assert engine.free_slots == 3
 
 
-def test_prefix_reuse_sees_the_padding_a_shared_prefill_wrote(model):
-    """A 10-token prompt padded to 26 in a shared pass (one token wanted: it never decodes)
-    leaves keys at positions 10..25; a sliding ring of window 4 + RING_SLACK then no longer
-    holds the window before position 8, so a prompt sharing 8 tokens is prefilled whole."""
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    short, long = Request(prompt(10, 40), one), Request(prompt(26, 41), one)
-    engine = Engine(model, slots=2, capacity=64)
-    passes = count_passes(engine)
-    run(engine, [short, long])
-    assert passes == [(2, 26)]
-    second = Request(short.prompt_ids[:8] + prompt(5, 42), GREEDY)
-    seq = engine.add(second)
-    run(engine, [])
-    assert seq.reused == (0 if SLIDING in model.config.layer_types else 8)
-    assert second.output_ids == alone(model, second.prompt_ids)
-
-
 def test_later_rows_join_a_prefill_step_only_with_their_whole_prompt(model):
     """Budget 50: the oldest row takes its 35 tokens, a 20-token prompt waits (15 left)
     rather than prefill a stub of it, a 9-token one behind it fits whole."""
@@ -326,3 +309,32 @@ def test_later_rows_join_a_prefill_step_only_with_their_whole_prompt(model):
     run(engine, [])
     for h in handles:
         assert h.request.output_ids == alone(model, h.request.prompt_ids)
+
+
+def test_the_bundled_gguf_gives_each_prompt_of_a_burst_its_own_tokens():
+    """On the GGUF's own block types (8-bit activation products, where a last-bit difference
+    grows into other logits): prompts prefilled together, two of one length in one pass, get
+    the logits and greedy tokens each gets alone."""
+    from gemmakit.loading import load
+
+    loaded = load()
+    texts = ["What is the capital of France?", "Name a prime number.", "Name an even number.", "Hi"]
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def generate(batch):
+        engine = Engine(loaded.model, slots=4, capacity=128)
+        firsts, sample = {}, engine._sample
+        engine._sample = lambda seqs, logits: (
+            firsts.setdefault("logits", {id(s.request): logits[i].clone() for i, s in enumerate(seqs)}),
+            sample(seqs, logits),
+        )[1]
+        requests = [Request(p, params, loaded.stop_ids) for p in batch]
+        run(engine, requests)
+        return [r.output_ids for r in requests], [firsts["logits"][id(r)] for r in requests]
+
+    together, logits = generate(prompts)
+    assert len({len(p) for p in prompts}) < len(prompts)  # a pass of two rows
+    for i, p in enumerate(prompts):
+        tokens, (alone_logits,) = generate([p])
+        assert together[i] == tokens[0] and torch.equal(logits[i], alone_logits)

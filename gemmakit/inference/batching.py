@@ -50,9 +50,8 @@ class Sequence:
     """A request in the engine: its slot, how far its prompt is prefilled, and its limits.
 
     `held` counts the tokens whose keys and values are in the slot (prompt, then fed output
-    tokens); `written` the positions [0, written) the slot has had keys written to, which
-    runs up to RING_SLACK past `held` after a prefill chunk padded to its group's width
-    (`Engine._prefill`); `reused` the prompt tokens a cached prefix saved; `error` the
+    tokens); `written` the positions [0, written) the slot has had keys written to (at
+    least `held`; a row that fed more than it keeps writes past it); `reused` the prompt tokens a cached prefix saved; `error` the
     exception that ended the row (finish reason "error").
     """
 
@@ -249,18 +248,18 @@ class Engine:
         """Prefills up to `prefill_chunk` prompt tokens: the oldest admitted row's next chunk,
         then the whole remaining prompts of later rows that fit.
 
-        The chunks of several rows run as one forward pass (`_groups`), each row at its own
-        slot and positions: a burst of short chat prompts costs one pass over the weights, not
-        one per prompt (each pass dequantizes every GGUF matrix once, ~0.1 s on the 270M model
-        however few its tokens). A row whose forward pass fails ends alone: a failing group is
-        run again row by row. The rows whose prompt is done sample their first token together.
+        The chunks of one length of several rows run as one forward pass (`_groups`), each
+        row at its own slot and positions, reading the weights once for all. A row whose
+        forward pass fails ends alone: a failing group is run again row by row. The rows
+        whose prompt is done go through the output head and sample their first token
+        together. A prompt is cut into the same chunks whatever runs beside it.
         """
         chunks, budget = [], self.prefill_chunk
         for seq in [s for s in self.running if s.prefilling]:
             left = len(seq.request.prompt_ids) - seq.held
             # The oldest row takes what the budget allows; a later one joins only with the
             # rest of its prompt: a few tokens cut off to fill the budget would cost a pass of
-            # their own (too short to pad into the others' pass) and give no first token.
+            # their own and give no first token.
             if chunks and left > budget:
                 continue
             n = min(budget, left)
@@ -281,51 +280,41 @@ class Engine:
                         done += self._prefill_group([chunk])
                     except Exception as e:  # noqa: BLE001
                         events.append(self._fail(chunk[0], e))
-        seqs, logits = [], []
-        for seq, hidden in done:
-            # One row at a time through the output head: its logits are then those it gets
-            # alone (the GGUF head's product depends on its row count: 1 row, up to 8 in C,
-            # more dequantized for torch's matmul), at no more cost on the CPU (16 rows, one
-            # thread: 186 ms one by one, 176 ms in two 8-row calls, 412 ms in one call).
+        if done:
+            seqs = [seq for seq, _ in done]
             try:
-                multi.select_rows(self.model, [seq.request.adapter])
-                logits.append(self.model.logits(hidden[None])[0])
-                seqs.append(seq)
-            except Exception as e:  # noqa: BLE001 - this row's head, not the batch's
-                events.append(self._fail(seq, e))
-        if seqs:
-            events += self._sample(seqs, torch.stack(logits))
+                # The rows whose prompt ended go through the output head together: the GGUF
+                # head's product (8-bit activations, ops/gguf_linear.py) gives each row what
+                # it gives that row alone, and 16 rows cost 65 ms of one thread's CPU against
+                # 144 ms one by one (bundled model, loaded machine).
+                multi.select_rows(self.model, [seq.request.adapter for seq in seqs])
+                logits = self.model.logits(torch.stack([h for _, h in done]))
+            except Exception as e:  # noqa: BLE001 - reported to the rows whose prompt ended
+                return events + [self._fail(seq, e) for seq in seqs]
+            events += self._sample(seqs, logits)
         return events
 
     def _groups(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """The (row, tokens) chunks of a step cut into forward passes, longest first.
+        """The (row, tokens) chunks of a step cut into forward passes: the chunks of one length
+        share a pass (B, T), longest first.
 
-        A pass is (B, T) with T its longest chunk; a shorter chunk is padded at its end, and
-        the padding's keys land at positions past the row's prompt. A later query of that row
-        reads them only after writing its own keys over them, with one exception: a sliding
-        ring of window + RING_SLACK positions, where a key written at p + cap sits in the
-        index the masks take for position p. Padding by at most RING_SLACK keeps every such
-        key outside the window of the row's next query (slot_cache.py's bound for one step's
-        writes), and `Sequence.written` keeps it out of prefix reuse. A row whose padded end
-        would pass its slot's capacity runs alone.
+        Chunks of other lengths are not padded into one pass: a row's hidden states must not
+        depend on the pass it ran in, and with the GGUF products' 8-bit activations
+        (ops/gguf_linear.py) the last-bit differences of another width (attention's kernel
+        and its blocking change with T) grow through the layers into other logits (bundled
+        model, 15 tokens alone against the same 15 padded to 20: logits 0.9 apart, another
+        argmax). Rows of one width in one pass get what they get alone.
         """
-        groups: list[list[tuple[Sequence, int]]] = []
+        groups: dict[int, list[tuple[Sequence, int]]] = {}
         for seq, n in sorted(chunks, key=lambda c: -c[1]):
-            g = groups[-1] if groups else None
-            if g is not None and g[0][1] - n <= RING_SLACK and seq.held + g[0][1] <= self.capacity:
-                g.append((seq, n))
-            else:
-                groups.append([(seq, n)])
-        return groups
+            groups.setdefault(n, []).append((seq, n))
+        return list(groups.values())
 
     def _prefill_group(self, group: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """One forward pass over the group's chunks; returns (row, hidden state of its last
         prompt token) for the rows whose prompt it finished."""
         width = group[0][1]
-        rows = []
-        for seq, n in group:
-            tokens = seq.request.prompt_ids[seq.held : seq.held + n]
-            rows.append(tokens + [tokens[-1]] * (width - n))  # padding: any token id will do
+        rows = [seq.request.prompt_ids[seq.held : seq.held + width] for seq, _ in group]
         ids = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         slots, starts = [seq.slot for seq, _ in group], [seq.held for seq, _ in group]
         hidden = self._forward_rows(ids, slots, starts, [seq.request.adapter for seq, _ in group])
