@@ -8,8 +8,8 @@ positions, so a request admitted while others decode needs no re-alignment of th
 2. admits waiting requests into free slots, reusing the longest cached prefix it can,
 3. prefills admitted prompts, at most `prefill_chunk` prompt tokens per step (so a long
    prompt neither stalls the running rows nor holds memory beyond one chunk's activations,
-   and a cancelled one stops between chunks), the chunks of several rows in one forward
-   pass, sampling a row's first token when its prompt is done,
+   and a cancelled one stops between chunks), the chunks of one length of several rows in
+   one forward pass, sampling a row's first token when its prompt is done,
 4. decodes one token for every running row together (the batched C step when
    `c_decode.batch_decoder` gives one, else the torch model over the slot cache),
 5. frees the slots of rows that finished, at once.
@@ -50,16 +50,14 @@ class Sequence:
     """A request in the engine: its slot, how far its prompt is prefilled, and its limits.
 
     `held` counts the tokens whose keys and values are in the slot (prompt, then fed output
-    tokens); `written` the positions [0, written) the slot has had keys written to (at
-    least `held`; a row that fed more than it keeps writes past it); `reused` the prompt tokens a cached prefix saved; `error` the
-    exception that ended the row (finish reason "error").
+    tokens); `reused` the prompt tokens a cached prefix saved; `error` the exception that
+    ended the row (finish reason "error").
     """
 
     request: Request
     limit: int
     slot: int | None = None
     held: int = 0
-    written: int = 0
     reused: int = 0
     error: Exception | None = None
     admitted_at: float | None = None
@@ -114,10 +112,9 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         # Free slots, least recently used first, each with the LoRA adapter its cache was
-        # computed under, the tokens it still holds (keys and values depend on both) and how
-        # many positions were written to it (`Sequence.written`).
-        self._free: collections.OrderedDict[int, tuple[str | None, list[int], int]] = collections.OrderedDict(
-            (s, (None, [], 0)) for s in range(slots)
+        # computed under and the tokens it still holds (keys and values depend on both).
+        self._free: collections.OrderedDict[int, tuple[str | None, list[int]]] = collections.OrderedDict(
+            (s, (None, [])) for s in range(slots)
         )
         self.counters = EngineCounters()
 
@@ -174,8 +171,7 @@ class Engine:
             if seq.request.finish_reason is None:
                 kept.append(seq)
                 continue
-            held = seq.tokens() if self.prefix_cache else []
-            self._free[seq.slot] = (seq.request.adapter, held, seq.written)
+            self._free[seq.slot] = (seq.request.adapter, seq.tokens() if self.prefix_cache else [])
             self._free.move_to_end(seq.slot)
         self.running = kept
 
@@ -183,14 +179,12 @@ class Engine:
         while self.waiting and self._free:
             seq = self.waiting.popleft()
             slot, reused = self._pick_slot(seq.request)
-            # A reused slot keeps what its last sequence wrote past the prefix (`_reusable`'s bound).
-            written = self._free[slot][2] if reused else 0
             source, shared = self._running_prefix(seq.request)
             if shared > reused:  # a running row holds more of the prompt: copy its keys and values
-                slot, reused, written = next(iter(self._free)), shared, source.written
-                self.cache.copy_prefix(source.slot, slot, shared)
+                slot, reused = next(iter(self._free)), shared
+                self.cache.copy_prefix(source, slot, shared)
             del self._free[slot]
-            seq.slot, seq.held, seq.reused, seq.written = slot, reused, reused, max(written, reused)
+            seq.slot, seq.held, seq.reused = slot, reused, reused
             seq.admitted_at = time.perf_counter()
             self.running.append(seq)
             c = self.counters
@@ -204,43 +198,42 @@ class Engine:
         else the least recently used slot."""
         best_slot, best = next(iter(self._free)), 0
         if self.prefix_cache:
-            for slot, (adapter, held, written) in self._free.items():
+            for slot, (adapter, held) in self._free.items():
                 if adapter != request.adapter:
                     continue
-                m = self._reusable(held, written, request.prompt_ids)
+                m = self._reusable(held, request.prompt_ids)
                 if m > best:
                     best_slot, best = slot, m
         return best_slot, best
 
-    def _running_prefix(self, request: Request) -> tuple[Sequence | None, int]:
-        """The running row (same adapter) that holds the longest reusable prefix of `request`'s
-        prompt, and its length (a shared system prompt, the n completions of one prompt)."""
-        best_seq, best = None, 0
+    def _running_prefix(self, request: Request) -> tuple[int | None, int]:
+        """The slot of the running row (same adapter) that holds the longest reusable prefix of
+        `request`'s prompt, and its length (a shared system prompt, the n completions of one
+        prompt)."""
+        best_slot, best = None, 0
         if self.prefix_cache:
             for seq in self.running:
                 if seq.request.adapter != request.adapter:
                     continue
-                m = self._reusable(seq.tokens(), seq.written, request.prompt_ids)
+                m = self._reusable(seq.tokens(), request.prompt_ids)
                 if m > best:
-                    best_seq, best = seq, m
-        return best_seq, best
+                    best_slot, best = seq.slot, m
+        return best_slot, best
 
-    def _reusable(self, held: list[int], written: int, prompt: list[int]) -> int:
-        """How many first tokens of `prompt` a slot holding `held`, with positions
-        [0, written) written, can skip (0: none).
+    def _reusable(self, held: list[int], prompt: list[int]) -> int:
+        """How many first tokens of `prompt` a slot holding `held` can skip (0: none).
 
         The last prompt token is always prefilled (its logits give the first new token). A
-        sliding layer's ring of cap positions, filled up to written - 1, still holds the
-        window before m only if written - 1 - cap < m - window + 1 (else the keys at
+        sliding layer's ring of cap positions, filled up to len(held) - 1, still holds the
+        window before m only if len(held) - 1 - cap < m - window + 1 (else the keys at
         m - window + 1 were overwritten); the same bound keeps the positions written past m
         outside every later row's window (slot_cache.py's masks).
         """
         m, most = 0, min(len(held), len(prompt) - 1)
         while m < most and held[m] == prompt[m]:
             m += 1
-        written = max(written, len(held))
         for plan in self.cache.plans.values():
-            if plan.window is not None and written - 1 - plan.capacity >= m - plan.window + 1:
+            if plan.window is not None and len(held) - 1 - plan.capacity >= m - plan.window + 1:
                 return 0
         return m
 
@@ -320,7 +313,6 @@ class Engine:
         hidden = self._forward_rows(ids, slots, starts, [seq.request.adapter for seq, _ in group])
         done = []
         for b, (seq, n) in enumerate(group):
-            seq.written = max(seq.written, seq.held + width)
             seq.held += n
             if not seq.prefilling:
                 done.append((seq, hidden[b, n - 1]))
@@ -352,7 +344,6 @@ class Engine:
             return [self._fail(s, e) for s in rows]
         for seq in rows:
             seq.held += 1
-            seq.written = max(seq.written, seq.held)
         return self._sample(rows, logits)
 
     # --- pieces --------------------------------------------------------------------------
