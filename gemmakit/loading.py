@@ -161,6 +161,15 @@ def load_model(
     return model.eval()
 
 
+def is_assistant_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder whose config.json is a Gemma 4 assistant's (MTP drafter)."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text()).get("model_type") == "gemma4_assistant"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_assistant(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A Gemma 4 MTP drafter (`gemma4_assistant`) from an HF folder (config.json + safetensors)."""
     from gemmakit.model.gemma4_assistant import Gemma4Assistant

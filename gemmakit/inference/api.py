@@ -25,7 +25,7 @@ from gemmakit.inference.batching import Engine, available_memory, slot_bytes
 from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
 from gemmakit.inference.text import StreamEvent, TextStream, finish_step, stream_text, text_streams
-from gemmakit.loading import Loaded, load
+from gemmakit.loading import Loaded, is_assistant_folder, load, load_assistant
 
 
 @dataclass
@@ -85,7 +85,9 @@ class LLM:
         quantization / adapter: optional, applied after loading (see `gemmakit.quant`
             and `gemmakit.lora`).
         draft_model: a smaller model with the same tokenizer (named as `model` is), loaded
-            with the same dtype and device, for `SamplingParams(speculative="draft")`.
+            with the same dtype and device, for `SamplingParams(speculative="draft")`; or a
+            Gemma 4 assistant folder (`gemma4_assistant`, the MTP drafter made for this
+            target) for `SamplingParams(speculative="mtp")`.
 
     Attributes:
         memory: with `quantization`, {"before": ..., "after": ...}: the model's bytes in
@@ -124,7 +126,15 @@ class LLM:
             self.memory = {"before": float_memory(net), "after": model_memory(net)}
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.draft: Loaded | None = None
-        if draft_model is not None:
+        self.assistant = None  # a Gemma 4 MTP drafter, when draft_model names one
+        if draft_model is not None and is_assistant_folder(draft_model):
+            from gemmakit.inference.proposers import check_assistant
+
+            self.assistant = load_assistant(
+                draft_model, dtype=self.model.dtype, device=str(self.model.device)
+            )
+            check_assistant(self.model, self.assistant)
+        elif draft_model is not None:
             from gemmakit.inference.proposers import check_draft
 
             self.draft = load(draft_model, dtype=self.model.dtype, device=str(self.model.device))
@@ -191,7 +201,7 @@ class LLM:
         step's text events; a row that fails alone ends with finish reason "error". A batch
         that asks for speculative decoding runs `stream_text`'s speculative path instead."""
         if any(r.params.speculative for r in requests):
-            draft = self.draft.model if self.draft is not None else None
+            draft = self.assistant or (self.draft.model if self.draft is not None else None)
             for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
                 yield from events
             return

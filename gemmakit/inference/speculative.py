@@ -43,9 +43,10 @@ from gemmakit.inference.engine import (
     record_token,
     sample_row,
 )
-from gemmakit.inference.proposers import Backoff, DraftProposer, NgramProposer, cache_rows, feed
+from gemmakit.inference.proposers import Backoff, DraftProposer, MtpProposer, NgramProposer, cache_rows, feed
 from gemmakit.inference.sampling import probabilities, sample
 from gemmakit.model.cache import RING_SLACK
+from gemmakit.model.gemma4_assistant import Gemma4Assistant
 
 
 def speculative_choice(
@@ -81,17 +82,31 @@ def choose(logits: torch.Tensor, request: Request, proposal: int, q: torch.Tenso
     return token, kept
 
 
-def _proposer(request: Request, draft, max_length: int):
+def _proposer(request: Request, draft, max_length: int, model, cache):
     mode = request.params.speculative
     if mode == "ngram":
         return NgramProposer()
+    if mode in ("draft", "mtp") and draft is None:
+        flag = "LLM(draft_model=...), --draft-model"
+        what = "a draft model" if mode == "draft" else "a Gemma 4 assistant model"
+        raise GemmakitError(f"speculative={mode!r} needs {what} ({flag})")
     if mode == "draft":
-        if draft is None:
-            raise GemmakitError(
-                "speculative='draft' needs a draft model (LLM(draft_model=...), --draft-model)"
-            )
+        if isinstance(draft, Gemma4Assistant):
+            raise GemmakitError("a Gemma 4 assistant drafts with speculative='mtp', not 'draft'")
         return DraftProposer(draft, max_length)
+    if mode == "mtp":
+        return MtpProposer(model, draft, cache)
     return None
+
+
+def _forward(model, cache, rows_step, tokens: list[int], proposer) -> torch.Tensor:
+    """`feed`'s logits (len(tokens), V); a proposer that reads the target's hidden states
+    (MTP) is handed them, which the torch model computes (the C step gives logits only)."""
+    if not getattr(proposer, "needs_hidden", False):
+        return feed(model, cache, rows_step, tokens)
+    hidden = model.hidden_states(torch.tensor([tokens], dtype=torch.long, device=model.device), cache=cache)
+    proposer.observe(hidden[0])
+    return model.logits(hidden[0])
 
 
 def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[int]:
@@ -99,15 +114,25 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
     `finish_reason` set). A caller may set `finish_reason` between two tokens: generation
     then stops. `request.speculation` counts the steps when the request speculates."""
     prompt = request.prompt_ids
-    proposer = _proposer(request, draft, len(prompt) + limit)
+    speculates = request.params.speculative is not None
+    # MTP reads the window + 1 sliding keys before a step's first row after a rollback of up
+    # to RING_SLACK rows: one spare slot more than verification itself needs.
+    slack = (RING_SLACK + (request.params.speculative == "mtp")) if speculates else 0
+    # No row past `limit` is fed: at most limit - 1 tokens follow the prompt's.
+    cache = model.make_cache(1, len(prompt) + limit, ring_slack=slack)
+    proposer = _proposer(request, draft, len(prompt) + limit, model, cache)
     stats = SpeculationStats()
     request.speculation = stats if proposer is not None else None
     backoff = Backoff(request.params.num_speculative_tokens)
-    # No row past `limit` is fed: at most limit - 1 tokens follow the prompt's.
-    cache = model.make_cache(1, len(prompt) + limit, ring_slack=RING_SLACK if proposer else 0)
     rows_step = cache_rows(model, cache)
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
-    token = sample_row(prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)[0], request)
+    if getattr(proposer, "needs_hidden", False):
+        hidden = model.hidden_states(ids, cache=cache)
+        proposer.observe(hidden[0, -1:])
+        first = model.logits(hidden[0, -1])
+    else:
+        first = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)[0]
+    token = sample_row(first, request)
 
     def finish(token: int):
         """Sets the request's finish reason after `token` (None while it runs)."""
@@ -119,7 +144,7 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
     while request.finish_reason is None:  # a caller may have finished it between yields
         k = min(backoff.budget() if proposer else 0, limit - len(request.output_ids) - 1)
         proposals, q = proposer.propose(request, k) if k > 0 else ([], None)
-        logits = feed(model, cache, rows_step, [token] + proposals)
+        logits = _forward(model, cache, rows_step, [token] + proposals, proposer)
         stats.steps, stats.proposed = stats.steps + 1, stats.proposed + len(proposals)
         kept = 0
         for i, proposal in enumerate(proposals):
