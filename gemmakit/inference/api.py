@@ -198,13 +198,18 @@ class LLM:
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
         """Runs the requests on the continuous-batching engine (the server's), yielding each
-        step's text events; a row that fails alone ends with finish reason "error". A batch
-        that asks for speculative decoding runs `stream_text`'s speculative path instead."""
-        if any(r.params.speculative for r in requests):
-            draft = self.assistant or (self.draft.model if self.draft is not None else None)
-            for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
+        step's text events; a row that fails alone ends with finish reason "error". Speculating
+        rows verify their proposals in the same batched steps (`speculative.EngineSpeculation`);
+        a batch with an "mtp" request (the drafter reads hidden states the batched step does
+        not give) runs `stream_text`'s speculative path, one request after another."""
+        if any(r.params.speculative == "mtp" for r in requests):
+            for events in stream_text(self.model, self.tokenizer, requests, streams, self.assistant):
                 yield from events
             return
+        if any(r.params.speculative == "draft" for r in requests) and self.draft is None:
+            raise GemmakitError(
+                "speculative='draft' needs a draft model (LLM(draft_model=...), --draft-model)"
+            )
         engine = self._engine_for(requests)
         row_of = {id(r): i for i, r in enumerate(requests)}
         for r in requests:
@@ -235,7 +240,8 @@ class LLM:
         e = self._engine
         if e is None or e.capacity < capacity or e.slots < slots:
             self._engine = None  # the old cache goes before the new one is allocated
-            self._engine = Engine(self.model, slots=slots, capacity=capacity)
+            draft = self.draft.model if self.draft is not None else None
+            self._engine = Engine(self.model, slots=slots, capacity=capacity, draft=draft)
         return self._engine
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -29,6 +29,7 @@ rows) where it applies, else in the torch model.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -176,3 +177,104 @@ def generate_steps(model, requests: list[Request], draft=None) -> Iterator[list[
     for row, (request, limit) in enumerate(zip(requests, limits)):
         for token in generate_one(model, request, limit, draft):
             yield [(row, token)]
+
+
+# --- per-request speculation inside the continuous-batching engine -------------------------
+
+
+@dataclass
+class RowSpeculation(SpeculationStats):
+    """A request's speculation in `batching.Engine`: its counts (what `request.speculation`
+    reports), its proposer and back-off, the distributions of this step's proposals, and
+    `written`: one past the last position its slot was written at (rejected rows included)."""
+
+    proposer: object = field(default=None, repr=False, compare=False)
+    backoff: Backoff | None = field(default=None, repr=False, compare=False)
+    q: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    written: int = 0
+
+
+class EngineSpeculation:
+    """Speculation per request in the engine's batched step.
+
+    A speculating row feeds its last token and k proposals as 1 + k rows of its own slot at
+    consecutive positions, in the same step as the other rows (the batched C step and the
+    slot cache let rows of one slot see each other causally); each row's logits choose the
+    token after it as `generate_one` does, and the row's `held` advances past the kept
+    tokens only. The rejected positions need no rollback: a later row attends by position,
+    and the ring's RING_SLACK spare slots keep the window of every kept position intact.
+    `totals` sums every request's counts (the server's /metrics).
+
+    Proposers: "ngram" and "draft" (`draft`, a smaller model). "mtp" reads the target's
+    hidden states, which the batched step does not give: such requests run `generate_one`.
+    """
+
+    def __init__(self, draft=None):
+        self.draft = draft
+        self.totals = SpeculationStats()
+
+    def feed(self, seq) -> list[int]:
+        """The tokens a decoding row feeds this step: its last token, then its proposals."""
+        request = seq.request
+        last = request.output_ids[-1]
+        if not request.params.speculative:
+            return [last]
+        state = request.speculation
+        if not isinstance(state, RowSpeculation):
+            state = request.speculation = self._start(request, seq.limit)
+        k = min(state.backoff.budget(), seq.limit - len(request.output_ids) - 1)
+        proposals, state.q = state.proposer.propose(request, k) if k > 0 else ([], None)
+        state.written = max(state.written, seq.held + 1 + len(proposals))
+        return [last] + proposals
+
+    def _start(self, request: Request, limit: int) -> RowSpeculation:
+        mode = request.params.speculative
+        if mode == "ngram":
+            proposer = NgramProposer()
+        elif mode == "draft" and self.draft is not None and not isinstance(self.draft, Gemma4Assistant):
+            proposer = DraftProposer(self.draft, len(request.prompt_ids) + limit)
+        else:
+            raise GemmakitError(f"speculative={mode!r} does not run in the batched engine here")
+        return RowSpeculation(proposer=proposer, backoff=Backoff(request.params.num_speculative_tokens))
+
+    def settle(self, seq, logits: torch.Tensor, fed: list[int], sample) -> list:
+        """Chooses a row's tokens from the logits (len(fed), V) of what it fed, through the
+        engine's `sample(seq, logits_row, chooser)` (which records, counts and finishes the
+        token); returns its events, one per chosen token."""
+        request, proposals = seq.request, fed[1:]
+        state = request.speculation if isinstance(request.speculation, RowSpeculation) else None
+        events, kept = [], 0
+        for i, row in enumerate(logits):
+            seq.held += 1  # fed[i] is now a held position: its row chose the token after it
+            if i < len(proposals):
+                q = None if state.q is None else state.q[i]
+                event = sample(seq, row, lambda lg, req, d=proposals[i], q=q: choose(lg, req, d, q)[0])
+            else:
+                event = sample(seq, row, sample_row)
+            events.append(event)
+            if i == len(proposals) or event[1] != proposals[i] or request.finish_reason is not None:
+                break
+            kept += 1
+        if state is not None and request.params.speculative:
+            self._count(state, len(proposals), kept, len(events))
+        return events
+
+    def _count(self, state: RowSpeculation, proposed: int, kept: int, generated: int):
+        for stats in (state, self.totals):
+            stats.steps += 1
+            stats.proposed += proposed
+            stats.accepted += kept
+            stats.generated += generated
+        state.proposer.update(kept, proposed)
+        state.backoff.update(kept, proposed)
+
+
+def cached_tokens(seq) -> list[int]:
+    """What a slot offers the prefix cache: the tokens it holds, then -1 (no token) up to the
+    last position a speculating row wrote, so the engine's ring bound counts the rejected
+    positions written past the held ones."""
+    tokens = seq.tokens()
+    state = seq.request.speculation
+    if isinstance(state, RowSpeculation) and state.written > len(tokens):
+        tokens = tokens + [-1] * (state.written - len(tokens))
+    return tokens

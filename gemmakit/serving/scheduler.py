@@ -354,8 +354,9 @@ class Scheduler:
             return
         if row.tokens == 0:
             self.stats.time_to_first_token.append(time.perf_counter() - row.submitted)
-        (event,) = finish_step([(0, token)], [row.request], [row.stream])
-        self._emit(row, event)
+        # No event for a speculating row's token past a stop string met earlier in the step.
+        for event in finish_step([(0, token)], [row.request], [row.stream]):
+            self._emit(row, event)
 
     def _abort_running(self, error: Exception | None = None) -> None:
         """Ends every running row: with `error` when given, else as cancelled."""
