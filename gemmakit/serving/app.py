@@ -68,6 +68,9 @@ from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, ServerErrors, 
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# A request's speculative_config.method -> SamplingParams.speculative: what runs in the
+# batched engine without a second model (draft models and MTP drafters are LLM options).
+SERVED_SPECULATION = {"ngram": "ngram"}
 
 
 class _Server:
@@ -184,6 +187,12 @@ class _Server:
             param = "messages" if what == "conversation" else "prompt"
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        spec = req.speculative_config
+        if spec is not None and spec.method not in SERVED_SPECULATION:
+            raise APIError(
+                400, f"speculative_config.method {spec.method!r} is not available on this server "
+                f"(it runs {', '.join(SERVED_SPECULATION)})", param="speculative_config",
+            )  # fmt: skip
         try:
             return SamplingParams(
                 temperature=1.0 if req.temperature is None else req.temperature,
@@ -201,6 +210,8 @@ class _Server:
                 logit_bias=self.logit_bias(req.logit_bias),
                 logprobs=logprobs,
                 json_schema=json_schema,
+                speculative=None if spec is None else SERVED_SPECULATION[spec.method],
+                num_speculative_tokens=8 if spec is None else spec.num_speculative_tokens,
             )
         except GemmakitError as e:
             param = str(e).split(" ", 1)[0].split("[", 1)[0]

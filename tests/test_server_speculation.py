@@ -1,0 +1,52 @@
+"""Speculation per request through the server: `speculative_config` (vLLM's names) on a
+completion, run in the batched engine beside plain requests, counted in /metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from tests.test_openai_api import NAME, client, server  # noqa: F401 - the fixtures
+
+PROMPT = "Repeat exactly: one two three four five six seven eight. one two three four five"
+
+
+def complete(client, **extra):  # noqa: F811
+    r = client.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True, **extra}
+    )
+    return r.choices[0].text
+
+
+def test_speculating_and_plain_requests_side_by_side_give_plain_text(server, client):  # noqa: F811
+    import httpx
+
+    plain = complete(client)
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(complete, client, **(spec if i % 2 else {})) for i in range(4)]
+        texts = [f.result() for f in futures]
+    assert texts == [plain] * 4
+    totals = server.scheduler.engine.speculation.totals
+    assert totals.steps > 0 and totals.proposed > 0 and totals.accepted > 0
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    assert f'gemmakit_speculative_accepted_tokens_total{{model_name="{NAME}"}} {totals.accepted}' in metrics
+    assert (
+        "gemmakit_speculative_acceptance_rate" in metrics
+        and "gemmakit_speculative_tokens_per_step" in metrics
+    )
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"method": "draft_model"}, "not available on this server"),
+        ({"method": "ngram", "num_speculative_tokens": 40}, "num_speculative_tokens must be in [1, 16]"),
+        ({"method": "ngram", "k": 4}, "speculative_config.k"),
+    ],
+)
+def test_bad_speculative_configs_are_400s(client, config, message):  # noqa: F811
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        complete(client, speculative_config=config)
