@@ -12,7 +12,7 @@ import torch
 from gemmakit.errors import GemmakitError
 from gemmakit.inference import speculative
 from gemmakit.inference.engine import Request, generate_steps
-from gemmakit.inference.proposers import MtpProposer
+from gemmakit.inference.proposers import MtpProposer, kv_cache_reader
 from gemmakit.inference.sampling import SamplingParams
 from gemmakit.loading import ModelSource, load_assistant, load_model
 from gemmakit.model.cache import RING_SLACK
@@ -97,7 +97,7 @@ def test_first_round_drafts_what_transformers_drafts(pair):
         request = Request(prompt, SamplingParams(temperature=0), stop_ids=(1,))
         with torch.inference_mode():
             cache = target.make_cache(1, len(prompt) + 8, ring_slack=RING_SLACK + 1)
-            proposer = MtpProposer(target, assistant, cache)
+            proposer = MtpProposer(target, assistant, kv_cache_reader(cache))
             h = target.hidden_states(ids, cache=cache)
             proposer.observe(h[0, -1:])
             request.output_ids.append(int(target.logits(h[0, -1]).argmax()))
@@ -175,3 +175,43 @@ def test_generate_mtp_json_gives_plain_greedy_tokens_and_statistics(pair, capsys
     )
     assert main(["generate", "x", "--model", str(target_dir), "--speculative", "mtp"]) == 2
     assert "--speculative mtp needs --draft-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [3, RING_SLACK])
+def test_mtp_rows_in_the_batched_engine_give_plain_greedy_beside_plain_rows(pair, k):
+    """MTP rows verify in the engine's batched torch step beside plain and n-gram rows, rows
+    joining mid-run, prompts past window + ring slack: every row's tokens are plain greedy's."""
+    from gemmakit.inference.batching import Engine
+    from tests.test_batching import run
+
+    _, _, target, assistant, _, _ = pair
+    prompts = _prompts()
+    plain = _requests(prompts, temperature=0, max_tokens=24, ignore_eos=True)
+    for request in plain:
+        list(generate_steps(target, [request]))
+    modes = ["mtp", None, "mtp", "ngram", "mtp", None]
+    requests = [
+        Request(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative=m,
+                                  num_speculative_tokens=k))
+        for p, m in zip(prompts, modes)
+    ]  # fmt: skip
+    engine = Engine(target, slots=4, capacity=128, prefill_chunk=8, draft=assistant)
+    run(engine, requests, join_at={1: 1, 2: 2, 4: 5, 5: 6})
+    assert [r.output_ids for r in requests] == [r.output_ids for r in plain]
+    mtp = [r.speculation for r, m in zip(requests, modes) if m == "mtp"]
+    assert all(s.generated == 23 and s.proposed > 0 for s in mtp)
+
+
+def test_llm_generate_runs_an_mtp_batch_in_the_engine(pair):
+    from gemmakit.inference.api import LLM
+
+    target_dir, assistant_dir, *_ = pair
+    llm = LLM(str(target_dir), dtype="float32", device="cpu", draft_model=str(assistant_dir))
+    prompts = [p[:12] for p in _prompts()[:3]]
+    want = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    got = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, speculative="mtp")
+    )
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(o.metrics["speculation"]["generated"] == 9 for o in got)
+    assert llm._engine.speculation.totals.steps > 0  # the batch ran in the engine

@@ -24,7 +24,7 @@ from gemmakit.inference import logits_processing
 from gemmakit.inference.batching import Engine, available_memory, slot_bytes
 from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, TextStream, finish_step, stream_text, text_streams
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step, text_streams
 from gemmakit.loading import Loaded, is_assistant_folder, load, load_assistant
 
 
@@ -199,17 +199,15 @@ class LLM:
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
         """Runs the requests on the continuous-batching engine (the server's), yielding each
         step's text events; a row that fails alone ends with finish reason "error". Speculating
-        rows verify their proposals in the same batched steps (`speculative.EngineSpeculation`);
-        a batch with an "mtp" request (the drafter reads hidden states the batched step does
-        not give) runs `stream_text`'s speculative path, one request after another."""
-        if any(r.params.speculative == "mtp" for r in requests):
-            for events in stream_text(self.model, self.tokenizer, requests, streams, self.assistant):
-                yield from events
-            return
-        if any(r.params.speculative == "draft" for r in requests) and self.draft is None:
-            raise GemmakitError(
-                "speculative='draft' needs a draft model (LLM(draft_model=...), --draft-model)"
-            )
+        rows verify their proposals in the same batched steps (`speculative.EngineSpeculation`)."""
+        for mode, model, what in (
+            ("draft", self.draft, "a draft model"),
+            ("mtp", self.assistant, "a Gemma 4 assistant"),
+        ):
+            if model is None and any(r.params.speculative == mode for r in requests):
+                raise GemmakitError(
+                    f"speculative={mode!r} needs {what} (LLM(draft_model=...), --draft-model)"
+                )
         engine = self._engine_for(requests)
         row_of = {id(r): i for i, r in enumerate(requests)}
         for r in requests:
@@ -240,7 +238,7 @@ class LLM:
         e = self._engine
         if e is None or e.capacity < capacity or e.slots < slots:
             self._engine = None  # the old cache goes before the new one is allocated
-            draft = self.draft.model if self.draft is not None else None
+            draft = self.assistant or (self.draft.model if self.draft is not None else None)
             self._engine = Engine(self.model, slots=slots, capacity=capacity, draft=draft)
         return self._engine
 

@@ -95,7 +95,8 @@ class Engine:
             at most the model's context.
         prefill_chunk: prompt tokens prefilled per step at most.
         prefix_cache: keep finished rows' keys and values for prompts that start with them.
-        draft: the draft model of requests with `speculative="draft"`
+        draft: the draft model of requests with `speculative="draft"` (or, for "mtp", a
+            Gemma 4 assistant)
             (`speculative.EngineSpeculation`: a speculating row verifies its proposals as
             rows of its own slot in the same step as the others).
     """
@@ -119,7 +120,7 @@ class Engine:
             (s, (None, [])) for s in range(slots)
         )
         self.counters = EngineCounters()
-        self.speculation = speculative.EngineSpeculation(draft)
+        self.speculation = speculative.EngineSpeculation(model, self.cache, draft)
 
     @property
     def slots(self) -> int:
@@ -254,6 +255,8 @@ class Engine:
             budget -= n
             try:
                 hidden = self._forward(prompt[seq.held : seq.held + n], seq)
+                if seq.held + n == len(prompt):  # an MTP row's first proposals read this state
+                    self.speculation.observe(seq, hidden[0, -1:])
             except Exception as e:  # noqa: BLE001 - this row's forward pass failed, not the batch's
                 events.append(self._fail(seq, e))
                 continue
@@ -290,16 +293,21 @@ class Engine:
         c.step_rows.append(len(rows))
         c.max_rows = max(c.max_rows, len(rows))
         try:
-            logits = self.fast.step(tokens, slots, positions) if self.fast is not None else None
+            # An MTP row reads the rows' hidden states, which only the torch step keeps.
+            fast = self.fast if not self.speculation.needs_hidden(rows) else None
+            logits = fast.step(tokens, slots, positions) if fast is not None else None
+            hidden = None
             if logits is None:
                 ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)[:, None]
                 adapters = [s.request.adapter for s, fed in zip(rows, feeds) for _ in fed]
-                logits = self.model.logits(self._forward_rows(ids, slots, positions, adapters)[:, -1])
+                hidden = self._forward_rows(ids, slots, positions, adapters)[:, -1]
+                logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
             return events + [self._fail(s, e) for s in rows]
         at = 0
         for seq, fed in zip(rows, feeds):
-            events += self.speculation.settle(seq, logits[at : at + len(fed)], fed, self._sample)
+            row_hidden = None if hidden is None else hidden[at : at + len(fed)]
+            events += self.speculation.settle(seq, logits[at : at + len(fed)], fed, self._sample, row_hidden)
             at += len(fed)
         return events
 

@@ -176,9 +176,9 @@ class MtpProposer:
 
     needs_hidden = True
 
-    def __init__(self, target, assistant, cache):
+    def __init__(self, target, assistant, read_kv):
         check_assistant(target, assistant)
-        self.target, self.assistant, self.cache = target, assistant, cache
+        self.target, self.assistant, self.read_kv = target, assistant, read_kv
         c = target.config
         first_shared = c.num_hidden_layers - c.num_kv_shared_layers
         # The layer of each type whose keys the target keeps last (transformers' "store" layers).
@@ -194,20 +194,15 @@ class MtpProposer:
         the last window + 1 of them), oldest first."""
         kv, window = {}, self.target.config.sliding_window
         for layer_type, i in self.sources.items():
-            layer = self.cache.for_layer[i]
             first = max(0, p - window - 1) if layer_type == SLIDING else 0
-            cols = torch.arange(first, p, device=layer.k.device)
-            slots = cols % layer.group.capacity
-            if not bool((layer.group.slot_cols[slots] == cols).all()):
-                raise RuntimeError("the target's cache no longer holds the keys the drafter reads")
-            kv[layer_type] = layer.k[:, :, slots], layer.v[:, :, slots]
+            kv[layer_type] = self.read_kv(i, torch.arange(first, p, device=self.target.device))
         return kv
 
     def propose(self, request: Request, k: int) -> tuple[list[int], torch.Tensor | None]:
         """k proposed tokens and, for a sampled request, their distributions q (k, V)."""
         params, target = request.params, self.target
-        p = self.cache.length
-        token = (request.prompt_ids + request.output_ids)[-1]
+        ids = request.prompt_ids + request.output_ids
+        p, token = len(ids) - 1, ids[-1]  # the last token's position: the target's next row
         kv = self._target_kv(p)
         hidden = self._rows[self._kept].view(1, 1, -1)
         position = torch.tensor([[p]], device=target.device)
@@ -232,6 +227,32 @@ class MtpProposer:
         """The next round starts from the row of the last kept token (the corrected or bonus
         token was chosen from it)."""
         self._kept = min(accepted, proposed)
+
+
+def kv_cache_reader(cache):
+    """`MtpProposer`'s reader of a one-row KVCache: layer i's (keys, values) (1, K, n, D) at
+    the given positions (its columns)."""
+
+    def read(i: int, cols: torch.Tensor):
+        layer = cache.for_layer[i]
+        slots = cols % layer.group.capacity
+        if not bool((layer.group.slot_cols[slots] == cols).all()):
+            raise RuntimeError("the target's cache no longer holds the keys the drafter reads")
+        return layer.k[:, :, slots], layer.v[:, :, slots]
+
+    return read
+
+
+def slot_cache_reader(cache, slot: int):
+    """`MtpProposer`'s reader of one slot of the engine's SlotCache (position p at index
+    p % the layer's capacity; the caller keeps the positions read inside the ring)."""
+
+    def read(i: int, positions: torch.Tensor):
+        layer = cache.for_layer[i]
+        index = positions % layer.plan.capacity
+        return layer.k[slot : slot + 1, :, index], layer.v[slot : slot + 1, :, index]
+
+    return read
 
 
 def check_assistant(target, assistant):

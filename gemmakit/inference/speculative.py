@@ -20,10 +20,12 @@ distribution (no logits processor). The random draws differ from a plain run's, 
 request gives different (equally distributed) text with and without speculation.
 Log-probabilities are recorded from each row's raw logits, as `engine.sample_row` records them.
 
-Speculation decodes one sequence at a time: `generate_steps` runs a batch's requests one
-after another, yielding one token per step. The 1 + k rows run in the batched C step
+Two drivers. `generate_one` / `generate_steps` decode one sequence at a time over a KVCache
+(a batch's requests one after another), the 1 + k rows in the batched C step
 (`c_decode.batch_decoder`, the cache as its one slot; each weight matrix read once for all
-rows) where it applies, else in the torch model.
+rows) where it applies, else in the torch model. `EngineSpeculation` runs speculation per
+request inside the continuous-batching engine (`batching.Engine`, under `LLM.generate` and
+the server): a speculating row's 1 + k rows join the other rows' step in its own slot.
 """
 
 from __future__ import annotations
@@ -44,7 +46,16 @@ from gemmakit.inference.engine import (
     record_token,
     sample_row,
 )
-from gemmakit.inference.proposers import Backoff, DraftProposer, MtpProposer, NgramProposer, cache_rows, feed
+from gemmakit.inference.proposers import (
+    Backoff,
+    DraftProposer,
+    MtpProposer,
+    NgramProposer,
+    cache_rows,
+    feed,
+    kv_cache_reader,
+    slot_cache_reader,
+)
 from gemmakit.inference.sampling import probabilities, sample
 from gemmakit.model.cache import RING_SLACK
 from gemmakit.model.gemma4_assistant import Gemma4Assistant
@@ -96,7 +107,7 @@ def _proposer(request: Request, draft, max_length: int, model, cache):
             raise GemmakitError("a Gemma 4 assistant drafts with speculative='mtp', not 'draft'")
         return DraftProposer(draft, max_length)
     if mode == "mtp":
-        return MtpProposer(model, draft, cache)
+        return MtpProposer(model, draft, kv_cache_reader(cache))
     return None
 
 
@@ -205,12 +216,16 @@ class EngineSpeculation:
     and the ring's RING_SLACK spare slots keep the window of every kept position intact.
     `totals` sums every request's counts (the server's /metrics).
 
-    Proposers: "ngram" and "draft" (`draft`, a smaller model). "mtp" reads the target's
-    hidden states, which the batched step does not give: such requests run `generate_one`.
+    Proposers: "ngram", "draft" (`draft`, a smaller model) and "mtp" (`draft`, a Gemma 4
+    assistant), which reads the row's final hidden states (`observe` after its prompt,
+    `settle` after each step: the engine then runs the torch step, whose hidden states it
+    keeps, see `needs_hidden`) and its slot's keys and values. An MTP row proposes at most
+    RING_SLACK - 1 tokens: the drafter reads window + 1 sliding keys before the row's next
+    position, one more than a rolled-back verification of RING_SLACK rows leaves in the ring.
     """
 
-    def __init__(self, draft=None):
-        self.draft = draft
+    def __init__(self, model, cache, draft=None):
+        self.model, self.cache, self.draft = model, cache, draft
         self.totals = SpeculationStats()
 
     def feed(self, seq) -> list[int]:
@@ -219,30 +234,52 @@ class EngineSpeculation:
         last = request.output_ids[-1]
         if not request.params.speculative:
             return [last]
-        state = request.speculation
-        if not isinstance(state, RowSpeculation):
-            state = request.speculation = self._start(request, seq.limit)
+        state = self._state(seq)
         k = min(state.backoff.budget(), seq.limit - len(request.output_ids) - 1)
+        if request.params.speculative == "mtp":
+            k = min(k, RING_SLACK - 1)
         proposals, state.q = state.proposer.propose(request, k) if k > 0 else ([], None)
         state.written = max(state.written, seq.held + 1 + len(proposals))
         return [last] + proposals
 
-    def _start(self, request: Request, limit: int) -> RowSpeculation:
-        mode = request.params.speculative
+    def needs_hidden(self, rows) -> bool:
+        """Whether a row of this step drafts from the target's hidden states (MTP)."""
+        return any(r.request.params.speculative == "mtp" for r in rows)
+
+    def observe(self, seq, hidden: torch.Tensor):
+        """A row's final hidden state (1, C) after its prompt: an MTP row's first round reads it."""
+        if seq.request.params.speculative == "mtp":
+            self._state(seq).proposer.observe(hidden)
+
+    def _state(self, seq) -> RowSpeculation:
+        request = seq.request
+        if not isinstance(request.speculation, RowSpeculation):
+            request.speculation = self._start(request, seq)
+        return request.speculation
+
+    def _start(self, request: Request, seq) -> RowSpeculation:
+        mode, draft = request.params.speculative, self.draft
+        is_assistant = isinstance(draft, Gemma4Assistant)
         if mode == "ngram":
             proposer = NgramProposer()
-        elif mode == "draft" and self.draft is not None and not isinstance(self.draft, Gemma4Assistant):
-            proposer = DraftProposer(self.draft, len(request.prompt_ids) + limit)
+        elif mode == "draft" and draft is not None and not is_assistant:
+            proposer = DraftProposer(draft, len(request.prompt_ids) + seq.limit)
+        elif mode == "mtp" and is_assistant:
+            proposer = MtpProposer(self.model, draft, slot_cache_reader(self.cache, seq.slot))
         else:
-            raise GemmakitError(f"speculative={mode!r} does not run in the batched engine here")
+            what = {"draft": "a draft model", "mtp": "a Gemma 4 assistant"}.get(mode, "nothing")
+            raise GemmakitError(f"speculative={mode!r} needs {what} (LLM(draft_model=...), --draft-model)")
         return RowSpeculation(proposer=proposer, backoff=Backoff(request.params.num_speculative_tokens))
 
-    def settle(self, seq, logits: torch.Tensor, fed: list[int], sample) -> list:
+    def settle(self, seq, logits: torch.Tensor, fed: list[int], sample, hidden=None) -> list:
         """Chooses a row's tokens from the logits (len(fed), V) of what it fed, through the
         engine's `sample(seq, logits_row, chooser)` (which records, counts and finishes the
-        token); returns its events, one per chosen token."""
+        token); returns its events, one per chosen token. `hidden`: the rows' final hidden
+        states (len(fed), C), when the step kept them."""
         request, proposals = seq.request, fed[1:]
         state = request.speculation if isinstance(request.speculation, RowSpeculation) else None
+        if state is not None and getattr(state.proposer, "needs_hidden", False):
+            state.proposer.observe(hidden)
         events, kept = [], 0
         for i, row in enumerate(logits):
             seq.held += 1  # fed[i] is now a held position: its row chose the token after it
