@@ -138,3 +138,59 @@ def test_a_speculative_request_the_engine_cannot_run_fails_alone(model):
     run(engine, [bad, good])
     assert bad.finish_reason == "error" and len(bad.output_ids) == 1
     assert good.output_ids == alone(model, prompt(6, 1), params(None))
+
+
+def test_llm_stop_strings_and_logprobs_with_speculation_equal_plain(tmp_path):
+    """Through LLM.generate (the engine), with stop strings: text, token ids, finish reasons
+    and log-probabilities as plain decoding gives them."""
+    from gemmakit.inference.api import LLM
+    from tests.test_training import tiny_model_folder
+
+    llm = LLM(model=str(tiny_model_folder(tmp_path)), dtype="float32", device="cpu")
+    prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13] * 5, [20, 21, 22, 23]]
+    base = dict(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
+    plain = llm.generate(prompts, SamplingParams(**base))
+    for out in plain:  # a stop string a few tokens in (where one is found)
+        text = out.outputs[0].text
+        stop = text[len(text) // 3 : len(text) // 3 + 2].strip() or None
+        params = SamplingParams(**base, stop=[stop] if stop else None)
+        want = llm.generate([out.prompt_token_ids], params)[0].outputs[0]
+        got = llm.generate(
+            [out.prompt_token_ids], SamplingParams(**base, stop=params.stop, speculative="ngram")
+        )
+        got = got[0].outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+        assert [list(lp) for lp in got.logprobs] == [list(lp) for lp in want.logprobs]
+        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-4)
+
+
+class _Letters:
+    """A tokenizer whose token i is the letter 'a' + i - 1."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i - 1) for i in ids)
+
+
+def test_several_tokens_of_a_row_in_one_step_end_it_once():
+    from gemmakit.inference.engine import TokenLogprob
+    from gemmakit.inference.text import TextStream, finish_step
+
+    def step(stop):
+        request = Request([9], params("ngram"), output_ids=[1, 2, 3, 4], finish_reason="length")
+        request.output_logprobs = [TokenLogprob(t, -1.0) for t in (1, 2, 3, 4)]
+        stream = TextStream(_Letters(), stop)
+        return request, finish_step([(0, t) for t in (1, 2, 3, 4)], [request], [stream])
+
+    request, events = step([])
+    assert [(e.delta, e.finish_reason) for e in events] == [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("d", "length"),
+    ]
+    assert [e.logprob.token_id for e in events] == [1, 2, 3, 4]
+    # a stop string met at the third token ends the row there: "stop", the rest dropped
+    request, events = step(["c"])
+    assert [(e.delta, e.finish_reason) for e in events] == [("a", None), ("b", None), ("", "stop")]
+    assert request.output_ids == [1, 2, 3] and len(request.output_logprobs) == 3
+    assert request.finish_reason == "stop"
