@@ -50,3 +50,35 @@ def test_bad_speculative_configs_are_400s(client, config, message):  # noqa: F81
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
         complete(client, speculative_config=config)
+
+
+@pytest.fixture(scope="module")
+def draft_server(bundled):
+    """A server whose draft model is the bundled model itself (every proposal kept)."""
+    from gemmakit.inference.api import LLM
+    from gemmakit.serving.app import create_app
+    from gemmakit.serving.config import ServerConfig
+    from gemmakit.serving.transport import serve_in_thread
+
+    llm = LLM(loaded=bundled)
+    llm.draft = bundled
+    app = create_app(llm, ServerConfig(served_model_name=NAME, max_batch=4, max_queue=8))
+    srv = serve_in_thread(app)
+    srv.scheduler = app.state.scheduler
+    yield srv
+    srv.stop()
+
+
+def test_a_server_with_a_draft_model_speculates_with_it(draft_server, client):  # noqa: F811
+    import openai
+
+    draft_client = openai.OpenAI(
+        base_url=draft_server.url + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
+    plain = complete(client)
+    spec = {"speculative_config": {"method": "draft_model", "num_speculative_tokens": 5}}
+    assert complete(draft_client, **spec) == plain
+    totals = draft_server.scheduler.engine.speculation.totals
+    assert totals.proposed > 0 and totals.accepted == totals.proposed
+    with pytest.raises(openai.BadRequestError, match="it runs ngram, draft_model"):
+        complete(draft_client, speculative_config={"method": "mtp"})

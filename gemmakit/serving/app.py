@@ -68,8 +68,8 @@ from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, ServerErrors, 
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# A request's speculative_config.method -> SamplingParams.speculative: what runs in the
-# batched engine without a second model (draft models and MTP drafters are LLM options).
+# A request's speculative_config.method -> SamplingParams.speculative, on every server;
+# "draft_model" and "mtp" too where the server was given a --draft-model.
 SERVED_SPECULATION = {"ngram": "ngram"}
 
 
@@ -96,6 +96,7 @@ class _Server:
         self.created = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
         self.draining = False
+        draft, assistant = getattr(llm, "draft", None), getattr(llm, "assistant", None)
         self.scheduler = Scheduler(
             llm.model,
             self.tokenizer,
@@ -104,7 +105,14 @@ class _Server:
             max_queue=config.max_queue,
             batch_window_s=config.batch_window_s,
             max_model_len=self.context,
+            draft=assistant or (draft.model if draft is not None else None),
         )
+        # speculative_config.method -> SamplingParams.speculative, for what this server has.
+        self.speculation = dict(SERVED_SPECULATION)
+        if draft is not None:
+            self.speculation["draft_model"] = "draft"
+        if assistant is not None:
+            self.speculation["mtp"] = "mtp"
 
     # --- checks -------------------------------------------------------------------------
 
@@ -188,10 +196,10 @@ class _Server:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         spec = req.speculative_config
-        if spec is not None and spec.method not in SERVED_SPECULATION:
+        if spec is not None and spec.method not in self.speculation:
             raise APIError(
                 400, f"speculative_config.method {spec.method!r} is not available on this server "
-                f"(it runs {', '.join(SERVED_SPECULATION)})", param="speculative_config",
+                f"(it runs {', '.join(self.speculation)})", param="speculative_config",
             )  # fmt: skip
         try:
             return SamplingParams(
@@ -210,7 +218,7 @@ class _Server:
                 logit_bias=self.logit_bias(req.logit_bias),
                 logprobs=logprobs,
                 json_schema=json_schema,
-                speculative=None if spec is None else SERVED_SPECULATION[spec.method],
+                speculative=None if spec is None else self.speculation[spec.method],
                 num_speculative_tokens=8 if spec is None else spec.num_speculative_tokens,
             )
         except GemmakitError as e:

@@ -136,6 +136,7 @@ class Scheduler:
         max_model_len: tokens (prompt + generated) of one row at most: each slot's capacity
             (default: the model's context). Callers check prompts against it before `submit`.
         prefill_chunk: prompt tokens prefilled per step at most (between decode steps).
+        draft: the draft model (or Gemma 4 assistant) of requests that speculate with one.
     """
 
     def __init__(
@@ -148,13 +149,14 @@ class Scheduler:
         batch_window_s: float = 0.01,
         max_model_len: int | None = None,
         prefill_chunk: int = 256,
+        draft=None,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, tuple(stop_ids)
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.max_model_len = max_model_len or model.config.max_position_embeddings
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.draft = prefill_chunk, draft
         self.stats = SchedulerStats()
         self.engine: Engine | None = None  # made by the worker: its cache is allocated there
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -269,8 +271,9 @@ class Scheduler:
     def _work(self) -> None:
         try:
             self.engine = Engine(
-                self.model, self.max_batch, self.max_model_len, self.prefill_chunk, prefix_cache=True
-            )
+                self.model, self.max_batch, self.max_model_len, self.prefill_chunk, prefix_cache=True,
+                draft=self.draft,
+            )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - e.g. no memory for the cache: every request learns why
             self._fail_all(e)
             return
