@@ -18,7 +18,7 @@ ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
-# The drafter's layers match the tiny target of tests/test_gemma4_assistant_speculation.py:
+# The drafter's layers match the tiny target of tests/test_mtp.py (test_gemma4.py's E2B-like one):
 # sliding layers with 2 KV heads of 16, global ones with 1 KV head of 32 (K = V).
 TEXT = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=16,
