@@ -82,3 +82,23 @@ def test_a_server_with_a_draft_model_speculates_with_it(draft_server, client):  
     assert totals.proposed > 0 and totals.accepted == totals.proposed
     with pytest.raises(openai.BadRequestError, match="it runs ngram, draft_model"):
         complete(draft_client, speculative_config={"method": "mtp"})
+
+
+def test_usage_counts_the_predicted_tokens_kept_and_rejected(client):  # noqa: F811
+    body = dict(model=NAME, prompt=PROMPT, max_tokens=16, temperature=0)
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+    r = client.completions.create(**body, extra_body=spec)
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+    assert details.accepted_prediction_tokens < r.usage.completion_tokens
+    plain = client.completions.create(**body)
+    assert plain.usage.completion_tokens_details is None
+    chunks = list(
+        client.completions.create(
+            **body, extra_body=spec, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert (
+        chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens
+        == details.accepted_prediction_tokens
+    )

@@ -309,7 +309,7 @@ class _Server:
                 for chunk in event_chunks(ev, choices[ev.index]):
                     yield _sse(chunk)
             if usage_chunk is not None:
-                yield _sse(usage_chunk(responses.usage(ticket.prompt_tokens, n, choices)))
+                yield _sse(usage_chunk(responses.usage(ticket.prompt_tokens, n, choices, ticket.requests)))
         except APIError as e:  # the status line is sent already: report in the stream
             yield _sse(e.body())
         except Exception as e:  # noqa: BLE001
@@ -390,7 +390,7 @@ class _Server:
                 "created": created,
                 "model": model_name,
                 "choices": out,
-                "usage": responses.usage(ticket.prompt_tokens, params.n, choices),
+                "usage": responses.usage(ticket.prompt_tokens, params.n, choices, ticket.requests),
             }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -479,7 +479,7 @@ class _Server:
                        len(echoes[i]))
                 for i, c in enumerate(choices)
             ]  # fmt: skip
-            return chunk(out, responses.usage(ticket.prompt_tokens, n, choices))
+            return chunk(out, responses.usage(ticket.prompt_tokens, n, choices, ticket.requests))
 
         sent = list(map(len, echoes))  # characters of each choice already streamed
 

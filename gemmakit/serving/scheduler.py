@@ -87,6 +87,7 @@ class Ticket:
         self._cancelled = threading.Event()
         self._on_cancel = None  # set by the scheduler: drops the ticket's queued rows at once
         self.prompt_tokens = prompt_tokens
+        self.requests: list[Request] = []  # the rows' requests, in order (their counts for usage)
 
     def __len__(self) -> int:
         return len(self.prompt_tokens)
@@ -254,6 +255,7 @@ class Scheduler:
             request = Request(list(prompt), p, self.stop_ids, gen, adapter=adapter)
             request = logits_processing.prepare(request, self.tokenizer)
             rows.append(_Row(ticket, i, request, TextStream(self.tokenizer, p.stop)))
+        ticket.requests = [row.request for row in rows]
         self.start()
         with self._cond:
             if self._closing or not self._thread.is_alive():
