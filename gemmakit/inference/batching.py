@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.config import SLIDING
-from gemmakit.inference import c_decode
-from gemmakit.inference.engine import Request, check_length, sample_rows
+from gemmakit.inference import c_decode, speculative
+from gemmakit.inference.engine import Request, check_length, sample_row, sample_rows
 from gemmakit.lora import multi
 from gemmakit.model.slot_cache import RING_SLACK, SlotCache
 
@@ -96,10 +96,14 @@ class Engine:
             at most the model's context.
         prefill_chunk: prompt tokens prefilled per step at most.
         prefix_cache: keep finished rows' keys and values for prompts that start with them.
+        draft: the draft model of requests with `speculative="draft"` (or, for "mtp", a
+            Gemma 4 assistant)
+            (`speculative.EngineSpeculation`: a speculating row verifies its proposals as
+            rows of its own slot in the same step as the others).
     """
 
     def __init__(self, model, slots: int = 16, capacity: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache: bool = True):  # fmt: skip
+                 prefix_cache: bool = True, draft=None):  # fmt: skip
         context = model.config.max_position_embeddings
         capacity = context if capacity is None else capacity
         if slots < 1 or prefill_chunk < 1 or not 2 <= capacity <= context:
@@ -117,6 +121,7 @@ class Engine:
             (s, (None, [])) for s in range(slots)
         )
         self.counters = EngineCounters()
+        self.speculation = speculative.EngineSpeculation(model, self.cache, draft)
 
     @property
     def slots(self) -> int:
@@ -171,7 +176,10 @@ class Engine:
             if seq.request.finish_reason is None:
                 kept.append(seq)
                 continue
-            self._free[seq.slot] = (seq.request.adapter, seq.tokens() if self.prefix_cache else [])
+            self._free[seq.slot] = (
+                seq.request.adapter,
+                speculative.cached_tokens(seq) if self.prefix_cache else [],
+            )
             self._free.move_to_end(seq.slot)
         self.running = kept
 
@@ -215,7 +223,7 @@ class Engine:
             for seq in self.running:
                 if seq.request.adapter != request.adapter:
                     continue
-                m = self._reusable(seq.tokens(), request.prompt_ids)
+                m = self._reusable(speculative.cached_tokens(seq), request.prompt_ids)
                 if m > best:
                     best_slot, best = seq.slot, m
         return best_slot, best
@@ -315,6 +323,7 @@ class Engine:
         for b, (seq, n) in enumerate(group):
             seq.held += n
             if not seq.prefilling:
+                self.speculation.observe(seq, hidden[b, n - 1 : n])  # an MTP row's first proposals read it
                 done.append((seq, hidden[b, n - 1]))
         return done
 
@@ -328,23 +337,51 @@ class Engine:
         ]
         if not rows:
             return []
-        tokens = [s.request.output_ids[-1] for s in rows]
-        slots, positions = [s.slot for s in rows], [s.held for s in rows]
+        events, feeds = [], []
+        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
+            try:
+                feeds.append(self.speculation.feed(seq))
+            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
+                events.append(self._fail(seq, e))
+                rows.remove(seq)
+        if not rows:
+            return events
+        tokens = [t for fed in feeds for t in fed]
+        slots = [s.slot for s, fed in zip(rows, feeds) for _ in fed]
+        positions = [s.held + i for s, fed in zip(rows, feeds) for i in range(len(fed))]
         c = self.counters
         c.steps += 1
         c.step_rows.append(len(rows))
         c.max_rows = max(c.max_rows, len(rows))
         try:
-            logits = self.fast.step(tokens, slots, positions) if self.fast is not None else None
+            # An MTP row reads the rows' hidden states, which only the torch step keeps.
+            fast = self.fast if not self.speculation.needs_hidden(rows) else None
+            logits = fast.step(tokens, slots, positions) if fast is not None else None
+            hidden = None
             if logits is None:
                 ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)[:, None]
-                adapters = [s.request.adapter for s in rows]
-                logits = self.model.logits(self._forward_rows(ids, slots, positions, adapters)[:, -1])
+                adapters = [s.request.adapter for s, fed in zip(rows, feeds) for _ in fed]
+                hidden = self._forward_rows(ids, slots, positions, adapters)[:, -1]
+                logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
-            return [self._fail(s, e) for s in rows]
-        for seq in rows:
-            seq.held += 1
-        return self._sample(rows, logits)
+            return events + [self._fail(s, e) for s in rows]
+        plain, at_rows, at = [], [], 0
+        for seq, fed in zip(rows, feeds):
+            if seq.request.params.speculative:
+                row_hidden = None if hidden is None else hidden[at : at + len(fed)]
+                events += self.speculation.settle(
+                    seq, logits[at : at + len(fed)], fed, self._sample_one, row_hidden
+                )
+            else:  # one token fed: sampled with the other plain rows in one call
+                seq.held += 1
+                plain.append(seq)
+                at_rows.append(at)
+            at += len(fed)
+        if plain:
+            if len(plain) < len(logits):
+                logits = logits.index_select(0, torch.tensor(at_rows, device=logits.device))
+            events += self._sample(plain, logits)
+        return events
 
     # --- pieces --------------------------------------------------------------------------
 
@@ -364,22 +401,33 @@ class Engine:
         one batched call for the rows that need nothing of their own); a row whose sampling
         fails ends alone."""
         chosen = sample_rows(logits, [seq.request for seq in seqs])
-        events = []
-        for seq, token in zip(seqs, chosen):
-            if isinstance(token, Exception):
-                events.append(self._fail(seq, token))
-                continue
-            req = seq.request
-            if seq.first_token_at is None:
-                seq.first_token_at = time.perf_counter()
-            self.counters.generated_tokens += 1
-            stops = req.params.stop_token_ids + ([] if req.params.ignore_eos else list(req.stop_ids))
-            if token in stops:
-                req.finish_reason = "stop"
-            elif len(req.output_ids) >= seq.limit:
-                req.finish_reason = "length"
-            events.append((req, token))
-        return events
+        return [
+            self._fail(s, t) if isinstance(t, Exception) else self._took(s, t) for s, t in zip(seqs, chosen)
+        ]
+
+    def _sample_one(
+        self, seq: Sequence, logits: torch.Tensor, choose=sample_row
+    ) -> tuple[Request, int | None]:
+        """Chooses one row's token with `choose(logits, request)` (a speculating row's chooser
+        keeps or replaces a proposal)."""
+        try:
+            token = choose(logits, seq.request)
+        except Exception as e:  # noqa: BLE001 - this row's parameters or logits, not the batch's
+            return self._fail(seq, e)
+        return self._took(seq, token)
+
+    def _took(self, seq: Sequence, token: int) -> tuple[Request, int]:
+        """Counts a row's chosen token and finishes the row when the token ends it."""
+        req = seq.request
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        self.counters.generated_tokens += 1
+        stops = req.params.stop_token_ids + ([] if req.params.ignore_eos else list(req.stop_ids))
+        if token in stops:
+            req.finish_reason = "stop"
+        elif len(req.output_ids) >= seq.limit:
+            req.finish_reason = "length"
+        return req, token
 
     def _fail(self, seq: Sequence, error: Exception) -> tuple[Request, None]:
         seq.error, seq.request.finish_reason = error, ERROR
