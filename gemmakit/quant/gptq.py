@@ -72,13 +72,21 @@ def quantize_columns(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return torch.clamp(torch.round(w / scale.view(shape)) + zero.view(shape), 0, MAXQ)
 
 
-def rtn_quantize(weight: torch.Tensor, group_size: int, sym: bool = False, mse: bool = False) -> dict:
-    """Round-to-nearest with GPTQ's grid: the baseline GPTQ improves on (same layout)."""
+def rtn_quantize(
+    weight: torch.Tensor,
+    group_size: int,
+    sym: bool = False,
+    mse: bool = False,
+    weights: torch.Tensor | None = None,
+) -> dict:
+    """Round-to-nearest with GPTQ's grid: the baseline GPTQ improves on (same layout).
+    `mse`/`weights` (K,): `group_params`' range search, each column's error weighed."""
     N, K = weight.shape
     w = weight.detach().float().view(N, K // group_size, group_size)
     scales, zeros, levels = [], [], []
     for g in range(K // group_size):
-        s, z = group_params(w[:, g], sym, mse)
+        cols = None if weights is None else weights[g * group_size : (g + 1) * group_size]
+        s, z = group_params(w[:, g], sym, mse, cols)
         scales.append(s), zeros.append(z), levels.append(quantize_columns(w[:, g], s, z))
     return _result(
         torch.cat(levels, 1), torch.stack(scales, 1), torch.stack(zeros, 1), torch.arange(K) // group_size
@@ -296,6 +304,28 @@ def _run_block(block, states, update: bool = False):
             s["h"] = h
 
 
+def gptq_quantize_block(block: nn.Module, states: list[dict], settings: GPTQSettings):
+    """Swaps the block's linears for GPTQ-quantized ones, calibrated on `states` (its inputs)."""
+    from gemmakit.quant.gptq_linear import GPTQLinear
+
+    for stage in _stages(block_linears(block), settings.true_sequential):
+        collectors = {name: HessianCollector(m.in_features) for name, m in stage.items()}
+        hooks = [m.register_forward_pre_hook(collectors[name]) for name, m in stage.items()]
+        try:
+            _run_block(block, states)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, m in stage.items():
+            q = gptq_quantize(m.weight, collectors[name].hessian(), settings=settings)
+            replace_linear(block, name, GPTQLinear.from_quantized(q, settings.group_size, m.weight.dtype))
+
+
+def replace_linear(block: nn.Module, name: str, module: nn.Module):
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, leaf, module)
+
+
 def gptq_quantize_model(
     model: nn.Module,
     windows: list[torch.Tensor],
@@ -312,27 +342,12 @@ def gptq_quantize_model(
     """
     from tqdm import tqdm
 
-    from gemmakit.quant.gptq_linear import GPTQLinear
-
     settings = settings or GPTQSettings(group_size, desc_act)
     model.eval()
     with torch.no_grad():
         states = block_states(model, windows)
         for block in tqdm(model.model.layers, desc="gptq", disable=not progress, leave=False):
-            for stage in _stages(block_linears(block), settings.true_sequential):
-                collectors = {name: HessianCollector(m.in_features) for name, m in stage.items()}
-                hooks = [m.register_forward_pre_hook(collectors[name]) for name, m in stage.items()]
-                try:
-                    _run_block(block, states)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-                for name, m in stage.items():
-                    q = gptq_quantize(m.weight, collectors[name].hessian(), settings=settings)
-                    parent_name, _, leaf = name.rpartition(".")
-                    parent = block.get_submodule(parent_name) if parent_name else block
-                    module = GPTQLinear.from_quantized(q, settings.group_size, m.weight.dtype)
-                    setattr(parent, leaf, module)
+            gptq_quantize_block(block, states, settings)
             _run_block(block, states, update=True)  # the next block's inputs: this block quantized
     model.quantization = {
         "kind": "gptq", "group_size": settings.group_size, "desc_act": settings.desc_act and not settings.static_groups,
