@@ -160,7 +160,9 @@ def test_quantize_method_gptq_cli_writes_a_folder_gemmakit_loads(hf_folder, tmp_
     )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["method"] == "gptq" and summary["calibration"].endswith("eval_text_wiki.txt")
+    assert (
+        summary["method"] == "gptq" and summary["calibration"] == "eval_text_wiki.txt + guanaco_sample.jsonl"
+    )
     assert (out / "tokenizer.model").exists()
     model = load(out, dtype="float32", device="cpu").model
     assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
