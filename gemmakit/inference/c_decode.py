@@ -5,8 +5,7 @@
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
 bfloat16, int8 weight-only (gemmakit's int8 quantization), GPTQ / AWQ 4-bit (csrc/packed4.c)
 or GGUF blocks of a type csrc/gguf_blocks.c runs (a GGUF loaded with its own types), no
-adapters, no training. Else
-it returns None and the caller runs the torch model. Activations are float32 in the step; a
+adapters, no training. Else it returns None and the caller runs the torch model. Activations are float32 in the step; a
 float32 model therefore decodes as the torch model does up to the order of additions
 (tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
 not rounded to bfloat16 after every operation, as llama.cpp runs its 16-bit files. The C step
