@@ -4,7 +4,8 @@ A leaf module (standard library and `errors` only), so any layer can ask for a p
 importing the layers above it.
 
 The model caches (`converted/`: GGUFs dequantized into HF folders; `quantized/`: quantized
-tensors) hold one folder per entry, each up to a model's float32 size, so they are bounded: a
+tensors; `tokenizers/`: SentencePiece models built from GGUF vocabularies, a few MB each) hold
+one folder per entry, each up to a model's float32 size, so they are bounded: a
 write that takes the total past `cache_limit()` removes the entries used least recently first
 (`evict`). An entry's last use is the modification time of its `LAST_USED` file, touched on
 every read (`mark_used`); atime is unreliable (noatime, relatime mounts).
@@ -36,7 +37,7 @@ def cache_dir() -> Path:
 
 
 # --- the model caches -------------------------------------------------------------------------
-CACHE_KINDS = ("converted", "quantized")
+CACHE_KINDS = ("converted", "quantized", "tokenizers")
 LAST_USED = ".last-used"
 # Written by the cache's writer: {"source": the model it was made from}, for `gemmakit cache list`.
 SOURCE_FILE = "cache-source.json"

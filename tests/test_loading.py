@@ -31,6 +31,17 @@ def test_not_a_gguf(tmp_path):
         load(f)
 
 
+def test_gguf_is_recognized_by_its_magic(tmp_path):
+    """A GGUF without the .gguf suffix is found by its first four bytes, read alone."""
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(b"GGUF" + bytes(60))
+    assert resolve(blob).kind == "gguf"
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ModelFileError, match="not a GGUF file or a model folder"):
+        resolve(other)
+
+
 def test_unknown_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})

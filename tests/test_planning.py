@@ -277,3 +277,27 @@ def test_gemma_configs_are_read_by_the_model_loaders_parser():
     assert from_hf_dict(raw, "gemma-2b") == from_gemma_config(
         from_hf_config(raw, "gemma-2b"), source="config.json"
     )
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q3_k_m", "q2_k", "q8_0"])
+def test_gguf_plan_is_the_writers_mix(tmp_path, mix):
+    """`gguf_tensor_types` is the writer's own plan: a model exported with `--type MIX` holds
+    each tensor in the type the planner predicts, fallbacks for rows that are not whole
+    256-blocks included (the second model is 64 wide)."""
+    from gemmakit.export import export
+    from gemmakit.formats.gguf import GGUFFile, gguf_to_hf_name
+    from tests.conftest import random_hf_model
+    from tests.test_export import tiny_sentencepiece
+    from tests.test_gguf_quantize import needs_kernels, tiny_256
+
+    if needs_kernels.args[0]:
+        pytest.skip("the C kernels do not build here")
+    narrow = tmp_path / "narrow"
+    random_hf_model("gemma3").save_pretrained(narrow)
+    (narrow / "tokenizer.model").write_bytes(tiny_sentencepiece())
+    for folder in (tiny_256(tmp_path), narrow):
+        out = tmp_path / f"{folder.name}.{mix}.gguf"
+        export(model=str(folder), to="gguf", output=out, qtype=mix, progress=False)
+        written = {gguf_to_hf_name(n): t.ggml_type.name for n, t in GGUFFile(out).tensors.items()}
+        arch = from_hf_dict(json.loads((folder / "config.json").read_text()), folder.name)
+        assert gguf_tensor_types(arch, mix) == written, folder.name

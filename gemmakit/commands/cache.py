@@ -1,13 +1,14 @@
 """`gemmakit cache list|clear`: what the model caches hold, and emptying them.
 
-The caches (`paths.CACHE_KINDS`) keep GGUFs dequantized to float32 and quantized models, so a
-second load takes milliseconds; they are bounded by `$GEMMAKIT_CACHE_MAX_BYTES` (least
+The caches (`paths.CACHE_KINDS`) keep GGUFs dequantized to float32, quantized models and the
+tokenizers built from GGUF vocabularies, so a second load takes milliseconds; they are bounded by `$GEMMAKIT_CACHE_MAX_BYTES` (least
 recently used entries go first), and `clear` empties them at once.
 """
 
 from __future__ import annotations
 
 from gemmakit.commands.common import print_json
+from gemmakit.paths import CACHE_KINDS
 
 
 def add_arguments(p):
@@ -15,7 +16,7 @@ def add_arguments(p):
     ls = sub.add_parser("list", help="entries, sizes and last use, least recently used first")
     ls.add_argument("--json", action="store_true", help="print the entries as JSON")
     clear = sub.add_parser("clear", help="remove every entry (the bundled model stays)")
-    clear.add_argument("--kind", choices=["converted", "quantized"], default=None, help="only this cache")
+    clear.add_argument("--kind", choices=CACHE_KINDS, default=None, help="only this cache")
 
 
 def _source(entry) -> str | None:
@@ -44,7 +45,7 @@ def run(args) -> int:
     from gemmakit.paths import age, cache_dir, cache_entries, cache_limit, clear_cache
 
     if args.action == "clear":
-        removed = clear_cache((args.kind,) if args.kind else ("converted", "quantized"))
+        removed = clear_cache((args.kind,) if args.kind else CACHE_KINDS)
         print(f"removed {_count(len(removed))}, {_size(sum(e.bytes for e in removed))} from {cache_dir()}")
         return 0
     entries, limit = cache_entries(), cache_limit()
@@ -67,6 +68,6 @@ def run(args) -> int:
     )
     for e in entries:
         print(
-            f"  {e.kind:<9}  {_size(e.bytes):>9}  used {age(e.last_used):<12}  {e.path.name}  {_source(e) or ''}"
+            f"  {e.kind:<10}  {_size(e.bytes):>9}  used {age(e.last_used):<12}  {e.path.name}  {_source(e) or ''}"
         )
     return 0

@@ -144,9 +144,9 @@ def from_gguf_metadata(metadata: dict, pieces: list[str], source: str = "GGUF") 
     """The template(s) a GGUF file carries (llama.cpp's `tokenizer.chat_template` keys), or None."""
     templates = {}
     prefix = "tokenizer.chat_template."
-    for key, value in metadata.items():
-        if key.startswith(prefix) and isinstance(value, str):
-            templates[key[len(prefix) :]] = value
+    for key in metadata:  # keys only: a lazy mapping (GGUFMetadata) decodes a value when read
+        if key.startswith(prefix) and isinstance(metadata[key], str):
+            templates[key[len(prefix) :]] = metadata[key]
     if isinstance(metadata.get("tokenizer.chat_template"), str):
         templates[DEFAULT] = metadata["tokenizer.chat_template"]
     if not templates:
@@ -185,10 +185,10 @@ def folder_files(template: ChatTemplate) -> dict[str, str]:
 
 def default_special_tokens(pieces: list[str]) -> dict[str, str]:
     """Gemma's special tokens, where the vocabulary has them (GemmaTokenizer's defaults)."""
-    present = set(pieces)
     defaults = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
                 "mask_token": "<mask>"}  # fmt: skip
-    return {k: v for k, v in defaults.items() if v in present}
+    # Five membership tests, not a set of the whole vocabulary (`pieces` may be a lazy view).
+    return {k: v for k, v in defaults.items() if v in pieces}
 
 
 def _named_templates(value, path: Path) -> dict[str, str]:

@@ -2,15 +2,16 @@
 
 The `gguf` package (llama.cpp's own) does the block dequantization. Its `GGUFReader` builds a
 numpy view per vocabulary entry (measured: about 10 s for Gemma 3's 262k-token vocabulary), so
-the header is parsed here directly: one pass over the key/value section, string arrays
-decoded in a loop, numeric arrays as numpy views. Tensor data is memory-mapped and never
-copied until asked for.
+the header is parsed here directly, in one pass (`formats/gguf_metadata.py`: large arrays are
+decoded only when read). Tensor data is memory-mapped and never copied until asked for.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.formats.gguf_metadata import ARRAY, Cursor, GGUFMetadata
 from gemmakit.hf_config import from_hf_config
+
+
+def _gguf_constants():
+    """gguf-py's `gguf.constants` (the ggml type ids and block sizes) without running the
+    package's `__init__`, which imports its reader, writer and metadata modules (and through
+    them yaml): 0.05 s after torch's import, 0.17 s on a busy machine (measured with
+    `python -X importtime`), in a load that now takes ~0.2 s. The module is registered under its own name, so a later
+    `import gguf` takes this very module (its `from .constants import *` finds it in
+    `sys.modules`) and the enum is one class for everyone. (The one difference: the package
+    then has no `constants` attribute; `from gguf.constants import X`, `from gguf import
+    constants` and the names `gguf` re-exports all work.)"""
+    name = "gguf.constants"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("gguf")  # locates the package, runs nothing
+        path = Path(package.origin).parent / "constants.py" if package and package.origin else None
+        if path is None or not path.is_file():  # not a plain folder (a zip, say): the usual way
+            import gguf.constants
+
+            return gguf.constants
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+GGML_QUANT_SIZES = _gguf_constants().GGML_QUANT_SIZES
+GGMLQuantizationType = _gguf_constants().GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 # Types whose values are floats (read as they are), not blocks.
@@ -32,12 +64,6 @@ DEFAULT_ALIGNMENT = 32
 # Values per dequantization chunk in GGUFFile.tensor: 16 MB in float32.
 CHUNK_VALUES = 1 << 22
 
-# GGUF value types (gguf-py constants.GGUFValueType).
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
-_NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-                6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}  # fmt: skip
-_STRING, _ARRAY = 8, 9
 
 # GGUF architecture string -> HF architecture.
 GGUF_ARCHITECTURES = {
@@ -152,66 +178,9 @@ class TensorInfo:
     nbytes: int
 
 
-class _Cursor:
-    """Sequential little-endian reads over a bytes-like buffer."""
-
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def need(self, n: int):
-        if self.pos + n > len(self.buf):
-            raise ModelFileError(f"{self.path}: truncated GGUF header (ends at byte {len(self.buf)})")
-
-    def scalar(self, vtype: int):
-        fmt = _SCALAR_FORMATS.get(vtype)
-        if fmt is None:
-            raise ModelFileError(f"{self.path}: corrupt GGUF header (value type {vtype})")
-        size = struct.calcsize(fmt)
-        self.need(size)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        n = self.scalar(10)
-        self.need(n)
-        raw = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, count = self.scalar(4), self.scalar(10)
-            if etype == _STRING:
-                return self.string_array(count)
-            if etype in _NUMPY_TYPES:
-                dtype = np.dtype(_NUMPY_TYPES[etype])
-                self.need(count * dtype.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
-                self.pos += count * dtype.itemsize
-                return arr.copy()
-            return [self.value(etype) for _ in range(count)]
-        return self.scalar(vtype)
-
-    def string_array(self, count: int) -> list[str]:
-        buf, pos, out = self.buf, self.pos, []
-        unpack, end = struct.Struct("<Q").unpack_from, len(buf)
-        append = out.append
-        for _ in range(count):
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if pos + n > end:
-                raise ModelFileError(f"{self.path}: truncated GGUF string array")
-            append(str(buf[pos : pos + n], "utf-8", "replace"))
-            pos += n
-        self.pos = pos
-        return out
-
-
 class GGUFFile:
-    """A GGUF file: `metadata` (dict), `tensors` (name -> TensorInfo), lazy tensor data."""
+    """A GGUF file: `metadata` (a `GGUFMetadata` mapping), `tensors` (name -> TensorInfo), lazy
+    tensor data."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -232,16 +201,19 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: corrupt GGUF header ({type(e).__name__}: {e})") from None
 
     def _read_header(self, buf: memoryview):
-        cur = _Cursor(buf, self.path)
+        cur = Cursor(buf, self.path)
         cur.pos = 4
         self.version = cur.scalar(4)
         if self.version not in (2, 3):
             raise ModelFileError(f"{self.path}: unsupported GGUF version {self.version}")
         n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
-        self.metadata: dict[str, Any] = {}
+        self.metadata = GGUFMetadata(buf, self.path)
         for _ in range(n_kv):
             key = cur.string()
-            self.metadata[key] = cur.value(cur.scalar(4))
+            start = cur.pos
+            vtype = cur.scalar(4)
+            value = cur.array_or_span() if vtype == ARRAY else cur.value(vtype)
+            self.metadata._add(key, value, start, cur.pos)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -350,6 +322,8 @@ class GGUFFile:
             return torch.from_numpy(raw.astype(np.float32))
         if ggml_type == GGMLQuantizationType.BF16:
             return torch.from_numpy(np.array(raw)).view(torch.bfloat16)
+        from gguf import quants as gguf_quants
+
         try:
             return torch.from_numpy(gguf_quants.dequantize(np.ascontiguousarray(raw), ggml_type))
         except NotImplementedError:
@@ -397,7 +371,8 @@ def _config_from_gguf(g: GGUFFile) -> GemmaConfig:
         raise ModelFileError(f"{g.path}: {arch}.attention.head_count must be positive, not {heads}")
     layers = int(get("block_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
-    vocab = len(md.get("tokenizer.ggml.tokens", [])) or g.tensors["token_embd.weight"].shape[0]
+    tokens = "tokenizer.ggml.tokens"
+    vocab = (md.array_length(tokens) if tokens in md else 0) or g.tensors["token_embd.weight"].shape[0]
     window = md.get(f"{arch}.attention.sliding_window")
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),

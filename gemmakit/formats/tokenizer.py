@@ -15,10 +15,12 @@ as transformers renders it; otherwise Gemma 1/2/3's turn format (`render_chat`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from gemmakit.errors import ModelFileError
 from gemmakit.formats import chat_template as templates
+from gemmakit.formats import tokenizer_cache
 from gemmakit.formats.chat_template import ChatTemplate, ChatTemplateError
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF token types use the same ids.
@@ -46,29 +48,71 @@ class Tokenizer:
         types: list[int] | None = None,
         chat_template: ChatTemplate | None = None,
     ):
-        self._backend = backend  # a SentencePieceProcessor, or a tokenizers.Tokenizer
-        self.pieces = pieces
-        self.vocab_size = len(pieces)
-        self._ids = {p: i for i, p in enumerate(pieces)}
         types = types or [NORMAL] * len(pieces)
-        self.types = types
+        self._pieces, self._types = pieces, types
+        self._piece_ids: dict[str, int] | None = {p: i for i, p in enumerate(pieces)}
         control = [p for p, t in zip(pieces, types) if t == CONTROL]
-        self._control = {p: self._ids[p] for p in control}
-        self._control_re = _control_pattern(control)
-        self.bos_id = self._ids.get("<bos>", 2)
-        self.eos_id = self._ids.get("<eos>", 1)
-        self.pad_id = self._ids.get("<pad>", 0)
-        self.end_of_turn_id = self._ids.get("<end_of_turn>")
-        self.start_of_turn_id = self._ids.get("<start_of_turn>")
-        turn_ends = (self._ids.get(p) for p in END_OF_TURN)
+        self._setup(backend, len(pieces), {p: self._ids[p] for p in control}, self._ids.get, chat_template)
+
+    @classmethod
+    def _with_lazy_vocabulary(
+        cls, backend, vocab_size: int, control: dict[str, int], find, vocabulary, chat_template
+    ) -> Tokenizer:
+        """A tokenizer whose `pieces` and `types` lists are made by `vocabulary()` when first
+        read: encoding and decoding need only the backend, the control pieces and the ids of
+        a few named pieces (`find(piece)`, None when absent), and 262k Python strings cost
+        ~0.1 s and ~30 MB that most runs never use."""
+        tok = cls.__new__(cls)
+        tok._pieces = tok._types = tok._piece_ids = None
+        tok._vocabulary = vocabulary
+        tok._setup(backend, vocab_size, control, find, chat_template)
+        return tok
+
+    def _setup(self, backend, vocab_size: int, control: dict[str, int], find, chat_template):
+        self._backend = backend  # a SentencePieceProcessor, or a tokenizers.Tokenizer
+        self.vocab_size = vocab_size
+        self._control = control
+        self._control_re = _control_pattern(list(control))
+
+        def named(piece: str, default: int | None) -> int | None:
+            found = find(piece)
+            return default if found is None else found
+
+        self.bos_id = named("<bos>", 2)
+        self.eos_id = named("<eos>", 1)
+        self.pad_id = named("<pad>", 0)
+        self.end_of_turn_id = named("<end_of_turn>", None)
+        self.start_of_turn_id = named("<start_of_turn>", None)
+        turn_ends = (find(p) for p in END_OF_TURN)
         self.stop_ids = tuple(i for i in (self.eos_id, *turn_ends) if i is not None)
-        self.special_ids = frozenset(self._control.values())
+        self.special_ids = frozenset(control.values())
+        self._special_pieces = {i: p for p, i in control.items()}
         self.chat_template = chat_template
         # llama.cpp's gemma4 vocabulary: the control, unknown and user-defined pieces cut out
         # first, then the newline runs that are tokens, taken whole before BPE.
         self._kept_pieces: dict[str, int] = {}
         self._kept_re = None
         self._newline_runs: dict[str, int] = {}
+
+    @property
+    def pieces(self) -> list[str]:
+        """Every token's string, by id (user-defined pieces with real spaces, as the file has them)."""
+        if self._pieces is None:
+            self._pieces, self._types = self._vocabulary()
+        return self._pieces
+
+    @property
+    def types(self) -> list[int]:
+        """Every token's SentencePiece type (NORMAL, CONTROL, ...), by id."""
+        if self._types is None:
+            self._pieces, self._types = self._vocabulary()
+        return self._types
+
+    @property
+    def _ids(self) -> dict[str, int]:
+        if self._piece_ids is None:
+            self._piece_ids = {p: i for i, p in enumerate(self.pieces)}
+        return self._piece_ids
 
     # --- construction ---------------------------------------------------------------------
 
@@ -81,20 +125,43 @@ class Tokenizer:
             raise ModelFileError(
                 f"{source}: tokenizer model {model!r} is neither SentencePiece ('llama') nor 'gemma4'"
             )
-        try:
-            pieces = list(metadata["tokenizer.ggml.tokens"])
-            scores = [float(s) for s in metadata["tokenizer.ggml.scores"]]
-            types = [int(t) for t in metadata["tokenizer.ggml.token_type"]]
-        except KeyError as e:
-            raise ModelFileError(f"{source}: no tokenizer in the file (missing {e.args[0]})") from None
+        for key in (_TOKENS, _SCORES, _TOKEN_TYPES):
+            if key not in metadata:
+                raise ModelFileError(f"{source}: no tokenizer in the file (missing {key})")
+        folder = tokenizer_cache.entry_folder(metadata)
+        cached = _cached_sentencepiece(folder, metadata)
+        if cached is not None:
+            return cls._from_sentencepiece(cached, metadata, source)
+        pieces, types = _gguf_vocabulary(metadata)
+        scores = [float(s) for s in metadata[_SCORES]]
         # llama.cpp writes user-defined whitespace pieces with real spaces; SentencePiece
         # matches them after escaping spaces, so escape them back. Gemma's tokenizers never
         # add a dummy prefix, whatever add_space_prefix says (some GGUFs say 1; transformers
         # and Google's tokenizer.model do not prefix: "Hello" -> [9259], not "▁Hello").
         pieces_sp = [p.replace(" ", SPACE) if t == USER_DEFINED else p for p, t in zip(pieces, types)]
         proto = _sentencepiece_proto(pieces_sp, scores, types)
+        backend = _load_sentencepiece(proto, source)
+        tokenizer_cache.write_model(folder, proto, source)
         template = templates.from_gguf_metadata(metadata, pieces, source)
-        return cls(_load_sentencepiece(proto, source), pieces, types, template)
+        return cls(backend, pieces, types, template)
+
+    @classmethod
+    def _from_sentencepiece(cls, sp, metadata, source: str) -> Tokenizer:
+        """The tokenizer of a GGUF vocabulary whose SentencePiece model is already built (the
+        cache), without decoding the pieces: the control pieces come from the file's types
+        and the model (SentencePiece stores them unescaped), the named ids from the model,
+        which refuses duplicate pieces, so a piece's id there is the only one."""
+        import numpy as np
+
+        size = sp.GetPieceSize()  # the file's token count (`_cached_sentencepiece` checked)
+        types = np.asarray(metadata[_TOKEN_TYPES])[:size]
+        control_ids = np.flatnonzero(types == CONTROL).tolist()
+        control = dict(zip(sp.IdToPiece(control_ids), control_ids)) if control_ids else {}
+        view = _SentencePieces(sp, types, metadata)
+        template = templates.from_gguf_metadata(metadata, view, source)
+        return cls._with_lazy_vocabulary(
+            sp, size, control, view.find, lambda: _gguf_vocabulary(metadata), template
+        )
 
     @classmethod
     def _from_gguf_bpe(cls, metadata: dict, source: str) -> Tokenizer:
@@ -243,7 +310,7 @@ class Tokenizer:
         for i in ids:
             if i in self.special_ids:
                 out.append(self._decode_plain(run))
-                out.append(self.pieces[i])
+                out.append(self._special_pieces[i])
                 run = []
             else:
                 run.append(i)
@@ -375,6 +442,60 @@ def _bpe_backend(pieces: list[str], types: list[int], merges: list[str], source:
             added.append(tokenizers.AddedToken(p, special=t != USER_DEFINED, normalized=False))
     backend.add_tokens(added)
     return backend
+
+
+_TOKENS, _SCORES, _TOKEN_TYPES = "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"
+
+
+def _gguf_vocabulary(metadata) -> tuple[list[str], list[int]]:
+    return list(metadata[_TOKENS]), [int(t) for t in metadata[_TOKEN_TYPES]]
+
+
+def _cached_sentencepiece(folder, metadata):
+    """The cached SentencePiece model of this vocabulary, or None (no entry, or one that does
+    not load or does not have the file's token count: it is rebuilt and rewritten)."""
+    proto = tokenizer_cache.read_model(folder)
+    if proto is None:
+        return None
+    try:
+        sp = _load_sentencepiece(proto, str(folder))
+    except ModelFileError:
+        return None
+    return sp if sp.GetPieceSize() == metadata.array_length(_TOKENS) else None
+
+
+class _SentencePieces(Sequence):
+    """A GGUF vocabulary's pieces read from its SentencePiece model one at a time, for what
+    needs a few of them (the chat template's special tokens, the named ids) before or without
+    the whole list. A user-defined piece gets its spaces back (the model holds them escaped,
+    as `from_gguf_metadata` builds it)."""
+
+    def __init__(self, sp, types, metadata):
+        self._sp, self._types, self._metadata = sp, types, metadata
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"token id {i} out of range")
+        piece = self._sp.IdToPiece(i)
+        return piece.replace(SPACE, " ") if self._types[i] == USER_DEFINED else piece
+
+    def find(self, piece: str) -> int | None:
+        """The id of `piece`, or None. From the model for a piece without spaces or "▁" (its
+        escaped form is itself); the others are searched in the file's decoded pieces."""
+        if " " in piece or SPACE in piece:
+            tokens = self._metadata[_TOKENS]
+            return tokens.index(piece) if piece in tokens else None
+        i = self._sp.PieceToId(piece)
+        return i if self._sp.IdToPiece(i) == piece else None
+
+    def __contains__(self, piece) -> bool:
+        return isinstance(piece, str) and self.find(piece) is not None
 
 
 def _sentencepiece_proto(pieces, scores, types) -> bytes:

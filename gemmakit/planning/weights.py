@@ -1,22 +1,16 @@
 """Bytes of a model's weights in each precision: 32/16-bit, bitsandbytes int8 and NF4, GGUF types.
 
 The bitsandbytes formats quantize only the projections inside the blocks; the GGUF types follow
-llama.cpp's quantizer tensor by tensor (`gguf_tensor_types`), so on the bundled Q4_K_M file
-the estimate matches the file's tensor bytes exactly.
+llama.cpp's quantizer tensor by tensor (`gguf_tensor_types`, the GGUF writer's own plan), so on
+the bundled Q4_K_M file the estimate matches the file's tensor bytes exactly.
 """
 
 from __future__ import annotations
 
 import math
 
-from gemmakit.planning.architecture import EMBEDDING, OUTPUT, PER_LAYER_EMBEDDING, Architecture, Tensor
+from gemmakit.planning.architecture import Architecture, Tensor
 
-# GGML block sizes and bytes per block (llama.cpp gguf-py constants.GGML_QUANT_SIZES).
-GGML_BLOCKS = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
-    "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144),
-    "Q5_K": (256, 176), "Q6_K": (256, 210),
-}  # fmt: skip
 # llama-quantize file type -> the GGML type of most of its matrices.
 GGUF_FTYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K"}
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "q8_0", "q4_0", "q4_k_m")
@@ -74,68 +68,65 @@ _KEPT_TYPES = (
 )
 
 
-def _layer_index(name: str) -> int:
-    """i of model.layers.{i}. in an HF tensor name."""
-    return int(name.split("model.layers.", 1)[1].split(".", 1)[0])
+def _converter_type(t: Tensor) -> str:
+    """The type convert_hf_to_gguf.py writes a tensor llama-quantize does not quantize in."""
+    if len(t.shape) < 2:
+        return "F32"  # norms, biases, scales
+    return next((kind for piece, kind in _KEPT_TYPES if piece in t.name), "F32")
+
+
+def _gguf_shapes(arch: Architecture) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(HF name -> GGUF name, GGUF name -> PyTorch-order shape) of the file the writer makes
+    of `arch`: llama.cpp's names (`formats.gguf`), Gemma 3n's AltUp projections stacked into
+    one tensor; a tensor without a GGUF name (a Qwen2 bias) keeps its HF name."""
+    from gemmakit.formats.gguf import STACKED_NAMES, hf_to_gguf_name
+
+    names, shapes = {}, {}
+    for t in arch.tensors():
+        stacked = next((g for g, pattern in STACKED_NAMES.items() if _matches(pattern, t.name)), None)
+        if stacked is not None:
+            count = shapes.get(stacked, (0,))[0]
+            names[t.name], shapes[stacked] = stacked, (count + 1, *t.shape)  # (n - 1, D, D)
+            continue
+        g_name = hf_to_gguf_name(t.name) or t.name
+        names[t.name], shapes[g_name] = g_name, t.shape
+    return names, shapes
+
+
+def _matches(pattern: str, name: str) -> bool:
+    head, _, tail = pattern.partition("{}")
+    return name.startswith(head) and name.endswith(tail) and name[len(head) : -len(tail)].isdigit()
 
 
 def gguf_tensor_types(arch: Architecture, ftype: str) -> dict[str, str]:
-    """The GGML type llama-quantize gives each tensor for ftype q8_0, q4_0 or q4_k_m.
-
-    The rule, from llama.cpp src/llama-quant.cpp (llama_tensor_get_type), with llama.cpp's
-    tensor names in brackets:
-      * 1-D tensors (norms, biases, scales) stay F32;
-      * lm_head [output] (or, when tied, embed_tokens [token_embd] and Gemma 3n/4's
-        per-layer table [per_layer_token_embd], both token embeddings to llama.cpp) becomes
-        Q6_K, or Q8_0 if its rows are not a multiple of the base type's block; Q8_0 files keep
-        it Q8_0;
-      * the router, AltUp, LAuReL and the per-layer projection are not quantized (_KEPT_TYPES);
-      * Q4_K_M: Q4_K everywhere, except v_proj [attn_v] (counted over the layers that have
-        one) and down_proj [ffn_down], the experts' included [ffn_down_exps] (by layer index),
-        on the layers where use_more_bits(i, n) holds (first and last eighth, every third
-        between): Q6_K;
-      * k-quants need rows that are a multiple of 256: otherwise Q4_K falls back to Q5_0,
-        Q5_K to Q5_1, Q6_K to Q8_0 (and anything else to F16).
+    """The GGML type llama-quantize gives each tensor (by HF name) for a mix such as q8_0,
+    q4_0 or q4_k_m: the writer's own plan (`formats.gguf_mix.plan_mix`, llama.cpp's
+    llama_tensor_get_type rules and fallbacks) over the GGUF tensors of `arch`, from a float
+    file; the tensors llama.cpp never quantizes keep the converter's type (`_converter_type`).
     """
-    if ftype not in GGUF_FTYPES:
-        raise ValueError(f"unknown GGUF type {ftype!r}; known: {', '.join(GGUF_FTYPES)}")
-    from gemmakit.formats.gguf_mix import use_more_bits  # the writer's rule (imports gguf)
+    from gemmakit.formats.gguf_mix import MIXES, ModelShape, allows_quantization, plan_mix
 
-    base = GGUF_FTYPES[ftype]
-    tensors = arch.tensors()
-    # llama.cpp counts attn_v tensors in order, but takes ffn_down's layer from its index.
-    v_seen, v_total = 0, sum(t.kind == "v_proj" for t in tensors)
+    if ftype not in MIXES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; known: {', '.join(MIXES)}")
+    names, shapes = _gguf_shapes(arch)
+    model = ModelShape(
+        n_layer=arch.num_layers,
+        n_gqa=arch.num_heads // max(1, arch.layer(0).kv_heads),
+        n_expert=arch.num_experts,
+    )
+    planned = plan_mix(shapes, ftype, model).types
     out = {}
-    for t in tensors:
-        kept = next((kind for piece, kind in _KEPT_TYPES if piece in t.name), None)
-        if len(t.shape) < 2 or kept:
-            out[t.name] = "F32" if len(t.shape) < 2 else kept
-            continue
-        row = t.shape[-1]  # ggml ne[0]
-        new = base
-        token_embedding = t.kind in (EMBEDDING, PER_LAYER_EMBEDDING)
-        if t.kind == OUTPUT or (token_embedding and arch.tie_word_embeddings):
-            if row % GGML_BLOCKS[base][0]:
-                new = "Q8_0"
-            elif base != "Q8_0":
-                new = "Q6_K"
-        elif t.kind == "v_proj":
-            if ftype == "q4_k_m" and use_more_bits(v_seen, v_total):
-                new = "Q6_K"
-            v_seen += 1
-        elif t.kind == "down_proj" or t.name.endswith("experts.down_proj"):
-            if ftype == "q4_k_m" and use_more_bits(_layer_index(t.name), arch.num_layers):
-                new = "Q6_K"
-        if row % GGML_BLOCKS[new][0]:
-            new = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(new, "F16")
-            if row % GGML_BLOCKS[new][0]:
-                new = "F16"
-        out[t.name] = new
+    for t in arch.tensors():
+        g_name = names[t.name]
+        kept = not allows_quantization(g_name, shapes[g_name])
+        out[t.name] = _converter_type(t) if kept else planned[g_name].name
     return out
 
 
 def ggml_nbytes(numel: int, ggml_type: str) -> int:
-    block, size = GGML_BLOCKS[ggml_type]
+    from gemmakit.formats.gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
     return numel // block * size
 
 

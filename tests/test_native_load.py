@@ -1,0 +1,67 @@
+"""What a native load of the bundled GGUF holds in memory: its block matrices as views of the
+memory-mapped file (no copy), the tied embedding once, float32 only for the norms, and a
+tokenizer that has not built the vocabulary's Python strings."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tests.test_tokenizer_cache import TEXT, tokenizer_state
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """The address ranges where this process has `path` memory-mapped (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str(path):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.fixture(scope="module")
+def native():
+    from gemmakit.loading import load
+
+    return load(device="cpu")  # dtype auto: the file's own block types
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_native_load_copies_no_matrix(native):
+    from gemmakit.quant import GGUFLinear
+
+    mapped = file_mappings(native.source.path.resolve())
+    assert mapped, "the GGUF is not memory-mapped"
+    linears = {id(m): m for m in native.model.modules() if isinstance(m, GGUFLinear)}
+    assert len(linears) == 18 * 7 + 1  # seven projections a layer, the tied embedding / lm_head
+    for m in linears.values():
+        start = m.weight.data_ptr()
+        end = start + m.weight.numel()
+        assert any(lo <= start and end <= hi for lo, hi in mapped), "a block matrix was copied"
+    # The tied embedding reads the lm_head's bytes: the 262k x 640 table is held once.
+    assert native.model.model.embed_tokens.source is native.model.lm_head
+    floats = [t for t in native.model.state_dict().values() if t.is_floating_point()]
+    assert sum(t.nbytes for t in floats) < 2**20  # the norms, nothing else
+    assert all(t.dtype == torch.float32 for t in floats)
+
+
+def test_native_tokenizer_is_lazy_and_equals_the_folders(native, bundled):
+    """The GGUF's tokenizer (cached SentencePiece model, vocabulary lists not built) tokenizes
+    as the converted folder's tokenizer.model does."""
+    from gemmakit.formats.gguf import GGUFFile
+    from gemmakit.loading import load_tokenizer
+
+    again = load_tokenizer(native.source, GGUFFile(native.source.path))
+    for tok in (native.tokenizer, again):  # the first load may have built it; the second reads it
+        state = tokenizer_state(tok)
+        assert state["ids"] == bundled.tokenizer.encode(TEXT)
+        assert state["decoded"] == bundled.tokenizer.decode(state["ids"])
+        assert state["stop_ids"] == bundled.tokenizer.stop_ids
+    assert again._pieces is None  # nothing above needed the 262k strings
+    # The same pieces, the user-defined whitespace runs written with real spaces in the GGUF.
+    assert [p.replace(" ", "\u2581") for p in again.pieces] == bundled.tokenizer.pieces
