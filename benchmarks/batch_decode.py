@@ -1,5 +1,6 @@
 """Decode speed of the batched C step at 1..32 rows against the single-row C step and the
-torch batched step, on the bundled Gemma 3 270M (float32 dequantized, bfloat16, int8).
+torch batched step, on the bundled Gemma 3 270M (float32 dequantized, bfloat16, int8, or
+`gguf`: the file's own block types, multiplied with 8-bit activation blocks).
 
     python benchmarks/batch_decode.py [--rows 1,2,4,8,16,32] [--weights float32,bfloat16,int8]
         [--context 64] [--steps 8] [--threads N] [--no-torch] [--tiny] [--json]
@@ -33,7 +34,12 @@ RING_SLACK = 16
 
 
 def load_model(weights: str, tiny: bool) -> nn.Module:
-    """The bundled model (or a tiny random one) with float32, bfloat16 or int8 weights."""
+    """The bundled model (or a tiny random one) with float32, bfloat16 or int8 weights, or
+    (gguf) the bundled file's own block types."""
+    if weights == "gguf":
+        from gemmakit.loading import load
+
+        return load(device="cpu").model
     if tiny:
         config = PRESETS["gemma-3-270m"]
         config = config.replace(vocab_size=4096, num_hidden_layers=4, layer_types=config.layer_types[:4])
@@ -111,7 +117,7 @@ def torch_seconds(model, rows: int, context: int, steps: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32", help="row counts, comma-separated")
-    parser.add_argument("--weights", default="float32,bfloat16,int8", help="float32, bfloat16, int8")
+    parser.add_argument("--weights", default="float32,bfloat16,int8", help="float32, bfloat16, int8, gguf")
     parser.add_argument("--context", type=int, default=64, help="position of every row's first timed step")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch and C step threads")

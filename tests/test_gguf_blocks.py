@@ -23,10 +23,11 @@ from gemmakit.kernels import cpu as cpu_kernels
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
 
 T = GGMLQuantizationType
-TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 # Where each block keeps its fp16 scales (ggml-common.h block_q*): d (and the min's scale).
 HALF_AT = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-           T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}  # fmt: skip
+           T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+           T.IQ4_NL: (0,), T.IQ4_XS: (0,)}  # fmt: skip
 
 
 def random_blocks(ggml_type, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -61,15 +62,15 @@ def test_dequantize_is_the_gguf_packages_bit_for_bit(ggml_type):
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_products_match_a_float64_reference(ggml_type, rows):
-    """The mat-vec (one row) and the multi-row product equal x W^T computed in float64 on the
-    dequantized weight, within float32 summation error (float32 activations, no rounding of
-    them to 8 bits)."""
+    """The float products (one row: the mat-vec; more: the multi-row kernel) equal x W^T
+    computed in float64 on the dequantized weight, within float32 summation error (float32
+    activations, no rounding of them to 8 bits: tests/test_gguf_dot.py covers that product)."""
     block = GGML_QUANT_SIZES[ggml_type][0]
     k = block * 10 if block == 32 else block * 3
     raw = random_blocks(ggml_type, 45, k, seed=1)
     w = torch.from_numpy(quants.dequantize(raw, ggml_type)).double()
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(2))
-    y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(ggml_type), k)
+    y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(ggml_type), k, rounded=False)
     expected = x.double() @ w.T
     scale = (x.double().abs() @ w.abs().T).max()
     assert y.shape == (rows, 45)
@@ -78,12 +79,18 @@ def test_products_match_a_float64_reference(ggml_type, rows):
 
 @needs_kernel
 def test_wide_rows_take_the_blockwise_path():
-    """Rows longer than the stack buffer (4096 values) are multiplied block by block."""
+    """Rows longer than the stack buffer (4096 values) are multiplied block by block in the
+    float product, and the rounded product's activations outgrow its stack buffer."""
     raw = random_blocks(T.Q4_K, 5, 256 * 20, seed=3)
     w = torch.from_numpy(quants.dequantize(raw, T.Q4_K)).double()
     x = torch.randn(3, 256 * 20, generator=torch.Generator().manual_seed(4))
-    y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(T.Q4_K), 256 * 20)
+    y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(T.Q4_K), 256 * 20, rounded=False)
     torch.testing.assert_close(y.double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+    rounded = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(T.Q4_K), 256 * 20)
+    alone = cpu_kernels.gguf_matmul(x[2:], torch.from_numpy(raw), int(T.Q4_K), 256 * 20)
+    assert torch.equal(rounded[2:], alone)  # heap buffers, the same product
+    # 8-bit activations: about 0.4% of a value's magnitude each, spread over 5120 products
+    torch.testing.assert_close(rounded, y, rtol=0, atol=0.02 * float(y.abs().max()))
 
 
 @needs_kernel
@@ -91,7 +98,7 @@ def test_kernels_refuse_what_they_do_not_run():
     raw = torch.from_numpy(random_blocks(T.Q8_0, 4, 64))
     assert cpu_kernels.gguf_row_bytes(int(T.Q8_0), 64) == 68
     assert cpu_kernels.gguf_row_bytes(int(T.Q8_0), 48) is None  # not whole blocks
-    assert cpu_kernels.gguf_row_bytes(int(T.IQ4_NL), 64) is None  # a type the C unit lacks
+    assert cpu_kernels.gguf_row_bytes(int(T.IQ2_XXS), 256) is None  # a type the C unit lacks
     assert cpu_kernels.gguf_matmul(torch.randn(2, 64), raw, int(T.Q4_0), 64) is None  # bytes per row differ
     assert cpu_kernels.gguf_matmul(torch.randn(2, 64).double(), raw, int(T.Q8_0), 64) is None
 
@@ -100,7 +107,8 @@ def test_kernels_refuse_what_they_do_not_run():
 @pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-f16c")])
 def test_fallback_paths_agree(flags):
     """The AVX2 and scalar builds (a CI machine without AVX-512) dequantize the same bits and
-    give the same products up to float32 summation order."""
+    give the same float products up to float32 summation order (the rounded products:
+    tests/test_gguf_dot.py, bit for bit)."""
     lib = kernel_build.compile_library(kernel_build.FLAGS + flags)
     if lib is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
@@ -115,12 +123,12 @@ def test_fallback_paths_agree(flags):
         for rows in (1, 2):
             y = torch.empty(rows, 9)
             if rows == 1:
-                lib.gguf_matvec(int(ggml_type), raw.data_ptr(), k, x.data_ptr(), y.data_ptr(), 0, 9)
+                lib.gguf_matvec_f32(int(ggml_type), raw.data_ptr(), k, x.data_ptr(), y.data_ptr(), 0, 9)
             else:
-                lib.gguf_matmul_rows(
+                lib.gguf_matmul_rows_f32(
                     int(ggml_type), raw.data_ptr(), 9, k, x.data_ptr(), 2, y.data_ptr(), 0, 9
                 )
-            expected = cpu_kernels.gguf_matmul(x[:rows], raw, int(ggml_type), k)
+            expected = cpu_kernels.gguf_matmul(x[:rows], raw, int(ggml_type), k, rounded=False)
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -137,18 +145,25 @@ def _linear(ggml_type=T.Q4_K, n=40, k=512, seed=7):
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_gguf_linear_is_the_dequantized_product(rows, monkeypatch):
-    """One row (mat-vec), a few (multi-row kernel) and many (tiles of dequantized rows, made
-    small here so several tiles run) give x W^T of the dequantized weight."""
+    """While autograd records (a LoRA adapter's frozen base), one row (mat-vec), a few
+    (multi-row kernel) and many (tiles of dequantized rows, made small here so several tiles
+    run) give x W^T of the dequantized weight; for inference the activations are rounded to
+    8-bit blocks (llama.cpp's product: cpu_kernels.gguf_matmul), whatever the row count."""
     gguf_ops = importlib.import_module("gemmakit.ops.gguf_linear")  # the module, not the function
     monkeypatch.setattr(gguf_ops, "TILE_VALUES", 512 * 16)
     layer = _linear()
     w = torch.from_numpy(quants.dequantize(layer.weight.numpy(), T.Q4_K))
     assert torch.equal(layer.dequantize(), w)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(8))
-    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
+    trained = layer(x.clone().requires_grad_())
+    torch.testing.assert_close(trained.detach(), x @ w.T, rtol=1e-5, atol=1e-4)
+    inferred = layer(x)
+    assert torch.equal(inferred, cpu_kernels.gguf_matmul(x, layer.weight, int(T.Q4_K), 512))
+    assert not torch.equal(inferred, trained.detach())
     y16 = layer(x.bfloat16())  # computed in float32, returned in the activations' dtype
     assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.float(), x.bfloat16().float() @ w.T, rtol=2e-2, atol=2e-2)
+    expected16 = cpu_kernels.gguf_matmul(x.bfloat16().float(), layer.weight, int(T.Q4_K), 512)
+    torch.testing.assert_close(y16, expected16.bfloat16())
 
 
 def test_torch_fallback_without_the_kernels(monkeypatch):
@@ -195,6 +210,48 @@ def tiny_q8_gguf(tmp_path, hf_folder):
 IDS = [2, 17, 45, 99, 200, 31, 7, 250, 64, 12, 90, 33]
 
 
+def check_products_round_like_llama_cpp(native_model) -> list[str]:
+    """Forward hooks on every GGUF layer of the native model that check its product: the
+    float32 dequantized weight (up to 2048 of its output rows) times the input rounded as
+    llama.cpp rounds it for the layer's type (Q8_0 blocks, Q8_1 for Q4_1 / Q5_1, Q8_K for the
+    K-quants), to float32 summation error. Returns the list the hooks append each checked
+    layer's type to. (A whole model is not compared that tightly with its float32 load: an
+    input that differs in its last bits can land on the other side of a rounding's half step,
+    and over several layers such one-step flips compound.)"""
+    from gemmakit.quant import GGUFLinear
+
+    q8_k, q8_1 = {10, 11, 12, 13, 14, 23}, {3, 7}  # the rest (Q4_0, Q5_0, Q8_0, IQ4_NL): Q8_0
+    checked = []
+
+    def check(module, args, out):
+        x = args[0].reshape(-1, module.in_features).float()
+        act, block = (15, 256) if module.ggml_type in q8_k else (9 if module.ggml_type in q8_1 else 8, 32)
+        a = cpu_kernels.gguf_quantize_activations(x, act)
+        rounded = (a["q"].float().view(x.shape[0], -1, block) * a["d"].unsqueeze(-1)).view(x.shape).double()
+        w = cpu_kernels.gguf_dequantize(module.weight[:2048], module.ggml_type, module.in_features).double()
+        expected, scale = rounded @ w.T, rounded.abs() @ w.abs().T
+        if module.ggml_type in q8_1:  # the min term uses Q8_1's fp16 s, not the exact sum
+            return checked.append(module.type_name)
+        got = out.reshape(x.shape[0], -1)[:, :2048]
+        assert ((got - expected).abs() <= 1e-6 * scale.amax(-1, keepdim=True)).all(), module
+        checked.append(module.type_name)
+
+    for module in native_model.modules():
+        if isinstance(module, GGUFLinear):
+            module.register_forward_hook(check)
+    return checked
+
+
+def assert_rounded_activations_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Logits of a model whose GGUF products round their activations to 8-bit blocks against
+    its float32 dequantization: each product moves by at most half a step of its activation
+    block (|x| max / 254 per value), which the layers compound; measured on the tiny random
+    models here, at most 2.2 (of logits up to 3.4, Gemma 4 with its per-layer inputs) and 0.23
+    on average; the bounds are about twice that."""
+    diff, top = (ours - ref).abs(), ref.abs().max()
+    assert diff.max() <= 1.2 * top and diff.mean() <= 0.15 * top, (diff.max(), diff.mean(), top)
+
+
 @needs_kernel
 def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
     from gemmakit.export import float_state
@@ -218,8 +275,10 @@ def test_auto_keeps_the_files_types_and_float32_dequantizes(tiny_q8_gguf):
     a, b = float_state(native), float_state(floats)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
+        checked = check_products_round_like_llama_cpp(model)
         ours, ref = model(torch.tensor([IDS])), floats.model(torch.tensor([IDS]))
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert checked and set(checked) == {"Q8_0"}
+    assert_rounded_activations_close(ours, ref)
 
 
 @needs_kernel
@@ -257,25 +316,25 @@ def test_keep_blocks_false_and_quantize_dequantize(tiny_q8_gguf):
 
 @needs_kernel
 def test_bundled_native_matches_its_float32_load(bundled):
-    """The bundled Q4_K_M file with its own types (Q8_0, Q5_0, Q4_K, Q6_K) computes what its
-    float32 dequantization computes, up to summation order: logits on 64 tokens within 2e-3,
-    and the same 32 greedy tokens (generate's C decode step on the blocks)."""
-    from gemmakit import SamplingParams
-    from gemmakit.inference.api import LLM
+    """The bundled Q4_K_M file with its own types (Q8_0, Q5_0, Q4_K, Q6_K): each product is its
+    float32 dequantization times the input rounded as llama.cpp rounds it (Q8_0 blocks for
+    Q8_0 / Q5_0, Q8_K for Q4_K / Q6_K), to float32 summation error, and the logits keep the
+    float32 load's top token. Over the 18 layers a one-step flip of a rounding (an input that
+    differs in its last bits lands on the other side of a half step) compounds, so the whole
+    model is compared by its top tokens (measured on 64 tokens: the same at 63; logits 2.3
+    apart at most, 0.21 on average, their standard deviation 5.6)."""
     from gemmakit.loading import load
     from tests.test_bundled import ROME
 
     native = load(device="cpu")
     types = {m.type_name for m in native.model.modules() if hasattr(m, "type_name")}
     assert types == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    checked = check_products_round_like_llama_cpp(native.model)
     ids = torch.tensor([bundled.tokenizer.encode(ROME)[:64]])
     with torch.no_grad():
-        diff = (native.model(ids) - bundled.model(ids)).abs().max().item()
-    assert diff < 2e-3
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    prompt = [bundled.tokenizer.encode("The best recipe for pasta is")]
-    ours = LLM(loaded=native).generate(prompt, params)[0].outputs[0].token_ids
-    assert ours == LLM(loaded=bundled).generate(prompt, params)[0].outputs[0].token_ids
+        ours, plain = native.model(ids), bundled.model(ids)
+    assert set(checked) == types and len(checked) == 18 * 7 + 1
+    assert (ours.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
 
 
 LLAMA_CPP_BIN = Path(os.environ.get("GEMMAKIT_LLAMA_CPP_BIN", "/work/llamacpp/build/bin"))
@@ -290,12 +349,12 @@ def test_perplexity_equals_llama_cpps_on_the_bundled_file():
     (llama.cpp's own tokenization, `llama-tokenize --ids`) and the same method (512-token
     chunks, second half scored: `chunked_perplexity`).
 
-    Measured on the default evaluation text (2 chunks, 510 scored tokens): gemmakit 35.7497,
-    llama.cpp 35.8023 (0.15% apart). llama.cpp rounds the activations of every quantized
-    product to 8-bit blocks (Q8_0 / Q8_K) and keeps the KV cache in fp16; gemmakit keeps
-    float32 and gives exactly the perplexity of its float32 dequantization. llama.cpp's own
-    result moves by 0.29% between its attention paths (35.9049 with `-fa off`), so the bound
-    here is 0.2%, not the issue's 0.1%.
+    Measured on the default evaluation text (2 chunks, 510 scored tokens): gemmakit 35.7817,
+    llama.cpp 35.8023 (0.06% apart). Both round the activations of every quantized product to
+    8-bit blocks (Q8_0 / Q8_K, llama.cpp's x86 roundings: kernels/csrc/gguf_act.c); llama.cpp
+    also keeps the KV cache in fp16 where gemmakit keeps float32. With float32 activations
+    gemmakit gave 35.7497 (0.15% apart). llama.cpp's own result moves by 0.29% between its
+    attention paths (35.9049 with `-fa off`); the bound is the issue's 0.1%.
     """
     from gemmakit.evaluation.perplexity import DEFAULT_TEXT, chunked_perplexity
     from gemmakit.loading import default_gguf, load
@@ -313,7 +372,7 @@ def test_perplexity_equals_llama_cpps_on_the_bundled_file():
     assert any(hasattr(m, "type_name") for m in loaded.model.modules())  # the native kernels ran
     ours = chunked_perplexity(loaded.model, ids, loaded.tokenizer.bos_id, 512).perplexity
     print(f"perplexity: gemmakit {ours:.4f}, llama.cpp {theirs:.4f}")
-    assert abs(ours - theirs) / theirs < 2e-3
+    assert abs(ours - theirs) / theirs < 1e-3
 
 
 def test_chunked_perplexity_scores_the_second_half_of_each_chunk():
@@ -351,7 +410,9 @@ def test_per_layer_families_keep_their_blocks(tmp_path, case):
     export(model=str(folder), to="gguf", output=out, qtype="q8_0", progress=False)
     native, floats = load(str(out), device="cpu"), load(str(out), dtype="float32", device="cpu")
     assert any(isinstance(m, GGUFLinear) for m in native.model.modules())
-    torch.testing.assert_close(logits_of(native.model), logits_of(floats.model), rtol=1e-4, atol=1e-4)
+    checked = check_products_round_like_llama_cpp(native.model)
+    assert_rounded_activations_close(logits_of(native.model), logits_of(floats.model))
+    assert checked
 
 
 @needs_kernel

@@ -337,14 +337,17 @@ def nf4_dequantize(
     return out
 
 
-# --- GGUF block types (csrc/gguf_blocks.c) ----------------------------------------------------
-# Rows of x up to which a product with GGUF blocks runs the C multi-row kernel (each block
-# read once for all rows); above, the weight is dequantized once and torch's float32 matmul
-# runs. Measured on one thread of a loaded 2-core machine (best of 7), the bundled model's
-# layer 0, ms, C / dequantize + matmul: Q5_0 2048 x 640 at 1, 8, 16 rows 0.14 / 0.42, 0.74 /
-# 0.70, 1.14 / 0.88; Q6_K 640 x 2048 0.53 / 0.56, 0.87 / 0.94, 1.33 / 1.14; Q4_K 640 x 1024
-# 0.13 / 0.15, 0.30 / 0.34, 0.50 / 0.44.
+# --- GGUF block types (csrc/gguf_blocks.c, gguf_act.c, gguf_dot.c) -------------------------
+# Rows of x up to which the float32 product (gguf_matmul(..., rounded=False)) runs the C
+# multi-row kernel (each block read once for all rows); above, the weight is dequantized in
+# tiles and torch's float32 matmul runs. Measured on one thread of a loaded 2-core machine
+# (best of 7), the bundled model's layer 0, ms, C / dequantize + matmul: Q5_0 2048 x 640 at 1,
+# 8, 16 rows 0.14 / 0.42, 0.74 / 0.70, 1.14 / 0.88; Q6_K 640 x 2048 0.53 / 0.56, 0.87 / 0.94,
+# 1.33 / 1.14; Q4_K 640 x 1024 0.13 / 0.15, 0.30 / 0.34, 0.50 / 0.44.
 GGUF_MATMUL_MAX_ROWS = 8
+
+# ggml type ids of the activation blocks gguf_quantize_activations makes
+GGUF_ACTIVATION_TYPES = {8: 32, 9: 32, 15: 256}  # Q8_0, Q8_1, Q8_K: values per block
 
 
 def _gguf_applies(raw: torch.Tensor, ggml_type: int, k: int):
@@ -394,18 +397,45 @@ def gguf_rows(raw: torch.Tensor, ggml_type: int, k: int, ids: torch.Tensor) -> t
     return out.view(*ids.shape, k)
 
 
-def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
+def gguf_matmul(
+    x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int, rounded: bool = True
+) -> torch.Tensor | None:
     """x (M, k) float32 times the transposed (n, k) GGUF matrix: (M, n) float32, each block
-    dequantized in registers or L1 and read once for all M rows. None where it does not apply."""
+    read once for all M rows. `rounded`: x rounded to llama.cpp's 8-bit activation blocks once
+    for the call and integer dots (llama.cpp's product; a row's result does not depend on M);
+    else the blocks dequantized in registers or L1 and multiplied with x in float32. None
+    where it does not apply."""
     lib = _gguf_applies(raw, ggml_type, k)
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         return None
     x = x.contiguous()
     rows, n = x.shape[0], raw.shape[0]
     out = torch.empty((rows, n), dtype=torch.float32)
-    lib.gguf_matmul_rows_mt(
-        ggml_type, raw.data_ptr(), n, k, x.data_ptr(), rows, out.data_ptr(), _threads(n, 0)
-    )
+    product = lib.gguf_matmul_q8_mt if rounded else lib.gguf_matmul_f32_mt
+    product(ggml_type, raw.data_ptr(), n, k, x.data_ptr(), rows, out.data_ptr(), _threads(n, 0))
+    return out
+
+
+def gguf_quantize_activations(x: torch.Tensor, act_type: int) -> dict[str, torch.Tensor] | None:
+    """x (M, k) float32 rounded to 8-bit blocks of ggml type `act_type` (Q8_0 8, Q8_1 9, Q8_K
+    15) as llama.cpp does on x86: {"q": int8 (M, k), "d": float32 (M, blocks)} plus "s" (Q8_1,
+    per 32) or "bsums" (Q8_K, int16 per 16). None where it does not apply."""
+    lib = library()
+    block = GGUF_ACTIVATION_TYPES.get(act_type)
+    if lib is None or block is None or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % block:
+        return None
+    x = x.contiguous()
+    rows, k = x.shape
+    out = {"q": torch.empty((rows, k), dtype=torch.int8), "d": torch.empty((rows, k // block))}
+    if act_type == 9:
+        out["s"] = torch.empty((rows, k // 32))
+    if act_type == 15:
+        out["bsums"] = torch.empty((rows, k // 16), dtype=torch.int16)
+    s, bsums = out.get("s"), out.get("bsums")
+    lib.gguf_quantize_activations(
+        act_type, x.data_ptr(), rows, k, out["q"].data_ptr(), out["d"].data_ptr(),
+        None if s is None else s.data_ptr(), None if bsums is None else bsums.data_ptr(),
+    )  # fmt: skip
     return out
 
 

@@ -1,12 +1,19 @@
 """Products with GGUF block-quantized weights (quant/gguf_blocks.py): which kernel runs.
 
-On the CPU with the C kernels (kernels/csrc/gguf_blocks.c): a few rows of activations go
-through the C product that dequantizes each block in registers (or L1) and reads it once for
-all rows; more rows (a prefill) dequantize tiles of weight rows into float32 and let torch's
-matmul run, so a 262k-row output matrix never exists in float32 at once. Elsewhere (another
-device, no compiler) the `gguf` package dequantizes on the CPU and the product is plain torch.
-Every path multiplies the same dequantized values (the gguf package's, bit for bit) with the
-activations in float32; only the order of the additions differs.
+On the CPU with the C kernels (inference: decode, prefill, evaluation), every row count runs llama.cpp's product (kernels/csrc/gguf_act.c, gguf_dot.c): the activations are
+rounded to 8-bit blocks (Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL weights, Q8_1 for Q4_1/Q5_1, Q8_K for
+the K-quants and IQ4_XS, with llama.cpp's x86 roundings) once per call, and integer dots with
+the blocks' values are scaled per block in float32. That is the one rounding beyond float32
+summation: each product's activation error is at most half a step of its block (|x| max / 254
+per value). A row's result does not depend on how many rows the call has.
+
+With `rounded=False` (the forward of a LoRA adapter's GGUF base) the activations keep float32: a few
+rows go through the C product that dequantizes each block in registers (or L1), more rows
+dequantize tiles of weight rows into float32 for torch's matmul, so a 262k-row matrix never
+exists in float32 at once. Elsewhere (another device, no compiler) the `gguf` package
+dequantizes on the CPU and the product is plain torch. The float paths multiply the same
+dequantized values (the gguf package's, bit for bit) with float32 activations; only the order of
+the additions differs.
 """
 
 from __future__ import annotations
@@ -56,15 +63,20 @@ def gguf_rows(
     return out.to(dtype)
 
 
-def gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+def gguf_linear(
+    x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int, rounded: bool = True
+) -> torch.Tensor:
     """x W^T for the (n, k) weight held as GGUF blocks `raw`; x (..., k), result (..., n) in
-    x's dtype (computed in float32 on the CPU)."""
+    x's dtype (computed in float32 on the CPU). `rounded`: the activations rounded to 8-bit
+    blocks on the CPU (llama.cpp's product); False keeps them float32 (training's forward)."""
     n = raw.shape[0]
     rows = x.numel() // k
     if x.device.type == "cpu" and cpu_kernels.gguf_row_bytes(ggml_type, k) is not None:
         flat = x.reshape(rows, k).float()
-        if rows <= cpu_kernels.GGUF_MATMUL_MAX_ROWS:
+        if rounded:
             y = cpu_kernels.gguf_matmul(flat, raw, ggml_type, k)
+        elif rows <= cpu_kernels.GGUF_MATMUL_MAX_ROWS:
+            y = cpu_kernels.gguf_matmul(flat, raw, ggml_type, k, rounded=False)
         else:
             y = torch.empty((rows, n), dtype=torch.float32)
             step = max(1, TILE_VALUES // k)

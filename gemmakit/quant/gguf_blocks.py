@@ -2,7 +2,9 @@
 
 A `GGUFLinear` holds the raw block bytes of an (N, K) matrix (uint8 (N, row bytes), usually
 a zero-copy view of the memory-mapped file) and its ggml type id; `forward` multiplies
-through `gemmakit.ops.gguf_linear` (C kernels on the CPU, the `gguf` package elsewhere),
+through `gemmakit.ops.gguf_linear` (C kernels on the CPU, the `gguf` package elsewhere; the
+activations rounded to llama.cpp's 8-bit blocks, except while autograd records, where a frozen
+base under a LoRA adapter keeps them float32),
 `dequantize()` gives the float weight (merging, export, the QLoRA-style backward of
 `QuantizedLinear`), `rows()` an embedding lookup on the same bytes. The tied embedding of a
 GGUF is a `GGUFEmbedding` (a `QuantizedEmbedding`) over the lm_head's `GGUFLinear`, so the
@@ -19,7 +21,16 @@ from __future__ import annotations
 import torch
 
 from gemmakit import ops
-from gemmakit.quant.linear import QuantizedEmbedding, QuantizedLinear
+from gemmakit.quant.linear import QuantizedEmbedding, QuantizedLinear, _FrozenWeightMatmul
+
+
+class _FloatActivationMatmul(_FrozenWeightMatmul):
+    """The frozen-weight product whose forward keeps the activations float32 (training)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return ops.gguf_linear(x, module.weight, module.ggml_type, module.in_features, rounded=False)
 
 
 class GGUFLinear(QuantizedLinear):
@@ -46,6 +57,11 @@ class GGUFLinear(QuantizedLinear):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.gguf_rows(self.weight, self.ggml_type, self.in_features, ids, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FloatActivationMatmul.apply(x, self)
+        return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return ops.gguf_linear(x, self.weight, self.ggml_type, self.in_features)

@@ -121,11 +121,14 @@ GEMMAKIT_API void geglu_backward(const void *grad, const void *gate, const void 
 /* NF4 weight over the 64-value blocks [lo, hi) of n values (nf4.c) */
 GEMMAKIT_API void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, void *out, int64_t n,
                                  int64_t lo, int64_t hi, int64_t bf16);
-/* GGUF block types (ggml type ids 2, 3, 6, 7, 8, 10-14) over the raw blocks w of a (n, k)
+/* GGUF block types (ggml type ids 2, 3, 6, 7, 8, 10-14, 20, 23) over the raw blocks w of a (n, k)
  * matrix (gguf_blocks.c): bytes per row (-1 for a type or k it does not take); rows [lo, hi)
  * as floats (out: (hi - lo, k)), bit for bit the gguf package's dequantize; rows ids[lo..hi)
  * into out rows [lo, hi) (out: (len(ids), k)); y[n] = row n . x for rows [lo, hi); and
- * y (rows, n) = x (rows, k) W^T over output columns [lo, hi) */
+ * y (rows, n) = x (rows, k) W^T over output columns [lo, hi). gguf_matvec and
+ * gguf_matmul_rows round x to llama.cpp's 8-bit activation blocks and run integer dots
+ * (gguf_act.c, gguf_dot.c): llama.cpp's products; the _f32 variants multiply the dequantized
+ * blocks with x in float32. */
 GEMMAKIT_API int64_t gguf_row_bytes(int64_t type, int64_t k);
 GEMMAKIT_API void gguf_dequantize_rows(int64_t type, const void *w, int64_t k, float *out, int64_t lo, int64_t hi);
 GEMMAKIT_API void gguf_gather_rows(int64_t type, const void *w, int64_t k, const int64_t *ids, float *out,
@@ -134,6 +137,15 @@ GEMMAKIT_API void gguf_matvec(int64_t type, const void *w, int64_t k, const floa
                               int64_t hi);
 GEMMAKIT_API void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows,
                                    float *y, int64_t lo, int64_t hi);
+GEMMAKIT_API void gguf_matvec_f32(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo,
+                                  int64_t hi);
+GEMMAKIT_API void gguf_matmul_rows_f32(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
+                                       int64_t rows, float *y, int64_t lo, int64_t hi);
+/* x (rows, k) rounded to 8-bit blocks of ggml type `type` (Q8_0 8, Q8_1 9, Q8_K 15) as
+ * llama.cpp does on x86 (gguf_act.c): q (rows, k), d per block (32 values, Q8_K 256), Q8_1's s
+ * per 32 and Q8_K's bsums per 16 (NULL otherwise). 0, or -1 for another type or k. */
+GEMMAKIT_API int64_t gguf_quantize_activations(int64_t type, const float *x, int64_t rows, int64_t k, int8_t *q,
+                                               float *d, float *s, int16_t *bsums);
 
 /* GPTQ / AWQ 4-bit (packed4.c): 1 when the C kernels take a (n, k) matrix with this group
  * size; rows [lo, hi) dequantized into out (hi - lo, k); y (rows, n) = x (rows, k) W^T over
@@ -165,6 +177,12 @@ GEMMAKIT_API void gguf_dequantize_rows_mt(int64_t type, const void *w, int64_t n
                                           int64_t threads);
 GEMMAKIT_API void gguf_gather_rows_mt(int64_t type, const void *w, int64_t k, const int64_t *ids, int64_t count,
                                       float *out, int64_t threads);
+/* gguf_matmul_rows with x rounded once for all threads, the output columns split over them */
+GEMMAKIT_API void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows,
+                                    float *y, int64_t threads);
+/* gguf_matmul_rows_f32 over [0, n) */
+GEMMAKIT_API void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
+                                     int64_t rows, float *y, int64_t threads);
 GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
                                       int64_t rows, float *y, int64_t threads);
 

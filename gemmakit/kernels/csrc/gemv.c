@@ -214,7 +214,7 @@ MATMUL(matmul_i8, tile_i8, int8_t)
 
 void matmul_rows(const Mat *m, const float *x, int64_t rows, float *y, int64_t lo, int64_t hi) {
     const int64_t N = m->n, K = m->k;
-    if (m->type >= W_GGUF_BASE) { /* each block dequantized once for all rows (gguf_blocks.c) */
+    if (m->type >= W_GGUF_BASE) { /* rows rounded to 8-bit blocks, integer dots (gguf_blocks.c) */
         if (rows == 1) gguf_matvec(m->type - W_GGUF_BASE, m->w, K, x, y, lo, hi);
         else gguf_matmul_rows(m->type - W_GGUF_BASE, m->w, N, K, x, rows, y, lo, hi);
     } else if (m->type == W_PACKED4) { /* each row dequantized once for all rows (packed4.c) */

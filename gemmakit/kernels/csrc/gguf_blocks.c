@@ -1,7 +1,7 @@
 /* GGUF block types executed as they are stored: dequantization of rows, the mat-vec of the
  * decode step and a multi-row product, over the raw block bytes of a (n, k) matrix as the
  * file holds them (ggml type ids: Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q2_K 10, Q3_K 11,
- * Q4_K 12, Q5_K 13, Q6_K 14).
+ * Q4_K 12, Q5_K 13, Q6_K 14, IQ4_NL 20, IQ4_XS 23).
  *
  * Block layouts and value formulas are llama.cpp's (ggml/src/ggml-common.h block_q*,
  * ggml-quants.c dequantize_row_q*), as the `gguf` package's numpy dequantizers
@@ -9,49 +9,34 @@
  * bits (tests/test_gguf_blocks.py), which is why this unit is compiled without contraction
  * of a product into a following addition: numpy rounds d * q before it subtracts the min.
  *
- * The products dequantize one block (32 or 256 values) at a time into a small buffer on the
- * stack, which stays in L1, and multiply it with float32 activations: no float copy of the
- * matrix is ever made and the activations keep their float32 precision (llama.cpp instead
- * rounds them to 8-bit blocks for integer dots; this is why gemmakit's results are slightly
- * closer to the float model than llama.cpp's). Q8_0, the type of Gemma's 262k-row tied
- * embedding in llama.cpp's Q4_K_M mix (the largest read of a decode step), has a fused
- * vector path that widens its int8 values in registers. Vector paths: AVX-512, then AVX2
- * with FMA, then scalar loops, chosen at compile time.
+ * What the model runs, gguf_matvec and gguf_matmul_rows (at the end of this file), is
+ * llama.cpp's product: the activations rounded to 8-bit blocks (gguf_act.c: Q8_0, Q8_1 or
+ * Q8_K as llama.cpp pairs them with the weight type, with its x86 roundings) and integer dots
+ * with the blocks' values, scaled per block in float32 (gguf_dot.c, gguf_unpack.c). That is
+ * the one rounding beyond float32 summation, at most half a step of each activation's block
+ * (|x| max / 254), and a row's result depends on nothing but its own values.
+ *
+ * The float products here (gguf_matvec_f32, gguf_matmul_rows_f32: autograd's forward, and the
+ * reference the tests compare with) dequantize one block (32 or 256 values) at a time into a
+ * small buffer on the stack, which stays in L1, and multiply it with float32 activations: no
+ * float copy of the matrix is ever made and the activations keep their float32 precision.
+ * Q8_0 has a fused vector path that widens its int8 values in registers. Vector paths:
+ * AVX-512, then AVX2 with FMA, then scalar loops, chosen at compile time.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "gemmakit_kernels.h"
+#include "gguf_dot.h"
 
 /* numpy's rounding: every product is rounded before it is added (see above) */
 #pragma GCC optimize("fp-contract=off")
 
 enum { QK = 32, QKK = 256 };
-
-/* IEEE half -> float, exact (subnormals included): the blocks' fp16 scales */
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0x1F) bits = sign | 0x7F800000u | (mant << 13);
-    else if (exp) bits = sign | ((exp + 112) << 23) | (mant << 13);
-    else if (!mant) bits = sign;
-    else { /* subnormal half: normalize */
-        int e = -1;
-        do mant <<= 1, e++; while (!(mant & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
 
 /* --- one block -> floats (gguf/quants.py dequantize_blocks, type by type) --------------- */
 
@@ -196,6 +181,32 @@ static void block_q6_k(const uint8_t *b, float *out) {
             }
 }
 
+/* IQ4_NL: d, qs[16]; value j is the table entry of nibble j%16 (low for j < 16) of qs[j%16] */
+static void block_iq4_nl(const uint8_t *b, float *out) {
+    const float d = half_to_float(b);
+    for (int j = 0; j < 16; j++) {
+        out[j] = d * (float)IQ4NL_VALUES[b[2 + j] & 0xF];
+        out[j + 16] = d * (float)IQ4NL_VALUES[b[2 + j] >> 4];
+    }
+}
+
+/* IQ4_XS: d, scales_h, scales_l[4], qs[128]: sub-block ib (32 values) has scale d * (ls - 32),
+ * ls six bits (low nibble ib%2 of scales_l[ib/2], high bits 2ib of scales_h), and its values
+ * as IQ4_NL's (gguf/quants.py IQ4_XS: dl = d * scale, then dl * value) */
+static void block_iq4_xs(const uint8_t *b, float *out) {
+    const float d = half_to_float(b);
+    const unsigned scales_h = (unsigned)(b[2] | b[3] << 8);
+    for (int ib = 0; ib < 8; ib++) {
+        const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4);
+        const float dl = d * (float)(ls - 32);
+        const uint8_t *qs = b + 8 + 16 * ib;
+        for (int j = 0; j < 16; j++) {
+            out[32 * ib + j] = dl * (float)IQ4NL_VALUES[qs[j] & 0xF];
+            out[32 * ib + j + 16] = dl * (float)IQ4NL_VALUES[qs[j] >> 4];
+        }
+    }
+}
+
 typedef void (*BlockFn)(const uint8_t *, float *);
 
 typedef struct {
@@ -210,6 +221,7 @@ static const BlockType *block_type(int64_t type) {
     static const BlockType q8_0 = {block_q8_0, QK, 34}, q2_k = {block_q2_k, QKK, 84};
     static const BlockType q3_k = {block_q3_k, QKK, 110}, q4_k = {block_q4_k, QKK, 144};
     static const BlockType q5_k = {block_q5_k, QKK, 176}, q6_k = {block_q6_k, QKK, 210};
+    static const BlockType iq4_nl = {block_iq4_nl, QK, 18}, iq4_xs = {block_iq4_xs, QKK, 136};
     switch (type) {
     case 2: return &q4_0;
     case 3: return &q4_1;
@@ -221,6 +233,8 @@ static const BlockType *block_type(int64_t type) {
     case 12: return &q4_k;
     case 13: return &q5_k;
     case 14: return &q6_k;
+    case 20: return &iq4_nl;
+    case 23: return &iq4_xs;
     default: return NULL;
     }
 }
@@ -353,7 +367,7 @@ static float dot_blocks(const BlockType *t, const uint8_t *row, const float *x, 
     return acc;
 }
 
-void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
+void gguf_matvec_f32(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
     const BlockType *t = block_type(type);
     const int64_t rb = gguf_row_bytes(type, k);
     if (!t || rb < 0) return;
@@ -378,8 +392,8 @@ static void matmul_rows_buffered(const BlockType *t, const uint8_t *w, int64_t r
 
 enum { STACK_ROW = 4096 }; /* k up to this many floats is dequantized into a stack buffer */
 
-void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
-                      int64_t lo, int64_t hi) {
+void gguf_matmul_rows_f32(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                          int64_t lo, int64_t hi) {
     const BlockType *t = block_type(type);
     const int64_t rb = gguf_row_bytes(type, k);
     if (!t || rb < 0) return;
@@ -397,5 +411,40 @@ void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const f
             t->fn(row + b * t->bytes, blk);
             for (int64_t r = 0; r < rows; r++) y[r * n + o] += dot_floats(blk, x + r * k + b * t->values, t->values);
         }
+    }
+}
+
+/* --- the products the model runs: activations rounded to 8-bit blocks (gguf_act.c) and
+ * integer dots (gguf_dot.c), llama.cpp's products ------------------------------------------ */
+
+enum { STACK_ACT = 8192 }; /* activation bytes rounded on the stack up to this size */
+
+void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                      int64_t lo, int64_t hi) {
+    const int64_t act = gguf_act_type(type), bytes = act_rows_bytes(rows, k);
+    if (act < 0 || gguf_row_bytes(type, k) < 0) return;
+    _Alignas(64) uint8_t stack[STACK_ACT];
+    void *buffer = bytes <= STACK_ACT ? stack : malloc((size_t)bytes);
+    if (!buffer) return;
+    ActRows a;
+    act_rows_init(&a, act, rows, k, buffer);
+    act_rows_quantize(&a, x, 0, rows);
+    gguf_dot_rows(type, w, n, &a, y, lo, hi);
+    if (buffer != stack) free(buffer);
+}
+
+void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
+    gguf_matmul_rows(type, w, hi, k, x, 1, y, lo, hi); /* one row: n only strides rows of y */
+}
+
+/* the float32 product over [0, n) split over threads (split.c's pattern) */
+void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
+                        int64_t threads) {
+    const int64_t t = threads > 1 ? threads : 1;
+#pragma omp parallel for schedule(static, 1) num_threads(t)
+    for (int64_t i = 0; i < t; i++) {
+        const int64_t lo = n * i / t, hi = n * (i + 1) / t;
+        if (rows == 1) gguf_matvec_f32(type, w, k, x, y, lo, hi);
+        else gguf_matmul_rows_f32(type, w, n, k, x, rows, y, lo, hi);
     }
 }

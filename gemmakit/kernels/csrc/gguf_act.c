@@ -1,0 +1,163 @@
+/* Activations rounded to llama.cpp's 8-bit blocks before an integer dot with GGUF weights:
+ * Q8_0 and Q8_1 (32 values: an fp16 scale d, int8 values; Q8_1 also s, fp16 of d times the
+ * values' sum) and Q8_K (256 values: a float scale d, int8 values, the sums of each 16).
+ *
+ * The roundings are those llama.cpp runs on an x86 CPU with AVX2 (ggml-cpu/arch/x86/quants.c):
+ *  - quantize_row_q8_0 / _q8_1: amax = max |x|, d = amax / 127, id = 127 / amax (0 when amax
+ *    is 0), q = round(x * id) with _mm256_round_ps(_MM_ROUND_NEAREST), ties to even (the _ref
+ *    C versions use roundf, ties away: not what runs); d stored as fp16 (round to nearest
+ *    even, F16C); Q8_1's s = fp16(d * sum q) with the float d, not its fp16 rounding.
+ *  - quantize_row_q8_K is quantize_row_q8_K_ref (ggml-quants.c): max = the first value of
+ *    largest magnitude, with its sign; iscale = -127 / max; q = min(127, nearest_int(iscale *
+ *    x)) (nearest_int: ties to even); d = 1 / iscale, so d has the opposite sign of max; an
+ *    all-zero block has d = 0 and zero values; bsums[j] = sum of q over values 16j..16j+15.
+ * Every step is one float operation, so the AVX2 loops (llama.cpp's own instructions) and the
+ * scalar ones give llama.cpp's bytes alike.
+ */
+#include <stdlib.h>
+
+#include "gguf_dot.h"
+
+/* x * y rounded once: no contraction into a following addition (there is none here, but the
+ * compiler must not fuse the rounding step into anything either) */
+#pragma GCC optimize("fp-contract=off")
+
+enum { QK = 32, QKK = 256 };
+
+int64_t gguf_act_type(int64_t weight_type) {
+    switch (weight_type) {
+    case 2: case 6: case 8: case 20: return ACT_Q8_0; /* Q4_0, Q5_0, Q8_0, IQ4_NL */
+    case 3: case 7: return ACT_Q8_1;                 /* Q4_1, Q5_1 */
+    case 10: case 11: case 12: case 13: case 14: case 23: return ACT_Q8_K; /* Q2_K..Q6_K, IQ4_XS */
+    default: return -1;
+    }
+}
+
+/* q, xu, then d and s per 32 values (Q8_K uses d per 256), then bsums per 16, 64-byte aligned */
+static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+int64_t act_rows_bytes(int64_t rows, int64_t k) {
+    return 2 * align64(rows * k) + 2 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
+           align64(rows * (k / 16) * (int64_t)sizeof(int16_t));
+}
+
+void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buffer) {
+    uint8_t *p = (uint8_t *)buffer;
+    a->type = type, a->rows = rows, a->k = k;
+    a->q = (int8_t *)p;
+    p += align64(rows * k);
+    a->xu = p;
+    p += align64(rows * k);
+    a->d = (float *)p;
+    p += align64(rows * (k / QK) * (int64_t)sizeof(float));
+    a->s = (float *)p;
+    p += align64(rows * (k / QK) * (int64_t)sizeof(float));
+    a->bsums = (int16_t *)p;
+}
+
+/* the largest |x| of n values (a multiple of 32): exact in any order */
+static float max_abs(const float *x, int n) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+#endif
+}
+
+/* q[j] = x[j] * scale rounded to the nearest integer, ties to even (_mm256_round_ps), and
+ * saturated to int8 (vpackssdw / vpacksswb), for 32 values; returns their sum */
+static int round32(const float *x, float scale, int8_t *q) {
+#if defined(__AVX2__)
+    const __m256 m = _mm256_set1_ps(scale);
+    __m256i i[4];
+    for (int t = 0; t < 4; t++)
+        i[t] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * t), m),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+#else
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        const float v = nearbyintf(x[j] * scale); /* ties to even in the default rounding mode */
+        q[j] = (int8_t)(v > 127.f ? 127 : v < -128.f ? -128 : (int)v);
+        sum += q[j];
+    }
+    return sum;
+#endif
+}
+
+/* one block of 32 as Q8_0 (s NULL) or Q8_1 */
+static void quantize_q8_32(const float *x, int8_t *q, float *d, float *s) {
+    const float amax = max_abs(x, QK);
+    const float scale = amax / 127.f, inverse = amax != 0.f ? 127.f / amax : 0.f;
+    const int sum = round32(x, inverse, q); /* no value exceeds 127 in magnitude: the sum is q's */
+    *d = round_to_half(scale);
+    if (s) *s = round_to_half(scale * (float)sum);
+}
+
+static void quantize_q8_k(const float *x, int8_t *q, float *d, int16_t *bsums) {
+    const float amax = max_abs(x, QKK);
+    if (amax == 0.f) {
+        *d = 0.f;
+        memset(q, 0, QKK);
+        memset(bsums, 0, QKK / 16 * sizeof(int16_t));
+        return;
+    }
+    int first = 0; /* the first value of that magnitude gives the sign */
+    while (first < QKK - 1 && fabsf(x[first]) != amax) first++; /* (a NaN matches none) */
+    const float iscale = -127.f / x[first];
+    for (int c = 0; c < QKK / QK; c++) round32(x + c * QK, iscale, q + c * QK); /* |q| <= 127: min(127, v) */
+    for (int g = 0; g < QKK / 16; g++) {
+        int sum = 0;
+        for (int j = 0; j < 16; j++) sum += q[g * 16 + j];
+        bsums[g] = (int16_t)sum;
+    }
+    *d = 1.f / iscale;
+}
+
+void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi) {
+    const int64_t k = a->k;
+    for (int64_t r = lo; r < hi; r++) {
+        const float *xr = x + r * k;
+        int8_t *q = a->q + r * k;
+        if (a->type == ACT_Q8_K)
+            for (int64_t b = 0; b < k / QKK; b++)
+                quantize_q8_k(xr + b * QKK, q + b * QKK, a->d + r * (k / QK) + b, a->bsums + r * (k / 16) + b * 16);
+        else
+            for (int64_t b = 0; b < k / QK; b++)
+                quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
+                               a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL);
+        for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)q[i] ^ 0x80; /* q + 128 */
+    }
+}
+
+int64_t gguf_quantize_activations(int64_t type, const float *x, int64_t rows, int64_t k, int8_t *q, float *d,
+                                  float *s, int16_t *bsums) {
+    const int64_t block = type == ACT_Q8_K ? QKK : QK;
+    if ((type != ACT_Q8_0 && type != ACT_Q8_1 && type != ACT_Q8_K) || k % block) return -1;
+    void *buffer = malloc((size_t)act_rows_bytes(rows, k));
+    if (!buffer) return -1;
+    ActRows a;
+    act_rows_init(&a, type, rows, k, buffer);
+    act_rows_quantize(&a, x, 0, rows);
+    memcpy(q, a.q, (size_t)(rows * k));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < k / block; b++) {
+            d[r * (k / block) + b] = a.d[r * (k / QK) + b];
+            if (type == ACT_Q8_1) s[r * (k / QK) + b] = a.s[r * (k / QK) + b];
+        }
+    if (type == ACT_Q8_K) memcpy(bsums, a.bsums, (size_t)(rows * (k / 16)) * sizeof(int16_t));
+    free(buffer);
+    return 0;
+}

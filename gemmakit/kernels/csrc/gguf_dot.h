@@ -1,0 +1,139 @@
+/* GGUF products with 8-bit activations (internal to gguf_blocks.c, gguf_act.c, gguf_dot.c):
+ * fp16 conversions, activation rows rounded to llama.cpp's 8-bit blocks (gguf_act.c), and
+ * the integer dots of a block matrix with them (gguf_dot.c).
+ */
+#ifndef GEMMAKIT_GGUF_DOT_H
+#define GEMMAKIT_GGUF_DOT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "gemmakit_kernels.h"
+
+/* ggml type ids of the activation blocks (ggml.h): Q8_0, Q8_1, Q8_K */
+enum { ACT_Q8_0 = 8, ACT_Q8_1 = 9, ACT_Q8_K = 15 };
+
+/* IEEE half -> float, exact (subnormals included): the blocks' fp16 scales */
+static inline float half_bits_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (mant << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (mant << 13);
+    else if (!mant) bits = sign;
+    else { /* subnormal half: normalize */
+        int e = -1;
+        do mant <<= 1, e++; while (!(mant & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+static inline float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* float -> IEEE half rounded to nearest even, as F16C's vcvtps2ph with immediate 0 (llama.cpp's
+ * GGML_CPU_FP32_TO_FP16 on x86: ggml-cpu/simd-mappings.h) */
+static inline uint16_t float_to_half_bits(float f) {
+#ifdef __F16C__
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00); /* NaN */
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00); /* from 65520 on: infinity */
+    if (ax < 0x38800000u) { /* below 2^-14: a subnormal half, round(|f| * 2^24), exact scaling */
+        float a;
+        memcpy(&a, &ax, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.f));
+    }
+    /* normal: round the 23-bit mantissa to 10 at bit 13, ties to even, then rebias 127 -> 15 */
+    const uint32_t rounded = ax + 0xFFFu + ((ax >> 13) & 1u) - 0x38000000u;
+    return (uint16_t)(sign | (rounded >> 13));
+#endif
+}
+
+static inline float round_to_half(float f) { return half_bits_to_float(float_to_half_bits(f)); }
+
+static inline uint32_t le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* IQ4_NL's and IQ4_XS's 16 values (ggml-common.h kvalues_iq4nl) */
+static const int8_t IQ4NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+#if defined(__AVX2__)
+/* 16 bytes -> their low nibbles (values 0..15) then their high nibbles (16..31) */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+/* bit j of the little-endian 32 bits at p -> 0x10 in byte j, else 0 */
+static inline __m256i high_bits32(const uint8_t *p) {
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)le32(p)),
+                                              _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
+                                                               2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+#endif
+
+/* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k (and the same values
+ * plus 128 at xu: the unsigned operand of AVX-512 VNNI's vpdpbusd). Per block of 32 (Q8_0, Q8_1): d the fp16
+ * scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256 (Q8_K): d the float scale
+ * and bsums the sums of q over each 16 values. */
+typedef struct {
+    int64_t type, rows, k;
+    int8_t *q;
+    uint8_t *xu;
+    float *d, *s;
+    int16_t *bsums;
+} ActRows;
+
+/* the activation type llama.cpp pairs with a weight type (ggml-cpu.c type_traits_cpu
+ * vec_dot_type), or -1 for a type without an integer dot here */
+int64_t gguf_act_type(int64_t weight_type);
+/* bytes ActRows of `rows` rows of k values take in one buffer (act_rows_init lays them out) */
+int64_t act_rows_bytes(int64_t rows, int64_t k);
+void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buffer);
+/* rows [lo, hi) of x (rows, k) rounded into a */
+void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi);
+
+/* One weight row unpacked (gguf_unpack.c): 32-value chunks of int8 values at q + c * stride
+ * (in `values`, stride 32; Q8_0's in place, stride 34), per block a scale d and a min m (blocks
+ * of 32: Q4_1 / Q5_1's fp16 m; super-blocks: dmin), per 16 values an integer scale sc and min
+ * mn (super-blocks), and per 32 values the scales of its two 16-groups as 16 int16 (AVX2's
+ * vpmaddwd operand). */
+typedef struct {
+    const int8_t *q;
+    int64_t stride;
+    int8_t *values;
+    float *d, *m;
+    int16_t *sc, *mn;
+    int16_t *pair_scales;
+    int has_min;
+} WRow;
+
+/* bytes per block of a type with an integer dot, or -1 */
+int gguf_dot_block_bytes(int64_t type);
+/* bytes a WRow of k values takes in one buffer (wrow_init lays them out, 32-byte aligned) */
+int64_t wrow_bytes(int64_t k);
+void wrow_init(WRow *w, int64_t k, void *buffer);
+/* one row of raw blocks of ggml type `type` into w */
+void unpack_row(int64_t type, const uint8_t *row, int64_t k, WRow *w);
+
+/* y (rows, n) columns [lo, hi) = the rows of a times the rows [lo, hi) of the (n, k) block
+ * matrix w of ggml type `type` (gguf_dot.c); a->type must be gguf_act_type(type) */
+void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
+
+#endif

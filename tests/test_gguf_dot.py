@@ -1,0 +1,181 @@
+"""GGUF products with 8-bit activations (kernels/csrc/gguf_act.c, gguf_dot.c): the activation
+roundings against a numpy restatement of llama.cpp's x86 quantizers, the integer dots against
+llama.cpp's formula in float64, the vector builds against the scalar one bit for bit, and a
+row's result independent of the rows beside it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from gemmakit.kernels import build as kernel_build
+from gemmakit.kernels import cpu as cpu_kernels
+from tests.test_gguf_blocks import TYPES, random_blocks
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
+
+T = GGMLQuantizationType
+Q8_0, Q8_1, Q8_K = 8, 9, 15
+# llama.cpp's ggml-cpu.c type_traits_cpu[type].vec_dot_type
+ACTIVATION = {T.Q4_0: Q8_0, T.Q5_0: Q8_0, T.Q8_0: Q8_0, T.IQ4_NL: Q8_0, T.Q4_1: Q8_1, T.Q5_1: Q8_1}
+# the fp16 min of each block of Q4_1 / Q5_1 sits after d (ggml-common.h block_q4_1)
+HAS_BLOCK_MIN = (T.Q4_1, T.Q5_1)
+
+
+def quantize_q8_32(x: np.ndarray, with_sum: bool):
+    """llama.cpp's quantize_row_q8_0 / _q8_1 AVX path (ggml-cpu/arch/x86/quants.c) in numpy:
+    d = amax / 127 and id = 127 / amax in float32, values rounded half to even, d (and Q8_1's
+    s = d * sum, with the unrounded d) stored as fp16."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inverse), -128, 127).astype(np.int8)
+    out = {"q": q.reshape(x.shape), "d": d[..., 0].astype(np.float16).astype(np.float32)}
+    if with_sum:
+        total = q.astype(np.int32).sum(axis=-1).astype(np.float32)
+        out["s"] = (d[..., 0] * total).astype(np.float16).astype(np.float32)
+    return out
+
+
+def quantize_q8_k(x: np.ndarray):
+    """llama.cpp's quantize_row_q8_K_ref (ggml-quants.c) in numpy: the first value of largest
+    magnitude sets iscale = -127 / max, values rounded half to even and capped at 127, d =
+    1 / iscale, the sums of each 16; an all-zero block is all zeros."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 256)
+    first = np.abs(blocks).argmax(axis=-1)[..., None]
+    peak = np.take_along_axis(blocks, first, axis=-1)
+    zero = peak == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.float32(-127) / np.where(zero, np.float32(1), peak)
+    q = np.minimum(np.rint(blocks * iscale), 127).astype(np.int8)
+    q[np.broadcast_to(zero, q.shape)] = 0
+    d = np.where(zero, np.float32(0), np.float32(1) / iscale)[..., 0]
+    bsums = q.reshape(x.shape[0], -1, 16).astype(np.int16).sum(axis=-1, dtype=np.int16)
+    return {"q": q.reshape(x.shape), "d": d.astype(np.float32), "bsums": bsums}
+
+
+def awkward_activations(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Random rows with ties (x * id exactly n + 0.5), an all-zero block and a block whose
+    largest magnitude is negative and repeated."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    x[0, 32:64] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5] + [3.0] * 25)  # id = 1: exact ties
+    x[-1, -256:] = 0.0
+    x[rows // 2, 256:512] = torch.linspace(-3, 3, 256)
+    x[rows // 2, 300] = -5.0
+    x[rows // 2, 400] = 5.0  # the same magnitude later: the first one's sign wins
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("act_type", [Q8_0, Q8_1, Q8_K])
+def test_activation_blocks_are_llama_cpps(act_type):
+    x = awkward_activations(5, 512, seed=1)
+    got = cpu_kernels.gguf_quantize_activations(x, act_type)
+    want = quantize_q8_k(x.numpy()) if act_type == Q8_K else quantize_q8_32(x.numpy(), act_type == Q8_1)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert np.array_equal(got[name].numpy(), value.reshape(got[name].shape)), name
+    if act_type == Q8_0:  # the ties of block 1 rounded to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+        assert got["q"][0, 32:39].tolist() == [127, 0, 2, 2, 0, -2, -2]
+    if act_type == Q8_K:
+        assert float(got["d"][-1, -1]) == 0 and not got["q"][-1, -256:].any()
+        # d has the opposite sign of the first largest value: -5 in row 2 (then +5), +127 in row 0
+        assert float(got["d"][2, 1]) > 0 and got["q"][2, 300] == -127 and got["q"][2, 400] == 127
+        assert float(got["d"][0, 0]) < 0
+    assert cpu_kernels.gguf_quantize_activations(x[:, :48], act_type) is None  # not whole blocks
+
+
+def reference_product(x: torch.Tensor, raw: np.ndarray, ggml_type) -> np.ndarray:
+    """llama.cpp's product in float64: the activations rounded as llama.cpp rounds them, times
+    the gguf package's dequantized weight; for Q4_1 / Q5_1 the min term uses Q8_1's fp16 s."""
+    act = ACTIVATION.get(ggml_type, Q8_K)
+    a = quantize_q8_k(x.numpy()) if act == Q8_K else quantize_q8_32(x.numpy(), act == Q8_1)
+    block = 256 if act == Q8_K else 32
+    rows, k = x.shape
+    xd = (a["q"].reshape(rows, -1, block).astype(np.float64) * a["d"][..., None]).reshape(rows, k)
+    w = quants.dequantize(raw, ggml_type).astype(np.float64)
+    y = xd @ w.T
+    if ggml_type in HAS_BLOCK_MIN:
+        size = GGML_QUANT_SIZES[ggml_type][1]
+        m = raw.reshape(raw.shape[0], -1, size)[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        exact_sum = a["d"] * a["q"].reshape(rows, -1, 32).astype(np.float64).sum(-1)  # (rows, blocks)
+        y += (a["s"] - exact_sum) @ m.T
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_integer_dots_are_llama_cpps_product(ggml_type):
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    k = block * 16 if block == 32 else block * 3
+    raw = random_blocks(ggml_type, 29, k, seed=2)
+    x = awkward_activations(6, k, seed=3)
+    y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(ggml_type), k)
+    expected = reference_product(x, raw, ggml_type)
+    # float32 scaling and summation of exact integer block sums
+    scale = np.abs(x.numpy()).astype(np.float64) @ np.abs(quants.dequantize(raw, ggml_type)).T.astype(
+        np.float64
+    )
+    assert np.abs(y.numpy() - expected).max() <= 2e-6 * scale.max()
+    # and the float32 product moved by at most half a rounding step of each activation: its
+    # block's largest magnitude / 254 (the fp16 d adds 2^-11 relative)
+    exact = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(ggml_type), k, rounded=False)
+    act_block = 256 if ACTIVATION.get(ggml_type, Q8_K) == Q8_K else 32
+    amax = x.abs().view(x.shape[0], -1, act_block).amax(-1, keepdim=True).expand(-1, -1, act_block)
+    half_step = (amax.reshape(x.shape) / 254).double().numpy() * (1 + 2**-10)
+    bound = half_step @ np.abs(quants.dequantize(raw, ggml_type)).T.astype(np.float64)
+    assert ((y - exact).abs().numpy() <= bound + 1e-5 * scale.max()).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(ggml_type):
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    k = block * 8 if block == 32 else block * 2
+    raw = torch.from_numpy(random_blocks(ggml_type, 23, k, seed=4))
+    # 40 rows: tiles of 8, 4 and fewer, and (from 16 rows on) blocks unpacked once per call
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(5))
+    together = cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)
+    assert torch.equal(cpu_kernels.gguf_matmul(x[:9], raw, int(ggml_type), k), together[:9])
+    for r in (0, 4, 8, 39):
+        alone = cpu_kernels.gguf_matmul(x[r : r + 1], raw, int(ggml_type), k)
+        assert torch.equal(alone[0], together[r])
+    lib = cpu_kernels.library()
+    y = torch.full((3, 23), float("nan"))
+    lib.gguf_matmul_rows(int(ggml_type), raw.data_ptr(), 23, k, x.data_ptr(), 3, y.data_ptr(), 5, 17)
+    assert torch.equal(y[:, 5:17], together[:3, 5:17]) and y[:, :5].isnan().all()
+    one = torch.empty(23)
+    lib.gguf_matvec(int(ggml_type), raw.data_ptr(), k, x[4].contiguous().data_ptr(), one.data_ptr(), 0, 23)
+    assert torch.equal(one, together[4])
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-f16c")])
+def test_avx2_and_scalar_builds_give_the_same_bits(flags):
+    """The AVX2 build (no VNNI) and the scalar one round the activations to the same bytes and
+    give the same products, bit for bit, as the build this machine runs."""
+    other = kernel_build.compile_library(kernel_build.FLAGS + flags)
+    if other is None:
+        pytest.skip("the compiler rejects " + " ".join(flags))
+    x = awkward_activations(4, 512, seed=6)
+    for ggml_type in TYPES:
+        raw = torch.from_numpy(random_blocks(ggml_type, 11, 512, seed=7))
+        y = torch.empty(4, 11)
+        other.gguf_matmul_rows(int(ggml_type), raw.data_ptr(), 11, 512, x.data_ptr(), 4, y.data_ptr(), 0, 11)
+        assert torch.equal(y, cpu_kernels.gguf_matmul(x, raw, int(ggml_type), 512)), ggml_type.name
+    for act_type in (Q8_0, Q8_1, Q8_K):
+        want = cpu_kernels.gguf_quantize_activations(x, act_type)
+        q, d = torch.empty(4, 512, dtype=torch.int8), torch.empty_like(want["d"])
+        s, bsums = torch.empty(4, 16), torch.empty(4, 32, dtype=torch.int16)
+        other.gguf_quantize_activations(act_type, x.data_ptr(), 4, 512, q.data_ptr(), d.data_ptr(), s.data_ptr(),
+                                        bsums.data_ptr())  # fmt: skip
+        assert torch.equal(q, want["q"]) and torch.equal(d, want["d"])
+        if act_type == Q8_1:
+            assert torch.equal(s, want["s"])
+        if act_type == Q8_K:
+            assert torch.equal(bsums, want["bsums"])
