@@ -105,7 +105,7 @@ def awq_quantize_model(
     windows: list[torch.Tensor],
     group_size: int = 128,
     progress: bool = False,
-    rounding="clip",
+    rounding="round",
 ):
     """AWQ-scales then 4-bit quantizes the block linears in place; returns the model.
 
