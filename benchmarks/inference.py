@@ -30,13 +30,35 @@ SYSTEMS = {
     "gemmakit int8, torch step": ("gemmakit", "float32", "int8"),  # GEMMAKIT_NO_C_KERNELS=1
     "gemmakit int4": ("gemmakit", "float32", "int4"),
     "gemmakit nf4": ("gemmakit", "float32", "nf4"),
-    # GPTQ 4-bit group-128 (calibrated on first load, read from gemmakit's cache after).
-    "gemmakit gptq": ("gemmakit", "float32", "gptq"),
+    # GPTQ / AWQ 4-bit: a folder `gemmakit quantize --method` writes once (GPTQ_FOLDERS), loaded
+    # as a user loads a GPTQ checkpoint; the C step reads the packed weights (csrc/packed4.c),
+    # the torch step runs torch's int4 CPU kernel.
+    "gemmakit gptq g32": ("gemmakit-folder", "float32", "gptq-g32"),
+    "gemmakit gptq g128": ("gemmakit-folder", "float32", "gptq-g128"),
+    "gemmakit gptq g128, torch step": ("gemmakit-folder", "float32", "gptq-g128"),
+    "gemmakit awq g128": ("gemmakit-folder", "float32", "awq-g128"),
     "llama.cpp Q4_K_M": ("llamacpp", None, None),
     "llama.cpp Q4_K_M (llama-bench)": ("llamacpp-bin", None, None),
     "transformers fp32": ("transformers", "float32", None),
     "transformers bf16": ("transformers", "bfloat16", None),
 }
+
+
+def gptq_folder(spec: str):
+    """The folder of a `method-gGROUP` GPTQ/AWQ model of the bundled GGUF, written on first use
+    by `gemmakit quantize --method` (minutes) under the gemmakit cache, reused after."""
+    from pathlib import Path
+
+    from gemmakit.paths import cache_dir
+
+    method, _, group = spec.partition("-g")
+    folder = Path(cache_dir()) / "benchmarks" / f"{method}-g{group}"
+    if not (folder / "config.json").exists():
+        print(f"writing {folder} (once)...", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "gemmakit.cli", "quantize", "--method", method, "--group-size", group,
+                   "-o", str(folder), "--dtype", "float32", "--force", "--json"]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return folder
 
 
 def prompt_ids(vocab_size: int = 262144) -> list[int]:
@@ -54,7 +76,7 @@ def peak_rss_mib() -> float:
 # --- children: one system, one process --------------------------------------------------------
 
 
-def run_gemmakit(dtype: str, quantize: str | None) -> dict:
+def run_gemmakit(dtype: str, quantize: str | None, model=None) -> dict:
     import torch
 
     from gemmakit.inference.engine import Request, generate_steps
@@ -62,7 +84,7 @@ def run_gemmakit(dtype: str, quantize: str | None) -> dict:
     from gemmakit.loading import load
 
     start = time.perf_counter()
-    loaded = load(dtype=dtype, device="cpu", quantize=quantize)  # quantized as it is read
+    loaded = load(model, dtype=dtype, device="cpu", quantize=quantize)  # quantized as it is read
     load_s = time.perf_counter() - start
     ids = prompt_ids()
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
@@ -166,6 +188,8 @@ def child(name: str) -> dict:
     kind, dtype, quantize = SYSTEMS[name]
     if kind == "gemmakit":
         return run_gemmakit(dtype, quantize)
+    if kind == "gemmakit-folder":
+        return run_gemmakit(dtype, None, gptq_folder(quantize))
     if kind == "llamacpp":
         return run_llamacpp()
     if kind == "llamacpp-bin":
@@ -177,6 +201,8 @@ def child(name: str) -> dict:
 
 
 def run_child(name: str) -> dict:
+    if SYSTEMS[name][0] == "gemmakit-folder":
+        gptq_folder(SYSTEMS[name][2])  # written before the timed process, not in it
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if name.endswith("torch step"):
         env["GEMMAKIT_NO_C_KERNELS"] = "1"

@@ -640,20 +640,24 @@ def _write_quantized(folder: Path, model: Gemma, source: Path | None = None):
 
 def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, progress: bool) -> Gemma:
     """The model with GPTQ- or AWQ-calibrated 4-bit block linears (`quantize["kind"]`),
-    calibrated on `quantize["calibration"]` (a text file; default the shipped wiki text,
+    calibrated on `quantize["calibration"]` (a text file; default the shipped wiki text and guanaco sample,
     disjoint from the evaluation text). Both are held in GPTQ's layout, and cached so."""
-    from gemmakit.paths import DATA
     from gemmakit.quant.awq import awq_quantize_model
-    from gemmakit.quant.gptq import calibration_windows, gptq_quantize_model
+    from gemmakit.quant.gptq import (
+        REVISION,
+        calibration_windows,
+        default_calibration_text,
+        gptq_quantize_model,
+    )
 
-    calibration = Path(quantize.get("calibration") or DATA / "eval_text_wiki.txt")
+    calibration = quantize.get("calibration")
     try:
-        text = calibration.read_text(encoding="utf-8")
+        text = Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
     except OSError as e:
         raise GemmakitError(f"{calibration}: {e.strerror or e}") from None
-    group_size, desc_act = quantize.get("group_size", 128), bool(quantize.get("desc_act", False))
+    group_size, desc_act = quantize.get("group_size", 128), bool(quantize.get("desc_act", True))
     method = quantize["kind"]
-    key = {"kind": method, "group_size": group_size, "desc_act": desc_act,
+    key = {"kind": method, "group_size": group_size, "desc_act": desc_act, "revision": REVISION,
            "calibration": hashlib.sha1(text.encode()).hexdigest()}  # fmt: skip
     folder = quantized_folder(weights, dtype, key) if weights.kind == "hf" and device == "cpu" else None
     if folder is not None and (folder / READY).exists():
@@ -678,7 +682,11 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
 def _write_gptq_cache(folder: Path, model: Gemma, group_size: int, desc_act: bool):
     """Best effort, as the other caches."""
     state = _quantized_state(model)
-    config = to_hf_config(model.config) | {"quantization_config": gptq_config(group_size, desc_act)}
+    from gemmakit.quant.gptq import GPTQSettings
+
+    settings = GPTQSettings(group_size, desc_act)
+    qconfig = gptq_config(group_size, desc_act, settings=settings)
+    config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -160,7 +160,9 @@ def test_quantize_method_gptq_cli_writes_a_folder_gemmakit_loads(hf_folder, tmp_
     )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["method"] == "gptq" and summary["calibration"].endswith("eval_text_wiki.txt")
+    assert (
+        summary["method"] == "gptq" and summary["calibration"] == "eval_text_wiki.txt + guanaco_sample.jsonl"
+    )
     assert (out / "tokenizer.model").exists()
     model = load(out, dtype="float32", device="cpu").model
     assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
@@ -265,3 +267,61 @@ def test_awq_folder_written_and_reloaded_with_identical_logits(hf_folder, tmp_pa
         state = dict(model.state_dict())
         state["model.layers.0.mlp.down_proj.g_idx"] = state["model.layers.0.mlp.down_proj.g_idx"].flip(0)
         gptq_state_to_awq(state)
+
+
+def test_range_search_never_rounds_worse_than_the_full_range():
+    """group_params' mse search includes the full range (shrink 1), so its weighted error per
+    row is at most the plain grid's, and for many rows less."""
+    from gemmakit.quant.gptq import MSE_NORM, group_params, quantize_columns
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    weights = torch.rand(32, generator=g) + 0.5
+
+    def error(scale, zero):
+        q = quantize_columns(w, scale, zero)
+        return (((q - zero[:, None]) * scale[:, None] - w).abs().pow(MSE_NORM) * weights).sum(1)
+
+    plain, searched = error(*group_params(w)), error(*group_params(w, mse=True, weights=weights))
+    assert (searched <= plain).all() and int((searched < 0.95 * plain).sum()) >= 16
+    scale, zero = group_params(w, sym=True)
+    assert (zero == 8).all() and torch.allclose(scale, (w.abs().amax(1) * 2 / 15).half().float())
+
+
+def test_static_groups_keep_g_idx_in_order_and_beat_round_to_nearest():
+    from gemmakit.quant.gptq import GPTQSettings
+
+    W, X = _correlated_layer()
+    H = 2 * X.t() @ X / len(X)
+    q = gptq_quantize(W, H, settings=GPTQSettings(64, desc_act=True, static_groups=True))
+    assert torch.equal(q["g_idx"].long(), torch.arange(256) // 64)
+    gptq_err = ((W - dequantize(q)) @ X.t()).pow(2).sum()
+    rtn_err = ((W - dequantize(rtn_quantize(W, 64))) @ X.t()).pow(2).sum()
+    assert gptq_err < 0.7 * rtn_err
+
+
+def test_true_sequential_calibrates_each_linear_on_quantized_inputs(hf_folder):
+    """With true_sequential, o_proj's Hessian comes from the block with q/k/v quantized: its
+    result differs from the one-pass run, while q/k/v (quantized first) are the same."""
+    from gemmakit.quant.gptq import GPTQSettings, gptq_quantize_model
+
+    _, loaded = _tiny_loaded(hf_folder)
+    windows = [torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runs = {}
+    for sequential in (False, True):
+        import copy
+
+        model = copy.deepcopy(loaded.model)
+        gptq_quantize_model(model, windows, settings=GPTQSettings(32, true_sequential=sequential))
+        runs[sequential] = model.model.layers[0].self_attn
+    assert torch.equal(runs[False].q_proj.qweight, runs[True].q_proj.qweight)
+    assert not torch.equal(runs[False].o_proj.qweight, runs[True].o_proj.qweight)
+
+
+def test_gptq_config_records_the_settings():
+    from gemmakit.formats.gptq_folder import gptq_config
+    from gemmakit.quant.gptq import GPTQSettings
+
+    config = gptq_config(32, True, settings=GPTQSettings(32, damp_percent=0.05))
+    assert config["true_sequential"] and config["mse"] == 2.4 and config["damp_percent"] == 0.05
+    assert not gptq_config(128, False)["true_sequential"]

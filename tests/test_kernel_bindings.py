@@ -59,14 +59,16 @@ def test_struct_layouts_are_the_compilers(tmp_path):
         for field, _ in struct._fields_:
             ours[f"{name}.{field}"] = str(getattr(struct, field).offset)
     assert ours == compiler_says
-    assert set(structs) == {"Mat", "Layer", "Model", "Batch"}
+    assert set(structs) == {"Mat", "Layer", "Model", "Batch", "Packed4"}
 
 
 def test_constants_come_from_the_header():
     from gemmakit.inference import c_decode as decode
 
-    assert bindings.declarations().constants == {"W_F32": 0, "W_INT8": 1, "W_BF16": 2, "W_GGUF_BASE": 100}
-    assert (decode.W_F32, decode.W_INT8, decode.W_BF16) == (0, 1, 2)
+    assert bindings.declarations().constants == {
+        "W_F32": 0, "W_INT8": 1, "W_BF16": 2, "W_GGUF_BASE": 100, "W_PACKED4": 3
+    }  # fmt: skip
+    assert (decode.W_F32, decode.W_INT8, decode.W_BF16, decode.W_PACKED4) == (0, 1, 2, 3)
 
 
 HEADER = """

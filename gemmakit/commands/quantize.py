@@ -42,9 +42,9 @@ DESCRIPTIONS = {
     "int4": "int4 group-32 linear layers, embedding/lm_head int8",
     "int4-linear": "int4 group-32, linear layers only",
     "int4-all": "int4 group-32, linear layers + embedding/lm_head",
-    "gptq": "GPTQ 4-bit group-128 act-order, linear layers (calibrated on the wiki text)",
-    "gptq-g32": "GPTQ 4-bit group-32 act-order, linear layers (calibrated on the wiki text)",
-    "awq": "AWQ 4-bit group-128, linear layers (calibrated on the wiki text)",
+    "gptq": "GPTQ 4-bit group-128 act-order, mse range search, linear layers (calibrated on wiki + guanaco)",
+    "gptq-g32": "GPTQ 4-bit group-32 act-order, mse range search, linear layers (calibrated on wiki + guanaco)",
+    "awq": "AWQ 4-bit group-128, linear layers (calibrated on wiki + guanaco)",
 }
 CALIBRATED = ("gptq", "gptq-g32", "awq")  # commands/quantize_gptq.py
 

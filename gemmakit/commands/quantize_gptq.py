@@ -2,7 +2,8 @@
 
 Also the calibrated rows of the quality table (`gptq`, `gptq-g32`): the model quantized in
 memory by `gemmakit.quant.gptq`, calibrated on `--calibration` (default: the shipped wiki
-text, disjoint from the evaluation text the table scores).
+text and guanaco sample, `gptq.default_calibration_text`, disjoint from the evaluation text
+the table scores).
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ def add_arguments(p):
     g.add_argument("--no-desc-act", dest="desc_act", action="store_false",
                    help="quantize columns in order instead of by decreasing activation (act-order)")  # fmt: skip
     g.add_argument("--calibration", default=None,
-                   help="calibration text file (default: the shipped wiki text, eval_text_wiki.txt)")  # fmt: skip
+                   help="calibration text file (default: the shipped wiki text and guanaco sample)")  # fmt: skip
     g.add_argument("-o", "--output", default=None, help="the folder to write (--method)")
     g.add_argument("--force", action="store_true", help="overwrite the files of a non-empty folder")
 
 
-def calibration_text(path) -> tuple[str, Path]:
+def calibration_text(path) -> tuple[str, str]:
+    """(text, its name): the file at `path`, or the shipped calibration text."""
     from gemmakit.errors import GemmakitError
-    from gemmakit.paths import DATA
+    from gemmakit.quant.gptq import CALIBRATION_FILES, default_calibration_text
 
-    path = Path(path) if path else DATA / "eval_text_wiki.txt"
+    if not path:
+        return default_calibration_text(), " + ".join(CALIBRATION_FILES)
     try:
-        return path.read_text(encoding="utf-8"), path
+        return Path(path).read_text(encoding="utf-8"), Path(path).name
     except OSError as e:
         raise GemmakitError(f"{path}: {e.strerror or e}") from None
 
@@ -66,6 +69,7 @@ def run(args) -> int:
     from gemmakit.errors import GemmakitError
     from gemmakit.formats.gptq_folder import awq_config, gptq_config, write_gptq_folder
     from gemmakit.loading import load
+    from gemmakit.quant.gptq import GPTQSettings
     from gemmakit.quant.packed4 import gptq_state_to_awq
 
     if args.bits != 4:
@@ -74,15 +78,18 @@ def run(args) -> int:
         raise GemmakitError(f"--method {args.method} needs -o DIR, the folder to write")
     if args.group_size not in (32, 64, 128, 256):
         raise GemmakitError("--group-size must be 32, 64, 128 or 256")
-    _, calibration = calibration_text(args.calibration)
+    _, calibration = calibration_text(args.calibration)  # a missing file fails before the load
     start = time.perf_counter()
     loaded = load(args.model, dtype="float32", device=args.device or "cpu")
     awq = args.method == "awq"
     model = gptq_model(
-        loaded, args.group_size, args.desc_act and not awq, calibration, not args.json, args.method
+        loaded, args.group_size, args.desc_act and not awq, args.calibration, not args.json, args.method
     )
     state = gptq_state_to_awq(model.state_dict()) if awq else model.state_dict()
-    qconfig = awq_config(args.group_size) if awq else gptq_config(args.group_size, args.desc_act)
+    settings = GPTQSettings(args.group_size, args.desc_act)
+    qconfig = (
+        awq_config(args.group_size) if awq else gptq_config(args.group_size, args.desc_act, settings=settings)
+    )
     dtype = torch.bfloat16 if args.dtype in ("auto", "bf16", "bfloat16") else torch.float32
     source = loaded.source.path if loaded.source.kind == "hf" else None
     summary = write_gptq_folder(
@@ -95,5 +102,5 @@ def run(args) -> int:
         print_json(summary)
     else:
         print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {args.method.upper()} 4-bit group {args.group_size}, "
-              f"calibrated on {calibration.name}) in {summary['seconds']} s")  # fmt: skip
+              f"calibrated on {calibration}) in {summary['seconds']} s")  # fmt: skip
     return 0

@@ -23,18 +23,20 @@ from gemmakit.errors import GemmakitError, ModelFileError
 PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
-def gptq_config(group_size: int, desc_act: bool, bits: int = 4) -> dict:
-    """config.json's quantization_config for gemmakit's GPTQ weights (asymmetric, v1 layout)."""
+def gptq_config(group_size: int, desc_act: bool, bits: int = 4, settings=None) -> dict:
+    """config.json's quantization_config for gemmakit's GPTQ weights (v1 layout); `settings`
+    (a `quant.gptq.GPTQSettings`) records how they were rounded, as gptqmodel's config does."""
     return {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
         "desc_act": desc_act,
-        "sym": False,
+        "sym": bool(settings and settings.sym),
         "checkpoint_format": "gptq",
-        "damp_percent": 0.01,
-        "true_sequential": False,
-        "static_groups": False,
+        "damp_percent": settings.damp_percent if settings else 0.01,
+        "true_sequential": bool(settings and settings.true_sequential),
+        "static_groups": bool(settings and settings.static_groups),
+        "mse": 2.4 if settings and settings.mse else 0.0,  # gptqmodel's field: the search's norm
         "quantizer": ["gemmakit"],
     }
 

@@ -3,9 +3,9 @@
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
-bfloat16, int8 weight-only (gemmakit's int8 quantization) or GGUF blocks of a type
-csrc/gguf_blocks.c runs (a GGUF loaded with its own types), no adapters, no training. Else
-it returns None and the caller runs the torch model. Activations are float32 in the step; a
+bfloat16, int8 weight-only (gemmakit's int8 quantization), GPTQ / AWQ 4-bit (csrc/packed4.c)
+or GGUF blocks of a type csrc/gguf_blocks.c runs (a GGUF loaded with its own types), no
+adapters, no training. Else it returns None and the caller runs the torch model. Activations are float32 in the step; a
 float32 model therefore decodes as the torch model does up to the order of additions
 (tests/test_c_decode.py), while a bfloat16 model keeps bfloat16 weights and KV cache but is
 not rounded to bfloat16 after every operation, as llama.cpp runs its 16-bit files. The C step
@@ -35,13 +35,14 @@ from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
 from gemmakit.quant.gguf_blocks import GGUFLinear
+from gemmakit.quant.gptq_linear import GPTQLinear
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
 _DECLARED = bindings.declarations()
 _Mat, _Layer, _Model, _Batch = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Batch"))
-W_F32, W_INT8, W_BF16, W_GGUF_BASE = (
-    _DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16", "W_GGUF_BASE")
+W_F32, W_INT8, W_BF16, W_GGUF_BASE, W_PACKED4 = (
+    _DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16", "W_GGUF_BASE", "W_PACKED4")
 )
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
 _INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
@@ -75,6 +76,14 @@ def _mat(module: nn.Module, keep: list):
             n=module.out_features,
             k=module.in_features,
         )
+    if isinstance(module, GPTQLinear):  # GPTQ / AWQ 4-bit, repacked once (csrc/packed4.c)
+        tensors = module.c_tensors()
+        if tensors is None or not cpu_kernels.packed4_supported(module.in_features, module.group_size):
+            return None
+        packed = cpu_kernels.packed4_struct(tensors, module.group_size)
+        keep.append(packed)
+        n, k = module.out_features, module.in_features
+        return _Mat(type=W_PACKED4, w=ctypes.addressof(packed), s=None, n=n, k=k)
     if isinstance(module, Int8Linear):
         w, s = module.weight, module.weight_scale.float().contiguous()
         if w.device.type != "cpu" or not w.is_contiguous():

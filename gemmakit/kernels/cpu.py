@@ -472,3 +472,52 @@ def sample_candidates(
     lib.sample_candidates_mt(logits.data_ptr(), temperature.data_ptr(), vocab, count, values.data_ptr(),
                              ids.data_ptr(), lse.data_ptr(), scratch.data_ptr(), rows, threads)  # fmt: skip
     return values, ids, lse
+
+
+def packed4_struct(tensors: dict, group_size: int):
+    """The Packed4 struct (csrc/gemmakit_kernels.h) over `GPTQLinear.c_tensors()`; the caller
+    keeps the tensors alive as long as the struct."""
+    from gemmakit.kernels.bindings import declarations
+
+    perm = tensors["perm"]
+    return declarations().structs["Packed4"](
+        q=tensors["q"].data_ptr(),
+        scale=tensors["scale"].data_ptr(),
+        min=tensors["min"].data_ptr(),
+        perm=None if perm is None else perm.data_ptr(),
+        group_size=group_size,
+    )
+
+
+def packed4_supported(k: int, group_size: int) -> bool:
+    """Whether csrc/packed4.c takes a k-wide GPTQ/AWQ matrix with this group size."""
+    lib = library()
+    return lib is not None and bool(lib.packed4_supported(k, group_size))
+
+
+def packed4_matmul(x: torch.Tensor, tensors: dict, n: int, group_size: int) -> torch.Tensor | None:
+    """x (M, k) float32 times the transposed (n, k) GPTQ/AWQ matrix of `GPTQLinear.c_tensors()`:
+    (M, n) float32, each output the float32 dot of its row with the exactly dequantized weight
+    row. None where the kernel does not apply."""
+    k = tensors["q"].shape[1] * 2
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        return None
+    if not packed4_supported(k, group_size):
+        return None
+    x = x.contiguous()
+    out = torch.empty((x.shape[0], n), dtype=torch.float32)
+    library().packed4_matmul_rows(ctypes.byref(packed4_struct(tensors, group_size)), n, k, x.data_ptr(),
+                                  x.shape[0], out.data_ptr(), 0, n)  # fmt: skip
+    return out
+
+
+def packed4_dequantize(tensors: dict, n: int, group_size: int) -> torch.Tensor | None:
+    """The (n, k) float32 weight of `GPTQLinear.c_tensors()`, as packed4.c dequantizes it."""
+    k = tensors["q"].shape[1] * 2
+    if not packed4_supported(k, group_size):
+        return None
+    out = torch.empty((n, k), dtype=torch.float32)
+    library().packed4_dequantize_rows(
+        ctypes.byref(packed4_struct(tensors, group_size)), k, out.data_ptr(), 0, n
+    )
+    return out

@@ -63,10 +63,19 @@ class _InputSampler:
         return torch.cat(self.rows)
 
 
-def awq_scale_block(block: nn.Module, run_block, group_size: int):
-    """Searches and folds the AWQ scales of one block in place (float weights, same function)."""
+# Which sampled input each block linear reads (o_proj is sampled but never scaled).
+INPUT_OF = {"q_proj": "q", "k_proj": "q", "v_proj": "q", "o_proj": "o", "gate_proj": "gate", "up_proj": "gate",
+            "down_proj": "down"}  # fmt: skip
+ROUNDINGS = ("round", "clip", "gptq")
+
+
+def awq_scale_block(block: nn.Module, run_block, group_size: int) -> dict[str, torch.Tensor]:
+    """Searches and folds the AWQ scales of one block in place (float weights, same function).
+
+    Returns, per sampled input ("q", "o", "gate", "down"), the mean square of each channel as
+    the scaled linears now read it (x / s): the column weights of the clipping search."""
     attn, mlp = block.self_attn, block.mlp
-    linears = {"q": attn.q_proj, "gate": mlp.gate_proj, "down": mlp.down_proj}
+    linears = {"q": attn.q_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "down": mlp.down_proj}
     samplers = {name: _InputSampler() for name in linears}
     hooks = [m.register_forward_pre_hook(samplers[n]) for n, m in linears.items()]
     try:
@@ -79,6 +88,7 @@ def awq_scale_block(block: nn.Module, run_block, group_size: int):
         ("gate", [mlp.gate_proj, mlp.up_proj], lambda s: _fold_into_norm(block.pre_feedforward_layernorm, s)),
         ("down", [mlp.down_proj], lambda s: mlp.up_proj.weight.data.div_(s[:, None])),
     ]
+    power = {name: sampler.inputs().pow(2).mean(0) for name, sampler in samplers.items()}
     for name, group, fold in groups:
         if block.input_layernorm.weight is None and name != "down":
             continue  # a norm without a gain has nothing to fold into
@@ -86,15 +96,33 @@ def awq_scale_block(block: nn.Module, run_block, group_size: int):
         fold(s)
         for m in group:
             m.weight.data.mul_(s)
+        power[name] = power[name] / s.pow(2)
+    return power
 
 
 def awq_quantize_model(
-    model: nn.Module, windows: list[torch.Tensor], group_size: int = 128, progress: bool = False
+    model: nn.Module,
+    windows: list[torch.Tensor],
+    group_size: int = 128,
+    progress: bool = False,
+    rounding="round",
 ):
-    """AWQ-scales then 4-bit quantizes the block linears in place; returns the model."""
+    """AWQ-scales then 4-bit quantizes the block linears in place; returns the model.
+
+    rounding: "round" to nearest on the full range of each group (the paper's scaling alone);
+    "clip": each group's range shrunk as `gptq.group_params`' search finds best, its error
+    weighed by the mean square of each input channel (in the spirit of AutoAWQ's
+    `_search_best_clip`, which searches the clipping by output error); "gptq": GPTQ on the
+    scaled weights (`gptq.gptq_quantize_block`, its default settings at this group size)."""
     from tqdm import tqdm
 
-    from gemmakit.quant.gptq import block_linears, block_states
+    from gemmakit.quant.gptq import (
+        GPTQSettings,
+        block_linears,
+        block_states,
+        gptq_quantize_block,
+        replace_linear,
+    )
     from gemmakit.quant.gptq_linear import GPTQLinear
 
     model.eval()
@@ -106,12 +134,14 @@ def awq_quantize_model(
                     for s in states]  # fmt: skip
 
         for block in tqdm(model.model.layers, desc="awq", disable=not progress, leave=False):
-            awq_scale_block(block, functools.partial(run, block), group_size)
-            for name, m in block_linears(block).items():
-                q = rtn_quantize(m.weight, group_size)
-                parent_name, _, leaf = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, leaf, GPTQLinear.from_quantized(q, group_size, m.weight.dtype))
+            power = awq_scale_block(block, functools.partial(run, block), group_size)
+            if rounding == "gptq":
+                gptq_quantize_block(block, states, GPTQSettings(group_size))
+            else:
+                for name, m in block_linears(block).items():
+                    weights = power[INPUT_OF[name.rpartition(".")[2]]] if rounding == "clip" else None
+                    q = rtn_quantize(m.weight, group_size, mse=rounding == "clip", weights=weights)
+                    replace_linear(block, name, GPTQLinear.from_quantized(q, group_size, m.weight.dtype))
             for s, h in zip(states, run(block)):
                 s["h"] = h
     model.quantization = {"kind": "awq", "group_size": group_size, "embeddings": False}

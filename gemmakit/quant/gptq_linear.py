@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gemmakit import ops
 from gemmakit.quant.integer import tinygemm_layout
 from gemmakit.quant.linear import QuantizedLinear
-from gemmakit.quant.packed4 import gptq_pack, gptq_unpack
+from gemmakit.quant.packed4 import C_CHUNK, c_layout, gptq_pack, gptq_unpack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
 
@@ -41,6 +41,7 @@ class GPTQLinear(QuantizedLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // group_size)
         self._kernel = None
+        self._c = None
 
     @classmethod
     def from_quantized(cls, q: dict, group_size: int, compute_dtype=torch.float32, desc_act: bool = False):
@@ -103,12 +104,40 @@ class GPTQLinear(QuantizedLinear):
         self._kernel = (packed, scale_zero, None if sorted_already else perm)
         return self._kernel
 
+    def c_tensors(self) -> dict | None:
+        """The weights as csrc/packed4.c reads them, built once: `q` (N, K/2) uint8 in group
+        order (`packed4.c_layout`), `scale` and `min` (N, G) float32 with w = q * scale + min
+        (min = -zero * scale, exact), `perm` (K,) int32, the input column of each stored
+        column (None when in order). None where the kernel does not take this weight (groups
+        of unequal sizes, or a group size that is not a multiple of 32)."""
+        if self._c is None:
+            self._c = self._build_c_tensors() or ()
+        return self._c or None
+
+    def _build_c_tensors(self) -> dict | None:
+        K, group_size = self.in_features, self.group_size
+        if group_size % C_CHUNK or K % group_size or self.qweight.device.type != "cpu":
+            return None
+        g = self.g_idx.long()
+        perm = torch.argsort(g, stable=True)
+        if not torch.equal(g[perm], torch.arange(K) // group_size):
+            return None
+        levels, zeros = self.unpacked()
+        scale = self.scales.float().t().contiguous()  # (N, G)
+        in_order = torch.equal(perm, torch.arange(K))
+        return {
+            "q": c_layout(levels if in_order else levels[:, perm]),
+            "scale": scale,
+            "min": (-zeros.float() * scale).contiguous(),
+            "perm": None if in_order else perm.to(torch.int32).contiguous(),
+        }
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel = None  # new weights: repack on next use
+        self._kernel = self._c = None  # new weights: repack on next use
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._kernel = None
+        self._kernel = self._c = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:

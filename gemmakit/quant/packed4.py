@@ -105,3 +105,22 @@ def awq_state_to_gptq(state: dict) -> dict:
             torch.int32
         )
     return out
+
+
+C_CHUNK = 32  # columns per 16 bytes in packed4.c's layout
+
+
+def c_layout(levels: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 of levels (N, K) in 0..15, in csrc/packed4.c's layout: each 32 columns in
+    16 bytes, column j in the low nibble of byte j and column j + 16 in its high nibble (one
+    16-byte load widens to two vectors of consecutive columns). K must be a multiple of 32."""
+    N, K = levels.shape
+    v = levels.to(torch.uint8).reshape(N, K // C_CHUNK, 2, C_CHUNK // 2)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def c_unlayout(packed: torch.Tensor) -> torch.Tensor:
+    """Levels (N, K) uint8 from `c_layout`'s bytes (N, K/2), its inverse."""
+    N, half = packed.shape
+    v = packed.reshape(N, half // 16, 1, 16)
+    return torch.cat([v & 15, v >> 4], dim=2).reshape(N, half * 2)

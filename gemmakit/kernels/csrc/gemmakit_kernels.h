@@ -23,6 +23,20 @@
  * Q4_K 112, Q6_K 114, ...): the raw GGUF block bytes of the (n, k) matrix (gguf_blocks.c) */
 enum { W_F32 = 0, W_INT8 = 1, W_BF16 = 2, W_GGUF_BASE = 100 };
 
+/* Mat.type W_PACKED4: GPTQ / AWQ 4-bit weights (packed4.c); Mat.w points to a Packed4 */
+enum { W_PACKED4 = 3 };
+
+typedef struct {
+    /* q: uint8 (n, k / 2), each 32 columns in 16 bytes (column j low nibble, j + 16 high);
+     * scale, min: float (n, k / group_size), w = q * scale + min; perm: int32 (k,), the input
+     * column of each stored column (act-order), or NULL when they are in order */
+    const uint8_t *q;
+    const float *scale;
+    const float *min;
+    const int32_t *perm;
+    int64_t group_size;
+} Packed4;
+
 /* --- the decode step's view of a model (decode_batch.c, gemmakit/inference/c_decode.py) --- */
 
 typedef struct {
@@ -132,6 +146,14 @@ GEMMAKIT_API void gguf_matmul_rows_f32(int64_t type, const void *w, int64_t n, i
  * per 32 and Q8_K's bsums per 16 (NULL otherwise). 0, or -1 for another type or k. */
 GEMMAKIT_API int64_t gguf_quantize_activations(int64_t type, const float *x, int64_t rows, int64_t k, int8_t *q,
                                                float *d, float *s, int16_t *bsums);
+
+/* GPTQ / AWQ 4-bit (packed4.c): 1 when the C kernels take a (n, k) matrix with this group
+ * size; rows [lo, hi) dequantized into out (hi - lo, k); y (rows, n) = x (rows, k) W^T over
+ * output columns [lo, hi), each output the float32 dot of its row with the dequantized one */
+GEMMAKIT_API int64_t packed4_supported(int64_t k, int64_t group_size);
+GEMMAKIT_API void packed4_dequantize_rows(const Packed4 *p, int64_t k, float *out, int64_t lo, int64_t hi);
+GEMMAKIT_API void packed4_matmul_rows(const Packed4 *p, int64_t n, int64_t k, const float *x, int64_t rows,
+                                      float *y, int64_t lo, int64_t hi);
 
 /* --- the same kernels over [0, n) split over threads (split.c) --- */
 

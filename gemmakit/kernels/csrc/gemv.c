@@ -38,6 +38,8 @@ DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
 void matvec(const Mat *m, const float *x, float *y, int64_t lo, int64_t hi) {
     if (m->type >= W_GGUF_BASE) {
         gguf_matvec(m->type - W_GGUF_BASE, m->w, m->k, x, y, lo, hi);
+    } else if (m->type == W_PACKED4) {
+        packed4_matmul_rows((const Packed4 *)m->w, m->n, m->k, x, 1, y, lo, hi);
     } else if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w;
         for (int64_t n = lo; n < hi; n++) y[n] = dot_i8(x, w + n * m->k, m->k) * m->s[n];
@@ -66,6 +68,8 @@ void mat_row(const Mat *m, int64_t row, float *out) {
     const int64_t K = m->k;
     if (m->type >= W_GGUF_BASE) {
         gguf_dequantize_rows(m->type - W_GGUF_BASE, m->w, K, out, row, row + 1);
+    } else if (m->type == W_PACKED4) {
+        packed4_dequantize_rows((const Packed4 *)m->w, K, out, row, row + 1);
     } else if (m->type == W_INT8) {
         const int8_t *w = (const int8_t *)m->w + row * K;
         for (int64_t i = 0; i < K; i++) out[i] = (float)w[i] * m->s[row];
@@ -213,6 +217,8 @@ void matmul_rows(const Mat *m, const float *x, int64_t rows, float *y, int64_t l
     if (m->type >= W_GGUF_BASE) { /* rows rounded to 8-bit blocks, integer dots (gguf_blocks.c) */
         if (rows == 1) gguf_matvec(m->type - W_GGUF_BASE, m->w, K, x, y, lo, hi);
         else gguf_matmul_rows(m->type - W_GGUF_BASE, m->w, N, K, x, rows, y, lo, hi);
+    } else if (m->type == W_PACKED4) { /* each row dequantized once for all rows (packed4.c) */
+        packed4_matmul_rows((const Packed4 *)m->w, N, K, x, rows, y, lo, hi);
     } else if (m->type == W_F32) {
         matmul_f32((const float *)m->w, x, rows, y, N, K, lo, hi);
     } else if (m->type == W_BF16) {
