@@ -439,7 +439,7 @@ static void groups_product(const uint8_t *u, int64_t groups, const ActRows *a, f
 /* out[i * n] = the unpacked super-block row w . activation row r0 + i for i < NR: each 32
  * values' |w| and scales loaded once for NR rows; the float order is dot_k256's */
 ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
-                             int64_t n) {
+                             int64_t n, const int unsigned_values) {
     const int64_t k = a->k;
     __m256 acc[K256_MAX_NR];
     float min_sum[K256_MAX_NR];
@@ -452,8 +452,15 @@ ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
             const __m256i v = LOAD32(w->q + chunk * QK), abs_v = _mm256_sign_epi8(v, v);
             const __m256i scales = _mm256_load_si256((const __m256i *)(w->pair_scales + 16 * chunk));
             for (int i = 0; i < NR; i++) {
-                const __m256i sx = _mm256_sign_epi8(LOAD32(a->q + (r0 + i) * k + chunk * QK), v);
-                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(_mm256_maddubs_epi16(abs_v, sx), scales));
+                /* values of the types with a min are unsigned already: |v| = v, and x's sign
+                 * need not move (the sign trick only zeroes x where v is 0: the same products) */
+                const __m256i x = LOAD32(a->q + (r0 + i) * k + chunk * QK);
+                const __m256i pairs = _mm256_maddubs_epi16(abs_v, unsigned_values ? x : _mm256_sign_epi8(x, v));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                l[i] = _mm256_dpwssd_epi32(l[i], pairs, scales); /* vpmaddwd and the add in one */
+#else
+                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scales));
+#endif
             }
         }
         for (int i = 0; i < NR; i++) {
@@ -469,15 +476,20 @@ ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
 }
 
 /* the unpacked super-block row w against every row of a, into y[r * n] */
-static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int64_t n) {
+ALWAYS_INLINE void k256_rows_of(const WRow *w, int64_t nb, const ActRows *a, float *y, int64_t n, const int u) {
     int64_t r = 0;
-    for (; r + K256_MAX_NR <= a->rows; r += K256_MAX_NR) k256_tile(w, nb, a, r, K256_MAX_NR, y + r * n, n);
-    for (; r + 4 <= a->rows; r += 4) k256_tile(w, nb, a, r, 4, y + r * n, n);
+    for (; r + K256_MAX_NR <= a->rows; r += K256_MAX_NR) k256_tile(w, nb, a, r, K256_MAX_NR, y + r * n, n, u);
+    for (; r + 4 <= a->rows; r += 4) k256_tile(w, nb, a, r, 4, y + r * n, n, u);
     switch (a->rows - r) {
-    case 3: k256_tile(w, nb, a, r, 3, y + r * n, n); break;
-    case 2: k256_tile(w, nb, a, r, 2, y + r * n, n); break;
-    case 1: k256_tile(w, nb, a, r, 1, y + r * n, n); break;
+    case 3: k256_tile(w, nb, a, r, 3, y + r * n, n, u); break;
+    case 2: k256_tile(w, nb, a, r, 2, y + r * n, n, u); break;
+    case 1: k256_tile(w, nb, a, r, 1, y + r * n, n, u); break;
     }
+}
+
+static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int64_t n) {
+    if (w->has_min) k256_rows_of(w, nb, a, y, n, 1); /* Q2_K, Q4_K, Q5_K: values from 0 up */
+    else k256_rows_of(w, nb, a, y, n, 0);
 }
 #endif
 
@@ -489,63 +501,96 @@ enum { UNPACK_ROWS = 16 };
 
 static int unpacks_b32(int64_t type) { return type == 2 || type == 6 || type == 8 || type == 20; }
 
-/* rows [lo, hi) of w against every row of a; scratch: the bytes gguf_dot_rows sizes for it */
-static void dot_rows_all(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi,
-                         uint8_t *scratch) {
-    const int64_t k = a->k, bb = gguf_dot_block_bytes(type), K = a->type == ACT_Q8_K;
-    const int64_t nb = k / (K ? QKK : QK), rb = nb * bb;
+enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 }; /* see gguf_dot_rows */
+
+/* How a tile of weight rows meets the activations: unpacked into groups of 8 blocks of 32,
+ * from the file's blocks (fused, few activation rows), unpacked row by row (WRow) once for
+ * every pass, or (one pass) each row unpacked into one WRow just before its dot: with a
+ * single pass the whole tile unpacked would only leave L1 (measured on a Q6_K 640 x 2048,
+ * one row: 0.135 ms against 0.107) */
+enum { BY_GROUPS, BY_FUSED, BY_ROWS, BY_ROW_EACH };
+
+static int tile_mode(int64_t type, int64_t rows) {
 #ifdef DOT_AVX2
-    if (unpacks_b32(type) && a->rows >= UNPACK_ROWS) { /* many activation rows: each block unpacked once */
-        unpack_b32_groups(type, (const uint8_t *)w + lo * rb, nb, hi - lo, scratch);
-        groups_product(scratch, (nb + 7) / 8, a, y + lo, n, hi - lo);
+    if (gguf_act_type(type) != ACT_Q8_K) return unpacks_b32(type) && rows >= UNPACK_ROWS ? BY_GROUPS : BY_FUSED;
+#endif
+    (void)type;
+    return rows > ROWS_PER_PASS ? BY_ROWS : BY_ROW_EACH;
+}
+
+/* the cols weight rows at wt unpacked once for every pass of activation rows over them */
+static void unpack_tile(int mode, int64_t type, const uint8_t *wt, int64_t k, int64_t cols, uint8_t *scratch,
+                        WRow *rows) {
+    const int64_t nb = k / (gguf_act_type(type) == ACT_Q8_K ? QKK : QK), rb = nb * gguf_dot_block_bytes(type);
+#ifdef DOT_AVX2
+    if (mode == BY_GROUPS) unpack_b32_groups(type, wt, nb, cols, scratch);
+#endif
+    if (mode == BY_ROWS)
+        for (int64_t c = 0; c < cols; c++) {
+            wrow_init(&rows[c], k, scratch + c * wrow_bytes(k));
+            unpack_row(type, wt + c * rb, k, &rows[c]);
+        }
+}
+
+/* tile (a->rows, cols) = the rows of a times the tile's weight rows */
+static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols, const ActRows *a, float *tile,
+                         const uint8_t *scratch, const WRow *rows) {
+    const int64_t k = a->k, K = a->type == ACT_Q8_K, nb = k / (K ? QKK : QK);
+#ifdef DOT_AVX2
+    if (mode == BY_GROUPS) {
+        groups_product(scratch, (nb + 7) / 8, a, tile, cols, cols);
         return;
     }
-    if (fused_b32(type, (const uint8_t *)w, nb, a, y, n, lo, hi)) return;
+    if (mode == BY_FUSED) {
+        fused_b32(type, wt, nb, a, tile, cols, 0, cols);
+        return;
+    }
 #endif
-    WRow row;
-    wrow_init(&row, k, scratch);
-    for (int64_t o = lo; o < hi; o++) {
-        unpack_row(type, (const uint8_t *)w + o * rb, k, &row);
+    WRow each;
+    if (mode == BY_ROW_EACH) wrow_init(&each, k, (void *)scratch);
+    for (int64_t c = 0; c < cols; c++) {
+        const WRow *row = &rows[c];
+        if (mode == BY_ROW_EACH) unpack_row(type, wt + c * nb * gguf_dot_block_bytes(type), k, &each), row = &each;
 #ifdef DOT_AVX2
         if (K) {
-            k256_rows(&row, nb, a, y + o, n);
+            k256_rows(row, nb, a, tile + c, cols);
             continue;
         }
 #endif
         for (int64_t r = 0; r < a->rows; r++) {
             const int8_t *xq = a->q + r * k;
-            const float *xd = a->d + r * (k / QK);
-            y[r * n + o] = K ? dot_k256(&row, xq, xd, a->bsums + r * (k / 16), nb)
-                             : dot_b32(&row, xq, a->dt + r * (a->kt / QK), a->s + r * (k / QK), nb);
+            tile[r * cols + c] = K ? dot_k256(row, xq, a->d + r * (k / QK), a->bsums + r * (k / 16), nb)
+                                   : dot_b32(row, xq, a->dt + r * (a->kt / QK), a->s + r * (k / QK), nb);
         }
     }
 }
 
-/* The product in tiles of ROWS_PER_PASS activation rows x COLS_PER_TILE weight rows, each
- * written into a small local buffer and copied out row by row: the activation rows of a tile
- * stay in L1/L2 while the weights stream, and the outputs are not written a float at a time
- * at a stride of the whole output row (a multiple of 4 KiB for every Gemma width, so each
- * store of a column would contend for one L1 set). Measured in thread CPU time on the bundled
- * gate_proj (2048 x 640, Q5_0), one thread of a loaded 2-core EPYC: 0.81 ns per block pair
- * at 8, 64 and 512 rows. */
-enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 };
+/* The product in tiles of COLS_PER_TILE weight rows, each unpacked once, times passes of
+ * ROWS_PER_PASS activation rows, each pass written into a small local buffer and copied out
+ * row by row: a tile's unpacked weights (at most ~290 KB: 64 Q6_K rows of 2048) and a pass's
+ * activation rows stay in L2, and the outputs are not written a float at a time at a stride
+ * of the whole output row (a multiple of 4 KiB for every Gemma width, so each store of a
+ * column would contend for one L1 set). */
 
 void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi) {
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type);
     if (bb < 0 || gguf_act_type(type) != a->type) return;
-    const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb;
-    const int64_t unpacked = COLS_PER_TILE * ((nb + 7) / 8) * GROUP_BYTES, row = wrow_bytes(k);
-    uint8_t *scratch = malloc((size_t)(unpacked > row ? unpacked : row));
+    const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb, mode = tile_mode(type, a->rows);
+    const int64_t groups = COLS_PER_TILE * ((nb + 7) / 8) * GROUP_BYTES, rows = COLS_PER_TILE * wrow_bytes(k);
+    uint8_t *scratch = malloc((size_t)(groups > rows ? groups : rows));
     if (!scratch) return;
+    WRow unpacked[COLS_PER_TILE];
     float tile[ROWS_PER_PASS * COLS_PER_TILE];
-    for (int64_t r0 = 0; r0 < a->rows; r0 += ROWS_PER_PASS) {
-        ActRows part = *a; /* rows [r0, r0 + pass) of a: each row's result is its own */
-        part.rows = a->rows - r0 < ROWS_PER_PASS ? a->rows - r0 : ROWS_PER_PASS;
-        part.q += r0 * k, part.xu += r0 * k, part.d += r0 * (k / QK), part.s += r0 * (k / QK);
-        part.bsums += r0 * (k / 16), part.qt += r0 * a->kt, part.xut += r0 * a->kt, part.dt += r0 * (a->kt / QK);
-        for (int64_t o0 = lo; o0 < hi; o0 += COLS_PER_TILE) {
-            const int64_t cols = hi - o0 < COLS_PER_TILE ? hi - o0 : COLS_PER_TILE;
-            dot_rows_all(type, (const uint8_t *)w + o0 * rb, cols, &part, tile, 0, cols, scratch);
+    for (int64_t o0 = lo; o0 < hi; o0 += COLS_PER_TILE) {
+        const int64_t cols = hi - o0 < COLS_PER_TILE ? hi - o0 : COLS_PER_TILE;
+        const uint8_t *wt = (const uint8_t *)w + o0 * rb;
+        unpack_tile((int)mode, type, wt, k, cols, scratch, unpacked);
+        for (int64_t r0 = 0; r0 < a->rows; r0 += ROWS_PER_PASS) {
+            ActRows part = *a; /* rows [r0, r0 + pass) of a: each row's result is its own */
+            part.rows = a->rows - r0 < ROWS_PER_PASS ? a->rows - r0 : ROWS_PER_PASS;
+            part.q += r0 * k, part.xu += r0 * k, part.d += r0 * (k / QK), part.s += r0 * (k / QK);
+            part.bsums += r0 * (k / 16), part.qt += r0 * a->kt, part.xut += r0 * a->kt, part.dt += r0 * (a->kt / QK);
+            tile_product((int)mode, type, wt, cols, &part, tile, scratch, unpacked);
             for (int64_t r = 0; r < part.rows; r++)
                 memcpy(y + (r0 + r) * n + o0, tile + r * cols, (size_t)cols * sizeof(float));
         }
