@@ -442,8 +442,14 @@ ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
                              int64_t n, const int unsigned_values) {
     const int64_t k = a->k;
     __m256 acc[K256_MAX_NR];
-    float min_sum[K256_MAX_NR];
-    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    /* the min terms of the NR rows, lane i row r0 + i: dot_k256's scalar fmaf per row, in
+     * lanes (the same bits), so that a super-block's integer sums of min * bsums for all rows
+     * come out of one reduction (block_sums8) instead of one horizontal sum per row */
+    __m256 min_sums = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i row_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)(k / QK)));
+    const __m256 in_tile = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(NR), lane));
     for (int64_t b = 0; b < nb; b++) {
         __m256i l[K256_MAX_NR];
         for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
@@ -466,12 +472,21 @@ ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
         for (int i = 0; i < NR; i++) {
             const float xd = a->d[(r0 + i) * (k / QK) + b];
             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * w->d[b]), _mm256_cvtepi32_ps(l[i]), acc[i]);
-            if (w->has_min) {
-                const int32_t summ = k_min_sum(w->mn + b * 16, a->bsums + (r0 + i) * (k / 16) + b * 16);
-                min_sum[i] = fmaf(xd * w->m[b], (float)summ, min_sum[i]);
-            }
+        }
+        if (unsigned_values) { /* the types with a min */
+            const __m256i mn = LOAD32(w->mn + b * 16);
+            __m256i p[8];
+            for (int i = 0; i < 8; i++)
+                p[i] = i < NR ? _mm256_madd_epi16(mn, LOAD32(a->bsums + (r0 + i) * (k / 16) + b * 16))
+                              : _mm256_setzero_si256();
+            const __m256i summ = block_sums8(_mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3])),
+                                             _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7])));
+            const __m256 xd = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a->d + r0 * (k / QK) + b, row_at, in_tile, 4);
+            min_sums = _mm256_fmadd_ps(_mm256_mul_ps(xd, _mm256_set1_ps(w->m[b])), _mm256_cvtepi32_ps(summ), min_sums);
         }
     }
+    float min_sum[8];
+    _mm256_storeu_ps(min_sum, min_sums);
     for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
 }
 
