@@ -13,6 +13,14 @@ smaller model with the same tokenizer) or `--draft-bf16` (the bundled model in b
 drafting for its float32 self: high acceptance, but no cheaper per token, so it shows the
 mechanism, not a speed-up). Targets (issue 20): >= 2x on copy-heavy prompts with ngram,
 >= 0.9x on free writing.
+
+    .venv/bin/python benchmarks/speculative.py --mtp-target DIR --mtp-assistant DIR [--tokens N]
+    .venv/bin/python benchmarks/speculative.py --mtp-tiny
+
+MTP mode: a Gemma 4 target and its assistant (`gemma4_assistant`, the MTP drafter) in plain,
+ngram and mtp decoding, the same table. `--mtp-tiny` builds a tiny random pair (transformers'
+classes, random weights): its drafter proposes noise, so it shows the mode runs and gives
+plain greedy's tokens, not a speed-up; real speed needs the released checkpoints.
 """
 
 from __future__ import annotations
@@ -83,7 +91,12 @@ def main():
     p.add_argument("--draft-bf16", action="store_true", help="draft with the bundled model in bfloat16")
     p.add_argument("--only", choices=["copy", "free"], default=None, help="run one kind of prompt")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--mtp-target", default=None, help="MTP mode: a Gemma 4 model folder")
+    p.add_argument("--mtp-assistant", default=None, help="MTP mode: its gemma4_assistant folder")
+    p.add_argument("--mtp-tiny", action="store_true", help="MTP mode on a tiny random pair (shows it runs)")
     args = p.parse_args()
+    if args.mtp_tiny or args.mtp_target:
+        return mtp_main(args)
 
     from gemmakit import LLM
     from gemmakit.loading import load
@@ -131,6 +144,114 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"tokens": args.tokens, "runs": args.runs, "results": results}, f, indent=2)
+
+
+def mtp_main(args):
+    """plain / ngram / mtp on a Gemma 4 target and its assistant (see the module docstring)."""
+    import time
+
+    import torch
+
+    from gemmakit.inference import engine, speculative
+    from gemmakit.inference.sampling import SamplingParams
+
+    if args.mtp_tiny:
+        target, assistant = tiny_mtp_pair()
+        g = torch.Generator().manual_seed(0)
+        prompts = {}
+        for n in (5, 9):
+            block = torch.randint(3, target.config.vocab_size, (n,), generator=g).tolist()
+            prompts[f"copy: {n}-token block x4"] = ("copy", block * 4)
+        prompts["free: random 24 tokens"] = (
+            "free",
+            torch.randint(3, target.config.vocab_size, (24,), generator=g).tolist(),
+        )
+    else:
+        from gemmakit import LLM
+
+        llm = LLM(args.mtp_target, dtype="float32", device="cpu", draft_model=args.mtp_assistant)
+        target, assistant = llm.model, llm.assistant
+        prompts = {name: (kind, chat_ids(llm.tokenizer, text)) for name, (kind, text) in PROMPTS.items()}
+
+    def once(ids, mode):
+        params = SamplingParams(
+            temperature=0, max_tokens=args.tokens, ignore_eos=True, speculative=mode,
+            num_speculative_tokens=args.num_speculative,
+        )  # fmt: skip
+        request = engine.Request(ids, params)
+        steps = (
+            speculative.generate_steps(target, [request], assistant)
+            if mode
+            else engine.generate_steps(target, [request])
+        )
+        first = None
+        for _ in steps:
+            first = first or time.perf_counter()
+        seconds = time.perf_counter() - first
+        return request.output_ids, seconds, request.speculation.as_dict() if request.speculation else None
+
+    modes = [None, "ngram", "mtp"]
+    for name, (_kind, ids) in prompts.items():
+        times, outputs, stats = {m: [] for m in modes}, {}, {}
+        for _ in range(args.runs):
+            for mode in modes:
+                outputs[mode], seconds, stats[mode] = once(ids, mode)
+                times[mode].append(seconds)
+        plain = (args.tokens - 1) / statistics.median(times[None])
+        for mode in modes:
+            rate, spec = (args.tokens - 1) / statistics.median(times[mode]), stats[mode] or {}
+            print(
+                f"{name:24} {mode or 'plain':6} {rate:7.2f} tok/s  x{rate / plain:.2f}  "
+                f"accepted {_pct(spec.get('acceptance_rate')):>5}  tokens/step {_num(spec.get('tokens_per_step')):>5}  "
+                f"same {outputs[mode] == outputs[None]}",
+                flush=True,
+            )
+
+
+def tiny_mtp_pair():
+    """A tiny random Gemma 4 target (KV sharing, K = V on global layers) and a tiny random
+    assistant made for it, built by transformers and loaded through gemmakit's HF loaders."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from gemmakit.loading import ModelSource, load_assistant, load_model
+
+    s, f = "sliding_attention", "full_attention"
+    rope = {
+        s: {"rope_type": "default", "rope_theta": 10_000.0},
+        f: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    }
+    shared = dict(
+        vocab_size=512, num_attention_heads=4, head_dim=32, num_key_value_heads=2, sliding_window=16,
+        rope_parameters=rope, global_head_dim=64, num_global_key_value_heads=1, attention_k_eq_v=True,
+        max_position_embeddings=1024, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    target = transformers.Gemma4ForCausalLM(
+        transformers.Gemma4TextConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            layer_types=[s, s, f, s, s, f],
+            num_kv_shared_layers=2,
+            **shared,
+        )  # fmt: skip
+    )
+    text = transformers.Gemma4TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, layer_types=[s, f], **shared
+    )
+    assistant = transformers.Gemma4AssistantForCausalLM(
+        transformers.Gemma4AssistantConfig(text_config=text, backbone_hidden_size=128)
+    )
+    folder = Path(tempfile.mkdtemp(prefix="gemmakit-mtp-"))
+    target.save_pretrained(folder / "target")
+    assistant.save_pretrained(folder / "assistant")
+    return load_model(ModelSource("hf", folder / "target", "tiny-gemma4")), load_assistant(
+        folder / "assistant"
+    )
 
 
 def _pct(x):

@@ -334,3 +334,41 @@ def preset(name: str) -> GemmaConfig:
     if key not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[key]
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """Gemma 4's multi-token-prediction drafter (`gemma4_assistant`, transformers
+    Gemma4AssistantConfig): a few Gemma 4 blocks that own no keys or values (every layer
+    attends over the target's), between a projection of [token embedding, target hidden
+    state] in and a projection back to the target's width out."""
+
+    # The drafter's own layers. Its config.json says every layer is KV-shared
+    # (num_kv_shared_layers = num_hidden_layers); here that count is 0 and the drafter's
+    # class knows its layers read the target's keys and values instead of an earlier layer's.
+    text: GemmaConfig
+    # Width of the target's hidden states (the input is twice that: embedding + hidden).
+    backbone_hidden_size: int
+    # Logits only over the tokens of the top centroids (Gemma4AssistantMaskedEmbedder).
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    tie_word_embeddings: bool = True
+    model_type: str = "gemma4_assistant"
+
+    def __post_init__(self):
+        t = self.text
+        if t.hidden_size_per_layer_input or t.num_experts or t.use_double_wide_mlp:
+            raise ConfigError(
+                "a gemma4_assistant's layers have no per-layer inputs, experts or double-wide MLPs"
+            )
+        if self.backbone_hidden_size <= 0:
+            raise ConfigError("backbone_hidden_size must be positive")
+        if self.use_ordered_embeddings and (
+            not 0 < self.centroid_intermediate_top_k <= self.num_centroids
+            or t.vocab_size % self.num_centroids
+        ):
+            raise ConfigError(
+                "ordered embeddings need num_centroids dividing vocab_size and "
+                "0 < centroid_intermediate_top_k <= num_centroids"
+            )

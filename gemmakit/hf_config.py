@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gemmakit.config import FULL, SLIDING, GemmaConfig
+from gemmakit.config import FULL, SLIDING, AssistantConfig, GemmaConfig
 from gemmakit.errors import ConfigError
 
 # --- From Hugging Face config.json ------------------------------------------------------
@@ -397,6 +397,64 @@ def _global_attention_shape(raw: dict[str, Any], layer_types, k_eq_v: bool) -> t
 
 
 def load_hf_config(path: str | Path) -> GemmaConfig:
+    return _load(path, from_hf_config)
+
+
+def load_hf_assistant_config(path: str | Path) -> AssistantConfig:
+    """A Gemma 4 MTP drafter's config.json (model_type gemma4_assistant)."""
+    return _load(path, from_hf_assistant_config)
+
+
+def from_hf_assistant_config(raw: dict[str, Any], name: str = "") -> AssistantConfig:
+    """An AssistantConfig from a `gemma4_assistant` config.json dict: its text_config read as
+    a Gemma 4 text model's (with its KV-shared count taken as the drafter's rule, see
+    `AssistantConfig.text`), the drafter's own keys beside it.
+
+    Raises:
+        ConfigError: not a gemma4_assistant, or a key gemmakit cannot honour.
+    """
+    raw = dict(raw)
+    if raw.get("model_type") != "gemma4_assistant":
+        found = raw.get("model_type") or "none given"
+        raise ConfigError(f"not a Gemma 4 assistant (model_type {found!r}, expected 'gemma4_assistant')")
+    text = dict(raw.pop("text_config", None) or {})
+    text.setdefault("model_type", "gemma4_text")
+    text["architectures"] = ["Gemma4ForCausalLM"]
+    layers = text.get("num_hidden_layers")
+    # transformers Gemma4AssistantConfig: every layer reuses the target's keys and values.
+    shared = text.pop("num_kv_shared_layers", None)
+    if shared not in (None, 0, layers):
+        raise ConfigError(
+            f"every layer of a gemma4_assistant reads the target's KV; num_kv_shared_layers={shared}"
+        )
+    # Whether attention is causal is moot: the drafter's one query attends over the target's keys.
+    text.pop("use_bidirectional_attention", None)
+    text_config = from_hf_config(text, name)
+    fields = {
+        k: raw.pop(k)
+        for k in (
+            "use_ordered_embeddings",
+            "num_centroids",
+            "centroid_intermediate_top_k",
+            "tie_word_embeddings",
+        )
+        if k in raw
+    }
+    if "backbone_hidden_size" not in raw:
+        raise ConfigError("a gemma4_assistant config.json needs backbone_hidden_size")
+    config = AssistantConfig(text_config, raw.pop("backbone_hidden_size"), **fields)
+    leftover = sorted(k for k in raw if k not in _IGNORED_KEYS)
+    if leftover:
+        raise ConfigError(
+            "config.json has keys gemmakit does not implement: "
+            + ", ".join(f"{k}={raw[k]!r}" for k in leftover)
+        )
+    return config
+
+
+def _load(path: str | Path, convert):
+    """`convert(raw, name)` of the config.json at `path` (a folder or the file), every
+    mistake in it a one-line ConfigError naming the file."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
@@ -408,7 +466,7 @@ def load_hf_config(path: str | Path) -> GemmaConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: not a JSON object (found {type(raw).__name__})")
     try:
-        return from_hf_config(raw, name=path.name if path.is_dir() else path.parent.name)
+        return convert(raw, name=path.name if path.is_dir() else path.parent.name)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     except (

@@ -27,7 +27,7 @@ from gemmakit.files import atomic_folder, atomic_write, content_key
 from gemmakit.formats import safetensors
 from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
-from gemmakit.hf_config import load_hf_config, to_hf_config
+from gemmakit.hf_config import load_hf_assistant_config, load_hf_config, to_hf_config
 from gemmakit.model.families import build_empty
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import SOURCE_FILE, cache_dir, evict, mark_used
@@ -168,6 +168,35 @@ def load_model(
         keep = packed is not None and (not t.is_floating_point() or key.endswith(".scales"))
         state[key] = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
     safetensors.load_into(model, state, str(source.path))
+    return model.eval()
+
+
+def is_assistant_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder whose config.json is a Gemma 4 assistant's (MTP drafter)."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text()).get("model_type") == "gemma4_assistant"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_assistant(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A Gemma 4 MTP drafter (`gemma4_assistant`) from an HF folder (config.json + safetensors)."""
+    from gemmakit.model.gemma4_assistant import Gemma4Assistant
+
+    path = Path(path)
+    if not path.is_dir():
+        raise GemmakitError(f"{path}: an assistant model is a folder with config.json and safetensors")
+    config = load_hf_assistant_config(path)
+    check_dtype(config.text, dtype)
+    tensors = safetensors.read_safetensors(safetensors.safetensors_files(path))
+    state = safetensors.assistant_to_native(tensors, config.tie_word_embeddings)
+    with torch.device("meta"):
+        model = Gemma4Assistant(config)
+    for key in list(state):
+        t = state.pop(key)
+        state[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+    safetensors.load_into(model, state, str(path))
     return model.eval()
 
 

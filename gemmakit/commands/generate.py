@@ -22,13 +22,16 @@ def add_arguments(p):
     s.add_argument("--chat", action="store_true", help="wrap each prompt in Gemma's chat template")
     d = p.add_argument_group("speculative decoding (same output distribution, fewer model steps)")
     d.add_argument(
-        "--speculative", choices=["ngram", "draft"], default=None,
+        "--speculative", choices=["ngram", "draft", "mtp"], default=None,
         help="ngram: propose tokens copied from the prompt and the text so far (prompt lookup); "
-        "draft: propose with --draft-model",
+        "draft: propose with --draft-model, a smaller model; mtp: propose with --draft-model, "
+        "a Gemma 4 assistant (the MTP drafter made for this Gemma 4 model), from the model's "
+        "own hidden state and keys",
     )  # fmt: skip
     d.add_argument(
         "--draft-model", default=None, metavar="M",
-        help="a smaller model with the same tokenizer (folder, .gguf) for --speculative draft",
+        help="for --speculative draft: a smaller model with the same tokenizer (folder, .gguf); "
+        "for --speculative mtp: a gemma4_assistant folder (config.json + safetensors)",
     )  # fmt: skip
     d.add_argument(
         "--num-speculative", type=int, default=8, metavar="K",
@@ -45,8 +48,10 @@ def run(args) -> int:
 
     if args.speculative == "draft" and not args.draft_model:
         raise GemmakitError("--speculative draft needs --draft-model M (a model with the same tokenizer)")
-    if args.draft_model and args.speculative != "draft":
-        raise GemmakitError("--draft-model is used by --speculative draft only")
+    if args.speculative == "mtp" and not args.draft_model:
+        raise GemmakitError("--speculative mtp needs --draft-model DIR (a Gemma 4 assistant folder)")
+    if args.draft_model and args.speculative not in ("draft", "mtp"):
+        raise GemmakitError("--draft-model is used by --speculative draft or mtp only")
     params = SamplingParams(
         temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,

@@ -17,6 +17,12 @@ def add_arguments(p):
     s = p.add_argument_group("server")
     # The flags are ServerConfig's fields, so the CLI and the Python API cannot drift apart.
     add_options(s, ServerConfig, show_defaults=False)
+    s.add_argument(
+        "--draft-model", default=None, metavar="M",
+        help="a smaller model with the same tokenizer, or a Gemma 4 assistant folder (its MTP "
+        "drafter): requests may then speculate with it (speculative_config method draft_model, "
+        "or mtp); any request may ask for ngram",
+    )  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument(
         "--lora", action="append", default=[], metavar="NAME=DIR",

@@ -222,6 +222,23 @@ def hf_to_native(tensors: dict[str, torch.Tensor], config: GemmaConfig) -> dict[
     return out
 
 
+def assistant_to_native(
+    tensors: dict[str, torch.Tensor], tie_word_embeddings: bool
+) -> dict[str, torch.Tensor]:
+    """A Gemma 4 assistant's HF state dict under the native names (the same ones), less what
+    the drafter has no module for: every layer reads the target's keys and values, so any
+    k/v weights a checkpoint carries are dropped, as transformers ignores them on load."""
+    out = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and len(parts) > 4 and parts[4] in _KV_WEIGHTS:
+            continue
+        out[name] = t
+    if tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
 def native_to_hf(state: dict[str, torch.Tensor], config: GemmaConfig) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in state.items():

@@ -24,8 +24,8 @@ from gemmakit.inference import logits_processing
 from gemmakit.inference.batching import Engine, available_memory, slot_bytes
 from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
-from gemmakit.inference.text import StreamEvent, TextStream, finish_step, stream_text, text_streams
-from gemmakit.loading import Loaded, load
+from gemmakit.inference.text import StreamEvent, TextStream, finish_step, text_streams
+from gemmakit.loading import Loaded, is_assistant_folder, load, load_assistant
 
 
 @dataclass
@@ -85,7 +85,9 @@ class LLM:
         quantization / adapter: optional, applied after loading (see `gemmakit.quant`
             and `gemmakit.lora`).
         draft_model: a smaller model with the same tokenizer (named as `model` is), loaded
-            with the same dtype and device, for `SamplingParams(speculative="draft")`.
+            with the same dtype and device, for `SamplingParams(speculative="draft")`; or a
+            Gemma 4 assistant folder (`gemma4_assistant`, the MTP drafter made for this
+            target) for `SamplingParams(speculative="mtp")`.
 
     Attributes:
         memory: with `quantization`, {"before": ..., "after": ...}: the model's bytes in
@@ -124,7 +126,15 @@ class LLM:
             self.memory = {"before": float_memory(net), "after": model_memory(net)}
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.draft: Loaded | None = None
-        if draft_model is not None:
+        self.assistant = None  # a Gemma 4 MTP drafter, when draft_model names one
+        if draft_model is not None and is_assistant_folder(draft_model):
+            from gemmakit.inference.proposers import check_assistant
+
+            self.assistant = load_assistant(
+                draft_model, dtype=self.model.dtype, device=str(self.model.device)
+            )
+            check_assistant(self.model, self.assistant)
+        elif draft_model is not None:
             from gemmakit.inference.proposers import check_draft
 
             self.draft = load(draft_model, dtype=self.model.dtype, device=str(self.model.device))
@@ -188,13 +198,16 @@ class LLM:
 
     def _stream(self, requests: list[Request], streams: list[TextStream]) -> Iterator[StreamEvent]:
         """Runs the requests on the continuous-batching engine (the server's), yielding each
-        step's text events; a row that fails alone ends with finish reason "error". A batch
-        that asks for speculative decoding runs `stream_text`'s speculative path instead."""
-        if any(r.params.speculative for r in requests):
-            draft = self.draft.model if self.draft is not None else None
-            for events in stream_text(self.model, self.tokenizer, requests, streams, draft):
-                yield from events
-            return
+        step's text events; a row that fails alone ends with finish reason "error". Speculating
+        rows verify their proposals in the same batched steps (`speculative.EngineSpeculation`)."""
+        for mode, model, what in (
+            ("draft", self.draft, "a draft model"),
+            ("mtp", self.assistant, "a Gemma 4 assistant"),
+        ):
+            if model is None and any(r.params.speculative == mode for r in requests):
+                raise GemmakitError(
+                    f"speculative={mode!r} needs {what} (LLM(draft_model=...), --draft-model)"
+                )
         engine = self._engine_for(requests)
         row_of = {id(r): i for i, r in enumerate(requests)}
         for r in requests:
@@ -225,7 +238,8 @@ class LLM:
         e = self._engine
         if e is None or e.capacity < capacity or e.slots < slots:
             self._engine = None  # the old cache goes before the new one is allocated
-            self._engine = Engine(self.model, slots=slots, capacity=capacity)
+            draft = self.assistant or (self.draft.model if self.draft is not None else None)
+            self._engine = Engine(self.model, slots=slots, capacity=capacity, draft=draft)
         return self._engine
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:

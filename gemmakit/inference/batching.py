@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.config import SLIDING
-from gemmakit.inference import c_decode
+from gemmakit.inference import c_decode, speculative
 from gemmakit.inference.engine import Request, check_length, sample_row
 from gemmakit.lora import multi
 from gemmakit.model.slot_cache import RING_SLACK, SlotCache
@@ -95,10 +95,14 @@ class Engine:
             at most the model's context.
         prefill_chunk: prompt tokens prefilled per step at most.
         prefix_cache: keep finished rows' keys and values for prompts that start with them.
+        draft: the draft model of requests with `speculative="draft"` (or, for "mtp", a
+            Gemma 4 assistant)
+            (`speculative.EngineSpeculation`: a speculating row verifies its proposals as
+            rows of its own slot in the same step as the others).
     """
 
     def __init__(self, model, slots: int = 16, capacity: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache: bool = True):  # fmt: skip
+                 prefix_cache: bool = True, draft=None):  # fmt: skip
         context = model.config.max_position_embeddings
         capacity = context if capacity is None else capacity
         if slots < 1 or prefill_chunk < 1 or not 2 <= capacity <= context:
@@ -116,6 +120,7 @@ class Engine:
             (s, (None, [])) for s in range(slots)
         )
         self.counters = EngineCounters()
+        self.speculation = speculative.EngineSpeculation(model, self.cache, draft)
 
     @property
     def slots(self) -> int:
@@ -170,7 +175,10 @@ class Engine:
             if seq.request.finish_reason is None:
                 kept.append(seq)
                 continue
-            self._free[seq.slot] = (seq.request.adapter, seq.tokens() if self.prefix_cache else [])
+            self._free[seq.slot] = (
+                seq.request.adapter,
+                speculative.cached_tokens(seq) if self.prefix_cache else [],
+            )
             self._free.move_to_end(seq.slot)
         self.running = kept
 
@@ -214,7 +222,7 @@ class Engine:
             for seq in self.running:
                 if seq.request.adapter != request.adapter:
                     continue
-                m = self._reusable(seq.tokens(), request.prompt_ids)
+                m = self._reusable(speculative.cached_tokens(seq), request.prompt_ids)
                 if m > best:
                     best_slot, best = seq.slot, m
         return best_slot, best
@@ -247,6 +255,8 @@ class Engine:
             budget -= n
             try:
                 hidden = self._forward(prompt[seq.held : seq.held + n], seq)
+                if seq.held + n == len(prompt):  # an MTP row's first proposals read this state
+                    self.speculation.observe(seq, hidden[0, -1:])
             except Exception as e:  # noqa: BLE001 - this row's forward pass failed, not the batch's
                 events.append(self._fail(seq, e))
                 continue
@@ -266,24 +276,39 @@ class Engine:
         ]
         if not rows:
             return []
-        tokens = [s.request.output_ids[-1] for s in rows]
-        slots, positions = [s.slot for s in rows], [s.held for s in rows]
+        events, feeds = [], []
+        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
+            try:
+                feeds.append(self.speculation.feed(seq))
+            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
+                events.append(self._fail(seq, e))
+                rows.remove(seq)
+        if not rows:
+            return events
+        tokens = [t for fed in feeds for t in fed]
+        slots = [s.slot for s, fed in zip(rows, feeds) for _ in fed]
+        positions = [s.held + i for s, fed in zip(rows, feeds) for i in range(len(fed))]
         c = self.counters
         c.steps += 1
         c.step_rows.append(len(rows))
         c.max_rows = max(c.max_rows, len(rows))
         try:
-            logits = self.fast.step(tokens, slots, positions) if self.fast is not None else None
+            # An MTP row reads the rows' hidden states, which only the torch step keeps.
+            fast = self.fast if not self.speculation.needs_hidden(rows) else None
+            logits = fast.step(tokens, slots, positions) if fast is not None else None
+            hidden = None
             if logits is None:
                 ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)[:, None]
-                adapters = [s.request.adapter for s in rows]
-                logits = self.model.logits(self._forward_rows(ids, slots, positions, adapters)[:, -1])
+                adapters = [s.request.adapter for s, fed in zip(rows, feeds) for _ in fed]
+                hidden = self._forward_rows(ids, slots, positions, adapters)[:, -1]
+                logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
-            return [self._fail(s, e) for s in rows]
-        events = []
-        for seq, row_logits in zip(rows, logits):
-            seq.held += 1
-            events.append(self._sample(seq, row_logits))
+            return events + [self._fail(s, e) for s in rows]
+        at = 0
+        for seq, fed in zip(rows, feeds):
+            row_hidden = None if hidden is None else hidden[at : at + len(fed)]
+            events += self.speculation.settle(seq, logits[at : at + len(fed)], fed, self._sample, row_hidden)
+            at += len(fed)
         return events
 
     # --- pieces --------------------------------------------------------------------------
@@ -304,10 +329,12 @@ class Engine:
         self.cache.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
         return self.model.hidden_states(ids, positions=positions, cache=self.cache)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[Request, int | None]:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, choose=sample_row) -> tuple[Request, int | None]:
+        """Chooses the row's token with `choose(logits, request)` (a speculating row's chooser
+        keeps or replaces a proposal), then counts it and finishes the row when it ends it."""
         req = seq.request
         try:
-            token = sample_row(logits, req)
+            token = choose(logits, req)
         except Exception as e:  # noqa: BLE001 - this row's parameters or logits, not the batch's
             return self._fail(seq, e)
         if seq.first_token_at is None:

@@ -5,7 +5,9 @@ llama.cpp's n-gram speculation): the last n tokens (n = 3, then 2, then 1) are l
 the prompt and the output so far, and the tokens that followed their latest earlier
 occurrence are proposed. Its proposals are deterministic: their q is one-hot. `DraftProposer`
 runs a smaller model with the same vocabulary, which keeps its own KV cache in step with the
-target's output by rolling back what the target rejected. `Backoff` decides how many tokens
+target's output by rolling back what the target rejected. `MtpProposer` runs Gemma 4's MTP
+drafter (`model/gemma4_assistant.py`) over the target's own last hidden state and keys: no
+cache or prefill of its own. `Backoff` decides how many tokens
 to ask for: fewer, then none for a while, as proposals stop being accepted, so that a text
 with nothing to copy decodes nearly as fast as without speculation.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from gemmakit.config import SLIDING
 from gemmakit.errors import GemmakitError
 from gemmakit.inference import c_decode
 from gemmakit.inference.engine import Request
@@ -153,6 +156,132 @@ class DraftProposer:
         """Keeps the accepted proposals the cache holds (it never holds the last one)."""
         if proposed:
             self.cache.rollback(proposed - 1 - min(accepted, proposed - 1))
+
+
+class MtpProposer:
+    """Gemma 4's MTP drafter (`model/gemma4_assistant.py`) proposing k tokens from the
+    target's own state: no cache of its own, no prefill.
+
+    For the token at position p (the last one chosen, not yet fed to the target) it reads
+    the target's final-normed hidden state that predicted that token and the keys and values
+    the target's last full-attention and last sliding layer hold for positions before p (the
+    sliding ones: the last window + 1, all the drafter's mask keeps). Each drafting step feeds
+    [target embedding of the token, that hidden state] at position p and gives the next
+    token and the projected state for the step after it, as transformers'
+    Gemma4AssistantCandidateGenerator does; the position and the target's keys stay fixed
+    for the round. The caller hands over the target's hidden states after each forward
+    (`observe`) and says how many proposals were kept (`update`): the state that predicted
+    the next round's first token is the row of the last kept token.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, target, assistant, read_kv):
+        check_assistant(target, assistant)
+        self.target, self.assistant, self.read_kv = target, assistant, read_kv
+        c = target.config
+        first_shared = c.num_hidden_layers - c.num_kv_shared_layers
+        # The layer of each type whose keys the target keeps last (transformers' "store" layers).
+        self.sources = {t: i for i, t in enumerate(c.layer_types[:first_shared])}
+        self._rows, self._kept = None, 0
+
+    def observe(self, hidden_rows: torch.Tensor):
+        """The target's final hidden states (T, C) after the rows it was just fed."""
+        self._rows, self._kept = hidden_rows, 0
+
+    def _target_kv(self, p: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer type, the source layer's keys and values of positions [0, p) (sliding:
+        the last window + 1 of them), oldest first."""
+        kv, window = {}, self.target.config.sliding_window
+        for layer_type, i in self.sources.items():
+            first = max(0, p - window - 1) if layer_type == SLIDING else 0
+            kv[layer_type] = self.read_kv(i, torch.arange(first, p, device=self.target.device))
+        return kv
+
+    def propose(self, request: Request, k: int) -> tuple[list[int], torch.Tensor | None]:
+        """k proposed tokens and, for a sampled request, their distributions q (k, V)."""
+        params, target = request.params, self.target
+        ids = request.prompt_ids + request.output_ids
+        p, token = len(ids) - 1, ids[-1]  # the last token's position: the target's next row
+        kv = self._target_kv(p)
+        hidden = self._rows[self._kept].view(1, 1, -1)
+        position = torch.tensor([[p]], device=target.device)
+        proposals, qs = [], []
+        for _ in range(k):
+            ids = torch.tensor([[token]], device=target.device)
+            embedding = target._embed(target.model.embed_tokens, ids, target.config.embedding_scale)
+            logits, hidden = self.assistant(
+                torch.cat((embedding, hidden.to(embedding.dtype)), -1), position, kv
+            )
+            logits = logits[0, 0].float()
+            if params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = probabilities(logits, params)
+                token = int(torch.multinomial(q, 1, generator=request.generator))
+                qs.append(q)
+            proposals.append(token)
+        return proposals, torch.stack(qs) if qs else None
+
+    def update(self, accepted: int, proposed: int):
+        """The next round starts from the row of the last kept token (the corrected or bonus
+        token was chosen from it)."""
+        self._kept = min(accepted, proposed)
+
+
+def kv_cache_reader(cache):
+    """`MtpProposer`'s reader of a one-row KVCache: layer i's (keys, values) (1, K, n, D) at
+    the given positions (its columns)."""
+
+    def read(i: int, cols: torch.Tensor):
+        layer = cache.for_layer[i]
+        slots = cols % layer.group.capacity
+        if not bool((layer.group.slot_cols[slots] == cols).all()):
+            raise RuntimeError("the target's cache no longer holds the keys the drafter reads")
+        return layer.k[:, :, slots], layer.v[:, :, slots]
+
+    return read
+
+
+def slot_cache_reader(cache, slot: int):
+    """`MtpProposer`'s reader of one slot of the engine's SlotCache (position p at index
+    p % the layer's capacity; the caller keeps the positions read inside the ring)."""
+
+    def read(i: int, positions: torch.Tensor):
+        layer = cache.for_layer[i]
+        index = positions % layer.plan.capacity
+        return layer.k[slot : slot + 1, :, index], layer.v[slot : slot + 1, :, index]
+
+    return read
+
+
+def check_assistant(target, assistant):
+    """Refuses an MTP drafter that cannot read this target's state.
+
+    Raises:
+        GemmakitError: other vocabulary or hidden width, or attention shapes that do not
+            match the target's last layer of each type.
+    """
+    from gemmakit.model.gemma4_assistant import Gemma4Assistant
+
+    if not isinstance(assistant, Gemma4Assistant):
+        raise GemmakitError("speculative='mtp' needs a Gemma 4 assistant model (a gemma4_assistant folder)")
+    c, a = target.config, assistant.config
+    if a.backbone_hidden_size != c.hidden_size or a.text.vocab_size != c.vocab_size:
+        raise GemmakitError(
+            f"the assistant was made for a target of width {a.backbone_hidden_size} and "
+            f"{a.text.vocab_size} tokens; this model has {c.hidden_size} and {c.vocab_size}"
+        )
+    first_shared = c.num_hidden_layers - c.num_kv_shared_layers
+    sources = {t: i for i, t in enumerate(c.layer_types[:first_shared])}
+    for j, layer_type in enumerate(a.text.layer_types):
+        i = sources.get(layer_type)
+        heads = a.text.num_attention_heads
+        if i is None or a.text.layer_head_dim(j) != c.layer_head_dim(i) or heads % c.layer_kv_heads(i):
+            raise GemmakitError(
+                f"the assistant's layer {j} ({layer_type}) cannot attend over this model's keys "
+                "and values (no such layer, or another head size): it belongs to another target"
+            )
 
 
 def check_draft(target, target_tokenizer, draft, draft_tokenizer):

@@ -18,7 +18,7 @@ from gemmakit.errors import GemmakitError
 from gemmakit.model.cache import RING_SLACK
 
 # The speculative decoding modes (None: none).
-SPECULATIVE_MODES = (None, "ngram", "draft")
+SPECULATIVE_MODES = (None, "ngram", "draft", "mtp")
 
 # The smallest positive temperature accepted. Logits divided by a tiny one overflow float32
 # (1e-40 turns every logit into inf and the softmax into NaN); divided by 1e-5 they stay far
@@ -89,7 +89,8 @@ class SamplingParams:
     # A JSON schema the output must match, enforced by a grammar (`inference.grammar`).
     json_schema: dict | None = None
     # Speculative decoding (gemmakit.inference.speculative): None, "ngram" (prompt lookup) or
-    # "draft" (the LLM's draft model), proposing up to num_speculative_tokens tokens a step.
+    # "draft" (the LLM's draft model) or "mtp" (its Gemma 4 assistant), proposing up to
+    # num_speculative_tokens tokens a step.
     speculative: str | None = None
     num_speculative_tokens: int = 8
 

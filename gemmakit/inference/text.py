@@ -89,18 +89,28 @@ def finish_step(
     """The text events of one `generate_steps` step; a stop string finishes its request.
 
     A request's last event carries all of its remaining text (held-back stop-string prefixes
-    and incomplete characters included) and its finish reason.
+    and incomplete characters included) and its finish reason. A speculating request may
+    have several tokens in one step (in order): only its last ends it, and a stop string met
+    at an earlier one ends it there, dropping the tokens after it from its output.
     """
     events = []
     for row, token in step:
         req, ts = requests[row], streams[row]
-        delta = ts.push(token, final=req.finish_reason is not None)
-        if ts.stopped and req.finish_reason is None:
-            req.finish_reason = "stop"  # a stop string ends the request
-        if req.finish_reason is not None:
+        if ts.stopped:  # a stop string ended it at an earlier token of this step
+            continue
+        n = len(ts.ids) + 1  # this token is the request's n-th
+        last = n >= len(req.output_ids)
+        delta = ts.push(token, final=last and req.finish_reason is not None)
+        if ts.stopped:  # a stop string ends the request here
+            if req.finish_reason is None or not last:
+                req.finish_reason = "stop"
+            del req.output_ids[n:], req.output_logprobs[n:]
+            last = True
+        reason = req.finish_reason if last else None
+        if reason is not None:
             delta += ts.flush()
-        logprob = req.output_logprobs[-1] if req.output_logprobs else None
-        events.append(StreamEvent(row, delta, token, req.finish_reason, logprob))
+        logprob = req.output_logprobs[n - 1] if len(req.output_logprobs) >= n else None
+        events.append(StreamEvent(row, delta, token, reason, logprob))
     return events
 
 

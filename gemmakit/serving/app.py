@@ -68,6 +68,9 @@ from gemmakit.serving.transport import LOOPBACK_NAMES, HostCheck, ServerErrors, 
 # Completions default to 16 new tokens, as OpenAI's legacy endpoint does; chat defaults to the
 # room left in the context, as vLLM does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# A request's speculative_config.method -> SamplingParams.speculative, on every server;
+# "draft_model" and "mtp" too where the server was given a --draft-model.
+SERVED_SPECULATION = {"ngram": "ngram"}
 
 
 class _Server:
@@ -93,6 +96,7 @@ class _Server:
         self.created = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
         self.draining = False
+        draft, assistant = getattr(llm, "draft", None), getattr(llm, "assistant", None)
         self.scheduler = Scheduler(
             llm.model,
             self.tokenizer,
@@ -101,7 +105,14 @@ class _Server:
             max_queue=config.max_queue,
             batch_window_s=config.batch_window_s,
             max_model_len=self.context,
+            draft=assistant or (draft.model if draft is not None else None),
         )
+        # speculative_config.method -> SamplingParams.speculative, for what this server has.
+        self.speculation = dict(SERVED_SPECULATION)
+        if draft is not None:
+            self.speculation["draft_model"] = "draft"
+        if assistant is not None:
+            self.speculation["mtp"] = "mtp"
 
     # --- checks -------------------------------------------------------------------------
 
@@ -184,6 +195,12 @@ class _Server:
             param = "messages" if what == "conversation" else "prompt"
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        spec = req.speculative_config
+        if spec is not None and spec.method not in self.speculation:
+            raise APIError(
+                400, f"speculative_config.method {spec.method!r} is not available on this server "
+                f"(it runs {', '.join(self.speculation)})", param="speculative_config",
+            )  # fmt: skip
         try:
             return SamplingParams(
                 temperature=1.0 if req.temperature is None else req.temperature,
@@ -201,6 +218,8 @@ class _Server:
                 logit_bias=self.logit_bias(req.logit_bias),
                 logprobs=logprobs,
                 json_schema=json_schema,
+                speculative=None if spec is None else self.speculation[spec.method],
+                num_speculative_tokens=8 if spec is None else spec.num_speculative_tokens,
             )
         except GemmakitError as e:
             param = str(e).split(" ", 1)[0].split("[", 1)[0]
@@ -290,7 +309,7 @@ class _Server:
                 for chunk in event_chunks(ev, choices[ev.index]):
                     yield _sse(chunk)
             if usage_chunk is not None:
-                yield _sse(usage_chunk(responses.usage(ticket.prompt_tokens, n, choices)))
+                yield _sse(usage_chunk(responses.usage(ticket.prompt_tokens, n, choices, ticket.requests)))
         except APIError as e:  # the status line is sent already: report in the stream
             yield _sse(e.body())
         except Exception as e:  # noqa: BLE001
@@ -371,7 +390,7 @@ class _Server:
                 "created": created,
                 "model": model_name,
                 "choices": out,
-                "usage": responses.usage(ticket.prompt_tokens, params.n, choices),
+                "usage": responses.usage(ticket.prompt_tokens, params.n, choices, ticket.requests),
             }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -460,7 +479,7 @@ class _Server:
                        len(echoes[i]))
                 for i, c in enumerate(choices)
             ]  # fmt: skip
-            return chunk(out, responses.usage(ticket.prompt_tokens, n, choices))
+            return chunk(out, responses.usage(ticket.prompt_tokens, n, choices, ticket.requests))
 
         sent = list(map(len, echoes))  # characters of each choice already streamed
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 
+from gemmakit.inference.engine import SpeculationStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "gemmakit"
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -75,6 +77,7 @@ class Metrics:
         self._metric(
             lines, "generation_tokens_per_second", "gauge", "Tokens generated per second since the previous scrape.", rate
         )  # fmt: skip
+        self._speculation(lines)
         self._finished(lines, finished)
         self._ttft(lines, sorted(s.time_to_first_token))
         self._metric(
@@ -93,6 +96,20 @@ class Metrics:
             f"# TYPE {name} {kind}",
             f"{name}{self._labels()} {_number(value)}",
         ]
+
+    def _speculation(self, lines: list[str]) -> None:
+        """What requests' speculative decoding did (`speculative.EngineSpeculation.totals`)."""
+        engine = getattr(self.scheduler, "engine", None)
+        totals = engine.speculation.totals if engine is not None else SpeculationStats()
+        for name, kind, help_text, value in (
+            ("speculative_steps_total", "counter", "Decode steps of speculating rows.", totals.steps),
+            ("speculative_proposed_tokens_total", "counter", "Tokens proposed to verification.", totals.proposed),
+            ("speculative_accepted_tokens_total", "counter", "Proposed tokens kept.", totals.accepted),
+            ("speculative_acceptance_rate", "gauge", "Accepted / proposed tokens since start.", totals.acceptance_rate),
+            ("speculative_tokens_per_step", "gauge", "Tokens a speculating row gained per step since start.",
+             totals.tokens_per_step),
+        ):  # fmt: skip
+            self._metric(lines, name, kind, help_text, value)
 
     def _finished(self, lines: list[str], finished: dict[str, int]) -> None:
         name = f"{PREFIX}_recent_finished_requests"

@@ -34,11 +34,21 @@ class Choice:
             self.logprobs.append(ev.logprob)
 
 
-def usage(prompt_tokens: list[int], n: int, choices: list[Choice]) -> dict:
-    """OpenAI's usage: each prompt counted once (its n rows share it), every choice's tokens."""
+def usage(prompt_tokens: list[int], n: int, choices: list[Choice], requests=()) -> dict:
+    """OpenAI's usage: each prompt counted once (its n rows share it), every choice's tokens.
+    Rows that speculated add OpenAI's `completion_tokens_details` counts of predicted tokens
+    kept and rejected (its Predicted Outputs fields) for their proposals."""
     prompt = sum(prompt_tokens[::n])
     completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    stats = [r.speculation for r in requests if r.speculation is not None]
+    if stats:
+        accepted = sum(s.accepted for s in stats)
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": sum(s.proposed for s in stats) - accepted,
+        }
+    return out
 
 
 # --- tokens as text ------------------------------------------------------------------------

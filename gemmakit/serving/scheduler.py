@@ -87,6 +87,7 @@ class Ticket:
         self._cancelled = threading.Event()
         self._on_cancel = None  # set by the scheduler: drops the ticket's queued rows at once
         self.prompt_tokens = prompt_tokens
+        self.requests: list[Request] = []  # the rows' requests, in order (their counts for usage)
 
     def __len__(self) -> int:
         return len(self.prompt_tokens)
@@ -136,6 +137,7 @@ class Scheduler:
         max_model_len: tokens (prompt + generated) of one row at most: each slot's capacity
             (default: the model's context). Callers check prompts against it before `submit`.
         prefill_chunk: prompt tokens prefilled per step at most (between decode steps).
+        draft: the draft model (or Gemma 4 assistant) of requests that speculate with one.
     """
 
     def __init__(
@@ -148,13 +150,14 @@ class Scheduler:
         batch_window_s: float = 0.01,
         max_model_len: int | None = None,
         prefill_chunk: int = 256,
+        draft=None,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, tuple(stop_ids)
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.max_model_len = max_model_len or model.config.max_position_embeddings
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.draft = prefill_chunk, draft
         self.stats = SchedulerStats()
         self.engine: Engine | None = None  # made by the worker: its cache is allocated there
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -252,6 +255,7 @@ class Scheduler:
             request = Request(list(prompt), p, self.stop_ids, gen, adapter=adapter)
             request = logits_processing.prepare(request, self.tokenizer)
             rows.append(_Row(ticket, i, request, TextStream(self.tokenizer, p.stop)))
+        ticket.requests = [row.request for row in rows]
         self.start()
         with self._cond:
             if self._closing or not self._thread.is_alive():
@@ -269,8 +273,9 @@ class Scheduler:
     def _work(self) -> None:
         try:
             self.engine = Engine(
-                self.model, self.max_batch, self.max_model_len, self.prefill_chunk, prefix_cache=True
-            )
+                self.model, self.max_batch, self.max_model_len, self.prefill_chunk, prefix_cache=True,
+                draft=self.draft,
+            )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - e.g. no memory for the cache: every request learns why
             self._fail_all(e)
             return
@@ -354,8 +359,9 @@ class Scheduler:
             return
         if row.tokens == 0:
             self.stats.time_to_first_token.append(time.perf_counter() - row.submitted)
-        (event,) = finish_step([(0, token)], [row.request], [row.stream])
-        self._emit(row, event)
+        # No event for a speculating row's token past a stop string met earlier in the step.
+        for event in finish_step([(0, token)], [row.request], [row.stream]):
+            self._emit(row, event)
 
     def _abort_running(self, error: Exception | None = None) -> None:
         """Ends every running row: with `error` when given, else as cancelled."""

@@ -58,6 +58,16 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class SpeculativeConfig(BaseModel):
+    """A request's speculative decoding, under vLLM's `speculative_config` names (vLLM sets it
+    per server; here each request may ask): `method` "ngram" (prompt lookup)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    num_speculative_tokens: StrictInt = 8
+
+
 class SamplingFields(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored, as vLLM does."""
 
@@ -80,6 +90,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Number] | None = None
     repetition_penalty: Number | None = None  # vLLM's extension: HF's multiplicative penalty
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
+    speculative_config: SpeculativeConfig | None = None  # gemmakit's: speculation per request
 
 
 class Message(BaseModel):
