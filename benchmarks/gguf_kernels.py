@@ -9,7 +9,8 @@ One matrix of each ggml type the file holds (layer 0's, and the tied output head
 262144 rows make it the largest read of a step) is multiplied `--repeats` times per
 measurement; the table gives the best time and the weight bytes read per second, and a
 "torch" column: the weight dequantized to float32 and multiplied by torch (the many-row path
-before the integer dots). `--clock thread` times the calling thread's CPU time instead of the
+before the integer dots). The last line is the read ceiling: the head's bytes summed as int64,
+what a one-row product over them can at best approach. `--clock thread` times the calling thread's CPU time instead of the
 wall clock: with `--threads 1` (the product then runs on that thread) it is what a loaded
 machine can still compare.
 """
@@ -37,6 +38,16 @@ def matrices(model) -> dict[str, GGUFLinear]:
             if key not in chosen or name == "lm_head":
                 chosen[key] = (name, module)
     return {f"{name} ({m.type_name}, {m.out_features}x{m.in_features})": m for name, m in chosen.values()}
+
+
+def read_ceiling(chosen: dict[str, GGUFLinear], repeats: int, clock) -> dict:
+    """What reading the largest matrix's bytes costs with nothing else done: its raw blocks
+    viewed as int64 and summed (torch's vectorized reduction), the memory-bandwidth bound of
+    a one-row product over the same bytes."""
+    largest = max(chosen.values(), key=lambda m: m.weight.numel())
+    words = largest.weight.reshape(-1)[: largest.weight.numel() // 8 * 8].view(torch.int64)
+    ms = best_ms(lambda: words.sum(), repeats, clock)
+    return {"bytes": words.numel() * 8, "ms": ms, "gb_per_s": words.numel() * 8 / ms / 1e6}
 
 
 def best_ms(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -83,8 +94,9 @@ def main():
                 )
             row["int8_gb_per_s"] = m.weight.numel() / row["int8_ms"] / 1e6
             results.append(row)
+    ceiling = read_ceiling(matrices(model), args.repeats, clock)
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"products": results, "read_ceiling": ceiling}, indent=1))
         return
     print(f"threads {args.threads}, best of {args.repeats}, {args.clock} clock")
     print(
@@ -97,6 +109,10 @@ def main():
             f"{r['matrix']:<48} {r['rows']:>5} {r['int8_ms']:>9.3f} {r['float_ms']:>9.3f} {torch_ms} "
             f"{best_other / r['int8_ms']:>8.2f} {r['int8_gb_per_s']:>6.1f}"
         )
+    print(
+        f"read ceiling: the head's {ceiling['bytes'] / 1e6:.0f} MB summed as int64 by torch in "
+        f"{ceiling['ms']:.3f} ms, {ceiling['gb_per_s']:.1f} GB/s"
+    )
 
 
 if __name__ == "__main__":

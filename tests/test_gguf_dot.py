@@ -112,7 +112,7 @@ def reference_product(x: torch.Tensor, raw: np.ndarray, ggml_type) -> np.ndarray
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_integer_dots_are_llama_cpps_product(ggml_type):
     block = GGML_QUANT_SIZES[ggml_type][0]
-    k = block * 16 if block == 32 else block * 3
+    k = block * 20 if block == 32 else block * 3  # 20 blocks of 32: a padded group of 8
     raw = random_blocks(ggml_type, 29, k, seed=2)
     x = awkward_activations(6, k, seed=3)
     y = cpu_kernels.gguf_matmul(x, torch.from_numpy(raw), int(ggml_type), k)
@@ -136,13 +136,14 @@ def test_integer_dots_are_llama_cpps_product(ggml_type):
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(ggml_type):
     block = GGML_QUANT_SIZES[ggml_type][0]
-    k = block * 8 if block == 32 else block * 2
+    k = block * 20 if block == 32 else block * 2  # 20 blocks of 32: groups of 8 and a padded one
     raw = torch.from_numpy(random_blocks(ggml_type, 23, k, seed=4))
-    # 40 rows: tiles of 8, 4 and fewer, and (from 16 rows on) blocks unpacked once per call
-    x = torch.randn(40, k, generator=torch.Generator().manual_seed(5))
+    # 70 rows: tiles of 8, 6, 4 and fewer, from 16 rows on blocks unpacked once per call, and
+    # two passes of activation rows (64 and 6) over each tile of unpacked weights
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(5))
     together = cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)
     assert torch.equal(cpu_kernels.gguf_matmul(x[:9], raw, int(ggml_type), k), together[:9])
-    for r in (0, 4, 8, 39):
+    for r in (0, 4, 8, 39, 69):
         alone = cpu_kernels.gguf_matmul(x[r : r + 1], raw, int(ggml_type), k)
         assert torch.equal(alone[0], together[r])
     lib = cpu_kernels.library()
@@ -162,12 +163,18 @@ def test_avx2_and_scalar_builds_give_the_same_bits(flags):
     other = kernel_build.compile_library(kernel_build.FLAGS + flags)
     if other is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
-    x = awkward_activations(4, 512, seed=6)
     for ggml_type in TYPES:
-        raw = torch.from_numpy(random_blocks(ggml_type, 11, 512, seed=7))
-        y = torch.empty(4, 11)
-        other.gguf_matmul_rows(int(ggml_type), raw.data_ptr(), 11, 512, x.data_ptr(), 4, y.data_ptr(), 0, 11)
-        assert torch.equal(y, cpu_kernels.gguf_matmul(x, raw, int(ggml_type), 512)), ggml_type.name
+        # blocks of 32: 20 of them (a padded group of 8); 4 rows (fused), 20 (unpacked groups), 70 (2 passes)
+        k = 640 if GGML_QUANT_SIZES[ggml_type][0] == 32 else 512
+        raw = torch.from_numpy(random_blocks(ggml_type, 11, k, seed=7))
+        for rows in (4, 20, 70):
+            x = awkward_activations(rows, k, seed=6)
+            y = torch.empty(rows, 11)
+            other.gguf_matmul_rows(
+                int(ggml_type), raw.data_ptr(), 11, k, x.data_ptr(), rows, y.data_ptr(), 0, 11
+            )
+            assert torch.equal(y, cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)), (ggml_type.name, rows)
+    x = awkward_activations(4, 512, seed=6)
     for act_type in (Q8_0, Q8_1, Q8_K):
         want = cpu_kernels.gguf_quantize_activations(x, act_type)
         q, d = torch.empty(4, 512, dtype=torch.int8), torch.empty_like(want["d"])

@@ -37,8 +37,10 @@ int64_t gguf_act_type(int64_t weight_type) {
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 int64_t act_rows_bytes(int64_t rows, int64_t k) {
+    const int64_t kt = group_padded(k);
     return 2 * align64(rows * k) + 2 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
-           align64(rows * (k / 16) * (int64_t)sizeof(int16_t));
+           align64(rows * (k / 16) * (int64_t)sizeof(int16_t)) + 2 * align64(rows * kt) +
+           align64(rows * (kt / QK) * (int64_t)sizeof(float));
 }
 
 void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buffer) {
@@ -53,6 +55,34 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     a->s = (float *)p;
     p += align64(rows * (k / QK) * (int64_t)sizeof(float));
     a->bsums = (int16_t *)p;
+    p += align64(rows * (k / 16) * (int64_t)sizeof(int16_t));
+    a->kt = group_padded(k);
+    a->qt = (int8_t *)p;
+    p += align64(rows * a->kt);
+    a->xut = p;
+    p += align64(rows * a->kt);
+    a->dt = (float *)p;
+}
+
+/* row r of a's blocks of 32 into the transposed groups (GROUP_WORD), zero blocks after the last */
+static void transpose_row(const ActRows *a, int64_t r) {
+    const int64_t nb = a->k / QK, kt = a->kt;
+    int8_t *qt = a->qt + r * kt;
+    uint8_t *xut = a->xut + r * kt;
+    float *dt = a->dt + r * (kt / QK);
+    for (int64_t b = 0; b < kt / QK; b++) {
+        const int64_t group = b / 8 * 256, m = b % 8;
+        for (int t = 0; t < 8; t++) {
+            const int64_t at = group + GROUP_WORD(t, m) * 4;
+            if (b < nb) {
+                memcpy(qt + at, a->q + r * a->k + b * QK + 4 * t, 4);
+                memcpy(xut + at, a->xu + r * a->k + b * QK + 4 * t, 4);
+            } else {
+                memset(qt + at, 0, 4), memset(xut + at, 0x80, 4);
+            }
+        }
+        dt[b] = b < nb ? a->d[r * nb + b] : 0.f;
+    }
 }
 
 /* the largest |x| of n values (a multiple of 32): exact in any order */
@@ -139,6 +169,7 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL);
         for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)q[i] ^ 0x80; /* q + 128 */
+        if (a->type != ACT_Q8_K) transpose_row(a, r);
     }
 }
 

@@ -98,7 +98,21 @@ typedef struct {
     uint8_t *xu;
     float *d, *s;
     int16_t *bsums;
+    /* blocks of 32 only: the same values in groups of 8 blocks with the 4-byte words
+     * transposed (GROUP_WORD), the last group padded with zero blocks (xu 128), kt values per
+     * row; dt the blocks' d, padded with 0, kt / 32 per row */
+    int64_t kt;
+    int8_t *qt;
+    uint8_t *xut;
+    float *dt;
 } ActRows;
+
+/* Groups of 8 blocks of 32 "transposed": byte c of word t (values 4t..4t+3) of block m of a
+ * group sits at GROUP_WORD(t, m) * 4 + c, so that a 32-byte load t holds word t of each of the
+ * 8 blocks, and integer dots accumulated over the 8 loads give each block's sum in its own lane */
+#define GROUP_WORD(t, m) ((t) * 8 + (m))
+/* values per row of blocks of 32, padded to whole groups of 8 blocks */
+static inline int64_t group_padded(int64_t k) { return (k / 32 + 7) / 8 * 256; }
 
 /* the activation type llama.cpp pairs with a weight type (ggml-cpu.c type_traits_cpu
  * vec_dot_type), or -1 for a type without an integer dot here */
