@@ -89,6 +89,8 @@ def main():
     p.add_argument("--num-speculative", type=int, default=8, help="tokens proposed per step at most (8)")
     p.add_argument("--draft-model", default=None, help="a draft model with the bundled model's tokenizer")
     p.add_argument("--draft-bf16", action="store_true", help="draft with the bundled model in bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="the target's weights: float32 (default), or auto (the GGUF's own block types)")  # fmt: skip
     p.add_argument("--only", choices=["copy", "free"], default=None, help="run one kind of prompt")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--mtp-target", default=None, help="MTP mode: a Gemma 4 model folder")
@@ -101,7 +103,7 @@ def main():
     from gemmakit import LLM
     from gemmakit.loading import load
 
-    llm = LLM(dtype="float32", device="cpu", draft_model=args.draft_model)
+    llm = LLM(dtype=args.dtype, device="cpu", draft_model=args.draft_model)
     if args.draft_bf16:
         llm.draft = load(dtype="bfloat16", device="cpu")
     modes = [None, "ngram"] + (["draft"] if llm.draft is not None else [])
