@@ -23,16 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gemmakit
 
-PROMPTS = [
-    "Write a short poem about the sea.",
-    "Explain what a hash table is.",
-    "Give me three ideas for a weekend trip.",
-    "What is the capital of France?",
-    "Summarize the plot of Hamlet in two sentences.",
-    "How do I boil an egg?",
-    "List some prime numbers.",
-    "Translate 'good morning' into Spanish and German.",
-]
+from serve_load import PROMPTS  # noqa: E402  (the same chat prompts as the server benchmark)
 
 
 class Timer:
