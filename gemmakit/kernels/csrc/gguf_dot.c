@@ -562,10 +562,11 @@ static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols
     }
 #endif
     WRow each;
+    const int64_t rb = nb * gguf_dot_block_bytes(type); /* a weight row's bytes */
     if (mode == BY_ROW_EACH) wrow_init(&each, k, (void *)scratch);
     for (int64_t c = 0; c < cols; c++) {
         const WRow *row = &rows[c];
-        if (mode == BY_ROW_EACH) unpack_row(type, wt + c * nb * gguf_dot_block_bytes(type), k, &each), row = &each;
+        if (mode == BY_ROW_EACH) unpack_row(type, wt + c * rb, k, &each), row = &each;
 #ifdef DOT_AVX2
         if (K) {
             k256_rows(row, nb, a, tile + c, cols);

@@ -123,26 +123,6 @@ static void unpack_iq4_xs(const uint8_t *b, int8_t *q, float *d, int16_t *sc) {
     }
 }
 
-/* bytes per block and values per block of the types with a dot here */
-static int block_bytes(int64_t type) {
-    switch (type) {
-    case 2: return 18;
-    case 3: return 20;
-    case 6: return 22;
-    case 7: return 24;
-    case 8: return 34;
-    case 20: return 18;
-    case 10: return 84;
-    case 11: return 110;
-    case 12: return 144;
-    case 13: return 176;
-    case 14: return 210;
-    case 23: return 136;
-    default: return -1;
-    }
-}
-
-
 /* --- AVX2 unpacking of the hot types: the same bytes as the scalar loops above --------------- */
 
 #if defined(__AVX2__)
@@ -193,23 +173,10 @@ static void unpack_q6_k_avx2(const uint8_t *b, int8_t *q, float *d, int16_t *sc)
 }
 #endif
 
-/* bytes per block of the types with a dot here, or -1 */
+/* bytes per block of the types with a dot here, or -1: one block's row in gguf_blocks.c's table */
 int gguf_dot_block_bytes(int64_t type) {
-    switch (type) {
-    case 2: return 18;
-    case 3: return 20;
-    case 6: return 22;
-    case 7: return 24;
-    case 8: return 34;
-    case 20: return 18;
-    case 10: return 84;
-    case 11: return 110;
-    case 12: return 144;
-    case 13: return 176;
-    case 14: return 210;
-    case 23: return 136;
-    default: return -1;
-    }
+    const int64_t act = gguf_act_type(type);
+    return act < 0 ? -1 : (int)gguf_row_bytes(type, act == ACT_Q8_K ? QKK : QK);
 }
 
 int64_t wrow_bytes(int64_t k) {
