@@ -295,6 +295,17 @@ static float dot_floats(const float *a, const float *b, int64_t n) {
     return acc;
 }
 
+/* row . x for any block type from block b on, added to acc block by block: a block at a time
+ * through an L1 buffer (the vector paths below hand their scalar tails to it) */
+static float dot_blocks_from(const BlockType *t, const uint8_t *row, const float *x, int64_t k, int64_t b, float acc) {
+    float buf[QKK];
+    for (; b < k / t->values; b++) {
+        t->fn(row + b * t->bytes, buf);
+        acc += dot_floats(buf, x + b * t->values, t->values);
+    }
+    return acc;
+}
+
 /* Q8_0 row . x: int8 values widened in registers, each block's sum scaled by its d */
 static float dot_q8_0(const uint8_t *row, const float *x, int64_t k) {
     int64_t b = 0;
@@ -315,12 +326,7 @@ static float dot_q8_0(const uint8_t *row, const float *x, int64_t k) {
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
-    for (; b < k / QK; b++) {
-        float buf[QK];
-        block_q8_0(row + b * 34, buf);
-        acc += dot_floats(buf, x + b * QK, QK);
-    }
-    return acc;
+    return dot_blocks_from(block_type(8), row, x, k, b, acc);
 }
 
 /* Q5_0 row . x: the 5-bit values assembled in registers (low nibbles, then bit j of qh
@@ -348,24 +354,9 @@ static float dot_q5_0(const uint8_t *row, const float *x, int64_t k) {
     }
     acc = _mm512_reduce_add_ps(a0);
 #endif
-    for (; b < k / QK; b++) {
-        float buf[QK];
-        block_q5_0(row + b * 22, buf);
-        acc += dot_floats(buf, x + b * QK, QK);
-    }
-    return acc;
+    return dot_blocks_from(block_type(6), row, x, k, b, acc);
 }
 
-/* row . x for any block type: a block at a time through an L1 buffer */
-static float dot_blocks(const BlockType *t, const uint8_t *row, const float *x, int64_t k) {
-    float buf[QKK];
-    float acc = 0.f;
-    for (int64_t b = 0; b < k / t->values; b++) {
-        t->fn(row + b * t->bytes, buf);
-        acc += dot_floats(buf, x + b * t->values, t->values);
-    }
-    return acc;
-}
 
 void gguf_matvec_f32(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {
     const BlockType *t = block_type(type);
@@ -377,7 +368,7 @@ void gguf_matvec_f32(int64_t type, const void *w, int64_t k, const float *x, flo
     else if (type == 6)
         for (int64_t n = lo; n < hi; n++) y[n] = dot_q5_0(base + n * rb, x, k);
     else
-        for (int64_t n = lo; n < hi; n++) y[n] = dot_blocks(t, base + n * rb, x, k);
+        for (int64_t n = lo; n < hi; n++) y[n] = dot_blocks_from(t, base + n * rb, x, k, 0, 0.f);
 }
 
 /* y (rows, n) = x (rows, k) times the (n, k) matrix transposed, output columns [lo, hi):
