@@ -172,12 +172,7 @@ def from_hf_config(raw: dict[str, Any], name: str = "") -> GemmaConfig:
         name=name,
         **extra,
     )
-    leftover = sorted(k for k in raw if k not in _IGNORED_KEYS)
-    if leftover:
-        raise ConfigError(
-            "config.json has keys gemmakit does not implement: "
-            + ", ".join(f"{k}={raw[k]!r}" for k in leftover)
-        )
+    _refuse_unknown_keys(raw)
     return cfg
 
 
@@ -443,13 +438,18 @@ def from_hf_assistant_config(raw: dict[str, Any], name: str = "") -> AssistantCo
     if "backbone_hidden_size" not in raw:
         raise ConfigError("a gemma4_assistant config.json needs backbone_hidden_size")
     config = AssistantConfig(text_config, raw.pop("backbone_hidden_size"), **fields)
+    _refuse_unknown_keys(raw)
+    return config
+
+
+def _refuse_unknown_keys(raw: dict) -> None:
+    """A config.json key left after conversion is one gemmakit does not honour: refuse it."""
     leftover = sorted(k for k in raw if k not in _IGNORED_KEYS)
     if leftover:
         raise ConfigError(
             "config.json has keys gemmakit does not implement: "
             + ", ".join(f"{k}={raw[k]!r}" for k in leftover)
         )
-    return config
 
 
 def _load(path: str | Path, convert):
