@@ -147,6 +147,17 @@ static float dot_k256(const WRow *w, const int8_t *xq, const float *xd, const in
 #endif
 }
 
+/* Part `part` of `parts` of the `bytes` at next (the next tile's weight rows) fetched into L2
+ * while this tile computes: a tile unpacked at once (many activation rows) reads its weights
+ * in one burst that the hardware prefetcher does not run ahead of. Measured on the bundled
+ * head (Q8_0 262144 x 640, 16 rows, one thread, thread CPU time): the unpacking waited on
+ * memory for ~40% of the product's time before. */
+static inline void prefetch_share(const uint8_t *next, int64_t bytes, int64_t part, int64_t parts) {
+    if (!next) return;
+    for (int64_t at = bytes * part / parts / 64 * 64; at < bytes * (part + 1) / parts; at += 64)
+        __builtin_prefetch(next + at, 0, 2);
+}
+
 /* --- blocks of 32: each block's integer sum in lane (block mod 8) ------------------------ */
 
 #ifdef DOT_AVX2
@@ -326,19 +337,15 @@ static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
             const uint8_t *blocks = w + o * nb * BYTES + g * 8 * BYTES;                              \
             uint8_t *u = out + (o * groups + g) * GROUP_BYTES;                                       \
             __m256i v[8], words[8], start = _mm256_setzero_si256();                                  \
-            float d[8];                                                                              \
-            for (int m = 0; m < 8; m++) {                                                            \
-                const int real = g * 8 + m < nb;                                                     \
-                v[m] = real ? VALUES(blocks + m * BYTES) : _mm256_setzero_si256();                   \
-                d[m] = real ? half_to_float(blocks + m * BYTES) : 0.f;                               \
-            }                                                                                        \
+            const int count = nb - g * 8 < 8 ? (int)(nb - g * 8) : 8;                                \
+            for (int m = 0; m < 8; m++) v[m] = m < count ? VALUES(blocks + m * BYTES) : _mm256_setzero_si256(); \
             transpose_words(v, words);                                                               \
             for (int t = 0; t < 8; t++) {                                                            \
                 _mm256_storeu_si256((__m256i *)(u + 32 * t), words[t]);                              \
                 UNPACKED_START_ADD(start, words[t]);                                                 \
             }                                                                                        \
             _mm256_storeu_si256((__m256i *)(u + 256), start);                                        \
-            _mm256_storeu_ps((float *)(u + 288), _mm256_loadu_ps(d));                                \
+            _mm256_storeu_ps((float *)(u + 288), scales8(blocks, BYTES, count));                     \
         }
 
 #ifdef B32_VNNI
@@ -422,12 +429,17 @@ ALWAYS_INLINE void groups_rows(const uint8_t *u, int64_t ub, int64_t groups, con
     }
 }
 
-/* the unpacked rows [0, cols) of u against every row of a, into y[r * n + o] */
-static void groups_product(const uint8_t *u, int64_t groups, const ActRows *a, float *y, int64_t n, int64_t cols) {
+/* the unpacked rows [0, cols) of u against every row of a, into y[r * n + o]; each weight row
+ * done prefetches its share of the next tile (prefetch_share) */
+static void groups_product(const uint8_t *u, int64_t groups, const ActRows *a, float *y, int64_t n, int64_t cols,
+                           const uint8_t *next, int64_t next_bytes) {
     const int64_t ub = groups * GROUP_BYTES;
     int64_t o = 0;
-    for (; o + 2 <= cols; o += 2) groups_rows(u + o * ub, ub, groups, a, y + o, n, 2);
-    for (; o < cols; o++) groups_rows(u + o * ub, ub, groups, a, y + o, n, 1);
+    for (; o + 2 <= cols; o += 2) {
+        groups_rows(u + o * ub, ub, groups, a, y + o, n, 2);
+        prefetch_share(next, next_bytes, o, cols), prefetch_share(next, next_bytes, o + 1, cols);
+    }
+    for (; o < cols; o++) groups_rows(u + o * ub, ub, groups, a, y + o, n, 1), prefetch_share(next, next_bytes, o, cols);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -549,11 +561,11 @@ static void unpack_tile(int mode, int64_t type, const uint8_t *wt, int64_t k, in
 
 /* tile (a->rows, cols) = the rows of a times the tile's weight rows */
 static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols, const ActRows *a, float *tile,
-                         const uint8_t *scratch, const WRow *rows) {
+                         const uint8_t *scratch, const WRow *rows, const uint8_t *next, int64_t next_bytes) {
     const int64_t k = a->k, K = a->type == ACT_Q8_K, nb = k / (K ? QKK : QK);
 #ifdef DOT_AVX2
     if (mode == BY_GROUPS) {
-        groups_product(scratch, (nb + 7) / 8, a, tile, cols, cols);
+        groups_product(scratch, (nb + 7) / 8, a, tile, cols, cols, next, next_bytes);
         return;
     }
     if (mode == BY_FUSED) {
@@ -567,6 +579,7 @@ static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols
     for (int64_t c = 0; c < cols; c++) {
         const WRow *row = &rows[c];
         if (mode == BY_ROW_EACH) unpack_row(type, wt + c * rb, k, &each), row = &each;
+        else prefetch_share(next, next_bytes, c, cols);
 #ifdef DOT_AVX2
         if (K) {
             k256_rows(row, nb, a, tile + c, cols);
@@ -601,12 +614,16 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
         const int64_t cols = hi - o0 < COLS_PER_TILE ? hi - o0 : COLS_PER_TILE;
         const uint8_t *wt = (const uint8_t *)w + o0 * rb;
         unpack_tile((int)mode, type, wt, k, cols, scratch, unpacked);
+        /* the next tile's weights, fetched during this tile's first pass (tiles unpacked at once) */
+        const int64_t next_cols = hi - o0 - cols < COLS_PER_TILE ? hi - o0 - cols : COLS_PER_TILE;
+        const uint8_t *next = mode == BY_GROUPS || mode == BY_ROWS ? wt + cols * rb : NULL;
         for (int64_t r0 = 0; r0 < a->rows; r0 += ROWS_PER_PASS) {
             ActRows part = *a; /* rows [r0, r0 + pass) of a: each row's result is its own */
             part.rows = a->rows - r0 < ROWS_PER_PASS ? a->rows - r0 : ROWS_PER_PASS;
             part.q += r0 * k, part.xu += r0 * k, part.d += r0 * (k / QK), part.s += r0 * (k / QK);
             part.bsums += r0 * (k / 16), part.qt += r0 * a->kt, part.xut += r0 * a->kt, part.dt += r0 * (a->kt / QK);
-            tile_product((int)mode, type, wt, cols, &part, tile, scratch, unpacked);
+            tile_product((int)mode, type, wt, cols, &part, tile, scratch, unpacked, r0 || next_cols <= 0 ? NULL : next,
+                         next_cols * rb);
             for (int64_t r = 0; r < part.rows; r++)
                 memcpy(y + (r0 + r) * n + o0, tile + r * cols, (size_t)cols * sizeof(float));
         }
