@@ -138,7 +138,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(ggml_type):
     block = GGML_QUANT_SIZES[ggml_type][0]
     k = block * 20 if block == 32 else block * 2  # 20 blocks of 32: groups of 8 and a padded one
     raw = torch.from_numpy(random_blocks(ggml_type, 23, k, seed=4))
-    # 70 rows: tiles of 8, 6, 4 and fewer, from 16 rows on blocks unpacked once per call, and
+    # 70 rows: tiles of 8, 6, 4 and fewer, from 4 rows on blocks unpacked once per call, and
     # two passes of activation rows (64 and 6) over each tile of unpacked weights
     x = torch.randn(70, k, generator=torch.Generator().manual_seed(5))
     together = cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)
@@ -164,10 +164,10 @@ def test_avx2_and_scalar_builds_give_the_same_bits(flags):
     if other is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
     for ggml_type in TYPES:
-        # blocks of 32: 20 of them (a padded group of 8); 4 rows (fused), 20 (unpacked groups), 70 (2 passes)
+        # blocks of 32: 20 of them (a padded group of 8); 3 rows (fused), 4 and 20 (unpacked groups), 70 (2 passes)
         k = 640 if GGML_QUANT_SIZES[ggml_type][0] == 32 else 512
         raw = torch.from_numpy(random_blocks(ggml_type, 11, k, seed=7))
-        for rows in (4, 20, 70):
+        for rows in (3, 4, 20, 70):
             x = awkward_activations(rows, k, seed=6)
             y = torch.empty(rows, 11)
             other.gguf_matmul_rows(
