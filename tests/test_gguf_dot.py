@@ -164,10 +164,10 @@ def test_avx2_and_scalar_builds_give_the_same_bits(flags):
     if other is None:
         pytest.skip("the compiler rejects " + " ".join(flags))
     for ggml_type in TYPES:
-        # blocks of 32: 20 of them (a padded group of 8); 3 rows (fused), 4 and 20 (unpacked groups), 70 (2 passes)
+        # blocks of 32: 20 of them (a padded group of 8); 1 and 3 rows (fused), 4 and 20 (unpacked groups), 70 (2 passes)
         k = 640 if GGML_QUANT_SIZES[ggml_type][0] == 32 else 512
         raw = torch.from_numpy(random_blocks(ggml_type, 11, k, seed=7))
-        for rows in (3, 4, 20, 70):
+        for rows in (1, 3, 4, 20, 70):
             x = awkward_activations(rows, k, seed=6)
             y = torch.empty(rows, 11)
             other.gguf_matmul_rows(

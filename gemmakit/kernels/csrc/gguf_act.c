@@ -38,7 +38,7 @@ static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 int64_t act_rows_bytes(int64_t rows, int64_t k) {
     const int64_t kt = group_padded(k);
-    return 2 * align64(rows * k) + 2 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
+    return 2 * align64(rows * k) + 3 * align64(rows * (k / QK) * (int64_t)sizeof(float)) +
            align64(rows * (k / 16) * (int64_t)sizeof(int16_t)) + 2 * align64(rows * kt) +
            align64(rows * (kt / QK) * (int64_t)sizeof(float));
 }
@@ -54,6 +54,8 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     p += align64(rows * (k / QK) * (int64_t)sizeof(float));
     a->s = (float *)p;
     p += align64(rows * (k / QK) * (int64_t)sizeof(float));
+    a->qsum = (int32_t *)p;
+    p += align64(rows * (k / QK) * (int64_t)sizeof(int32_t));
     a->bsums = (int16_t *)p;
     p += align64(rows * (k / 16) * (int64_t)sizeof(int16_t));
     a->kt = group_padded(k);
@@ -127,12 +129,12 @@ static int round32(const float *x, float scale, int8_t *q) {
 #endif
 }
 
-/* one block of 32 as Q8_0 (s NULL) or Q8_1 */
-static void quantize_q8_32(const float *x, int8_t *q, float *d, float *s) {
+/* one block of 32 as Q8_0 (s NULL) or Q8_1, and the sum of its values */
+static void quantize_q8_32(const float *x, int8_t *q, float *d, float *s, int32_t *qsum) {
     const float amax = max_abs(x, QK);
     const float scale = amax / 127.f, inverse = amax != 0.f ? 127.f / amax : 0.f;
     const int sum = round32(x, inverse, q); /* no value exceeds 127 in magnitude: the sum is q's */
-    *d = round_to_half(scale);
+    *d = round_to_half(scale), *qsum = sum;
     if (s) *s = round_to_half(scale * (float)sum);
 }
 
@@ -167,7 +169,7 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
         else
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
-                               a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL);
+                               a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
         for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)q[i] ^ 0x80; /* q + 128 */
         if (a->type != ACT_Q8_K) transpose_row(a, r);
     }

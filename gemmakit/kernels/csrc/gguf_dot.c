@@ -168,6 +168,9 @@ static inline __m256i values_q5_0(const uint8_t *p) {
 }
 static inline __m256i values_q5_1(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 8), high_bits32(p + 4)); }
 static inline __m256i values_q8_0(const uint8_t *p) { return LOAD32(p + 2); }
+/* Q4_0's and Q5_0's values before their offset (8, 16) is subtracted: 0..15, 0..31 */
+static inline __m256i values_q4_0_unsigned(const uint8_t *p) { return nibbles32(p + 2); }
+static inline __m256i values_q5_0_unsigned(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 6), high_bits32(p + 2)); }
 static inline __m256i values_iq4_nl(const uint8_t *p) {
     const __m128i table = _mm_loadu_si128((const __m128i *)IQ4NL_VALUES);
     return _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles32(p + 2));
@@ -199,6 +202,13 @@ static inline __m256i block_sums8(__m256i q0, __m256i q1) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
 }
 
+/* the qsum of `count` (<= 8) blocks of an activation row, 0 after count */
+ALWAYS_INLINE __m256i block_qsums(const int32_t *qsum, const int count) {
+    if (count == 8) return LOAD32(qsum);
+    const __m256i in_group = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_epi32((const int *)qsum, in_group);
+}
+
 /* the fp16 d at the start of `count` (<= 8) blocks `bytes` apart as 8 floats, 0 after count:
  * assembled in a register (8 stores and one wide load would stall store forwarding) */
 ALWAYS_INLINE __m256 scales8(const uint8_t *p, const int64_t bytes, const int count) {
@@ -215,7 +225,7 @@ ALWAYS_INLINE __m256 scales8(const uint8_t *p, const int64_t bytes, const int co
  * bytes apart, the file's blocks) and NR activation rows (constants at each call): per group
  * of 8 blocks, each block's values assembled once for NR rows, its lanes reduced to one block
  * sum per lane (block_sums8), then scaled. Rows of few activations (decode) take this path. */
-#define B32_TILE(name, VALUES, BYTES, HAS_MIN)                                                       \
+#define B32_TILE(name, VALUES, BYTES, HAS_MIN, U, OFFSET)                                            \
     /* the group of `count` blocks from block g (count 8 but in the last group) */                  \
     ALWAYS_INLINE void name##_group(const uint8_t *row, int64_t rb, int64_t g, const ActRows *a, int64_t r0, \
                                     const int NW, const int NR, const int count, __m256 acc[2][4],   \
@@ -228,13 +238,14 @@ ALWAYS_INLINE __m256 scales8(const uint8_t *p, const int64_t bytes, const int co
             __m256i v[2], start[2];                                                                  \
             for (int j = 0; j < NW; j++) {                                                           \
                 v[j] = m < count ? VALUES(row + j * rb + (g + m) * BYTES) : _mm256_setzero_si256(); \
-                B32_START(start[j], v[j]);                                                           \
+                if (U) start[j] = _mm256_setzero_si256();                                            \
+                else B32_START(start[j], v[j]);                                                      \
             }                                                                                        \
             for (int i = 0; i < NR; i++) {                                                           \
-                const int64_t r = r0 + i;                                                            \
-                const __m256i x = m < count ? B32_X(a, r * k + (g + m) * QK) : _mm256_setzero_si256(); \
+                const int64_t r = r0 + i, at = r * k + (g + m) * QK;                                 \
+                const __m256i x = m >= count ? _mm256_setzero_si256() : U ? LOAD32(a->q + at) : B32_X(a, at); \
                 for (int j = 0; j < NW; j++) {                                                       \
-                    const __m256i l = B32_LANES(start[j], x, v[j]);                                  \
+                    const __m256i l = U ? lanes(v[j], x) : B32_LANES(start[j], x, v[j]);             \
                     if (m % 2 == 0) half[j][i] = l;                                                  \
                     else if (m % 4 == 1) quarter[j][i] = _mm256_hadd_epi32(half[j][i], l);          \
                     else {                                                                           \
@@ -248,6 +259,11 @@ ALWAYS_INLINE __m256 scales8(const uint8_t *p, const int64_t bytes, const int co
             }                                                                                        \
         }                                                                                            \
         for (int i = 0; i < NR; i++) {                                                               \
+            if (OFFSET) { /* the values' offset: OFFSET times each block's sum of x, subtracted */  \
+                const __m256i x_sums = block_qsums(a->qsum + (r0 + i) * (k / QK) + g, count);       \
+                for (int j = 0; j < NW; j++)                                                         \
+                    sums[j][i] = _mm256_sub_epi32(sums[j][i], _mm256_mullo_epi32(x_sums, _mm256_set1_epi32(OFFSET))); \
+            }                                                                                        \
             const __m256 dx = _mm256_loadu_ps(a->dt + (r0 + i) * (kt / QK) + g);                     \
             for (int j = 0; j < NW; j++)                                                             \
                 acc[j][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw[j], dx), _mm256_cvtepi32_ps(sums[j][i]), acc[j][i]); \
@@ -284,12 +300,13 @@ ALWAYS_INLINE __m256 scales8(const uint8_t *p, const int64_t bytes, const int co
         for (; o < hi; o++) name##_rows(w + o * rb, rb, nb, a, y + o, n, 1);                         \
     }
 
-B32_TILE(fused_q4_0, values_q4_0, 18, 0)
-B32_TILE(fused_q4_1, values_q4_1, 20, 1)
-B32_TILE(fused_q5_0, values_q5_0, 22, 0)
-B32_TILE(fused_q5_1, values_q5_1, 24, 1)
-B32_TILE(fused_q8_0, values_q8_0, 34, 0)
-B32_TILE(fused_iq4_nl, values_iq4_nl, 18, 0)
+/* name, values, block bytes, has a min, values unsigned (0 / 1), their offset */
+B32_TILE(fused_q4_0, values_q4_0_unsigned, 18, 0, 1, 8)
+B32_TILE(fused_q4_1, values_q4_1, 20, 1, 1, 0)
+B32_TILE(fused_q5_0, values_q5_0_unsigned, 22, 0, 1, 16)
+B32_TILE(fused_q5_1, values_q5_1, 24, 1, 1, 0)
+B32_TILE(fused_q8_0, values_q8_0, 34, 0, 0, 0)
+B32_TILE(fused_iq4_nl, values_iq4_nl, 18, 0, 0, 0)
 
 /* the fused product of a block-of-32 type: 1, or 0 for another type */
 static int fused_b32(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
@@ -624,6 +641,7 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
             ActRows part = *a; /* rows [r0, r0 + pass) of a: each row's result is its own */
             part.rows = a->rows - r0 < ROWS_PER_PASS ? a->rows - r0 : ROWS_PER_PASS;
             part.q += r0 * k, part.xu += r0 * k, part.d += r0 * (k / QK), part.s += r0 * (k / QK);
+            part.qsum += r0 * (k / QK);
             part.bsums += r0 * (k / 16), part.qt += r0 * a->kt, part.xut += r0 * a->kt, part.dt += r0 * (a->kt / QK);
             tile_product((int)mode, type, wt, cols, &part, tile, scratch, unpacked, r0 || next_cols <= 0 ? NULL : next,
                          next_cols * rb);

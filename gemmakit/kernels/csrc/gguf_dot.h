@@ -70,7 +70,20 @@ static inline uint32_t le32(const uint8_t *p) {
 /* IQ4_NL's and IQ4_XS's 16 values (ggml-common.h kvalues_iq4nl) */
 static const int8_t IQ4NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-#if defined(__AVX2__)
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* 16 bytes -> their low nibbles (values 0..15) then their high nibbles (16..31): the 16 bytes
+ * in both halves, the upper half shifted by 4 (the AVX2 version below gives the same bytes) */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i shift = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    return _mm256_and_si256(_mm256_srlv_epi16(v, shift), _mm256_set1_epi8(0xF));
+}
+
+/* bit j of the little-endian 32 bits at p -> 0x10 in byte j, else 0: the bits as a byte mask */
+static inline __m256i high_bits32(const uint8_t *p) {
+    return _mm256_maskz_mov_epi8((__mmask32)le32(p), _mm256_set1_epi8(0x10));
+}
+#elif defined(__AVX2__)
 /* 16 bytes -> their low nibbles (values 0..15) then their high nibbles (16..31) */
 static inline __m256i nibbles32(const uint8_t *p) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0xF);
@@ -90,13 +103,14 @@ static inline __m256i high_bits32(const uint8_t *p) {
 
 /* Rows of activations rounded to 8-bit blocks, row r's values at q + r * k (and the same values
  * plus 128 at xu: the unsigned operand of AVX-512 VNNI's vpdpbusd). Per block of 32 (Q8_0, Q8_1): d the fp16
- * scale as float; Q8_1 also s = fp16(d * sum of q). Per block of 256 (Q8_K): d the float scale
- * and bsums the sums of q over each 16 values. */
+ * scale as float and qsum the sum of its q; Q8_1 also s = fp16(d * sum of q). Per block of 256
+ * (Q8_K): d the float scale and bsums the sums of q over each 16 values. */
 typedef struct {
     int64_t type, rows, k;
     int8_t *q;
     uint8_t *xu;
     float *d, *s;
+    int32_t *qsum;
     int16_t *bsums;
     /* blocks of 32 only: the same values in groups of 8 blocks with the 4-byte words
      * transposed (GROUP_WORD), the last group padded with zero blocks (xu 128), kt values per
