@@ -64,12 +64,6 @@ static inline __m256i lanes_scaled(__m256i v, const int8_t *x, const int16_t *pa
     return _mm256_madd_epi16(products, _mm256_load_si256((const __m256i *)pair_scales));
 }
 
-static inline float lanes_sum(__m256 v) { /* (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 static inline int32_t sum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -560,6 +554,7 @@ enum { BY_GROUPS, BY_FUSED, BY_ROWS, BY_ROW_EACH };
 static int tile_mode(int64_t type, int64_t rows) {
 #ifdef DOT_AVX2
     if (gguf_act_type(type) != ACT_Q8_K) return unpacks_b32(type) && rows >= UNPACK_ROWS ? BY_GROUPS : BY_FUSED;
+    if (type == 12 && rows <= FUSED_K_ROWS) return BY_FUSED; /* Q4_K (gguf_fused_k.c) */
 #endif
     (void)type;
     return rows > ROWS_PER_PASS ? BY_ROWS : BY_ROW_EACH;
@@ -589,7 +584,8 @@ static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols
         return;
     }
     if (mode == BY_FUSED) {
-        fused_b32(type, wt, nb, a, tile, cols, 0, cols);
+        if (K) fused_k256(type, wt, nb, a, tile, cols, 0, cols);
+        else fused_b32(type, wt, nb, a, tile, cols, 0, cols);
         return;
     }
 #endif

@@ -1,0 +1,106 @@
+/* Q4_K weights against few activation rows (Q8_K blocks), read from the file's blocks in
+ * registers: the decode step's product for the K-quant matrices of a Q4_K_M file.
+ *
+ * gguf_dot.c's super-block path unpacks each weight row into values, scales and vpmaddwd
+ * operands in memory (gguf_unpack.c) and then dots it: with one activation row, measured on
+ * a Q4_K 640 x 2048 (one thread, thread CPU time), the unpacking was 43% of the product. Here
+ * each 32-byte load of a super-block's nibbles gives two 32-value chunks, its 6-bit scales and
+ * mins are decoded as 32-bit words, and the integer lanes are the same exact integers as
+ * gguf_dot.c's (lane j = the sum over the 8 chunks of the chunk's scale times its values
+ * 4j..4j+3 times x), scaled and summed in the same float order: per super-block one fused
+ * multiply-add of (d_x * d) and the converted lanes, and one of (d_x * dmin) and the integer
+ * min term, then (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) minus the min sum. A row's
+ * result is therefore bit for bit what gguf_dot.c gives it, for any number of rows.
+ */
+#include "common.h"
+#include "gguf_dot.h"
+
+#pragma GCC optimize("fp-contract=off") /* gguf_dot.c's float order */
+
+enum { QK = 32, QKK = 256, Q4_K_BYTES = 144, TILE_ROWS = 4 /* activation rows per tile */ };
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+/* scale j (low 32 bits: j < 4) and min j of a Q4_K super-block's 12 scale bytes as bytes:
+ * j < 4: s[j] & 63 and s[j + 4] & 63; j >= 4: s[j + 4] & 15 | (s[j - 4] >> 6) << 4 and
+ * s[j + 4] >> 4 | (s[j] >> 6) << 4 (ggml-quants.c get_scale_min_k4, four at a time) */
+static inline void q4_k_scales_mins(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
+    const uint32_t w0 = le32(s), w1 = le32(s + 4), w2 = le32(s + 8), low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu;
+    const uint32_t top2 = 0x03030303u;
+    *scales = (uint64_t)(w0 & low6) | (uint64_t)((w2 & low4) | ((w0 >> 6) & top2) << 4) << 32;
+    *mins = (uint64_t)(w1 & low6) | (uint64_t)(((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) << 32;
+}
+
+/* out[i * n] = the Q4_K row . activation row r0 + i for i < NR (a constant at each call) */
+ALWAYS_INLINE void q4_k_tile(const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
+                             int64_t n) {
+    const int64_t k = a->k;
+    const __m256i low4 = _mm256_set1_epi8(0xF);
+    __m256 acc[TILE_ROWS];
+    float min_sum[TILE_ROWS];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = row + b * Q4_K_BYTES, *qs = block + 16;
+        uint64_t scales, mins;
+        q4_k_scales_mins(block + 4, &scales, &mins);
+        /* each scale as 16 bits, in both halves: chunk c's vpmaddwd operand is lane c everywhere */
+        const __m256i scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scales)));
+        const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
+        const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8)); /* per 16 values */
+        __m256i l[TILE_ROWS];
+        for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) { /* chunks 2p (low nibbles), 2p + 1 (high) */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            const __m256i values[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+            for (int h = 0; h < 2; h++) {
+                const int c = 2 * p + h;
+                const __m256i scale = _mm256_shuffle_epi8(scales16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c)));
+                for (int i = 0; i < NR; i++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
+                    const __m256i pairs = _mm256_maddubs_epi16(values[h], x); /* values 0..15: no sign trick */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    l[i] = _mm256_dpwssd_epi32(l[i], pairs, scale);
+#else
+                    l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scale));
+#endif
+                }
+            }
+        }
+        const float d = half_to_float(block), dmin = half_to_float(block + 2);
+        for (int i = 0; i < NR; i++) {
+            const float xd = a->d[(r0 + i) * (k / QK) + b];
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * d), _mm256_cvtepi32_ps(l[i]), acc[i]);
+            const __m256i bsums = _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16));
+            const __m256i m = _mm256_madd_epi16(mins16, bsums); /* exact: the sum of min * bsum */
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            min_sum[i] = fmaf(xd * dmin, (float)_mm_cvtsi128_si32(s), min_sum[i]);
+        }
+    }
+    for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
+}
+
+int fused_k256(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
+               int64_t hi) {
+    if (type != 12 || a->rows > FUSED_K_ROWS) return 0; /* Q4_K */
+    for (int64_t o = lo; o < hi; o++) {
+        const uint8_t *row = w + o * nb * Q4_K_BYTES; /* in L1 for every tile of rows after the first */
+        int64_t r = 0;
+        for (; r + TILE_ROWS <= a->rows; r += TILE_ROWS) q4_k_tile(row, nb, a, r, TILE_ROWS, y + r * n + o, n);
+        switch (a->rows - r) {
+        case 3: q4_k_tile(row, nb, a, r, 3, y + r * n + o, n); break;
+        case 2: q4_k_tile(row, nb, a, r, 2, y + r * n + o, n); break;
+        case 1: q4_k_tile(row, nb, a, r, 1, y + r * n + o, n); break;
+        }
+    }
+    return 1;
+}
+
+#else
+int fused_k256(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
+               int64_t hi) {
+    (void)type, (void)w, (void)nb, (void)a, (void)y, (void)n, (void)lo, (void)hi;
+    return 0;
+}
+#endif
