@@ -554,7 +554,7 @@ enum { BY_GROUPS, BY_FUSED, BY_ROWS, BY_ROW_EACH };
 static int tile_mode(int64_t type, int64_t rows) {
 #ifdef DOT_AVX2
     if (gguf_act_type(type) != ACT_Q8_K) return unpacks_b32(type) && rows >= UNPACK_ROWS ? BY_GROUPS : BY_FUSED;
-    if (type == 12 && rows <= FUSED_K_ROWS) return BY_FUSED; /* Q4_K (gguf_fused_k.c) */
+    if ((type == 12 || type == 14) && rows <= FUSED_K_ROWS) return BY_FUSED; /* Q4_K, Q6_K (gguf_fused_k.c) */
 #endif
     (void)type;
     return rows > ROWS_PER_PASS ? BY_ROWS : BY_ROW_EACH;

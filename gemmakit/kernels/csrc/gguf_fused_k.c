@@ -1,4 +1,4 @@
-/* Q4_K weights against few activation rows (Q8_K blocks), read from the file's blocks in
+/* Q4_K and Q6_K weights against few activation rows (Q8_K blocks), read from the file's blocks in
  * registers: the decode step's product for the K-quant matrices of a Q4_K_M file.
  *
  * gguf_dot.c's super-block path unpacks each weight row into values, scales and vpmaddwd
@@ -17,7 +17,7 @@
 
 #pragma GCC optimize("fp-contract=off") /* gguf_dot.c's float order */
 
-enum { QK = 32, QKK = 256, Q4_K_BYTES = 144, TILE_ROWS = 4 /* activation rows per tile */ };
+enum { QK = 32, QKK = 256, Q4_K_BYTES = 144, Q6_K_BYTES = 210, TILE_ROWS = 4 /* activation rows per tile */ };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
@@ -31,68 +31,107 @@ static inline void q4_k_scales_mins(const uint8_t *s, uint64_t *scales, uint64_t
     *mins = (uint64_t)(w1 & low6) | (uint64_t)(((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) << 32;
 }
 
-/* out[i * n] = the Q4_K row . activation row r0 + i for i < NR (a constant at each call) */
-ALWAYS_INLINE void q4_k_tile(const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
-                             int64_t n) {
-    const int64_t k = a->k;
-    const __m256i low4 = _mm256_set1_epi8(0xF);
+/* chunk c's values of a Q4_K super-block (0..15): nibble c % 2 of its bytes 32 * (c / 2).. */
+ALWAYS_INLINE __m256i q4_k_chunk(const uint8_t *block, const int c) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 16 + 32 * (c / 2)));
+    return _mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
+}
+
+/* chunk c = 4h + t's values of a Q6_K super-block (-32..31): nibble t / 2 of ql[64h + 32(t % 2)..]
+ * and bits 2t of qh[32h..], minus 32 (gguf_unpack.c unpack_q6_k) */
+ALWAYS_INLINE __m256i q6_k_chunk(const uint8_t *block, const int c) {
+    const int h = c / 4, t = c % 4;
+    const __m256i ql = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32 * (t % 2)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0xF));
+    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+}
+
+/* out[i * n] = the super-block row (Q4_K: type 12, Q6_K: 14) . activation row r0 + i for i < NR
+ * (both constants at each call) */
+ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR,
+                          float *out, int64_t n) {
+    const int64_t k = a->k, bytes = type == 12 ? Q4_K_BYTES : Q6_K_BYTES;
     __m256 acc[TILE_ROWS];
     float min_sum[TILE_ROWS];
     for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *block = row + b * Q4_K_BYTES, *qs = block + 16;
-        uint64_t scales, mins;
-        q4_k_scales_mins(block + 4, &scales, &mins);
-        /* each scale as 16 bits, in both halves: chunk c's vpmaddwd operand is lane c everywhere */
-        const __m256i scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scales)));
-        const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
-        const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8)); /* per 16 values */
+        const uint8_t *block = row + b * bytes;
+        /* Q4_K: its 8 scales as 16 bits in both halves, chunk c's vpmaddwd operand is word c
+         * everywhere; Q6_K: its 16 int8 scales as 16 bits, the 16-groups 2c and 2c + 1 of chunk c
+         * (c < 4: the first 8 in both halves, else the last 8) word 2c in the low half, 2c + 1 in
+         * the high one */
+        uint64_t scales = 0, mins = 0;
+        __m256i scales16[2];
+        if (type == 12) {
+            q4_k_scales_mins(block + 4, &scales, &mins);
+            scales16[0] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scales)));
+        } else {
+            const __m256i all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 192)));
+            scales16[0] = _mm256_permute2x128_si256(all, all, 0x00);
+            scales16[1] = _mm256_permute2x128_si256(all, all, 0x11);
+        }
         __m256i l[TILE_ROWS];
         for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
-        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) { /* chunks 2p (low nibbles), 2p + 1 (high) */
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
-            const __m256i values[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
-            for (int h = 0; h < 2; h++) {
-                const int c = 2 * p + h;
-                const __m256i scale = _mm256_shuffle_epi8(scales16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c)));
-                for (int i = 0; i < NR; i++) {
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
-                    const __m256i pairs = _mm256_maddubs_epi16(values[h], x); /* values 0..15: no sign trick */
+        _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+            const __m256i v = type == 12 ? q4_k_chunk(block, c) : q6_k_chunk(block, c);
+            const __m256i scale = type == 12 ? _mm256_shuffle_epi8(scales16[0], _mm256_set1_epi16((short)(0x0100 + 0x0202 * c)))
+                                             : _mm256_shuffle_epi8(scales16[c / 4], _mm256_setr_epi8(
+                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1,
+                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1,
+                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4) + 2, 4 * (c % 4) + 3,
+                                                   4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2,
+                                                   4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3,
+                                                   4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3));
+            const __m256i abs_v = type == 12 ? v : _mm256_sign_epi8(v, v); /* Q4_K's values are >= 0 */
+            for (int i = 0; i < NR; i++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
+                const __m256i pairs = _mm256_maddubs_epi16(abs_v, type == 12 ? x : _mm256_sign_epi8(x, v));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                    l[i] = _mm256_dpwssd_epi32(l[i], pairs, scale);
+                l[i] = _mm256_dpwssd_epi32(l[i], pairs, scale);
 #else
-                    l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scale));
+                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scale));
 #endif
-                }
             }
         }
-        const float d = half_to_float(block), dmin = half_to_float(block + 2);
+        const float d = half_to_float(block + (type == 12 ? 0 : 208));
         for (int i = 0; i < NR; i++) {
             const float xd = a->d[(r0 + i) * (k / QK) + b];
             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * d), _mm256_cvtepi32_ps(l[i]), acc[i]);
-            const __m256i bsums = _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16));
-            const __m256i m = _mm256_madd_epi16(mins16, bsums); /* exact: the sum of min * bsum */
-            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-            min_sum[i] = fmaf(xd * dmin, (float)_mm_cvtsi128_si32(s), min_sum[i]);
+            if (type == 12) { /* the min term: the sum of min * bsum over the 16-groups, exact */
+                const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
+                const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
+                const __m256i bsums = _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16));
+                const __m256i m = _mm256_madd_epi16(mins16, bsums);
+                __m128i s = _mm_add_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+                min_sum[i] = fmaf(xd * half_to_float(block + 2), (float)_mm_cvtsi128_si32(s), min_sum[i]);
+            }
         }
     }
     for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
 }
 
+/* every activation row of a against the weight row, tiles of TILE_ROWS then the rest */
+ALWAYS_INLINE void k_rows(const int type, const uint8_t *row, int64_t nb, const ActRows *a, float *y, int64_t n) {
+    int64_t r = 0;
+    for (; r + TILE_ROWS <= a->rows; r += TILE_ROWS) k_tile(type, row, nb, a, r, TILE_ROWS, y + r * n, n);
+    switch (a->rows - r) {
+    case 3: k_tile(type, row, nb, a, r, 3, y + r * n, n); break;
+    case 2: k_tile(type, row, nb, a, r, 2, y + r * n, n); break;
+    case 1: k_tile(type, row, nb, a, r, 1, y + r * n, n); break;
+    }
+}
+
 int fused_k256(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
                int64_t hi) {
-    if (type != 12 || a->rows > FUSED_K_ROWS) return 0; /* Q4_K */
+    if ((type != 12 && type != 14) || a->rows > FUSED_K_ROWS) return 0;
+    const int64_t rb = nb * (type == 12 ? Q4_K_BYTES : Q6_K_BYTES); /* a row: in L1 for every tile after the first */
     for (int64_t o = lo; o < hi; o++) {
-        const uint8_t *row = w + o * nb * Q4_K_BYTES; /* in L1 for every tile of rows after the first */
-        int64_t r = 0;
-        for (; r + TILE_ROWS <= a->rows; r += TILE_ROWS) q4_k_tile(row, nb, a, r, TILE_ROWS, y + r * n + o, n);
-        switch (a->rows - r) {
-        case 3: q4_k_tile(row, nb, a, r, 3, y + r * n + o, n); break;
-        case 2: q4_k_tile(row, nb, a, r, 2, y + r * n + o, n); break;
-        case 1: q4_k_tile(row, nb, a, r, 1, y + r * n + o, n); break;
-        }
+        if (type == 12) k_rows(12, w + o * rb, nb, a, y + o, n);
+        else k_rows(14, w + o * rb, nb, a, y + o, n);
     }
     return 1;
 }
