@@ -1,18 +1,23 @@
 """Milliseconds of the GGUF block products on the bundled Gemma 3 270M's own matrices: the
 integer dots with 8-bit activation blocks (llama.cpp's product, what the model runs) against
-the float32-activation product, at several row counts (1: a decode step; 16: a batched
-serving step; 512: a prefill chunk).
+the float32-activation product, at several row counts (1: a decode step; 16 and 64: batched
+serving steps; 512: a prefill chunk).
 
-    python benchmarks/gguf_kernels.py [--rows 1,16,512] [--threads 1] [--repeats 5] [--json]
+    python benchmarks/gguf_kernels.py [--rows 1,16,64,512] [--threads 1] [--repeats 5] [--json]
 
 One matrix of each ggml type the file holds (layer 0's, and the tied output head, whose
 262144 rows make it the largest read of a step) is multiplied `--repeats` times per
 measurement; the table gives the best time and the weight bytes read per second, and a
 "torch" column: the weight dequantized to float32 and multiplied by torch (the many-row path
-before the integer dots). The last line is the read ceiling: the head's bytes summed as int64,
-what a one-row product over them can at best approach. `--clock thread` times the calling thread's CPU time instead of the
-wall clock: with `--threads 1` (the product then runs on that thread) it is what a loaded
-machine can still compare.
+before the integer dots). The C decode steps' `matmul_rows` (gemv.c) runs the same product
+on each thread's share of the output columns. `--clock thread` times the calling thread's CPU
+time instead of the wall clock: with `--threads 1` (the product then runs on that thread) it is
+what a loaded machine can still compare.
+
+Then the decode bounds: the read ceiling, the head's bytes summed as int64 by torch on one
+thread and on two (wall clock: what one decode step's products can at best approach), the
+head's one-row product split over two threads as the decode step splits it, and the bytes a
+decode token reads (every block matrix once) against the two-thread ceiling.
 """
 
 from __future__ import annotations
@@ -40,14 +45,54 @@ def matrices(model) -> dict[str, GGUFLinear]:
     return {f"{name} ({m.type_name}, {m.out_features}x{m.in_features})": m for name, m in chosen.values()}
 
 
-def read_ceiling(chosen: dict[str, GGUFLinear], repeats: int, clock) -> dict:
-    """What reading the largest matrix's bytes costs with nothing else done: its raw blocks
-    viewed as int64 and summed (torch's vectorized reduction), the memory-bandwidth bound of
-    a one-row product over the same bytes."""
+def read_ceiling(chosen: dict[str, GGUFLinear], repeats: int, clock, threads: int) -> dict:
+    """What reading the largest matrix's bytes costs with nothing else done, on `threads`
+    threads: its raw blocks viewed as int64 and summed (torch's vectorized reduction, split
+    over its threads), the memory-bandwidth bound of a one-row product over the same bytes."""
     largest = max(chosen.values(), key=lambda m: m.weight.numel())
     words = largest.weight.reshape(-1)[: largest.weight.numel() // 8 * 8].view(torch.int64)
-    ms = best_ms(lambda: words.sum(), repeats, clock)
-    return {"bytes": words.numel() * 8, "ms": ms, "gb_per_s": words.numel() * 8 / ms / 1e6}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ms = best_ms(lambda: words.sum(), repeats, clock)
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "threads": threads,
+        "bytes": words.numel() * 8,
+        "ms": ms,
+        "gb_per_s": words.numel() * 8 / ms / 1e6,
+    }
+
+
+def decode_bounds(model, chosen: dict[str, GGUFLinear], repeats: int, clock) -> dict:
+    """The read ceilings on one thread (`clock`) and two (wall clock), the head's one-row
+    product over two threads (wall clock), and the bytes of every block matrix (a decode
+    token's weight reads, the embedding row aside) with the tokens per second that reading
+    them at the two-thread ceiling would allow."""
+    one = read_ceiling(chosen, repeats, clock, 1)
+    two = read_ceiling(chosen, repeats, time.perf_counter, 2)
+    head = max(chosen.values(), key=lambda m: m.weight.numel())
+    x = torch.randn(1, head.in_features, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head_ms = best_ms(
+            lambda: cpu_kernels.gguf_matmul(x, head.weight, head.ggml_type, head.in_features),
+            repeats,
+            time.perf_counter,
+        )
+    finally:
+        torch.set_num_threads(before)
+    token_bytes = sum(m.weight.numel() for m in model.modules() if isinstance(m, GGUFLinear))
+    return {
+        "read_ceiling_1_thread": one,
+        "read_ceiling_2_threads": two,
+        "head_1_row_2_threads_ms": head_ms,
+        "head_1_row_2_threads_gb_per_s": head.weight.numel() / head_ms / 1e6,
+        "token_bytes": token_bytes,
+        "tokens_per_s_at_2_thread_ceiling": two["gb_per_s"] * 1e9 / token_bytes,
+    }
 
 
 def best_ms(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -62,10 +107,10 @@ def best_ms(fn, repeats: int, clock=time.perf_counter) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,16,512", help="activation rows, comma-separated")
+    parser.add_argument("--rows", default="1,16,64,512", help="activation rows, comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="threads of each product")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (best kept)")
-    parser.add_argument("--head-rows", type=int, default=16, help="most rows the output head is timed at")
+    parser.add_argument("--head-rows", type=int, default=64, help="most rows the output head is timed at")
     parser.add_argument(
         "--clock", choices=("wall", "thread"), default="wall", help="wall clock or thread CPU time"
     )
@@ -94,9 +139,9 @@ def main():
                 )
             row["int8_gb_per_s"] = m.weight.numel() / row["int8_ms"] / 1e6
             results.append(row)
-    ceiling = read_ceiling(matrices(model), args.repeats, clock)
+    bounds = decode_bounds(model, matrices(model), args.repeats, clock)
     if args.json:
-        print(json.dumps({"products": results, "read_ceiling": ceiling}, indent=1))
+        print(json.dumps({"products": results, "decode": bounds}, indent=1))
         return
     print(f"threads {args.threads}, best of {args.repeats}, {args.clock} clock")
     print(
@@ -109,9 +154,19 @@ def main():
             f"{r['matrix']:<48} {r['rows']:>5} {r['int8_ms']:>9.3f} {r['float_ms']:>9.3f} {torch_ms} "
             f"{best_other / r['int8_ms']:>8.2f} {r['int8_gb_per_s']:>6.1f}"
         )
+    for key, clock_name in (("read_ceiling_1_thread", args.clock), ("read_ceiling_2_threads", "wall")):
+        c = bounds[key]
+        print(
+            f"read ceiling, {c['threads']} thread(s), {clock_name} clock: the head's {c['bytes'] / 1e6:.0f} MB "
+            f"summed as int64 by torch in {c['ms']:.3f} ms, {c['gb_per_s']:.1f} GB/s"
+        )
     print(
-        f"read ceiling: the head's {ceiling['bytes'] / 1e6:.0f} MB summed as int64 by torch in "
-        f"{ceiling['ms']:.3f} ms, {ceiling['gb_per_s']:.1f} GB/s"
+        f"head, one row over 2 threads (wall clock): {bounds['head_1_row_2_threads_ms']:.3f} ms, "
+        f"{bounds['head_1_row_2_threads_gb_per_s']:.1f} GB/s"
+    )
+    print(
+        f"a decode token reads {bounds['token_bytes'] / 1e6:.0f} MB of block matrices: at the 2-thread "
+        f"ceiling at most {bounds['tokens_per_s_at_2_thread_ceiling']:.0f} tokens/s"
     )
 
 
