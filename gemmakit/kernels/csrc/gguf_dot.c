@@ -621,9 +621,13 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type);
     if (bb < 0 || gguf_act_type(type) != a->type) return;
     const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb, mode = tile_mode(type, a->rows);
-    const int64_t groups = COLS_PER_TILE * ((nb + 7) / 8) * GROUP_BYTES, rows = COLS_PER_TILE * wrow_bytes(k);
-    uint8_t *scratch = malloc((size_t)(groups > rows ? groups : rows));
-    if (!scratch) return;
+    /* the unpacked weights each mode keeps (the fused products read the file's blocks): no
+     * allocation on the decode step's one-row calls */
+    const int64_t bytes = mode == BY_GROUPS ? COLS_PER_TILE * ((nb + 7) / 8) * GROUP_BYTES
+                          : mode == BY_ROWS ? COLS_PER_TILE * wrow_bytes(k)
+                          : mode == BY_ROW_EACH ? wrow_bytes(k) : 0;
+    uint8_t *scratch = bytes ? malloc((size_t)bytes) : NULL;
+    if (bytes && !scratch) return;
     WRow unpacked[COLS_PER_TILE];
     float tile[ROWS_PER_PASS * COLS_PER_TILE];
     for (int64_t o0 = lo; o0 < hi; o0 += COLS_PER_TILE) {
