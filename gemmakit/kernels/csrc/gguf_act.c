@@ -24,6 +24,18 @@
 
 enum { QK = 32, QKK = 256 };
 
+void *thread_scratch(int slot, int64_t bytes) {
+    static __thread void *buffers[SCRATCH_SLOTS];
+    static __thread int64_t capacity[SCRATCH_SLOTS];
+    if (bytes > capacity[slot]) {
+        free(buffers[slot]);
+        const int64_t grown = (bytes + 63) / 64 * 64;
+        buffers[slot] = aligned_alloc(64, (size_t)grown);
+        capacity[slot] = buffers[slot] ? grown : 0;
+    }
+    return buffers[slot];
+}
+
 int64_t gguf_act_type(int64_t weight_type) {
     switch (weight_type) {
     case 2: case 6: case 8: case 20: return ACT_Q8_0; /* Q4_0, Q5_0, Q8_0, IQ4_NL */

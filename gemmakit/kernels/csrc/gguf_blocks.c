@@ -408,20 +408,16 @@ void gguf_matmul_rows_f32(int64_t type, const void *w, int64_t n, int64_t k, con
 /* --- the products the model runs: activations rounded to 8-bit blocks (gguf_act.c) and
  * integer dots (gguf_dot.c), llama.cpp's products ------------------------------------------ */
 
-enum { STACK_ACT = 8192 }; /* activation bytes rounded on the stack up to this size */
-
 void gguf_matmul_rows(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
                       int64_t lo, int64_t hi) {
-    const int64_t act = gguf_act_type(type), bytes = act_rows_bytes(rows, k);
+    const int64_t act = gguf_act_type(type);
     if (act < 0 || gguf_row_bytes(type, k) < 0) return;
-    _Alignas(64) uint8_t stack[STACK_ACT];
-    void *buffer = bytes <= STACK_ACT ? stack : malloc((size_t)bytes);
+    void *buffer = thread_scratch(SCRATCH_ACT, act_rows_bytes(rows, k)); /* this thread's, reused */
     if (!buffer) return;
     ActRows a;
     act_rows_init(&a, act, rows, k, buffer);
     act_rows_quantize(&a, x, 0, rows);
     gguf_dot_rows(type, w, n, &a, y, lo, hi);
-    if (buffer != stack) free(buffer);
 }
 
 void gguf_matvec(int64_t type, const void *w, int64_t k, const float *x, float *y, int64_t lo, int64_t hi) {

@@ -626,7 +626,7 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
     const int64_t bytes = mode == BY_GROUPS ? COLS_PER_TILE * ((nb + 7) / 8) * GROUP_BYTES
                           : mode == BY_ROWS ? COLS_PER_TILE * wrow_bytes(k)
                           : mode == BY_ROW_EACH ? wrow_bytes(k) : 0;
-    uint8_t *scratch = bytes ? malloc((size_t)bytes) : NULL;
+    uint8_t *scratch = bytes ? thread_scratch(SCRATCH_UNPACKED, bytes) : NULL;
     if (bytes && !scratch) return;
     WRow unpacked[COLS_PER_TILE];
     float tile[ROWS_PER_PASS * COLS_PER_TILE];
@@ -649,7 +649,6 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
                 memcpy(y + (r0 + r) * n + o0, tile + r * cols, (size_t)cols * sizeof(float));
         }
     }
-    free(scratch);
 }
 
 /* x (rows, k) rounded once into 8-bit blocks, then output columns split over threads */
@@ -657,7 +656,7 @@ void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int64_t k, const 
                        int64_t threads) {
     const int64_t act = gguf_act_type(type), t = threads > 1 ? threads : 1;
     if (act < 0 || k % (act == ACT_Q8_K ? QKK : QK)) return;
-    void *buffer = malloc((size_t)act_rows_bytes(rows, k));
+    void *buffer = thread_scratch(SCRATCH_ACT, act_rows_bytes(rows, k));
     if (!buffer) return;
     ActRows a;
     act_rows_init(&a, act, rows, k, buffer);
@@ -665,5 +664,4 @@ void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int64_t k, const 
     for (int64_t i = 0; i < t; i++) act_rows_quantize(&a, x, rows * i / t, rows * (i + 1) / t);
 #pragma omp parallel for schedule(static, 1) num_threads(t)
     for (int64_t i = 0; i < t; i++) gguf_dot_rows(type, w, n, &a, y, n * i / t, n * (i + 1) / t);
-    free(buffer);
 }
