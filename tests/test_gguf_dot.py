@@ -186,3 +186,25 @@ def test_avx2_and_scalar_builds_give_the_same_bits(flags):
             assert torch.equal(s, want["s"])
         if act_type == Q8_K:
             assert torch.equal(bsums, want["bsums"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("ggml_type", [T.Q5_0, T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_threads_and_column_chunks_change_no_value(ggml_type):
+    """gguf_matmul_q8_mt hands out chunks of output columns to whichever thread is free: the
+    product over 3 threads (uneven chunks, a partial last one) equals the one-thread product
+    and, column for column, the products of the rows alone."""
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    k = block * 20 if block == 32 else block * 2
+    raw = torch.from_numpy(random_blocks(ggml_type, 700, k, seed=8))
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(9))
+    lib = cpu_kernels.library()
+    one, three = torch.empty(5, 700), torch.empty(5, 700)
+    lib.gguf_matmul_q8_mt(int(ggml_type), raw.data_ptr(), 700, k, x.data_ptr(), 5, one.data_ptr(), 1)
+    lib.gguf_matmul_q8_mt(int(ggml_type), raw.data_ptr(), 700, k, x.data_ptr(), 5, three.data_ptr(), 3)
+    assert torch.equal(one, three)
+    alone = torch.empty(1, 700)
+    lib.gguf_matmul_q8_mt(
+        int(ggml_type), raw.data_ptr(), 700, k, x[2:3].contiguous().data_ptr(), 1, alone.data_ptr(), 3
+    )
+    assert torch.equal(alone[0], three[2])

@@ -651,7 +651,13 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
     }
 }
 
-/* x (rows, k) rounded once into 8-bit blocks, then output columns split over threads */
+/* x (rows, k) rounded once into 8-bit blocks (rows split over the threads), then the output
+ * columns handed out to the threads in chunks of whole tiles, each to the first thread free:
+ * one parallel region, and a thread that loses its core for a while (a shared machine) leaves
+ * its columns to the other instead of making it wait at the join. A column's values depend on
+ * nothing but its own weight row, so the chunks change no result. */
+enum { CHUNKS_PER_THREAD = 8 };
+
 void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
                        int64_t threads) {
     const int64_t act = gguf_act_type(type), t = threads > 1 ? threads : 1;
@@ -660,8 +666,15 @@ void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int64_t k, const 
     if (!buffer) return;
     ActRows a;
     act_rows_init(&a, act, rows, k, buffer);
-#pragma omp parallel for schedule(static, 1) num_threads(t)
-    for (int64_t i = 0; i < t; i++) act_rows_quantize(&a, x, rows * i / t, rows * (i + 1) / t);
-#pragma omp parallel for schedule(static, 1) num_threads(t)
-    for (int64_t i = 0; i < t; i++) gguf_dot_rows(type, w, n, &a, y, n * i / t, n * (i + 1) / t);
+    int64_t chunk = (n + t * CHUNKS_PER_THREAD - 1) / (t * CHUNKS_PER_THREAD);
+    chunk = (chunk + COLS_PER_TILE - 1) / COLS_PER_TILE * COLS_PER_TILE;
+    const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel num_threads(t)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < t; i++) act_rows_quantize(&a, x, rows * i / t, rows * (i + 1) / t);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++)
+            gguf_dot_rows(type, w, n, &a, y, c * chunk, c * chunk + chunk < n ? c * chunk + chunk : n);
+    }
 }
