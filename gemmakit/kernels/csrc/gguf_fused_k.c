@@ -8,8 +8,8 @@
  * mins are decoded as 32-bit words, and the integer lanes are the same exact integers as
  * gguf_dot.c's (lane j = the sum over the 8 chunks of the chunk's scale times its values
  * 4j..4j+3 times x), scaled and summed in the same float order: per super-block one fused
- * multiply-add of (d_x * d) and the converted lanes, and one of (d_x * dmin) and the integer
- * min term, then (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) minus the min sum. A row's
+ * multiply-add of (d_x * d) and the converted lanes, and (Q4_K) one of (d_x * dmin) and the
+ * integer min term, then (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) minus the min sum. A row's
  * result is therefore bit for bit what gguf_dot.c gives it, for any number of rows.
  */
 #include "common.h"
@@ -76,14 +76,11 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
         for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
         _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
             const __m256i v = type == 12 ? q4_k_chunk(block, c) : q6_k_chunk(block, c);
-            const __m256i scale = type == 12 ? _mm256_shuffle_epi8(scales16[0], _mm256_set1_epi16((short)(0x0100 + 0x0202 * c)))
-                                             : _mm256_shuffle_epi8(scales16[c / 4], _mm256_setr_epi8(
-                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1,
-                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1,
-                                                   4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4), 4 * (c % 4) + 1, 4 * (c % 4) + 2, 4 * (c % 4) + 3,
-                                                   4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2,
-                                                   4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3,
-                                                   4 * (c % 4) + 2, 4 * (c % 4) + 3, 4 * (c % 4) + 2, 4 * (c % 4) + 3));
+            /* vpshufb indices: the two bytes of word c (Q4_K) or of words 2(c % 4), 2(c % 4) + 1 */
+            const int lo = type == 12 ? 2 * c : 4 * (c % 4), hi = type == 12 ? 2 * c : 4 * (c % 4) + 2;
+            const __m256i scale = _mm256_shuffle_epi8(type == 12 ? scales16[0] : scales16[c / 4],
+                                                      _mm256_set_m128i(_mm_set1_epi16((short)(hi | (hi + 1) << 8)),
+                                                                       _mm_set1_epi16((short)(lo | (lo + 1) << 8))));
             const __m256i abs_v = type == 12 ? v : _mm256_sign_epi8(v, v); /* Q4_K's values are >= 0 */
             for (int i = 0; i < NR; i++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
