@@ -29,9 +29,10 @@
  * The blocks of 32 run fused where AVX2 is: for few activation rows, each group of 8 blocks
  * assembled in registers and its lanes reduced to block sums (B32_TILE); from UNPACK_ROWS rows
  * on, the weight rows unpacked once per call into transposed groups that the activations'
- * transposed copy (ActRows xt) meets word for word (groups_product). Elsewhere, and for the
- * super-blocks, each weight row is unpacked once (gguf_unpack.c) and dotted with every
- * activation row.
+ * transposed copy (ActRows xt) meets word for word (groups_product). Q4_K and Q6_K against up
+ * to FUSED_K_ROWS activation rows are read from the file's blocks in registers as well
+ * (gguf_fused_k.c). Elsewhere, and for the other super-blocks, each weight row is unpacked once
+ * (gguf_unpack.c) and dotted with every activation row.
  */
 #include <stdlib.h>
 
