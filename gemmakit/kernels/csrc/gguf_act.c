@@ -84,6 +84,22 @@ static void transpose_row(const ActRows *a, int64_t r) {
     int8_t *qt = a->qt + r * kt;
     uint8_t *xut = a->xut + r * kt;
     float *dt = a->dt + r * (kt / QK);
+#if defined(__AVX2__)
+    for (int64_t g = 0; g < kt / 256; g++) { /* 8 blocks' words as an 8 x 8 transpose, the same bytes */
+        __m256i q[8], u[8], qw[8], uw[8];
+        for (int m = 0; m < 8; m++) {
+            const int64_t b = g * 8 + m, at = r * a->k + b * QK;
+            q[m] = b < nb ? _mm256_loadu_si256((const __m256i *)(a->q + at)) : _mm256_setzero_si256();
+            u[m] = b < nb ? _mm256_loadu_si256((const __m256i *)(a->xu + at)) : _mm256_set1_epi8((char)0x80);
+        }
+        transpose_words(q, qw), transpose_words(u, uw);
+        for (int t = 0; t < 8; t++) {
+            _mm256_storeu_si256((__m256i *)(qt + g * 256 + GROUP_WORD(t, 0) * 4), qw[t]);
+            _mm256_storeu_si256((__m256i *)(xut + g * 256 + GROUP_WORD(t, 0) * 4), uw[t]);
+        }
+    }
+    for (int64_t b = 0; b < kt / QK; b++) dt[b] = b < nb ? a->d[r * nb + b] : 0.f;
+#else
     for (int64_t b = 0; b < kt / QK; b++) {
         const int64_t group = b / 8 * 256, m = b % 8;
         for (int t = 0; t < 8; t++) {
@@ -97,6 +113,7 @@ static void transpose_row(const ActRows *a, int64_t r) {
         }
         dt[b] = b < nb ? a->d[r * nb + b] : 0.f;
     }
+#endif
 }
 
 /* the largest |x| of n values (a multiple of 32): exact in any order */

@@ -324,25 +324,6 @@ static int fused_b32(int64_t type, const uint8_t *w, int64_t nb, const ActRows *
  * group and accumulates each block's whole sum in its lane: no reduction, and one convert,
  * one multiply and one fused multiply-add per 8 blocks. */
 
-/* dwords: out[t] lane m = word t of v[m] (an 8 x 8 transpose of 32-bit words) */
-static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
-    __m256i t[8], u[8];
-    for (int p = 0; p < 4; p++) {
-        t[2 * p] = _mm256_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
-        t[2 * p + 1] = _mm256_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
-    }
-    for (int h = 0; h < 2; h++) { /* blocks 0..3 (h 0) and 4..7 (h 1) */
-        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    for (int q = 0; q < 4; q++) {
-        out[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
-        out[q + 4] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
-    }
-}
-
 #define UNPACK_GROUPS(VALUES, BYTES)                                                                 \
     for (int64_t o = 0; o < rows; o++)                                                               \
         for (int64_t g = 0; g < groups; g++) {                                                       \

@@ -101,6 +101,25 @@ static inline __m256i high_bits32(const uint8_t *p) {
 #endif
 
 #if defined(__AVX2__)
+/* dwords: out[t] lane m = word t of v[m] (an 8 x 8 transpose of 32-bit words) */
+static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
+    __m256i t[8], u[8];
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm256_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++) { /* blocks 0..3 (h 0) and 4..7 (h 1) */
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int q = 0; q < 4; q++) {
+        out[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
+        out[q + 4] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
+    }
+}
+
 /* the float sum of 8 lanes in gguf_dot.c's order: (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) */
 static inline float lanes_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
