@@ -151,23 +151,21 @@ def load_model(
         state = state_dict_from_gguf(g, dtype)
     packed = read_quantization_config(source.path) if source.kind == "hf" else None
     model = build_empty(config)
+    head = None
     if packed is not None:  # a GPTQ/AWQ folder: its linears hold packed 4-bit tensors
-        from gemmakit.quant.gptq_linear import swap_in_gptq
-        from gemmakit.quant.packed4 import awq_state_to_gptq
+        from gemmakit.quant.gptq_linear import EMBEDDING_KEY, packed_checkpoint_state, swap_in_stored_head
 
-        if packed["quant_method"] == "awq":
-            try:
-                state = awq_state_to_gptq(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ModelFileError(f"{source.path}: {e}") from None
-
-        swap_in_gptq(model, [k for k in state if k.endswith(".qweight")], packed["group_size"], dtype)
+        state, head = packed_checkpoint_state(model, state, packed, dtype, source.path)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         t = state.pop(key)
         keep = packed is not None and (not t.is_floating_point() or key.endswith(".scales"))
         state[key] = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
+    if head is not None:  # its shape for the checks below; the bf16 tensor goes in after
+        state[EMBEDDING_KEY] = head.to("meta")
     safetensors.load_into(model, state, str(source.path))
+    if head is not None:
+        swap_in_stored_head(model, head.to(device))
     return model.eval()
 
 
