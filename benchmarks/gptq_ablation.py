@@ -25,7 +25,7 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=("gptq", "awq", "rtn"), default="gptq")
+    p.add_argument("--method", choices=("gptq", "awq", "rtn", "none"), default="gptq")
     p.add_argument("--rounding", choices=("round", "clip", "gptq"), default="round", help="AWQ's rounding")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--desc-act", type=int, choices=(0, 1), default=None)
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=512, help="calibration window length, <bos> included")
     p.add_argument("--calibration", default=None, help="calibration text file (default: the shipped one)")
     p.add_argument("--eval-tokens", type=int, default=None, help="score only the first N eval tokens")
+    p.add_argument("--head-bf16", action="store_true",
+                   help="round the tied embedding / output head to bfloat16, as a GPTQ folder stores it")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     return p.parse_args(argv)
@@ -61,6 +63,8 @@ def quantized(loaded, args, windows):
     from gemmakit.quant.gptq import block_linears, dequantize, gptq_quantize_model, rtn_quantize
 
     model = copy.deepcopy(loaded.model)
+    if args.method == "none":
+        return model
     if args.method == "awq":
         return awq_quantize_model(model, windows, args.group_size, progress=True, rounding=args.rounding)
     if args.method == "rtn":  # round to nearest on GPTQ's grid, the weights replaced in float
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = quantized(loaded, args, windows)
     seconds = time.perf_counter() - start
+    if args.head_bf16:  # tied: the embedding and the output head are one tensor
+        weight = model.model.embed_tokens.weight
+        weight.data.copy_(weight.data.bfloat16().float())
     with torch.inference_mode():
         base = perplexity(loaded.model, ids, tok.bos_id, 512, 511).perplexity
         ppl = perplexity(model, ids, tok.bos_id, 512, 511).perplexity
@@ -101,6 +108,7 @@ def main(argv=None) -> int:
         "calibration_tokens": sum(w.numel() for w in windows),
         "window": args.window,
         "eval_tokens": len(ids),
+        "head": "bf16" if args.head_bf16 else "f32",
         "fp32": round(base, 4),
         "perplexity": round(ppl, 4),
         "change": round(ppl / base - 1, 5),
