@@ -647,6 +647,7 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
         default_calibration_text,
         gptq_quantize_model,
     )
+    from gemmakit.quant.gptq_linear import keep_head_in_bf16
 
     calibration = quantize.get("calibration")
     try:
@@ -672,6 +673,7 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
         awq_quantize_model(net, windows, group_size, progress)
     else:
         gptq_quantize_model(net, windows, group_size, desc_act, progress)
+    keep_head_in_bf16(net)  # as a written folder holds it
     if folder is not None:
         _write_gptq_cache(folder, net, group_size, desc_act)
     return net
@@ -679,11 +681,11 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
 
 def _write_gptq_cache(folder: Path, model: Gemma, group_size: int, desc_act: bool):
     """Best effort, as the other caches."""
-    state = _quantized_state(model)
     from gemmakit.quant.gptq import GPTQSettings
+    from gemmakit.quant.gptq_linear import stored_head_as_embedding
 
-    settings = GPTQSettings(group_size, desc_act)
-    qconfig = gptq_config(group_size, desc_act, settings=settings)
+    state = stored_head_as_embedding(model, _quantized_state(model))
+    qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:

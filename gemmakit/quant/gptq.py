@@ -366,7 +366,7 @@ class _FloatInputs:
 
 # Bumped when a change to the algorithm or its defaults changes the weights it writes: part of
 # the key of loading's cache of `--quantize gptq|awq` models.
-REVISION = 2
+REVISION = 3  # 3: the tied head kept in bfloat16
 CALIBRATION_FILES = ("eval_text_wiki.txt", "guanaco_sample.jsonl")  # in gemmakit/data
 
 
