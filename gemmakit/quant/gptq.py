@@ -123,7 +123,7 @@ class GPTQSettings:
     group_size: int = 128
     desc_act: bool = True
     static_groups: bool = False
-    damp_percent: float = 0.01
+    damp_percent: float = 0.05  # 0.01 (the paper's) gave +8.07% at group 32, 0.05 +6.32%
     sym: bool = False
     mse: bool = True
     true_sequential: bool = True
@@ -366,7 +366,7 @@ class _FloatInputs:
 
 # Bumped when a change to the algorithm or its defaults changes the weights it writes: part of
 # the key of loading's cache of `--quantize gptq|awq` models.
-REVISION = 3  # 3: the tied head kept in bfloat16
+REVISION = 4  # 3: the tied head kept in bfloat16; 4: damp_percent 0.05
 CALIBRATION_FILES = ("eval_text_wiki.txt", "guanaco_sample.jsonl")  # in gemmakit/data
 
 
