@@ -117,7 +117,10 @@ class GPTQSettings:
     file order, so g_idx stays k // group_size (AutoGPTQ `static_groups`); damp_percent: the
     fraction of the mean diagonal added to H; sym: a grid centred on 0; mse: the range-shrink
     search of `group_params`; true_sequential: within a block, each linear's inputs come from
-    the block with the linears before it already quantized (q/k/v, o, gate/up, down).
+    the block with the linears before it already quantized (q/k/v, o, gate/up, down);
+    float_target: GPTAQ's alpha (Li et al. 2025, arXiv:2504.02692, gptqmodel's `v2` option):
+    aim at the float model's outputs W X rather than W X~ (X~: a linear's inputs in the
+    quantized model, X: in the float one); 0, plain GPTQ, measured better here (README).
     """
 
     group_size: int = 128
