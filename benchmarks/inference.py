@@ -30,13 +30,16 @@ SYSTEMS = {
     "gemmakit int8, torch step": ("gemmakit", "float32", "int8"),  # GEMMAKIT_NO_C_KERNELS=1
     "gemmakit int4": ("gemmakit", "float32", "int4"),
     "gemmakit nf4": ("gemmakit", "float32", "nf4"),
-    # GPTQ / AWQ 4-bit: a folder `gemmakit quantize --method` writes once (GPTQ_FOLDERS), loaded
+    # GPTQ / AWQ 4-bit: a folder `gemmakit quantize --method` writes once (`gptq_folder`), loaded
     # as a user loads a GPTQ checkpoint; the C step reads the packed weights (csrc/packed4.c),
-    # the torch step runs torch's int4 CPU kernel.
-    "gemmakit gptq g32": ("gemmakit-folder", "float32", "gptq-g32"),
-    "gemmakit gptq g128": ("gemmakit-folder", "float32", "gptq-g128"),
-    "gemmakit gptq g128, torch step": ("gemmakit-folder", "float32", "gptq-g128"),
-    "gemmakit awq g128": ("gemmakit-folder", "float32", "awq-g128"),
+    # the torch step runs torch's int4 CPU kernel. The folder's tied embedding / output head is
+    # bfloat16 (the writer's default), kept so and read as bf16 rows; "f32 head" folders
+    # are written with --dtype float32 (the head read as float32, 2x the bytes).
+    "gemmakit gptq g32": ("gemmakit-folder", "float32", "gptq-g32-bfloat16"),
+    "gemmakit gptq g128": ("gemmakit-folder", "float32", "gptq-g128-bfloat16"),
+    "gemmakit gptq g128, torch step": ("gemmakit-folder", "float32", "gptq-g128-bfloat16"),
+    "gemmakit gptq g128, f32 head": ("gemmakit-folder", "float32", "gptq-g128-float32"),
+    "gemmakit awq g128": ("gemmakit-folder", "float32", "awq-g128-bfloat16"),
     "llama.cpp Q4_K_M": ("llamacpp", None, None),
     "llama.cpp Q4_K_M (llama-bench)": ("llamacpp-bin", None, None),
     "transformers fp32": ("transformers", "float32", None),
@@ -45,18 +48,20 @@ SYSTEMS = {
 
 
 def gptq_folder(spec: str):
-    """The folder of a `method-gGROUP` GPTQ/AWQ model of the bundled GGUF, written on first use
-    by `gemmakit quantize --method` (minutes) under the gemmakit cache, reused after."""
+    """The folder of a `method-gGROUP-DTYPE` GPTQ/AWQ model of the bundled GGUF (DTYPE: what
+    its unquantized tensors are stored in), written on first use by `gemmakit quantize
+    --method` (minutes) under the gemmakit cache, reused after."""
     from pathlib import Path
 
     from gemmakit.paths import cache_dir
 
-    method, _, group = spec.partition("-g")
-    folder = Path(cache_dir()) / "benchmarks" / f"{method}-g{group}"
+    method, _, rest = spec.partition("-g")
+    group, _, dtype = rest.partition("-")
+    folder = Path(cache_dir()) / "benchmarks" / spec
     if not (folder / "config.json").exists():
         print(f"writing {folder} (once)...", file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "gemmakit.cli", "quantize", "--method", method, "--group-size", group,
-                   "-o", str(folder), "--dtype", "float32", "--force", "--json"]  # fmt: skip
+                   "-o", str(folder), "--dtype", dtype, "--force", "--json"]  # fmt: skip
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return folder
 

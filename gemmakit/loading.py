@@ -151,23 +151,21 @@ def load_model(
         state = state_dict_from_gguf(g, dtype)
     packed = read_quantization_config(source.path) if source.kind == "hf" else None
     model = build_empty(config)
+    head = None
     if packed is not None:  # a GPTQ/AWQ folder: its linears hold packed 4-bit tensors
-        from gemmakit.quant.gptq_linear import swap_in_gptq
-        from gemmakit.quant.packed4 import awq_state_to_gptq
+        from gemmakit.quant.gptq_linear import EMBEDDING_KEY, packed_checkpoint_state, swap_in_stored_head
 
-        if packed["quant_method"] == "awq":
-            try:
-                state = awq_state_to_gptq(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ModelFileError(f"{source.path}: {e}") from None
-
-        swap_in_gptq(model, [k for k in state if k.endswith(".qweight")], packed["group_size"], dtype)
+        state, head = packed_checkpoint_state(model, state, packed, dtype, source.path)
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         t = state.pop(key)
         keep = packed is not None and (not t.is_floating_point() or key.endswith(".scales"))
         state[key] = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
+    if head is not None:  # its shape for the checks below; the bf16 tensor goes in after
+        state[EMBEDDING_KEY] = head.to("meta")
     safetensors.load_into(model, state, str(source.path))
+    if head is not None:
+        swap_in_stored_head(model, head.to(device))
     return model.eval()
 
 
@@ -649,6 +647,7 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
         default_calibration_text,
         gptq_quantize_model,
     )
+    from gemmakit.quant.gptq_linear import keep_head_in_bf16
 
     calibration = quantize.get("calibration")
     try:
@@ -674,6 +673,7 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
         awq_quantize_model(net, windows, group_size, progress)
     else:
         gptq_quantize_model(net, windows, group_size, desc_act, progress)
+    keep_head_in_bf16(net)  # as a written folder holds it
     if folder is not None:
         _write_gptq_cache(folder, net, group_size, desc_act)
     return net
@@ -681,11 +681,11 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
 
 def _write_gptq_cache(folder: Path, model: Gemma, group_size: int, desc_act: bool):
     """Best effort, as the other caches."""
-    state = _quantized_state(model)
     from gemmakit.quant.gptq import GPTQSettings
+    from gemmakit.quant.gptq_linear import stored_head_as_embedding
 
-    settings = GPTQSettings(group_size, desc_act)
-    qconfig = gptq_config(group_size, desc_act, settings=settings)
+    state = stored_head_as_embedding(model, _quantized_state(model))
+    qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:

@@ -189,6 +189,10 @@ def test_quantize_gptq_on_load_is_cached(hf_folder, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(first(ids), second(ids))
     assert isinstance(second.model.layers[0].mlp.down_proj, GPTQLinear)
+    from gemmakit.quant.gptq_linear import StoredHalfLinear
+
+    for model in (first, second):  # bf16 as a written checkpoint holds it, cached so
+        assert isinstance(model.lm_head, StoredHalfLinear) and model.lm_head.weight.dtype == torch.bfloat16
 
 
 # --- AWQ ----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
 from gemmakit.model.layers import RMSNorm
 from gemmakit.quant.gguf_blocks import GGUFLinear
-from gemmakit.quant.gptq_linear import GPTQLinear
+from gemmakit.quant.gptq_linear import GPTQLinear, StoredHalfLinear
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
 GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
@@ -84,6 +84,8 @@ def _mat(module: nn.Module, keep: list):
         keep.append(packed)
         n, k = module.out_features, module.in_features
         return _Mat(type=W_PACKED4, w=ctypes.addressof(packed), s=None, n=n, k=k)
+    if isinstance(module, StoredHalfLinear) and _plain(module.weight):  # a GPTQ/AWQ bf16 head
+        return _matrix(WEIGHT_TYPES[module.weight.dtype], module.weight)
     if isinstance(module, Int8Linear):
         w, s = module.weight, module.weight_scale.float().contiguous()
         if w.device.type != "cpu" or not w.is_contiguous():

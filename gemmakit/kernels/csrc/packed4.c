@@ -11,8 +11,14 @@
  * Layout (gemmakit/quant/packed4.py `c_layout`): row n holds k / 2 bytes in chunks of 32
  * columns, byte j of a chunk = column j (low nibble) | column j + 16 (high nibble), so one
  * 16-byte load widens to two vectors of consecutive columns. Columns are in group order; for
- * an act-order weight perm[c] is the input column of stored column c, and the dequantized
- * values are scattered to their input columns, so x is never permuted. */
+ * an act-order weight perm[c] is the input column of stored column c. The products gather
+ * each activation row into stored order once per call (x'[c] = x[perm[c]]) and dot it with
+ * the rows as stored: scattering every dequantized value to its input column instead cost
+ * act-order GPTQ almost half its decode speed (20.0 against AWQ's 36.2 tok/s, note.md).
+ * The sum then runs in stored order, still one fixed order per output, so a row's result
+ * does not depend on the other rows. The embedding-style row reads (`mat_row`) scatter. */
+#include <stdlib.h>
+
 #include "gemv.h"
 
 #define CHUNK 32 /* columns per 16 packed bytes */
@@ -68,11 +74,45 @@ void packed4_dequantize_rows(const Packed4 *p, int64_t k, float *out, int64_t lo
     for (int64_t n = lo; n < hi; n++) dequantize_row(p, k, n, out + (n - lo) * k);
 }
 
+/* row n of the matrix in stored (group) order: no scatter */
+static void dequantize_stored_row(const Packed4 *p, int64_t k, int64_t n, float *out) {
+    const int64_t groups = k / p->group_size;
+    const uint8_t *q = p->q + n * (k / 2);
+    const float *scale = p->scale + n * groups, *min = p->min + n * groups;
+    for (int64_t c = 0; c < k; c += CHUNK) {
+        const int64_t g = c / p->group_size;
+        dequantize_chunk(q + c / 2, scale[g], min[g], out + c);
+    }
+}
+
+/* x' = row r of x in stored-column order */
+static void gather_row(const Packed4 *p, int64_t k, const float *x, float *out) {
+    for (int64_t c = 0; c < k; c++) out[c] = x[p->perm[c]];
+}
+
 void packed4_matmul_rows(const Packed4 *p, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
                          int64_t lo, int64_t hi) {
     float w[k]; /* one dequantized row: k floats on the stack (86 KB for a 21504-wide matrix) */
-    for (int64_t i = lo; i < hi; i++) {
-        dequantize_row(p, k, i, w);
-        for (int64_t r = 0; r < rows; r++) y[r * n + i] = dot_f32(x + r * k, w, k);
+    const float *xs = x;
+    float *gathered = p->perm ? malloc(sizeof(float) * rows * k) : NULL;
+    if (p->perm && !gathered) { /* no memory for all of x': one row at a time, the same sums */
+        float xr[k];
+        for (int64_t i = lo; i < hi; i++) {
+            dequantize_stored_row(p, k, i, w);
+            for (int64_t r = 0; r < rows; r++) {
+                gather_row(p, k, x + r * k, xr);
+                y[r * n + i] = dot_f32(xr, w, k);
+            }
+        }
+        return;
     }
+    if (gathered) {
+        for (int64_t r = 0; r < rows; r++) gather_row(p, k, x + r * k, gathered + r * k);
+        xs = gathered;
+    }
+    for (int64_t i = lo; i < hi; i++) {
+        dequantize_stored_row(p, k, i, w);
+        for (int64_t r = 0; r < rows; r++) y[r * n + i] = dot_f32(xs + r * k, w, k);
+    }
+    free(gathered);
 }
