@@ -525,13 +525,13 @@ def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer, source: P
     best effort: a read-only or full cache only costs speed, so a failed write is dropped."""
     state = safetensors.native_to_hf(model.state_dict(), model.config)
     if sum(t.numel() for t in state.values()) * 4 > CACHE_MAX_BYTES or not hasattr(
-        tokenizer._backend, "serialized_model_proto"
+        tokenizer.backend, "serialized_model_proto"
     ):
         return
     try:
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
-            (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
+            (tmp / "tokenizer.model").write_bytes(tokenizer.backend.serialized_model_proto())
             if tokenizer.chat_template is not None:  # the GGUF's own template travels with the cache
                 _write_chat_template(tmp, tokenizer.chat_template)
             safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")
