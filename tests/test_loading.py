@@ -195,7 +195,7 @@ def test_quantized_cache_round_trip(hf_folder, tmp_path, monkeypatch, kind):
     included); a damaged entry is ignored, not trusted."""
     from gemmakit import loading as L
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
     folder, _ = hf_folder("gemma3")
     source, q = resolve(str(folder)), {"kind": kind}
     target = L.quantized_folder(source, torch.float32, q)
