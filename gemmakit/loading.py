@@ -162,6 +162,7 @@ def load_model(
                 raise ModelFileError(f"{source.path}: {e}") from None
 
         swap_in_gptq(model, [k for k in state if k.endswith(".qweight")], packed["group_size"], dtype)
+        model.quantization["kind"] = packed["quant_method"]  # held in GPTQ's layout either way
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         t = state.pop(key)
