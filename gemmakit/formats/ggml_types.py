@@ -3,8 +3,9 @@
 The ids are `enum ggml_type` in llama.cpp's ggml/include/ggml.h; a type's block holds
 `values` weights in `bytes` bytes (the `block_*` structs of ggml/src/ggml-common.h). gguf-py
 has the same table in `gguf.constants`, but that module also builds every architecture's
-tensor-name tables: importing it costs 4.3 MiB of resident memory and tens of milliseconds
-(measured after `import torch`), in a `gemmakit generate` that needs only these two columns.
+tensor-name tables: importing it after torch takes 16-32 ms and 4.3 MiB of resident memory
+right after the import (about 1.4 MiB of `gemmakit generate`'s peak, the rest reused by later
+allocations; measured on a loaded machine), in a load that needs only these two columns.
 `tests/test_ggml_types.py` checks this table against gguf-py's.
 
 `GGMLQuantizationType` keeps gguf-py's class and member names, and is an IntEnum like it, so
