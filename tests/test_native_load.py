@@ -72,3 +72,22 @@ def test_native_tokenizer_is_lazy_and_equals_the_folders(native, bundled):
     # The same pieces, the user-defined whitespace runs written with real spaces in the GGUF
     # (SentencePiece's tokenizer.model escapes them).
     assert [p.replace(" ", "\u2581") for p in again.pieces] == folders.pieces
+
+
+def test_generating_from_the_bundled_gguf_imports_only_what_it_uses():
+    """Each import stays resident for the whole run (peak RSS), so `gemmakit generate` on a GGUF
+    loads none of the packages only other paths use: gguf-py (writing, legacy dequantization),
+    safetensors (HF folders), Jinja (chat templates), the server's and the grammar's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gemmakit.cli import main\n"
+        "assert main(['generate', 'Hi', '--max-new-tokens', '2', '--greedy']) == 0\n"
+        "unused = ('gguf', 'safetensors', 'jinja2', 'yaml', 'transformers', 'fastapi', 'uvicorn', 'xgrammar')\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(unused))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
