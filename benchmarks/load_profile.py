@@ -1,6 +1,6 @@
 """Where a load of the bundled GGUF in its own types spends time and resident memory, stage by stage.
 
-    .venv/bin/python benchmarks/load_profile.py [--runs 5] [--no-tokenizer-cache] [--json]
+    .venv/bin/python benchmarks/load_profile.py [--runs 5] [--prompt-tokens N] [--no-tokenizer-cache] [--json]
 
 Each run is a fresh process that walks `loading.load`'s steps one at a time (import torch,
 import gemmakit, parse the GGUF header, build the model and map its block matrices, the
@@ -8,6 +8,8 @@ tokenizer, the first generated token, 15 more) and reads its VmRSS / VmHWM
 (/proc/self/status) after each; at the end it sums its resident pages by what they map
 (/proc/self/smaps: the GGUF file, torch's libraries, the heap, anonymous memory). The table
 gives each stage's median seconds and the median VmHWM after it, across runs.
+`--prompt-tokens N` prompts with N fixed token ids instead of "Hi" (512: benchmarks/inference.py's
+prompt, whose run peaks higher: the prefill's activations and a 640-position KV cache).
 `--no-tokenizer-cache` builds the SentencePiece model from the file's vocabulary every time
 (`GEMMAKIT_NO_CACHE=1`), as loads did before the tokenizer cache. Linux only.
 """
@@ -62,7 +64,17 @@ def resident_by_mapping(gguf_path: str) -> dict[str, float]:
     return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
-def child() -> dict:
+def prompt(tokenizer, tokens: int) -> list[int]:
+    """ "Hi", or `tokens` fixed ids: BOS, then ids of ordinary pieces (as benchmarks/inference.py's)."""
+    if not tokens:
+        return tokenizer.encode("Hi")
+    import random
+
+    rng = random.Random(0)
+    return [tokenizer.bos_id] + [rng.randrange(1000, 200000) for _ in range(tokens - 1)]
+
+
+def child(prompt_tokens: int = 0) -> dict:
     marks = []
     last = time.perf_counter()
 
@@ -92,7 +104,7 @@ def child() -> dict:
     mark("tokenizer")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with torch.inference_mode():
-        steps = generate_steps(model, [Request(tokenizer.encode("Hi"), params, tokenizer.stop_ids)])
+        steps = generate_steps(model, [Request(prompt(tokenizer, prompt_tokens), params, tokenizer.stop_ids)])
         next(steps)
         mark("first token")
         for _ in steps:
@@ -104,12 +116,13 @@ def child() -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="fresh processes (5)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, metavar="N", help='N fixed prompt ids, not "Hi"')
     ap.add_argument("--no-tokenizer-cache", action="store_true", help="build the tokenizer every run")
     ap.add_argument("--json", action="store_true", help="print every run as JSON")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child()))
+        print(json.dumps(child(args.prompt_tokens)))
         return
     from gemmakit.loading import default_gguf
 
@@ -126,7 +139,11 @@ def main():
     runs = []
     for _ in range(args.runs):
         done = subprocess.run(
-            [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--child", "--prompt-tokens", str(args.prompt_tokens)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.json:

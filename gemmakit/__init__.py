@@ -2,13 +2,16 @@
 
 __version__ = "0.1.0"
 
-from gemmakit.inference.sampling import SamplingParams  # noqa: E402
-
 __all__ = ["LLM", "SamplingParams", "load"]
 
 
 def __getattr__(name):
-    # LLM and load pull in the model stack; import them on first use.
+    # Each pulls in torch (and LLM and load the model stack): imported on first use, so that
+    # `import gemmakit` (the CLI's `--help`, `gemmakit cache`) costs no torch import.
+    if name == "SamplingParams":
+        from gemmakit.inference.sampling import SamplingParams
+
+        return SamplingParams
     if name == "LLM":
         from gemmakit.inference.api import LLM
 

@@ -156,6 +156,7 @@ def load_model(
         from gemmakit.quant.gptq_linear import EMBEDDING_KEY, packed_checkpoint_state, swap_in_stored_head
 
         state, head = packed_checkpoint_state(model, state, packed, dtype, source.path)
+        model.quantization["kind"] = packed["quant_method"]  # held in GPTQ's layout either way
     # Cast tensor by tensor, dropping each source as we go: never two full copies at once.
     for key in list(state):
         t = state.pop(key)
@@ -523,13 +524,13 @@ def _write_converted(folder: Path, model: Gemma, tokenizer: Tokenizer, source: P
     best effort: a read-only or full cache only costs speed, so a failed write is dropped."""
     state = safetensors.native_to_hf(model.state_dict(), model.config)
     if sum(t.numel() for t in state.values()) * 4 > CACHE_MAX_BYTES or not hasattr(
-        tokenizer._backend, "serialized_model_proto"
+        tokenizer.backend, "serialized_model_proto"
     ):
         return
     try:
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
-            (tmp / "tokenizer.model").write_bytes(tokenizer._backend.serialized_model_proto())
+            (tmp / "tokenizer.model").write_bytes(tokenizer.backend.serialized_model_proto())
             if tokenizer.chat_template is not None:  # the GGUF's own template travels with the cache
                 _write_chat_template(tmp, tokenizer.chat_template)
             safetensors.save_safetensors({k: v.float() for k, v in state.items()}, tmp / "model.safetensors")

@@ -36,6 +36,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def kernel_cache_dir() -> Path:
+    """Where the compiled C kernels are kept (`kernels/build.py`): `$GEMMAKIT_KERNEL_CACHE`,
+    else `cache_dir() / "kernels"`. A build is keyed by its sources, compiler and flags and takes
+    ~30 s, so the test suite keeps its builds across sessions in a folder of its own while
+    every other cache it writes lives and dies with the session (`tests/conftest.py`)."""
+    root = os.environ.get("GEMMAKIT_KERNEL_CACHE")
+    return Path(root) if root else cache_dir() / "kernels"
+
+
 # --- the model caches -------------------------------------------------------------------------
 CACHE_KINDS = ("converted", "quantized", "tokenizers")
 LAST_USED = ".last-used"

@@ -2,10 +2,65 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
+
+# --- gemmakit's cache during a test session -----------------------------------------------
+# No test reads or writes the user's cache (~/.cache/gemmakit): the session gets an empty one
+# of its own ($GEMMAKIT_CACHE, which subprocesses inherit), removed at the end, where the
+# bundled model's converted and tokenizer caches are built once per session. What is slow to
+# make and never changes for given inputs lives in pytest's own cache folder
+# (.pytest_cache/d/gemmakit/) across sessions: the compiled kernels (~30 s a build,
+# $GEMMAKIT_KERNEL_CACHE) and the bundled GGUF assembled from its package (241 MB, linked
+# into each session's cache).
+_SESSION_ENV = ("GEMMAKIT_CACHE", "GEMMAKIT_KERNEL_CACHE")
+
+
+def pytest_configure(config):
+    config._gemmakit_env = {k: os.environ.get(k) for k in _SESSION_ENV}
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    lasting = Path(cache.mkdir("gemmakit")) if cache is not None else None
+    session = Path(tempfile.mkdtemp(prefix="gemmakit-test-cache-"))
+    config._gemmakit_session_cache = session
+    os.environ["GEMMAKIT_KERNEL_CACHE"] = str((lasting or session) / "kernels")
+    if lasting is not None:
+        _link_bundled_gguf(lasting, session)
+    os.environ["GEMMAKIT_CACHE"] = str(session)
+
+
+def _link_bundled_gguf(lasting: Path, session: Path):
+    """Assembles the bundled GGUF into `lasting` once (`loading.default_gguf`) and links it
+    into the session's cache with its stamp, so `default_gguf()` finds it there."""
+    from gemmakit.errors import GemmakitError
+    from gemmakit.loading import default_gguf
+
+    os.environ["GEMMAKIT_CACHE"] = str(lasting)
+    try:
+        built = default_gguf()
+    except GemmakitError:  # the bundle package is missing: the tests that need it say so
+        return
+    stamp = built.with_suffix(".gguf.ok")
+    (session / built.name).symlink_to(built)
+    shutil.copyfile(stamp, session / stamp.name)
+
+
+def pytest_unconfigure(config):
+    session = getattr(config, "_gemmakit_session_cache", None)
+    if session is None:
+        return
+    shutil.rmtree(session, ignore_errors=True)
+    for key, value in config._gemmakit_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

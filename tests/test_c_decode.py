@@ -136,30 +136,70 @@ def _steps(decoder, tokens):
     return [decoder.step(t) for t in tokens]
 
 
+# Run in a fresh interpreter (below): a fork copies only the forking thread, so a child forked
+# from the test process would inherit whatever the tests before left there (server and
+# scheduler threads, other libraries' pools and at-fork handlers) and could hang on a lock one
+# of them held at the fork; that depends on the order and timing of the whole run, not on the
+# code under test.
+_THREADS_AND_FORK = """
+import multiprocessing, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from gemmakit.inference import c_decode
+from gemmakit.loading import ModelSource, load_model
+
+
+def _decode(model, prompt, tokens):  # as the test module's (importing it would import transformers)
+    with torch.inference_mode():
+        cache = model.make_cache(1, len(prompt) + len(tokens))
+        decoder = c_decode.decoder(model, cache, batch=1)
+        model(torch.tensor([prompt]), cache=cache)
+        return torch.stack([decoder.step(t)[0].clone() for t in tokens])
+
+
+def _steps(decoder, tokens):
+    return [decoder.step(t) for t in tokens]
+
+
+model = load_model(ModelSource("hf", Path(sys.argv[1]), "gemma3"))
+jobs = [([2, 9, 14], [5, 6, 7, 8] * 3), ([2, 40], [11, 12] * 6)]
+# Steps on one thread first, so that the pool grows (a worker starts) after jobs have run.
+torch.set_num_threads(1)
+alone = [_decode(model, *job) for job in jobs]
+torch.set_num_threads(2)
+with ThreadPoolExecutor(2) as pool:
+    for _ in range(3):
+        together = list(pool.map(lambda job: _decode(model, *job), jobs))
+        for a, b in zip(alone, together):
+            assert torch.equal(a, b)
+with torch.inference_mode():
+    cache = model.make_cache(1, 16)
+    decoder = c_decode.decoder(model, cache, batch=1)
+    model(torch.tensor([[2, 9, 14]]), cache=cache)
+    _steps(decoder, [5])
+    child = multiprocessing.get_context("fork").Process(target=_steps, args=(decoder, [6, 7, 8]))
+    child.start()
+    child.join(timeout=60)
+if child.is_alive():
+    child.kill()
+sys.exit(0 if child.exitcode == 0 else 3)
+"""
+
+
 @needs_kernel
 def test_c_steps_from_several_threads_and_a_forked_child(hf_folder):
-    """The C worker pool is process-wide: concurrent callers take turns, and a child forked
-    after the pool started gets its own (it would wait forever on the parent's workers).
-    The child runs C steps only: torch's own OpenMP pool does not survive a fork."""
-    import multiprocessing
-    from concurrent.futures import ThreadPoolExecutor
+    """The C worker pool is process-wide: concurrent callers take turns, a pool that grows
+    after jobs ran gives the same logits, and a child forked after the pool started gets its
+    own (it would wait forever on the parent's workers). The child runs C steps only: torch's
+    own OpenMP pool does not survive a fork."""
+    import subprocess
+    import sys
 
-    model, _ = paired(hf_folder, "gemma3")
-    jobs = [([2, 9, 14], [5, 6, 7, 8] * 3), ([2, 40], [11, 12] * 6)]
-    alone = [_decode(model, *job) for job in jobs]
-    with ThreadPoolExecutor(2) as pool:
-        for _ in range(3):
-            together = list(pool.map(lambda job: _decode(model, *job), jobs))
-            for a, b in zip(alone, together):
-                assert torch.equal(a, b)
-    with torch.inference_mode():
-        cache = model.make_cache(1, 16)
-        decoder = c_decode.decoder(model, cache, batch=1)
-        model(torch.tensor([[2, 9, 14]]), cache=cache)
-        _steps(decoder, [5])
-        child = multiprocessing.get_context("fork").Process(target=_steps, args=(decoder, [6, 7, 8]))
-        child.start()
-        child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-    assert child.exitcode == 0
+    folder, _ = hf_folder("gemma3")
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS_AND_FORK, str(folder)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

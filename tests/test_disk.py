@@ -339,3 +339,27 @@ def test_gemma_vocabulary_tokenizer_json_tokenizes_as_gemmakit(bundled):
     tj = tokenizers.Tokenizer.from_str(sentencepiece_tokenizer_json(ours).decode())
     for text in TEXTS + ["def f(x):\n    return x ** 2  # 平方", "\x00\x07 control bytes \u200b"]:
         assert tj.encode(text).ids == ours.encode(text), text
+
+
+def test_kernel_cache_is_its_own_variable_or_the_caches_kernels(tmp_path, monkeypatch):
+    from gemmakit.paths import cache_dir, kernel_cache_dir
+
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("GEMMAKIT_KERNEL_CACHE", raising=False)
+    assert kernel_cache_dir() == cache_dir() / "kernels" == tmp_path / "c" / "kernels"
+    monkeypatch.setenv("GEMMAKIT_KERNEL_CACHE", str(tmp_path / "k"))
+    assert kernel_cache_dir() == tmp_path / "k"
+
+
+def test_the_suite_never_uses_the_users_cache():
+    """tests/conftest.py gives the session a cache of its own (and subprocesses inherit it)."""
+    import os
+    from pathlib import Path
+
+    from gemmakit.loading import default_gguf
+    from gemmakit.paths import cache_dir, kernel_cache_dir
+
+    users = Path(os.path.expanduser("~/.cache")) / "gemmakit"
+    for folder in (cache_dir(), kernel_cache_dir(), default_gguf().parent):
+        assert users.resolve() not in (folder.resolve(), *folder.resolve().parents)
+    assert default_gguf().parent == cache_dir()

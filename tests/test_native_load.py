@@ -54,14 +54,40 @@ def test_native_tokenizer_is_lazy_and_equals_the_folders(native, bundled):
     """The GGUF's tokenizer (cached SentencePiece model, vocabulary lists not built) tokenizes
     as the converted folder's tokenizer.model does."""
     from gemmakit.formats.gguf import GGUFFile
-    from gemmakit.loading import load_tokenizer
+    from gemmakit.formats.tokenizer import Tokenizer
+    from gemmakit.loading import READY, converted_folder, load_tokenizer
 
+    # `bundled` wrote the converted folder if an earlier load had not; its tokenizer came from
+    # the GGUF when it did write it, so read the folder's own.
+    folder = converted_folder(bundled.source)
+    assert (folder / READY).exists()
+    folders = Tokenizer.from_folder(folder)
     again = load_tokenizer(native.source, GGUFFile(native.source.path))
     for tok in (native.tokenizer, again):  # the first load may have built it; the second reads it
         state = tokenizer_state(tok)
-        assert state["ids"] == bundled.tokenizer.encode(TEXT)
-        assert state["decoded"] == bundled.tokenizer.decode(state["ids"])
-        assert state["stop_ids"] == bundled.tokenizer.stop_ids
+        assert state["ids"] == folders.encode(TEXT)
+        assert state["decoded"] == folders.decode(state["ids"])
+        assert state["stop_ids"] == folders.stop_ids
     assert again._pieces is None  # nothing above needed the 262k strings
-    # The same pieces, the user-defined whitespace runs written with real spaces in the GGUF.
-    assert [p.replace(" ", "\u2581") for p in again.pieces] == bundled.tokenizer.pieces
+    # The same pieces, the user-defined whitespace runs written with real spaces in the GGUF
+    # (SentencePiece's tokenizer.model escapes them).
+    assert [p.replace(" ", "\u2581") for p in again.pieces] == folders.pieces
+
+
+def test_generating_from_the_bundled_gguf_imports_only_what_it_uses():
+    """Each import stays resident for the whole run (peak RSS), so `gemmakit generate` on a GGUF
+    loads none of the packages only other paths use: gguf-py (writing, legacy dequantization),
+    safetensors (HF folders), Jinja (chat templates), the server's and the grammar's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gemmakit.cli import main\n"
+        "assert main(['generate', 'Hi', '--max-new-tokens', '2', '--greedy']) == 0\n"
+        "unused = ('gguf', 'safetensors', 'jinja2', 'yaml', 'transformers', 'fastapi', 'uvicorn', 'xgrammar')\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(unused))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

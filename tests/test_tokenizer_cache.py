@@ -4,8 +4,6 @@ GGUF metadata it relies on (`formats/tokenizer_cache.py`, `formats/gguf.GGUFMeta
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -277,24 +275,6 @@ def test_metadata_arrays_are_decoded_only_when_read(bundled_gguf):
     assert len(tokens) == 262144 and tokens[:3] == ["<pad>", "<eos>", "<bos>"] and md[TOKENS] is tokens
     assert md.digest("tokenizer.ggml.") == digest  # the raw bytes, however the values are held
     assert md.digest("general.") != digest
-
-
-def test_gguf_constants_are_gguf_packages_own():
-    """formats/gguf.py reads gguf-py's constants without importing the whole package; a later
-    `import gguf` shares that module (one enum class), and the package works."""
-    code = (
-        "import sys\n"
-        "import gemmakit.formats.gguf as ours\n"
-        "assert 'gguf' not in sys.modules and 'yaml' not in sys.modules\n"
-        "import gguf\n"
-        "from gguf import constants\n"
-        "assert gguf.GGMLQuantizationType is ours.GGMLQuantizationType\n"
-        "assert constants is sys.modules['gguf.constants']\n"
-        "assert gguf.quants.GGML_QUANT_SIZES is ours.GGML_QUANT_SIZES\n"
-        "assert gguf.GGUFReader and gguf.GGUFWriter\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_small_vocabularies_are_not_cached(tmp_path, cache):

@@ -8,10 +8,8 @@ decoded only when read). Tensor data is memory-mapped and never copied until ask
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import struct
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,40 +20,9 @@ import torch
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
+from gemmakit.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from gemmakit.formats.gguf_metadata import ARRAY, Cursor, GGUFMetadata
 from gemmakit.hf_config import from_hf_config
-
-
-def _gguf_constants():
-    """gguf-py's `gguf.constants` (the ggml type ids and block sizes) without running the
-    package's `__init__`, which imports its reader, writer and metadata modules (and through
-    them yaml): 0.05 s after torch's import, 0.17 s on a busy machine (measured with
-    `python -X importtime`), in a load that now takes ~0.2 s. The module is registered under its own name, so a later
-    `import gguf` takes this very module (its `from .constants import *` finds it in
-    `sys.modules`) and the enum is one class for everyone. (The one difference: the package
-    then has no `constants` attribute; `from gguf.constants import X`, `from gguf import
-    constants` and the names `gguf` re-exports all work.)"""
-    name = "gguf.constants"
-    if name not in sys.modules:
-        package = importlib.util.find_spec("gguf")  # locates the package, runs nothing
-        path = Path(package.origin).parent / "constants.py" if package and package.origin else None
-        if path is None or not path.is_file():  # not a plain folder (a zip, say): the usual way
-            import gguf.constants
-
-            return gguf.constants
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-GGML_QUANT_SIZES = _gguf_constants().GGML_QUANT_SIZES
-GGMLQuantizationType = _gguf_constants().GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 # Types whose values are floats (read as they are), not blocks.

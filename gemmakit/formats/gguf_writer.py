@@ -135,7 +135,7 @@ def _vocab_arrays(tokenizer, vocab_size: int, source_metadata: dict | None):
         scores = [float(s) for s in md["tokenizer.ggml.scores"]]
         types = [int(t) for t in md["tokenizer.ggml.token_type"]]
     else:
-        backend = tokenizer._backend
+        backend = tokenizer.backend
         if hasattr(backend, "serialized_model_proto"):  # SentencePiece: the model's own data
             from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -381,7 +381,7 @@ def _gemma4_merges(tokenizer, config: GemmaConfig, md: dict) -> list[str] | None
         return [str(m) for m in md.get("tokenizer.ggml.merges", [])] or None
     if md.get("tokenizer.ggml.model") or config.model_type != "gemma4_text":
         return None
-    backend = getattr(tokenizer, "_backend", None)
+    backend = getattr(tokenizer, "backend", None)
     if not hasattr(backend, "to_str"):  # SentencePiece (tokenizer.model): scores, no merges
         return None
     model = json.loads(backend.to_str()).get("model", {})
@@ -401,7 +401,7 @@ def _gemma4_vocab_arrays(tokenizer, vocab_size: int):
     vocabulary (gguf-py LlamaHfVocab): pieces as spelled in tokenizer.json, every score -1000,
     `<0xNN>` pieces BYTE, the added tokens CONTROL (the visible ones USER_DEFINED), the rest
     NORMAL."""
-    backend = tokenizer._backend
+    backend = tokenizer.backend
     added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
     n = backend.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:

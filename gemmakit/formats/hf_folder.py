@@ -71,7 +71,7 @@ def tokenizer_config(tokenizer, chat_template: str | None, max_length: int) -> d
 def tokenizer_files(tokenizer, chat_template: str | None, max_length: int) -> dict[str, bytes]:
     """The tokenizer files rebuilt from gemmakit's `Tokenizer`: tokenizer.model (SentencePiece,
     e.g. from a GGUF) or tokenizer.json (a `tokenizers` tokenizer), with its configs."""
-    backend = tokenizer._backend
+    backend = tokenizer.backend
     if hasattr(backend, "serialized_model_proto"):
         model_file = {"tokenizer.model": backend.serialized_model_proto()}
     elif hasattr(backend, "to_str"):
@@ -122,7 +122,7 @@ def write_tokenizer(
     if template and not _carries_template(folder, copied):
         files["chat_template.jinja"] = template.encode()
     if "tokenizer.json" not in copied and "tokenizer.json" not in files:
-        if hasattr(tokenizer._backend, "serialized_model_proto"):
+        if hasattr(tokenizer.backend, "serialized_model_proto"):
             files["tokenizer.json"] = sentencepiece_tokenizer_json(tokenizer)
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -145,7 +145,7 @@ def sentencepiece_tokenizer_json(tokenizer) -> bytes:
 
     from gemmakit.formats.tokenizer import CONTROL, NORMAL, UNKNOWN, USER_DEFINED
 
-    sp, pieces, types = tokenizer._backend, tokenizer.pieces, tokenizer.types
+    sp, pieces, types = tokenizer.backend, tokenizer.pieces, tokenizer.types
     vocab = {p: i for i, p in enumerate(pieces)}
     mergeable = {p for p, t in zip(pieces, types) if t == NORMAL}
     ranked = []

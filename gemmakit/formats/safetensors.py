@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ModelFileError
@@ -106,6 +104,10 @@ def _check_entry(path: Path, name: str, info) -> int:
 
 def read_safetensors(files: list[Path], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, or only those in `names` (the others are never read)."""
+    # The package is imported where it is used: a GGUF load never needs it (0.8 MiB resident).
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     wanted = None if names is None else set(names)
     tensors = {}
     for f in files:
@@ -281,4 +283,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    from safetensors.torch import save_file
+
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))

@@ -95,6 +95,12 @@ class Tokenizer:
         self._newline_runs: dict[str, int] = {}
 
     @property
+    def backend(self):
+        """The library tokenizer underneath: a SentencePieceProcessor (whose model proto the
+        writers copy), or a `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
     def pieces(self) -> list[str]:
         """Every token's string, by id (user-defined pieces with real spaces, as the file has them)."""
         if self._pieces is None:

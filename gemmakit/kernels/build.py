@@ -1,7 +1,7 @@
 """Builds the C kernels (csrc/*.c) into one shared library, cached, and loads it with its bindings.
 
 The machine's C compiler (`$CC`, else `cc`) compiles every unit with FLAGS in one call into
-the gemmakit cache (`gemmakit.paths.cache_dir() / "kernels"`), keyed by a hash of every source
+the kernel cache (`gemmakit.paths.kernel_cache_dir()`: the gemmakit cache's `kernels/`), keyed by a hash of every source
 and header, the compiler's path and the flags, so an edited source or a changed flag builds a
 new library and an unchanged one is loaded as it is. Without a compiler, when compiling fails,
 or when the library cannot be loaded, `compile_library` returns None and callers keep torch's
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gemmakit.files import atomic_write
 from gemmakit.kernels import bindings
-from gemmakit.paths import cache_dir
+from gemmakit.paths import kernel_cache_dir
 
 # The flags the library is built with (`library()` in kernels/cpu.py adds -fopenmp where the
 # compiler has it); tests/test_cpu_kernels.py also builds it without AVX-512
@@ -67,7 +67,7 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     if compiler is None:
         return None
     files = sources()
-    target = cache_dir() / "kernels" / f"gemmakit_kernels-{library_key(files, compiler, flags)}.so"
+    target = kernel_cache_dir() / f"gemmakit_kernels-{library_key(files, compiler, flags)}.so"
     if not target.exists():
         try:
             atomic_write(target, lambda tmp: _compile(files, compiler, flags, tmp))

@@ -24,7 +24,7 @@ from gemmakit import ops
 from gemmakit.errors import GemmakitError
 
 
-def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     # rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by alpha / sqrt(r), as PEFT's
     # use_rslora does.
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -44,7 +44,7 @@ def _base_device(base: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _KeepBaseNames:
+class KeepBaseNames:
     """State-dict hooks that hide the `base.` level of a wrapper."""
 
     def _install_name_hooks(self):
@@ -65,7 +65,7 @@ def _add_base_prefix(module, state_dict, prefix, *args):
             state_dict[prefix + "base." + rest] = state_dict.pop(key)
 
 
-class LoRALinear(nn.Module, _KeepBaseNames):
+class LoRALinear(nn.Module, KeepBaseNames):
     """A frozen linear layer plus a trainable low-rank update.
 
     Args:
@@ -89,7 +89,7 @@ class LoRALinear(nn.Module, _KeepBaseNames):
         out_f, in_f = _base_shape(base)
         self.in_features, self.out_features = in_f, out_f
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = _base_device(base)
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)  # (r, in)
@@ -137,7 +137,7 @@ class EmbeddingView:
         return self.base.embedding_dim
 
 
-class LoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
+class LoRAEmbedding(EmbeddingView, nn.Module, KeepBaseNames):
     """A frozen embedding plus a low-rank update of its rows (PEFT's LoRA `Embedding`).
 
     PEFT names the factors `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r) and
@@ -148,7 +148,7 @@ class LoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         device = base.weight.device
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
@@ -166,7 +166,7 @@ class LoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
 
 
-class LoRAParameters(nn.Module, _KeepBaseNames):
+class LoRAParameters(nn.Module, KeepBaseNames):
     """Low-rank updates of weights a module holds as its own parameters rather than as
     linear layers: Gemma 4's MoE experts, `gate_up_proj` (E, 2I, C) and `down_proj` (E, C, I)
     (PEFT's `target_parameters`, its `ParamWrapper`).
@@ -192,7 +192,7 @@ class LoRAParameters(nn.Module, _KeepBaseNames):
         # Registration order: the order PEFT nests its wrappers, which names the adapter's keys.
         self.names = tuple(n for n, _ in base.named_parameters(recurse=False) if n in set(names))
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A, self.lora_B, self.num_experts = nn.ModuleDict(), nn.ModuleDict(), {}
         for name in self.names:
             w = getattr(base, name)

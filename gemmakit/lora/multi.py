@@ -36,8 +36,8 @@ from torch import nn
 
 from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.lora.apply import is_linear_like, lora_modules, set_module
-from gemmakit.lora.layers import EmbeddingView, _KeepBaseNames, _scaling
-from gemmakit.lora.peft import _pattern_value, _unused_projection, read_adapter
+from gemmakit.lora.layers import EmbeddingView, KeepBaseNames, lora_scaling
+from gemmakit.lora.peft import pattern_value, read_adapter, unused_projection
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 
@@ -91,7 +91,7 @@ class RowSelection:
             yield factors, rows
 
 
-class MultiLoRALinear(nn.Module, _KeepBaseNames):
+class MultiLoRALinear(nn.Module, KeepBaseNames):
     """A frozen linear layer (or quantized linear) plus named low-rank updates, per row.
 
     `adapters[name] = (A (r, in) float32, B (out, r) float32, scaling)`. The input's first
@@ -129,7 +129,7 @@ class MultiLoRALinear(nn.Module, _KeepBaseNames):
         return "adapters=" + ",".join(f"{n}(r={a.shape[0]})" for n, (a, _, _) in self.adapters.items())
 
 
-class MultiLoRAEmbedding(EmbeddingView, nn.Module, _KeepBaseNames):
+class MultiLoRAEmbedding(EmbeddingView, nn.Module, KeepBaseNames):
     """A frozen embedding plus named low-rank updates of its rows, per batch row.
 
     `adapters[name] = (lora_embedding_A (r, vocab), lora_embedding_B (dim, r), scaling)`, as
@@ -259,7 +259,7 @@ def attach(model: nn.Module, name: str, adapter_dir: str | Path) -> list[str]:
         sel = RowSelection()
     plan = []  # checked in full before the model is changed, so a bad adapter leaves no trace
     for module_name, parts in modules.items():
-        if module_name not in named and _unused_projection(model, module_name):
+        if module_name not in named and unused_projection(model, module_name):
             continue
         target = named.get(module_name)
         if target is None:
@@ -270,8 +270,8 @@ def attach(model: nn.Module, name: str, adapter_dir: str | Path) -> list[str]:
             target if isinstance(target, MULTI_TYPES) else _new_wrapper(adapter_dir, module_name, target, sel)
         )
         a, b = _pair(adapter_dir, module_name, parts, wrapper)
-        a_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module_name, alpha))
-        plan.append((module_name, target, wrapper, a, b, _scaling(a.shape[0], a_alpha, use_rslora)))
+        a_alpha = float(pattern_value(cfg.get("alpha_pattern"), module_name, alpha))
+        plan.append((module_name, target, wrapper, a, b, lora_scaling(a.shape[0], a_alpha, use_rslora)))
     if not plan:
         raise ModelFileError(f"{adapter_dir}: the adapter adapts no module of this model")
     device = getattr(model, "device", None)

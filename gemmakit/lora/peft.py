@@ -189,7 +189,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-def _pattern_value(patterns: dict, name: str, default):
+def pattern_value(patterns: dict, name: str, default):
     for key, value in (patterns or {}).items():
         if re.fullmatch(rf"(.*\.)?{key}", name):
             return value
@@ -212,7 +212,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     names = dict(model.named_modules())
     alpha, use_rslora = float(cfg.get("lora_alpha", cfg.get("r", 8))), bool(cfg.get("use_rslora", False))
     held = {}  # module -> {wrapper depth: factors} for adapters of parameters (experts)
-    unused = [m for m in modules if m not in names and _unused_projection(model, m)]
+    unused = [m for m in modules if m not in names and unused_projection(model, m)]
     if unused:
         log.warning(
             f"{folder}: skipped the adapters of {len(unused)} k/v projections of layers that read another "
@@ -228,10 +228,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         if base_name != module_name or not (is_linear_like(base) or isinstance(base, nn.Embedding)):
             held.setdefault(base_name, {})[module_name.count(".base_layer")] = parts
             continue
-        a_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module_name, alpha))
+        a_alpha = float(pattern_value(cfg.get("alpha_pattern"), module_name, alpha))
         set_module(model, module_name, _module_wrapper(folder, module_name, base, parts, a_alpha, use_rslora))
     for base_name, depths in held.items():
-        a_alpha = float(_pattern_value(cfg.get("alpha_pattern"), base_name, alpha))
+        a_alpha = float(pattern_value(cfg.get("alpha_pattern"), base_name, alpha))
         wrapper = _parameters_wrapper(folder, cfg, base_name, names[base_name], depths, a_alpha, use_rslora)
         set_module(model, base_name, wrapper)
     settings = LoraSettings(
@@ -256,7 +256,7 @@ def _names(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
-def _unused_projection(model: nn.Module, name: str) -> bool:
+def unused_projection(model: nn.Module, name: str) -> bool:
     """A k_proj/v_proj adapter of a layer without that projection: a KV-shared layer (Gemma 3n
     files and older transformers carried k/v weights there, which the computation never used)
     or a K = V layer's v_proj."""

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 
 from gemmakit import ops
-from gemmakit.quant.linear import QuantizedEmbedding, QuantizedLinear, _FrozenWeightMatmul
+from gemmakit.quant.linear import FrozenWeightMatmul, QuantizedEmbedding, QuantizedLinear
 
 
-class _FloatActivationMatmul(_FrozenWeightMatmul):
+class _FloatActivationMatmul(FrozenWeightMatmul):
     """The frozen-weight product whose forward keeps the activations float32 (training)."""
 
     @staticmethod
@@ -48,7 +48,7 @@ class GGUFLinear(QuantizedLinear):
 
     @property
     def type_name(self) -> str:
-        from gguf import GGMLQuantizationType
+        from gemmakit.formats.ggml_types import GGMLQuantizationType
 
         return GGMLQuantizationType(self.ggml_type).name
 

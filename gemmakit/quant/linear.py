@@ -30,7 +30,7 @@ from gemmakit.quant.nf4 import (
 )
 
 
-class _FrozenWeightMatmul(torch.autograd.Function):
+class FrozenWeightMatmul(torch.autograd.Function):
     """y = x W^T with a frozen quantized W: the backward dequantizes W again instead of keeping
     a float copy alive between forward and backward (what makes QLoRA memory-light)."""
 
@@ -57,7 +57,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return _FrozenWeightMatmul.apply(x, self)
+            return FrozenWeightMatmul.apply(x, self)
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:

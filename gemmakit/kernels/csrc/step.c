@@ -121,9 +121,17 @@ static double now_s(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+/* The job generation current when worker t was started: the last job it must not take for
+ * a new one. Written by its creator before pthread_create (which orders it before the new
+ * thread's first read). A worker that began at 0 instead would take a pool that grows after
+ * jobs ran (a step on 1 thread, then on 2) as a new job at once: it could run with the last
+ * job's stale arguments, or count itself done before running the real one, so that pool_run
+ * returned while it still wrote into freed buffers. */
+static int first_generation[MAX_STEP_THREADS];
+
 static void *worker(void *arg) {
     const int tid = (int)(intptr_t)arg;
-    int seen = 0;
+    int seen = first_generation[tid];
     for (;;) {
         /* Spin briefly (the next decode step is usually a fraction of a millisecond away),
          * then sleep so an idle pool costs nothing. */
@@ -144,9 +152,8 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* A forked child has none of the parent's workers: it starts its own pool, whose workers
- * wait for job generation 1 (left at the parent's count, a new worker would take the
- * parent's last job, long gone, for a new one). */
+/* A forked child has none of the parent's workers: it starts its own pool, from job
+ * generation 0 (its new workers start from the generation current then: first_generation). */
 static void forget_pool(void) {
     pool_size = 0;
     atomic_store(&job_generation, 0);
@@ -168,6 +175,7 @@ void pool_run(step_job fn, const void *job, int threads) {
     pthread_mutex_lock(&pool_lock);
     while (pool_size < threads - 1) {
         pthread_t t;
+        first_generation[pool_size + 1] = atomic_load(&job_generation);
         if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_size + 1)) != 0) break;
         pthread_detach(t);
         pool_size++;
