@@ -285,14 +285,19 @@ class BatchDecoder:
         self.slots, self.max_position = slots, max_position
         self._logits = torch.empty((0, model.config.vocab_size), dtype=torch.float32)
 
-    def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+    def step(
+        self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
         """Feeds `tokens[r]` at `positions[r]` of slot `slots[r]` for every row r; the logits
-        (rows, vocab) float32 of each row's next token, a buffer the next step reuses.
+        (len(logit_rows), vocab) float32 of the next token after each row of `logit_rows`
+        (ascending; None: every row), a buffer the next step reuses.
 
-        Every row's key and value are stored before any row attends: a row at position p sees
-        positions [0, p] (full layers) or [p - window + 1, p] (sliding layers) of its own
-        slot, so rows of one slot at consecutive positions see each other causally (chunked
-        prefill, speculative verification). Raises ValueError for rows the cache cannot hold.
+        The rows of one slot must be consecutive rows at consecutive positions (a prompt
+        chunk, a row and its proposals): they see each other causally. A row at position p
+        sees positions [0, p] (full layers) or [p - window + 1, p] (sliding layers) of its own
+        slot, each key computed as it would be in a step of its own, so a row's logits do not
+        depend on what else is in the step. Only the rows of `logit_rows` go through the last
+        block's MLP and the output head. Raises ValueError for rows the cache cannot hold.
         """
         rows = len(tokens)
         if rows == 0 or len(slots) != rows or len(positions) != rows:
@@ -306,20 +311,35 @@ class BatchDecoder:
             raise ValueError(f"slots must be in [0, {self.slots})")
         if min(positions) < 0 or self.max_position is not None and max(positions) > self.max_position:
             raise ValueError(f"positions must be in [0, {self.max_position}]")
-        if self._logits.shape[0] < rows:
-            self._logits = torch.empty((rows, vocab), dtype=torch.float32)
-        logits = self._logits[:rows]
+        wanted = rows if logit_rows is None else len(logit_rows)
+        if self._logits.shape[0] < wanted:
+            self._logits = torch.empty((wanted, vocab), dtype=torch.float32)
+        logits = self._logits[:wanted]
         ids = torch.tensor([tokens, slots, positions], dtype=torch.int64)  # (3, rows)
+        # a ctypes array, never NULL for an empty list (NULL asks for every row)
+        chosen = None if logit_rows is None else (ctypes.c_int64 * max(1, wanted))(*logit_rows)
         batch = _Batch(
             rows=rows,
             tokens=ids[0].data_ptr(),
             slots=ids[1].data_ptr(),
             positions=ids[2].data_ptr(),
+            logit_rows=None if chosen is None else ctypes.addressof(chosen),
+            n_logit_rows=wanted,
             logits=logits.data_ptr(),
         )
-        if self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads()):
-            raise MemoryError("the batched C decode step could not allocate its buffers")
+        failed = self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads())
+        if failed:
+            raise _STEP_ERRORS.get(
+                failed, MemoryError("the batched C decode step could not allocate its buffers")
+            )
         return logits
+
+
+# what a failed step's code means (csrc/gemmakit_kernels.h, decode_batch)
+_STEP_ERRORS = {
+    -2: ValueError("the rows of one slot must be consecutive rows at consecutive positions"),
+    -3: ValueError("logit_rows must be ascending row indices of the step"),
+}
 
 
 def batch_decoder(
