@@ -159,10 +159,13 @@ class Engine:
         """Runs one step; returns its [(request, token)], token None for a row that failed."""
         self._release()
         self._admit()
-        events = self._prefill()
-        # A row whose first token came from this step's prefill decodes from the next step:
-        # one token per row per step, so each event's log-probabilities are its own.
-        events += self._decode(skip={id(req) for req, _ in events})
+        if self.fast is not None and not self.speculation.needs_hidden(self.running):
+            events = self._step_c()
+        else:
+            events = self._prefill()
+            # A row whose first token came from this step's prefill decodes from the next step:
+            # one token per row per step, so each event's log-probabilities are its own.
+            events += self._decode(skip={id(req) for req, _ in events})
         self._release()
         return events
 
@@ -255,19 +258,9 @@ class Engine:
         whose prompt is done go through the output head and sample their first token
         together. A prompt is cut into the same chunks whatever runs beside it.
         """
-        chunks, budget = [], self.prefill_chunk
-        for seq in [s for s in self.running if s.prefilling]:
-            left = len(seq.request.prompt_ids) - seq.held
-            # The oldest row takes what the budget allows; a later one joins only with the
-            # rest of its prompt: a few tokens cut off to fill the budget would cost a pass of
-            # their own and give no first token.
-            if chunks and left > budget:
-                continue
-            n = min(budget, left)
-            budget -= n
-            chunks.append((seq, n))
-            if budget == 0:
-                break
+        # A later row joins only with the rest of its prompt: a few tokens cut off to fill
+        # the budget would cost a pass of their own and give no first token.
+        chunks = self._chunks(whole_after_first=True)
         events, done = [], []  # done: (row, hidden state of its last prompt token)
         for group in self._groups(chunks):
             try:
@@ -294,6 +287,22 @@ class Engine:
                 return events + [self._fail(seq, e) for seq in seqs]
             events += self._sample(seqs, logits)
         return events
+
+    def _chunks(self, whole_after_first: bool) -> list[tuple[Sequence, int]]:
+        """This step's prompt chunks [(row, tokens)], at most `prefill_chunk` tokens in all,
+        the rows in admission order: the oldest takes what the budget allows, and so does
+        each later one, or (`whole_after_first`) only when the rest of its prompt fits."""
+        chunks, budget = [], self.prefill_chunk
+        for seq in [s for s in self.running if s.prefilling]:
+            left = len(seq.request.prompt_ids) - seq.held
+            if whole_after_first and chunks and left > budget:
+                continue
+            n = min(budget, left)
+            budget -= n
+            chunks.append((seq, n))
+            if budget == 0:
+                break
+        return chunks
 
     def _groups(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """The (row, tokens) chunks of a step cut into forward passes: the chunks of one length
@@ -330,29 +339,13 @@ class Engine:
     def _decode(self, skip: set[int]) -> list[tuple[Request, int | None]]:
         """Feeds every running row's last token (one step for all) and samples the next; rows
         whose request is in `skip` (by id) wait for the next step."""
-        rows = [
-            s
-            for s in self.running
-            if not s.prefilling and s.request.finish_reason is None and id(s.request) not in skip
-        ]
-        if not rows:
-            return []
-        events, feeds = [], []
-        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
-            try:
-                feeds.append(self.speculation.feed(seq))
-            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
-                events.append(self._fail(seq, e))
-                rows.remove(seq)
+        events, rows, feeds = self._feeds(skip)
         if not rows:
             return events
         tokens = [t for fed in feeds for t in fed]
         slots = [s.slot for s, fed in zip(rows, feeds) for _ in fed]
         positions = [s.held + i for s, fed in zip(rows, feeds) for i in range(len(fed))]
-        c = self.counters
-        c.steps += 1
-        c.step_rows.append(len(rows))
-        c.max_rows = max(c.max_rows, len(rows))
+        self._count_step(len(rows))
         try:
             # An MTP row reads the rows' hidden states, which only the torch step keeps.
             fast = self.fast if not self.speculation.needs_hidden(rows) else None
@@ -365,23 +358,124 @@ class Engine:
                 logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
             return events + [self._fail(s, e) for s in rows]
-        plain, at_rows, at = [], [], 0
-        for seq, fed in zip(rows, feeds):
+        per_row, at = [], 0
+        for fed in feeds:
+            per_row.append(logits[at : at + len(fed)])
+            at += len(fed)
+        return events + self._settle(rows, feeds, per_row, hidden)
+
+    def _feeds(self, skip: set[int] = frozenset()) -> tuple[list, list[Sequence], list[list[int]]]:
+        """The decoding rows of this step (running, prompt done, request not in `skip` by id)
+        and the tokens each feeds: its last token, then its proposals when it speculates.
+        Returns (events of rows whose proposer failed, rows, feeds)."""
+        rows = [
+            s
+            for s in self.running
+            if not s.prefilling and s.request.finish_reason is None and id(s.request) not in skip
+        ]
+        events, feeds = [], []
+        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
+            try:
+                feeds.append(self.speculation.feed(seq))
+            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
+                events.append(self._fail(seq, e))
+                rows.remove(seq)
+        return events, rows, feeds
+
+    def _count_step(self, rows: int) -> None:
+        c = self.counters
+        c.steps += 1
+        c.step_rows.append(rows)
+        c.max_rows = max(c.max_rows, rows)
+
+    def _settle(self, rows: list[Sequence], feeds: list[list[int]], logits: list[torch.Tensor],
+                hidden=None, prompted: tuple[list[Sequence], list[torch.Tensor]] = ((), ())):  # fmt: skip
+        """Chooses the tokens of decoding rows from the logits (len(fed), V) of what each fed
+        (a speculating row keeps or replaces its proposals, `speculation.settle`), and the
+        first tokens of `prompted` rows, whose prompt ended, from their last prompt row's
+        logits (V,). The plain rows and the prompted ones are sampled in one call."""
+        events, plain, plain_logits = [], list(prompted[0]), list(prompted[1])
+        at = 0
+        for seq, fed, row_logits in zip(rows, feeds, logits):
             if seq.request.params.speculative:
                 row_hidden = None if hidden is None else hidden[at : at + len(fed)]
-                events += self.speculation.settle(
-                    seq, logits[at : at + len(fed)], fed, self._sample_one, row_hidden
-                )
+                events += self.speculation.settle(seq, row_logits, fed, self._sample_one, row_hidden)
             else:  # one token fed: sampled with the other plain rows in one call
                 seq.held += 1
                 plain.append(seq)
-                at_rows.append(at)
+                plain_logits.append(row_logits[0])
             at += len(fed)
         if plain:
-            if len(plain) < len(logits):
-                logits = logits.index_select(0, torch.tensor(at_rows, device=logits.device))
-            events += self._sample(plain, logits)
+            events += self._sample(plain, torch.stack(plain_logits))
         return events
+
+    def _step_c(self) -> list[tuple[Request, int | None]]:
+        """One step on the batched C step (csrc/decode_batch.c): one call for every decoding
+        row (its last token and any proposals) and this step's prompt chunks, whatever their
+        lengths. Only the decoding rows and the last row of a prompt that ends go through the
+        output head. Then the decoding rows and the rows whose prompt ended are sampled.
+
+        A prompt row that ends its prompt samples its first token; the row decodes from the
+        next step, one token per row per step. A row's logits are the same whatever else is
+        in the step (decode_batch.c), so the chunks may be cut to fill the budget. When the
+        step fails, each row runs again alone, so that only the failing row ends."""
+        events, rows, feeds = self._feeds()
+        chunks = self._chunks(whole_after_first=False)
+        if rows:
+            self._count_step(len(rows))
+        parts = [(seq, fed, True) for seq, fed in zip(rows, feeds)]
+        for seq, n in chunks:
+            fed = seq.request.prompt_ids[seq.held : seq.held + n]
+            parts.append((seq, fed, seq.held + n == len(seq.request.prompt_ids)))
+        if not parts:
+            return events
+        results = self._run_c(parts)
+        settled, settled_logits, prompted, prompted_logits = [], [], [], []
+        for (seq, fed, _), result in zip(parts, results):
+            if isinstance(result, Exception):
+                events.append(self._fail(seq, result))
+            elif seq.prefilling:
+                seq.held += len(fed)
+                if not seq.prefilling:
+                    prompted.append(seq)
+                    prompted_logits.append(result[-1])
+            else:
+                settled.append(seq)
+                settled_logits.append(result)
+        fed_of = {id(seq): fed for seq, fed in zip(rows, feeds)}
+        settled_feeds = [fed_of[id(seq)] for seq in settled]
+        return events + self._settle(
+            settled, settled_feeds, settled_logits, None, (prompted, prompted_logits)
+        )
+
+    def _run_c(self, parts: list[tuple[Sequence, list[int], bool]]) -> list[torch.Tensor | Exception]:
+        """Runs [(row, tokens fed, whether every fed row wants logits)] as one C step: per
+        part its logits (rows wanted, V) (a prompt chunk: its last row when it ends the
+        prompt, else none), or the exception its step raised. A failing step runs each part
+        again alone (its keys and values rewritten, the same), so that only the failing one
+        fails."""
+        tokens, slots, positions, wanted, spans = [], [], [], [], []
+        for seq, fed, all_rows in parts:
+            start = len(tokens)
+            tokens += fed
+            slots += [seq.slot] * len(fed)
+            positions += range(seq.held, seq.held + len(fed))
+            if all_rows and seq.prefilling:  # the prompt's last row only
+                wanted.append(len(tokens) - 1)
+            elif all_rows:
+                wanted += range(start, len(tokens))
+            spans.append(len(wanted))
+        try:
+            logits = self.fast.step(tokens, slots, positions, wanted)
+        except Exception as e:  # noqa: BLE001 - reported to the parts below, one by one
+            if len(parts) == 1:
+                return [e]
+            results = []
+            for part in parts:  # each a view of the buffer the next call reuses: copied at once
+                (result,) = self._run_c([part])
+                results.append(result if isinstance(result, Exception) else result.clone())
+            return results
+        return [logits[lo:hi] for lo, hi in zip([0, *spans], spans)]
 
     # --- pieces --------------------------------------------------------------------------
 
