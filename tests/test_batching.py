@@ -408,3 +408,18 @@ def test_a_prompt_longer_than_the_sliding_ring_in_one_c_step_gives_the_torch_log
         want = model(torch.tensor([ids]))[0, -1]
     torch.testing.assert_close(firsts[id(long)], want, rtol=1e-4, atol=1e-4)
     assert long.output_ids == alone(model, ids) and other.output_ids == alone(model, other.prompt_ids)
+
+
+def test_the_bundled_gguf_generates_alone_what_the_engine_generates():
+    """generate's own loop (`generate_steps`: the C step prefills and decodes one sequence)
+    and the engine beside other rows give the same tokens on the GGUF's block types, where a
+    prefill on another path (torch's) would differ in the last bits and may flip a token."""
+    from gemmakit.loading import load
+
+    loaded = load()
+    ids = loaded.tokenizer.encode("Write a haiku about the sea, then explain it.")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = Engine(loaded.model, slots=2, capacity=128)
+    together = [Request(ids, params), Request(prompt(30, 70), params)]
+    run(engine, together, join_at={1: 1})
+    assert together[0].output_ids == alone(loaded.model, ids, params)

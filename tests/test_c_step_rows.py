@@ -88,3 +88,27 @@ def test_rows_a_step_cannot_order_are_refused(hf_folder):
         ]:
             with pytest.raises(ValueError):
                 decoder.step(tokens, slots, positions, logit_rows=rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("family,overrides", [CASES[2], CASES[3]])
+def test_one_sequence_prefilled_in_c_equals_its_one_token_steps(family, overrides, hf_folder, monkeypatch):
+    """CDecoder.prefill (generate's prefill on the C step) over the torch model's KVCache: the
+    last logits and the keys and values it leaves (the next step's logits) are the one-token
+    steps', bit for bit, however the prompt is cut into steps; the torch model's within
+    float32 summation order."""
+    model, _ = paired(hf_folder, family, **overrides)
+    (seq,) = sequences([50], seed=8)  # past the sliding ring (window 4)
+    with torch.inference_mode():
+        stepped = c_decode.decoder(model, model.make_cache(1, 60), 1)
+        for t in seq:
+            last = stepped.step(t).clone()
+        after = stepped.step(7).clone()
+        for rows in (512, 7):
+            monkeypatch.setattr(c_decode, "PREFILL_ROWS", rows)
+            prefilled = c_decode.decoder(model, model.make_cache(1, 60), 1)
+            assert torch.equal(prefilled.prefill(seq), last)
+            assert prefilled.cache.length == 50 and prefilled.prefill(seq) is None  # the cache is in use
+            assert torch.equal(prefilled.step(7), after)
+        want = torch_logits(model, [seq])[0][-1]
+    torch.testing.assert_close(last[0], want, rtol=1e-4, atol=1e-4)
