@@ -358,11 +358,8 @@ class Engine:
                 logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
             return events + [self._fail(s, e) for s in rows]
-        per_row, at = [], 0
-        for fed in feeds:
-            per_row.append(logits[at : at + len(fed)])
-            at += len(fed)
-        return events + self._settle(rows, feeds, per_row, hidden)
+        offsets = [sum(len(fed) for fed in feeds[:i]) for i in range(len(feeds))]
+        return events + self._settle(rows, feeds, logits, offsets, hidden)
 
     def _feeds(self, skip: set[int] = frozenset()) -> tuple[list, list[Sequence], list[list[int]]]:
         """The decoding rows of this step (running, prompt done, request not in `skip` by id)
@@ -388,25 +385,31 @@ class Engine:
         c.step_rows.append(rows)
         c.max_rows = max(c.max_rows, rows)
 
-    def _settle(self, rows: list[Sequence], feeds: list[list[int]], logits: list[torch.Tensor],
-                hidden=None, prompted: tuple[list[Sequence], list[torch.Tensor]] = ((), ())):  # fmt: skip
-        """Chooses the tokens of decoding rows from the logits (len(fed), V) of what each fed
-        (a speculating row keeps or replaces its proposals, `speculation.settle`), and the
-        first tokens of `prompted` rows, whose prompt ended, from their last prompt row's
-        logits (V,). The plain rows and the prompted ones are sampled in one call."""
-        events, plain, plain_logits = [], list(prompted[0]), list(prompted[1])
-        at = 0
-        for seq, fed, row_logits in zip(rows, feeds, logits):
+    def _settle(self, rows: list[Sequence], feeds: list[list[int]], logits: torch.Tensor, offsets: list[int],
+                hidden=None, prompted: tuple[list[Sequence], list[int]] = ((), ())):  # fmt: skip
+        """Chooses the tokens of decoding rows, rows[i] from the logits rows offsets[i]... of
+        what it fed (a speculating row keeps or replaces its proposals, `speculation.settle`),
+        and the first tokens of `prompted` rows, whose prompt ended, from their last prompt
+        row's logits (by index). The plain rows and the prompted ones are sampled in one call,
+        from a view of `logits` when their rows are consecutive (no copy of 262k floats a row)."""
+        events, plain, at_rows = [], list(prompted[0]), list(prompted[1])
+        for seq, fed, at in zip(rows, feeds, offsets):
             if seq.request.params.speculative:
                 row_hidden = None if hidden is None else hidden[at : at + len(fed)]
-                events += self.speculation.settle(seq, row_logits, fed, self._sample_one, row_hidden)
+                events += self.speculation.settle(
+                    seq, logits[at : at + len(fed)], fed, self._sample_one, row_hidden
+                )
             else:  # one token fed: sampled with the other plain rows in one call
                 seq.held += 1
                 plain.append(seq)
-                plain_logits.append(row_logits[0])
-            at += len(fed)
+                at_rows.append(at)
         if plain:
-            events += self._sample(plain, torch.stack(plain_logits))
+            first = at_rows[0]
+            if at_rows == list(range(first, first + len(at_rows))):
+                chosen = logits[first : first + len(at_rows)]
+            else:
+                chosen = logits.index_select(0, torch.tensor(at_rows, device=logits.device))
+            events += self._sample(plain, chosen)
         return events
 
     def _step_c(self) -> list[tuple[Request, int | None]]:
@@ -417,65 +420,69 @@ class Engine:
 
         A prompt row that ends its prompt samples its first token; the row decodes from the
         next step, one token per row per step. A row's logits are the same whatever else is
-        in the step (decode_batch.c), so the chunks may be cut to fill the budget. When the
-        step fails, each row runs again alone, so that only the failing row ends."""
+        in the step (decode_batch.c), so the chunks may be cut to fill the budget and the
+        rows ordered freely: the plain decoding rows, then the prompts that end, then the
+        others, so that the rows sampled together are consecutive logits rows. When the step
+        fails, each part runs again alone, so that only the failing row ends."""
         events, rows, feeds = self._feeds()
-        chunks = self._chunks(whole_after_first=False)
         if rows:
             self._count_step(len(rows))
-        parts = [(seq, fed, True) for seq, fed in zip(rows, feeds)]
-        for seq, n in chunks:
-            fed = seq.request.prompt_ids[seq.held : seq.held + n]
-            parts.append((seq, fed, seq.held + n == len(seq.request.prompt_ids)))
+        chunks = [(seq, seq.request.prompt_ids[seq.held : seq.held + n]) for seq, n in self._chunks(False)]
+        ending = [(seq, fed) for seq, fed in chunks if seq.held + len(fed) == len(seq.request.prompt_ids)]
+        going_on = [(seq, fed) for seq, fed in chunks if seq.held + len(fed) < len(seq.request.prompt_ids)]
+        speculating = [(seq, fed) for seq, fed in zip(rows, feeds) if seq.request.params.speculative]
+        plain = [(seq, fed) for seq, fed in zip(rows, feeds) if not seq.request.params.speculative]
+        parts = plain + ending + speculating + going_on
         if not parts:
             return events
-        results = self._run_c(parts)
-        settled, settled_logits, prompted, prompted_logits = [], [], [], []
-        for (seq, fed, _), result in zip(parts, results):
-            if isinstance(result, Exception):
-                events.append(self._fail(seq, result))
+        logits, spans = self._run_c(parts)
+        decoded, decoded_feeds, offsets, prompted, prompted_rows = [], [], [], [], []
+        for (seq, fed), span in zip(parts, spans):
+            if isinstance(span, Exception):
+                events.append(self._fail(seq, span))
             elif seq.prefilling:
                 seq.held += len(fed)
                 if not seq.prefilling:
                     prompted.append(seq)
-                    prompted_logits.append(result[-1])
+                    prompted_rows.append(span[0])
             else:
-                settled.append(seq)
-                settled_logits.append(result)
-        fed_of = {id(seq): fed for seq, fed in zip(rows, feeds)}
-        settled_feeds = [fed_of[id(seq)] for seq in settled]
-        return events + self._settle(
-            settled, settled_feeds, settled_logits, None, (prompted, prompted_logits)
-        )
+                decoded.append(seq)
+                decoded_feeds.append(fed)
+                offsets.append(span[0])
+        return events + self._settle(decoded, decoded_feeds, logits, offsets, None, (prompted, prompted_rows))
 
-    def _run_c(self, parts: list[tuple[Sequence, list[int], bool]]) -> list[torch.Tensor | Exception]:
-        """Runs [(row, tokens fed, whether every fed row wants logits)] as one C step: per
-        part its logits (rows wanted, V) (a prompt chunk: its last row when it ends the
-        prompt, else none), or the exception its step raised. A failing step runs each part
-        again alone (its keys and values rewritten, the same), so that only the failing one
-        fails."""
+    def _run_c(self, parts: list[tuple[Sequence, list[int]]]) -> tuple[torch.Tensor, list]:
+        """Runs [(row, tokens fed)] as one C step; returns the logits of the rows that want
+        them (a decoding row: every row it fed; a prompt chunk: its last row when it ends the
+        prompt) and per part the (first, end) of its logits rows, or the exception its step
+        raised. A failing step runs each part again alone (its keys and values rewritten, the
+        same), so that only the failing part fails."""
         tokens, slots, positions, wanted, spans = [], [], [], [], []
-        for seq, fed, all_rows in parts:
-            start = len(tokens)
+        for seq, fed in parts:
+            start, first = len(tokens), len(wanted)
             tokens += fed
             slots += [seq.slot] * len(fed)
             positions += range(seq.held, seq.held + len(fed))
-            if all_rows and seq.prefilling:  # the prompt's last row only
-                wanted.append(len(tokens) - 1)
-            elif all_rows:
+            if not seq.prefilling:
                 wanted += range(start, len(tokens))
-            spans.append(len(wanted))
+            elif seq.held + len(fed) == len(seq.request.prompt_ids):  # the prompt's last row
+                wanted.append(len(tokens) - 1)
+            spans.append((first, len(wanted)))
         try:
-            logits = self.fast.step(tokens, slots, positions, wanted)
+            return self.fast.step(tokens, slots, positions, wanted), spans
         except Exception as e:  # noqa: BLE001 - reported to the parts below, one by one
             if len(parts) == 1:
-                return [e]
-            results = []
-            for part in parts:  # each a view of the buffer the next call reuses: copied at once
-                (result,) = self._run_c([part])
-                results.append(result if isinstance(result, Exception) else result.clone())
-            return results
-        return [logits[lo:hi] for lo, hi in zip([0, *spans], spans)]
+                return torch.empty(0), [e]
+        kept, spans, at = [], [], 0
+        for part in parts:  # each a view of the buffer the next call reuses: copied at once
+            logits, (span,) = self._run_c([part])
+            if isinstance(span, Exception):
+                spans.append(span)
+                continue
+            kept.append(logits.clone())
+            spans.append((at, at + len(logits)))
+            at += len(logits)
+        return (torch.cat(kept) if kept else torch.empty(0)), spans
 
     # --- pieces --------------------------------------------------------------------------
 
