@@ -6,12 +6,15 @@ positions, so a request admitted while others decode needs no re-alignment of th
 
 1. frees the slots of rows a caller finished (a cancelled request: `finish_reason` set),
 2. admits waiting requests into free slots, reusing the longest cached prefix it can,
-3. prefills admitted prompts, at most `prefill_chunk` prompt tokens per step (so a long
+3. picks this step's prompt chunks, at most `prefill_chunk` prompt tokens in all (so a long
    prompt neither stalls the running rows nor holds memory beyond one chunk's activations,
-   and a cancelled one stops between chunks), the chunks of one length of several rows in
-   one forward pass, sampling a row's first token when its prompt is done,
-4. decodes one token for every running row together (the batched C step when
-   `c_decode.batch_decoder` gives one, else the torch model over the slot cache),
+   and a cancelled one stops between chunks), oldest prompts first,
+4. runs them and one token of every running row (its proposals too, when it speculates) as
+   the rows of one call of the batched C step when `c_decode.batch_decoder` gives one
+   (`_step_c`: prompts of any lengths side by side, only the rows that need logits through
+   the output head), else through the torch model over the slot cache (`_prefill`: the
+   chunks of one length of several rows in one forward pass; `_decode`: the running rows),
+   sampling a row's first token when its prompt is done,
 5. frees the slots of rows that finished, at once.
 
 Every token is chosen by `engine.sample_rows` (`engine.sample_row`'s choice, the rows that

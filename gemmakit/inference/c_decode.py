@@ -1,5 +1,6 @@
-"""Drives the C decode step (csrc/decode_batch.c): one sequence over the torch model's KVCache
-(torch prefills, C decodes), or R rows over the serving engine's slot cache.
+"""Drives the C model step (csrc/decode_batch.c): one sequence over the torch model's KVCache
+(its prompt as the rows of C steps, then one row a step), or R rows over the serving
+engine's slot cache (decoding rows and prompt chunks in one call).
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
@@ -14,9 +15,11 @@ one-row step) and the cache's bookkeeping stays the cache's (`KVCache.append_den
 generation can switch between the two paths at any step.
 
 `batch_decoder(model, layer_kv)` returns a `BatchDecoder` for the serving engine's slot
-cache under the same conditions: its `step(tokens, slots, positions)` runs R rows, each at
-its own slot and position, reading every weight matrix once for all rows; a row's logits
-are the same, bit for bit, whatever else is in its step (tests/test_c_batch.py). The
+cache under the same conditions: its `step(tokens, slots, positions, logit_rows)` runs R
+rows, each at its own slot and position (the rows of one slot a run of consecutive
+positions, of any length), reading every weight matrix once for all rows, the output head
+for `logit_rows` only; a row's logits are the same, bit for bit, whatever else is in its
+step (tests/test_c_batch.py, tests/test_c_step_rows.py). The
 structs handed to C (Mat, Layer, Model, Batch) and the weight type codes are those
 csrc/gemmakit_kernels.h declares (kernels/bindings.py).
 """

@@ -1,29 +1,39 @@
-/* The C decode step: one step of a Gemma model for R rows in one call, each row a token at
- * its own position of its own slot of a slot KV cache, logits out (driven by
- * gemmakit/inference/c_decode.py: BatchDecoder for the serving engine, speculative
- * verification and chunked prefill; CDecoder for one sequence over the torch model's
- * KVCache, one row in slot 0).
+/* The C model step: one step of a Gemma model for R rows in one call, each row a token at
+ * its own position of its own slot of a slot KV cache, logits out for the rows that want
+ * them (driven by gemmakit/inference/c_decode.py: BatchDecoder for the serving engine, whose
+ * every step is one call holding its decoding rows, speculative proposals and prompt chunks
+ * of any lengths; CDecoder for one sequence over the torch model's KVCache, its prompt in
+ * calls of up to 512 rows, then one row a step, in slot 0).
  *
  * Why a C step: a Gemma 3 270M step is ~2,500 small torch ops (torch.profiler); on a 2-core
  * CPU their dispatch costs more than the arithmetic. Here the whole step runs as plain loops
  * over the same weights and KV cache tensors the torch model uses, with float32
- * activations, so prefill can stay in torch and decode continue in C. Why batched: the step
- * is memory-bound on its weights (Gemma 3 270M in float32 reads ~1 GB a step), so every
- * matrix is read once for all R rows (gemv.c's matmul_rows): R rows cost about the weight
- * traffic of one plus R times the arithmetic.
+ * activations. Why batched: a decode step is memory-bound on its weights (Gemma 3 270M in
+ * float32 reads ~1 GB a step), so every matrix is read once for all R rows (gemv.c's
+ * matmul_rows): R rows cost about the weight traffic of one plus R times the arithmetic, and
+ * a prompt's rows fill the products that decode rows alone leave memory-bound.
  *
  * The maths is the torch model's (gemmakit/model/, which cites the reference
  * implementations), operation for operation: RMSNorm, rotate-half RoPE, q/k norms (Gemma 3),
  * attention soft-capping (Gemma 2), tanh-approximate GeGLU (geglu.c's training forward),
  * pre/post norms, final soft-capping (step.h), over float32, bfloat16 or int8 weights and a
  * float32 or bfloat16 cache. Only the order of the additions inside dot products differs
- * from torch's kernels; it is the same for a row whatever else is in its step.
+ * from torch's kernels; it is the same for a row whatever else is in its step, so a request
+ * gets the same tokens alone or batched, prefilled in one call or in chunks.
  *
- * Attention: every row's key and value are stored first, at (slot, position % capacity of
- * the layer), then each row attends to the positions [0, p] (full layers) or
- * [max(0, p - window + 1), p] (sliding layers: a ring of the layer's own capacity) of its
- * own slot. Several rows of one slot at consecutive positions therefore see each other
- * causally, as the rows of a prefill chunk do.
+ * Attention: the rows of one slot are one run of consecutive positions (Batch). Every row's
+ * key and value are staged first (in the cache's element type); each row then attends to
+ * the positions [0, p] (full layers) or [max(0, p - window + 1), p] (sliding layers: a ring
+ * of the layer's own capacity) of its own slot, those before its run from the cache and
+ * those of its run from the staged keys, in position order; only then are the staged keys
+ * stored at (slot, position % capacity). A run may therefore be longer than a sliding ring
+ * (a 512-row prompt chunk over a ring of window + 16): no row loses a key a later row of its
+ * run overwrites, and the sums are those of one row a step.
+ *
+ * Logit rows: only the rows of Batch.logit_rows (a prompt chunk's last row when it ends its
+ * prompt, every decoding row) go on after the last block's attention (its output
+ * projection, MLP, the final norm and the output head), so a 512-row prompt costs one row of
+ * the 262,144-wide head and the logits buffer holds those rows only.
  *
  * Threads: the Python caller's thread and n-1 workers run the step together (SPMD, step.c's
  * pool). Matrices are split by output rows over the threads; the element-wise work of every
