@@ -124,6 +124,26 @@ def test_ring_layout_is_the_contract(model):
         assert k.is_contiguous() and k.dtype == model.dtype
 
 
+def test_a_slot_cache_commits_only_the_pages_its_keys_are_written_to():
+    """lazy_zeros: zeros, committed 4 KiB at a time as written (a first key in a fresh slot
+    must not zero a huge page of each layer, as numpy's calloc-backed zeros did)."""
+    import resource
+
+    from gemmakit.model.slot_cache import lazy_zeros
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    before = rss()
+    big = lazy_zeros((64, 1024, 256), torch.float32, "cpu")  # 64 MiB
+    assert big.is_contiguous() and big.data_ptr() % 64 == 0
+    assert rss() - before < 4 << 20 and not big[::7, ::100].any()
+    big[:, 0, :4] = 1.0  # a few bytes in 64 places 1 MiB apart
+    assert rss() - before < 8 << 20  # 64 small pages, not 64 huge ones
+    assert float(big.sum()) == 64 * 4
+
+
 # --- the engine ---------------------------------------------------------------------------
 
 
