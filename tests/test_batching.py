@@ -443,3 +443,20 @@ def test_the_bundled_gguf_generates_alone_what_the_engine_generates():
     together = [Request(ids, params), Request(prompt(30, 70), params)]
     run(engine, together, join_at={1: 1})
     assert together[0].output_ids == alone(loaded.model, ids, params)
+
+
+def test_a_prompt_arriving_while_rows_decode_shares_their_c_step(model):
+    """One C call a step: a prompt admitted while two rows decode runs its chunk in the same
+    call as their decode rows (only the decode rows and, when it ends, the prompt's last row
+    through the head), and every row keeps its own tokens."""
+    engine = Engine(model, slots=3, capacity=64, prefill_chunk=16)
+    c_step_or_skip(engine, True)
+    steps = count_c_steps(engine)
+    first, second, late = (Request(prompt(n, 80 + n), GREEDY) for n in (5, 7, 20))
+    run(engine, [first, second, late], join_at={2: 3})
+    slots, positions, logit_rows = steps[3]  # the late prompt's first chunk (16 of its 20 tokens)
+    assert len(slots) == 2 + 16 and logit_rows == [0, 1]
+    slots, positions, logit_rows = steps[4]  # its last 4 tokens: the last one through the head
+    assert len(slots) == 2 + 4 and logit_rows == [0, 1, 5] and positions[2:] == [16, 17, 18, 19]
+    for r in (first, second, late):
+        assert r.output_ids == alone(model, r.prompt_ids)
