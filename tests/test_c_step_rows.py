@@ -112,3 +112,24 @@ def test_one_sequence_prefilled_in_c_equals_its_one_token_steps(family, override
             assert torch.equal(prefilled.step(7), after)
         want = torch_logits(model, [seq])[0][-1]
     torch.testing.assert_close(last[0], want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_slot_prefilled_in_c_equals_its_one_row_steps(hf_folder, monkeypatch):
+    """BatchDecoder.prefill (speculative generation's prompt): a prompt, then the rest of it
+    from a later start, in steps of PREFILL_ROWS rows, leave the logits and keys of one-row
+    steps; rows the cache cannot hold are refused before anything runs."""
+    model, _ = paired(hf_folder, "gemma3")
+    (seq,) = sequences([30], seed=9)
+    monkeypatch.setattr(c_decode, "PREFILL_ROWS", 8)
+    with torch.inference_mode():
+        want = decode_in_chunks(
+            c_decode.batch_decoder(model, slot_cache(model, 2, 32)), seq, [1] * 30, slot=1
+        )
+        decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 32))
+        assert torch.equal(decoder.prefill(seq[:11], 1)[0], want[10])
+        assert torch.equal(decoder.prefill(seq[11:], 1, start=11)[0], want[29])
+        with pytest.raises(ValueError):
+            decoder.prefill(seq, 2)  # no such slot
+        with pytest.raises(ValueError):
+            decoder.prefill(seq + seq, 0)  # past the slot's capacity
