@@ -2,6 +2,7 @@
 
     python benchmarks/serve_step.py                       # 16 chat prompts, 32 tokens each
     python benchmarks/serve_step.py --rows 4 --threads 1  # CPU time on one thread
+    python benchmarks/serve_step.py --prefill-chunk 128   # another prompt-token budget a step
 
 `--rows` chat prompts arrive at once (temperature 0.7, top-p 0.95, `ignore_eos`), as
 `benchmarks/serve_load.py`'s clients send them; the engine (`inference/batching.Engine`) runs
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=16, help="prompts sent at once (16)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens a step at most (256)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
     if args.threads:
@@ -65,7 +67,9 @@ def main(argv=None) -> int:
         tok.encode(f"<start_of_turn>user\n{PROMPTS[i % len(PROMPTS)]}<end_of_turn>\n<start_of_turn>model\n")
         for i in range(args.rows)
     ]
-    engine = batching.Engine(loaded.model, slots=max(16, args.rows), capacity=1024)
+    engine = batching.Engine(
+        loaded.model, slots=max(16, args.rows), capacity=1024, prefill_chunk=args.prefill_chunk
+    )
     if engine.fast is None:
         p.error("the batched C step does not run here (no C kernels)")
 

@@ -124,6 +124,26 @@ def test_ring_layout_is_the_contract(model):
         assert k.is_contiguous() and k.dtype == model.dtype
 
 
+def test_a_slot_cache_commits_only_the_pages_its_keys_are_written_to():
+    """lazy_zeros: zeros, committed 4 KiB at a time as written (a first key in a fresh slot
+    must not zero a huge page of each layer, as numpy's calloc-backed zeros did)."""
+    import resource
+
+    from gemmakit.model.slot_cache import lazy_zeros
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    before = rss()
+    big = lazy_zeros((64, 1024, 256), torch.float32, "cpu")  # 64 MiB
+    assert big.is_contiguous() and big.data_ptr() % 64 == 0
+    assert rss() - before < 4 << 20 and not big[::7, ::100].any()
+    big[:, 0, :4] = 1.0  # a few bytes in 64 places 1 MiB apart
+    assert rss() - before < 8 << 20  # 64 small pages, not 64 huge ones
+    assert float(big.sum()) == 64 * 4
+
+
 # --- the engine ---------------------------------------------------------------------------
 
 
@@ -262,23 +282,55 @@ def count_passes(engine: Engine) -> list[tuple[int, int]]:
     return passes
 
 
-def test_prompts_arriving_together_prefill_in_shared_passes_with_their_own_tokens(model):
-    """Six prompts at once: chunks of one length share a forward pass, the others get their
-    own; every row's tokens equal its own generation (prompts longer than the window and its
-    ring: sliding layers included)."""
+def count_c_steps(engine: Engine) -> list[tuple[list[int], list[int], list[int] | None]]:
+    """Records the (slots, positions, logit rows) of every batched C step the engine runs."""
+    steps, step = [], engine.fast.step
+
+    def counted(tokens, slots, positions, logit_rows=None):
+        steps.append((list(slots), list(positions), logit_rows))
+        return step(tokens, slots, positions, logit_rows)
+
+    engine.fast.step = counted
+    return steps
+
+
+def c_step_or_skip(engine: Engine, c_step: bool) -> None:
+    """The engine on the C step (skipping families it does not run) or on the torch step."""
+    if not c_step:
+        engine.fast = None
+    elif engine.fast is None:
+        pytest.skip("the C step does not run this family")
+
+
+@pytest.mark.parametrize("c_step", [True, False], ids=["c-step", "torch-step"])
+def test_prompts_arriving_together_prefill_in_shared_passes_with_their_own_tokens(model, c_step):
+    """Six prompts at once, every row's tokens equal its own generation (prompts longer than
+    the window and its ring: sliding layers included). The C step runs all six prompts as
+    the rows of one call, only their last rows through the head; the torch step shares a
+    forward pass between the chunks of one length."""
     lengths = [3, 17, 40, 9, 17, 40]
     prompts = [prompt(n, 20 + seed) for seed, n in enumerate(lengths)]
     engine = Engine(model, slots=6, capacity=64)
+    c_step_or_skip(engine, c_step)
     passes = count_passes(engine)
+    c_steps = count_c_steps(engine) if c_step else []
     requests = [Request(p, GREEDY) for p in prompts]
     run(engine, requests)
     assert [r.output_ids for r in requests] == [alone(model, p) for p in prompts]
     prefill = [p for p in passes if p[1] > 1]
-    assert sorted(prefill) == [(1, 3), (1, 9), (2, 17), (2, 40)]
+    if not c_step:
+        assert sorted(prefill) == [(1, 3), (1, 9), (2, 17), (2, 40)]
+        return
+    slots, positions, logit_rows = c_steps[0]
+    assert not passes and len(slots) == sum(lengths) and len(set(slots)) == 6
+    assert logit_rows == [end - 1 for end in torch.tensor(lengths).cumsum(0).tolist()]
+    assert all(len(s) == 6 and r is not None and len(r) == 6 for s, _, r in c_steps[1:])  # decode
 
 
-def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
+@pytest.mark.parametrize("c_step", [True, False], ids=["c-step", "torch-step"])
+def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model, c_step):
     engine = Engine(model, slots=3, capacity=64)
+    c_step_or_skip(engine, c_step)
     forward = engine._forward_rows
 
     def failing(ids, slots, starts, adapters):
@@ -287,6 +339,15 @@ def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
         return forward(ids, slots, starts, adapters)
 
     engine._forward_rows = failing
+    if c_step:
+        step = engine.fast.step
+
+        def failing_c(tokens, slots, positions, logit_rows=None):
+            if 1 in slots:
+                raise RuntimeError("slot 1 broke")
+            return step(tokens, slots, positions, logit_rows)
+
+        engine.fast.step = failing_c
     requests = [Request(prompt(n, 30 + n), GREEDY) for n in (8, 9, 10)]
     handles = [engine.add(r) for r in requests]
     run(engine, [])
@@ -298,14 +359,21 @@ def test_a_row_failing_in_a_shared_prefill_pass_ends_alone(model):
     assert engine.free_slots == 3
 
 
-def test_later_rows_join_a_prefill_step_only_with_their_whole_prompt(model):
-    """Budget 50: the oldest row takes its 35 tokens, a 20-token prompt waits (15 left)
-    rather than prefill a stub of it, a 9-token one behind it fits whole."""
+@pytest.mark.parametrize("c_step", [True, False], ids=["c-step", "torch-step"])
+def test_later_rows_join_a_prefill_step_as_the_budget_allows(model, c_step):
+    """Budget 50, prompts of 35, 20 and 9 tokens. The torch step: the oldest row takes its 35
+    tokens, the 20-token prompt waits (15 left) rather than prefill a stub of it in a pass of
+    its own, the 9-token one behind it fits whole. The C step has no passes to share: it
+    fills the budget in admission order (35, then 15 of the 20)."""
     engine = Engine(model, slots=3, capacity=64, prefill_chunk=50)
+    c_step_or_skip(engine, c_step)
     passes = count_passes(engine)
     handles = [engine.add(Request(prompt(n, 50 + n), GREEDY)) for n in (35, 20, 9)]
     engine.step()
-    assert [h.held for h in handles] == [35, 0, 9] and passes == [(1, 35), (1, 9)]
+    if c_step:
+        assert [h.held for h in handles] == [35, 15, 0] and not passes
+    else:
+        assert [h.held for h in handles] == [35, 0, 9] and passes == [(1, 35), (1, 9)]
     run(engine, [])
     for h in handles:
         assert h.request.output_ids == alone(model, h.request.prompt_ids)
@@ -338,3 +406,57 @@ def test_the_bundled_gguf_gives_each_prompt_of_a_burst_its_own_tokens():
     for i, p in enumerate(prompts):
         tokens, (alone_logits,) = generate([p])
         assert together[i] == tokens[0] and torch.equal(logits[i], alone_logits)
+
+
+def test_a_prompt_longer_than_the_sliding_ring_in_one_c_step_gives_the_torch_logits(model):
+    """Chunks of 30 prompt tokens (the sliding rings hold window 4 + RING_SLACK = 20) beside
+    a decoding row: the first token's logits equal the torch model's over the whole prompt,
+    within float32 summation order, and the tokens equal the prompt's own generation."""
+    engine = Engine(model, slots=2, capacity=128, prefill_chunk=30)
+    c_step_or_skip(engine, True)
+    ids = prompt(75, 60)
+    firsts, sample = {}, engine._sample
+    engine._sample = lambda seqs, logits: (
+        firsts.update(
+            {id(s.request): logits[i].clone() for i, s in enumerate(seqs) if not s.request.output_ids}
+        ),
+        sample(seqs, logits),
+    )[1]
+    other, long = Request(prompt(6, 61), GREEDY), Request(ids, GREEDY)
+    run(engine, [other, long], join_at={1: 1})
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0, -1]
+    torch.testing.assert_close(firsts[id(long)], want, rtol=1e-4, atol=1e-4)
+    assert long.output_ids == alone(model, ids) and other.output_ids == alone(model, other.prompt_ids)
+
+
+def test_the_bundled_gguf_generates_alone_what_the_engine_generates():
+    """generate's own loop (`generate_steps`: the C step prefills and decodes one sequence)
+    and the engine beside other rows give the same tokens on the GGUF's block types, where a
+    prefill on another path (torch's) would differ in the last bits and may flip a token."""
+    from gemmakit.loading import load
+
+    loaded = load()
+    ids = loaded.tokenizer.encode("Write a haiku about the sea, then explain it.")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = Engine(loaded.model, slots=2, capacity=128)
+    together = [Request(ids, params), Request(prompt(30, 70), params)]
+    run(engine, together, join_at={1: 1})
+    assert together[0].output_ids == alone(loaded.model, ids, params)
+
+
+def test_a_prompt_arriving_while_rows_decode_shares_their_c_step(model):
+    """One C call a step: a prompt admitted while two rows decode runs its chunk in the same
+    call as their decode rows (only the decode rows and, when it ends, the prompt's last row
+    through the head), and every row keeps its own tokens."""
+    engine = Engine(model, slots=3, capacity=64, prefill_chunk=16)
+    c_step_or_skip(engine, True)
+    steps = count_c_steps(engine)
+    first, second, late = (Request(prompt(n, 80 + n), GREEDY) for n in (5, 7, 20))
+    run(engine, [first, second, late], join_at={2: 3})
+    slots, positions, logit_rows = steps[3]  # the late prompt's first chunk (16 of its 20 tokens)
+    assert len(slots) == 2 + 16 and logit_rows == [0, 1]
+    slots, positions, logit_rows = steps[4]  # its last 4 tokens: the last one through the head
+    assert len(slots) == 2 + 4 and logit_rows == [0, 1, 5] and positions[2:] == [16, 17, 18, 19]
+    for r in (first, second, late):
+        assert r.output_ids == alone(model, r.prompt_ids)

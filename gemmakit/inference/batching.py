@@ -6,12 +6,15 @@ positions, so a request admitted while others decode needs no re-alignment of th
 
 1. frees the slots of rows a caller finished (a cancelled request: `finish_reason` set),
 2. admits waiting requests into free slots, reusing the longest cached prefix it can,
-3. prefills admitted prompts, at most `prefill_chunk` prompt tokens per step (so a long
+3. picks this step's prompt chunks, at most `prefill_chunk` prompt tokens in all (so a long
    prompt neither stalls the running rows nor holds memory beyond one chunk's activations,
-   and a cancelled one stops between chunks), the chunks of one length of several rows in
-   one forward pass, sampling a row's first token when its prompt is done,
-4. decodes one token for every running row together (the batched C step when
-   `c_decode.batch_decoder` gives one, else the torch model over the slot cache),
+   and a cancelled one stops between chunks), oldest prompts first,
+4. runs them and one token of every running row (its proposals too, when it speculates) as
+   the rows of one call of the batched C step when `c_decode.batch_decoder` gives one
+   (`_step_c`: prompts of any lengths side by side, only the rows that need logits through
+   the output head), else through the torch model over the slot cache (`_prefill`: the
+   chunks of one length of several rows in one forward pass; `_decode`: the running rows),
+   sampling a row's first token when its prompt is done,
 5. frees the slots of rows that finished, at once.
 
 Every token is chosen by `engine.sample_rows` (`engine.sample_row`'s choice, the rows that
@@ -159,10 +162,13 @@ class Engine:
         """Runs one step; returns its [(request, token)], token None for a row that failed."""
         self._release()
         self._admit()
-        events = self._prefill()
-        # A row whose first token came from this step's prefill decodes from the next step:
-        # one token per row per step, so each event's log-probabilities are its own.
-        events += self._decode(skip={id(req) for req, _ in events})
+        if self.fast is not None and not self.speculation.needs_hidden(self.running):
+            events = self._step_c()
+        else:
+            events = self._prefill()
+            # A row whose first token came from this step's prefill decodes from the next step:
+            # one token per row per step, so each event's log-probabilities are its own.
+            events += self._decode(skip={id(req) for req, _ in events})
         self._release()
         return events
 
@@ -255,19 +261,9 @@ class Engine:
         whose prompt is done go through the output head and sample their first token
         together. A prompt is cut into the same chunks whatever runs beside it.
         """
-        chunks, budget = [], self.prefill_chunk
-        for seq in [s for s in self.running if s.prefilling]:
-            left = len(seq.request.prompt_ids) - seq.held
-            # The oldest row takes what the budget allows; a later one joins only with the
-            # rest of its prompt: a few tokens cut off to fill the budget would cost a pass of
-            # their own and give no first token.
-            if chunks and left > budget:
-                continue
-            n = min(budget, left)
-            budget -= n
-            chunks.append((seq, n))
-            if budget == 0:
-                break
+        # A later row joins only with the rest of its prompt: a few tokens cut off to fill
+        # the budget would cost a pass of their own and give no first token.
+        chunks = self._chunks(whole_after_first=True)
         events, done = [], []  # done: (row, hidden state of its last prompt token)
         for group in self._groups(chunks):
             try:
@@ -294,6 +290,22 @@ class Engine:
                 return events + [self._fail(seq, e) for seq in seqs]
             events += self._sample(seqs, logits)
         return events
+
+    def _chunks(self, whole_after_first: bool) -> list[tuple[Sequence, int]]:
+        """This step's prompt chunks [(row, tokens)], at most `prefill_chunk` tokens in all,
+        the rows in admission order: the oldest takes what the budget allows, and so does
+        each later one, or (`whole_after_first`) only when the rest of its prompt fits."""
+        chunks, budget = [], self.prefill_chunk
+        for seq in [s for s in self.running if s.prefilling]:
+            left = len(seq.request.prompt_ids) - seq.held
+            if whole_after_first and chunks and left > budget:
+                continue
+            n = min(budget, left)
+            budget -= n
+            chunks.append((seq, n))
+            if budget == 0:
+                break
+        return chunks
 
     def _groups(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """The (row, tokens) chunks of a step cut into forward passes: the chunks of one length
@@ -330,29 +342,13 @@ class Engine:
     def _decode(self, skip: set[int]) -> list[tuple[Request, int | None]]:
         """Feeds every running row's last token (one step for all) and samples the next; rows
         whose request is in `skip` (by id) wait for the next step."""
-        rows = [
-            s
-            for s in self.running
-            if not s.prefilling and s.request.finish_reason is None and id(s.request) not in skip
-        ]
-        if not rows:
-            return []
-        events, feeds = [], []
-        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
-            try:
-                feeds.append(self.speculation.feed(seq))
-            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
-                events.append(self._fail(seq, e))
-                rows.remove(seq)
+        events, rows, feeds = self._feeds(skip)
         if not rows:
             return events
         tokens = [t for fed in feeds for t in fed]
         slots = [s.slot for s, fed in zip(rows, feeds) for _ in fed]
         positions = [s.held + i for s, fed in zip(rows, feeds) for i in range(len(fed))]
-        c = self.counters
-        c.steps += 1
-        c.step_rows.append(len(rows))
-        c.max_rows = max(c.max_rows, len(rows))
+        self._count_step(len(rows))
         try:
             # An MTP row reads the rows' hidden states, which only the torch step keeps.
             fast = self.fast if not self.speculation.needs_hidden(rows) else None
@@ -365,8 +361,42 @@ class Engine:
                 logits = self.model.logits(hidden)
         except Exception as e:  # noqa: BLE001 - reported to every row of the step
             return events + [self._fail(s, e) for s in rows]
-        plain, at_rows, at = [], [], 0
-        for seq, fed in zip(rows, feeds):
+        offsets = [sum(len(fed) for fed in feeds[:i]) for i in range(len(feeds))]
+        return events + self._settle(rows, feeds, logits, offsets, hidden)
+
+    def _feeds(self, skip: set[int] = frozenset()) -> tuple[list, list[Sequence], list[list[int]]]:
+        """The decoding rows of this step (running, prompt done, request not in `skip` by id)
+        and the tokens each feeds: its last token, then its proposals when it speculates.
+        Returns (events of rows whose proposer failed, rows, feeds)."""
+        rows = [
+            s
+            for s in self.running
+            if not s.prefilling and s.request.finish_reason is None and id(s.request) not in skip
+        ]
+        events, feeds = [], []
+        for seq in list(rows):  # a speculating row feeds its proposals too, in its own slot
+            try:
+                feeds.append(self.speculation.feed(seq))
+            except Exception as e:  # noqa: BLE001 - this row's proposer failed, not the batch's
+                events.append(self._fail(seq, e))
+                rows.remove(seq)
+        return events, rows, feeds
+
+    def _count_step(self, rows: int) -> None:
+        c = self.counters
+        c.steps += 1
+        c.step_rows.append(rows)
+        c.max_rows = max(c.max_rows, rows)
+
+    def _settle(self, rows: list[Sequence], feeds: list[list[int]], logits: torch.Tensor, offsets: list[int],
+                hidden=None, prompted: tuple[list[Sequence], list[int]] = ((), ())):  # fmt: skip
+        """Chooses the tokens of decoding rows, rows[i] from the logits rows offsets[i]... of
+        what it fed (a speculating row keeps or replaces its proposals, `speculation.settle`),
+        and the first tokens of `prompted` rows, whose prompt ended, from their last prompt
+        row's logits (by index). The plain rows and the prompted ones are sampled in one call,
+        from a view of `logits` when their rows are consecutive (no copy of 262k floats a row)."""
+        events, plain, at_rows = [], list(prompted[0]), list(prompted[1])
+        for seq, fed, at in zip(rows, feeds, offsets):
             if seq.request.params.speculative:
                 row_hidden = None if hidden is None else hidden[at : at + len(fed)]
                 events += self.speculation.settle(
@@ -376,12 +406,86 @@ class Engine:
                 seq.held += 1
                 plain.append(seq)
                 at_rows.append(at)
-            at += len(fed)
         if plain:
-            if len(plain) < len(logits):
-                logits = logits.index_select(0, torch.tensor(at_rows, device=logits.device))
-            events += self._sample(plain, logits)
+            first = at_rows[0]
+            if at_rows == list(range(first, first + len(at_rows))):
+                chosen = logits[first : first + len(at_rows)]
+            else:
+                chosen = logits.index_select(0, torch.tensor(at_rows, device=logits.device))
+            events += self._sample(plain, chosen)
         return events
+
+    def _step_c(self) -> list[tuple[Request, int | None]]:
+        """One step on the batched C step (csrc/decode_batch.c): one call for every decoding
+        row (its last token and any proposals) and this step's prompt chunks, whatever their
+        lengths. Only the decoding rows and the last row of a prompt that ends go through the
+        output head. Then the decoding rows and the rows whose prompt ended are sampled.
+
+        A prompt row that ends its prompt samples its first token; the row decodes from the
+        next step, one token per row per step. A row's logits are the same whatever else is
+        in the step (decode_batch.c), so the chunks may be cut to fill the budget and the
+        rows ordered freely: the plain decoding rows, then the prompts that end, then the
+        others, so that the rows sampled together are consecutive logits rows. When the step
+        fails, each part runs again alone, so that only the failing row ends."""
+        events, rows, feeds = self._feeds()
+        if rows:
+            self._count_step(len(rows))
+        chunks = [(seq, seq.request.prompt_ids[seq.held : seq.held + n]) for seq, n in self._chunks(False)]
+        ending = [(seq, fed) for seq, fed in chunks if seq.held + len(fed) == len(seq.request.prompt_ids)]
+        going_on = [(seq, fed) for seq, fed in chunks if seq.held + len(fed) < len(seq.request.prompt_ids)]
+        speculating = [(seq, fed) for seq, fed in zip(rows, feeds) if seq.request.params.speculative]
+        plain = [(seq, fed) for seq, fed in zip(rows, feeds) if not seq.request.params.speculative]
+        parts = plain + ending + speculating + going_on
+        if not parts:
+            return events
+        logits, spans = self._run_c(parts)
+        decoded, decoded_feeds, offsets, prompted, prompted_rows = [], [], [], [], []
+        for (seq, fed), span in zip(parts, spans):
+            if isinstance(span, Exception):
+                events.append(self._fail(seq, span))
+            elif seq.prefilling:
+                seq.held += len(fed)
+                if not seq.prefilling:
+                    prompted.append(seq)
+                    prompted_rows.append(span[0])
+            else:
+                decoded.append(seq)
+                decoded_feeds.append(fed)
+                offsets.append(span[0])
+        return events + self._settle(decoded, decoded_feeds, logits, offsets, None, (prompted, prompted_rows))
+
+    def _run_c(self, parts: list[tuple[Sequence, list[int]]]) -> tuple[torch.Tensor, list]:
+        """Runs [(row, tokens fed)] as one C step; returns the logits of the rows that want
+        them (a decoding row: every row it fed; a prompt chunk: its last row when it ends the
+        prompt) and per part the (first, end) of its logits rows, or the exception its step
+        raised. A failing step runs each part again alone (its keys and values rewritten, the
+        same), so that only the failing part fails."""
+        tokens, slots, positions, wanted, spans = [], [], [], [], []
+        for seq, fed in parts:
+            start, first = len(tokens), len(wanted)
+            tokens += fed
+            slots += [seq.slot] * len(fed)
+            positions += range(seq.held, seq.held + len(fed))
+            if not seq.prefilling:
+                wanted += range(start, len(tokens))
+            elif seq.held + len(fed) == len(seq.request.prompt_ids):  # the prompt's last row
+                wanted.append(len(tokens) - 1)
+            spans.append((first, len(wanted)))
+        try:
+            return self.fast.step(tokens, slots, positions, wanted), spans
+        except Exception as e:  # noqa: BLE001 - reported to the parts below, one by one
+            if len(parts) == 1:
+                return torch.empty(0), [e]
+        kept, spans, at = [], [], 0
+        for part in parts:  # each a view of the buffer the next call reuses: copied at once
+            logits, (span,) = self._run_c([part])
+            if isinstance(span, Exception):
+                spans.append(span)
+                continue
+            kept.append(logits.clone())
+            spans.append((at, at + len(logits)))
+            at += len(logits)
+        return (torch.cat(kept) if kept else torch.empty(0)), spans
 
     # --- pieces --------------------------------------------------------------------------
 

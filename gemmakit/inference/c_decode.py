@@ -1,5 +1,6 @@
-"""Drives the C decode step (csrc/decode_batch.c): one sequence over the torch model's KVCache
-(torch prefills, C decodes), or R rows over the serving engine's slot cache.
+"""Drives the C model step (csrc/decode_batch.c): one sequence over the torch model's KVCache
+(its prompt as the rows of C steps, then one row a step), or R rows over the serving
+engine's slot cache (decoding rows and prompt chunks in one call).
 
 `decoder(model, cache, batch)` returns a `CDecoder` when the C step can run this model as
 the torch model (gemmakit/model/) does: one sequence on the CPU, every matrix float32,
@@ -14,9 +15,11 @@ one-row step) and the cache's bookkeeping stays the cache's (`KVCache.append_den
 generation can switch between the two paths at any step.
 
 `batch_decoder(model, layer_kv)` returns a `BatchDecoder` for the serving engine's slot
-cache under the same conditions: its `step(tokens, slots, positions)` runs R rows, each at
-its own slot and position, reading every weight matrix once for all rows; a row's logits
-are the same, bit for bit, whatever else is in its step (tests/test_c_batch.py). The
+cache under the same conditions: its `step(tokens, slots, positions, logit_rows)` runs R
+rows, each at its own slot and position (the rows of one slot a run of consecutive
+positions, of any length), reading every weight matrix once for all rows, the output head
+for `logit_rows` only; a row's logits are the same, bit for bit, whatever else is in its
+step (tests/test_c_batch.py, tests/test_c_step_rows.py). The
 structs handed to C (Mat, Layer, Model, Batch) and the weight type codes are those
 csrc/gemmakit_kernels.h declares (kernels/bindings.py).
 """
@@ -129,6 +132,20 @@ class CDecoder:
             logits=self.logits.data_ptr(),
         )
         self._dense: bool | None = None
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor | None:
+        """Feeds a whole prompt into the empty cache as rows of the C step; the logits (1, V)
+        of the token after it (the buffer `step` reuses), or None when the cache already
+        holds tokens (the caller runs the torch model). Every row's keys and values are those
+        the one-token steps would store, so decoding goes on as after them."""
+        cache = self.cache
+        if cache.length or not tokens or len(tokens) > cache.max_length:
+            return None
+        prefill_rows(self.lib, self.spec, tokens, 0, 0, self.logits)
+        for _ in tokens:  # the cache's bookkeeping, as the one-token steps keep it
+            cache.append_dense()
+        self._dense = True
+        return self.logits
 
     def step(self, token: int) -> torch.Tensor | None:
         """Feeds one token; the logits (1, V) of the next one (a buffer reused each step), or
@@ -287,20 +304,10 @@ class BatchDecoder:
         self.slots, self.max_position = slots, max_position
         self._logits = torch.empty((0, model.config.vocab_size), dtype=torch.float32)
 
-    def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """Feeds `tokens[r]` at `positions[r]` of slot `slots[r]` for every row r; the logits
-        (rows, vocab) float32 of each row's next token, a buffer the next step reuses.
-
-        Every row's key and value are stored before any row attends: a row at position p sees
-        positions [0, p] (full layers) or [p - window + 1, p] (sliding layers) of its own
-        slot, so rows of one slot at consecutive positions see each other causally (chunked
-        prefill, speculative verification). Raises ValueError for rows the cache cannot hold.
-        """
-        rows = len(tokens)
-        if rows == 0 or len(slots) != rows or len(positions) != rows:
-            raise ValueError(
-                f"a step needs one slot and position per token ({rows}, {len(slots)}, {len(positions)})"
-            )
+    def _check(self, tokens: list[int], slots: list[int], positions: list[int]) -> None:
+        """Raises ValueError for rows the model or the cache cannot take."""
+        if not tokens or not slots or not positions:
+            raise ValueError("a step needs at least one row")
         vocab = self.model.config.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
@@ -308,20 +315,93 @@ class BatchDecoder:
             raise ValueError(f"slots must be in [0, {self.slots})")
         if min(positions) < 0 or self.max_position is not None and max(positions) > self.max_position:
             raise ValueError(f"positions must be in [0, {self.max_position}]")
-        if self._logits.shape[0] < rows:
-            self._logits = torch.empty((rows, vocab), dtype=torch.float32)
-        logits = self._logits[:rows]
+
+    def step(
+        self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """Feeds `tokens[r]` at `positions[r]` of slot `slots[r]` for every row r; the logits
+        (len(logit_rows), vocab) float32 of the next token after each row of `logit_rows`
+        (ascending; None: every row), a buffer the next step reuses.
+
+        The rows of one slot must be consecutive rows at consecutive positions (a prompt
+        chunk, a row and its proposals): they see each other causally. A row at position p
+        sees positions [0, p] (full layers) or [p - window + 1, p] (sliding layers) of its own
+        slot, each key computed as it would be in a step of its own, so a row's logits do not
+        depend on what else is in the step. Only the rows of `logit_rows` go through the last
+        block's MLP and the output head. Raises ValueError for rows the cache cannot hold.
+        """
+        if len(slots) != len(tokens) or len(positions) != len(tokens):
+            raise ValueError(
+                f"a step needs one slot and position per token ({len(tokens)}, {len(slots)}, {len(positions)})"
+            )
+        self._check(tokens, slots, positions)
+        rows, vocab = len(tokens), self.model.config.vocab_size
+        wanted = rows if logit_rows is None else len(logit_rows)
+        if self._logits.shape[0] < wanted:
+            self._logits = torch.empty((wanted, vocab), dtype=torch.float32)
+        logits = self._logits[:wanted]
         ids = torch.tensor([tokens, slots, positions], dtype=torch.int64)  # (3, rows)
+        # a ctypes array, never NULL for an empty list (NULL asks for every row)
+        chosen = None if logit_rows is None else (ctypes.c_int64 * max(1, wanted))(*logit_rows)
         batch = _Batch(
             rows=rows,
             tokens=ids[0].data_ptr(),
             slots=ids[1].data_ptr(),
             positions=ids[2].data_ptr(),
+            logit_rows=None if chosen is None else ctypes.addressof(chosen),
+            n_logit_rows=wanted,
             logits=logits.data_ptr(),
         )
-        if self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads()):
-            raise MemoryError("the batched C decode step could not allocate its buffers")
+        failed = self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads())
+        if failed:
+            raise _STEP_ERRORS.get(
+                failed, MemoryError("the batched C decode step could not allocate its buffers")
+            )
         return logits
+
+    def prefill(self, tokens: list[int], slot: int, start: int = 0) -> torch.Tensor:
+        """Runs a prompt (or its rest) at positions start... of `slot` (`prefill_rows`); the
+        logits (1, V) after its last token, a buffer the next step reuses."""
+        self._check(tokens, [slot], [start, start + len(tokens) - 1])
+        if self._logits.shape[0] < 1:
+            self._logits = torch.empty((1, self.model.config.vocab_size), dtype=torch.float32)
+        prefill_rows(self.lib, self.spec, tokens, slot, start, self._logits)
+        return self._logits[:1]
+
+
+# what a failed step's code means (csrc/gemmakit_kernels.h, decode_batch)
+_STEP_ERRORS = {
+    -2: ValueError("the rows of one slot must be consecutive rows at consecutive positions"),
+    -3: ValueError("logit_rows must be ascending row indices of the step"),
+}
+
+
+# Prompt rows per C step in `prefill_rows`: the step's buffers grow with its rows (~70 kB a
+# row for Gemma 3 270M), and from a few hundred rows on each weight read is shared enough.
+PREFILL_ROWS = 512
+
+
+def prefill_rows(lib, spec, tokens: list[int], slot: int, start: int, logits: torch.Tensor) -> None:
+    """Runs `tokens` at positions start... of `slot` as rows of C steps of PREFILL_ROWS rows
+    (a prompt; the same keys and values, and the same last logits, however it is cut), and
+    writes the logits (V,) after the last token into logits[0]."""
+    rows = len(tokens)
+    ids = torch.tensor([tokens, [slot] * rows, list(range(start, start + rows))], dtype=torch.int64)
+    last = (ctypes.c_int64 * 1)()
+    for at in range(0, rows, PREFILL_ROWS):
+        n = min(PREFILL_ROWS, rows - at)
+        last[0] = n - 1
+        batch = _Batch(
+            rows=n,
+            tokens=ids[0, at:].data_ptr(),
+            slots=ids[1, at:].data_ptr(),
+            positions=ids[2, at:].data_ptr(),
+            logit_rows=ctypes.addressof(last),
+            n_logit_rows=1,
+            logits=logits.data_ptr(),
+        )
+        if lib.decode_batch(ctypes.byref(spec), ctypes.byref(batch), torch.get_num_threads()):
+            raise MemoryError("the C decode step could not allocate its buffers")
 
 
 def batch_decoder(

@@ -142,6 +142,10 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
         hidden = model.hidden_states(ids, cache=cache)
         proposer.observe(hidden[0, -1:])
         first = model.logits(hidden[0, -1])
+    elif rows_step is not None:  # in C, as plain generation prefills (the same first token)
+        first = rows_step.prefill(prompt, 0)[0]
+        for _ in prompt:  # the cache's bookkeeping of the columns the step wrote
+            cache.append_dense()
     else:
         first = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)[0]
     token = sample_row(first, request)

@@ -75,16 +75,22 @@ typedef struct {
 
 typedef struct {
     int64_t rows;
-    /* per row: the token fed, its slot in the cache, its position. Every row's key and value
-     * are stored (slot, position % layer capacity) before any row attends; a row then sees the
-     * positions [0, p] (full layers) or [max(0, p - window + 1), p] (sliding) of its own slot. */
+    /* per row: the token fed, its slot in the cache, its position. The rows of one slot are
+     * consecutive rows at consecutive positions (a prompt chunk, a row and its speculative
+     * proposals, one decode row) and see each other causally; a row sees the positions [0, p]
+     * (full layers) or [max(0, p - window + 1), p] (sliding) of its own slot. */
     const int64_t *tokens, *slots, *positions;
-    float *logits; /* (rows, vocab) output */
+    /* the rows whose logits are computed, ascending (a prompt row before the last of its
+     * prompt needs none), n_logit_rows of them; NULL: every row */
+    const int64_t *logit_rows;
+    int64_t n_logit_rows;
+    float *logits; /* (n_logit_rows, or rows when logit_rows is NULL, vocab) output */
 } Batch;
 
-/* One decode step of b->rows rows on `threads` threads (the caller's included), each weight
- * matrix read once for all rows: 0, or -1 when the head size is unsupported or the buffers
- * cannot be allocated. */
+/* One step of b->rows rows on `threads` threads (the caller's included), each weight matrix
+ * read once for all rows: 0; -1 when the head size is unsupported or the buffers cannot be
+ * allocated; -2 when the rows of one slot are not one run of consecutive rows at consecutive
+ * positions; -3 when logit_rows is not ascending within [0, rows). */
 GEMMAKIT_API int decode_batch(const Model *m, const Batch *b, int threads);
 
 /* --- GGUF block quantization with llama.cpp's bytes (gguf_quantize.c, gguf_quantize_k.c) --- */

@@ -44,14 +44,18 @@ void softmax_given_top(float *scores, int64_t n, float top) {
     for (int64_t s = 0; s < n; s++) scores[s] *= inv_total;
 }
 
-/* out (D) += sum over s of p[s] * values[s]; LOAD16 reads 16 values as floats, TO_F32 one */
+/* out (D) += sum over s of p[s] * values[s]; LOAD16 reads 16 values as floats, TO_F32 one.
+ * Every product is added with one rounding (fmaf, as the vector blocks' FMA): the compiler
+ * otherwise contracts some vectorized forms of the loop and not others, and a sum over the
+ * rows split in two calls (the cache's keys, then a step's own) would differ in the last bit
+ * from the same sum in one call. */
 #define WEIGHTED_SUM(name, T, LOAD16, TO_F32)                                                   \
     static void name(const float *p, const T *values, int64_t S, int64_t D, float *out) {       \
         int64_t d = 0;                                                                          \
         WEIGHTED_SUM_BLOCKS(T, LOAD16)                                                          \
         for (; d < D; d++) {                                                                    \
             float acc = out[d];                                                                 \
-            for (int64_t s = 0; s < S; s++) acc += p[s] * TO_F32(values[s * D + d]);            \
+            for (int64_t s = 0; s < S; s++) acc = fmaf(p[s], TO_F32(values[s * D + d]), acc); \
             out[d] = acc;                                                                       \
         }                                                                                       \
     }
