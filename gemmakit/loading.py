@@ -676,17 +676,23 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
         gptq_quantize_model(net, windows, group_size, desc_act, progress)
     keep_head_in_bf16(net)  # as a written folder holds it
     if folder is not None:
-        _write_gptq_cache(folder, net, group_size, desc_act)
+        _write_gptq_cache(folder, net, method, group_size, desc_act)
     return net
 
 
-def _write_gptq_cache(folder: Path, model: Gemma, group_size: int, desc_act: bool):
-    """Best effort, as the other caches."""
+def _write_gptq_cache(folder: Path, model: Gemma, method: str, group_size: int, desc_act: bool):
+    """Best effort, as the other caches. An AWQ model is written in AWQ's own layout and
+    config, so that the cached copy loads as AWQ again (both are held in GPTQ's layout)."""
+    from gemmakit.formats.gptq_folder import awq_config
     from gemmakit.quant.gptq import GPTQSettings
     from gemmakit.quant.gptq_linear import stored_head_as_embedding
+    from gemmakit.quant.packed4 import gptq_state_to_awq
 
     state = stored_head_as_embedding(model, _quantized_state(model))
-    qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
+    if method == "awq":
+        state, qconfig = gptq_state_to_awq(state), awq_config(group_size)
+    else:
+        qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:

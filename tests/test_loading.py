@@ -283,11 +283,6 @@ def test_a_loaded_awq_folder_says_awq(hf_folder, tmp_path):
         assert torch.equal(again(ids), logits)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loading._load_gptq (the gptq part's) caches an AWQ model under GPTQ's quantization_config "
-    "(gptq_config with desc_act=True and GPTQ's rounding settings, in GPTQ's layout): _write_gptq_cache",
-)
 def test_an_awq_model_quantized_on_load_is_cached_as_awq(hf_folder, tmp_path, monkeypatch):
     from gemmakit.formats.gptq_folder import awq_config
     from gemmakit.loading import load
