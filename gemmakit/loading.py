@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import gc
 import hashlib
@@ -28,6 +26,7 @@ from gemmakit.formats import safetensors
 from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
 from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
 from gemmakit.hf_config import load_hf_assistant_config, load_hf_config, to_hf_config
+from gemmakit.memory import release_freed_memory
 from gemmakit.model.families import build_empty
 from gemmakit.model.gemma import Gemma
 from gemmakit.paths import SOURCE_FILE, cache_dir, evict, mark_used
@@ -295,21 +294,6 @@ class _LazyRows:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         release_freed_memory()
         return self.reader.rows(self.name, start, stop, self.dtype)
-
-
-def release_freed_memory():
-    """Returns memory freed by Python/torch to the OS (glibc's malloc_trim), where available."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-        return None
 
 
 def load_quantized_model(
@@ -681,18 +665,16 @@ def _load_gptq(weights: ModelSource, dtype, device, quantize: dict, gguf_file, p
 
 
 def _write_gptq_cache(folder: Path, model: Gemma, method: str, group_size: int, desc_act: bool):
-    """Best effort, as the other caches. An AWQ model is written in AWQ's own layout and
-    config, so that the cached copy loads as AWQ again (both are held in GPTQ's layout)."""
+    """Best effort, as the other caches; AWQ in its own layout, so it loads as AWQ again."""
     from gemmakit.formats.gptq_folder import awq_config
     from gemmakit.quant.gptq import GPTQSettings
     from gemmakit.quant.gptq_linear import stored_head_as_embedding
     from gemmakit.quant.packed4 import gptq_state_to_awq
 
     state = stored_head_as_embedding(model, _quantized_state(model))
+    qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     if method == "awq":
         state, qconfig = gptq_state_to_awq(state), awq_config(group_size)
-    else:
-        qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:
