@@ -300,6 +300,8 @@ def c_step_or_skip(engine: Engine, c_step: bool) -> None:
         engine.fast = None
     elif engine.fast is None:
         pytest.skip("the C step does not run this family")
+    else:  # prompt chunks as rows of the C step, which the engine picks over GGUF blocks only
+        engine.prompts_in_c = True
 
 
 @pytest.mark.parametrize("c_step", [True, False], ids=["c-step", "torch-step"])

@@ -116,6 +116,9 @@ class Engine:
         self.cache = SlotCache(model.config, slots, capacity, model.dtype, model.device)
         with torch.inference_mode():  # as every step runs: the C step declines autograd
             self.fast = c_decode.batch_decoder(model, self.cache.layer_kv())
+        # Prompt chunks go into the C step beside the decoding rows over GGUF blocks; over
+        # plain weights torch's matmuls prefill faster (c_decode.block_weights)
+        self.prompts_in_c = self.fast is not None and self.fast.block_weights
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         # Free slots, least recently used first, each with the LoRA adapter its cache was
@@ -162,7 +165,7 @@ class Engine:
         """Runs one step; returns its [(request, token)], token None for a row that failed."""
         self._release()
         self._admit()
-        if self.fast is not None and not self.speculation.needs_hidden(self.running):
+        if self.fast is not None and self.prompts_in_c and not self.speculation.needs_hidden(self.running):
             events = self._step_c()
         else:
             events = self._prefill()

@@ -257,11 +257,11 @@ def generate_steps(model, requests: list[Request], pad_id: int = 0) -> Iterator[
     # The rows keep their places for the whole batch, so one selection serves every step.
     multi.select_rows(model, [r.adapter for r in requests])
     fast = None if multi.has_adapters(model) else c_decode.decoder(model, cache, len(requests))
-    # One sequence on the C step prefills there too, as the serving engine's C step does: the
-    # same keys, values and tokens alone as in the engine's batches, and faster than the
-    # torch prefill (bundled Q4_K_M, 512 tokens on one thread: 511-521 tok/s of CPU time
-    # against torch's 358-472, loaded machine).
-    logits = fast.prefill(requests[0].prompt_ids) if fast is not None else None
+    # One sequence on the C step over GGUF blocks prefills there too, as the serving engine's
+    # C step does (c_decode.block_weights): the same keys, values and tokens alone as in the
+    # engine's batches, and faster than the torch prefill (bundled Q4_K_M, 512 tokens on one
+    # thread: 511-521 tok/s of CPU time against torch's 358-472, loaded machine).
+    logits = fast.prefill(requests[0].prompt_ids) if fast is not None and fast.block_weights else None
     if logits is None:
         logits = prefill(model, ids, mask, cache)  # (B, V)
     yield from decode_n_tokens(model, requests, logits, cache, fast, limits, pad_id)
