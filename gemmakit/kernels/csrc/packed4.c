@@ -49,19 +49,29 @@ ALWAYS_INLINE void dequantize_chunk(const uint8_t *q, float s, float m, float *o
 #endif
 }
 
-/* out (k floats) = row n of the matrix, in input-column order */
-static void dequantize_row(const Packed4 *p, int64_t k, int64_t n, float *out) {
+/* row n of the matrix in stored (group) order: no scatter */
+static void dequantize_stored_row(const Packed4 *p, int64_t k, int64_t n, float *out) {
     const int64_t groups = k / p->group_size;
     const uint8_t *q = p->q + n * (k / 2);
     const float *scale = p->scale + n * groups, *min = p->min + n * groups;
     for (int64_t c = 0; c < k; c += CHUNK) {
         const int64_t g = c / p->group_size;
-        if (!p->perm) {
-            dequantize_chunk(q + c / 2, scale[g], min[g], out + c);
-            continue;
-        }
+        dequantize_chunk(q + c / 2, scale[g], min[g], out + c);
+    }
+}
+
+/* out (k floats) = row n of the matrix, in input-column order */
+static void dequantize_row(const Packed4 *p, int64_t k, int64_t n, float *out) {
+    if (!p->perm) {
+        dequantize_stored_row(p, k, n, out);
+        return;
+    }
+    const int64_t groups = k / p->group_size;
+    const uint8_t *q = p->q + n * (k / 2);
+    const float *scale = p->scale + n * groups, *min = p->min + n * groups;
+    for (int64_t c = 0; c < k; c += CHUNK) {
         float chunk[CHUNK];
-        dequantize_chunk(q + c / 2, scale[g], min[g], chunk);
+        dequantize_chunk(q + c / 2, scale[c / p->group_size], min[c / p->group_size], chunk);
         for (int j = 0; j < CHUNK; j++) out[p->perm[c + j]] = chunk[j];
     }
 }
@@ -72,17 +82,6 @@ int64_t packed4_supported(int64_t k, int64_t group_size) {
 
 void packed4_dequantize_rows(const Packed4 *p, int64_t k, float *out, int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; n++) dequantize_row(p, k, n, out + (n - lo) * k);
-}
-
-/* row n of the matrix in stored (group) order: no scatter */
-static void dequantize_stored_row(const Packed4 *p, int64_t k, int64_t n, float *out) {
-    const int64_t groups = k / p->group_size;
-    const uint8_t *q = p->q + n * (k / 2);
-    const float *scale = p->scale + n * groups, *min = p->min + n * groups;
-    for (int64_t c = 0; c < k; c += CHUNK) {
-        const int64_t g = c / p->group_size;
-        dequantize_chunk(q + c / 2, scale[g], min[g], out + c);
-    }
 }
 
 /* x' = row r of x in stored-column order */
