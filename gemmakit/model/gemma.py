@@ -15,12 +15,13 @@ from gemmakit.model.slot_cache import SlotCache
 
 
 class GemmaModel(nn.Module):
-    """Embedding, blocks and final norm: HF's `model.` prefix."""
+    """Embedding, blocks and final norm: HF's `model.` prefix. `block` builds each layer (the
+    Gemma 4 MTP drafter's blocks attend over the target's keys and values)."""
 
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, block: type[nn.Module] = Block):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(Block(config, t, i) for i, t in enumerate(config.layer_types))
+        self.layers = nn.ModuleList(block(config, t, i) for i, t in enumerate(config.layer_types))
         self.norm = config_norm(config, config.hidden_size)
 
 

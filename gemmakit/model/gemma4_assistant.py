@@ -27,6 +27,7 @@ from torch import nn
 
 from gemmakit import ops
 from gemmakit.config import SLIDING, AssistantConfig, GemmaConfig
+from gemmakit.model.gemma import GemmaModel
 from gemmakit.model.layers import MLP, apply_rope, config_norm, layer_type_inv_freqs, rope_cos_sin
 
 
@@ -74,17 +75,6 @@ class AssistantBlock(nn.Module):
         return h * self.layer_scalar if hasattr(self, "layer_scalar") else h
 
 
-class AssistantModel(nn.Module):
-    """The drafter's blocks and final norm under HF's `model.` prefix. `embed_tokens` holds
-    the (tied) output embedding only: the drafter's input comes from the target."""
-
-    def __init__(self, config: GemmaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(AssistantBlock(config, t, i) for i, t in enumerate(config.layer_types))
-        self.norm = config_norm(config, config.hidden_size)
-
-
 class MaskedEmbedder(nn.Module):
     """Logits over the tokens of the top centroids only (transformers
     Gemma4AssistantMaskedEmbedder): the hidden state scores `num_centroids` clusters of
@@ -124,7 +114,9 @@ class Gemma4Assistant(nn.Module):
         super().__init__()
         t = config.text
         self.config = config
-        self.model = AssistantModel(t)
+        # the drafter's blocks and final norm under HF's `model.` prefix; `embed_tokens` holds
+        # the (tied) output embedding only: the drafter's input comes from the target
+        self.model = GemmaModel(t, AssistantBlock)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
