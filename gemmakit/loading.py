@@ -672,9 +672,10 @@ def _write_gptq_cache(folder: Path, model: Gemma, method: str, group_size: int, 
     from gemmakit.quant.packed4 import gptq_state_to_awq
 
     state = stored_head_as_embedding(model, _quantized_state(model))
-    qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     if method == "awq":
         state, qconfig = gptq_state_to_awq(state), awq_config(group_size)
+    else:
+        qconfig = gptq_config(group_size, desc_act, settings=GPTQSettings(group_size, desc_act))
     config = to_hf_config(model.config) | {"quantization_config": qconfig}
     try:
         with atomic_folder(folder) as tmp:

@@ -174,25 +174,33 @@ def test_quantize_method_gptq_cli_writes_a_folder_gemmakit_loads(hf_folder, tmp_
     assert main(["quantize", "-m", str(folder), "--method", "gptq"]) == 2
 
 
-def test_quantize_gptq_on_load_is_cached(hf_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantize_on_load_is_cached_in_its_own_format(method, hf_folder, tmp_path, monkeypatch):
+    """GPTQ and AWQ quantized on load are cached (AWQ in AWQ's layout and config, so that the
+    cached copy loads as AWQ again) and load from the cache with the same logits."""
+    from gemmakit.formats.gptq_folder import awq_config
     from gemmakit.loading import load
+    from gemmakit.quant.gptq_linear import StoredHalfLinear
 
     monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("GEMMAKIT_NO_CACHE", raising=False)
     folder, _ = _tiny_loaded(hf_folder)
-    spec = {"kind": "gptq", "group_size": 32}
+    spec = {"kind": method, "group_size": 32}
     first = load(folder, dtype="float32", device="cpu", quantize=spec).model
-    cached = list((tmp_path / "cache" / "quantized").glob("gptq-*"))
-    assert len(cached) == 1 and (cached[0] / "config.json").exists()
+    (cached,) = (tmp_path / "cache" / "quantized").glob(f"{method}-*")
+    assert (cached / "config.json").exists()
     second = load(folder, dtype="float32", device="cpu", quantize=spec).model
     ids = torch.tensor([[2, 10, 20, 30, 40]])
     with torch.no_grad():
         assert torch.equal(first(ids), second(ids))
     assert isinstance(second.model.layers[0].mlp.down_proj, GPTQLinear)
-    from gemmakit.quant.gptq_linear import StoredHalfLinear
-
     for model in (first, second):  # bf16 as a written checkpoint holds it, cached so
         assert isinstance(model.lm_head, StoredHalfLinear) and model.lm_head.weight.dtype == torch.bfloat16
+    assert first.quantization["kind"] == second.quantization["kind"] == method
+    written = json.loads((cached / "config.json").read_text())["quantization_config"]
+    assert written["quant_method"] == method
+    if method == "awq":
+        assert written == awq_config(32)
 
 
 # --- AWQ ----------------------------------------------------------------------------------------

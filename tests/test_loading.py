@@ -281,23 +281,3 @@ def test_a_loaded_awq_folder_says_awq(hf_folder, tmp_path):
     assert model.quantization["kind"] == again.quantization["kind"] == "awq"
     with torch.no_grad():
         assert torch.equal(again(ids), logits)
-
-
-def test_an_awq_model_quantized_on_load_is_cached_as_awq(hf_folder, tmp_path, monkeypatch):
-    from gemmakit.formats.gptq_folder import awq_config
-    from gemmakit.loading import load
-    from tests.test_gptq_awq import _tiny_loaded
-
-    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEMMAKIT_NO_CACHE", raising=False)
-    folder, _ = _tiny_loaded(hf_folder)
-    spec = {"kind": "awq", "group_size": 32}
-    first = load(folder, dtype="float32", device="cpu", quantize=spec).model
-    (cached,) = (tmp_path / "cache" / "quantized").glob("awq-*")
-    second = load(folder, dtype="float32", device="cpu", quantize=spec).model
-    ids = torch.tensor([[2, 10, 20, 30, 40]])
-    with torch.no_grad():
-        assert torch.equal(first(ids), second(ids))
-    assert first.quantization["kind"] == second.quantization["kind"] == "awq"
-    written = json.loads((cached / "config.json").read_text())["quantization_config"]
-    assert written == awq_config(32)
