@@ -21,6 +21,7 @@ from gemmakit.quant.gptq import (
 from gemmakit.quant.gptq_linear import GPTQLinear, StoredHalfLinear
 from gemmakit.quant.linear import QuantizedEmbedding
 from tests.test_gptq_awq import _correlated_layer, _tiny_loaded
+from tests.test_gptq_c_decode import assert_c_steps_match
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 
@@ -181,21 +182,10 @@ def test_a_float32_or_float16_head_is_left_as_before(hf_folder, tmp_path):
 
 @needs_kernel
 def test_c_step_reads_the_bf16_head_as_the_torch_model_computes(hf_folder, tmp_path):
-    from gemmakit.inference import c_decode
     from gemmakit.loading import load
 
     out = _bf16_gptq_folder(hf_folder, tmp_path)
     model = load(out, dtype="float32", device="cpu").model
     reference = _float_head_copy(load(out, dtype="float32", device="cpu").model, dequantize_linears=True)
     assert any(isinstance(m, GPTQLinear) for m in model.modules())
-    prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))
-    tokens = torch.randint(3, 256, (8,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.inference_mode():
-        ours, ref = model.make_cache(1, 24), model.make_cache(1, 24)
-        decoder = c_decode.decoder(model, ours, batch=1)
-        assert decoder is not None  # the bf16 head runs in C, not the torch fallback
-        reference(prompt, cache=ours), reference(prompt, cache=ref)
-        for token in tokens:
-            got = decoder.step(token)[0].clone()
-            want = reference(torch.tensor([[token]]), cache=ref)[0, -1]
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_c_steps_match(model, reference, steps=8)  # the bf16 head runs in C
