@@ -31,8 +31,10 @@
  * on, the weight rows unpacked once per call into transposed groups that the activations'
  * transposed copy (ActRows xt) meets word for word (groups_product). Q4_K and Q6_K against up
  * to FUSED_K_ROWS activation rows are read from the file's blocks in registers as well
- * (gguf_fused_k.c). Elsewhere, and for the other super-blocks, each weight row is unpacked once
- * (gguf_unpack.c) and dotted with every activation row.
+ * (gguf_fused_k.c). With 512-bit VNNI the blocks of 32 without a min take gguf_panel.c's
+ * panels from UNPACK_ROWS rows on instead of the groups. Elsewhere, and for the other
+ * super-blocks, each weight row is unpacked once (gguf_unpack.c) and dotted with every
+ * activation row.
  */
 #include <stdlib.h>
 
@@ -156,21 +158,6 @@ static inline void prefetch_share(const uint8_t *next, int64_t bytes, int64_t pa
 /* --- blocks of 32: each block's integer sum in lane (block mod 8) ------------------------ */
 
 #ifdef DOT_AVX2
-static inline __m256i values_q4_0(const uint8_t *p) { return _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8)); }
-static inline __m256i values_q4_1(const uint8_t *p) { return nibbles32(p + 4); }
-static inline __m256i values_q5_0(const uint8_t *p) {
-    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(p + 6), high_bits32(p + 2)), _mm256_set1_epi8(16));
-}
-static inline __m256i values_q5_1(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 8), high_bits32(p + 4)); }
-static inline __m256i values_q8_0(const uint8_t *p) { return LOAD32(p + 2); }
-/* Q4_0's and Q5_0's values before their offset (8, 16) is subtracted: 0..15, 0..31 */
-static inline __m256i values_q4_0_unsigned(const uint8_t *p) { return nibbles32(p + 2); }
-static inline __m256i values_q5_0_unsigned(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 6), high_bits32(p + 2)); }
-static inline __m256i values_iq4_nl(const uint8_t *p) {
-    const __m128i table = _mm_loadu_si128((const __m128i *)IQ4NL_VALUES);
-    return _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles32(p + 2));
-}
-
 /* With VNNI the lanes start from -128 times the block's lane sums (once per weight block) and
  * vpdpbusd adds the unsigned x + 128 times the signed values: sum x*w, with no sign trick per
  * pair; without, |w| times x with w's sign (vpmaddubsw + vpmaddwd). */
@@ -602,6 +589,12 @@ static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols
 void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi) {
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type);
     if (bb < 0 || gguf_act_type(type) != a->type) return;
+#ifdef GGUF_PANELS
+    if (unpacks_b32(type) && a->rows >= UNPACK_ROWS) {
+        panel_dot_rows(type, w, n, a, y, lo, hi);
+        return;
+    }
+#endif
     const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb, mode = tile_mode(type, a->rows);
     /* the unpacked weights each mode keeps (the fused products read the file's blocks): no
      * allocation on the decode step's one-row calls */

@@ -101,6 +101,24 @@ static inline __m256i high_bits32(const uint8_t *p) {
 #endif
 
 #if defined(__AVX2__)
+/* the 32 values of a block of 32 at p (the file's bytes) as int8 (gguf_dot.c, gguf_panel.c) */
+static inline __m256i values_q4_0(const uint8_t *p) { return _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8)); }
+static inline __m256i values_q4_1(const uint8_t *p) { return nibbles32(p + 4); }
+static inline __m256i values_q5_0(const uint8_t *p) {
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(p + 6), high_bits32(p + 2)), _mm256_set1_epi8(16));
+}
+static inline __m256i values_q5_1(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 8), high_bits32(p + 4)); }
+static inline __m256i values_q8_0(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)(p + 2)); }
+/* Q4_0's and Q5_0's values before their offset (8, 16) is subtracted: 0..15, 0..31 */
+static inline __m256i values_q4_0_unsigned(const uint8_t *p) { return nibbles32(p + 2); }
+static inline __m256i values_q5_0_unsigned(const uint8_t *p) { return _mm256_or_si256(nibbles32(p + 6), high_bits32(p + 2)); }
+static inline __m256i values_iq4_nl(const uint8_t *p) {
+    const __m128i table = _mm_loadu_si128((const __m128i *)IQ4NL_VALUES);
+    return _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles32(p + 2));
+}
+#endif
+
+#if defined(__AVX2__)
 /* dwords: out[t] lane m = word t of v[m] (an 8 x 8 transpose of 32-bit words) */
 static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
     __m256i t[8], u[8];
@@ -205,6 +223,13 @@ void unpack_row(int64_t type, const uint8_t *row, int64_t k, WRow *w);
 enum { FUSED_K_ROWS = 16 };
 int fused_k256(int64_t type, const uint8_t *w, int64_t nb, const ActRows *a, float *y, int64_t n, int64_t lo,
                int64_t hi);
+
+/* gguf_dot_rows for Q4_0, Q5_0, Q8_0 and IQ4_NL with 512-bit VNNI (gguf_panel.c): weight rows
+ * unpacked in panels of 16, one row per 32-bit lane; the same bits as gguf_dot.c's paths */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
+#define GGUF_PANELS 1
+void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
+#endif
 
 /* y (rows, n) columns [lo, hi) = the rows of a times the rows [lo, hi) of the (n, k) block
  * matrix w of ggml type `type` (gguf_dot.c); a->type must be gguf_act_type(type) */
