@@ -189,6 +189,39 @@ def test_avx2_and_scalar_builds_give_the_same_bits(flags):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "ggml_type", [T.Q4_0, T.Q5_0, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K, T.Q5_K], ids=lambda t: t.name
+)
+def test_many_weight_tiles_give_the_builds_bits(ggml_type):
+    """150 weight rows (tiles of 64 and a partial one; panels of 16 and a partial one, each
+    fetching the next) against 9 and 70 activation rows (tiles of 8 or 6 rows and the rest):
+    the AVX2 build's bits, and the rows [lo, hi) of a call that starts and ends inside a
+    panel those of the whole product."""
+    other = kernel_build.compile_library(kernel_build.FLAGS + ("-mno-avx512f",))
+    if other is None:
+        pytest.skip("the compiler rejects -mno-avx512f")
+    k = 640 if GGML_QUANT_SIZES[ggml_type][0] == 32 else 512
+    raw = torch.from_numpy(random_blocks(ggml_type, 150, k, seed=11))
+    for rows in (9, 70):
+        x = awkward_activations(rows, k, seed=12)
+        want = torch.empty(rows, 150)
+        other.gguf_matmul_rows(
+            int(ggml_type), raw.data_ptr(), 150, k, x.data_ptr(), rows, want.data_ptr(), 0, 150
+        )
+        assert torch.equal(cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k), want), rows
+        part = torch.full((rows, 150), float("nan"))
+        lib = cpu_kernels.library()
+        lib.gguf_matmul_rows(
+            int(ggml_type), raw.data_ptr(), 150, k, x.data_ptr(), rows, part.data_ptr(), 7, 101
+        )
+        assert (
+            torch.equal(part[:, 7:101], want[:, 7:101])
+            and part[:, :7].isnan().all()
+            and part[:, 101:].isnan().all()
+        )
+
+
+@needs_kernel
 @pytest.mark.parametrize("ggml_type", [T.Q5_0, T.Q4_K, T.Q8_0], ids=lambda t: t.name)
 def test_threads_and_column_chunks_change_no_value(ggml_type):
     """gguf_matmul_q8_mt hands out chunks of output columns to whichever thread is free: the

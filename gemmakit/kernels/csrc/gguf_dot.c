@@ -144,17 +144,6 @@ static float dot_k256(const WRow *w, const int8_t *xq, const float *xd, const in
 #endif
 }
 
-/* Part `part` of `parts` of the `bytes` at next (the next tile's weight rows) fetched into L2
- * while this tile computes: a tile unpacked at once (many activation rows) reads its weights
- * in one burst that the hardware prefetcher does not run ahead of. Measured on the bundled
- * head (Q8_0 262144 x 640, 16 rows, one thread, thread CPU time): the unpacking waited on
- * memory for ~40% of the product's time before. */
-static inline void prefetch_share(const uint8_t *next, int64_t bytes, int64_t part, int64_t parts) {
-    if (!next) return;
-    for (int64_t at = bytes * part / parts / 64 * 64; at < bytes * (part + 1) / parts; at += 64)
-        __builtin_prefetch(next + at, 0, 2);
-}
-
 /* --- blocks of 32: each block's integer sum in lane (block mod 8) ------------------------ */
 
 #ifdef DOT_AVX2
@@ -519,6 +508,7 @@ enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 }; /* see gguf_dot_rows */
  * single pass the whole tile unpacked would only leave L1 (measured on a Q6_K 640 x 2048,
  * one row: 0.135 ms against 0.107) */
 enum { BY_GROUPS, BY_FUSED, BY_ROWS, BY_ROW_EACH };
+enum { K512_ROWS = 8 }; /* from this many rows on the super-blocks take gguf_k512.c's tiles */
 
 static int tile_mode(int64_t type, int64_t rows) {
 #ifdef DOT_AVX2
@@ -526,6 +516,9 @@ static int tile_mode(int64_t type, int64_t rows) {
     if ((type == 12 || type == 14) && rows <= FUSED_K_ROWS) return BY_FUSED; /* Q4_K, Q6_K (gguf_fused_k.c) */
 #endif
     (void)type;
+#ifdef GGUF_PANELS
+    if (rows >= K512_ROWS) return BY_ROWS; /* gguf_k512.c: activation rows outer, in L1 */
+#endif
     return rows > ROWS_PER_PASS ? BY_ROWS : BY_ROW_EACH;
 }
 
@@ -555,6 +548,12 @@ static void tile_product(int mode, int64_t type, const uint8_t *wt, int64_t cols
     if (mode == BY_FUSED) {
         if (K) fused_k256(type, wt, nb, a, tile, cols, 0, cols);
         else fused_b32(type, wt, nb, a, tile, cols, 0, cols);
+        return;
+    }
+#endif
+#ifdef GGUF_PANELS
+    if (K && mode == BY_ROWS) {
+        k256_tile_512(rows, cols, nb, a, tile, next, next_bytes);
         return;
     }
 #endif
