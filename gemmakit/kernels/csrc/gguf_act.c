@@ -116,6 +116,35 @@ static void transpose_row(const ActRows *a, int64_t r) {
 #endif
 }
 
+/* Whether gguf_dot_rows hands these rows to gguf_panel.c, which reads only q, d and qsum: then
+ * xu and the transposed copies (qt, xut, dt) are not written (the blocks of 32 without a min
+ * are exactly the weight types of Q8_0 activations) */
+static int panels_take(const ActRows *a) {
+#ifdef GGUF_PANELS
+    return a->type == ACT_Q8_0 && a->rows >= UNPACK_ROWS;
+#else
+    (void)a;
+    return 0;
+#endif
+}
+
+/* the first of the 256 values whose magnitude is amax (the last when none is: a NaN matches none) */
+static int first_of_magnitude(const float *x, float amax) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f), m = _mm256_set1_ps(amax);
+    for (int j = 0; j < QKK; j += 8) {
+        const __m256 magnitudes = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
+        const int hits = _mm256_movemask_ps(_mm256_cmp_ps(magnitudes, m, _CMP_EQ_OQ));
+        if (hits) return j + __builtin_ctz((unsigned)hits);
+    }
+    return QKK - 1;
+#else
+    int first = 0;
+    while (first < QKK - 1 && fabsf(x[first]) != amax) first++;
+    return first;
+#endif
+}
+
 /* the largest |x| of n values (a multiple of 32): exact in any order */
 static float max_abs(const float *x, int n) {
 #if defined(__AVX2__)
@@ -175,8 +204,7 @@ static void quantize_q8_k(const float *x, int8_t *q, float *d, int16_t *bsums) {
         memset(bsums, 0, QKK / 16 * sizeof(int16_t));
         return;
     }
-    int first = 0; /* the first value of that magnitude gives the sign */
-    while (first < QKK - 1 && fabsf(x[first]) != amax) first++; /* (a NaN matches none) */
+    const int first = first_of_magnitude(x, amax); /* the first value of that magnitude gives the sign */
     const float iscale = -127.f / x[first];
     for (int c = 0; c < QKK / QK; c++) round32(x + c * QK, iscale, q + c * QK); /* |q| <= 127: min(127, v) */
     for (int g = 0; g < QKK / 16; g++) {
@@ -199,8 +227,11 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
-        for (int64_t i = 0; i < k; i++) a->xu[r * k + i] = (uint8_t)q[i] ^ 0x80; /* q + 128 */
-        if (a->type != ACT_Q8_K) transpose_row(a, r);
+        if (a->type == ACT_Q8_K || panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
+        uint8_t *restrict xu = a->xu + r * k;
+        const int8_t *restrict qr = q;
+        for (int64_t i = 0; i < k; i++) xu[i] = (uint8_t)qr[i] ^ 0x80; /* q + 128 */
+        transpose_row(a, r);
     }
 }
 

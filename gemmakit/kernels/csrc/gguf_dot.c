@@ -491,13 +491,6 @@ static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int
 
 /* --- rows of activations against rows of weights ----------------------------------------- */
 
-/* From this many activation rows on, the blocks of 32 without a min are unpacked once per
- * call into groups (groups_product). Measured with the next tile prefetched (one thread,
- * thread CPU time, shared machine): the bundled head at 4 rows 31.6 ms fused against 17.3 ms
- * in groups, at 8 rows 34.5 against 24.6, a Q5_0 2048 x 640 at 8 rows 0.318 against 0.180 ms;
- * at 2 and 3 rows the fused path stays ahead (head 13.1 against 14.3 ms, 15.8 against 16.6). */
-enum { UNPACK_ROWS = 4 };
-
 static int unpacks_b32(int64_t type) { return type == 2 || type == 6 || type == 8 || type == 20; }
 
 enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 }; /* see gguf_dot_rows */
