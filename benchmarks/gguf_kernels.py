@@ -74,11 +74,12 @@ def decode_bounds(model, chosen: dict[str, GGUFLinear], repeats: int, clock) -> 
     two = read_ceiling(chosen, repeats, time.perf_counter, 2)
     head = max(chosen.values(), key=lambda m: m.weight.numel())
     x = torch.randn(1, head.in_features, generator=torch.Generator().manual_seed(0))
+    y = torch.empty(1, head.out_features)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         head_ms = best_ms(
-            lambda: cpu_kernels.gguf_matmul(x, head.weight, head.ggml_type, head.in_features),
+            lambda: cpu_kernels.gguf_matmul(x, head.weight, head.ggml_type, head.in_features, out=y),
             repeats,
             time.perf_counter,
         )
@@ -125,11 +126,16 @@ def main():
             if m.out_features > 100_000 and rows > args.head_rows:
                 continue  # the head is only ever multiplied by the rows that sample
             x = torch.randn(rows, m.in_features, generator=torch.Generator().manual_seed(0))
+            y = torch.empty(
+                rows, m.out_features
+            )  # reused: a fresh output's page faults are not the product's
             row = dict(matrix=label, rows=rows)
             for kind, rounded in (("int8_ms", True), ("float_ms", False)):
                 call = (x, m.weight, m.ggml_type, m.in_features)
                 row[kind] = best_ms(
-                    lambda c=call, r=rounded: cpu_kernels.gguf_matmul(*c, rounded=r), args.repeats, clock
+                    lambda c=call, r=rounded, y=y: cpu_kernels.gguf_matmul(*c, rounded=r, out=y),
+                    args.repeats,
+                    clock,
                 )
             if m.out_features < 100_000:
                 row["torch_ms"] = best_ms(

@@ -241,3 +241,16 @@ def test_threads_and_column_chunks_change_no_value(ggml_type):
         int(ggml_type), raw.data_ptr(), 700, k, x[2:3].contiguous().data_ptr(), 1, alone.data_ptr(), 3
     )
     assert torch.equal(alone[0], three[2])
+
+
+@needs_kernel
+def test_products_write_a_given_output():
+    """gguf_matmul(out=...) writes the product into the tensor it is given (the benchmarks reuse
+    one) and refuses one of another shape or dtype."""
+    raw = torch.from_numpy(random_blocks(T.Q8_0, 40, 640, seed=13))
+    x = torch.randn(5, 640, generator=torch.Generator().manual_seed(14))
+    out = torch.full((5, 40), float("nan"))
+    assert cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640, out=out) is out
+    assert torch.equal(out, cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640))
+    assert cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640, out=torch.empty(5, 41)) is None
+    assert cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640, out=torch.empty(5, 40).double()) is None

@@ -398,19 +398,33 @@ def gguf_rows(raw: torch.Tensor, ggml_type: int, k: int, ids: torch.Tensor) -> t
 
 
 def gguf_matmul(
-    x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int, rounded: bool = True
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    ggml_type: int,
+    k: int,
+    rounded: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """x (M, k) float32 times the transposed (n, k) GGUF matrix: (M, n) float32, each block
     read once for all M rows. `rounded`: x rounded to llama.cpp's 8-bit activation blocks once
     for the call and integer dots (llama.cpp's product; a row's result does not depend on M);
-    else the blocks dequantized in registers or L1 and multiplied with x in float32. None
-    where it does not apply."""
+    else the blocks dequantized in registers or L1 and multiplied with x in float32. `out`: a
+    contiguous float32 (M, n) CPU tensor written instead of a new one (benchmarks reuse it, so
+    that a fresh tensor's page faults are not timed). None where it does not apply."""
     lib = _gguf_applies(raw, ggml_type, k)
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         return None
     x = x.contiguous()
     rows, n = x.shape[0], raw.shape[0]
-    out = torch.empty((rows, n), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((rows, n), dtype=torch.float32)
+    elif (
+        out.shape != (rows, n)
+        or out.dtype != torch.float32
+        or not out.is_contiguous()
+        or out.device.type != "cpu"
+    ):
+        return None
     product = lib.gguf_matmul_q8_mt if rounded else lib.gguf_matmul_f32_mt
     product(ggml_type, raw.data_ptr(), n, k, x.data_ptr(), rows, out.data_ptr(), _threads(n, 0))
     return out

@@ -147,7 +147,6 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
 
 enum { PANEL_ROWS = 16, PANEL_NR = 6 }; /* activation rows per tile: 6 x 5 zmm registers (8 spills: measured slower) */
 
-
 /* y[r * n + j] = panel row j . activation row r for j < cols (<= 16) and every row of a, while
  * the next panel's `next_bytes` at next (or none) are fetched into L2, evenly over the tiles'
  * blocks: a burst of prefetches would wait for free miss buffers and stall the products */
@@ -159,7 +158,7 @@ static void panel_product(const uint8_t *panel, int64_t nb, const ActRows *a, co
 #define PANEL_TILE(r, NR)                                                                            \
     {                                                                                                \
         const int64_t t = (r) / PANEL_NR, from = next_bytes * t / tiles / 64 * 64;                  \
-        panel_tile(panel, nb, a, r, NR, y + (r) * n, n, lanes, starts, next + from,                          \
+        panel_tile(panel, nb, a, r, NR, y + (r) * n, n, lanes, starts, next ? next + from : NULL,    \
                    next_bytes * (t + 1) / tiles - from);                                             \
     }
     int64_t r = 0;
