@@ -121,7 +121,7 @@ static void transpose_row(const ActRows *a, int64_t r) {
  * are exactly the weight types of Q8_0 activations) */
 static int panels_take(const ActRows *a) {
 #ifdef GGUF_PANELS
-    return a->type == ACT_Q8_0 && a->rows >= UNPACK_ROWS;
+    return a->type == ACT_Q8_0 && a->rows >= PANEL_MIN_ROWS;
 #else
     (void)a;
     return 0;
