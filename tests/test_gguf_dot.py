@@ -254,3 +254,25 @@ def test_products_write_a_given_output():
     assert torch.equal(out, cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640))
     assert cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640, out=torch.empty(5, 41)) is None
     assert cpu_kernels.gguf_matmul(x, raw, int(T.Q8_0), 640, out=torch.empty(5, 40).double()) is None
+
+
+@needs_kernel
+def test_two_rows_against_a_large_matrix_take_the_fused_path_right():
+    """Two activation rows against more than 16 MiB of blocks of 32 in one call run fused
+    (gguf_dot.h panels_take_rows; the panels below it), reading the activations' unsigned and
+    transposed copies: each row's result is its result alone, and a call over fewer weight
+    rows (the panels) gives the same values."""
+    n, k = 16400, 1024  # 17.8 MB of Q8_0
+    raw = torch.from_numpy(random_blocks(T.Q8_0, n, k, seed=15))
+    x = awkward_activations(2, k, seed=16)
+    lib = cpu_kernels.library()
+    both, alone = torch.empty(2, n), torch.empty(2, n)
+    lib.gguf_matmul_rows(int(T.Q8_0), raw.data_ptr(), n, k, x.data_ptr(), 2, both.data_ptr(), 0, n)
+    for r in range(2):
+        lib.gguf_matvec(
+            int(T.Q8_0), raw.data_ptr(), k, x[r].contiguous().data_ptr(), alone[r].data_ptr(), 0, n
+        )
+    assert torch.equal(both, alone)
+    part = torch.empty(2, n)
+    lib.gguf_matmul_rows(int(T.Q8_0), raw.data_ptr(), n, k, x.data_ptr(), 2, part.data_ptr(), 0, 100)
+    assert torch.equal(part[:, :100], both[:, :100])

@@ -116,12 +116,13 @@ static void transpose_row(const ActRows *a, int64_t r) {
 #endif
 }
 
-/* Whether gguf_dot_rows hands these rows to gguf_panel.c, which reads only q, d and qsum: then
- * xu and the transposed copies (qt, xut, dt) are not written (the blocks of 32 without a min
- * are exactly the weight types of Q8_0 activations) */
+/* Whether gguf_dot_rows hands these rows to gguf_panel.c whatever the matrix (panels_take_rows
+ * from 3 rows on), which reads only q, d and qsum: then xu and the transposed copies (qt, xut,
+ * dt) are not written (the blocks of 32 without a min are exactly the weight types of Q8_0
+ * activations) */
 static int panels_take(const ActRows *a) {
 #ifdef GGUF_PANELS
-    return a->type == ACT_Q8_0 && a->rows >= PANEL_MIN_ROWS;
+    return a->type == ACT_Q8_0 && a->rows > PANEL_MIN_ROWS;
 #else
     (void)a;
     return 0;

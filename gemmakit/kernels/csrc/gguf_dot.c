@@ -32,7 +32,7 @@
  * transposed copy (ActRows xt) meets word for word (groups_product). Q4_K and Q6_K against up
  * to FUSED_K_ROWS activation rows are read from the file's blocks in registers as well
  * (gguf_fused_k.c). With 512-bit VNNI the blocks of 32 without a min take gguf_panel.c's
- * panels from PANEL_MIN_ROWS rows on instead of both. Elsewhere, and for the other
+ * panels from 2 or 3 rows on instead of both (panels_take_rows). Elsewhere, and for the other
  * super-blocks, each weight row is unpacked once (gguf_unpack.c) and dotted with every
  * activation row.
  */
@@ -582,7 +582,7 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
     const int64_t k = a->k, bb = gguf_dot_block_bytes(type);
     if (bb < 0 || gguf_act_type(type) != a->type) return;
 #ifdef GGUF_PANELS
-    if (unpacks_b32(type) && a->rows >= PANEL_MIN_ROWS) {
+    if (unpacks_b32(type) && panels_take_rows(a->rows, (hi - lo) * (k / QK) * bb)) {
         panel_dot_rows(type, w, n, a, y, lo, hi);
         return;
     }

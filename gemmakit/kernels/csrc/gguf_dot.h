@@ -246,11 +246,17 @@ enum { UNPACK_ROWS = 4 };
  * unpacked in panels of 16, one row per 32-bit lane; the same bits as gguf_dot.c's paths */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
 #define GGUF_PANELS 1
-/* from this many activation rows on (fused below): measured against the fused path (one thread,
- * thread CPU time, loaded machine, the same bits) at 2 and 3 rows, Q5_0 2048 x 640 0.084 ->
- * 0.070 and 0.112 -> 0.080 ms, Q8_0 256 x 640 0.017 -> 0.012 ms at 3, the head even at 2 rows
- * (14.1 / 15.0 ms) and 17.8 -> 14.7 ms at 3 */
-enum { PANEL_MIN_ROWS = 2 };
+/* Whether gguf_dot_rows hands `rows` activation rows against `bytes` of weight rows to
+ * gguf_panel.c (else the fused or grouped paths). Measured against the fused path (one thread,
+ * thread CPU time, loaded machine, the same bits): at 3 rows panels win everywhere (Q5_0 2048 x
+ * 640 0.112 -> 0.080 ms, the head 17.8 -> 14.7 ms); at 2 rows they win on the layers' matrices
+ * (Q5_0 2048 x 640 0.085 -> 0.068 ms, 256 x 640 0.024 -> 0.018) but lose on the head (13.5 ->
+ * 15.3 ms), whose two-row product waits on memory and gains nothing from the unpacking: two rows
+ * go to the panels only below PANEL_TWO_ROW_BYTES of weights */
+enum { PANEL_MIN_ROWS = 2, PANEL_TWO_ROW_BYTES = 16 << 20 };
+static inline int panels_take_rows(int64_t rows, int64_t bytes) {
+    return rows > PANEL_MIN_ROWS || (rows == PANEL_MIN_ROWS && bytes < PANEL_TWO_ROW_BYTES);
+}
 void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
 /* the cols unpacked super-block rows (Q2_K..Q6_K, IQ4_XS) against every row of a (Q8_K) into
  * tile[r * cols + c], two chunks per 512-bit instruction, while the next tile's next_bytes at
