@@ -133,3 +133,29 @@ def test_a_slot_prefilled_in_c_equals_its_one_row_steps(hf_folder, monkeypatch):
             decoder.prefill(seq, 2)  # no such slot
         with pytest.raises(ValueError):
             decoder.prefill(seq + seq, 0)  # past the slot's capacity
+
+
+@needs_kernel
+@pytest.mark.parametrize("family,overrides", [CASES[1], CASES[3], CASES[4], CASES[5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_same_on_any_number_of_threads(family, overrides, dtype, hf_folder):
+    """A one-row step splits its attention over the threads (the positions for the scores,
+    the columns for the weighted sums); a longer run gives each thread whole blocks of rows.
+    A sequence fed one row a step or in chunks that cut its blocks anywhere, on 1, 2 or 3
+    threads, gives the same logits bit for bit (MHA, MQA, GQA; a head size that leaves a tail)."""
+    model, _ = paired(hf_folder, family, **overrides)
+    model.to(dtype)
+    (seq,) = sequences([40], seed=8)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for chunks in ([1] * 40, [17, 1, 1, 21]):
+                    decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 48))
+                    results.append(decode_in_chunks(decoder, seq, chunks, 1))
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        assert torch.equal(got, results[0])

@@ -40,7 +40,9 @@
  * row (norms, residual adds) is repeated on each thread on its own copy of the residual
  * streams (identical instructions on identical data, so the copies stay bit-identical)
  * instead of paying a barrier; keys and values are split by (row, KV head), attention by
- * (row, query head).
+ * blocks of rows of one run with one KV head (each key and value row read once for all the
+ * block's queries: its rows' heads that share the KV head), or, for a step of fewer blocks
+ * than threads (one decode row), each block's positions and columns split over the threads.
  */
 #include <stdlib.h>
 
@@ -52,13 +54,32 @@ typedef struct {
     int64_t row, first, last;
 } Run;
 
+/* Attention in blocks: consecutive attending rows of one run (rows i0..i1-1 of the attending
+ * rows: every row, or the last block's logit rows) with one KV head, whose queries (about
+ * BLOCK_QUERIES: the rows' heads that share the KV head) read each key and value row once */
+enum { BLOCK_QUERIES = 16 };
+typedef struct {
+    int64_t i0, i1;
+} Block;
+
+/* The blocks of one list of attending rows; split: fewer blocks x kv_heads than threads (a
+ * decode step of one row), so that each block's positions, then its columns, are split over
+ * the threads instead, its scores in `scores` (shared) */
+typedef struct {
+    Block *blocks;
+    int64_t n, split;
+} Blocks;
+
 /* Buffers every thread reads, (rows, width) each: matrix outputs, written by column ranges
  * between barriers; the new keys and values (staged: kv_heads x rows x head_dim each, in the
- * cache's element type); each row's run; the scratch of each thread (thread_floats) */
+ * cache's element type); each row's run; the attention blocks of every row and of the logit
+ * rows, the split blocks' scores; the scratch of each thread (thread_floats) */
 typedef struct {
     float *q, *k, *v, *attn, *o, *act, *up, *down;
     void *staged_k, *staged_v;
     const Run *runs;
+    Blocks all, out;
+    float *split_scores;
     float *scratch;
 } Buffers;
 
@@ -68,10 +89,19 @@ typedef struct {
     Buffers buf;
 } Job;
 
+/* the rows of an attention block: BLOCK_QUERIES query heads, or one row's heads of a KV head */
+static int64_t block_rows(const Model *m) {
+    const int64_t group = m->heads / m->kv_heads;
+    return group < BLOCK_QUERIES ? BLOCK_QUERIES / group : 1;
+}
+
+/* the queries of one attention block and the scores of each (max_visible) */
+static int64_t block_scores(const Model *m) { return block_rows(m) * (m->heads / m->kv_heads) * m->max_visible; }
+
 /* a thread's residual streams and their normed copies (rows x hidden each), RoPE angles
- * (rows x 2 groups x head_dim), one head (head_dim) and attention scores (max_visible) */
+ * (rows x 2 groups x head_dim), one head (head_dim) and one block's attention scores */
 static int64_t thread_floats(const Model *m, int64_t rows) {
-    return rows * (m->hidden * 2 + m->head_dim * 2) + m->head_dim + m->max_visible;
+    return rows * (m->hidden * 2 + m->head_dim * 2) + m->head_dim + block_scores(m);
 }
 
 /* every row times the matrix, this thread's share of its output columns */
@@ -86,12 +116,22 @@ static void norm_rows(const float *x, const float *gain, float *xn, int64_t rows
     for (int64_t r = 0; r < rows; r++) rms_norm(x + r * C, gain, xn + r * C, C, eps);
 }
 
-/* Stages every row's key (normed, rotated) and value in the cache's element type: this
- * thread's (row, KV head) pairs. Staged, not stored: a row of a long run must still find in
- * the cache the keys a later row of its run will overwrite (a sliding ring's old positions). */
+/* Stages every row's key (normed, rotated) and value in the cache's element type, and norms
+ * and rotates the queries of the n_out attending rows (out_rows, or every row) in place: this
+ * thread's (row, KV head) and (row, query head) pairs. Staged, not stored: a row of a long run
+ * must still find in the cache the keys a later row of its run will overwrite (a sliding
+ * ring's old positions). */
 static void stage_keys_values(const Model *m, const Batch *b, const Layer *L, const Buffers *buf,
-                              const float *trig, float *head, int tid, int nthreads) {
-    const int64_t R = b->rows, KV = m->kv_heads, D = m->head_dim, g = L->group;
+                              const float *trig, const int64_t *out_rows, int64_t n_out, float *head, int tid,
+                              int nthreads) {
+    const int64_t R = b->rows, H = m->heads, KV = m->kv_heads, D = m->head_dim, g = L->group;
+    for (int64_t i = tid; i < n_out * H; i += nthreads) {
+        const int64_t r = out_rows ? out_rows[i / H] : i / H;
+        float *query = buf->q + (r * H + i % H) * D;
+        const float *angles = trig + (r * 2 + g) * D;
+        norm_rope_head(query, L->q_norm, angles, angles + D / 2, head, D, m->eps);
+        memcpy(query, head, sizeof(float) * D);
+    }
     for (int64_t i = tid; i < R * KV; i += nthreads) {
         const int64_t r = i / KV, kv = i % KV, at = (kv * R + r) * D;
         const float *angles = trig + (r * 2 + g) * D;
@@ -123,42 +163,84 @@ static void store_staged(const Model *m, const Batch *b, const Layer *L, const B
     }
 }
 
-/* Attention of this thread's (row, query head) pairs, for the `out` rows (NULL: every row;
- * output i for row out[i]), over the positions the row sees, in position order: those before
- * its run from the cache (a sliding ring holds them at position % capacity: up to two
- * contiguous runs), those of its run from the staged keys. The scores, their softmax and the
- * weighted sum of the values are therefore the same, bit for bit, wherever its earlier
- * positions were computed (this step or an earlier one). */
-static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers *buf, const float *trig,
-                   const int64_t *out_rows, int64_t n_out, float *head, float *scores, int tid, int nthreads) {
-    const int64_t R = b->rows, H = m->heads, KV = m->kv_heads, D = m->head_dim, cap = L->capacity, g = L->group;
-    const int64_t elem = m->cache_bf16 ? 2 : 4;
+/* The queries of block blk with KV head kv (their scores at `scores`, `stride` apart), the
+ * key and value rows they see, and the positions [x0, x1) any of them sees: its number of
+ * queries. The rows of a block are consecutive rows of one run, so they share its rows. */
+static int64_t block_queries(const Model *m, const Batch *b, const Layer *L, const Buffers *buf,
+                             const int64_t *out_rows, Block blk, int64_t kv, float *scores, int64_t stride, Query *qs,
+                             KVRows *rows, int64_t *x0, int64_t *x1) {
+    const int64_t R = b->rows, H = m->heads, KV = m->kv_heads, D = m->head_dim, G = H / KV, cap = L->capacity;
+    const int64_t elem = m->cache_bf16 ? 2 : 4, r0 = out_rows ? out_rows[blk.i0] : blk.i0;
+    int64_t n = 0;
+    for (int64_t i = blk.i0; i < blk.i1; i++) {
+        const int64_t r = out_rows ? out_rows[i] : i, p = b->positions[r];
+        const int64_t lo = L->group == 1 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
+        for (int64_t h = kv * G; h < kv * G + G; h++, n++)
+            qs[n] = (Query){buf->q + (r * H + h) * D, scores + n * stride, buf->attn + (i * H + h) * D, lo, p};
+    }
+    const Run *run = &buf->runs[r0];
+    const int64_t base = (b->slots[r0] * KV + kv) * cap * D * elem, staged = (kv * R + run->row) * D * elem;
+    *rows = (KVRows){(const char *)L->k_cache + base, (const char *)L->v_cache + base,
+                     (const char *)buf->staged_k + staged, (const char *)buf->staged_v + staged,
+                     cap, run->first, D * elem, m->cache_bf16};
+    *x0 = qs[0].lo, *x1 = qs[n - 1].hi + 1;
+    return n;
+}
+
+/* Attention of every (block, KV head) pair over the positions its queries see, in position
+ * order: those before its run from the cache (a sliding ring holds them at position %
+ * capacity), those of its run from the staged keys. Each score, softmax and weighted sum is
+ * computed the same way whichever block, thread or part of a split its row falls in
+ * (attention_scores, attention_sum), so a row's attention is the same, bit for bit, wherever
+ * its earlier positions were computed (this step or an earlier one) and whatever else is in
+ * the step. Whole pairs go to the threads in turn; a split list (fewer pairs than threads)
+ * splits each pair's positions over the threads for the scores, then its queries for the
+ * softmax, then its columns for the weighted sums, with barriers between. */
+static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers *buf, const int64_t *out_rows,
+                   const Blocks *blocks, float *scratch, int tid, int nthreads) {
+    const int64_t KV = m->kv_heads, D = m->head_dim, tasks = blocks->n * KV, stride = m->max_visible;
     const float scale = (float)m->attn_scale;
-    for (int64_t i = tid; i < n_out * H; i += nthreads) {
-        const int64_t r = out_rows ? out_rows[i / H] : i / H, h = i % H, kv = h / (H / KV), p = b->positions[r];
-        const Run *run = &buf->runs[r];
-        const int64_t lo = g == 1 && p - m->window + 1 > 0 ? p - m->window + 1 : 0;
-        /* positions [lo, first) from the cache, [new_from, p] staged */
-        const int64_t n_old = run->first > lo ? run->first - lo : 0, new_from = lo + n_old;
-        const int64_t n_new = p - new_from + 1, start = lo % cap;
-        const int64_t n1 = n_old < cap - start ? n_old : cap - start; /* from `start`, then [0, n_old - n1) */
-        const int64_t base = (b->slots[r] * KV + kv) * cap * D;
-        const char *keys = (const char *)L->k_cache + base * elem, *values = (const char *)L->v_cache + base * elem;
-        const int64_t staged_at = (kv * R + run->row + (new_from - run->first)) * D * elem;
-        const char *new_keys = (const char *)buf->staged_k + staged_at;
-        const char *new_values = (const char *)buf->staged_v + staged_at;
-        const float *angles = trig + (r * 2 + g) * D;
-        norm_rope_head(buf->q + (r * H + h) * D, L->q_norm, angles, angles + D / 2, head, D, m->eps);
-        float top = key_scores(head, keys + start * D * elem, n1, D, scale, m->attn_softcap, scores, -INFINITY,
-                               m->cache_bf16);
-        top = key_scores(head, keys, n_old - n1, D, scale, m->attn_softcap, scores + n1, top, m->cache_bf16);
-        top = key_scores(head, new_keys, n_new, D, scale, m->attn_softcap, scores + n_old, top, m->cache_bf16);
-        softmax_given_top(scores, n_old + n_new, top);
-        float *o = buf->attn + i * D;
-        memset(o, 0, sizeof(float) * D);
-        weighted_sum_add(scores, values + start * D * elem, n1, D, o, m->cache_bf16);
-        weighted_sum_add(scores + n1, values, n_old - n1, D, o, m->cache_bf16);
-        weighted_sum_add(scores + n_old, new_values, n_new, D, o, m->cache_bf16);
+    Query qs[block_rows(m) * (m->heads / KV)];
+    KVRows rows;
+    int64_t x0, x1;
+    if (!blocks->split) {
+        for (int64_t t = tid; t < tasks; t += nthreads) {
+            const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV, scratch, stride,
+                                             qs, &rows, &x0, &x1);
+            attention_scores(qs, nq, &rows, x0, x1, D, scale, m->attn_softcap);
+            for (int64_t j = 0; j < nq; j++) {
+                softmax_row(qs[j].scores, qs[j].hi - qs[j].lo + 1);
+                memset(qs[j].out, 0, sizeof(float) * D);
+            }
+            attention_sum(qs, nq, &rows, x0, x1, 0, D, D);
+        }
+        return;
+    }
+    const int64_t per_task = block_scores(m);
+    for (int64_t t = 0; t < tasks; t++) { /* this thread's share of the positions */
+        const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
+                                         buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
+        int64_t lo, hi;
+        rows_of(x1 - x0, tid, nthreads, &lo, &hi);
+        attention_scores(qs, nq, &rows, x0 + lo, x0 + hi, D, scale, m->attn_softcap);
+    }
+    pool_barrier(nthreads);
+    int64_t item = 0; /* the (pair, query) softmaxes in turn */
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
+                                         buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
+        for (int64_t j = 0; j < nq; j++, item++)
+            if (item % nthreads == tid) softmax_row(qs[j].scores, qs[j].hi - qs[j].lo + 1);
+    }
+    pool_barrier(nthreads);
+    for (int64_t t = 0; t < tasks; t++) { /* this thread's columns, in whole vectors of 16 */
+        const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
+                                         buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
+        int64_t lo, hi;
+        rows_of((D + 15) / 16, tid, nthreads, &lo, &hi);
+        const int64_t d0 = lo * 16, d1 = hi * 16 < D ? hi * 16 : D;
+        for (int64_t j = 0; j < nq; j++) memset(qs[j].out + d0, 0, sizeof(float) * (d1 - d0));
+        attention_sum(qs, nq, &rows, x0, x1, d0, d1, D);
     }
 }
 
@@ -172,6 +254,7 @@ static void keep_rows(float *x, const int64_t *keep, int64_t n, int64_t C) {
  * logits are wanted go on after attention: returns the rows x holds then. */
 static int64_t run_block(const Job *job, const Layer *L, float *x, float *xn, float *trig, float *head,
                          float *scores, const int64_t *out_rows, int64_t n_out, int tid, int nthreads) {
+    const Blocks *blocks = out_rows ? &job->buf.out : &job->buf.all;
     const Model *m = job->m;
     const Batch *b = job->b;
     const Buffers *buf = &job->buf;
@@ -181,9 +264,9 @@ static int64_t run_block(const Job *job, const Layer *L, float *x, float *xn, fl
     my_columns(&L->k, xn, R, buf->k, tid, nthreads);
     my_columns(&L->v, xn, R, buf->v, tid, nthreads);
     pool_barrier(nthreads);
-    stage_keys_values(m, b, L, buf, trig, head, tid, nthreads);
-    pool_barrier(nthreads); /* every row's key is staged before any row attends */
-    attend(m, b, L, buf, trig, out_rows, n_out, head, scores, tid, nthreads);
+    stage_keys_values(m, b, L, buf, trig, out_rows, n_out, head, tid, nthreads);
+    pool_barrier(nthreads); /* every row's key and query is ready before any row attends */
+    attend(m, b, L, buf, out_rows, blocks, scores, tid, nthreads);
     pool_barrier(nthreads); /* every row has read the cache before any key is stored */
     store_staged(m, b, L, buf, tid, nthreads);
     int64_t rows = R;
@@ -256,29 +339,53 @@ static int find_runs(const Batch *b, Run *runs) {
     return 0;
 }
 
+/* The attention blocks of the n attending rows (out_rows, or every row): the runs of
+ * consecutive rows of one slot at consecutive positions, cut every per_block rows; their
+ * number. */
+static int64_t make_blocks(const Batch *b, const int64_t *out_rows, int64_t n, int64_t per_block, Block *blocks) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = out_rows ? out_rows[i] : i, prev = i == 0 ? -1 : out_rows ? out_rows[i - 1] : i - 1;
+        const int joins = count && i - blocks[count - 1].i0 < per_block && prev == r - 1 &&
+                          b->slots[r] == b->slots[prev] && b->positions[r] == b->positions[prev] + 1;
+        if (joins) blocks[count - 1].i1 = i + 1;
+        else blocks[count++] = (Block){i, i + 1};
+    }
+    return count;
+}
+
 int decode_batch(const Model *m, const Batch *b, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_STEP_THREADS) threads = MAX_STEP_THREADS;
     const int64_t R = b->rows, C = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, I = m->intermediate;
-    if (D % 2) return -1;
+    if (D % 2 || KV < 1 || H % KV) return -1;
     if (R < 1) return 0;
     if (b->logit_rows) /* ascending, within [0, R) */
         for (int64_t i = 0; i < b->n_logit_rows; i++)
             if (b->logit_rows[i] < 0 || b->logit_rows[i] >= R || (i && b->logit_rows[i] <= b->logit_rows[i - 1]))
                 return -3;
+    const int64_t n_out = b->logit_rows ? b->n_logit_rows : R;
     const int64_t widths[10] = {H * D, KV * D, KV * D, H * D, C, I, I, C, KV * D, KV * D}; /* Buffers' order */
     int64_t shared_floats = 0;
     for (int i = 0; i < 10; i++) shared_floats += R * widths[i];
-    /* the runs first (int64 aligned), then the floats */
-    Run *runs = malloc(sizeof(Run) * R + sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
+    /* a split list's scores: fewer than `threads` (block, KV head) pairs */
+    shared_floats += threads * block_scores(m);
+    /* the runs and the blocks first (int64 aligned), then the floats */
+    Run *runs = malloc(sizeof(Run) * R + sizeof(Block) * (R + n_out) +
+                       sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
     if (!runs) return -1;
     if (find_runs(b, runs)) {
         free(runs);
         return -2;
     }
-    float *parts[10], *at = (float *)(runs + R);
+    Block *blocks = (Block *)(runs + R);
+    const int64_t n_all = make_blocks(b, NULL, R, block_rows(m), blocks);
+    const int64_t n_chosen = make_blocks(b, b->logit_rows, n_out, block_rows(m), blocks + R);
+    float *parts[10], *at = (float *)(blocks + R + n_out);
     for (int i = 0; i < 10; i++) parts[i] = at, at += R * widths[i];
-    Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs, at}};
+    Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs,
+                      {blocks, n_all, n_all * KV < threads}, {blocks + R, n_chosen, n_chosen * KV < threads}, at,
+                      at + threads * block_scores(m)}};
     pool_run(run_batch, &job, threads);
     free(runs);
     return 0;
