@@ -159,3 +159,28 @@ def test_attention_is_the_same_on_any_number_of_threads(family, overrides, dtype
         torch.set_num_threads(before)
     for got in results[1:]:
         assert torch.equal(got, results[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bundled_gguf_rounds_each_input_once_with_the_same_bits(threads):
+    """A step rounds each input to 8-bit blocks once for the products that read it (q/k/v,
+    gate/up): from 16 rows on once for all threads, the rows split between them, below by each
+    thread for itself. On the bundled file's own types (Q5_0 and Q8_0 read Q8_0 blocks, Q4_K
+    and Q6_K Q8_K blocks) a 24-row prompt chunk gives every row the logits of one-row steps,
+    bit for bit."""
+    from gemmakit.loading import load
+
+    model = load().model
+    (seq,) = sequences([24], seed=9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            one_by_one = decode_in_chunks(
+                c_decode.batch_decoder(model, slot_cache(model, 1, 32)), seq, [1] * 24
+            )
+            chunk = decode_in_chunks(c_decode.batch_decoder(model, slot_cache(model, 1, 32)), seq, [24])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(chunk, one_by_one)

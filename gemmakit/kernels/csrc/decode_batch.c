@@ -46,6 +46,7 @@
  */
 #include <stdlib.h>
 
+#include "gguf_dot.h"
 #include "step.h"
 
 /* A row's run: the rows of its slot in the step (consecutive rows at consecutive positions):
@@ -70,6 +71,8 @@ typedef struct {
     int64_t n, split;
 } Blocks;
 
+static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
 /* Buffers every thread reads, (rows, width) each: matrix outputs, written by column ranges
  * between barriers; the new keys and values (staged: kv_heads x rows x head_dim each, in the
  * cache's element type); each row's run; the attention blocks of every row and of the logit
@@ -80,6 +83,8 @@ typedef struct {
     const Run *runs;
     Blocks all, out;
     float *split_scores;
+    uint8_t *rounded_shared, *rounded_own; /* Rounded inputs: the step's, each thread's */
+    int64_t rounded_own_bytes;
     float *scratch;
 } Buffers;
 
@@ -104,11 +109,57 @@ static int64_t thread_floats(const Model *m, int64_t rows) {
     return rows * (m->hidden * 2 + m->head_dim * 2) + m->head_dim + block_scores(m);
 }
 
+/* From this many rows on, an input is rounded to 8-bit blocks once for all threads (each
+ * its share of the rows, then a barrier); below, each thread rounds every row into its own
+ * buffer, which costs less than the barrier (a decode step's one row: about a microsecond). */
+enum { SHARED_ROUNDING_ROWS = 16 };
+
+/* The input rows of the products that read them, rounded once to the 8-bit blocks of the
+ * GGUF matrices' activation type (act; -1: the products take x as it is) */
+typedef struct {
+    ActRows a;
+    int64_t act;
+} Rounded;
+
+static int64_t activation_type(const Mat *mat) {
+    if (mat->type < W_GGUF_BASE || gguf_row_bytes(mat->type - W_GGUF_BASE, mat->k) < 0) return -1;
+    return gguf_act_type(mat->type - W_GGUF_BASE);
+}
+
+/* x (rows of mat->k) rounded for mat and the matrices of its activation type that read the
+ * same input: once per input, not once per matrix and thread. Every thread calls it. */
+static void round_input(const Buffers *buf, const Mat *mat, const float *x, int64_t rows, Rounded *in, int tid,
+                        int nthreads) {
+    in->act = activation_type(mat);
+    if (in->act < 0) return;
+    if (rows >= SHARED_ROUNDING_ROWS) {
+        act_rows_init(&in->a, in->act, rows, mat->k, buf->rounded_shared);
+        int64_t lo, hi;
+        rows_of(rows, tid, nthreads, &lo, &hi);
+        act_rows_quantize(&in->a, x, lo, hi);
+        pool_barrier(nthreads); /* every row rounded before any product reads it */
+    } else {
+        act_rows_init(&in->a, in->act, rows, mat->k, buf->rounded_own + tid * buf->rounded_own_bytes);
+        act_rows_quantize(&in->a, x, 0, rows);
+    }
+}
+
+/* y columns [lo, hi) = the rows of x times mat: a GGUF matrix of in's activation type from
+ * the rows rounded once (gguf_dot_rows: what gguf_matmul_rows runs after rounding them), any
+ * other through matmul_rows */
+static void product(const Mat *mat, const float *x, int64_t rows, const Rounded *in, float *y, int64_t lo,
+                    int64_t hi) {
+    if (in->act >= 0 && activation_type(mat) == in->act && mat->k == in->a.k)
+        gguf_dot_rows(mat->type - W_GGUF_BASE, mat->w, mat->n, &in->a, y, lo, hi);
+    else matmul_rows(mat, x, rows, y, lo, hi);
+}
+
 /* every row times the matrix, this thread's share of its output columns */
-static void my_columns(const Mat *mat, const float *x, int64_t rows, float *y, int tid, int nthreads) {
+static void my_columns(const Mat *mat, const float *x, int64_t rows, const Rounded *in, float *y, int tid,
+                       int nthreads) {
     int64_t lo, hi;
     rows_of(mat->n, tid, nthreads, &lo, &hi);
-    matmul_rows(mat, x, rows, y, lo, hi);
+    product(mat, x, rows, in, y, lo, hi);
 }
 
 /* rows x C values of x into xn, each row normed */
@@ -259,10 +310,12 @@ static int64_t run_block(const Job *job, const Layer *L, float *x, float *xn, fl
     const Batch *b = job->b;
     const Buffers *buf = &job->buf;
     const int64_t R = b->rows, C = m->hidden, I = m->intermediate;
+    Rounded in;
     norm_rows(x, L->input_norm, xn, R, C, m->eps);
-    my_columns(&L->q, xn, R, buf->q, tid, nthreads);
-    my_columns(&L->k, xn, R, buf->k, tid, nthreads);
-    my_columns(&L->v, xn, R, buf->v, tid, nthreads);
+    round_input(buf, &L->q, xn, R, &in, tid, nthreads); /* q, k and v read it */
+    my_columns(&L->q, xn, R, &in, buf->q, tid, nthreads);
+    my_columns(&L->k, xn, R, &in, buf->k, tid, nthreads);
+    my_columns(&L->v, xn, R, &in, buf->v, tid, nthreads);
     pool_barrier(nthreads);
     stage_keys_values(m, b, L, buf, trig, out_rows, n_out, head, tid, nthreads);
     pool_barrier(nthreads); /* every row's key and query is ready before any row attends */
@@ -272,19 +325,22 @@ static int64_t run_block(const Job *job, const Layer *L, float *x, float *xn, fl
     int64_t rows = R;
     if (out_rows) keep_rows(x, out_rows, rows = n_out, C);
     if (rows == 0) return 0; /* no row wants logits: the keys and values were all the step had to give */
-    my_columns(&L->o, buf->attn, rows, buf->o, tid, nthreads);
+    round_input(buf, &L->o, buf->attn, rows, &in, tid, nthreads);
+    my_columns(&L->o, buf->attn, rows, &in, buf->o, tid, nthreads);
     pool_barrier(nthreads);
     for (int64_t r = 0; r < rows; r++) add_residual(x + r * C, buf->o + r * C, L->post_attention_norm, xn, C, m->eps);
     /* MLP: gate and up over the same column range, then GeGLU of those columns */
     norm_rows(x, L->pre_feedforward_norm, xn, rows, C, m->eps);
+    round_input(buf, &L->gate, xn, rows, &in, tid, nthreads); /* gate and up read it */
     int64_t lo, hi;
     rows_of(I, tid, nthreads, &lo, &hi);
-    matmul_rows(&L->gate, xn, rows, buf->act, lo, hi);
-    matmul_rows(&L->up, xn, rows, buf->up, lo, hi);
+    product(&L->gate, xn, rows, &in, buf->act, lo, hi);
+    product(&L->up, xn, rows, &in, buf->up, lo, hi);
     for (int64_t r = 0; r < rows; r++) /* in place: each value read before written */
         geglu_forward(buf->act + r * I, buf->up + r * I, buf->act + r * I, lo, hi, 0);
     pool_barrier(nthreads);
-    my_columns(&L->down, buf->act, rows, buf->down, tid, nthreads);
+    round_input(buf, &L->down, buf->act, rows, &in, tid, nthreads);
+    my_columns(&L->down, buf->act, rows, &in, buf->down, tid, nthreads);
     pool_barrier(nthreads);
     for (int64_t r = 0; r < rows; r++) add_residual(x + r * C, buf->down + r * C, L->post_feedforward_norm, xn, C, m->eps);
     return rows;
@@ -314,9 +370,11 @@ static void run_batch(const void *arg, int tid, int nthreads) {
     }
     if (rows == 0) return;
     norm_rows(x, m->final_norm, xn, rows, C, m->eps);
+    Rounded in;
+    round_input(&job->buf, &m->lm_head, xn, rows, &in, tid, nthreads);
     int64_t lo, hi;
     rows_of(m->vocab, tid, nthreads, &lo, &hi);
-    matmul_rows(&m->lm_head, xn, rows, b->logits, lo, hi);
+    product(&m->lm_head, xn, rows, &in, b->logits, lo, hi);
     if (m->final_softcap > 0)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t n = lo; n < hi; n++) b->logits[r * m->vocab + n] = softcap(b->logits[r * m->vocab + n], m->final_softcap);
@@ -370,23 +428,31 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     for (int i = 0; i < 10; i++) shared_floats += R * widths[i];
     /* a split list's scores: fewer than `threads` (block, KV head) pairs */
     shared_floats += threads * block_scores(m);
-    /* the runs and the blocks first (int64 aligned), then the floats */
-    Run *runs = malloc(sizeof(Run) * R + sizeof(Block) * (R + n_out) +
-                       sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
-    if (!runs) return -1;
+    /* rounded inputs, of the widest input any product reads: the step's (many rows) or each
+     * thread's (few), each 64-byte aligned */
+    const int64_t widest = C > H * D ? (C > I ? C : I) : (H * D > I ? H * D : I);
+    const int64_t shared_bytes = R >= SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
+    const int64_t own_bytes = R < SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
+    /* the runs and the blocks first (int64 aligned), then the rounded inputs, then the floats */
+    const int64_t head_bytes = align64(sizeof(Run) * R + sizeof(Block) * (R + n_out)) + 64;
+    char *memory = malloc(head_bytes + shared_bytes + threads * own_bytes +
+                          sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
+    if (!memory) return -1;
+    Run *runs = (Run *)memory;
     if (find_runs(b, runs)) {
-        free(runs);
+        free(memory);
         return -2;
     }
     Block *blocks = (Block *)(runs + R);
     const int64_t n_all = make_blocks(b, NULL, R, block_rows(m), blocks);
     const int64_t n_chosen = make_blocks(b, b->logit_rows, n_out, block_rows(m), blocks + R);
-    float *parts[10], *at = (float *)(blocks + R + n_out);
+    uint8_t *rounded = (uint8_t *)(((uintptr_t)(memory + head_bytes - 64) + 63) & ~(uintptr_t)63);
+    float *parts[10], *at = (float *)(rounded + shared_bytes + threads * own_bytes);
     for (int i = 0; i < 10; i++) parts[i] = at, at += R * widths[i];
     Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs,
                       {blocks, n_all, n_all * KV < threads}, {blocks + R, n_chosen, n_chosen * KV < threads}, at,
-                      at + threads * block_scores(m)}};
+                      rounded, rounded + shared_bytes, own_bytes, at + threads * block_scores(m)}};
     pool_run(run_batch, &job, threads);
-    free(runs);
+    free(memory);
     return 0;
 }
