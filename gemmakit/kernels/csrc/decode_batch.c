@@ -44,6 +44,7 @@
  * block's queries: its rows' heads that share the KV head), or, for a step of fewer blocks
  * than threads (one decode row), each block's positions and columns split over the threads.
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "gguf_dot.h"
@@ -71,6 +72,9 @@ typedef struct {
     int64_t n, split;
 } Blocks;
 
+/* chunks of the head's columns per thread (taken dynamically: run_batch) */
+enum { HEAD_CHUNKS_PER_THREAD = 8 };
+
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
 /* Buffers every thread reads, (rows, width) each: matrix outputs, written by column ranges
@@ -85,6 +89,7 @@ typedef struct {
     float *split_scores;
     uint8_t *rounded_shared, *rounded_own; /* Rounded inputs: the step's, each thread's */
     int64_t rounded_own_bytes;
+    atomic_llong *head_next; /* the next chunk of the head's columns */
     float *scratch;
 } Buffers;
 
@@ -372,12 +377,18 @@ static void run_batch(const void *arg, int tid, int nthreads) {
     norm_rows(x, m->final_norm, xn, rows, C, m->eps);
     Rounded in;
     round_input(&job->buf, &m->lm_head, xn, rows, &in, tid, nthreads);
-    int64_t lo, hi;
-    rows_of(m->vocab, tid, nthreads, &lo, &hi);
-    product(&m->lm_head, xn, rows, &in, b->logits, lo, hi);
-    if (m->final_softcap > 0)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t n = lo; n < hi; n++) b->logits[r * m->vocab + n] = softcap(b->logits[r * m->vocab + n], m->final_softcap);
+    /* The head, the largest read of a step, in chunks each taken by the first thread free: a
+     * thread that loses its core for a while (a shared machine, a server's other threads)
+     * leaves its chunks to the others instead of making them wait. A column's logits depend
+     * on its own weight row only, so who computes it changes nothing. */
+    const int64_t V = m->vocab, chunk = (V / (nthreads * HEAD_CHUNKS_PER_THREAD) / 64 + 1) * 64; /* >= 64 */
+    for (int64_t lo; (lo = atomic_fetch_add(job->buf.head_next, 1) * chunk) < V;) {
+        const int64_t hi = lo + chunk < V ? lo + chunk : V;
+        product(&m->lm_head, xn, rows, &in, b->logits, lo, hi);
+        if (m->final_softcap > 0)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t n = lo; n < hi; n++) b->logits[r * V + n] = softcap(b->logits[r * V + n], m->final_softcap);
+    }
 }
 
 /* Each row's run: the rows of its slot in this step, which must be consecutive rows at
@@ -434,7 +445,7 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     const int64_t shared_bytes = R >= SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     const int64_t own_bytes = R < SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     /* the runs and the blocks first (int64 aligned), then the rounded inputs, then the floats */
-    const int64_t head_bytes = align64(sizeof(Run) * R + sizeof(Block) * (R + n_out)) + 64;
+    const int64_t head_bytes = align64(sizeof(Run) * R + sizeof(Block) * (R + n_out) + sizeof(atomic_llong)) + 64;
     char *memory = malloc(head_bytes + shared_bytes + threads * own_bytes +
                           sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
     if (!memory) return -1;
@@ -446,12 +457,14 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     Block *blocks = (Block *)(runs + R);
     const int64_t n_all = make_blocks(b, NULL, R, block_rows(m), blocks);
     const int64_t n_chosen = make_blocks(b, b->logit_rows, n_out, block_rows(m), blocks + R);
+    atomic_llong *head_next = (atomic_llong *)(blocks + R + n_out);
+    atomic_init(head_next, 0);
     uint8_t *rounded = (uint8_t *)(((uintptr_t)(memory + head_bytes - 64) + 63) & ~(uintptr_t)63);
     float *parts[10], *at = (float *)(rounded + shared_bytes + threads * own_bytes);
     for (int i = 0; i < 10; i++) parts[i] = at, at += R * widths[i];
     Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs,
                       {blocks, n_all, n_all * KV < threads}, {blocks + R, n_chosen, n_chosen * KV < threads}, at,
-                      rounded, rounded + shared_bytes, own_bytes, at + threads * block_scores(m)}};
+                      rounded, rounded + shared_bytes, own_bytes, head_next, at + threads * block_scores(m)}};
     pool_run(run_batch, &job, threads);
     free(memory);
     return 0;
