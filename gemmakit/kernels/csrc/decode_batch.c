@@ -250,8 +250,9 @@ static int64_t block_queries(const Model *m, const Batch *b, const Layer *L, con
  * (attention_scores, attention_sum), so a row's attention is the same, bit for bit, wherever
  * its earlier positions were computed (this step or an earlier one) and whatever else is in
  * the step. Whole pairs go to the threads in turn; a split list (fewer pairs than threads)
- * splits each pair's positions over the threads for the scores, then its queries for the
- * softmax, then its columns for the weighted sums, with barriers between. */
+ * splits each pair's positions over the threads for the scores, then, after a barrier, its
+ * columns for the weighted sums, each thread taking the softmax of every query itself into
+ * its own scratch (the same bits on each, and one barrier fewer a layer). */
 static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers *buf, const int64_t *out_rows,
                    const Blocks *blocks, float *scratch, int tid, int nthreads) {
     const int64_t KV = m->kv_heads, D = m->head_dim, tasks = blocks->n * KV, stride = m->max_visible;
@@ -280,22 +281,20 @@ static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers
         rows_of(x1 - x0, tid, nthreads, &lo, &hi);
         attention_scores(qs, nq, &rows, x0 + lo, x0 + hi, D, scale, m->attn_softcap);
     }
-    pool_barrier(nthreads);
-    int64_t item = 0; /* the (pair, query) softmaxes in turn */
-    for (int64_t t = 0; t < tasks; t++) {
-        const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
-                                         buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
-        for (int64_t j = 0; j < nq; j++, item++)
-            if (item % nthreads == tid) softmax_row(qs[j].scores, qs[j].hi - qs[j].lo + 1);
-    }
-    pool_barrier(nthreads);
+    pool_barrier(nthreads); /* every score computed */
     for (int64_t t = 0; t < tasks; t++) { /* this thread's columns, in whole vectors of 16 */
         const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
                                          buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
         int64_t lo, hi;
         rows_of((D + 15) / 16, tid, nthreads, &lo, &hi);
         const int64_t d0 = lo * 16, d1 = hi * 16 < D ? hi * 16 : D;
-        for (int64_t j = 0; j < nq; j++) memset(qs[j].out + d0, 0, sizeof(float) * (d1 - d0));
+        for (int64_t j = 0; j < nq; j++) { /* each thread its own softmax of every query: no barrier */
+            const int64_t n = qs[j].hi - qs[j].lo + 1;
+            memcpy(scratch + j * stride, qs[j].scores, sizeof(float) * n);
+            qs[j].scores = scratch + j * stride;
+            softmax_row(qs[j].scores, n);
+            memset(qs[j].out + d0, 0, sizeof(float) * (d1 - d0));
+        }
         attention_sum(qs, nq, &rows, x0, x1, d0, d1, D);
     }
 }
