@@ -65,8 +65,8 @@ typedef struct {
 } Block;
 
 /* The blocks of one list of attending rows; split: fewer blocks x kv_heads than threads (a
- * decode step of one row), so that each block's positions, then its columns, are split over
- * the threads instead, its scores in `scores` (shared) */
+ * decode step of one row, a prompt chunk's last block), so that each block's positions, then
+ * its columns, are split over the threads instead, its scores in Buffers.split_scores */
 typedef struct {
     Block *blocks;
     int64_t n, split;
