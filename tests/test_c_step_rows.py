@@ -184,3 +184,32 @@ def test_the_bundled_gguf_rounds_each_input_once_with_the_same_bits(threads):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(chunk, one_by_one)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")])
+def test_attention_without_avx512_is_the_same_on_any_number_of_threads(flags, hf_folder):
+    """The AVX2 and scalar builds' attention (their own sums of a tile's dots) also gives a
+    row the same bits on 1 or 2 threads: split over them (one row a step) or in whole blocks
+    (a chunk). (The scalar build's float32 products can differ in the last bit between a
+    chunk and one-row steps, and between column ranges split over 3 threads, before this
+    attention too: each chunking is compared with itself, on 1 and 2 threads.)"""
+    from tests.test_c_batch import _variant
+
+    model, _ = paired(hf_folder, "gemma3")
+    (seq,) = sequences([30], seed=10)
+    lib = _variant(flags)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for chunks in ([1] * 30, [13, 1, 16]):
+                    decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 32))
+                    decoder.lib = lib
+                    results[threads, len(chunks)] = decode_in_chunks(decoder, seq, chunks, 1)
+    finally:
+        torch.set_num_threads(before)
+    for (_, chunking), got in results.items():
+        assert torch.equal(got, results[1, chunking])
