@@ -133,3 +133,83 @@ def test_a_slot_prefilled_in_c_equals_its_one_row_steps(hf_folder, monkeypatch):
             decoder.prefill(seq, 2)  # no such slot
         with pytest.raises(ValueError):
             decoder.prefill(seq + seq, 0)  # past the slot's capacity
+
+
+@needs_kernel
+@pytest.mark.parametrize("family,overrides", [CASES[1], CASES[3], CASES[4], CASES[5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_same_on_any_number_of_threads(family, overrides, dtype, hf_folder):
+    """A one-row step splits its attention over the threads (the positions for the scores,
+    the columns for the weighted sums); a longer run gives each thread whole blocks of rows.
+    A sequence fed one row a step or in chunks that cut its blocks anywhere, on 1, 2 or 3
+    threads, gives the same logits bit for bit (MHA, MQA, GQA; a head size that leaves a tail)."""
+    model, _ = paired(hf_folder, family, **overrides)
+    model.to(dtype)
+    (seq,) = sequences([40], seed=8)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for chunks in ([1] * 40, [17, 1, 1, 21]):
+                    decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 48))
+                    results.append(decode_in_chunks(decoder, seq, chunks, 1))
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bundled_gguf_rounds_each_input_once_with_the_same_bits(threads):
+    """A step rounds each input to 8-bit blocks once for the products that read it (q/k/v,
+    gate/up): from 16 rows on once for all threads, the rows split between them, below by each
+    thread for itself. On the bundled file's own types (Q5_0 and Q8_0 read Q8_0 blocks, Q4_K
+    and Q6_K Q8_K blocks) a 24-row prompt chunk gives every row the logits of one-row steps,
+    bit for bit."""
+    from gemmakit.loading import load
+
+    model = load().model
+    (seq,) = sequences([24], seed=9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            one_by_one = decode_in_chunks(
+                c_decode.batch_decoder(model, slot_cache(model, 1, 32)), seq, [1] * 24
+            )
+            chunk = decode_in_chunks(c_decode.batch_decoder(model, slot_cache(model, 1, 32)), seq, [24])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(chunk, one_by_one)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")])
+def test_attention_without_avx512_is_the_same_on_any_number_of_threads(flags, hf_folder):
+    """The AVX2 and scalar builds' attention (their own sums of a tile's dots) also gives a
+    row the same bits on 1 or 2 threads: split over them (one row a step) or in whole blocks
+    (a chunk). (The scalar build's float32 products can differ in the last bit between a
+    chunk and one-row steps, and between column ranges split over 3 threads, before this
+    attention too: each chunking is compared with itself, on 1 and 2 threads.)"""
+    from tests.test_c_batch import _variant
+
+    model, _ = paired(hf_folder, "gemma3")
+    (seq,) = sequences([30], seed=10)
+    lib = _variant(flags)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for chunks in ([1] * 30, [13, 1, 16]):
+                    decoder = c_decode.batch_decoder(model, slot_cache(model, 2, 32))
+                    decoder.lib = lib
+                    results[threads, len(chunks)] = decode_in_chunks(decoder, seq, chunks, 1)
+    finally:
+        torch.set_num_threads(before)
+    for (_, chunking), got in results.items():
+        assert torch.equal(got, results[1, chunking])

@@ -1,4 +1,4 @@
-/* The decode steps' attention helpers and their worker pool (step.h).
+/* The decode steps' attention kernels and their worker pool (step.h).
  *
  * Threads: the Python caller's thread and n-1 workers run a step together (SPMD, one job
  * function per step kind). Workers spin between steps for a couple of milliseconds, then
@@ -11,15 +11,272 @@
 
 #include "step.h"
 
-float key_scores(const float *q, const void *keys, int64_t S, int64_t D, float scale, double cap, float *scores,
-                 float top, int64_t bf16) {
-    for (int64_t s = 0; s < S; s++) {
-        const float dot = bf16 ? dot_bf16(q, (const uint16_t *)keys + s * D, D) : dot_f32(q, (const float *)keys + s * D, D);
-        const float v = softcap(dot * scale, cap);
-        scores[s] = v;
-        if (v > top) top = v;
+/* --- attention: the queries of one KV head against its key and value rows --------------- */
+
+/* The vector width of the build: AVX-512's 16 floats, AVX2's 8 (with FMA), else one. Every
+ * product below is added with one rounding (a fused multiply-add: the vector FMAs, fmaf in the
+ * scalar build and the tails), so the compiler's contraction choices cannot make one call's
+ * sum differ from another's. */
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VL 16
+#define V_ZERO() _mm512_setzero_ps()
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_LOAD_BF16(p) load_bf16(p)
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_SET1(f) _mm512_set1_ps(f)
+#define V_SUM(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+#define VL 8
+#define V_ZERO() _mm256_setzero_ps()
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_LOAD_BF16(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_SET1(f) _mm256_set1_ps(f)
+static inline float v_sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define V_SUM(v) v_sum8(v)
+#else
+typedef float vec;
+#define VL 1
+#define V_ZERO() 0.f
+#define V_FMA(a, b, c) fmaf(a, b, c)
+#define V_LOAD(p) (*(p))
+#define V_LOAD_BF16(p) bf16_to_f32(*(p))
+#define V_STORE(p, v) (*(p) = (v))
+#define V_SET1(f) (f)
+#define V_SUM(v) (v)
+#endif
+
+/* v kept in a register: each key and query vector loaded once per tile step, not again by
+ * every FMA that reads it (GCC folds the loads into the FMAs otherwise: 20 loads a step
+ * instead of 8, and the tile waits on loads) */
+#ifdef __AVX2__
+#define IN_REGISTER(v)               \
+    ({                               \
+        vec in_register_ = (v);      \
+        __asm__("" : "+v"(in_register_)); \
+        in_register_;                \
+    })
+#else
+#define IN_REGISTER(v) (v)
+#endif
+
+/* Key and value rows are fetched this many positions ahead of their use: a decode row's keys
+ * and values come from memory (the step's weights have pushed them out of the caches), and
+ * the hardware prefetcher alone left the attention of a one-row step waiting on them
+ * (measured, bundled Q4_K_M at position 600, one thread, loaded machine: perf samples in
+ * attention 1118-1165 -> 1003-1043 for the same 200 steps). */
+enum { AHEAD_ROWS = 8 };
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* element t of a key or value row, float32 or (bf16) bfloat16 */
+ALWAYS_INLINE float row_value(const char *row, int64_t t, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[t]) : ((const float *)row)[t];
+}
+
+ALWAYS_INLINE vec row_load(const char *row, int64_t t, const int bf16) {
+    return bf16 ? V_LOAD_BF16((const uint16_t *)row + t) : V_LOAD((const float *)row + t);
+}
+
+/* The rows from position x on that lie one after the other in memory (up to x1, the end of
+ * the ring or the cache's part): their number, and the first one's key and value rows. */
+static int64_t kv_stretch(const KVRows *kv, int64_t x, int64_t x1, const char **k, const char **v) {
+    if (x >= kv->first) {
+        *k = kv->k_new + (x - kv->first) * kv->row_bytes, *v = kv->v_new + (x - kv->first) * kv->row_bytes;
+        return x1 - x;
     }
-    return top;
+    const int64_t i = x % kv->cap;
+    *k = kv->k_cache + i * kv->row_bytes, *v = kv->v_cache + i * kv->row_bytes;
+    return min64(min64(x1, kv->first) - x, kv->cap - i);
+}
+
+#ifdef __AVX512F__
+/* The 16 lane sums of v[j * 4 + i] (j, i < 4) at once, lane i * 4 + j: a fixed tree of
+ * additions per sum (halves, quarters, pairs, then the last two), whatever the other vectors
+ * hold, in 45 operations instead of 16 reductions of about 10 */
+static inline __m512 sums16(const __m512 v[4][4]) {
+    __m512 s[8], t[4], z[2];
+    for (int q = 0; q < 8; q++) {
+        const __m512 a = v[q / 2][q % 2 * 2], b = v[q / 2][q % 2 * 2 + 1];
+        s[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int q = 0; q < 4; q++)
+        t[q] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * q], s[2 * q + 1], 0xDD));
+    for (int q = 0; q < 2; q++)
+        z[q] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * q], t[2 * q + 1]), _mm512_unpackhi_ps(t[2 * q], t[2 * q + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x44), _mm512_shuffle_ps(z[0], z[1], 0xEE));
+}
+#endif
+
+/* dots[i * 4 + j] = q[j] . k[i] for NJ queries and 4 keys: per pair one accumulator over the
+ * D / VL vectors in order, its lanes summed (AVX-512: sums16, the same tree for every pair
+ * whatever NJ), then the D % VL leftover products */
+ALWAYS_INLINE void dots_tile(const float *const *q, const char *const *k, int64_t D, const int NJ, const int bf16,
+                             float dots[16]) {
+    vec acc[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = V_ZERO();
+    int64_t d = 0;
+    for (; d + VL <= D; d += VL) {
+        vec kv[4];
+        for (int i = 0; i < 4; i++) kv[i] = IN_REGISTER(row_load(k[i], d, bf16));
+        for (int j = 0; j < NJ; j++) {
+            const vec qv = IN_REGISTER(V_LOAD(q[j] + d));
+            for (int i = 0; i < 4; i++) acc[j][i] = V_FMA(qv, kv[i], acc[j][i]);
+        }
+    }
+#ifdef __AVX512F__
+    _mm512_storeu_ps(dots, sums16((const __m512(*)[4])acc));
+#else
+    for (int j = 0; j < NJ; j++)
+        for (int i = 0; i < 4; i++) dots[i * 4 + j] = V_SUM(acc[j][i]);
+#endif
+    if (d < D)
+        for (int j = 0; j < NJ; j++)
+            for (int i = 0; i < 4; i++)
+                for (int64_t t = d; t < D; t++) dots[i * 4 + j] = fmaf(q[j][t], row_value(k[i], t, bf16), dots[i * 4 + j]);
+}
+
+/* the scores of queries qs[0, nj) (nj <= 4) against the 4 keys at positions x.. (the last
+ * repeated where fewer than 4 remain: nk) */
+static void score_tile(const Query *qs, int nj, const char *const *k, int64_t x, int nk, int64_t D, int bf16,
+                       float scale, double cap) {
+    const float *q[4];
+    for (int j = 0; j < 4; j++) q[j] = qs[j < nj ? j : nj - 1].q;
+    float dots[16];
+#define SCORE_TILE(NJ)                                                       \
+    case NJ:                                                                 \
+        if (bf16) dots_tile(q, k, D, NJ, 1, dots);                           \
+        else dots_tile(q, k, D, NJ, 0, dots);                                \
+        break;
+    switch (nj) {
+        SCORE_TILE(1)
+        SCORE_TILE(2)
+        SCORE_TILE(3)
+        SCORE_TILE(4)
+    }
+#undef SCORE_TILE
+    for (int j = 0; j < nj; j++)
+        for (int i = 0; i < nk; i++)
+            if (x + i >= qs[j].lo && x + i <= qs[j].hi)
+                qs[j].scores[x + i - qs[j].lo] = softcap(dots[i * 4 + j] * scale, cap);
+}
+
+void attention_scores(const Query *qs, int64_t nq, const KVRows *kv, int64_t x0, int64_t x1, int64_t D, float scale,
+                      double cap) {
+    for (int64_t x = x0; x < x1;) {
+        const char *k0, *v0;
+        const int64_t n = kv_stretch(kv, x, x1, &k0, &v0);
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+            const int nk = (int)min64(4, n - i0);
+            const char *k[4];
+            for (int i = 0; i < 4; i++) k[i] = k0 + (i0 + (i < nk ? i : nk - 1)) * kv->row_bytes;
+            if (i0 + AHEAD_ROWS + 4 <= n) /* the key rows two tiles on */
+                for (int64_t b = 0; b < 4 * kv->row_bytes; b += 64) __builtin_prefetch(k0 + (i0 + AHEAD_ROWS) * kv->row_bytes + b);
+            for (int64_t j0 = 0; j0 < nq; j0 += 4) {
+                const int nj = (int)min64(4, nq - j0);
+                int seen = 0; /* a tile no query of which sees these positions is skipped */
+                for (int j = 0; j < nj; j++) seen |= qs[j0 + j].lo < x + i0 + nk && qs[j0 + j].hi >= x + i0;
+                if (seen) score_tile(qs + j0, nj, k, x + i0, nk, D, (int)kv->bf16, scale, cap);
+            }
+        }
+        x += n;
+    }
+}
+
+/* acc (NJ x NV vectors) += the weighted value rows of the positions [x0, x1) each query
+ * sees, in position order (every: each query sees them all, no test per position) */
+ALWAYS_INLINE void sum_rows(const Query *qs, const KVRows *kv, int64_t x0, int64_t x1, int64_t d, const int NJ,
+                            const int NV, const int bf16, const int every, vec acc[4][4]) {
+    for (int64_t x = x0; x < x1;) {
+        const char *k0, *v0;
+        const int64_t n = kv_stretch(kv, x, x1, &k0, &v0);
+        for (int64_t i = 0; i < n; i++) {
+            const char *row = v0 + i * kv->row_bytes;
+            if (i + AHEAD_ROWS < n) /* this tile's columns of the value row AHEAD_ROWS on */
+                for (int c = 0; c < NV * VL * (bf16 ? 2 : 4); c += 64)
+                    __builtin_prefetch(row + AHEAD_ROWS * kv->row_bytes + d * (bf16 ? 2 : 4) + c);
+            vec v[4];
+            for (int c = 0; c < NV; c++) v[c] = IN_REGISTER(row_load(row, d + c * VL, bf16));
+            for (int j = 0; j < NJ; j++)
+                if (every || (x + i >= qs[j].lo && x + i <= qs[j].hi)) {
+                    const vec w = V_SET1(qs[j].scores[x + i - qs[j].lo]);
+                    for (int c = 0; c < NV; c++) acc[j][c] = V_FMA(w, v[c], acc[j][c]);
+                }
+        }
+        x += n;
+    }
+}
+
+/* out[d .. d + NV * VL) of queries qs[0, NJ) += their weighted values over the positions
+ * [x0, x1) each sees: NJ x NV accumulators in registers, each value row read once for all */
+ALWAYS_INLINE void sum_tile(const Query *qs, const KVRows *kv, int64_t x0, int64_t x1, int64_t d, const int NJ,
+                            const int NV, const int bf16) {
+    vec acc[4][4];
+    int64_t lo = x0, hi = x1; /* the positions every query sees: no test per position there */
+    for (int j = 0; j < NJ; j++) {
+        for (int c = 0; c < NV; c++) acc[j][c] = V_LOAD(qs[j].out + d + c * VL);
+        lo = max64(lo, qs[j].lo), hi = min64(hi, qs[j].hi + 1);
+    }
+    if (lo >= hi) lo = hi = x1;
+    sum_rows(qs, kv, x0, lo, d, NJ, NV, bf16, 0, acc);
+    sum_rows(qs, kv, lo, hi, d, NJ, NV, bf16, 1, acc);
+    sum_rows(qs, kv, hi, x1, d, NJ, NV, bf16, 0, acc);
+    for (int j = 0; j < NJ; j++)
+        for (int c = 0; c < NV; c++) V_STORE(qs[j].out + d + c * VL, acc[j][c]);
+}
+
+/* sum_tile for nj (<= 4) queries and NV vectors */
+static void sum_tiles(const Query *qs, int nj, const KVRows *kv, int64_t x0, int64_t x1, int64_t d, const int NV) {
+    const int bf16 = (int)kv->bf16;
+#define SUM_TILE(NJ)                                                   \
+    case NJ:                                                           \
+        if (bf16) sum_tile(qs, kv, x0, x1, d, NJ, NV, 1);              \
+        else sum_tile(qs, kv, x0, x1, d, NJ, NV, 0);                   \
+        break;
+    switch (nj) {
+        SUM_TILE(1)
+        SUM_TILE(2)
+        SUM_TILE(3)
+        SUM_TILE(4)
+    }
+#undef SUM_TILE
+}
+
+void attention_sum(const Query *qs, int64_t nq, const KVRows *kv, int64_t x0, int64_t x1, int64_t d0, int64_t d1,
+                   int64_t D) {
+    (void)D;
+    for (int64_t j0 = 0; j0 < nq; j0 += 4) {
+        const int nj = (int)min64(4, nq - j0);
+        const Query *tile = qs + j0;
+        int64_t lo = x1, hi = x0; /* the positions any query of the tile sees */
+        for (int j = 0; j < nj; j++) lo = min64(lo, max64(tile[j].lo, x0)), hi = max64(hi, min64(tile[j].hi + 1, x1));
+        if (lo >= hi) continue;
+        int64_t d = d0;
+        for (; d + 4 * VL <= d1; d += 4 * VL) sum_tiles(tile, nj, kv, lo, hi, d, 4);
+        for (; d + VL <= d1; d += VL) sum_tiles(tile, nj, kv, lo, hi, d, 1);
+        for (int j = 0; j < nj && d < d1; j++) /* the last columns, one at a time */
+            for (int64_t x = max64(tile[j].lo, lo); x < min64(tile[j].hi + 1, hi);) {
+                const char *k0, *v0;
+                const int64_t n = kv_stretch(kv, x, min64(tile[j].hi + 1, hi), &k0, &v0);
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t t = d; t < d1; t++)
+                        tile[j].out[t] = fmaf(tile[j].scores[x + i - tile[j].lo],
+                                              row_value(v0 + i * kv->row_bytes, t, (int)kv->bf16), tile[j].out[t]);
+                x += n;
+            }
+    }
 }
 
 /* scores[s] = e^(scores[s] - top); returns their sum */
@@ -39,48 +296,12 @@ static float exp_shifted(float *scores, int64_t n, float top) {
     return total;
 }
 
-void softmax_given_top(float *scores, int64_t n, float top) {
+void softmax_row(float *scores, int64_t n) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s < n; s++)
+        if (scores[s] > top) top = scores[s];
     const float inv_total = 1.f / exp_shifted(scores, n, top);
     for (int64_t s = 0; s < n; s++) scores[s] *= inv_total;
-}
-
-/* out (D) += sum over s of p[s] * values[s]; LOAD16 reads 16 values as floats, TO_F32 one.
- * Every product is added with one rounding (fmaf, as the vector blocks' FMA): the compiler
- * otherwise contracts some vectorized forms of the loop and not others, and a sum over the
- * rows split in two calls (the cache's keys, then a step's own) would differ in the last bit
- * from the same sum in one call. */
-#define WEIGHTED_SUM(name, T, LOAD16, TO_F32)                                                   \
-    static void name(const float *p, const T *values, int64_t S, int64_t D, float *out) {       \
-        int64_t d = 0;                                                                          \
-        WEIGHTED_SUM_BLOCKS(T, LOAD16)                                                          \
-        for (; d < D; d++) {                                                                    \
-            float acc = out[d];                                                                 \
-            for (int64_t s = 0; s < S; s++) acc = fmaf(p[s], TO_F32(values[s * D + d]), acc); \
-            out[d] = acc;                                                                       \
-        }                                                                                       \
-    }
-#ifdef __AVX512F__
-/* 128 outputs in registers per pass over the rows */
-#define WEIGHTED_SUM_BLOCKS(T, LOAD16)                                                          \
-    for (; d + 128 <= D; d += 128) {                                                            \
-        __m512 acc[8];                                                                          \
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_loadu_ps(out + d + 16 * j);                 \
-        for (int64_t s = 0; s < S; s++) {                                                       \
-            const __m512 w = _mm512_set1_ps(p[s]);                                              \
-            const T *v = values + s * D + d;                                                    \
-            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(w, LOAD16(v + 16 * j), acc[j]); \
-        }                                                                                       \
-        for (int j = 0; j < 8; j++) _mm512_storeu_ps(out + d + 16 * j, acc[j]);                 \
-    }
-#else
-#define WEIGHTED_SUM_BLOCKS(T, LOAD16)
-#endif
-WEIGHTED_SUM(weighted_sum_f32, float, LOAD_F32, SAME_F32)
-WEIGHTED_SUM(weighted_sum_bf16, uint16_t, load_bf16, bf16_to_f32)
-
-void weighted_sum_add(const float *p, const void *values, int64_t S, int64_t D, float *out, int64_t bf16) {
-    if (bf16) weighted_sum_bf16(p, (const uint16_t *)values, S, D, out);
-    else weighted_sum_f32(p, (const float *)values, S, D, out);
 }
 
 /* --- threads -------------------------------------------------------------------------- */

@@ -62,17 +62,41 @@ static inline void norm_rope_head(const float *x, const float *norm, const float
     rope(out, cos_, sin_, D);
 }
 
-/* scores[s] = softcap(q . keys[s] * scale) over S contiguous key rows (float32 or (bf16)
- * bfloat16, D each); returns top, the largest of them and of `top` (step.c) */
-float key_scores(const float *q, const void *keys, int64_t S, int64_t D, float scale, double cap, float *scores,
-                 float top, int64_t bf16);
+/* --- attention over the queries that share a KV head (step.c) -------------------------- */
 
-/* scores (n) become softmax(scores), top their maximum (step.c) */
-void softmax_given_top(float *scores, int64_t n, float top);
+/* One KV head of one slot as a step sees it: position x before the run's first position from
+ * the cache (a full layer's rows, or a sliding layer's ring: x at x % cap), from the run's
+ * first position on from the run's staged rows (x at x - first). row_bytes: one key or value
+ * row (head_dim float32 or bfloat16). */
+typedef struct {
+    const char *k_cache, *v_cache, *k_new, *v_new;
+    int64_t cap, first, row_bytes, bf16;
+} KVRows;
 
-/* out (D) += sum over s of p[s] * values[s], values (S, D) rows of float32 or (bf16)
- * bfloat16 (step.c) */
-void weighted_sum_add(const float *p, const void *values, int64_t S, int64_t D, float *out, int64_t bf16);
+/* One query head of one row: its D values, the positions [lo, hi] it sees, its scores
+ * (scores[x - lo], then its probabilities in place) and its output (D floats). */
+typedef struct {
+    const float *q;
+    float *scores, *out;
+    int64_t lo, hi;
+} Query;
+
+/* scores[x - lo] = softcap(q . key(x) * scale) for the positions x in [x0, x1) that each of
+ * the nq queries sees: every key row read once for all the queries (4 x 4 tiles in
+ * registers). Each dot is one fixed sum over D whatever the tile, the queries or the range it
+ * is computed in, so a score does not depend on what else is in the step. */
+void attention_scores(const Query *qs, int64_t nq, const KVRows *kv, int64_t x0, int64_t x1, int64_t D, float scale,
+                      double cap);
+
+/* out[d] += p[x - lo] * value(x)[d] for d in [d0, d1) and the positions x in [x0, x1) each of
+ * the nq queries sees, in position order, each product added with one rounding (an FMA):
+ * every out[d] is the same chain of FMAs however the positions, the columns or the queries are
+ * split between calls. */
+void attention_sum(const Query *qs, int64_t nq, const KVRows *kv, int64_t x0, int64_t x1, int64_t d0, int64_t d1,
+                   int64_t D);
+
+/* scores (n) become softmax(scores) (their maximum found first) */
+void softmax_row(float *scores, int64_t n);
 
 /* --- the worker pool (step.c) --------------------------------------------------------- */
 
