@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from gemmakit.errors import GemmakitError
+from gemmakit.errors import ContextLengthError, GemmakitError
 
 # The speculative decoding modes (None: none).
 SPECULATIVE_MODES = (None, "ngram", "draft", "mtp")
@@ -195,3 +195,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
+    """The number of tokens that may be generated after a prompt of `prompt_len` tokens.
+
+    That is `max_tokens` clamped to the room left in the context, or all of that room when
+    `max_tokens` is None. `what` names the prompt in the error ("prompt", "conversation").
+
+    Raises:
+        ContextLengthError: the prompt alone fills the context.
+    """
+    if prompt_len >= context:
+        raise ContextLengthError(
+            f"the {what} has {prompt_len} tokens; the model's context is {context} tokens "
+            "(the prompt plus at least one generated token must fit)"
+        )
+    room = context - prompt_len
+    return room if max_tokens is None else min(max_tokens, room)

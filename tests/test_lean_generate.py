@@ -1,0 +1,192 @@
+"""`gemmakit generate` without torch (inference/lean.py): never imports torch, and generates
+the tokens the torch engine (`LLM.generate`) generates for the bundled model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gemmakit.cli import main
+from gemmakit.commands.generate import lean_applies
+from gemmakit.inference import lean
+from gemmakit.inference.sampling_params import MAX_SPECULATIVE_TOKENS, SamplingParams
+from gemmakit.kernels import cpu as cpu_kernels
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
+ROOT = Path(__file__).resolve().parents[1]
+
+# A subprocess that runs the CLI and reports what it imported (the worktree's gemmakit: cwd).
+_RUN_CLI = """
+import json, sys
+from gemmakit.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}), file=sys.stderr)
+"""
+
+
+def _cli_subprocess(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    facts = json.loads(proc.stderr.strip().splitlines()[-1])
+    return facts, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def lean_model():
+    model = lean.load(None)
+    if model is None:
+        pytest.skip("the lean path does not run the bundled model here (no C compiler)")
+    return model
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from gemmakit.inference.api import LLM
+
+    return LLM()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--greedy", "--json"],
+        ["--max-new-tokens", "4", "--stream"],
+        ["--greedy", "--chat", "--device", "cpu", "--json"],
+        ["--greedy", "--seed", "5"],
+    ],
+)
+def test_generate_never_imports_torch(flags):
+    facts, out = _cli_subprocess("generate", "The capital of France is", "--max-new-tokens", "3", *flags)
+    assert facts == {"rc": 0, "torch": False}
+    if "--json" in flags:
+        report = json.loads(out)
+        assert set(report) == {"model", "load_seconds", "generation_seconds", "tokens_per_second", "outputs"}
+        assert len(report["outputs"][0]["token_ids"]) == 3
+
+
+@needs_kernel
+def test_torch_path_still_taken_where_the_lean_one_does_not_apply():
+    facts, _ = _cli_subprocess("generate", "Hi", "--max-new-tokens", "2", "--greedy", "--dtype", "float32")
+    assert facts == {"rc": 0, "torch": True}
+    facts, _ = _cli_subprocess(
+        "generate", "Hi", "--max-new-tokens", "2", env={"GEMMAKIT_TORCH_GENERATE": "1"}
+    )
+    assert facts == {"rc": 0, "torch": True}
+
+
+def _args(**given) -> argparse.Namespace:
+    base = dict(dtype="auto", device=None, quantize=None, adapter=None, speculative=None, draft_model=None)
+    return argparse.Namespace(**(base | given))
+
+
+def test_lean_applies_only_to_the_file_s_own_types_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("GEMMAKIT_TORCH_GENERATE", raising=False)
+    monkeypatch.setattr("gemmakit.commands.generate._gpu_present", lambda: False)
+    sampled, greedy = SamplingParams(temperature=0.7), SamplingParams(temperature=0)
+    assert lean_applies(_args(), sampled)
+    assert lean_applies(_args(device="cpu"), greedy)
+    for other in ({"dtype": "float32"}, {"quantize": "int8"}, {"adapter": "a"}, {"speculative": "ngram"},
+                  {"device": "cuda"}):  # fmt: skip
+        assert not lean_applies(_args(**other), greedy)
+    monkeypatch.setattr("gemmakit.commands.generate._gpu_present", lambda: True)
+    assert not lean_applies(_args(), greedy)  # torch would pick CUDA
+    assert lean_applies(_args(device="cpu"), greedy)
+
+
+def test_lean_load_declines_what_it_cannot_run(hf_folder):
+    folder, _ = hf_folder("gemma3")
+    assert lean.load(str(folder)) is None  # an HF folder: the torch path
+
+
+@needs_kernel
+def test_gguf_step_logits_equal_the_torch_c_step(lean_model, bundled):
+    """The struct filling without torch (norm gains, RoPE frequencies, embedding scale, the
+    tied head, the sliding rings) gives the torch model's C step's logits bit for bit."""
+    from gemmakit.inference.c_decode import decoder
+    from gemmakit.loading import load
+
+    model = load(None).model  # the file's own types, as `generate` loads it
+    ids = [2] + list(range(1000, 1600))  # 601 tokens: two prefill chunks, past the window
+    with torch.inference_mode():
+        torch_step = decoder(model, model.make_cache(1, 640), 1)
+        want = [torch_step.prefill(ids)[0].numpy().copy()]
+        want += [torch_step.step(t)[0].numpy().copy() for t in (5, 6, 7)]
+    step = lean_model.step_for(640)
+    got = [step.prefill(ids).copy()] + [step.step(t).copy() for t in (5, 6, 7)]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _long_prompt(tokenizer) -> list[int]:
+    text = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    ids = tokenizer.encode(text)
+    assert len(ids) > 512
+    return ids
+
+
+@needs_kernel
+def test_greedy_tokens_equal_llm_generate(lean_model, llm):
+    prompts = [[2, 818], llm.tokenizer.encode("The capital of France is"), _long_prompt(llm.tokenizer)]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    want = llm.generate(prompts, params)
+    for prompt, output in zip(prompts, want):
+        got = lean.generate(lean_model, prompt, params)
+        expected = output.outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            expected.token_ids, expected.text, expected.finish_reason,
+        )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--chat", "--max-new-tokens", "40"],  # ends at <end_of_turn> (a stop id)
+        ["--stop", " France", "--stop", "Paris", "--max-new-tokens", "30"],
+        ["--max-new-tokens", "7"],
+    ],
+)
+def test_cli_output_equals_the_torch_path(flags, capsys, monkeypatch):
+    command = ["generate", "The capital of France is", "Tell me a story", "--greedy", "--json", *flags]
+    assert main(command) == 0
+    lean_report = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("GEMMAKIT_TORCH_GENERATE", "1")
+    assert main(command) == 0
+    torch_report = json.loads(capsys.readouterr().out)
+    assert lean_report["outputs"] == torch_report["outputs"]
+    assert lean_report["model"] == torch_report["model"]
+
+
+@needs_kernel
+def test_stream_prints_the_text_it_generates(capsys):
+    assert main(["generate", "Hello", "--greedy", "--max-new-tokens", "5", "--stream"]) == 0
+    streamed = capsys.readouterr()
+    assert main(["generate", "Hello", "--greedy", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr()
+    assert "Hello" + streamed.out.rstrip("\n") == printed.out.rstrip("\n")
+    assert "Loading time:" in streamed.err and "tokens/s" not in streamed.err
+
+
+@needs_kernel
+def test_context_errors_are_one_line(capsys, lean_model):
+    context = lean_model.config.max_position_embeddings
+    with pytest.raises(Exception, match="context is"):
+        lean.generate(lean_model, [2] * context, SamplingParams(temperature=0, max_tokens=2))
+
+
+def test_speculative_cap_is_the_ring_slack():
+    from gemmakit.model.cache import RING_SLACK
+
+    assert MAX_SPECULATIVE_TOKENS == RING_SLACK
