@@ -64,7 +64,7 @@ def llm():
         ["--greedy", "--json"],
         ["--max-new-tokens", "4", "--stream"],
         ["--greedy", "--chat", "--device", "cpu", "--json"],
-        ["--greedy", "--seed", "5"],
+        ["--seed", "5", "--temperature", "1.0"],
     ],
 )
 def test_generate_never_imports_torch(flags):
@@ -94,15 +94,13 @@ def _args(**given) -> argparse.Namespace:
 def test_lean_applies_only_to_the_file_s_own_types_on_the_cpu(monkeypatch):
     monkeypatch.delenv("GEMMAKIT_TORCH_GENERATE", raising=False)
     monkeypatch.setattr("gemmakit.commands.generate._gpu_present", lambda: False)
-    sampled, greedy = SamplingParams(temperature=0.7), SamplingParams(temperature=0)
-    assert lean_applies(_args(), sampled)
-    assert lean_applies(_args(device="cpu"), greedy)
+    assert lean_applies(_args()) and lean_applies(_args(device="cpu"))
     for other in ({"dtype": "float32"}, {"quantize": "int8"}, {"adapter": "a"}, {"speculative": "ngram"},
                   {"device": "cuda"}):  # fmt: skip
-        assert not lean_applies(_args(**other), greedy)
+        assert not lean_applies(_args(**other))
     monkeypatch.setattr("gemmakit.commands.generate._gpu_present", lambda: True)
-    assert not lean_applies(_args(), greedy)  # torch would pick CUDA
-    assert lean_applies(_args(device="cpu"), greedy)
+    assert not lean_applies(_args())  # torch would pick CUDA
+    assert lean_applies(_args(device="cpu"))
 
 
 def test_lean_load_declines_what_it_cannot_run(hf_folder):
@@ -156,10 +154,15 @@ def test_greedy_tokens_equal_llm_generate(lean_model, llm):
         ["--chat", "--max-new-tokens", "40"],  # ends at <end_of_turn> (a stop id)
         ["--stop", " France", "--stop", "Paris", "--max-new-tokens", "30"],
         ["--max-new-tokens", "7"],
+        # sampled: one sampler, the same seeds (the CLI's LLM(seed=0) without --seed)
+        ["--temperature", "1.0", "--top-k", "0", "--top-p", "0.95", "--max-new-tokens", "24", "--seed", "7"],
+        ["--temperature", "1.5", "--max-new-tokens", "24"],
+        ["--temperature", "0.9", "--top-k", "0", "--top-p", "1.0", "--max-new-tokens", "12"],
     ],
 )
 def test_cli_output_equals_the_torch_path(flags, capsys, monkeypatch):
-    command = ["generate", "The capital of France is", "Tell me a story", "--greedy", "--json", *flags]
+    greedy = [] if "--temperature" in flags else ["--greedy"]
+    command = ["generate", "The capital of France is", "Tell me a story", *greedy, "--json", *flags]
     assert main(command) == 0
     lean_report = json.loads(capsys.readouterr().out)
     monkeypatch.setenv("GEMMAKIT_TORCH_GENERATE", "1")

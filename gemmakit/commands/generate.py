@@ -57,17 +57,17 @@ def run(args) -> int:
         top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
         speculative=args.speculative, num_speculative_tokens=args.num_speculative,
     )  # fmt: skip
-    lean = _lean_model(args, params)
+    lean = _lean_model(args)
     if lean is not None:
         return _run_lean(args, params, lean)
     return _run_torch(args, params)
 
 
-def lean_applies(args, params) -> bool:
+def lean_applies(args) -> bool:
     """Whether the arguments let `generate` run without torch (`inference/lean.py`), decided
     before anything heavy is imported: the model's own types (no --dtype, --quantize,
-    adapter or speculation) on the CPU (named, or the default on a machine without a GPU),
-    and no seeded sampling until the two paths share one sampler."""
+    adapter or speculation) on the CPU (named, or the default on a machine without a GPU).
+    Its tokens are the torch path's, sampled ones included (one sampler, inference/sampler.py)."""
     import os
 
     if os.environ.get("GEMMAKIT_TORCH_GENERATE"):
@@ -76,7 +76,7 @@ def lean_applies(args, params) -> bool:
         return False
     if args.device not in (None, "cpu") or args.device is None and _gpu_present():
         return False
-    return params.seed is None or params.greedy
+    return True
 
 
 def _gpu_present() -> bool:
@@ -87,9 +87,9 @@ def _gpu_present() -> bool:
     return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
 
 
-def _lean_model(args, params):
+def _lean_model(args):
     """The torch-free path's model, or None where the torch path runs."""
-    if not lean_applies(args, params):
+    if not lean_applies(args):
         return None
     from gemmakit.inference import lean
 
@@ -97,9 +97,10 @@ def _lean_model(args, params):
 
 
 def _run_lean(args, params, model) -> int:
-    from gemmakit.inference import lean
+    from gemmakit.inference import lean, sampler
 
     tok = model.tokenizer
+    seeds = sampler.generator(0)  # as the torch path's LLM(seed=0) seeds its requests
     start = time.perf_counter()
     outputs = []
     for prompt in args.prompts:
@@ -107,7 +108,7 @@ def _run_lean(args, params, model) -> int:
             tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
         )
         completion = lean.Completion()
-        for event in lean.stream(model, ids, params, completion):
+        for event in lean.stream(model, ids, params, completion, seeds):
             if args.stream and not args.json:
                 sys.stdout.write(event.delta)
                 sys.stdout.flush()

@@ -110,12 +110,16 @@ class _RowSampler:
 
 
 def stream(lean: LeanModel, prompt_ids: list[int], params: SamplingParams, completion: Completion,
-           rng=None) -> Iterator[StreamEvent]:  # fmt: skip
+           seeds=None) -> Iterator[StreamEvent]:  # fmt: skip
     """Generates after `prompt_ids`, yielding each token's text event; `completion` holds the
     output as it grows. Ends as the engine ends a request: a stop id (kept in the ids, no
-    text), the length limit, or a stop string (the text cut before it)."""
+    text), the length limit, or a stop string (the text cut before it).
+
+    The request's generator is `sampler.request_generator(params, seeds)`, as `LLM` makes it:
+    `seeds` a `sampler.generator(seed)` that an `LLM(seed=seed)` would hold (consumed one
+    draw per request without its own seed), None for a random one."""
     limit = check_length(len(prompt_ids), params.max_tokens, lean.config.max_position_embeddings)
-    choose = _RowSampler(lean, params, rng or sampler.generator(params.seed))
+    choose = _RowSampler(lean, params, sampler.request_generator(params, seeds))
     text = TextStream(lean.tokenizer, params.stop)
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(lean.stop_ids))
     step = lean.step_for(len(prompt_ids) + limit)
@@ -136,9 +140,9 @@ def stream(lean: LeanModel, prompt_ids: list[int], params: SamplingParams, compl
         logits = step.step(token)
 
 
-def generate(lean: LeanModel, prompt_ids: list[int], params: SamplingParams) -> Completion:
+def generate(lean: LeanModel, prompt_ids: list[int], params: SamplingParams, seeds=None) -> Completion:
     """The whole completion of one prompt (`stream` run to its end)."""
     completion = Completion()
-    for _ in stream(lean, prompt_ids, params, completion):
+    for _ in stream(lean, prompt_ids, params, completion, seeds):
         pass
     return completion

@@ -26,14 +26,32 @@ import numpy as np
 TOP_P_CANDIDATES = (1024, 16384)
 
 
+# The draws of a request given no generator (a test's or a caller's bare `Request`).
+_UNSEEDED = random.Random()
+
+
 def generator(seed: int | None) -> random.Random:
-    """A request's random numbers: from `seed`, or from the OS when None."""
-    return random.Random(secrets.randbits(62) if seed is None else seed)
+    """A request's random numbers: from `seed` (taken modulo 2^64: Python seeds with |seed|,
+    so -5 and 5 would draw alike), or from the OS when None."""
+    return random.Random(secrets.randbits(62) if seed is None else seed % 2**64)
 
 
 def child_seed(rng: random.Random) -> int:
     """A seed drawn from `rng` (an `LLM`'s seed for its requests, a request's for its n rows)."""
     return rng.getrandbits(62)
+
+
+def request_generator(params, seeds: random.Random | None) -> random.Random:
+    """The random generator a request samples with, so its tokens do not depend on its batch.
+
+    Seeded by `params.seed` when the request gives one; otherwise by a seed drawn from `seeds`
+    (an `LLM`'s `seed`, as vLLM's engine seed works), or a random one when `seeds` is None
+    (a server request without a seed). The same draws on every device and torch version, and
+    on the torch-free path.
+    """
+    if params.seed is not None:
+        return generator(params.seed)
+    return generator(None if seeds is None else child_seed(seeds))
 
 
 def first_count(params, vocab: int) -> int | None:
@@ -101,15 +119,22 @@ def kept(logits: np.ndarray, params, found, more) -> tuple[np.ndarray, np.ndarra
     return logits / np.float32(params.temperature), None
 
 
-def draw_index(weights: np.ndarray, rng: random.Random) -> int:
+def uniform(rng: random.Random | None) -> float:
+    """One number in [0, 1) from `rng` (None: a process-wide generator)."""
+    return (rng or _UNSEEDED).random()
+
+
+def draw_index(weights: np.ndarray, rng: random.Random | None) -> int:
     """An index drawn with probability proportional to `weights` (>= 0, one positive at
     least): the inverse of the cumulative sum (float64) at one uniform number."""
     cum = np.cumsum(weights, dtype=np.float64)
-    u = rng.random() * cum[-1]  # in [0, total): never past the last positive weight
+    if not cum[-1] > 0:
+        raise ValueError("no token to sample: every probability is 0 or NaN")
+    u = uniform(rng) * cum[-1]  # in [0, total): never past the last positive weight
     return int(np.searchsorted(cum, u, side="right"))
 
 
-def categorical(values: np.ndarray, rng: random.Random) -> int:
+def categorical(values: np.ndarray, rng: random.Random | None) -> int:
     """An index drawn from softmax(values) (float32, -inf for dropped entries)."""
     v = values.astype(np.float64)
     if not np.isfinite(v.max()):
@@ -117,7 +142,7 @@ def categorical(values: np.ndarray, rng: random.Random) -> int:
     return draw_index(np.exp(v - v.max()), rng)
 
 
-def choose(logits: np.ndarray, params, rng: random.Random, found, more) -> int:
+def choose(logits: np.ndarray, params, rng: random.Random | None, found, more) -> int:
     """The token for a row of raw float32 logits (V,): its argmax when greedy (the lowest id
     of a tie), else a draw from the candidates `kept` keeps."""
     if params.temperature == 0:

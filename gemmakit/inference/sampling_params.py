@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import random
 from dataclasses import dataclass
 
 from gemmakit.errors import ContextLengthError, GemmakitError
@@ -123,7 +124,7 @@ class SamplingParams:
             raise GemmakitError(f"top_k must be -1 or 0 (no top-k filter) or at least 1, got {self.top_k}")
         if self.seed is not None:
             self.seed = _integer("seed", self.seed)
-            # torch's Generator.manual_seed takes exactly this range.
+            # 64 bits, signed or not (the range torch's generators took, kept for callers)
             if not -(2**63) <= self.seed < 2**64:
                 raise GemmakitError(f"seed must fit in 64 bits, got {self.seed}")
         if self.max_tokens is not None:
@@ -186,10 +187,8 @@ class SamplingParams:
             return [self]
         seeds = [None] * self.n
         if self.seed is not None:
-            import torch  # only a seeded request of several completions draws their seeds
-
-            draw = torch.Generator().manual_seed(self.seed)
-            seeds = [self.seed] + [int(torch.randint(2**62, (1,), generator=draw)) for _ in range(self.n - 1)]
+            draw = random.Random(self.seed % 2**64)  # as sampler.generator and child_seed do
+            seeds = [self.seed] + [draw.getrandbits(62) for _ in range(self.n - 1)]
         return [dataclasses.replace(self, n=1, seed=s) for s in seeds]
 
     @property
