@@ -2,13 +2,13 @@
 (`model/layers.py`) and the torch-free generation path (`inference/gguf_step.py`) read the
 same numbers, bit for bit.
 
-Each value is transformers' compute_default_rope_parameters in float32, correctly rounded:
-the exponent 2i / head_dim and 1 / base^exponent are computed in float64 and rounded once to
-float32. A float32 quotient computed in float64 and rounded is the correctly rounded float32
-quotient (53 >= 2 * 24 + 2 bits; Figueroa, "When is double rounding innocuous?", 1995); the
-power is rounded from float64, where torch's vectorized float32 pow (Sleef, 1 ulp) misses the
-correctly rounded value in 1-3 of 128 entries for head_dim 256, so the model's frequencies do
-not depend on torch's build.
+Each value is transformers' compute_default_rope_parameters in float32, every step computed
+in float64 and rounded once to float32: the exponent 2i / head_dim, the power base^exponent,
+its reciprocal, the division by the scaling factor. A float32 quotient computed in float64 and
+rounded is the correctly rounded one (53 >= 2 * 24 + 2 bits; Figueroa, "When is double
+rounding innocuous?", 1995); torch's vectorized float32 pow (Sleef, 1 ulp) differs from the
+power rounded from float64 in 1-3 of 128 entries for head_dim 256, so computed here the
+model's frequencies do not depend on torch's build, and the torch-free path reads the same.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ from gemmakit.kernels import cpu as cpu_kernels
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 ROOT = Path(__file__).resolve().parents[1]
+# sampler.generator(1234)'s first 12 draws from softmax([1, 0.5, 0.25, 0, -1]), and the second
+# seed SamplingParams(seed=9, n=3) gives its rows (test_seeded_draws_are_pinned)
+PINNED_DRAWS = [4, 1, 0, 3, 3, 1, 2, 0, 2, 0, 0, 2]
+PINNED_CHILD_SEED = 2827956119220495982
 
 # A subprocess that runs the CLI and reports what it imported (the worktree's gemmakit: cwd).
 _RUN_CLI = """
@@ -193,3 +197,45 @@ def test_speculative_cap_is_the_ring_slack():
     from gemmakit.model.cache import RING_SLACK
 
     assert MAX_SPECULATIVE_TOKENS == RING_SLACK
+
+
+def test_draws_follow_the_weights_and_skip_dropped_tokens():
+    import random
+
+    from gemmakit.inference import sampler
+
+    weights = np.array([0.5, 0.0, 0.3, 0.2, 0.0])
+    rng = random.Random(3)
+    counts = np.bincount([sampler.draw_index(weights, rng) for _ in range(20000)], minlength=5)
+    assert counts[1] == counts[4] == 0
+    assert 0.5 * np.abs(counts / counts.sum() - weights).sum() < 0.015
+    values = np.array([np.log(0.5), -np.inf, np.log(0.3), np.log(0.2)], dtype=np.float32)
+    counts = np.bincount([sampler.categorical(values, rng) for _ in range(20000)], minlength=4)
+    assert counts[1] == 0 and 0.5 * np.abs(counts / counts.sum() - [0.5, 0, 0.3, 0.2]).sum() < 0.015
+    with pytest.raises(ValueError, match="no token"):
+        sampler.categorical(np.full(3, -np.inf, dtype=np.float32), rng)
+
+
+def test_seeded_draws_are_pinned():
+    """A seed's tokens are Python's random stream for it and this inverse-CDF draw: a change
+    to either changes every user's seeded outputs, so it must be deliberate."""
+    from gemmakit.inference import sampler
+
+    values = np.array([1.0, 0.5, 0.25, 0.0, -1.0], dtype=np.float32)
+    rng = sampler.generator(1234)
+    assert [sampler.categorical(values, rng) for _ in range(12)] == PINNED_DRAWS
+    assert SamplingParams(seed=9, n=3).expand_n()[1].seed == PINNED_CHILD_SEED
+
+
+@pytest.mark.parametrize(
+    "head_dim,base,scale", [(256, 1e4, 1.0), (256, 1e6, 8.0), (128, 5e5, 1.5), (96, 1e4, 1.0)]
+)
+def test_rope_frequencies_are_transformers_to_one_ulp(head_dim, base, scale):
+    from gemmakit.rope_frequencies import rope_frequencies
+
+    got = torch.tensor(rope_frequencies(head_dim, base, scale).tolist())
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    want = 1.0 / (base**exponent) / scale  # transformers' compute_default_rope_parameters
+    ulp = torch.finfo(torch.float32).eps * want.abs()
+    assert ((got - want).abs() <= ulp).all()
+    assert (got == want).float().mean() > 0.95

@@ -7,7 +7,7 @@ tokenizer, the stop ids) and opens the C step over the memory-mapped file
 (`inference/gguf_step.py`); it returns None where that step cannot run the file as the torch
 path does (another family, a matrix type without a C product, an HF folder, no compiler),
 and the caller takes the torch path. `stream(lean, prompt_ids, params)` prefills the prompt
-in C steps of up to 512 rows, decodes one row a step, and chooses each token with the one
+in C steps of up to 256 rows, decodes one row a step, and chooses each token with the one
 sampler (`inference/sampler.py`); stop ids, stop strings and incremental text are the
 engine's (`inference/text_stream.py`). The tokens equal `LLM.generate`'s: greedy always, and
 sampled ones for the same seed.
@@ -71,7 +71,7 @@ def load(model: str | None) -> LeanModel | None:
     config = config_from_gguf(g)
     if unsupported_by_c_step(config) is not None or GGUFStep.open(lib, g, config, 1) is None:
         return None
-    tokenizer = Tokenizer.from_gguf_metadata(g.metadata, str(source.path))
+    tokenizer = Tokenizer.from_gguf_metadata(g.metadata, str(source.path), in_place=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFileError(
             f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}"

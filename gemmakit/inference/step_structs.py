@@ -126,9 +126,16 @@ def run_step(lib, spec, batch, threads: int) -> None:
 
 
 def prompt_rows(
-    lib, spec, tokens: list[int], slot: int, start: int, logits_address: int, threads: int
+    lib,
+    spec,
+    tokens: list[int],
+    slot: int,
+    start: int,
+    logits_address: int,
+    threads: int,
+    step_rows: int = PREFILL_ROWS,
 ) -> None:
-    """Runs `tokens` at positions start... of `slot` as rows of C steps of PREFILL_ROWS rows
+    """Runs `tokens` at positions start... of `slot` as rows of C steps of `step_rows` rows
     (a prompt; the same keys and values, and the same last logits, however it is cut), and
     writes the logits (V,) after the last token at `logits_address`."""
     rows = len(tokens)
@@ -137,8 +144,8 @@ def prompt_rows(
     slots = (ctypes.c_int64 * rows)(*([slot] * rows))
     positions = (ctypes.c_int64 * rows)(*range(start, start + rows))
     last = (ctypes.c_int64 * 1)()
-    for at in range(0, rows, PREFILL_ROWS):
-        n = min(PREFILL_ROWS, rows - at)
+    for at in range(0, rows, step_rows):
+        n = min(step_rows, rows - at)
         last[0] = n - 1
         batch = Batch(
             rows=n,
