@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit.errors import ContextLengthError
 from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample, sample_many
+from gemmakit.inference.sampling_params import check_length
 from gemmakit.lora import multi
 
 
@@ -84,24 +84,6 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     adapter: str | None = None
     speculation: SpeculationStats | None = None
-
-
-def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
-    """The number of tokens that may be generated after a prompt of `prompt_len` tokens.
-
-    That is `max_tokens` clamped to the room left in the context, or all of that room when
-    `max_tokens` is None. `what` names the prompt in the error ("prompt", "conversation").
-
-    Raises:
-        ContextLengthError: the prompt alone fills the context.
-    """
-    if prompt_len >= context:
-        raise ContextLengthError(
-            f"the {what} has {prompt_len} tokens; the model's context is {context} tokens "
-            "(the prompt plus at least one generated token must fit)"
-        )
-    room = context - prompt_len
-    return room if max_tokens is None else min(max_tokens, room)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ kernels.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
@@ -81,10 +80,10 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
     """The kernels' shared library (built once per source, compiler and flags), or None:
-    without a compiler, off Linux, or with `GEMMAKIT_NO_C_KERNELS` set.
+    without a compiler, off Linux, or with `GEMMAKIT_NO_C_KERNELS` set. Not kept: callers keep
+    it (`kernels/cpu.py` caches it, which tests clear).
 
     With OpenMP where the compiler has it (the library then binds to the libgomp torch has
     loaded, or the system's when torch is not imported), else without. Torch-free:
