@@ -239,3 +239,55 @@ def test_rope_frequencies_are_transformers_to_one_ulp(head_dim, base, scale):
     ulp = torch.finfo(torch.float32).eps * want.abs()
     assert ((got - want).abs() <= ulp).all()
     assert (got == want).float().mean() > 0.95
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_lean_tokens_equal_llm_on_each_family(tiny_gguf, family):
+    """A tiny random model of each family as a Q8_0 GGUF: the lean path's struct filling
+    (norms present or not, softcaps, sliding layers, the tied head) and its in-place tokenizer
+    (a small SentencePiece vocabulary with user-defined pieces) give the torch engine's tokens."""
+    from gemmakit.inference.api import LLM
+
+    path = tiny_gguf(family, "q8_0")
+    model = lean.load(str(path))
+    assert model is not None
+    llm = LLM(model=str(path))
+    text = "The  quick brown fox\njumps over the lazy dog. " * 3
+    ids = llm.tokenizer.encode(text)
+    assert model.tokenizer.encode(text) == ids
+    for params in (SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                   SamplingParams(temperature=1.0, top_k=0, max_tokens=20, ignore_eos=True, seed=3)):  # fmt: skip
+        want = llm.generate([ids], params)[0].outputs[0]
+        got = lean.generate(model, ids, params)
+        assert (got.token_ids, got.text) == (want.token_ids, want.text)
+
+
+@needs_kernel
+def test_lean_declines_float_matrices(tiny_gguf):
+    assert lean.load(str(tiny_gguf("gemma3", "f32"))) is None  # the torch path runs it
+
+
+@pytest.fixture
+def tiny_gguf(tiny, tmp_path):
+    from gemmakit.export import export
+
+    def make(family: str, qtype: str) -> Path:
+        folder, _ = tiny(family)
+        out = tmp_path / f"{family}-{qtype}.gguf"
+        export(model=str(folder), to="gguf", output=out, qtype=qtype, progress=False)
+        return out
+
+    return make
+
+
+@pytest.fixture
+def tiny(hf_folder):
+    from tests.test_export import tiny_sentencepiece
+
+    def make(family: str):
+        folder, hf_model = hf_folder(family)
+        (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
+        return folder, hf_model
+
+    return make
