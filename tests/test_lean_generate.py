@@ -291,3 +291,20 @@ def tiny(hf_folder):
         return folder, hf_model
 
     return make
+
+
+def test_step_threads_are_torch_s():
+    """The lean path's C steps run on as many threads as the torch path's (torch's default:
+    one per physical core, or OMP_NUM_THREADS)."""
+    import os
+
+    code = "import torch; from gemmakit.inference.step_structs import step_threads; print(torch.get_num_threads(), step_threads())"
+    for given in (None, "1"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | (
+            {"OMP_NUM_THREADS": given} if given else {}
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+        )
+        torch_threads, ours = out.stdout.split()
+        assert torch_threads == ours

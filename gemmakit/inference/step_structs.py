@@ -36,12 +36,22 @@ STEP_ERRORS = {
 
 
 def step_threads() -> int:
-    """Threads a C step runs on: OMP_NUM_THREADS when set (as torch reads it), else the CPUs
-    this process may run on."""
+    """Threads a C step runs on, as torch picks its own: OMP_NUM_THREADS when set, else one
+    per physical core this process may run on (SMT siblings share one; from the kernel's
+    CPU topology, or every allowed CPU where that is not readable)."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus) or os.cpu_count() or 1
 
 
 def unsupported_by_c_step(config: GemmaConfig) -> str | None:
