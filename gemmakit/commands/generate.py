@@ -101,12 +101,14 @@ def _run_lean(args, params, model) -> int:
 
     tok = model.tokenizer
     seeds = sampler.generator(0)  # as the torch path's LLM(seed=0) seeds its requests
+    prompts = [  # timed as the torch path times them: chat prompts encoded before, text within
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
+        for p in args.prompts
+    ]
     start = time.perf_counter()
     outputs = []
-    for prompt in args.prompts:
-        ids = tok.encode(
-            tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
-        )
+    for prompt in prompts:
+        ids = prompt if isinstance(prompt, list) else tok.encode(prompt)
         completion = lean.Completion()
         for event in lean.stream(model, ids, params, completion, seeds):
             if args.stream and not args.json:
