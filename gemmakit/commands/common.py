@@ -70,7 +70,7 @@ def check_device(device: str) -> None:
 
 
 def check_seed(seed: int) -> None:
-    """Refuses a --seed that torch's generators cannot take (they hold 64 bits)."""
+    """Refuses a --seed outside 64 bits (signed or not), as SamplingParams does."""
     from gemmakit.errors import GemmakitError
 
     if not -(2**63) <= seed < 2**64:
