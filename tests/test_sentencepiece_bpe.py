@@ -25,6 +25,8 @@ TEXTS = [
     "\u200b\u2028odd\ufeffchars \x00\x01 control",
     "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math and a\u0301 combining",
     "<table><tr><td>1</td></tr></table> [multimodal] <unk> <0x41>",
+    "a\r\nb\r\n \u3000全角\u3000スペース 한국어 ﬁﬂ ½ ² ㎏",
+    " " * 40 + "x" + "\n" * 30 + "\t" * 17,
 ]
 
 
@@ -40,7 +42,8 @@ def vocabularies():
 def _random_texts(count: int) -> list[str]:
     rng = random.Random(0)
     alphabet = "abcdefghij ABC\n\t.,!?-éü日本😀▁<>/ "
-    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 80))) for _ in range(count)]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 80))) for _ in range(count)]
+    return texts + ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(40)) for _ in range(count // 3)]
 
 
 def test_ids_and_text_equal_sentencepiece(vocabularies):
