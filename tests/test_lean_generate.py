@@ -308,3 +308,16 @@ def test_step_threads_are_torch_s():
         )
         torch_threads, ours = out.stdout.split()
         assert torch_threads == ours
+
+
+def test_a_torch_generator_still_samples_deterministically():
+    from gemmakit.inference.sampling import sample
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_k=50)
+
+    def draws(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [sample(logits, params, gen) for _ in range(8)]
+
+    assert draws(1) == draws(1) and len(set(draws(1) + draws(2))) > 1

@@ -120,8 +120,16 @@ def kept(logits: np.ndarray, params, found, more) -> tuple[np.ndarray, np.ndarra
 
 
 def uniform(rng: random.Random | None) -> float:
-    """One number in [0, 1) from `rng` (None: a process-wide generator)."""
-    return (rng or _UNSEEDED).random()
+    """One number in [0, 1) from `rng` (None: a process-wide generator). A `torch.Generator`
+    (a caller's from before the one sampler) still draws, from torch: deterministic for its
+    state, but not the tokens a `random.Random` of the same seed gives."""
+    if rng is None:
+        return _UNSEEDED.random()
+    if not hasattr(rng, "random"):
+        import torch  # imported already by whoever made the generator
+
+        return float(torch.rand((), generator=rng, dtype=torch.float64))
+    return rng.random()
 
 
 def draw_index(weights: np.ndarray, rng: random.Random | None) -> int:
