@@ -24,7 +24,7 @@ from gemmakit.errors import GemmakitError, ModelFileError
 from gemmakit.files import atomic_folder, content_key
 from gemmakit.formats import safetensors
 from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
-from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids, gguf_tokenizer
 from gemmakit.hf_config import load_hf_assistant_config, load_hf_config, to_hf_config
 from gemmakit.memory import release_freed_memory
 from gemmakit.model.families import build_empty
@@ -399,12 +399,9 @@ def _load_native(source: ModelSource, start: float) -> Loaded | None:
     if not native_gguf_tensors(g, config_from_gguf(g)):
         return None
     net = load_native_gguf(g, source)
-    tokenizer = load_tokenizer(source, g)
-    if tokenizer.vocab_size > net.config.vocab_size:
-        raise ModelFileError(
-            f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
-        )
-    stop_ids = generation_stop_ids(tokenizer, {}, net.config.eos_token_ids)
+    tokenizer, stop_ids = gguf_tokenizer(
+        g.metadata, str(source.path), net.config.vocab_size, net.config.eos_token_ids
+    )
     return Loaded(net, tokenizer, source, stop_ids, time.perf_counter() - start)
 
 

@@ -543,6 +543,20 @@ def _load_sentencepiece(proto: bytes, source: str):
         raise ModelFileError(f"{source}: not a valid SentencePiece model ({e})") from None
 
 
+def gguf_tokenizer(
+    metadata, source: str, vocab_size: int, config_eos, in_place: bool = False
+) -> tuple[Tokenizer, tuple[int, ...]]:
+    """A GGUF's tokenizer and stop ids as a GGUF read in its own block types has them (no
+    generation config beside the file): `loading` and the torch-free path alike. A vocabulary
+    larger than the model's `vocab_size` is a ModelFileError."""
+    tokenizer = Tokenizer.from_gguf_metadata(metadata, source, in_place=in_place)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelFileError(
+            f"{source}: tokenizer has {tokenizer.vocab_size} tokens, model only {vocab_size}"
+        )
+    return tokenizer, generation_stop_ids(tokenizer, {}, config_eos)
+
+
 def generation_stop_ids(tokenizer: Tokenizer, generation_config: dict, config_eos) -> tuple[int, ...]:
     """Stop ids: the generation config's eos list when given, plus the tokenizer's stop ids."""
     eos = generation_config.get("eos_token_id", list(config_eos))

@@ -23,7 +23,7 @@ import numpy as np
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ModelFileError
-from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.formats.tokenizer import Tokenizer, gguf_tokenizer
 from gemmakit.inference import sampler
 from gemmakit.inference.gguf_step import GGUFStep
 from gemmakit.inference.sampling_params import SamplingParams, check_length
@@ -71,13 +71,10 @@ def load(model: str | None) -> LeanModel | None:
     config = config_from_gguf(g)
     if unsupported_by_c_step(config) is not None or GGUFStep.open(lib, g, config, 1) is None:
         return None
-    tokenizer = Tokenizer.from_gguf_metadata(g.metadata, str(source.path), in_place=True)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ModelFileError(
-            f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}"
-        )
-    # as loading.load reads a GGUF kept in its blocks: no generation config beside the file
-    stop_ids = generation_stop_ids(tokenizer, {}, config.eos_token_ids)
+    # SentencePiece's ids over the mapped vocabulary (formats/sentencepiece_bpe.py)
+    tokenizer, stop_ids = gguf_tokenizer(
+        g.metadata, str(source.path), config.vocab_size, config.eos_token_ids, True
+    )
     return LeanModel(source, g, config, tokenizer, stop_ids, lib, time.perf_counter() - start)
 
 
