@@ -16,7 +16,7 @@ import torch
 
 from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample, sample_many
-from gemmakit.inference.sampling_params import check_length
+from gemmakit.inference.sampling_params import check_length, finish_reason
 from gemmakit.lora import multi
 
 
@@ -181,12 +181,7 @@ def record_token(raw: torch.Tensor, request: Request, token: int):
 
 def _finish_reason(request: Request, token: int, limit: int) -> str | None:
     """ "stop" when token ends the request, "length" when it used its last allowed token."""
-    stops = request.params.stop_token_ids + ([] if request.params.ignore_eos else list(request.stop_ids))
-    if token in stops:
-        return "stop"
-    if len(request.output_ids) >= limit:
-        return "length"
-    return None
+    return finish_reason(request.params, request.stop_ids, token, len(request.output_ids), limit)
 
 
 def sample_live_rows(

@@ -26,7 +26,7 @@ from gemmakit.errors import ModelFileError
 from gemmakit.formats.tokenizer import Tokenizer, gguf_tokenizer
 from gemmakit.inference import sampler
 from gemmakit.inference.gguf_step import GGUFStep
-from gemmakit.inference.sampling_params import SamplingParams, check_length
+from gemmakit.inference.sampling_params import SamplingParams, check_length, finish_reason
 from gemmakit.inference.step_structs import unsupported_by_c_step
 from gemmakit.inference.text_stream import StreamEvent, TextStream
 from gemmakit.kernels.build import library
@@ -118,13 +118,12 @@ def stream(lean: LeanModel, prompt_ids: list[int], params: SamplingParams, compl
     limit = check_length(len(prompt_ids), params.max_tokens, lean.config.max_position_embeddings)
     choose = _RowSampler(lean, params, sampler.request_generator(params, seeds))
     text = TextStream(lean.tokenizer, params.stop)
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(lean.stop_ids))
     step = lean.step_for(len(prompt_ids) + limit)
     logits = step.prefill(prompt_ids)
     while True:
         token = choose(logits)
         completion.token_ids.append(token)
-        reason = "stop" if token in stops else "length" if len(completion.token_ids) >= limit else None
+        reason = finish_reason(params, lean.stop_ids, token, len(completion.token_ids), limit)
         delta = text.push(token, final=reason is not None)
         if text.stopped:
             reason = "stop"

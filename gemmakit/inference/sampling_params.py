@@ -196,6 +196,15 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def finish_reason(params: SamplingParams, stop_ids, token: int, generated: int, limit: int) -> str | None:
+    """Why a request ends at `token`, its `generated`-th: "stop" for one of its stop token ids
+    or the model's stop ids (unless `ignore_eos`), "length" at its last allowed token, else
+    None (the engine's and the torch-free path's rule)."""
+    if token in params.stop_token_ids or not params.ignore_eos and token in stop_ids:
+        return "stop"
+    return "length" if generated >= limit else None
+
+
 def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
     """The number of tokens that may be generated after a prompt of `prompt_len` tokens.
 
