@@ -285,7 +285,7 @@ def _utf8_or_replacement(data: bytes) -> str:
     return "".join(out)
 
 
-def build(metadata) -> SentencePieceBPE | None:
+def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
     """The backend over a GGUF header's SentencePiece vocabulary (`GGUFMetadata`), or None
     where SentencePiece itself must run it (unused pieces, a non-array or odd layout)."""
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
@@ -306,7 +306,7 @@ def build(metadata) -> SentencePieceBPE | None:
             table = index(data, count)
         except ValueError:
             return None
-        tokenizer_cache.write_index(metadata, table)
+        tokenizer_cache.write_index(metadata, table, source)
     backend = SentencePieceBPE(data, table, scores, types, unk_id=0)
     unknown = np.flatnonzero(types == UNKNOWN)
     # as `_sentencepiece_proto` names it: the UNKNOWN piece, else "<unk>", else id 3

@@ -138,7 +138,7 @@ class Tokenizer:
         for key in (_TOKENS, _SCORES, _TOKEN_TYPES):
             if key not in metadata:
                 raise ModelFileError(f"{source}: no tokenizer in the file (missing {key})")
-        if in_place and (backend := sentencepiece_bpe.build(metadata)) is not None:
+        if in_place and (backend := sentencepiece_bpe.build(metadata, source)) is not None:
             return cls._from_sentencepiece(backend, metadata, source)
         folder = tokenizer_cache.entry_folder(metadata)
         cached = _cached_sentencepiece(folder, metadata)

@@ -103,8 +103,9 @@ def read_index(metadata, count: int):
     return table
 
 
-def write_index(metadata, table) -> None:
-    """Stores a vocabulary's index, atomically; best effort, as `write_model`."""
+def write_index(metadata, table, source: str) -> None:
+    """Stores a vocabulary's index, atomically, naming the GGUF it was built from (`source`,
+    for `gemmakit cache list`); best effort, as `write_model`."""
     import numpy as np
 
     folder = _index_folder(metadata)
@@ -113,7 +114,7 @@ def write_index(metadata, table) -> None:
     try:
         with atomic_folder(folder, replace=True) as tmp:
             np.save(tmp / INDEX_FILE, table)
-            (tmp / SOURCE_FILE).write_text(json.dumps({"source": "sentencepiece_bpe.index"}))
+            (tmp / SOURCE_FILE).write_text(json.dumps({"source": source}))
     except OSError:
         return
     evict(keep=folder)
