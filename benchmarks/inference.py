@@ -6,7 +6,9 @@ Each measurement runs in a fresh process (so load time and peak RSS are honest),
 take turns run by run (so a slow minute on a shared machine hits them alike), and the table
 reports medians with [min-max] across processes, then the ratios the targets are set in. Everyone gets the same 512 prompt
 token ids; decode is 128 greedy tokens. llama-cpp-python and transformers are optional:
-missing ones are reported, not faked.
+missing ones are reported, not faked. "gemmakit generate, no torch" is the path plain
+`gemmakit generate` takes on the bundled file (inference/lean.py: tokenizer loaded, each token
+detokenized), run in a child that fails if torch was imported.
 """
 
 from __future__ import annotations
