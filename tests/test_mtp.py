@@ -5,6 +5,7 @@ dims) and a tiny random assistant whose layers fit it (tests/test_gemma4_assista
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def _prompts() -> list[list[int]]:
 
 def _requests(prompts, **params):
     return [
-        Request(p, SamplingParams(**params), stop_ids=(1,), generator=torch.Generator().manual_seed(i))
+        Request(p, SamplingParams(**params), stop_ids=(1,), generator=random.Random(i))
         for i, p in enumerate(prompts)
     ]
 

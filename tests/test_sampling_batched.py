@@ -4,6 +4,8 @@ path gives for the same generator state."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -110,22 +112,22 @@ def test_sample_many_gives_each_row_its_per_row_token(vocab):
     """Same seeds -> same tokens, row by row, over many steps (the generators advance alike)."""
     for step in range(3 if vocab > 10000 else 6):
         x = logits_rows(len(PARAMS), vocab, seed=10 + step)
-        batched_gens = [torch.Generator().manual_seed(100 + i) for i in range(len(PARAMS))]
-        alone_gens = [torch.Generator().manual_seed(100 + i) for i in range(len(PARAMS))]
+        batched_gens = [random.Random(100 + i) for i in range(len(PARAMS))]
+        alone_gens = [random.Random(100 + i) for i in range(len(PARAMS))]
         for _ in range(step):  # both sets of generators at the same, advanced state
             for g in batched_gens + alone_gens:
-                torch.rand(3, generator=g)
+                g.random()
         got = sample_many(x, PARAMS, batched_gens)
         want = [sample(x[i], p, g) for i, (p, g) in enumerate(zip(PARAMS, alone_gens))]
         assert got == want
-        assert [g.get_state().sum() for g in batched_gens] == [g.get_state().sum() for g in alone_gens]
+        assert [g.getstate() for g in batched_gens] == [g.getstate() for g in alone_gens]
 
 
 def test_sampled_tokens_follow_the_filters():
     x = logits_rows(1, 262144, seed=4)[0]
     params = SamplingParams(temperature=0.7, top_p=0.5)
     kept = probabilities(x, params) > 0
-    gen = torch.Generator().manual_seed(0)
+    gen = random.Random(0)
     tokens = sample_many(x.expand(64, -1).contiguous(), [params] * 64, [gen] * 64)
     assert all(bool(kept[t]) for t in tokens) and len(set(tokens)) > 1
 
@@ -134,7 +136,7 @@ def test_a_nan_row_fails_alone():
     x = logits_rows(3, 2000, seed=5)
     x[1] = float("nan")
     params = [SamplingParams(temperature=0.7, top_p=0.9)] * 3
-    got = sample_many(x, params, [torch.Generator().manual_seed(i) for i in range(3)])
+    got = sample_many(x, params, [random.Random(i) for i in range(3)])
     assert isinstance(got[1], Exception) and isinstance(got[0], int) and isinstance(got[2], int)
 
 
@@ -151,10 +153,10 @@ def test_engine_sample_rows_batches_plain_rows_and_keeps_the_others_per_row():
         p = SamplingParams(temperature=0.8, top_p=0.9, logprobs=2)
         plain = SamplingParams(temperature=0.8, top_p=0.9)
         return [
-            Request([1], plain, generator=torch.Generator().manual_seed(1)),
-            Request([1], plain, generator=torch.Generator().manual_seed(2), logits_processor=ban),
-            Request([1], p, generator=torch.Generator().manual_seed(3), logprobs=2),
-            Request([1], plain, generator=torch.Generator().manual_seed(4), logits_processor=broken),
+            Request([1], plain, generator=random.Random(1)),
+            Request([1], plain, generator=random.Random(2), logits_processor=ban),
+            Request([1], p, generator=random.Random(3), logprobs=2),
+            Request([1], plain, generator=random.Random(4), logits_processor=broken),
         ]
 
     batched, alone = requests(), requests()

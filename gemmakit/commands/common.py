@@ -39,14 +39,16 @@ def check_device(device: str) -> None:
     """Refuses a --device that torch cannot use here, before anything is loaded."""
     import re
 
-    import torch
-
     from gemmakit.errors import GemmakitError
 
     m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
     if m is None or (m.group(1) == "cpu" and m.group(2)):
         raise GemmakitError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "cpu":  # always there: no torch import (the torch-free generate path)
+        return
+    import torch
+
     if kind == "mps" and not torch.backends.mps.is_available():
         raise GemmakitError("--device mps: no Apple GPU is available to this torch")
     if kind != "cuda":
@@ -68,7 +70,7 @@ def check_device(device: str) -> None:
 
 
 def check_seed(seed: int) -> None:
-    """Refuses a --seed that torch's generators cannot take (they hold 64 bits)."""
+    """Refuses a --seed outside 64 bits (signed or not), as SamplingParams does."""
     from gemmakit.errors import GemmakitError
 
     if not -(2**63) <= seed < 2**64:

@@ -43,8 +43,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from gemmakit import SamplingParams
     from gemmakit.errors import GemmakitError
+    from gemmakit.inference.sampling_params import SamplingParams
 
     if args.speculative == "draft" and not args.draft_model:
         raise GemmakitError("--speculative draft needs --draft-model M (a model with the same tokenizer)")
@@ -57,6 +57,73 @@ def run(args) -> int:
         top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
         speculative=args.speculative, num_speculative_tokens=args.num_speculative,
     )  # fmt: skip
+    lean = _lean_model(args)
+    if lean is not None:
+        return _run_lean(args, params, lean)
+    return _run_torch(args, params)
+
+
+def lean_applies(args) -> bool:
+    """Whether the arguments let `generate` run without torch (`inference/lean.py`), decided
+    before anything heavy is imported: the model's own types (no --dtype, --quantize,
+    adapter or speculation) on the CPU (named, or the default on a machine without a GPU).
+    Its tokens are the torch path's, sampled ones included (one sampler, inference/sampler.py)."""
+    import os
+
+    if os.environ.get("GEMMAKIT_TORCH_GENERATE"):
+        return False
+    if args.dtype != "auto" or args.quantize or args.adapter or args.speculative or args.draft_model:
+        return False
+    if args.device not in (None, "cpu") or args.device is None and _gpu_present():
+        return False
+    return True
+
+
+def _gpu_present() -> bool:
+    """Whether a GPU's device files exist (NVIDIA's or ROCm's): torch would then default to
+    CUDA, which only importing torch can tell for sure."""
+    from pathlib import Path
+
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+
+
+def _lean_model(args):
+    """The torch-free path's model, or None where the torch path runs."""
+    if not lean_applies(args):
+        return None
+    from gemmakit.inference import lean
+
+    return lean.load(args.model)
+
+
+def _run_lean(args, params, model) -> int:
+    from gemmakit.inference import lean, sampler
+
+    tok = model.tokenizer
+    seeds = sampler.generator(0)  # as the torch path's LLM(seed=0) seeds its requests
+    prompts = [  # timed as the torch path times them: chat prompts encoded before, text within
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
+        for p in args.prompts
+    ]
+    start = time.perf_counter()
+    outputs = []
+    for prompt in prompts:
+        ids = prompt if isinstance(prompt, list) else tok.encode(prompt)
+        completion = lean.Completion()
+        for event in lean.stream(model, ids, params, completion, seeds):
+            if args.stream and not args.json:
+                sys.stdout.write(event.delta)
+                sys.stdout.flush()
+        if args.stream and not args.json:
+            sys.stdout.write("\n\n")
+        outputs.append(completion)
+    seconds = time.perf_counter() - start
+    streamed = args.stream and not args.json
+    _report(args, str(model.source.path), model.load_seconds, seconds, [] if streamed else outputs, {})
+    return 0
+
+
+def _run_torch(args, params) -> int:
     llm = load_llm(args)
     if llm.memory:  # MB = 1e6 bytes, as model sizes are usually quoted
         before, after = (round(llm.memory[k] / 1e6) for k in ("before", "after"))
@@ -77,47 +144,54 @@ def run(args) -> int:
     else:
         outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs) if outputs else None
+    extra = {}
+    if args.speculative and outputs:
+        extra["speculation"] = [o.metrics.get("speculation") for o in outputs]
+    if llm.memory:
+        extra["memory"] = {"before_bytes": llm.memory["before"], "after_bytes": llm.memory["after"]}
+    completions = [o.outputs[0] for o in outputs]
+    _report(args, str(llm.loaded.source.path), llm.loaded.load_seconds, seconds, completions, extra)
+    return 0
+
+
+def _report(
+    args, model_path: str, load_seconds: float, seconds: float, completions: list, extra: dict
+) -> None:
+    """Prints the completions (objects with text, token_ids and finish_reason; none after
+    --stream) as text or --json, and the timings, the same whichever path generated them."""
+    generated = sum(len(c.token_ids) for c in completions) if completions else None
+    speculation = extra.get("speculation")
     if args.json:
         report = {
-            "model": str(llm.loaded.source.path),
-            "load_seconds": round(llm.loaded.load_seconds, 4),
+            "model": model_path,
+            "load_seconds": round(load_seconds, 4),
             "generation_seconds": round(seconds, 4),
             "tokens_per_second": round(generated / seconds, 2),
             "outputs": [
-                {
-                    "prompt": p,
-                    "text": o.outputs[0].text,
-                    "token_ids": o.outputs[0].token_ids,
-                    "finish_reason": o.outputs[0].finish_reason,
-                }  # fmt: skip
-                | ({"speculation": o.metrics["speculation"]} if "speculation" in o.metrics else {})
-                for p, o in zip(args.prompts, outputs)
+                {"prompt": p, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                | ({"speculation": speculation[i]} if speculation and speculation[i] is not None else {})
+                for i, (p, c) in enumerate(zip(args.prompts, completions))
             ],
         }
         if args.speculative:
-            report["speculation"] = _total_speculation([o.metrics.get("speculation") for o in outputs])
-        if llm.memory:
-            report["memory"] = {"before_bytes": llm.memory["before"], "after_bytes": llm.memory["after"]}
+            report["speculation"] = _total_speculation(speculation or [])
+        if "memory" in extra:
+            report["memory"] = extra["memory"]
         print_json(report)
-        return 0
-    for p, o in zip(args.prompts, outputs):
-        if len(outputs) > 1:
+        return
+    for p, c in zip(args.prompts, completions):
+        if len(completions) > 1:
             print(f"--- {p!r}")
-        print(p + o.outputs[0].text if not args.chat else o.outputs[0].text)
+        print(p + c.text if not args.chat else c.text)
         print()
     rate = f", {generated / seconds:.1f} tokens/s ({generated} tokens)" if generated else ""
-    if args.speculative and outputs:
-        total = _total_speculation([o.metrics.get("speculation") for o in outputs])
+    if args.speculative and completions:
+        total = _total_speculation(speculation)
         rate += (
             f" | speculative {args.speculative}: {total['acceptance_rate']:.0%} of proposals accepted, "
             f"{total['tokens_per_step']:.2f} tokens per step"
         )
-    print(
-        f"Loading time: {llm.loaded.load_seconds:.2f} s | generation time: {seconds:.2f} s{rate}",
-        file=sys.stderr,
-    )
-    return 0
+    print(f"Loading time: {load_seconds:.2f} s | generation time: {seconds:.2f} s{rate}", file=sys.stderr)
 
 
 def _total_speculation(per_output: list[dict | None]) -> dict:

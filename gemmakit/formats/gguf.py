@@ -13,16 +13,18 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from gemmakit.config import FULL, SLIDING, GemmaConfig
 from gemmakit.errors import ConfigError, GemmakitError, ModelFileError
 from gemmakit.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from gemmakit.formats.gguf_metadata import ARRAY, Cursor, GGUFMetadata
 from gemmakit.hf_config import from_hf_config
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a header needs none of it
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 # Types whose values are floats (read as they are), not blocks.
@@ -251,6 +253,8 @@ class GGUFFile:
     def blocks(self, name: str) -> torch.Tensor:
         """A quantized 2-D tensor's bytes as uint8 (rows, bytes per row), a zero-copy view of
         the memory-mapped file (read-only: nothing may write to it)."""
+        import torch
+
         raw = self.raw(name)
         with warnings.catch_warnings():  # torch warns that the mapping is not writable
             warnings.simplefilter("ignore", UserWarning)
@@ -265,6 +269,8 @@ class GGUFFile:
         its float32 output) for the whole tensor. Blocks never span rows, so the values are
         those of a whole-tensor dequantization.
         """
+        import torch
+
         info = self.tensors[name]
         if dtype is None:
             dtype = torch.bfloat16 if info.ggml_type == GGMLQuantizationType.BF16 else torch.float32
@@ -282,6 +288,8 @@ class GGUFFile:
 
     def _decode(self, name: str, raw: np.ndarray) -> torch.Tensor:
         """Rows of raw data as float32 values (bfloat16 for a BF16 tensor)."""
+        import torch
+
         ggml_type = self.tensors[name].ggml_type
         if ggml_type == GGMLQuantizationType.F32:
             return torch.from_numpy(np.array(raw))
@@ -490,7 +498,7 @@ def _normal_cdf(x: float) -> float:
 
 
 def state_dict_from_gguf(
-    g: GGUFFile, dtype: torch.dtype = torch.float32, config: GemmaConfig | None = None, skip=frozenset()
+    g: GGUFFile, dtype: torch.dtype | None = None, config: GemmaConfig | None = None, skip=frozenset()
 ) -> dict[str, torch.Tensor]:
     """All tensors under HF names, dequantized to `dtype`, converted back from llama.cpp's forms.
 
@@ -503,6 +511,9 @@ def state_dict_from_gguf(
     load never holds a float32 copy of a big tensor. GGUF names in `skip` are left out (the
     loader keeps those in their blocks).
     """
+    import torch
+
+    dtype = dtype or torch.float32
     config = config or config_from_gguf(g)
     out = {}
     for name in g.tensors:
@@ -538,6 +549,8 @@ def gguf_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, list[str], t
     The inverse of `state_dict_from_gguf` for the names: stacked tensors (Gemma 3n AltUp) are
     stacked here; values are left as they are (the writer shifts norms and casts).
     """
+    import torch
+
     out, stacked = [], set()
     for g_name, pattern in STACKED_NAMES.items():
         names = []

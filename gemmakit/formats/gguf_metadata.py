@@ -164,6 +164,14 @@ class GGUFMetadata(Mapping):
             return count
         return len(value)
 
+    def array_bytes(self, key: str) -> tuple[int, int, memoryview]:
+        """The array under `key` as the file stores it, without decoding it: its element type
+        (a GGUF value type), its element count and a view of its elements' bytes (strings:
+        each a uint64 length and its UTF-8 bytes)."""
+        start, end = self._spans[key]
+        etype, count = struct.unpack_from("<IQ", self._buf, start + 4)  # after the value type
+        return etype, count, self._buf[start + 16 : end]
+
     def is_decoded(self, key: str) -> bool:
         """Whether the value of `key` is held decoded (always, for all but large arrays)."""
         return not isinstance(self._values[key], _ArraySpan)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gemmakit.errors import ModelFileError
 from gemmakit.formats import chat_template as templates
-from gemmakit.formats import tokenizer_cache
+from gemmakit.formats import sentencepiece_bpe, tokenizer_cache
 from gemmakit.formats.chat_template import ChatTemplate, ChatTemplateError
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF token types use the same ids.
@@ -123,7 +123,11 @@ class Tokenizer:
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF") -> Tokenizer:
+    def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF", in_place: bool = False) -> Tokenizer:
+        """The tokenizer of a GGUF header's vocabulary. With `in_place`, a SentencePiece
+        vocabulary is run by `sentencepiece_bpe.SentencePieceBPE` over the mapped file (the
+        same ids, a few MB instead of SentencePiece's ~38 MiB; no model proto for the
+        writers: the torch-free generation path's choice) where it applies."""
         model = metadata.get("tokenizer.ggml.model")
         if model == "gemma4":
             return cls._from_gguf_bpe(metadata, source)
@@ -134,6 +138,8 @@ class Tokenizer:
         for key in (_TOKENS, _SCORES, _TOKEN_TYPES):
             if key not in metadata:
                 raise ModelFileError(f"{source}: no tokenizer in the file (missing {key})")
+        if in_place and (backend := sentencepiece_bpe.build(metadata, source)) is not None:
+            return cls._from_sentencepiece(backend, metadata, source)
         folder = tokenizer_cache.entry_folder(metadata)
         cached = _cached_sentencepiece(folder, metadata)
         if cached is not None:
@@ -535,6 +541,20 @@ def _load_sentencepiece(proto: bytes, source: str):
         return spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
         raise ModelFileError(f"{source}: not a valid SentencePiece model ({e})") from None
+
+
+def gguf_tokenizer(
+    metadata, source: str, vocab_size: int, config_eos, in_place: bool = False
+) -> tuple[Tokenizer, tuple[int, ...]]:
+    """A GGUF's tokenizer and stop ids as a GGUF read in its own block types has them (no
+    generation config beside the file): `loading` and the torch-free path alike. A vocabulary
+    larger than the model's `vocab_size` is a ModelFileError."""
+    tokenizer = Tokenizer.from_gguf_metadata(metadata, source, in_place=in_place)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelFileError(
+            f"{source}: tokenizer has {tokenizer.vocab_size} tokens, model only {vocab_size}"
+        )
+    return tokenizer, generation_stop_ids(tokenizer, {}, config_eos)
 
 
 def generation_stop_ids(tokenizer: Tokenizer, generation_config: dict, config_eos) -> tuple[int, ...]:

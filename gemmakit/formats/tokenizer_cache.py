@@ -72,3 +72,49 @@ def write_model(folder: Path | None, proto: bytes, source: str):
     except OSError:
         return
     evict(keep=folder)
+
+
+# --- the index of formats/sentencepiece_bpe.py --------------------------------------------
+INDEX_FILE = "bpe_index.npy"
+
+
+def _index_folder(metadata) -> Path | None:
+    """The entry of a vocabulary's BPE index: beside its SentencePiece model's, same key."""
+    folder = entry_folder(metadata)
+    return None if folder is None else folder.with_name("bpe" + folder.name.removeprefix("sp"))
+
+
+def read_index(metadata, count: int):
+    """The cached index of this vocabulary (`sentencepiece_bpe.index`), or None (none, or not
+    of its shape: it is rebuilt). Read, not mapped: 3 MB whose pages lookups touch nearly all,
+    and a cache file rewritten in place under a mapping would fault the reader."""
+    import numpy as np
+
+    folder = _index_folder(metadata)
+    if folder is None:
+        return None
+    try:
+        table = np.load(folder / INDEX_FILE)
+    except (OSError, ValueError):
+        return None
+    if table.shape != (3, count + 1) or table.dtype != np.uint32:
+        return None
+    mark_used(folder)
+    return table
+
+
+def write_index(metadata, table, source: str) -> None:
+    """Stores a vocabulary's index, atomically, naming the GGUF it was built from (`source`,
+    for `gemmakit cache list`); best effort, as `write_model`."""
+    import numpy as np
+
+    folder = _index_folder(metadata)
+    if folder is None:
+        return
+    try:
+        with atomic_folder(folder, replace=True) as tmp:
+            np.save(tmp / INDEX_FILE, table)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"source": source}))
+    except OSError:
+        return
+    evict(keep=folder)

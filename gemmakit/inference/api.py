@@ -17,10 +17,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from gemmakit.errors import GemmakitError
-from gemmakit.inference import logits_processing
+from gemmakit.inference import logits_processing, sampler
 from gemmakit.inference.batching import Engine, available_memory, slot_bytes
 from gemmakit.inference.engine import Request, SpeculationStats, TokenLogprob, check_length
 from gemmakit.inference.sampling import SamplingParams, request_generator
@@ -139,7 +137,7 @@ class LLM:
 
             self.draft = load(draft_model, dtype=self.model.dtype, device=str(self.model.device))
             check_draft(self.model, self.tokenizer, self.draft.model, self.draft.tokenizer)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = sampler.generator(seed)  # draws each request's seed
         self._next_id = 0
         self._engine: Engine | None = None  # kept between calls: its slots cache prefixes
 

@@ -31,8 +31,19 @@ import ctypes
 import torch
 from torch import nn
 
-from gemmakit.config import FULL, SLIDING, GemmaConfig
-from gemmakit.kernels import bindings
+from gemmakit.config import FULL
+from gemmakit.inference import step_structs
+from gemmakit.inference.step_structs import (  # noqa: F401 (the names callers read here)
+    GROUPS,
+    PREFILL_ROWS,
+    STEP_ERRORS,
+    W_BF16,
+    W_F32,
+    W_GGUF_BASE,
+    W_INT8,
+    W_PACKED4,
+    unsupported_by_c_step,
+)
 from gemmakit.kernels import cpu as cpu_kernels
 from gemmakit.model.cache import KVCache
 from gemmakit.model.gemma import Gemma
@@ -41,14 +52,8 @@ from gemmakit.quant.gguf_blocks import GGUFLinear
 from gemmakit.quant.gptq_linear import GPTQLinear, StoredHalfLinear
 from gemmakit.quant.linear import Int8Linear, QuantizedEmbedding
 
-GROUPS = (FULL, SLIDING)  # Layer.group and Model.inv_freq's index of each attention kind
-_DECLARED = bindings.declarations()
-_Mat, _Layer, _Model, _Batch = (_DECLARED.structs[name] for name in ("Mat", "Layer", "Model", "Batch"))
-W_F32, W_INT8, W_BF16, W_GGUF_BASE, W_PACKED4 = (
-    _DECLARED.constants[name] for name in ("W_F32", "W_INT8", "W_BF16", "W_GGUF_BASE", "W_PACKED4")
-)
+_Mat, _Layer, _Model, _Batch = step_structs.Mat, step_structs.Layer, step_structs.Model, step_structs.Batch
 WEIGHT_TYPES = {torch.float32: W_F32, torch.bfloat16: W_BF16}
-_INV_FREQ = dict(_Model._fields_)["inv_freq"]  # one RoPE frequency pointer per group
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -207,37 +212,6 @@ def _embedding(model: Gemma, keep: list):
     return None
 
 
-def unsupported_by_c_step(config: GemmaConfig) -> str | None:
-    """What in `config` the C step cannot compute, or None when it can run the model.
-
-    The step is Gemma 1-3's block: one head dim and KV-head count for every layer, every
-    layer's own K/V, (1 + w) norm gains, full RoPE, a GeGLU MLP of one width, nothing added
-    to the residual stream. Gemma 3n/4 decode with the torch step.
-    """
-    c = config
-    per_layer_shapes = any(
-        (c.layer_head_dim(i), c.layer_kv_heads(i), c.layer_intermediate_size(i))
-        != (c.head_dim, c.num_key_value_heads, c.intermediate_size)
-        for i in range(c.num_hidden_layers)
-    )
-    reasons = {
-        "odd head_dim": c.head_dim % 2,
-        "per-layer head dims, KV heads or MLP widths": per_layer_shapes,
-        "norm gains without the unit offset": not c.norm_unit_offset,
-        "v_norm": c.use_v_norm,
-        "per-layer embeddings": c.hidden_size_per_layer_input,
-        "KV sharing": c.num_kv_shared_layers,
-        "K = V": c.attention_k_eq_v,
-        "partial RoPE": c.rope_partial_rotary_factor != 1.0,
-        "layer scalars": c.use_layer_scalar,
-        "mixture of experts": c.num_experts,
-        "activation sparsity": any(c.layer_activation_sparsity(i) for i in range(c.num_hidden_layers)),
-        "AltUp": c.altup_num_inputs,
-        "LAuReL": c.laurel_rank,
-    }
-    return next((reason for reason, applies in reasons.items() if applies), None)
-
-
 def block_weights(spec: _Model) -> bool:
     """Whether every layer's matrices are GGUF blocks: only then is a prompt faster as rows
     of the C step than through torch, whose float matmuls beat the C step's products over
@@ -265,30 +239,11 @@ def _model_spec(model: Gemma, kv: list[tuple[torch.Tensor, torch.Tensor]], max_v
     if None in layers or embed is None or head is None or not final_norm:
         return None
     freqs = [model._inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
-    layer_array = (_Layer * len(layers))(*layers)
-    keep.append(layer_array)
-    return _Model(
-        n_layers=len(layers),
-        hidden=config.hidden_size,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        intermediate=config.intermediate_size,
-        vocab=config.vocab_size,
-        eps=config.rms_norm_eps,
-        attn_scale=config.attention_scale,
-        attn_softcap=config.attn_logit_softcapping or 0.0,
-        final_softcap=config.final_logit_softcapping or 0.0,
+    return step_structs.model_struct(
+        config, layers, embed, head, final_norm, [f.data_ptr() if f is not None else None for f in freqs],
         embed_scale=model._embedding_scale(model.dtype),  # rounded as the reference rounds it
-        inv_freq=_INV_FREQ(*[f.data_ptr() if f is not None else None for f in freqs]),
-        embed=embed,
-        lm_head=head,
-        final_norm=final_norm,
-        layers=layer_array,
-        max_visible=max_visible,
-        cache_bf16=model.dtype == torch.bfloat16,
-        window=config.sliding_window or 0,
-    )
+        max_visible=max_visible, cache_bf16=model.dtype == torch.bfloat16, keep=keep,
+    )  # fmt: skip
 
 
 def decoder(model: Gemma, cache: KVCache, batch: int) -> CDecoder | None:
@@ -362,11 +317,7 @@ class BatchDecoder:
             n_logit_rows=wanted,
             logits=logits.data_ptr(),
         )
-        failed = self.lib.decode_batch(ctypes.byref(self.spec), ctypes.byref(batch), torch.get_num_threads())
-        if failed:
-            raise _STEP_ERRORS.get(
-                failed, MemoryError("the batched C decode step could not allocate its buffers")
-            )
+        step_structs.run_step(self.lib, self.spec, batch, torch.get_num_threads())
         return logits
 
     def prefill(self, tokens: list[int], slot: int, start: int = 0) -> torch.Tensor:
@@ -379,39 +330,11 @@ class BatchDecoder:
         return self._logits[:1]
 
 
-# what a failed step's code means (csrc/gemmakit_kernels.h, decode_batch)
-_STEP_ERRORS = {
-    -2: ValueError("the rows of one slot must be consecutive rows at consecutive positions"),
-    -3: ValueError("logit_rows must be ascending row indices of the step"),
-}
-
-
-# Prompt rows per C step in `prefill_rows`: the step's buffers grow with its rows (~70 kB a
-# row for Gemma 3 270M), and from a few hundred rows on each weight read is shared enough.
-PREFILL_ROWS = 512
-
-
 def prefill_rows(lib, spec, tokens: list[int], slot: int, start: int, logits: torch.Tensor) -> None:
     """Runs `tokens` at positions start... of `slot` as rows of C steps of PREFILL_ROWS rows
-    (a prompt; the same keys and values, and the same last logits, however it is cut), and
-    writes the logits (V,) after the last token into logits[0]."""
-    rows = len(tokens)
-    ids = torch.tensor([tokens, [slot] * rows, list(range(start, start + rows))], dtype=torch.int64)
-    last = (ctypes.c_int64 * 1)()
-    for at in range(0, rows, PREFILL_ROWS):
-        n = min(PREFILL_ROWS, rows - at)
-        last[0] = n - 1
-        batch = _Batch(
-            rows=n,
-            tokens=ids[0, at:].data_ptr(),
-            slots=ids[1, at:].data_ptr(),
-            positions=ids[2, at:].data_ptr(),
-            logit_rows=ctypes.addressof(last),
-            n_logit_rows=1,
-            logits=logits.data_ptr(),
-        )
-        if lib.decode_batch(ctypes.byref(spec), ctypes.byref(batch), torch.get_num_threads()):
-            raise MemoryError("the C decode step could not allocate its buffers")
+    (`step_structs.prompt_rows`), and writes the logits (V,) after the last token into
+    logits[0]."""
+    step_structs.prompt_rows(lib, spec, tokens, slot, start, logits.data_ptr(), torch.get_num_threads())
 
 
 def batch_decoder(

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemmakit.errors import ContextLengthError
 from gemmakit.inference import c_decode
 from gemmakit.inference.sampling import SamplingParams, sample, sample_many
+from gemmakit.inference.sampling_params import check_length, finish_reason
 from gemmakit.lora import multi
 
 
@@ -84,24 +84,6 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     adapter: str | None = None
     speculation: SpeculationStats | None = None
-
-
-def check_length(prompt_len: int, max_tokens: int | None, context: int, what: str = "prompt") -> int:
-    """The number of tokens that may be generated after a prompt of `prompt_len` tokens.
-
-    That is `max_tokens` clamped to the room left in the context, or all of that room when
-    `max_tokens` is None. `what` names the prompt in the error ("prompt", "conversation").
-
-    Raises:
-        ContextLengthError: the prompt alone fills the context.
-    """
-    if prompt_len >= context:
-        raise ContextLengthError(
-            f"the {what} has {prompt_len} tokens; the model's context is {context} tokens "
-            "(the prompt plus at least one generated token must fit)"
-        )
-    room = context - prompt_len
-    return room if max_tokens is None else min(max_tokens, room)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,12 +181,7 @@ def record_token(raw: torch.Tensor, request: Request, token: int):
 
 def _finish_reason(request: Request, token: int, limit: int) -> str | None:
     """ "stop" when token ends the request, "length" when it used its last allowed token."""
-    stops = request.params.stop_token_ids + ([] if request.params.ignore_eos else list(request.stop_ids))
-    if token in stops:
-        return "stop"
-    if len(request.output_ids) >= limit:
-        return "length"
-    return None
+    return finish_reason(request.params, request.stop_ids, token, len(request.output_ids), limit)
 
 
 def sample_live_rows(

@@ -18,7 +18,7 @@ import torch
 
 from gemmakit.config import SLIDING
 from gemmakit.errors import GemmakitError
-from gemmakit.inference import c_decode
+from gemmakit.inference import c_decode, sampler
 from gemmakit.inference.engine import Request
 from gemmakit.inference.sampling import probabilities
 from gemmakit.model.cache import RING_SLACK
@@ -146,7 +146,7 @@ class DraftProposer:
                 proposals.append(int(logits.float().argmax()))
             else:
                 q = probabilities(logits, params)
-                proposals.append(int(torch.multinomial(q, 1, generator=request.generator)))
+                proposals.append(sampler.draw_index(q.double().cpu().numpy(), request.generator))
                 qs.append(q)
             if i + 1 < k:
                 logits = self._feed(proposals[-1:])
@@ -218,7 +218,7 @@ class MtpProposer:
                 token = int(logits.argmax())
             else:
                 q = probabilities(logits, params)
-                token = int(torch.multinomial(q, 1, generator=request.generator))
+                token = sampler.draw_index(q.double().cpu().numpy(), request.generator)
                 qs.append(q)
             proposals.append(token)
         return proposals, torch.stack(qs) if qs else None

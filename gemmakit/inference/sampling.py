@@ -1,276 +1,33 @@
-"""Sampling: the request's parameters, small filters chained in `sample`, per-request seeding.
+"""Sampling the engine's rows: `sample_many` / `sample` over torch logits, per-request seeding.
 
-Filters apply in vLLM's order (temperature, top-k, top-p, min-p) and each one is a function
-from logits to logits with the dropped tokens at -inf, as mlx-lm's `sample_utils.py` chains them.
+The request's parameters are `sampling_params.SamplingParams`; the filters (vLLM's order:
+temperature, top-k, top-p, min-p) and the draw are `sampler.py`'s, torch-free and shared with
+the torch-free generation path, each row drawn with its own `random.Random`. This module
+finds the rows' candidates in one pass (`ops.top_candidates`) and hands each row to them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
-import secrets
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
-from gemmakit.errors import GemmakitError
-from gemmakit.model.cache import RING_SLACK
+from gemmakit.inference import sampler
+from gemmakit.inference.sampler import request_generator  # noqa: F401 (the API)
+from gemmakit.inference.sampling_params import (  # noqa: F401 (the API)
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PENALTY,
+    MIN_TEMPERATURE,
+    SPECULATIVE_MODES,
+    SamplingParams,
+)
 from gemmakit.ops import top_candidates
 
-# The speculative decoding modes (None: none).
-SPECULATIVE_MODES = (None, "ngram", "draft", "mtp")
 
-# The smallest positive temperature accepted. Logits divided by a tiny one overflow float32
-# (1e-40 turns every logit into inf and the softmax into NaN); divided by 1e-5 they stay far
-# from it (|logit| 1e4 -> 1e9). vLLM takes temperatures under 1e-5 as greedy
-# (vllm/sampling_params.py, _SAMPLING_EPS); here the caller says 0 for greedy.
-MIN_TEMPERATURE = 1e-5
-# OpenAI's documented ranges: penalties in [-2, 2], a logit bias in [-100, 100], at most 20
-# top log-probabilities per token (chat's top_logprobs; vLLM's default cap is 20 too).
-MAX_PENALTY = 2.0
-MAX_LOGIT_BIAS = 100.0
-MAX_LOGPROBS = 20
-# More completions per prompt than this is a request to refuse, not a batch to run.
-MAX_N = 64
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_str_list(x) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x)
-
-
-def _number(name: str, value) -> float:
-    """`value` as a finite float, or a GemmakitError naming the field."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise GemmakitError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise GemmakitError(f"{name} must be a finite number, got {value}")
-    return float(value)
-
-
-def _integer(name: str, value) -> int:
-    if not _is_int(value):
-        raise GemmakitError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-@dataclass
-class SamplingParams:
-    """What vLLM's `SamplingParams` means, for the fields it shares.
-
-    temperature 0 is greedy; top_k -1 or 0 and top_p = 1 disable those filters; `seed` makes
-    a request reproducible on its own, independent of the batch it runs in; generated text
-    stops before the first `stop` string, which is not included.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = 16
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    # OpenAI's penalties over the generated tokens: each logit minus count * frequency_penalty
-    # and, once a token has appeared, minus presence_penalty.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # HF/vLLM's multiplicative penalty over the prompt and the generated tokens (1 = none).
-    repetition_penalty: float = 1.0
-    # token id -> a bias added to its logit after the penalties.
-    logit_bias: dict[int, float] | None = None
-    # None: no log-probabilities; k: each token's and the k most likely of each step.
-    logprobs: int | None = None
-    # A JSON schema the output must match, enforced by a grammar (`inference.grammar`).
-    json_schema: dict | None = None
-    # Speculative decoding (gemmakit.inference.speculative): None, "ngram" (prompt lookup) or
-    # "draft" (the LLM's draft model) or "mtp" (its Gemma 4 assistant), proposing up to
-    # num_speculative_tokens tokens a step.
-    speculative: str | None = None
-    num_speculative_tokens: int = 8
-
-    def __post_init__(self):
-        # Checked here, at the edge, because a bad value fails later inside a batch: NaN or a
-        # temperature of 1e-40 turns the scaled logits into inf/NaN and torch.multinomial raises.
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is not None and not _is_str_list(self.stop):
-            raise GemmakitError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        self.stop = list(self.stop or [])
-        ids = self.stop_token_ids
-        if ids is not None and not (
-            isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids)
-        ):
-            raise GemmakitError(f"stop_token_ids must be a list of token ids, got {ids!r}")
-        self.stop_token_ids = list(ids or [])
-        self.temperature = _number("temperature", self.temperature)
-        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
-            raise GemmakitError(
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
-            )
-        self.top_p = _number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise GemmakitError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.min_p = _number("min_p", self.min_p)
-        if not 0 <= self.min_p <= 1:
-            raise GemmakitError(f"min_p must be in [0, 1], got {self.min_p}")
-        self.top_k = _integer("top_k", self.top_k)
-        if self.top_k < -1:
-            raise GemmakitError(f"top_k must be -1 or 0 (no top-k filter) or at least 1, got {self.top_k}")
-        if self.seed is not None:
-            self.seed = _integer("seed", self.seed)
-            # torch's Generator.manual_seed takes exactly this range.
-            if not -(2**63) <= self.seed < 2**64:
-                raise GemmakitError(f"seed must fit in 64 bits, got {self.seed}")
-        if self.max_tokens is not None:
-            self.max_tokens = _integer("max_tokens", self.max_tokens)
-            if self.max_tokens < 1:
-                raise GemmakitError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not isinstance(self.ignore_eos, bool):
-            raise GemmakitError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        self.n = _integer("n", self.n)
-        if not 1 <= self.n <= MAX_N:
-            raise GemmakitError(f"n must be in [1, {MAX_N}], got {self.n}")
-        if self.speculative not in SPECULATIVE_MODES:
-            modes = ", ".join(repr(m) for m in SPECULATIVE_MODES)
-            raise GemmakitError(f"speculative must be one of {modes}, got {self.speculative!r}")
-        self.num_speculative_tokens = _integer("num_speculative_tokens", self.num_speculative_tokens)
-        if not 1 <= self.num_speculative_tokens <= RING_SLACK:
-            # A verification step writes 1 + k cache columns that a rollback must be able to
-            # drop again: the sliding rings keep RING_SLACK spare slots (model/cache.py).
-            raise GemmakitError(
-                f"num_speculative_tokens must be in [1, {RING_SLACK}], got {self.num_speculative_tokens}"
-            )
-        self._check_logits_fields()
-
-    def _check_logits_fields(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = _number(name, getattr(self, name))
-            if not -MAX_PENALTY <= value <= MAX_PENALTY:
-                raise GemmakitError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
-            setattr(self, name, value)
-        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise GemmakitError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
-        bias = self.logit_bias or {}
-        if not isinstance(bias, dict):
-            raise GemmakitError(f"logit_bias must map token ids to numbers, got {bias!r}")
-        checked = {}
-        for token, value in bias.items():
-            if not _is_int(token) or token < 0:
-                raise GemmakitError(f"logit_bias keys must be token ids, got {token!r}")
-            value = _number(f"logit_bias[{token}]", value)
-            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-                raise GemmakitError(f"logit_bias[{token}] must be in [-100, 100], got {value}")
-            checked[int(token)] = value
-        self.logit_bias = checked
-        if self.logprobs is not None:
-            self.logprobs = _integer("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise GemmakitError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            raise GemmakitError(f"json_schema must be a JSON schema object, got {self.json_schema!r}")
-
-    def expand_n(self) -> list[SamplingParams]:
-        """The `n` single-completion parameters of this request, as `n` rows run it.
-
-        With a seed, the rows get different seeds drawn from it (the first keeps it), so the n
-        completions differ yet the whole request stays reproducible; without one each row
-        draws its own.
-        """
-        if self.n == 1:
-            return [self]
-        seeds = [None] * self.n
-        if self.seed is not None:
-            draw = torch.Generator().manual_seed(self.seed)
-            seeds = [self.seed] + [int(torch.randint(2**62, (1,), generator=draw)) for _ in range(self.n - 1)]
-        return [dataclasses.replace(self, n=1, seed=s) for s in seeds]
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keeps the smallest set of tokens whose probability reaches p (the top one always)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-
-
-def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    if p <= 0:
-        return logits
-    probs = logits.softmax(-1)
-    return logits.masked_fill(probs < p * probs.max(-1, keepdim=True).values, float("-inf"))
-
-
-# Candidates taken, in turn, before a full sort is tried, when top-p runs without top-k: on the
-# 2-core CPU, sorting Gemma's 262,144 logits took 21 ms a row, torch's topk of 1,024 1.0 ms
-# and of 16,384 ~2.5 ms (ops.top_candidates' C pass: well under that); the top 1,024 tokens
-# nearly always hold the top-p mass, and a row too flat for that (a high temperature) is
-# caught by the second try.
-TOP_P_CANDIDATES = (1024, 16384)
-
-
-def _first_count(params: SamplingParams, vocab: int) -> int | None:
-    """How many best candidates of a row `sample` looks at first; None: the whole row (no
-    filter, or a filter whose candidates are not a top slice of useful size)."""
-    if 0 < params.top_k < vocab:
-        return params.top_k
-    if params.top_p < 1.0 and TOP_P_CANDIDATES[0] < vocab:
-        return TOP_P_CANDIDATES[0]
-    return None
-
-
-def _kept(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The tokens the filters keep for a row of raw logits (V,): (temperature-scaled logits,
-    ids) with -inf where a filter drops one, or None when no filter applies (the whole row).
-
-    `found` is `ops.top_candidates`' (values, ids, lse) of the row for `_first_count` (None
-    when that is None). Without top-k, top-p is decided on the best TOP_P_CANDIDATES tokens
-    when they already hold p of the probability, measured against the whole row's softmax
-    (the lse), which is exactly the set a full sort would keep (up to ties at the boundary);
-    else the whole row is sorted."""
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        values, ids, _ = found
-        return apply_min_p(apply_top_p(values, params.top_p), params.min_p), ids
-    if params.top_p < 1.0 or params.min_p > 0.0:
-        counts = [c for c in TOP_P_CANDIDATES if c < vocab] if params.top_p < 1.0 else []
-        for i, count in enumerate(counts):
-            if i > 0:  # the first try did not hold p: take more
-                found = tuple(t[0] for t in top_candidates(logits[None], _temperatures([params]), count))
-            values, ids, lse = found
-            probs = (values - lse).exp()
-            if float(probs.sum()) >= params.top_p:
-                cum = probs.cumsum(-1)
-                values = values.masked_fill(cum - probs >= params.top_p, float("-inf"))
-                return apply_min_p(values, params.min_p), ids
-        values, ids = torch.sort(logits / params.temperature, descending=True, stable=True)
-        return apply_min_p(apply_top_p(values, params.top_p), params.min_p), ids
-    return None
+def _row(logits: torch.Tensor) -> np.ndarray:
+    """A row of logits as float32 numpy (a view on the CPU)."""
+    return logits.detach().float().cpu().contiguous().numpy()
 
 
 def _temperatures(params: list[SamplingParams]) -> torch.Tensor:
@@ -278,43 +35,52 @@ def _temperatures(params: list[SamplingParams]) -> torch.Tensor:
 
 
 def _found(logits: torch.Tensor, params: list[SamplingParams]) -> list:
-    """`ops.top_candidates` of every row of logits (R, V) that `_first_count` gives a count,
-    in one call per distinct count: per row (values, ids, lse), or None."""
+    """`ops.top_candidates` of every row of logits (R, V) that `sampler.first_count` gives a
+    count, in one call per distinct count: per row (values, ids, lse) as numpy, or None."""
     vocab = logits.shape[-1]
-    counts = [None if p.greedy else _first_count(p, vocab) for p in params]
+    counts = [None if p.greedy else sampler.first_count(p, vocab) for p in params]
     found: list = [None] * len(params)
     for count in {c for c in counts if c is not None}:
         rows = [r for r, c in enumerate(counts) if c == count]
         # Every row (the common case): the logits as they are, no (rows, V) copy.
         picked = logits if len(rows) == len(params) else logits.index_select(0, torch.tensor(rows))
-        values, ids, lse = top_candidates(picked, _temperatures([params[r] for r in rows]), count)
+        values, ids, lse = (
+            t.cpu().numpy() for t in top_candidates(picked, _temperatures([params[r] for r in rows]), count)
+        )
         for j, r in enumerate(rows):
             found[r] = (values[j], ids[j], lse[j])
     return found
+
+
+def _more(logits: torch.Tensor, params: SamplingParams):
+    """More candidates of one row, for `sampler.kept`'s second try."""
+
+    def more(count: int):
+        found = top_candidates(logits[None], _temperatures([params]), count)
+        return tuple(t[0].cpu().numpy() for t in found)
+
+    return more
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, generator, found) -> int:
     """One token from a row of raw float32 logits (V,), given its `_found` entry."""
     if params.greedy:
         return int(logits.argmax())
-    kept = _kept(logits, params, found)
-    if kept is None:
-        return int(torch.multinomial((logits / params.temperature).softmax(-1), 1, generator=generator))
-    values, ids = kept
-    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
-    return int(ids[choice])
+    return sampler.choose(_row(logits), params, generator, found, _more(logits, params))
 
 
 def sample_many(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list
 ) -> list[int | Exception]:
-    """`sample` for every row r of logits (R, V) with params[r] and generators[r]: the token,
-    or the exception that row's sampling raised (NaN logits: the other rows go on).
+    """`sample` for every row r of logits (R, V) with params[r] and generators[r] (a
+    `random.Random`, `sampler.generator`): the token, or the exception that row's sampling
+    raised (NaN logits: the other rows go on).
 
     The pass over each whole row (its best candidates and log-sum-exp, `ops.top_candidates`)
     runs for all rows in one call; what follows works on a row's few candidates and its own
-    generator. `sample` is this function on one row, so a row gets the same token alone or
-    among others for the same generator state.
+    generator (`sampler.choose`, which the torch-free path uses too). `sample` is this
+    function on one row, so a row gets the same token alone or among others for the same
+    generator state.
     """
     logits = logits.float()
     found = _found(logits, params)
@@ -327,11 +93,11 @@ def sample_many(
     return chosen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a row of logits (V,).
+def sample(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """One token id from a row of logits (V,), drawn with `generator` (a `random.Random`).
 
-    The filters work on the candidates only (`_kept`): top-k takes k of the 262k logits
-    before the top-p sort, so a sampled step costs about what a greedy one does.
+    The filters work on the candidates only (`sampler.kept`): top-k takes k of the 262k
+    logits before the top-p sort, so a sampled step costs about what a greedy one does.
     """
     (token,) = sample_many(logits[None], [params], [generator])
     if isinstance(token, Exception):
@@ -341,31 +107,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution (V,) float32 that `sample` draws a token from, for a row of logits
-    (V,): one-hot on the argmax when greedy, else the softmax over what the filters keep."""
+    (V,), on the logits' device: one-hot on the argmax when greedy, else the softmax over
+    what the filters keep (`sampler.probabilities`)."""
     logits = logits.float()
-    probs = torch.zeros_like(logits)
-    if params.greedy:
-        probs[logits.argmax()] = 1.0
-        return probs
-    (found,) = _found(logits[None], [params])
-    kept = _kept(logits, params, found)
-    if kept is None:
-        return (logits / params.temperature).softmax(-1)
-    values, ids = kept
-    return probs.scatter_(0, ids, values.softmax(-1))
-
-
-def request_generator(params: SamplingParams, seeds: torch.Generator | None) -> torch.Generator:
-    """The random generator a request samples with, so its tokens do not depend on its batch.
-
-    Seeded by `params.seed` when the request gives one; otherwise by a seed drawn from `seeds`
-    (an `LLM`'s `seed`, as vLLM's engine seed works), or a random one when `seeds` is None
-    (a server request without a seed).
-    """
-    if params.seed is not None:
-        seed = params.seed
-    elif seeds is not None:
-        seed = int(torch.randint(2**62, (1,), generator=seeds))
-    else:
-        seed = secrets.randbits(62)
-    return torch.Generator().manual_seed(seed)
+    (found,) = [None] if params.greedy else _found(logits[None], [params])
+    probs = sampler.probabilities(_row(logits), params, found, _more(logits, params))
+    return torch.from_numpy(probs).to(device=logits.device, dtype=torch.float32)

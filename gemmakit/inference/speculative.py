@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.errors import GemmakitError
+from gemmakit.inference import sampler
 from gemmakit.inference.engine import (
     Request,
     SpeculationStats,
@@ -61,13 +62,12 @@ from gemmakit.model.cache import RING_SLACK
 from gemmakit.model.gemma4_assistant import Gemma4Assistant
 
 
-def speculative_choice(
-    p: torch.Tensor, proposal: int, q: torch.Tensor | None, generator: torch.Generator | None
-) -> tuple[int, bool]:
+def speculative_choice(p: torch.Tensor, proposal: int, q: torch.Tensor | None, generator) -> tuple[int, bool]:
     """(token, kept): the proposal kept with probability min(1, p(d) / q(d)), else a token
-    drawn from max(0, p - q) renormalized. `q` None is one-hot on the proposal (n-gram)."""
+    drawn from max(0, p - q) renormalized. `q` None is one-hot on the proposal (n-gram).
+    `generator` is the request's `random.Random`; the draws are `sampler.py`'s."""
     q_d = 1.0 if q is None else float(q[proposal])
-    u = float(torch.rand((), generator=generator))
+    u = sampler.uniform(generator)
     if u * q_d < float(p[proposal]):  # u < p/q without dividing by a tiny q
         return proposal, True
     if q is None:
@@ -77,7 +77,7 @@ def speculative_choice(
         residual = (p - q).clamp_(min=0.0)
     if not float(residual.sum()) > 0:  # p <= q everywhere means p == q: kept above, barring rounding
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator)), False
+    return sampler.draw_index(residual.double().cpu().numpy(), generator), False
 
 
 def choose(logits: torch.Tensor, request: Request, proposal: int, q: torch.Tensor | None) -> tuple[int, bool]:

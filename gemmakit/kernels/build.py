@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -77,3 +78,16 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         return bindings.bind(ctypes.CDLL(str(target)))
     except (OSError, AttributeError):
         return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels' shared library (built once per source, compiler and flags), or None:
+    without a compiler, off Linux, or with `GEMMAKIT_NO_C_KERNELS` set. Not kept: callers keep
+    it (`kernels/cpu.py` caches it, which tests clear).
+
+    With OpenMP where the compiler has it (the library then binds to the libgomp torch has
+    loaded, or the system's when torch is not imported), else without. Torch-free:
+    `kernels/cpu.py` and the torch-free generation path load the same library."""
+    if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
+        return None
+    return compile_library(FLAGS + ("-fopenmp",)) or compile_library(FLAGS)

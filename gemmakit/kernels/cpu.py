@@ -23,12 +23,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
-import sys
 
 import torch
 
-from gemmakit.kernels.build import FLAGS, compile_library
+from gemmakit.kernels import build
 
 # Below this many rows gemv_int8 leaves the product to torch: it is for the 262k-row output projection.
 MIN_ROWS = 16384
@@ -40,9 +38,7 @@ def library() -> ctypes.CDLL | None:
 
     With OpenMP where the compiler has it and the library then loads against torch's libgomp
     (a newer compiler could ask for symbol versions torch's copy lacks), else without."""
-    if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
-        return None
-    return compile_library(FLAGS + ("-fopenmp",)) or compile_library(FLAGS)
+    return build.library()
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:

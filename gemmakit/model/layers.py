@@ -19,6 +19,7 @@ from torch import nn
 
 from gemmakit import ops
 from gemmakit.config import GemmaConfig
+from gemmakit.rope_frequencies import rope_frequencies
 
 if TYPE_CHECKING:
     from gemmakit.model.cache import LayerCache
@@ -79,21 +80,11 @@ def config_norm(config: GemmaConfig, dim: int, with_scale: bool = True) -> RMSNo
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float, partial: float = 1.0) -> torch.Tensor:
-    """The D/2 RoPE frequencies of a head of `head_dim`.
-
-    Float32 exponents as in transformers' compute_default_rope_parameters; linear scaling
-    divides the frequencies (positions / factor). With `partial` < 1 ("proportional" RoPE,
-    Gemma 4's global layers) only the first int(partial * D // 2) frequencies rotate, their
-    exponents still over the full head_dim, and the rest are zero, so those dims pass
-    through unrotated (transformers modeling_rope_utils._compute_proportional_rope_parameters).
-    """
+    """The D/2 RoPE frequencies of a head of `head_dim`, float32 (`rope_frequencies`: shared
+    with the torch-free generation path, correctly rounded; linear scaling, partial RoPE)."""
     # An explicit device keeps this real when the model is built under torch.device("meta").
-    rotated = int(partial * head_dim // 2)
-    exponent = torch.arange(0, 2 * rotated, 2, dtype=torch.float32, device="cpu") / head_dim
-    inv_freq = 1.0 / (base**exponent)
-    if rotated < head_dim // 2:
-        inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - rotated, device="cpu")))
-    return inv_freq / scale
+    values = rope_frequencies(head_dim, base, scale, partial)
+    return torch.tensor(values.tolist(), dtype=torch.float32, device="cpu")
 
 
 def layer_type_inv_freqs(config: GemmaConfig) -> dict[str, torch.Tensor]:
