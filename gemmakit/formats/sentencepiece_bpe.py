@@ -120,31 +120,6 @@ class SentencePieceBPE:
         found = self._find(piece.encode(), (CONTROL, UNKNOWN, BYTE))
         return found if found is not None else self._mergeable(piece)
 
-    # --- symbols ---------------------------------------------------------------------------
-
-    def _symbols(self, text: str) -> tuple[list[str], list[bool]]:
-        """The normalized text split into characters, user-defined pieces taken whole (frozen)."""
-        symbols, frozen = [], []
-        i, n = 0, len(text)
-        starts = self._user_starts
-        while i < n:
-            if text[i] not in starts:
-                symbols.append(text[i])
-                frozen.append(False)
-                i += 1
-                continue
-            for length in self._user_lengths:
-                if text[i : i + length] in self._user_defined:
-                    symbols.append(text[i : i + length])
-                    frozen.append(True)
-                    i += length
-                    break
-            else:
-                symbols.append(text[i])
-                frozen.append(False)
-                i += 1
-        return symbols, frozen
-
     # --- encoding --------------------------------------------------------------------------
 
     def _symbols(self, text: str) -> tuple[list[str], list[bool]]:
