@@ -238,10 +238,10 @@ def _model_spec(model: Gemma, kv: list[tuple[torch.Tensor, torch.Tensor]], max_v
     final_norm = _gain(model.model.norm, keep)
     if None in layers or embed is None or head is None or not final_norm:
         return None
-    freqs = [model._inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
+    freqs = [model.inv_freq.get(kind) for kind in GROUPS]  # contiguous, owned by the model
     return step_structs.model_struct(
         config, layers, embed, head, final_norm, [f.data_ptr() if f is not None else None for f in freqs],
-        embed_scale=model._embedding_scale(model.dtype),  # rounded as the reference rounds it
+        embed_scale=model.rounded_embedding_scale(model.dtype),  # rounded as the reference rounds it
         max_visible=max_visible, cache_bf16=model.dtype == torch.bfloat16, keep=keep,
     )  # fmt: skip
 

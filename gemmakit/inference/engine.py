@@ -179,7 +179,7 @@ def record_token(raw: torch.Tensor, request: Request, token: int):
     request.output_ids.append(token)
 
 
-def _finish_reason(request: Request, token: int, limit: int) -> str | None:
+def request_finish_reason(request: Request, token: int, limit: int) -> str | None:
     """ "stop" when token ends the request, "length" when it used its last allowed token."""
     return finish_reason(request.params, request.stop_ids, token, len(request.output_ids), limit)
 
@@ -198,7 +198,7 @@ def sample_live_rows(
         token = sample_row(logits[row], req)
         next_ids[row, 0] = token
         step.append((row, token))
-        req.finish_reason = _finish_reason(req, token, limits[row])
+        req.finish_reason = request_finish_reason(req, token, limits[row])
     return step, next_ids
 
 

@@ -209,7 +209,7 @@ class MtpProposer:
         proposals, qs = [], []
         for _ in range(k):
             ids = torch.tensor([[token]], device=target.device)
-            embedding = target._embed(target.model.embed_tokens, ids, target.config.embedding_scale)
+            embedding = target.embed(target.model.embed_tokens, ids, target.config.embedding_scale)
             logits, hidden = self.assistant(
                 torch.cat((embedding, hidden.to(embedding.dtype)), -1), position, kv
             )

@@ -40,11 +40,11 @@ from gemmakit.inference import sampler
 from gemmakit.inference.engine import (
     Request,
     SpeculationStats,
-    _finish_reason,
     check_length,
     prefill,
     processed_logits,
     record_token,
+    request_finish_reason,
     sample_row,
 )
 from gemmakit.inference.proposers import (
@@ -152,7 +152,7 @@ def generate_one(model, request: Request, limit: int, draft=None) -> Iterator[in
 
     def finish(token: int):
         """Sets the request's finish reason after `token` (None while it runs)."""
-        request.finish_reason = _finish_reason(request, token, limit)
+        request.finish_reason = request_finish_reason(request, token, limit)
         stats.generated = len(request.output_ids) - 1  # the prefill's token is no step's
 
     finish(token)

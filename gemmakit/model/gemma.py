@@ -35,9 +35,10 @@ class Gemma(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = layer_type_inv_freqs(config)
+        self.inv_freq = layer_type_inv_freqs(config)
 
-    def _embedding_scale(self, dtype: torch.dtype) -> float:
+    def rounded_embedding_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden) rounded to `dtype`, as the reference rounds it (what the C step takes)."""
         # A Python float holding the dtype-rounded value: multiplying by it equals
         # multiplying by torch.tensor(sqrt(C), dtype=dtype), without a tensor per call.
         return float(torch.tensor(self.config.embedding_scale, dtype=dtype))
@@ -75,17 +76,17 @@ class Gemma(nn.Module):
                 packed rows): a token attends only within its segment. Pass `positions`
                 counted per segment with it. Not with a cache.
         """
-        positions, masks, layer_caches = self._attention_inputs(
+        positions, masks, layer_caches = self.attention_inputs(
             input_ids, attention_mask, positions, cache, segment_ids
         )
-        h = self._embed(self.model.embed_tokens, input_ids, self.config.embedding_scale)
-        ropes = self._ropes(positions, h)
+        h = self.embed(self.model.embed_tokens, input_ids, self.config.embedding_scale)
+        ropes = self.ropes(positions, h)
         shared_kv = {}  # a KV-shared layer's source's keys and values, by source layer
         for block, layer_cache in zip(self.model.layers, layer_caches):
             h = block(h, ropes[block.layer_type], masks[block.layer_type], layer_cache, shared_kv)
         return self.model.norm(h)
 
-    def _attention_inputs(self, input_ids, attention_mask, positions, cache, segment_ids):
+    def attention_inputs(self, input_ids, attention_mask, positions, cache, segment_ids):
         """(positions (B, T), the additive mask of each layer type, each layer's cache or None)."""
         B, T = input_ids.shape
         if isinstance(cache, SlotCache):  # rows at their own positions: `cache.advance`'s masks
@@ -100,7 +101,7 @@ class Gemma(nn.Module):
             positions = (before + attention_mask.long().cumsum(1) - 1).clamp(min=0)
         if cache is None:  # the call's own tokens only: no slots to manage
             cols = torch.arange(T, device=input_ids.device)
-            windows = {t: self.config.sliding_window if t == SLIDING else None for t in self._inv_freq}
+            windows = {t: self.config.sliding_window if t == SLIDING else None for t in self.inv_freq}
             same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
             masks = {
                 t: build_mask(cols, cols, attention_mask, w, self.dtype, same) for t, w in windows.items()
@@ -110,7 +111,7 @@ class Gemma(nn.Module):
             raise ValueError("segment_ids are for cache-free (training) calls")
         return positions, cache.advance(attention_mask), cache.for_layer
 
-    def _embed(self, table: nn.Module, input_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    def embed(self, table: nn.Module, input_ids: torch.Tensor, scale: float) -> torch.Tensor:
         """table(input_ids) in the activation dtype, times `scale` rounded to that dtype first,
         as the reference does (bf16: sqrt(3072) -> 55.5; transformers GH#29402, gemma_pytorch
         GH#67)."""
@@ -119,11 +120,9 @@ class Gemma(nn.Module):
         # multiplying by torch.tensor(scale, dtype=dtype), without a tensor per call.
         return h * float(torch.tensor(scale, dtype=h.dtype))
 
-    def _ropes(
-        self, positions: torch.Tensor, h: torch.Tensor
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def ropes(self, positions: torch.Tensor, h: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE's (cos, sin) for each layer type at `positions`."""
-        return {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
+        return {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self.inv_freq.items()}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

@@ -250,7 +250,7 @@ class Gemma3n(Gemma):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = layer_type_inv_freqs(config)
+        self.inv_freq = layer_type_inv_freqs(config)
 
     def hidden_states(
         self,
@@ -261,13 +261,13 @@ class Gemma3n(Gemma):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C); the arguments are Gemma.hidden_states'."""
-        positions, masks, layer_caches = self._attention_inputs(
+        positions, masks, layer_caches = self.attention_inputs(
             input_ids, attention_mask, positions, cache, segment_ids
         )
         m = self.model
-        h0 = self._embed(m.embed_tokens, input_ids, self.config.embedding_scale)
+        h0 = self.embed(m.embed_tokens, input_ids, self.config.embedding_scale)
         per_layer = m.per_layer_inputs(input_ids, h0)  # (B, T, L, P)
-        ropes = self._ropes(positions, h0)
+        ropes = self.ropes(positions, h0)
         streams = m.streams(h0)
         shared_kv = {}  # a KV-shared layer's source's keys and values, by source layer
         for i, (block, layer_cache) in enumerate(zip(m.layers, layer_caches)):

@@ -89,7 +89,7 @@ class Gemma4(Gemma):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = layer_type_inv_freqs(config)
+        self.inv_freq = layer_type_inv_freqs(config)
 
     def per_layer_inputs(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Each layer's PLE input (B, T, L, P): the token's own per-layer embedding and a
@@ -98,7 +98,7 @@ class Gemma4(Gemma):
         c = self.config
         shape = (*input_ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
         # The table's sqrt(P) scale is rounded to the activation dtype, as the token embedding's.
-        own = self._embed(self.model.embed_tokens_per_layer, input_ids, c.hidden_size_per_layer_input**0.5)
+        own = self.embed(self.model.embed_tokens_per_layer, input_ids, c.hidden_size_per_layer_input**0.5)
         projected = self.model.per_layer_model_projection(h) * c.hidden_size**-0.5
         projected = self.model.per_layer_projection_norm(projected.reshape(shape))
         return (projected + own.reshape(shape)) * 2.0**-0.5
@@ -112,12 +112,12 @@ class Gemma4(Gemma):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C); the arguments are Gemma.hidden_states'."""
-        positions, masks, layer_caches = self._attention_inputs(
+        positions, masks, layer_caches = self.attention_inputs(
             input_ids, attention_mask, positions, cache, segment_ids
         )
-        h = self._embed(self.model.embed_tokens, input_ids, self.config.embedding_scale)
+        h = self.embed(self.model.embed_tokens, input_ids, self.config.embedding_scale)
         per_layer = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
-        ropes = self._ropes(positions, h)
+        ropes = self.ropes(positions, h)
         shared_kv = {}  # a KV-shared layer's source's keys and values, by source layer
         for i, (block, layer_cache) in enumerate(zip(self.model.layers, layer_caches)):
             t = block.layer_type

@@ -124,7 +124,7 @@ class Gemma4Assistant(nn.Module):
         self.post_projection = nn.Linear(t.hidden_size, config.backbone_hidden_size, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedder(config)
-        self._inv_freq = layer_type_inv_freqs(t)
+        self.inv_freq = layer_type_inv_freqs(t)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,7 +159,7 @@ class Gemma4Assistant(nn.Module):
             t: (k[:, :, -(window + 1) :], v[:, :, -(window + 1) :]) if t == SLIDING else (k, v)
             for t, (k, v) in target_kv.items()
         }
-        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self._inv_freq.items()}
+        ropes = {t: rope_cos_sin(f.to(h.device), positions, h.dtype) for t, f in self.inv_freq.items()}
         for block in self.model.layers:
             h = block(h, ropes[block.layer_type], *kv[block.layer_type])
         h = self.model.norm(h)

@@ -416,9 +416,9 @@ def block_states(model: nn.Module, windows: list[torch.Tensor]) -> list[dict]:
     """What the first block receives for each window, computed as Gemma.hidden_states does."""
     states = []
     for ids in windows:
-        positions, masks, _ = model._attention_inputs(ids, None, None, None, None)
-        h = model._embed(model.model.embed_tokens, ids, model.config.embedding_scale)
-        states.append({"h": h, "ropes": model._ropes(positions, h), "masks": masks, "shared": {}})
+        positions, masks, _ = model.attention_inputs(ids, None, None, None, None)
+        h = model.embed(model.model.embed_tokens, ids, model.config.embedding_scale)
+        states.append({"h": h, "ropes": model.ropes(positions, h), "masks": masks, "shared": {}})
     return states
 
 
