@@ -145,20 +145,6 @@ class SentencePieceBPE:
                 i += 1
         return symbols, frozen
 
-    def _score(self, i: int) -> float:
-        return float(self._scores[i])
-
-    def _mergeable(self, piece: str) -> int | None:
-        """The id of a piece a merge may make (SentencePiece's `pieces_`), or None."""
-        found = self._user_defined.get(piece)  # held with real spaces in the file
-        return found if found is not None else self._find(piece.encode(), _MERGEABLE)
-
-    def _piece_id(self, piece: str) -> int | None:
-        """SentencePiece's PieceToId: control, unknown and byte pieces first, then the others;
-        None where it answers the unknown id."""
-        found = self._find(piece.encode(), (CONTROL, UNKNOWN, BYTE))
-        return found if found is not None else self._mergeable(piece)
-
     def encode_as_ids(self, text: str) -> list[int]:
         if not text:
             return []
