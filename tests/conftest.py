@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +73,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_fresh_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter (what a module imports is only visible in a fresh
+    process); fails the test with the end of its stderr unless it exits 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 def save_random_adapter(base, folder, seed: int, scale: float, **lora_options) -> None:

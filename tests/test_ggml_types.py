@@ -1,12 +1,10 @@
 """gemmakit's table of ggml types against gguf-py's, and the GGUF reader without gguf-py."""
 
-import subprocess
-import sys
-
 import gguf
 import pytest
 
 from gemmakit.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
+from tests.conftest import run_fresh_python
 
 # gguf-py 0.19 gives Q8_1 40 bytes; ggml-common.h's block_q8_1 is two ggml_half and 32 int8
 # (36), as llama.cpp's own gguf-py says. Q8_1 only ever holds activations, never a stored weight.
@@ -50,5 +48,4 @@ def test_reading_a_gguf_header_imports_no_gguf_py():
         "import gguf\n"  # and the package, imported after, is whole
         "assert gguf.constants.GGMLQuantizationType and gguf.GGUFReader and gguf.GGUFWriter\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_fresh_python(code)

@@ -245,8 +245,7 @@ def test_loading_builds_the_model_without_initializing_it():
     """The model is built on the meta device with torch's initializers skipped: a meta
     `normal_` would import torch._dynamo (over a second of every load), and the initializers
     are back in place afterwards."""
-    import subprocess
-    import sys
+    from tests.conftest import run_fresh_python
 
     code = (
         "import sys, torch\n"
@@ -255,7 +254,7 @@ def test_loading_builds_the_model_without_initializing_it():
         "print('torch._dynamo' in sys.modules)\n"
         "print(float(torch.nn.init.ones_(torch.zeros(2)).sum()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_fresh_python(code, timeout=300)
     assert out.stdout.split() == ["False", "2.0"], out.stdout + out.stderr
 
 

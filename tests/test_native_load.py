@@ -78,8 +78,7 @@ def test_generating_from_the_bundled_gguf_imports_only_what_it_uses():
     """Each import stays resident for the whole run (peak RSS), so `gemmakit generate` on a GGUF
     loads none of the packages only other paths use: gguf-py (writing, legacy dequantization),
     safetensors (HF folders), Jinja (chat templates), the server's and the grammar's."""
-    import subprocess
-    import sys
+    from tests.conftest import run_fresh_python
 
     code = (
         "import sys\n"
@@ -89,5 +88,4 @@ def test_generating_from_the_bundled_gguf_imports_only_what_it_uses():
         "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(unused))\n"
         "assert not loaded, loaded\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_fresh_python(code, timeout=300)
