@@ -14,6 +14,7 @@ detokenized), run in a child that fails if torch was imported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -100,14 +101,7 @@ def run_gemmakit(dtype: str, quantize: str | None, model=None) -> dict:
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
     requests = [Request(ids, params, loaded.stop_ids)]
     with torch.inference_mode():
-        steps = generate_steps(loaded.model, requests)
-        t0 = time.perf_counter()
-        next(steps)  # prefill + first token
-        t1 = time.perf_counter()
-        for _ in steps:
-            pass
-        t2 = time.perf_counter()
-    return _result(load_s, t0, t1, t2)
+        return _timed_tokens(load_s, generate_steps(loaded.model, requests))
 
 
 def run_gemmakit_lean() -> dict:
@@ -120,16 +114,10 @@ def run_gemmakit_lean() -> dict:
     model = lean.load(None)
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
-    events = lean.stream(model, prompt_ids(), params, lean.Completion())
-    t0 = time.perf_counter()
-    next(events)  # prefill + first token
-    t1 = time.perf_counter()
-    for _ in events:
-        pass
-    t2 = time.perf_counter()
+    result = _timed_tokens(load_s, lean.stream(model, prompt_ids(), params, lean.Completion()))
     if "torch" in sys.modules:
         raise RuntimeError("the lean path imported torch")
-    return _result(load_s, t0, t1, t2)
+    return result
 
 
 def run_llamacpp() -> dict:
@@ -141,15 +129,9 @@ def run_llamacpp() -> dict:
     start = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
     load_s = time.perf_counter() - start
-    ids = prompt_ids()
-    t0 = time.perf_counter()
-    gen = llm.generate(ids, top_k=1, temp=0.0, reset=True)
-    next(gen)
-    t1 = time.perf_counter()
-    for _ in range(DECODE_TOKENS - 1):
-        next(gen)
-    t2 = time.perf_counter()
-    return _result(load_s, t0, t1, t2)
+    # llama-cpp-python's generator never ends by itself: take DECODE_TOKENS tokens of it.
+    gen = llm.generate(prompt_ids(), top_k=1, temp=0.0, reset=True)
+    return _timed_tokens(load_s, itertools.islice(gen, DECODE_TOKENS))
 
 
 def run_llamacpp_bin() -> dict:
@@ -204,6 +186,18 @@ def run_transformers(dtype: str) -> dict:
             out = model(token, past_key_values=past, use_cache=True)
             token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
         t2 = time.perf_counter()
+    return _result(load_s, t0, t1, t2)
+
+
+def _timed_tokens(load_s: float, tokens) -> dict:
+    """The rates of a generator of DECODE_TOKENS tokens (lazy: its first `next` is the
+    prefill and the first token, the rest the decode)."""
+    t0 = time.perf_counter()
+    next(tokens)
+    t1 = time.perf_counter()
+    for _ in tokens:
+        pass
+    t2 = time.perf_counter()
     return _result(load_s, t0, t1, t2)
 
 
