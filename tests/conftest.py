@@ -157,6 +157,19 @@ def hf_folder(tmp_path):
     return make
 
 
+@pytest.fixture
+def tiny(hf_folder):
+    """A tiny random model folder of a family, with a SentencePiece tokenizer.model."""
+    from tests.test_export import tiny_sentencepiece
+
+    def make(family: str):
+        folder, _ = hf_folder(family)
+        (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
+        return folder
+
+    return make
+
+
 # --- the bundled Gemma 3 270M and transformers' reading of the same file -----------------
 
 

@@ -21,7 +21,6 @@ from gemmakit.files import atomic_folder, atomic_write, content_key, process_ali
 from gemmakit.paths import LAST_USED, cache_entries, evict, mark_used
 from gemmakit.training.checkpoints import checkpoints, save_checkpoint
 from gemmakit.training.config import TrainConfig
-from tests.test_export import tiny_sentencepiece
 
 
 @pytest.fixture
@@ -32,18 +31,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.delenv("GEMMAKIT_NO_CACHE", raising=False)
     monkeypatch.delenv("GEMMAKIT_CACHE_MAX_BYTES", raising=False)
     return root
-
-
-@pytest.fixture
-def tiny(hf_folder):
-    """A tiny random model folder of a family, with a SentencePiece tokenizer.model."""
-
-    def make(family: str):
-        folder, _ = hf_folder(family)
-        (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
-        return folder
-
-    return make
 
 
 def _dead_pid() -> int:

@@ -273,22 +273,10 @@ def tiny_gguf(tiny, tmp_path):
     from gemmakit.export import export
 
     def make(family: str, qtype: str) -> Path:
-        folder, _ = tiny(family)
+        folder = tiny(family)
         out = tmp_path / f"{family}-{qtype}.gguf"
         export(model=str(folder), to="gguf", output=out, qtype=qtype, progress=False)
         return out
-
-    return make
-
-
-@pytest.fixture
-def tiny(hf_folder):
-    from tests.test_export import tiny_sentencepiece
-
-    def make(family: str):
-        folder, hf_model = hf_folder(family)
-        (folder / "tokenizer.model").write_bytes(tiny_sentencepiece())
-        return folder, hf_model
 
     return make
 
