@@ -29,6 +29,7 @@ from gemmakit.inference.gguf_step import GGUFStep
 from gemmakit.inference.sampling_params import SamplingParams, check_length, finish_reason
 from gemmakit.inference.step_structs import unsupported_by_c_step
 from gemmakit.inference.text_stream import StreamEvent, TextStream
+from gemmakit.kernels import candidates
 from gemmakit.kernels.build import library
 from gemmakit.model_source import ModelSource, resolve
 
@@ -100,7 +101,9 @@ class _RowSampler:
             return int(np.argmax(logits))
 
         def more(count: int):
-            return sampler.row_candidates(self.lib, logits, p.temperature, count)
+            row = np.ascontiguousarray(logits, dtype=np.float32)[None]
+            values, ids, lse = candidates.sample_candidates(self.lib, row, np.float32([p.temperature]), count)
+            return values[0], ids[0], lse[0]
 
         found = None if self.count is None else more(self.count)
         return sampler.choose(logits, p, self.rng, found, more)

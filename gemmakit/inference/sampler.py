@@ -172,19 +172,3 @@ def probabilities(logits: np.ndarray, params, found, more) -> np.ndarray:
         return _probabilities(values)
     probs[ids] = _probabilities(values)
     return probs
-
-
-def row_candidates(lib, logits: np.ndarray, temperature: float, count: int):
-    """csrc/sample.c's pass over one row of float32 logits (V,): the `count` best values
-    (logit / temperature, best first, ties to the lower id), their ids and the row's
-    log-sum-exp of logits / temperature."""
-    vocab = logits.shape[-1]
-    values = np.empty(count, dtype=np.float32)
-    ids = np.empty(count, dtype=np.int64)
-    lse = np.empty(1, dtype=np.float32)
-    t = np.array([temperature], dtype=np.float32)
-    scratch = np.empty(lib.sample_scratch_words(vocab), dtype=np.int32)
-    row = np.ascontiguousarray(logits, dtype=np.float32)
-    lib.sample_candidates(row.ctypes.data, t.ctypes.data, vocab, count, values.ctypes.data,
-                          ids.ctypes.data, lse.ctypes.data, scratch.ctypes.data, 0, 1)  # fmt: skip
-    return values, ids, lse[0]

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from gemmakit.kernels import build
+from gemmakit.kernels import build, candidates
 
 # Below this many rows gemv_int8 leaves the product to torch: it is for the 262k-row output projection.
 MIN_ROWS = 16384
@@ -470,18 +470,11 @@ def sample_candidates(
     lib = library()
     if lib is None:
         return None
-    rows, vocab = logits.shape
     temperature = temperature.to(torch.float32).contiguous()
-    values = torch.empty((rows, count), dtype=torch.float32)
-    ids = torch.empty((rows, count), dtype=torch.int64)
-    lse = torch.empty(rows, dtype=torch.float32)
-    # One thread: 16 rows take 3.6 ms on one (measured), too little to be worth a parallel
-    # region beside the C decode step's own worker threads.
-    threads = 1
-    scratch = torch.empty(threads * lib.sample_scratch_words(vocab), dtype=torch.int32)
-    lib.sample_candidates_mt(logits.data_ptr(), temperature.data_ptr(), vocab, count, values.data_ptr(),
-                             ids.data_ptr(), lse.data_ptr(), scratch.data_ptr(), rows, threads)  # fmt: skip
-    return values, ids, lse
+    # One thread (the default): 16 rows take 3.6 ms on one (measured), too little to be worth a
+    # parallel region beside the C decode step's own worker threads.
+    found = candidates.sample_candidates(lib, logits.detach().numpy(), temperature.numpy(), count)
+    return tuple(torch.from_numpy(a) for a in found)
 
 
 def packed4_struct(tensors: dict, group_size: int):
