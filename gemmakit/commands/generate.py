@@ -101,10 +101,7 @@ def _run_lean(args, params, model) -> int:
 
     tok = model.tokenizer
     seeds = sampler.generator(0)  # as the torch path's LLM(seed=0) seeds its requests
-    prompts = [  # timed as the torch path times them: chat prompts encoded before, text within
-        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
-        for p in args.prompts
-    ]
+    prompts = _prompts(args, tok)
     start = time.perf_counter()
     outputs = []
     for prompt in prompts:
@@ -123,16 +120,20 @@ def _run_lean(args, params, model) -> int:
     return 0
 
 
+def _prompts(args, tok) -> list:
+    """The prompts as generation takes them: with --chat, the chat template's token ids
+    (encoded before the timed part), else the text itself (encoded within it)."""
+    if not args.chat:
+        return list(args.prompts)
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in args.prompts]
+
+
 def _run_torch(args, params) -> int:
     llm = load_llm(args)
     if llm.memory:  # MB = 1e6 bytes, as model sizes are usually quoted
         before, after = (round(llm.memory[k] / 1e6) for k in ("before", "after"))
         print(f"quantized ({args.quantize}): {before} MB -> {after} MB", file=sys.stderr)
-    tok = llm.tokenizer
-    prompts = [
-        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) if args.chat else p
-        for p in args.prompts
-    ]
+    prompts = _prompts(args, llm.tokenizer)
     start = time.perf_counter()
     if args.stream and not args.json:
         outputs = []
