@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common.h"
 #include "gemmakit_kernels.h"
 
 /* ggml type ids of the activation blocks (ggml.h): Q8_0, Q8_1, Q8_K */
@@ -136,6 +137,27 @@ static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
         out[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
         out[q + 4] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
     }
+}
+
+/* lane i = the sum of p[i]'s 8 lanes, for i < 8 (exact integers) */
+static inline __m256i row_sums8(const __m256i p[8]) {
+    const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+/* lane i = the sum of l[i]'s 8 lanes for i < NR (a constant at each call), 0 after: one exact
+ * integer per row, the super-blocks' sumi (gguf_dot.c) */
+ALWAYS_INLINE __m256i row_sums(const __m256i *l, const int NR) {
+    if (NR == 1) {
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(l[0]), _mm256_extracti128_si256(l[0], 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        return _mm256_zextsi128_si256(_mm_cvtsi32_si128(_mm_cvtsi128_si32(s)));
+    }
+    __m256i p[8];
+    for (int i = 0; i < 8; i++) p[i] = i < NR ? l[i] : _mm256_setzero_si256();
+    return row_sums8(p);
 }
 
 /* the float sum of 8 lanes in gguf_dot.c's order: (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) */

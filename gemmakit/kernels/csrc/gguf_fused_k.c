@@ -7,10 +7,10 @@
  * each 32-byte load of a super-block's nibbles gives two 32-value chunks, its 6-bit scales and
  * mins are decoded as 32-bit words, and the integer lanes are the same exact integers as
  * gguf_dot.c's (lane j = the sum over the 8 chunks of the chunk's scale times its values
- * 4j..4j+3 times x), scaled and summed in the same float order: per super-block one fused
- * multiply-add of (d_x * d) and the converted lanes, and (Q4_K) one of (d_x * dmin) and the
- * integer min term, then (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) minus the min sum. A row's
- * result is therefore bit for bit what gguf_dot.c gives it, for any number of rows.
+ * 4j..4j+3 times x), reduced to the super-block's integer and scaled and summed in the same
+ * float order: per super-block one fused multiply-add of (d_x * d) and the converted integer,
+ * and (Q4_K) one of (d_x * dmin) and the integer min term, then the first minus the second. A
+ * row's result is therefore bit for bit what gguf_dot.c gives it, for any number of rows.
  */
 #include "common.h"
 #include "gguf_dot.h"
@@ -53,9 +53,9 @@ ALWAYS_INLINE __m256i q6_k_chunk(const uint8_t *block, const int c) {
 ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR,
                           float *out, int64_t n) {
     const int64_t k = a->k, bytes = type == 12 ? Q4_K_BYTES : Q6_K_BYTES;
-    __m256 acc[TILE_ROWS];
+    __m256 acc = _mm256_setzero_ps(); /* lane i: row r0 + i */
     float min_sum[TILE_ROWS];
-    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps(), min_sum[i] = 0.f;
+    for (int i = 0; i < NR; i++) min_sum[i] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block = row + b * bytes;
         /* Q4_K: its 8 scales as 16 bits in both halves, chunk c's vpmaddwd operand is word c
@@ -93,9 +93,13 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
             }
         }
         const float d = half_to_float(block + (type == 12 ? 0 : 208));
+        const float *xd_of = a->d + r0 * (k / QK) + b; /* row r0 + i's d at xd_of[i * (k / QK)] */
+#define XD(i) ((i) < NR ? xd_of[(i) * (k / QK)] : 0.f)
+        const __m256 xds = _mm256_setr_ps(XD(0), XD(1), XD(2), XD(3), 0.f, 0.f, 0.f, 0.f); /* NR <= TILE_ROWS = 4 */
+#undef XD
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(xds, _mm256_set1_ps(d)), _mm256_cvtepi32_ps(row_sums(l, NR)), acc);
         for (int i = 0; i < NR; i++) {
-            const float xd = a->d[(r0 + i) * (k / QK) + b];
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * d), _mm256_cvtepi32_ps(l[i]), acc[i]);
+            const float xd = xd_of[i * (k / QK)];
             if (type == 12) { /* the min term: the sum of min * bsum over the 16-groups, exact */
                 const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
                 const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
@@ -108,7 +112,9 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
             }
         }
     }
-    for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
+    float rows_acc[8];
+    _mm256_storeu_ps(rows_acc, acc);
+    for (int i = 0; i < NR; i++) out[i * n] = rows_acc[i] - min_sum[i];
 }
 
 /* every activation row of a against the weight row, tiles of TILE_ROWS then the rest */
