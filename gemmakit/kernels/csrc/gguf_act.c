@@ -129,6 +129,16 @@ static int panels_take(const ActRows *a) {
 #endif
 }
 
+/* Whether gguf_kpanel.c's panels may read these Q8_K rows' xu (from KPANEL_MIN_ROWS on) */
+static int kpanels_read_xu(const ActRows *a) {
+#ifdef GGUF_PANELS
+    return a->rows >= KPANEL_MIN_ROWS;
+#else
+    (void)a;
+    return 0;
+#endif
+}
+
 /* the first of the 256 values whose magnitude is amax (the last when none is: a NaN matches none) */
 static int first_of_magnitude(const float *x, float amax) {
 #if defined(__AVX2__)
@@ -228,11 +238,12 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
-        if (a->type == ACT_Q8_K || panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
+        if (panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
+        if (a->type == ACT_Q8_K && !kpanels_read_xu(a)) continue;
         uint8_t *restrict xu = a->xu + r * k;
         const int8_t *restrict qr = q;
         for (int64_t i = 0; i < k; i++) xu[i] = (uint8_t)qr[i] ^ 0x80; /* q + 128 */
-        transpose_row(a, r);
+        if (a->type != ACT_Q8_K) transpose_row(a, r);
     }
 }
 

@@ -576,6 +576,7 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
         panel_dot_rows(type, w, n, a, y, lo, hi);
         return;
     }
+    if (kpanels_take(type, a->rows) && kpanel_dot_rows(type, w, n, a, y, lo, hi)) return;
 #endif
     const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb, mode = tile_mode(type, a->rows);
     /* the unpacked weights each mode keeps (the fused products read the file's blocks): no

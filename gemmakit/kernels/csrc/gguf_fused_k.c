@@ -21,39 +21,13 @@ enum { QK = 32, QKK = 256, Q4_K_BYTES = 144, Q6_K_BYTES = 210, TILE_ROWS = 4 /* 
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
-/* scale j (low 32 bits: j < 4) and min j of a Q4_K super-block's 12 scale bytes as bytes:
- * j < 4: s[j] & 63 and s[j + 4] & 63; j >= 4: s[j + 4] & 15 | (s[j - 4] >> 6) << 4 and
- * s[j + 4] >> 4 | (s[j] >> 6) << 4 (ggml-quants.c get_scale_min_k4, four at a time) */
-static inline void q4_k_scales_mins(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
-    const uint32_t w0 = le32(s), w1 = le32(s + 4), w2 = le32(s + 8), low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu;
-    const uint32_t top2 = 0x03030303u;
-    *scales = (uint64_t)(w0 & low6) | (uint64_t)((w2 & low4) | ((w0 >> 6) & top2) << 4) << 32;
-    *mins = (uint64_t)(w1 & low6) | (uint64_t)(((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) << 32;
-}
-
-/* chunk c's values of a Q4_K super-block (0..15): nibble c % 2 of its bytes 32 * (c / 2).. */
-ALWAYS_INLINE __m256i q4_k_chunk(const uint8_t *block, const int c) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 16 + 32 * (c / 2)));
-    return _mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
-}
-
-/* chunk c = 4h + t's values of a Q6_K super-block (-32..31): nibble t / 2 of ql[64h + 32(t % 2)..]
- * and bits 2t of qh[32h..], minus 32 (gguf_unpack.c unpack_q6_k) */
-ALWAYS_INLINE __m256i q6_k_chunk(const uint8_t *block, const int c) {
-    const int h = c / 4, t = c % 4;
-    const __m256i ql = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32 * (t % 2)));
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
-    const __m256i low = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0xF));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), _mm256_set1_epi8(3)), 4);
-    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
-}
-
 /* out[i * n] = the super-block row (Q4_K: type 12, Q6_K: 14) . activation row r0 + i for i < NR
  * (both constants at each call) */
 ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR,
                           float *out, int64_t n) {
     const int64_t k = a->k, bytes = type == 12 ? Q4_K_BYTES : Q6_K_BYTES;
     __m256 acc = _mm256_setzero_ps(); /* lane i: row r0 + i */
+    __m128 one_row = _mm_setzero_ps();  /* NR 1: lane 0 the row's float, lane 1 its min sum */
     float min_sum[TILE_ROWS];
     for (int i = 0; i < NR; i++) min_sum[i] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
@@ -63,54 +37,79 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
          * (c < 4: the first 8 in both halves, else the last 8) word 2c in the low half, 2c + 1 in
          * the high one */
         uint64_t scales = 0, mins = 0;
-        __m256i scales16[2];
+        __m256i scales16[2], scales_all = _mm256_setzero_si256();
         if (type == 12) {
             q4_k_scales_mins(block + 4, &scales, &mins);
             scales16[0] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scales)));
         } else {
-            const __m256i all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 192)));
-            scales16[0] = _mm256_permute2x128_si256(all, all, 0x00);
-            scales16[1] = _mm256_permute2x128_si256(all, all, 0x11);
+            scales_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 192)));
+            scales16[0] = _mm256_permute2x128_si256(scales_all, scales_all, 0x00);
+            scales16[1] = _mm256_permute2x128_si256(scales_all, scales_all, 0x11);
         }
-        __m256i l[TILE_ROWS];
-        for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
+        /* even and odd chunks in two accumulators: half the dependent chain (exact integers) */
+        __m256i l[2][TILE_ROWS];
+        for (int i = 0; i < NR; i++) l[0][i] = l[1][i] = _mm256_setzero_si256();
+        /* Q6_K's values as v + 32 (0..63) meet x unsigned, as Q4_K's do (no sign per pair: each
+         * pair's sum stays within 2 * 63 * 127), and 32 * sum of scale * bsum comes off the
+         * lanes after (exact integers) */
         _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
-            const __m256i v = type == 12 ? q4_k_chunk(block, c) : q6_k_chunk(block, c);
+            const __m256i v = type == 12 ? q4_k_chunk(block, c) : q6_k_chunk_unsigned(block, c);
             /* vpshufb indices: the two bytes of word c (Q4_K) or of words 2(c % 4), 2(c % 4) + 1 */
             const int lo = type == 12 ? 2 * c : 4 * (c % 4), hi = type == 12 ? 2 * c : 4 * (c % 4) + 2;
             const __m256i scale = _mm256_shuffle_epi8(type == 12 ? scales16[0] : scales16[c / 4],
                                                       _mm256_set_m128i(_mm_set1_epi16((short)(hi | (hi + 1) << 8)),
                                                                        _mm_set1_epi16((short)(lo | (lo + 1) << 8))));
-            const __m256i abs_v = type == 12 ? v : _mm256_sign_epi8(v, v); /* Q4_K's values are >= 0 */
             for (int i = 0; i < NR; i++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
-                const __m256i pairs = _mm256_maddubs_epi16(abs_v, type == 12 ? x : _mm256_sign_epi8(x, v));
+                const __m256i pairs = _mm256_maddubs_epi16(v, x);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                l[i] = _mm256_dpwssd_epi32(l[i], pairs, scale);
+                l[c % 2][i] = _mm256_dpwssd_epi32(l[c % 2][i], pairs, scale);
 #else
-                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scale));
+                l[c % 2][i] = _mm256_add_epi32(l[c % 2][i], _mm256_madd_epi16(pairs, scale));
 #endif
             }
         }
-        const float d = half_to_float(block + (type == 12 ? 0 : 208));
+        for (int i = 0; i < NR; i++) {
+            l[0][i] = _mm256_add_epi32(l[0][i], l[1][i]);
+            if (type == 14) { /* minus 32 * (scale * bsum) per 16-group, in lanes */
+                const __m256i bsums = _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16));
+                l[0][i] = _mm256_sub_epi32(l[0][i], _mm256_slli_epi32(_mm256_madd_epi16(scales_all, bsums), 5));
+            }
+        }
+        /* Q4_K's d and dmin, as floats in lanes 0 and 1 (Q6_K: d in lane 0) */
+        const __m128 scales_f = type == 12 ? _mm_cvtph_ps(_mm_cvtsi32_si128((int)le32(block)))
+                                           : _mm_set_ss(half_to_float(block + 208));
+        const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
+        const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
+        if (NR == 1) { /* the super-block's integer (lane 0) and min term (lane 1) in one reduction */
+            const __m256i m = type == 12 ? _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)(a->bsums + r0 * (k / 16) + b * 16)))
+                                         : _mm256_setzero_si256();
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(l[0][0], m), _mm256_setzero_si256());
+            const __m128i both = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); /* (sumi, min sum, 0, 0) */
+            const __m128 dd = _mm_mul_ps(_mm_set1_ps(a->d[r0 * (k / QK) + b]), scales_f);
+            one_row = _mm_fmadd_ps(dd, _mm_cvtepi32_ps(both), one_row); /* lane 0 acc, lane 1 the min sum */
+            continue;
+        }
+        const float d = _mm_cvtss_f32(scales_f);
         const float *xd_of = a->d + r0 * (k / QK) + b; /* row r0 + i's d at xd_of[i * (k / QK)] */
 #define XD(i) ((i) < NR ? xd_of[(i) * (k / QK)] : 0.f)
         const __m256 xds = _mm256_setr_ps(XD(0), XD(1), XD(2), XD(3), 0.f, 0.f, 0.f, 0.f); /* NR <= TILE_ROWS = 4 */
 #undef XD
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(xds, _mm256_set1_ps(d)), _mm256_cvtepi32_ps(row_sums(l, NR)), acc);
-        for (int i = 0; i < NR; i++) {
-            const float xd = xd_of[i * (k / QK)];
-            if (type == 12) { /* the min term: the sum of min * bsum over the 16-groups, exact */
-                const __m128i mins8 = _mm_cvtsi64_si128((long long)mins);
-                const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins8, mins8));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(xds, _mm256_set1_ps(d)), _mm256_cvtepi32_ps(row_sums(l[0], NR)), acc);
+        if (type == 12) /* the min term: the sum of min * bsum over the 16-groups, exact */
+            for (int i = 0; i < NR; i++) {
                 const __m256i bsums = _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16));
                 const __m256i m = _mm256_madd_epi16(mins16, bsums);
                 __m128i s = _mm_add_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
                 s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
                 s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-                min_sum[i] = fmaf(xd * half_to_float(block + 2), (float)_mm_cvtsi128_si32(s), min_sum[i]);
+                min_sum[i] = fmaf(xd_of[i * (k / QK)] * _mm_cvtss_f32(_mm_shuffle_ps(scales_f, scales_f, 1)),
+                                  (float)_mm_cvtsi128_si32(s), min_sum[i]);
             }
-        }
+    }
+    if (NR == 1) {
+        out[0] = _mm_cvtss_f32(one_row) - _mm_cvtss_f32(_mm_shuffle_ps(one_row, one_row, 1));
+        return;
     }
     float rows_acc[8];
     _mm256_storeu_ps(rows_acc, acc);

@@ -34,28 +34,6 @@
 
 enum { QK = 32, WORDS = 8, PANEL_BLOCK_BYTES = WORDS * 64 + 64 /* 8 vectors, 16 fp16 scales, padding */ };
 
-/* z[p] holds row p's 8 words in lanes 0..7 and row p + 8's in lanes 8..15; out[t] lane j =
- * word t of row j (transpose_words in both 256-bit halves, then the halves' 128-bit lanes
- * interleaved) */
-static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
-    __m512i t[8], u[8];
-    for (int p = 0; p < 4; p++) {
-        t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
-        t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
-    }
-    for (int h = 0; h < 2; h++) {
-        u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    for (int q = 0; q < 4; q++) {
-        out[q] = _mm512_permutex2var_epi64(u[q], low, u[4 + q]);
-        out[q + 4] = _mm512_permutex2var_epi64(u[q], high, u[4 + q]);
-    }
-}
-
 /* rows (<= 16) weight rows of nb blocks from w (rb bytes apart) into one panel; the lanes of
  * missing rows get zero values and scales */
 #define UNPACK_PANEL(VALUES, BYTES)                                                                  \
