@@ -76,6 +76,7 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     a->xut = p;
     p += align64(rows * a->kt);
     a->dt = (float *)p;
+    a->starts4 = (int32_t *)a->xu;
 }
 
 /* row r of a's blocks of 32 into the transposed groups (GROUP_WORD), zero blocks after the last */
@@ -129,8 +130,8 @@ static int panels_take(const ActRows *a) {
 #endif
 }
 
-/* Whether gguf_kpanel.c's panels may read these Q8_K rows' xu (from KPANEL_MIN_ROWS on) */
-static int kpanels_read_xu(const ActRows *a) {
+/* Whether gguf_kpanel.c's panels may read these Q8_K rows' starts4 (from KPANEL_MIN_ROWS on) */
+static int kpanels_read_starts(const ActRows *a) {
 #ifdef GGUF_PANELS
     return a->rows >= KPANEL_MIN_ROWS;
 #else
@@ -239,11 +240,16 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
         if (panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
-        if (a->type == ACT_Q8_K && !kpanels_read_xu(a)) continue;
+        if (a->type == ACT_Q8_K) {
+            if (kpanels_read_starts(a))
+                for (int64_t w = 0; w < k / 4; w++)
+                    a->starts4[r * (k / 4) + w] = -32 * (q[4 * w] + q[4 * w + 1] + q[4 * w + 2] + q[4 * w + 3]);
+            continue;
+        }
         uint8_t *restrict xu = a->xu + r * k;
         const int8_t *restrict qr = q;
         for (int64_t i = 0; i < k; i++) xu[i] = (uint8_t)qr[i] ^ 0x80; /* q + 128 */
-        if (a->type != ACT_Q8_K) transpose_row(a, r);
+        transpose_row(a, r);
     }
 }
 

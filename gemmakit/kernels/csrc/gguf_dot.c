@@ -16,13 +16,15 @@
  *    the lane's float by one fused multiply-add (blocks past the last, to a multiple of 8, add
  *    fmaf(0, 0, lane)). At the end the eight lanes are summed as (l0 + l4) + (l2 + l6) + ((l1 +
  *    l5) + (l3 + l7)) and the min term added.
- *  - Super-blocks: each super-block's whole integer sumi (exact in int32: |sumi| <= 256 *
- *    127 * max |scale * value|, below 2^28 for every type: Q6_K 128 * 32, IQ4_XS 32 * 127; |x|
- *    <= 127, gguf_act.c) converted to float and added by one fused multiply-add of (d_x * d_w)
- *    into one float from +0, super-blocks in order; the min term is a second such float of
- *    (d_x * dmin_w) and the integer sum of min * bsums, subtracted at the end. How the
- *    integer is formed (lanes of vpmaddubsw + vpmaddwd and one reduction here, one weight row
- *    per lane in gguf_kpanel.c) cannot change it.
+ *  - Super-blocks: eight lane sums too, llama.cpp's (ggml-cpu/arch/x86/quants.c, the AVX2
+ *    ggml_vec_dot_q4_K_q8_K and kin): lane j holds values 4j..4j+3 of every 32 (the lanes of
+ *    vpmaddubsw + vpmaddwd), each super-block's scaled lane integer converted, times (d_x *
+ *    d_w), added by one fused multiply-add; the same lane sum at the end, minus the min term
+ *    (a float of (d_x * dmin_w) times each super-block's integer sum of min * bsums). Keeping
+ *    llama.cpp's rounding matters beyond the last bit: the bundled model's perplexity on the
+ *    test text moves by 0.5-1% with any other rounding of these products (measured: one
+ *    integer per super-block gave 36.14 against llama-perplexity's 35.80, main's lane order
+ *    with another final lane tree 35.99), as the activations' 8-bit rounding amplifies it.
  * A row's result therefore depends on nothing but its own values: not the number of rows, nor
  * the tiles, nor the build. (llama.cpp's AVX2 ggml_vec_dot_q8_0_q8_0
  * keeps lane j of every block instead: a different rounding of the same exact block sums, one
@@ -122,24 +124,32 @@ static float dot_b32(const WRow *w, const int8_t *xq, const float *xd, const flo
 }
 
 static float dot_k256(const WRow *w, const int8_t *xq, const float *xd, const int16_t *bsums, int64_t nb) {
-    float acc = 0.f, min_sum = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
+    float min_sum = 0.f;
 #ifdef DOT_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
         const int8_t *wq = w->q + b * QKK, *x = xq + b * QKK;
         const int16_t *ps = w->pair_scales + b * (QKK / 2); /* 16 per 32 values */
         __m256i l = lanes_scaled(LOAD32(wq), x, ps);
         for (int c = 1; c < 8; c++) l = _mm256_add_epi32(l, lanes_scaled(LOAD32(wq + c * QK), x + c * QK, ps + 16 * c));
-        const int32_t sumi = sum_i32(l);
-#else
-        int32_t sumi = 0;
-        for (int c = 0; c < 8; c++)
-            for (int j = 0; j < 8; j++) sumi += w->sc[b * 16 + 2 * c + j / 4] * lane_scalar(w, 8 * b + c, xq, j);
-#endif
-        acc = fmaf(xd[b] * w->d[b], (float)sumi, acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * w->d[b]), _mm256_cvtepi32_ps(l), acc);
         if (w->has_min)
             min_sum = fmaf(xd[b] * w->m[b], (float)k_min_sum(w->mn + b * 16, bsums + b * 16), min_sum);
     }
-    return acc - min_sum;
+    return lanes_sum(acc) - min_sum;
+#else
+    float acc[8] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t l[8] = {0};
+        for (int c = 0; c < 8; c++)
+            for (int j = 0; j < 8; j++) l[j] += w->sc[b * 16 + 2 * c + j / 4] * lane_scalar(w, 8 * b + c, xq, j);
+        const float dd = xd[b] * w->d[b];
+        for (int j = 0; j < 8; j++) acc[j] = fmaf(dd, (float)l[j], acc[j]);
+        if (w->has_min)
+            min_sum = fmaf(xd[b] * w->m[b], (float)k_min_sum(w->mn + b * 16, bsums + b * 16), min_sum);
+    }
+    return lanes_sum_scalar(acc) - min_sum;
+#endif
 }
 
 /* --- blocks of 32: each block's integer sum in lane (block mod 8) ------------------------ */
@@ -416,12 +426,16 @@ static void groups_product(const uint8_t *u, int64_t groups, const ActRows *a, f
 #endif
 
 /* out[i * n] = the unpacked super-block row w . activation row r0 + i for i < NR: each 32
- * values' |w| and scales loaded once for NR rows; the float order is dot_k256's, row i in lane
- * i of the float accumulators (a super-block's row integers come out of one reduction) */
+ * values' |w| and scales loaded once for NR rows; the float order is dot_k256's */
 ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
                              int64_t n, const int unsigned_values) {
     const int64_t k = a->k;
-    __m256 acc = _mm256_setzero_ps(), min_sums = _mm256_setzero_ps();
+    __m256 acc[K256_MAX_NR];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    /* the min terms of the NR rows, lane i row r0 + i: dot_k256's scalar fmaf per row, in
+     * lanes (the same bits), so that a super-block's integer sums of min * bsums for all rows
+     * come out of one reduction (block_sums8) instead of one horizontal sum per row */
+    __m256 min_sums = _mm256_setzero_ps();
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i row_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)(k / QK)));
     const __m256 in_tile = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(NR), lane));
@@ -444,21 +458,25 @@ ALWAYS_INLINE void k256_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
 #endif
             }
         }
-        const __m256 xd = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a->d + r0 * (k / QK) + b, row_at, in_tile, 4);
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(xd, _mm256_set1_ps(w->d[b])), _mm256_cvtepi32_ps(row_sums(l, NR)), acc);
-        if (unsigned_values) { /* the types with a min: sum of min * bsums over the 16-groups */
+        for (int i = 0; i < NR; i++) {
+            const float xd = a->d[(r0 + i) * (k / QK) + b];
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * w->d[b]), _mm256_cvtepi32_ps(l[i]), acc[i]);
+        }
+        if (unsigned_values) { /* the types with a min */
             const __m256i mn = LOAD32(w->mn + b * 16);
             __m256i p[8];
             for (int i = 0; i < 8; i++)
                 p[i] = i < NR ? _mm256_madd_epi16(mn, LOAD32(a->bsums + (r0 + i) * (k / 16) + b * 16))
                               : _mm256_setzero_si256();
-            min_sums = _mm256_fmadd_ps(_mm256_mul_ps(xd, _mm256_set1_ps(w->m[b])), _mm256_cvtepi32_ps(row_sums8(p)),
-                                       min_sums);
+            const __m256i summ = block_sums8(_mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3])),
+                                             _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7])));
+            const __m256 xd = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a->d + r0 * (k / QK) + b, row_at, in_tile, 4);
+            min_sums = _mm256_fmadd_ps(_mm256_mul_ps(xd, _mm256_set1_ps(w->m[b])), _mm256_cvtepi32_ps(summ), min_sums);
         }
     }
-    float rows_acc[8], min_sum[8];
-    _mm256_storeu_ps(rows_acc, acc), _mm256_storeu_ps(min_sum, min_sums);
-    for (int i = 0; i < NR; i++) out[i * n] = rows_acc[i] - min_sum[i];
+    float min_sum[8];
+    _mm256_storeu_ps(min_sum, min_sums);
+    for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
 }
 
 /* the unpacked super-block row w against every row of a, into y[r * n] */

@@ -218,6 +218,9 @@ typedef struct {
     int8_t *qt;
     uint8_t *xut;
     float *dt;
+    /* Q8_K rows from KPANEL_MIN_ROWS on: -32 times the sum of each 4 values (the start of
+     * gguf_kpanel.c's Q6_K words), k / 4 per row, in xu's place (Q8_K products read no xu) */
+    int32_t *starts4;
 } ActRows;
 
 /* Groups of 8 blocks of 32 "transposed": byte c of word t (values 4t..4t+3) of block m of a
@@ -335,7 +338,7 @@ static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
 
 void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
 /* From this many activation rows on, Q4_K and Q6_K take gguf_kpanel.c's panels, which read the
- * activations' xu (act_rows_quantize fills it for Q8_K rows from this many on). Measured against
+ * activations' starts4 (act_rows_quantize fills it for Q8_K rows from this many on). Measured against
  * the fused path (one thread, thread CPU time, loaded machine, the bundled file's Q4_K 640 x
  * 1024 / Q6_K 640 x 2048): at 8 rows 0.076 / 0.178 ms against 0.103 / 0.204, at 16 rows 0.111
  * / 0.251 against 0.192 / 0.405; at 6 rows about even, at 4 the fused path ahead. */

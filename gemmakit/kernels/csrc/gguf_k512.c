@@ -5,11 +5,10 @@
  * Lane j of chunk c (values 4j..4j+3) is the low half's lane j of a 512-bit vector for the even
  * chunk of a pair and the high half's for the odd one; at the end of a super-block the halves
  * are added, which gives each lane's exact integer, the sum over the 8 chunks of the chunk's
- * 16-group scale times its values times x, as gguf_dot.c's 256-bit lanes hold it; the 8 lanes
- * of each of the tile's rows are then reduced at once to the row's super-block integer, and the
- * float order is gguf_dot.c's (one fused multiply-add of (d_x * d) and that integer per
- * super-block, row i in lane i, the min term likewise): the same bits (tests/test_gguf_dot.py
- * compares with the AVX2 and scalar builds).
+ * 16-group scale times its values times x, as gguf_dot.c's 256-bit lanes hold it. The float
+ * order is then k256_tile's: one fused multiply-add of (d_x * d) and the converted lanes per
+ * super-block, the min term per row as there, and the same lane sum at the end: the same bits
+ * (tests/test_gguf_dot.py compares with the AVX2 and scalar builds).
  *
  * AVX-512 has no vpsignb: x takes the weight's sign by a masked subtraction from 0 where the
  * weight is negative (where it is 0, |w| is 0 and the product 0 either way, as with vpsignb).
@@ -27,7 +26,8 @@ enum { QK = 32, QKK = 256, K512_NR = 8 };
 ALWAYS_INLINE void k512_tile(const WRow *w, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
                              int64_t n, const int unsigned_values) {
     const int64_t k = a->k;
-    __m256 acc = _mm256_setzero_ps(), min_sums = _mm256_setzero_ps(); /* lane i: row r0 + i */
+    __m256 acc[K512_NR], min_sums = _mm256_setzero_ps();
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i l[K512_NR];
         for (int i = 0; i < NR; i++) l[i] = _mm512_setzero_si512();
@@ -42,27 +42,27 @@ ALWAYS_INLINE void k512_tile(const WRow *w, int64_t nb, const ActRows *a, int64_
                 l[i] = _mm512_dpwssd_epi32(l[i], _mm512_maddubs_epi16(abs_v, signed_x), scales);
             }
         }
-        __m256i lanes[8];
-        float xd[8];
-        for (int i = 0; i < 8; i++) {
-            lanes[i] = i < NR ? _mm256_add_epi32(_mm512_castsi512_si256(l[i]), _mm512_extracti64x4_epi64(l[i], 1))
-                              : _mm256_setzero_si256();
-            xd[i] = i < NR ? a->d[(r0 + i) * (k / QK) + b] : 0.f;
+        for (int i = 0; i < NR; i++) {
+            const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(l[i]), _mm512_extracti64x4_epi64(l[i], 1));
+            const float xd = a->d[(r0 + i) * (k / QK) + b];
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xd * w->d[b]), _mm256_cvtepi32_ps(lanes), acc[i]);
         }
-        const __m256 xds = _mm256_setr_ps(xd[0], xd[1], xd[2], xd[3], xd[4], xd[5], xd[6], xd[7]);
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(xds, _mm256_set1_ps(w->d[b])), _mm256_cvtepi32_ps(row_sums8(lanes)), acc);
-        if (unsigned_values) { /* the types with a min: k256_tile's min terms */
+        if (unsigned_values) { /* the types with a min: k256_tile's min terms, lane i row r0 + i */
             const __m256i mn = _mm256_loadu_si256((const __m256i *)(w->mn + b * 16));
             __m256i p[8];
-            for (int i = 0; i < 8; i++)
+            float xd[8];
+            for (int i = 0; i < 8; i++) {
                 p[i] = i < NR ? _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(a->bsums + (r0 + i) * (k / 16) + b * 16)))
                               : _mm256_setzero_si256();
+                xd[i] = i < NR ? a->d[(r0 + i) * (k / QK) + b] : 0.f;
+            }
+            const __m256 xds = _mm256_setr_ps(xd[0], xd[1], xd[2], xd[3], xd[4], xd[5], xd[6], xd[7]);
             min_sums = _mm256_fmadd_ps(_mm256_mul_ps(xds, _mm256_set1_ps(w->m[b])), _mm256_cvtepi32_ps(row_sums8(p)), min_sums);
         }
     }
-    float rows_acc[8], min_sum[8];
-    _mm256_storeu_ps(rows_acc, acc), _mm256_storeu_ps(min_sum, min_sums);
-    for (int i = 0; i < NR; i++) out[i * n] = rows_acc[i] - min_sum[i];
+    float min_sum[8];
+    _mm256_storeu_ps(min_sum, min_sums);
+    for (int i = 0; i < NR; i++) out[i * n] = lanes_sum(acc[i]) - min_sum[i];
 }
 
 /* tile[r * cols + c] = weight row c . activation row r for every c < cols and row of a:
