@@ -338,10 +338,10 @@ static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
 
 void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
 /* From this many activation rows on, Q4_K and Q6_K take gguf_kpanel.c's panels, which read the
- * activations' starts4 (act_rows_quantize fills it for Q8_K rows from this many on). Measured against
- * the fused path (one thread, thread CPU time, loaded machine, the bundled file's Q4_K 640 x
- * 1024 / Q6_K 640 x 2048): at 8 rows 0.076 / 0.178 ms against 0.103 / 0.204, at 16 rows 0.111
- * / 0.251 against 0.192 / 0.405; at 6 rows about even, at 4 the fused path ahead. */
+ * activations' starts4 (act_rows_quantize fills it for Q8_K rows from this many on). Measured
+ * against main's fused path (one thread, thread CPU time, loaded machine, the same bits): Q4_K
+ * 640 x 1024 / Q6_K 640 x 2048 at 8 rows 0.083 / 0.204 ms against 0.097 / 0.199, at 16 rows
+ * 0.129 / 0.292 against 0.187 / 0.402, at 64 rows 0.42 / 0.92 against 0.68 / 1.24 (k512). */
 enum { KPANEL_MIN_ROWS = 8 };
 static inline int kpanels_take(int64_t type, int64_t rows) { return (type == 12 || type == 14) && rows >= KPANEL_MIN_ROWS; }
 /* gguf_dot_rows for Q4_K and Q6_K against many Q8_K rows (gguf_kpanel.c): weight rows in

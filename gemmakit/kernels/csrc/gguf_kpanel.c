@@ -98,11 +98,12 @@ ALWAYS_INLINE void unpack_slice(const int type, const uint8_t *w, int64_t rb, in
     }
 }
 
-/* activation word at p broadcast to 16 lanes */
-static inline __m512i word16(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm512_set1_epi32(v);
+/* acc + the unsigned bytes of u times the signed word at p broadcast to 16 lanes (vpdpbusd with
+ * an embedded broadcast: GCC does not fold the vpbroadcastd into it, one instruction more per
+ * vpdpbusd otherwise) */
+static inline __m512i dpbusd_word(__m512i acc, __m512i u, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    return acc;
 }
 
 /* Super-block b of the slice against activation rows r0..r0 + NR - 1 (NR a constant at each
@@ -128,8 +129,8 @@ ALWAYS_INLINE void slice_tile(const int type, const __m512i *slice, const ActRow
                 const int32_t *start = a->starts4 + (r0 + i) * (k / 4) + b * (QKK / 4);
                 const __m512i sa = type == Q4_K_TYPE ? _mm512_setzero_si512() : _mm512_set1_epi32(start[ta]);
                 const __m512i sb = type == Q4_K_TYPE ? _mm512_setzero_si512() : _mm512_set1_epi32(start[tb]);
-                const __m512i pa = _mm512_dpbusd_epi32(sa, va, word16((const uint8_t *)x + 4 * ta));
-                const __m512i pb = _mm512_dpbusd_epi32(sb, vb, word16((const uint8_t *)x + 4 * tb));
+                const __m512i pa = dpbusd_word(sa, va, x + 4 * ta);
+                const __m512i pb = dpbusd_word(sb, vb, x + 4 * tb);
                 pair[i] = _mm512_mask_blend_epi16(0xAAAAAAAAu, pa, _mm512_slli_epi32(pb, 16));
             }
             const __m512i scale = slice[SCALES + 2 * q + j / 4];
