@@ -130,15 +130,17 @@ static int panels_take(const ActRows *a) {
 #endif
 }
 
-/* Whether gguf_kpanel.c's panels may read these Q8_K rows' starts4 (from KPANEL_MIN_ROWS on) */
-static int kpanels_read_starts(const ActRows *a) {
 #ifdef GGUF_PANELS
-    return a->rows >= KPANEL_MIN_ROWS;
-#else
-    (void)a;
-    return 0;
-#endif
+/* starts[w] = -32 times the sum of q's values 4w..4w+3, for k values (a multiple of 32): the
+ * starts gguf_kpanel.c's Q6_K words read, written for Q8_K rows from KPANEL_MIN_ROWS on */
+static void word_starts(const int8_t *q, int64_t k, int32_t *starts) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < k; i += 32) { /* 8 words: byte pairs, then pairs of pairs (exact) */
+        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(q + i))), ones16);
+        _mm256_storeu_si256((__m256i *)(starts + i / 4), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 5)));
+    }
 }
+#endif
 
 /* the first of the 256 values whose magnitude is amax (the last when none is: a NaN matches none) */
 static int first_of_magnitude(const float *x, float amax) {
@@ -241,9 +243,9 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
         if (panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
         if (a->type == ACT_Q8_K) {
-            if (kpanels_read_starts(a))
-                for (int64_t w = 0; w < k / 4; w++)
-                    a->starts4[r * (k / 4) + w] = -32 * (q[4 * w] + q[4 * w + 1] + q[4 * w + 2] + q[4 * w + 3]);
+#ifdef GGUF_PANELS
+            if (a->rows >= KPANEL_MIN_ROWS) word_starts(q, k, a->starts4 + r * (k / 4));
+#endif
             continue;
         }
         uint8_t *restrict xu = a->xu + r * k;
