@@ -81,7 +81,7 @@ static inline __m512i word16(const int8_t *p) {
 ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
                               int64_t n, __mmask16 lanes, const int32_t *starts, const uint8_t *fetch,
                               int64_t fetch_bytes) {
-    int64_t fetched = 0, blocks_done = 0;
+    int64_t fetched = 0;
     const int64_t k = a->k, bk = k / QK;
     enum { MAX_NR = 6 };
     __m512 total[MAX_NR], pair[MAX_NR], quad[MAX_NR];
@@ -93,9 +93,9 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
         for (int i = 0; i < NR; i++) lane[i] = _mm512_setzero_ps();
         for (int64_t b = p; b < nb; b += 8) {
             const uint8_t *block = panel + b * PANEL_BLOCK_BYTES;
-            /* this block's even share of the lines to fetch */
-            for (const int64_t until = fetch_bytes * ++blocks_done / nb; fetched < until; fetched += 64)
-                __builtin_prefetch(fetch + fetched, 0, 2);
+            /* a line per block while any is left (the rest after the last block): no division
+             * and no data-dependent loop per block */
+            if (fetched < fetch_bytes) __builtin_prefetch(fetch + fetched, 0, 2), fetched += 64;
             __m512i sums[MAX_NR];
             for (int i = 0; i < NR; i++) sums[i] = _mm512_set1_epi32(starts[(r0 + i) * bk + b]);
             for (int t = 0; t < WORDS; t++) {
@@ -120,6 +120,7 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
             default: total[i] = _mm512_add_ps(total[i], _mm512_add_ps(pair[i], _mm512_add_ps(quad[i], lane[i])));
             }
     }
+    for (; fetched < fetch_bytes; fetched += 64) __builtin_prefetch(fetch + fetched, 0, 2);
     for (int i = 0; i < NR; i++) _mm512_mask_storeu_ps(out + i * n, lanes, total[i]);
 }
 
