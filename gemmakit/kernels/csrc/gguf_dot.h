@@ -336,6 +336,14 @@ static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
     }
 }
 
+/* acc + the unsigned bytes of u times the signed word at p broadcast to 16 lanes (vpdpbusd with
+ * an embedded broadcast: GCC does not fold the vpbroadcastd into it, one instruction more per
+ * vpdpbusd otherwise) */
+static inline __m512i dpbusd_word(__m512i acc, __m512i u, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
 /* From this many activation rows on, Q4_K and Q6_K take gguf_kpanel.c's panels, which read the
  * activations' starts4 (act_rows_quantize fills it for Q8_K rows from this many on). Measured

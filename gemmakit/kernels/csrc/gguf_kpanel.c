@@ -98,14 +98,6 @@ ALWAYS_INLINE void unpack_slice(const int type, const uint8_t *w, int64_t rb, in
     }
 }
 
-/* acc + the unsigned bytes of u times the signed word at p broadcast to 16 lanes (vpdpbusd with
- * an embedded broadcast: GCC does not fold the vpbroadcastd into it, one instruction more per
- * vpdpbusd otherwise) */
-static inline __m512i dpbusd_word(__m512i acc, __m512i u, const int8_t *p) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
-    return acc;
-}
-
 /* Super-block b of the slice against activation rows r0..r0 + NR - 1 (NR a constant at each
  * call): their 8 lanes' float accumulators acc (row r lane j at (8r + j) * 16) and Q4_K's min
  * sums (16 floats per row) take this super-block (from +0 when first). pairs: Q4_K's per row
