@@ -127,8 +127,9 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
 enum { PANEL_ROWS = 16, PANEL_NR = 6 }; /* activation rows per tile: 6 x 5 zmm registers (8 spills: measured slower) */
 
 /* y[r * n + j] = panel row j . activation row r for j < cols (<= 16) and every row of a, while
- * the next panel's `next_bytes` at next (or none) are fetched into L2, evenly over the tiles'
- * blocks: a burst of prefetches would wait for free miss buffers and stall the products */
+ * the next panel's `next_bytes` at next (or none) are fetched into L2, evenly over the tiles
+ * and a line per block within a tile: a burst of prefetches would wait for free miss buffers
+ * and stall the products */
 static void panel_product(const uint8_t *panel, int64_t nb, const ActRows *a, const int32_t *starts, float *y, int64_t n,
                           int64_t cols, const uint8_t *next, int64_t next_bytes) {
     const __mmask16 lanes = (__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
