@@ -218,8 +218,9 @@ typedef struct {
     int8_t *qt;
     uint8_t *xut;
     float *dt;
-    /* Q8_K rows from KPANEL_MIN_ROWS on: -32 times the sum of each 4 values (the start of
-     * gguf_kpanel.c's Q6_K words), k / 4 per row, in xu's place (Q8_K products read no xu) */
+    /* Q8_K rows from KPANEL_MIN_ROWS on: -32 times the sums of 4 values, two as an int16 pair
+     * (what gguf_kpanel.c's Q6_K word pairs add: gguf_act.c word_starts), k / 8 per row, in
+     * xu's place (Q8_K products read no xu) */
     int32_t *starts4;
 } ActRows;
 

@@ -17,8 +17,9 @@
  *
  * The operands: vpdpbusd multiplies unsigned by signed bytes: the weights are the unsigned side
  * (Q4_K's values 0..15; Q6_K's plus 32, 0..63) and x (|x| <= 127, gguf_act.c) the signed one.
- * Q6_K's word sums start at -32 times the word's sum of x (ActRows starts4), so P = sum w * x
- * exactly. The lane integers are exact in int32 (|lane| <= 8 * 128 * 16256).
+ * Q6_K's pairs of word sums then take -32 times the words' sums of x (ActRows starts4, int16
+ * pairs) by one 16-bit add, so P = sum w * x exactly. The lane integers are exact in int32
+ * (|lane| <= 8 * 128 * 16256).
  *
  * The float order, lane by lane: lane j's float += (d_x * d_w) * its integer by one fused
  * multiply-add per super-block in order from +0, the 8 lanes then summed as (l0 + l4) + (l2 +
@@ -118,12 +119,12 @@ ALWAYS_INLINE void slice_tile(const int type, const __m512i *slice, const ActRow
             __m512i pair[KP_NR];
             for (int i = 0; i < NR; i++) {
                 const int8_t *x = a->q + (r0 + i) * k + b * QKK;
-                const int32_t *start = a->starts4 + (r0 + i) * (k / 4) + b * (QKK / 4);
-                const __m512i sa = type == Q4_K_TYPE ? _mm512_setzero_si512() : _mm512_set1_epi32(start[ta]);
-                const __m512i sb = type == Q4_K_TYPE ? _mm512_setzero_si512() : _mm512_set1_epi32(start[tb]);
-                const __m512i pa = dpbusd_word(sa, va, x + 4 * ta);
-                const __m512i pb = dpbusd_word(sb, vb, x + 4 * tb);
+                /* each word's sum fits 16 bits (|sum| <= 4 * 63 * 127), so does the pair's */
+                const __m512i pa = dpbusd_word(_mm512_setzero_si512(), va, x + 4 * ta);
+                const __m512i pb = dpbusd_word(_mm512_setzero_si512(), vb, x + 4 * tb);
                 pair[i] = _mm512_mask_blend_epi16(0xAAAAAAAAu, pa, _mm512_slli_epi32(pb, 16));
+                if (type == Q6_K_TYPE) /* values + 32 back to the values: 16-bit adds, exact (|P| <= 4 * 32 * 127) */
+                    pair[i] = _mm512_add_epi16(pair[i], _mm512_set1_epi32(a->starts4[(r0 + i) * (k / 8) + b * 32 + 8 * q + j]));
             }
             const __m512i scale = slice[SCALES + 2 * q + j / 4];
             for (int i = 0; i < NR; i++) lane[i] = _mm512_dpwssd_epi32(lane[i], pair[i], scale);
