@@ -40,7 +40,8 @@
  * transposed copy (ActRows xt) meets word for word (groups_product). Q4_K and Q6_K against up
  * to FUSED_K_ROWS activation rows are read from the file's blocks in registers as well
  * (gguf_fused_k.c). With 512-bit VNNI the blocks of 32 without a min take gguf_panel.c's
- * panels from 2 or 3 rows on instead of both (panels_take_rows). Elsewhere, and for the other
+ * panels from 2 or 3 rows on instead of both (panels_take_rows), and Q4_K and Q6_K take
+ * gguf_kpanel.c's from KPANEL_MIN_ROWS rows on (kpanels_take). Elsewhere, and for the other
  * super-blocks, each weight row is unpacked once (gguf_unpack.c) and dotted with every
  * activation row.
  */
