@@ -36,20 +36,13 @@
  * the 262,144-wide head and the logits buffer holds those rows only.
  *
  * Threads: the Python caller's thread and n-1 workers run the step together (SPMD, step.c's
- * pool). Matrices' output rows and attention's tasks are handed out in chunks (take_chunk:
- * each thread its own share first, then what is left of the others'); the element-wise work of
- * every row (norms, residual adds) is repeated on each thread on its own copy of the residual
+ * pool). Matrices are split by output rows over the threads; the element-wise work of every
+ * row (norms, residual adds) is repeated on each thread on its own copy of the residual
  * streams (identical instructions on identical data, so the copies stay bit-identical)
  * instead of paying a barrier; keys and values are split by (row, KV head), attention by
  * blocks of rows of one run with one KV head (each key and value row read once for all the
  * block's queries: its rows' heads that share the KV head), or, for a step of fewer blocks
- * than threads (one decode row), each block's positions and columns in chunks. Why chunks:
- * a decode step is ~110 short memory-bound sections, each ended by a barrier, and a static
- * split left one thread waiting for the other at most of them (memory stalls differ between
- * the cores; measured, bundled Q4_K_M one-row steps on 2 threads, loaded machine: 0.5-0.9 ms
- * of a 12 ms step in barrier waits). A chunk's values do not depend on the thread that
- * computes it (a column of a product depends on its own weight row, a score on its own key),
- * so nothing changes but who computes what.
+ * than threads (one decode row), each block's positions and columns split over the threads.
  */
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -82,51 +75,7 @@ typedef struct {
 /* chunks of the head's columns per thread (taken dynamically: run_batch) */
 enum { HEAD_CHUNKS_PER_THREAD = 8 };
 
-/* Work in chunks (a product's output rows, attention's positions or tasks): thread t first
- * takes, in order, the chunks of its own share [n t / T, n (t + 1) / T), one stream through
- * memory as a static split reads it, then, its share done, the chunks left in the others'
- * shares from their ends (the last chunk of a slower thread's share first). A share's counts
- * of chunks taken from its front (by its owner: low 32 bits) and from its back (by the others:
- * high 32 bits) are one atomic word, so each chunk is taken exactly once. One Shares (a word
- * per thread, each on its own cache line, zero at the start of a step) per kind of work and
- * layer, and the head's. */
-enum { C_QKV, C_SCORES, C_SUMS, C_TASKS, C_O, C_GATE_UP, C_DOWN, C_HEAD, CHUNK_KINDS };
-typedef struct {
-    _Atomic uint64_t taken;
-    char pad[64 - sizeof(uint64_t)];
-} Share;
-
-/* The next chunk of the n chunks whose shares are `shares` for thread tid, or -1 when none is
- * left; *helping starts at 0 (the thread's own share first) */
-static int64_t take_chunk(Share *shares, int64_t n, int tid, int nthreads, int *helping) {
-    for (; *helping < nthreads; ++*helping) {
-        const int owner = (tid + *helping) % nthreads;
-        const uint64_t step = *helping ? (uint64_t)1 << 32 : 1;
-        int64_t lo, hi;
-        rows_of(n, owner, nthreads, &lo, &hi);
-        uint64_t w = atomic_load_explicit(&shares[owner].taken, memory_order_relaxed);
-        while ((int64_t)((w & 0xFFFFFFFFu) + (w >> 32)) < hi - lo)
-            if (atomic_compare_exchange_weak_explicit(&shares[owner].taken, &w, w + step, memory_order_relaxed,
-                                                      memory_order_relaxed))
-                return *helping ? hi - 1 - (int64_t)(w >> 32) : lo + (int64_t)(w & 0xFFFFFFFFu);
-    }
-    return -1;
-}
-
-/* chunks per thread of a layer's products and of a split attention's positions: small enough
- * that the last ones even out the threads (a chunk of a one-row step's products: a few
- * microseconds), each of whole 64-row tiles (gguf_dot_rows) */
-enum { CHUNKS_PER_THREAD = 8, POSITION_CHUNK_MIN = 16 };
-
-/* items per chunk of n items, about CHUNKS_PER_THREAD chunks a thread, a multiple of unit */
-static int64_t chunk_size(int64_t n, int nthreads, int64_t unit) {
-    const int64_t per = (n + nthreads * CHUNKS_PER_THREAD - 1) / (nthreads * CHUNKS_PER_THREAD);
-    return (per + unit - 1) / unit * unit;
-}
-
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
-
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* A logit and its index, the largest of those seen (index -1: none yet) */
 typedef struct {
@@ -142,10 +91,58 @@ static inline int better(float v, int64_t i, Best best) {
     return isnan(v) || v > best.value || (v == best.value && i < best.index);
 }
 
-/* the best of logits [lo, hi) of a row, merged into *best */
+/* the largest of x[0, n) but NaNs, and whether any is NaN (in vectors: ~14 us for a step's
+ * 262,144 logits on this 2-core EPYC, numpy's argmax of them ~30-45 us) */
+static float largest(const float *x, int64_t n, int *any_nan) {
+    int64_t i = 0;
+    float top = -INFINITY;
+    int nan = 0;
+#if defined(__AVX512F__)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 unordered = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+    }
+    top = _mm512_reduce_max_ps(m), nan = unordered != 0;
+#elif defined(__AVX2__)
+    __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m = _mm256_max_ps(m, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+    for (; i < n; i++) {
+        if (isnan(x[i])) nan = 1;
+        else if (x[i] > top) top = x[i];
+    }
+    *any_nan = nan; /* where a NaN was seen, top is not used */
+    return top;
+}
+
+/* the best of logits [lo, hi) of a row, merged into *best: their largest, and the first index
+ * holding it (the first NaN where there is one) */
 static void best_of(const float *logits, int64_t lo, int64_t hi, Best *best) {
-    for (int64_t n = lo; n < hi; n++)
-        if (better(logits[n], n, *best)) *best = (Best){logits[n], n};
+    int nan;
+    const float top = largest(logits + lo, hi - lo, &nan);
+    if (!nan && !better(top, lo, *best)) return; /* nothing here goes before the best so far */
+    int64_t n = lo;
+#if defined(__AVX512F__)
+    if (!nan) /* to the 16 values that hold the first `top` */
+        for (const __m512 t = _mm512_set1_ps(top); n + 16 <= hi; n += 16)
+            if (_mm512_cmp_ps_mask(_mm512_loadu_ps(logits + n), t, _CMP_EQ_OQ)) break;
+#endif
+    for (; n < hi; n++)
+        if (nan ? isnan(logits[n]) : logits[n] == top) {
+            if (better(logits[n], n, *best)) *best = (Best){logits[n], n};
+            return;
+        }
 }
 
 /* Buffers every thread reads, (rows, width) each: matrix outputs, written by column ranges
@@ -160,7 +157,7 @@ typedef struct {
     float *split_scores;
     uint8_t *rounded_shared, *rounded_own; /* Rounded inputs: the step's, each thread's */
     int64_t rounded_own_bytes;
-    Share *shares; /* CHUNK_KINDS x threads per layer, then the head's */
+    atomic_llong *head_next; /* the next chunk of the head's columns */
     Best *best; /* each thread's best logit of each logit row so far (Batch.best) */
     float *scratch;
 } Buffers;
@@ -231,22 +228,12 @@ static void product(const Mat *mat, const float *x, int64_t rows, const Rounded 
     else matmul_rows(mat, x, rows, y, lo, hi);
 }
 
-/* every row times each of the `count` matrices (all reading x, rounded as `in`), into ys: the
- * output columns of all of them as one list of chunks (take_chunk) */
-static void products(const Mat *const *mats, float *const *ys, int count, const float *x, int64_t rows,
-                     const Rounded *in, Share *shares, int tid, int nthreads) {
-    int64_t sizes[3] = {0}, chunks[3] = {0}, total = 0;
-    for (int i = 0; i < count; i++) {
-        sizes[i] = chunk_size(mats[i]->n, nthreads, 64);
-        total += chunks[i] = (mats[i]->n + sizes[i] - 1) / sizes[i];
-    }
-    int helping = 0;
-    for (int64_t c; (c = take_chunk(shares, total, tid, nthreads, &helping)) >= 0;) {
-        int i = 0;
-        for (; c >= chunks[i]; i++) c -= chunks[i];
-        const int64_t lo = c * sizes[i], hi = lo + sizes[i] < mats[i]->n ? lo + sizes[i] : mats[i]->n;
-        product(mats[i], x, rows, in, ys[i], lo, hi);
-    }
+/* every row times the matrix, this thread's share of its output columns */
+static void my_columns(const Mat *mat, const float *x, int64_t rows, const Rounded *in, float *y, int tid,
+                       int nthreads) {
+    int64_t lo, hi;
+    rows_of(mat->n, tid, nthreads, &lo, &hi);
+    product(mat, x, rows, in, y, lo, hi);
 }
 
 /* rows x C values of x into xn, each row normed */
@@ -331,20 +318,19 @@ static int64_t block_queries(const Model *m, const Batch *b, const Layer *L, con
  * computed the same way whichever block, thread or part of a split its row falls in
  * (attention_scores, attention_sum), so a row's attention is the same, bit for bit, wherever
  * its earlier positions were computed (this step or an earlier one) and whatever else is in
- * the step. Whole pairs are the chunks (take_chunk); a split list (fewer pairs than threads)
- * cuts each pair's positions into chunks for the scores, then, after a barrier, its columns
- * (4 vectors of 16 a chunk) for the weighted sums, each thread taking the softmax of every
- * query itself into its own scratch (the same bits on each, and one barrier fewer a layer). */
+ * the step. Whole pairs go to the threads in turn; a split list (fewer pairs than threads)
+ * splits each pair's positions over the threads for the scores, then, after a barrier, its
+ * columns for the weighted sums, each thread taking the softmax of every query itself into
+ * its own scratch (the same bits on each, and one barrier fewer a layer). */
 static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers *buf, const int64_t *out_rows,
-                   const Blocks *blocks, float *scratch, Share *shares, int tid, int nthreads) {
+                   const Blocks *blocks, float *scratch, int tid, int nthreads) {
     const int64_t KV = m->kv_heads, D = m->head_dim, tasks = blocks->n * KV, stride = m->max_visible;
     const float scale = (float)m->attn_scale;
     Query qs[block_rows(m) * (m->heads / KV)];
     KVRows rows;
     int64_t x0, x1;
     if (!blocks->split) {
-        int helping = 0;
-        for (int64_t t; (t = take_chunk(shares + C_TASKS * nthreads, tasks, tid, nthreads, &helping)) >= 0;) {
+        for (int64_t t = tid; t < tasks; t += nthreads) {
             const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV, scratch, stride,
                                              qs, &rows, &x0, &x1);
             attention_scores(qs, nq, &rows, x0, x1, D, scale, m->attn_softcap);
@@ -356,31 +342,20 @@ static void attend(const Model *m, const Batch *b, const Layer *L, const Buffers
         }
         return;
     }
-    /* the split: each task's positions in chunks (scores), then its columns in chunks of 4
-     * vectors of 16 (sums), both taken by the first thread free */
-    const int64_t per_task = block_scores(m), columns = (D + 15) / 16, column_chunks = (columns + 3) / 4;
-    int64_t first[MAX_STEP_THREADS + 1], size[MAX_STEP_THREADS]; /* each task's first chunk and its positions per chunk */
-    first[0] = 0;
-    for (int64_t t = 0; t < tasks; t++) {
-        block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV, scratch, stride, qs, &rows, &x0, &x1);
-        size[t] = chunk_size(x1 - x0, nthreads, POSITION_CHUNK_MIN);
-        first[t + 1] = first[t] + (x1 - x0 + size[t] - 1) / size[t];
-    }
-    int helping = 0;
-    for (int64_t c; (c = take_chunk(shares + C_SCORES * nthreads, first[tasks], tid, nthreads, &helping)) >= 0;) {
-        int64_t t = 0;
-        while (c >= first[t + 1]) t++;
+    const int64_t per_task = block_scores(m);
+    for (int64_t t = 0; t < tasks; t++) { /* this thread's share of the positions */
         const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
                                          buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
-        const int64_t lo = x0 + (c - first[t]) * size[t];
-        attention_scores(qs, nq, &rows, lo, min64(x1, lo + size[t]), D, scale, m->attn_softcap);
+        int64_t lo, hi;
+        rows_of(x1 - x0, tid, nthreads, &lo, &hi);
+        attention_scores(qs, nq, &rows, x0 + lo, x0 + hi, D, scale, m->attn_softcap);
     }
     pool_barrier(nthreads); /* every score computed */
-    helping = 0;
-    for (int64_t c; (c = take_chunk(shares + C_SUMS * nthreads, tasks * column_chunks, tid, nthreads, &helping)) >= 0;) {
-        const int64_t t = c / column_chunks, lo = c % column_chunks * 4, hi = min64(lo + 4, columns);
+    for (int64_t t = 0; t < tasks; t++) { /* this thread's columns, in whole vectors of 16 */
         const int64_t nq = block_queries(m, b, L, buf, out_rows, blocks->blocks[t / KV], t % KV,
                                          buf->split_scores + t * per_task, stride, qs, &rows, &x0, &x1);
+        int64_t lo, hi;
+        rows_of((D + 15) / 16, tid, nthreads, &lo, &hi);
         const int64_t d0 = lo * 16, d1 = hi * 16 < D ? hi * 16 : D;
         for (int64_t j = 0; j < nq; j++) { /* each thread its own softmax of every query: no barrier */
             const int64_t n = qs[j].hi - qs[j].lo + 1;
@@ -408,43 +383,37 @@ static int64_t run_block(const Job *job, const Layer *L, float *x, float *xn, fl
     const Batch *b = job->b;
     const Buffers *buf = &job->buf;
     const int64_t R = b->rows, C = m->hidden, I = m->intermediate;
-    Share *shares = buf->shares + (L - m->layers) * CHUNK_KINDS * nthreads;
     Rounded in;
     norm_rows(x, L->input_norm, xn, R, C, m->eps);
     round_input(buf, &L->q, xn, R, &in, tid, nthreads); /* q, k and v read it */
-    const Mat *qkv[3] = {&L->q, &L->k, &L->v};
-    float *const qkv_out[3] = {buf->q, buf->k, buf->v};
-    products(qkv, qkv_out, 3, xn, R, &in, shares + C_QKV * nthreads, tid, nthreads);
+    my_columns(&L->q, xn, R, &in, buf->q, tid, nthreads);
+    my_columns(&L->k, xn, R, &in, buf->k, tid, nthreads);
+    my_columns(&L->v, xn, R, &in, buf->v, tid, nthreads);
     pool_barrier(nthreads);
     stage_keys_values(m, b, L, buf, trig, out_rows, n_out, head, tid, nthreads);
     pool_barrier(nthreads); /* every row's key and query is ready before any row attends */
-    attend(m, b, L, buf, out_rows, blocks, scores, shares, tid, nthreads);
+    attend(m, b, L, buf, out_rows, blocks, scores, tid, nthreads);
     pool_barrier(nthreads); /* every row has read the cache before any key is stored */
     store_staged(m, b, L, buf, tid, nthreads);
     int64_t rows = R;
     if (out_rows) keep_rows(x, out_rows, rows = n_out, C);
     if (rows == 0) return 0; /* no row wants logits: the keys and values were all the step had to give */
     round_input(buf, &L->o, buf->attn, rows, &in, tid, nthreads);
-    const Mat *o = &L->o;
-    products(&o, &buf->o, 1, buf->attn, rows, &in, shares + C_O * nthreads, tid, nthreads);
+    my_columns(&L->o, buf->attn, rows, &in, buf->o, tid, nthreads);
     pool_barrier(nthreads);
     for (int64_t r = 0; r < rows; r++) add_residual(x + r * C, buf->o + r * C, L->post_attention_norm, xn, C, m->eps);
-    /* MLP: gate and up over the same chunk of columns, then GeGLU of those columns */
+    /* MLP: gate and up over the same column range, then GeGLU of those columns */
     norm_rows(x, L->pre_feedforward_norm, xn, rows, C, m->eps);
     round_input(buf, &L->gate, xn, rows, &in, tid, nthreads); /* gate and up read it */
-    const int64_t size = chunk_size(I, nthreads, 64);
-    int helping = 0;
-    for (int64_t c; (c = take_chunk(shares + C_GATE_UP * nthreads, (I + size - 1) / size, tid, nthreads, &helping)) >= 0;) {
-        const int64_t lo = c * size, hi = min64(lo + size, I);
-        product(&L->gate, xn, rows, &in, buf->act, lo, hi);
-        product(&L->up, xn, rows, &in, buf->up, lo, hi);
-        for (int64_t r = 0; r < rows; r++) /* in place: each value read before written */
-            geglu_forward(buf->act + r * I, buf->up + r * I, buf->act + r * I, lo, hi, 0);
-    }
+    int64_t lo, hi;
+    rows_of(I, tid, nthreads, &lo, &hi);
+    product(&L->gate, xn, rows, &in, buf->act, lo, hi);
+    product(&L->up, xn, rows, &in, buf->up, lo, hi);
+    for (int64_t r = 0; r < rows; r++) /* in place: each value read before written */
+        geglu_forward(buf->act + r * I, buf->up + r * I, buf->act + r * I, lo, hi, 0);
     pool_barrier(nthreads);
     round_input(buf, &L->down, buf->act, rows, &in, tid, nthreads);
-    const Mat *down = &L->down;
-    products(&down, &buf->down, 1, buf->act, rows, &in, shares + C_DOWN * nthreads, tid, nthreads);
+    my_columns(&L->down, buf->act, rows, &in, buf->down, tid, nthreads);
     pool_barrier(nthreads);
     for (int64_t r = 0; r < rows; r++) add_residual(x + r * C, buf->down + r * C, L->post_feedforward_norm, xn, C, m->eps);
     return rows;
@@ -481,10 +450,8 @@ static void run_batch(const void *arg, int tid, int nthreads) {
      * leaves its chunks to the others instead of making them wait. A column's logits depend
      * on its own weight row only, so who computes it changes nothing. */
     const int64_t V = m->vocab, chunk = (V / (nthreads * HEAD_CHUNKS_PER_THREAD) / 64 + 1) * 64; /* >= 64 */
-    Share *head_shares = job->buf.shares + m->n_layers * CHUNK_KINDS * nthreads;
-    int helping = 0;
-    for (int64_t c; (c = take_chunk(head_shares, (V + chunk - 1) / chunk, tid, nthreads, &helping)) >= 0;) {
-        const int64_t lo = c * chunk, hi = lo + chunk < V ? lo + chunk : V;
+    for (int64_t lo; (lo = atomic_fetch_add(job->buf.head_next, 1) * chunk) < V;) {
+        const int64_t hi = lo + chunk < V ? lo + chunk : V;
         product(&m->lm_head, xn, rows, &in, b->logits, lo, hi);
         if (m->final_softcap > 0)
             for (int64_t r = 0; r < rows; r++)
@@ -548,9 +515,8 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     const int64_t shared_bytes = R >= SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     const int64_t own_bytes = R < SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     /* the runs and the blocks first (int64 aligned), then the rounded inputs, then the floats */
-    const int64_t n_shares = (m->n_layers + 1) * CHUNK_KINDS * threads;
-    const int64_t lists_bytes = align64(sizeof(Run) * R + sizeof(Block) * (R + n_out) + sizeof(Best) * threads * n_out);
-    const int64_t head_bytes = lists_bytes + sizeof(Share) * n_shares + 64;
+    const int64_t head_bytes =
+        align64(sizeof(Run) * R + sizeof(Block) * (R + n_out) + sizeof(Best) * threads * n_out + sizeof(atomic_llong)) + 64;
     char *memory = malloc(head_bytes + shared_bytes + threads * own_bytes +
                           sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
     if (!memory) return -1;
@@ -564,14 +530,14 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     const int64_t n_chosen = make_blocks(b, b->logit_rows, n_out, block_rows(m), blocks + R);
     Best *best = (Best *)(blocks + R + n_out);
     for (int64_t i = 0; i < threads * n_out; i++) best[i] = (Best){0.f, -1};
-    Share *shares = (Share *)(memory + lists_bytes);
-    for (int64_t i = 0; i < n_shares; i++) atomic_init(&shares[i].taken, 0);
+    atomic_llong *head_next = (atomic_llong *)(best + threads * n_out);
+    atomic_init(head_next, 0);
     uint8_t *rounded = (uint8_t *)(((uintptr_t)(memory + head_bytes - 64) + 63) & ~(uintptr_t)63);
     float *parts[10], *at = (float *)(rounded + shared_bytes + threads * own_bytes);
     for (int i = 0; i < 10; i++) parts[i] = at, at += R * widths[i];
     Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs,
                       {blocks, n_all, n_all * KV < threads}, {blocks + R, n_chosen, n_chosen * KV < threads}, at,
-                      rounded, rounded + shared_bytes, own_bytes, shares, best, at + threads * block_scores(m)}};
+                      rounded, rounded + shared_bytes, own_bytes, head_next, best, at + threads * block_scores(m)}};
     pool_run(run_batch, &job, threads);
     if (b->best) /* each logit row's best over the threads' (a thread that computed none: index -1) */
         for (int64_t r = 0; r < n_out; r++) {
