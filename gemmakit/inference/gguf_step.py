@@ -56,9 +56,7 @@ def _floats(g, name: str) -> np.ndarray:
 class GGUFStep:
     """One sequence through the C step over a GGUF file: `prefill(tokens)` runs a prompt from
     position 0 (rows of C steps), `step(token)` one token after it; each returns the logits
-    (V,) of the next token, a float32 buffer the next call reuses. After `step`, `best` is
-    the index of the largest logit (numpy's argmax of them, found by the step as it wrote
-    them); after `prefill`, None."""
+    (V,) of the next token, a float32 buffer the next call reuses."""
 
     def __init__(self, lib, g, config: GemmaConfig, capacity: int):
         self.lib, self.gguf, self.config, self.capacity = lib, g, config, capacity
@@ -66,13 +64,12 @@ class GGUFStep:
         self.position = 0
         self._keep: list = []
         self.logits = np.empty(config.vocab_size, dtype=np.float32)
-        self._row = (ctypes.c_int64 * 4)()  # token, slot (0), position of a one-row step; its best logit
+        self._row = (ctypes.c_int64 * 3)()  # token, slot (0), position of a one-row step
         address, word = ctypes.addressof(self._row), ctypes.sizeof(ctypes.c_int64)
         self._batch = structs.Batch(
             rows=1, tokens=address, slots=address + word, positions=address + 2 * word,
-            logits=self.logits.ctypes.data, best=address + 3 * word,
+            logits=self.logits.ctypes.data,
         )  # fmt: skip
-        self.best: int | None = None
         self.spec = None
 
     @classmethod
@@ -189,7 +186,7 @@ class GGUFStep:
             raise ValueError(f"a prompt of 1 to {self.capacity} tokens fits this step, not {len(tokens)}")
         address = self.logits.ctypes.data
         structs.prompt_rows(self.lib, self.spec, tokens, 0, 0, address, self.threads, PROMPT_STEP_ROWS)
-        self.position, self.best = len(tokens), None
+        self.position = len(tokens)
         return self.logits
 
     def step(self, token: int) -> np.ndarray:
@@ -198,5 +195,5 @@ class GGUFStep:
             raise ValueError(f"the sequence is full ({self.capacity} positions)")
         self._row[0], self._row[2] = token, self.position
         structs.run_step(self.lib, self.spec, self._batch, self.threads)
-        self.position, self.best = self.position + 1, self._row[3]
+        self.position += 1
         return self.logits

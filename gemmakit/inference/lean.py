@@ -95,11 +95,10 @@ class _RowSampler:
         self.lib, self.params, self.rng = lean.lib, params, rng
         self.count = sampler.first_count(params, lean.config.vocab_size)
 
-    def __call__(self, logits: np.ndarray, best: int | None = None) -> int:
-        """The token after `logits`; `best`: their argmax where the step found it."""
+    def __call__(self, logits: np.ndarray) -> int:
         p = self.params
         if p.greedy:
-            return int(np.argmax(logits)) if best is None else best
+            return int(np.argmax(logits))
 
         def more(count: int):
             row = np.ascontiguousarray(logits, dtype=np.float32)[None]
@@ -125,7 +124,7 @@ def stream(lean: LeanModel, prompt_ids: list[int], params: SamplingParams, compl
     step = lean.step_for(len(prompt_ids) + limit)
     logits = step.prefill(prompt_ids)
     while True:
-        token = choose(logits, step.best)
+        token = choose(logits)
         completion.token_ids.append(token)
         reason = finish_reason(params, lean.stop_ids, token, len(completion.token_ids), limit)
         delta = text.push(token, final=reason is not None)

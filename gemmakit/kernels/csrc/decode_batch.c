@@ -77,74 +77,6 @@ enum { HEAD_CHUNKS_PER_THREAD = 8 };
 
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
-/* A logit and its index, the largest of those seen (index -1: none yet) */
-typedef struct {
-    float value;
-    int64_t index;
-} Best;
-
-/* whether logit (v, i) goes before the best so far: the first NaN, else the largest, the
- * lower index of equal ones (numpy's argmax) */
-static inline int better(float v, int64_t i, Best best) {
-    if (best.index < 0) return 1;
-    if (isnan(best.value)) return isnan(v) && i < best.index;
-    return isnan(v) || v > best.value || (v == best.value && i < best.index);
-}
-
-/* the largest of x[0, n) but NaNs, and whether any is NaN (in vectors: ~14 us for a step's
- * 262,144 logits on this 2-core EPYC, numpy's argmax of them ~30-45 us) */
-static float largest(const float *x, int64_t n, int *any_nan) {
-    int64_t i = 0;
-    float top = -INFINITY;
-    int nan = 0;
-#if defined(__AVX512F__)
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    __mmask16 unordered = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        m = _mm512_max_ps(m, v);
-    }
-    top = _mm512_reduce_max_ps(m), nan = unordered != 0;
-#elif defined(__AVX2__)
-    __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        m = _mm256_max_ps(m, v);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m);
-    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
-    nan = _mm256_movemask_ps(unordered) != 0;
-#endif
-    for (; i < n; i++) {
-        if (isnan(x[i])) nan = 1;
-        else if (x[i] > top) top = x[i];
-    }
-    *any_nan = nan; /* where a NaN was seen, top is not used */
-    return top;
-}
-
-/* the best of logits [lo, hi) of a row, merged into *best: their largest, and the first index
- * holding it (the first NaN where there is one) */
-static void best_of(const float *logits, int64_t lo, int64_t hi, Best *best) {
-    int nan;
-    const float top = largest(logits + lo, hi - lo, &nan);
-    if (!nan && !better(top, lo, *best)) return; /* nothing here goes before the best so far */
-    int64_t n = lo;
-#if defined(__AVX512F__)
-    if (!nan) /* to the 16 values that hold the first `top` */
-        for (const __m512 t = _mm512_set1_ps(top); n + 16 <= hi; n += 16)
-            if (_mm512_cmp_ps_mask(_mm512_loadu_ps(logits + n), t, _CMP_EQ_OQ)) break;
-#endif
-    for (; n < hi; n++)
-        if (nan ? isnan(logits[n]) : logits[n] == top) {
-            if (better(logits[n], n, *best)) *best = (Best){logits[n], n};
-            return;
-        }
-}
-
 /* Buffers every thread reads, (rows, width) each: matrix outputs, written by column ranges
  * between barriers; the new keys and values (staged: kv_heads x rows x head_dim each, in the
  * cache's element type); each row's run; the attention blocks of every row and of the logit
@@ -158,7 +90,6 @@ typedef struct {
     uint8_t *rounded_shared, *rounded_own; /* Rounded inputs: the step's, each thread's */
     int64_t rounded_own_bytes;
     atomic_llong *head_next; /* the next chunk of the head's columns */
-    Best *best; /* each thread's best logit of each logit row so far (Batch.best) */
     float *scratch;
 } Buffers;
 
@@ -456,8 +387,6 @@ static void run_batch(const void *arg, int tid, int nthreads) {
         if (m->final_softcap > 0)
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t n = lo; n < hi; n++) b->logits[r * V + n] = softcap(b->logits[r * V + n], m->final_softcap);
-        if (b->best) /* while the chunk's logits are in the cache */
-            for (int64_t r = 0; r < rows; r++) best_of(b->logits + r * V, lo, hi, &job->buf.best[tid * rows + r]);
     }
 }
 
@@ -515,8 +444,7 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     const int64_t shared_bytes = R >= SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     const int64_t own_bytes = R < SHARED_ROUNDING_ROWS ? align64(act_rows_bytes(R, widest)) : 0;
     /* the runs and the blocks first (int64 aligned), then the rounded inputs, then the floats */
-    const int64_t head_bytes =
-        align64(sizeof(Run) * R + sizeof(Block) * (R + n_out) + sizeof(Best) * threads * n_out + sizeof(atomic_llong)) + 64;
+    const int64_t head_bytes = align64(sizeof(Run) * R + sizeof(Block) * (R + n_out) + sizeof(atomic_llong)) + 64;
     char *memory = malloc(head_bytes + shared_bytes + threads * own_bytes +
                           sizeof(float) * (shared_floats + threads * thread_floats(m, R)));
     if (!memory) return -1;
@@ -528,25 +456,15 @@ int decode_batch(const Model *m, const Batch *b, int threads) {
     Block *blocks = (Block *)(runs + R);
     const int64_t n_all = make_blocks(b, NULL, R, block_rows(m), blocks);
     const int64_t n_chosen = make_blocks(b, b->logit_rows, n_out, block_rows(m), blocks + R);
-    Best *best = (Best *)(blocks + R + n_out);
-    for (int64_t i = 0; i < threads * n_out; i++) best[i] = (Best){0.f, -1};
-    atomic_llong *head_next = (atomic_llong *)(best + threads * n_out);
+    atomic_llong *head_next = (atomic_llong *)(blocks + R + n_out);
     atomic_init(head_next, 0);
     uint8_t *rounded = (uint8_t *)(((uintptr_t)(memory + head_bytes - 64) + 63) & ~(uintptr_t)63);
     float *parts[10], *at = (float *)(rounded + shared_bytes + threads * own_bytes);
     for (int i = 0; i < 10; i++) parts[i] = at, at += R * widths[i];
     Job job = {m, b, {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9], runs,
                       {blocks, n_all, n_all * KV < threads}, {blocks + R, n_chosen, n_chosen * KV < threads}, at,
-                      rounded, rounded + shared_bytes, own_bytes, head_next, best, at + threads * block_scores(m)}};
+                      rounded, rounded + shared_bytes, own_bytes, head_next, at + threads * block_scores(m)}};
     pool_run(run_batch, &job, threads);
-    if (b->best) /* each logit row's best over the threads' (a thread that computed none: index -1) */
-        for (int64_t r = 0; r < n_out; r++) {
-            Best all = best[r];
-            for (int t = 1; t < threads; t++)
-                if (best[t * n_out + r].index >= 0 && better(best[t * n_out + r].value, best[t * n_out + r].index, all))
-                    all = best[t * n_out + r];
-            b->best[r] = all.index;
-        }
     free(memory);
     return 0;
 }

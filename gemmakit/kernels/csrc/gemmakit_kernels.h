@@ -85,9 +85,6 @@ typedef struct {
     const int64_t *logit_rows;
     int64_t n_logit_rows;
     float *logits; /* (n_logit_rows, or rows when logit_rows is NULL, vocab) output */
-    /* per logit row, the index of its largest logit (the first of equal ones; the first NaN
-     * where there is one: numpy's argmax), found while the logits are written; NULL: none */
-    int64_t *best;
 } Batch;
 
 /* One step of b->rows rows on `threads` threads (the caller's included), each weight matrix
