@@ -309,3 +309,19 @@ def test_a_torch_generator_still_samples_deterministically():
         return [sample(logits, params, gen) for _ in range(8)]
 
     assert draws(1) == draws(1) and len(set(draws(1) + draws(2))) > 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_READ and /proc/self/smaps are Linux's")
+def test_load_maps_the_whole_file_in(lean_model):
+    """`lean.load` maps every page of the GGUF at load (GGUFFile.map_in), so a prompt's first
+    step takes no page faults on the weights: the mapping's resident size is the file's."""
+    path = str(Path(lean_model.source.path).resolve())  # smaps names the file, not a link to it
+    size = Path(path).stat().st_size
+    resident, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header: "start-end perms ... path"
+            inside = line.endswith(path) and resident is None
+        elif inside and line.startswith("Rss:"):
+            resident = int(line.split()[1]) * 1024
+    assert resident is not None, "the GGUF is not mapped"
+    assert resident >= size - 4096

@@ -72,6 +72,7 @@ def load(model: str | None) -> LeanModel | None:
     config = config_from_gguf(g)
     if unsupported_by_c_step(config) is not None or GGUFStep.open(lib, g, config, 1) is None:
         return None
+    g.map_in()  # at load, as llama.cpp's mapped weights are, not in the prompt's first step
     # SentencePiece's ids over the mapped vocabulary (formats/sentencepiece_bpe.py)
     tokenizer, stop_ids = gguf_tokenizer(
         g.metadata, str(source.path), config.vocab_size, config.eos_token_ids, True
