@@ -32,6 +32,7 @@ import zlib
 import numpy as np
 
 from gemmakit.formats import tokenizer_cache
+from gemmakit.kernels import bpe
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
@@ -74,22 +75,28 @@ def _ints(values: np.ndarray, fmt: str) -> memoryview:
 class SentencePieceBPE:
     """`encode_as_ids(text)` and `decode_ids(ids)` as SentencePiece's processor answers them
     for the model built from the same vocabulary, plus the lookups `Tokenizer` makes
-    (`GetPieceSize`, `IdToPiece`, `PieceToId`)."""
+    (`GetPieceSize`, `IdToPiece`, `PieceToId`): in Python, over `index`'s table (the
+    fallback where the kernels cannot be built; `NativeSentencePieceBPE` runs csrc/bpe.c)."""
 
-    def __init__(
-        self, data: memoryview, table: np.ndarray, scores: np.ndarray, types: np.ndarray, unk_id: int
-    ):
+    def __init__(self, data: memoryview, table: np.ndarray, scores: np.ndarray, types: np.ndarray):
         count = len(types)
-        self._data, self._scores = data, scores
-        self._offsets = _ints(table[0], "I")
         self._keys, self._ids = _ints(table[1, :count], "I"), _ints(table[2, :count], "I")
-        self._kinds = _ints(types, "i")
-        self.unk_id = unk_id
+        self._setup(data, table[0], scores, types)
+
+    def _setup(self, data: memoryview, offsets: np.ndarray, scores: np.ndarray, types: np.ndarray):
+        """What both backends hold: the file's pieces, the user-defined ones, the byte and
+        unknown ids (`_find` answers already)."""
+        self._data, self._scores = data, scores
+        self._offsets, self._kinds = _ints(offsets, "I"), _ints(types, "i")
         self._user_defined = {self._bytes(int(i)).decode("utf-8", "replace").replace(" ", SPACE): int(i)
                               for i in np.flatnonzero(types == USER_DEFINED)}  # fmt: skip
         self._user_lengths = sorted({len(p) for p in self._user_defined}, reverse=True)
         self._user_starts = {p[0] for p in self._user_defined if p}
         self._byte_ids = [self._find(f"<0x{b:02X}>".encode(), (BYTE,)) for b in range(256)]
+        unknown = np.flatnonzero(types == UNKNOWN)
+        # as `tokenizer._sentencepiece_proto` names it: the UNKNOWN piece, else "<unk>", else id 3
+        named = self._find(b"<unk>", tuple(range(7)))
+        self.unk_id = int(unknown[0]) if len(unknown) else (3 if named is None else named)
 
     def _bytes(self, i: int) -> bytes:
         """Piece i's bytes as the file stores them."""
@@ -228,6 +235,26 @@ class SentencePieceBPE:
         return self.unk_id if found is None else found
 
 
+class NativeSentencePieceBPE(SentencePieceBPE):
+    """The same answers from csrc/bpe.c (`kernels/bpe.Vocabulary`): the merge loop, the
+    lookups and decoding in C over the mapped pieces."""
+
+    def __init__(self, data: memoryview, vocabulary, scores: np.ndarray, types: np.ndarray):
+        self._native = vocabulary
+        self._setup(data, vocabulary.offsets, scores, types)
+        user_pieces = {piece.encode(): i for piece, i in self._user_defined.items()}
+        vocabulary.set_pieces(user_pieces, self._byte_ids, self.unk_id)
+
+    def _find(self, piece: bytes, kinds: tuple[int, ...]) -> int | None:
+        return self._native.find(piece, bpe.kinds_mask(kinds))
+
+    def encode_as_ids(self, text: str) -> list[int]:
+        return self._native.encode(text.replace(" ", SPACE).encode()) if text else []
+
+    def decode_ids(self, ids) -> str:
+        return self._native.decode(ids)
+
+
 def _utf8_or_replacement(data: bytes) -> str:
     """Bytes as UTF-8 text, each byte of an invalid sequence as U+FFFD (sentencepiece's
     ProcessBytePieces), not Python's one U+FFFD per maximal invalid run."""
@@ -246,9 +273,10 @@ def _utf8_or_replacement(data: bytes) -> str:
     return "".join(out)
 
 
-def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
+def build(metadata, source: str = "GGUF", native: bool = True) -> SentencePieceBPE | None:
     """The backend over a GGUF header's SentencePiece vocabulary (`GGUFMetadata`), or None
-    where SentencePiece itself must run it (unused pieces, a non-array or odd layout)."""
+    where SentencePiece itself must run it (unused pieces, a non-array or odd layout): csrc/bpe.c
+    where the kernels build (and `native`), else the Python one over its cached index."""
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
     if not hasattr(metadata, "array_bytes") or any(k not in metadata for k in keys):
         return None
@@ -261,6 +289,12 @@ def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
     types = np.frombuffer(type_bytes, dtype="<i4")
     if (types == UNUSED).any() or (types == UNKNOWN).sum() > 1:
         return None
+    lib = bpe.library() if native else None
+    if lib is not None:
+        try:
+            return NativeSentencePieceBPE(data, bpe.Vocabulary(lib, data, scores, types), scores, types)
+        except ValueError:
+            return None
     table = tokenizer_cache.read_index(metadata, count)
     if table is None:
         try:
@@ -268,8 +302,4 @@ def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
         except ValueError:
             return None
         tokenizer_cache.write_index(metadata, table, source)
-    backend = SentencePieceBPE(data, table, scores, types, unk_id=0)
-    unknown = np.flatnonzero(types == UNKNOWN)
-    # as `_sentencepiece_proto` names it: the UNKNOWN piece, else "<unk>", else id 3
-    backend.unk_id = int(unknown[0]) if len(unknown) else (backend._find(b"<unk>", tuple(range(7))) or 3)
-    return backend
+    return SentencePieceBPE(data, table, scores, types)
