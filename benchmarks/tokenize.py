@@ -99,13 +99,15 @@ def measure(metadata, runs: int, python_runs: int) -> list[dict]:
     for text_name, text in sample.items():
         ids = found["SentencePiece"].encode_as_ids(text)
         for name, backend in found.items():
-            if backend.encode_as_ids(text) != ids or backend.decode_ids(ids) != found["SentencePiece"].decode_ids(ids):
+            if backend.encode_as_ids(text) != ids or backend.decode_ids(ids) != found[
+                "SentencePiece"
+            ].decode_ids(ids):
                 sys.exit(f"{name} does not give SentencePiece's ids or text on the {text_name}")
         for name, backend in found.items():  # one backend's rounds after another, interleaved per text
             n = python_runs if name == "in place, Python" else runs
             row = {"text": text_name, "backend": name, "tokens": len(ids), "chars": len(text)}
-            row["encode_ms"] = median_seconds(lambda b=backend: b.encode_as_ids(text), n) * 1e3
-            row["decode_ms"] = median_seconds(lambda b=backend: b.decode_ids(ids), n) * 1e3
+            row["encode_ms"] = median_seconds(lambda b=backend, t=text: b.encode_as_ids(t), n) * 1e3
+            row["decode_ms"] = median_seconds(lambda b=backend, i=ids: b.decode_ids(i), n) * 1e3
             if text_name == "512 prompt":
                 row["stream_us_per_token"] = stream_seconds(backend, ids, n) * 1e6
             rows.append(row)
@@ -179,7 +181,9 @@ def print_tables(rows: list[dict], fresh: list[dict]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15, help="calls per measurement (median)")
-    parser.add_argument("--python-runs", type=int, default=3, help="calls per measurement of the Python backend")
+    parser.add_argument(
+        "--python-runs", type=int, default=3, help="calls per measurement of the Python backend"
+    )
     parser.add_argument("--fresh-runs", type=int, default=5, help="fresh processes per time-to-first-use row")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEnc
 - while two neighbouring symbols concatenate to a piece (normal, user-defined or unused), the
   pair of the highest score is merged (ties: the leftmost pair);
 - a final symbol is its piece's id, or, outside the vocabulary, its UTF-8 bytes as <0xNN>
-  pieces (byte fallback), else the unknown id.
+  pieces (byte fallback), else the unknown id (one for a run of such symbols).
 
 Decoding writes "▁" as a space and runs of byte pieces as the UTF-8 they spell (an invalid
 byte as U+FFFD, as SentencePiece does); control and unknown pieces are the `Tokenizer`'s
@@ -185,17 +185,20 @@ class SentencePieceBPE:
             add_pair(prev[left], left)
             add_pair(left, nxt[left])
         ids: list[int] = []
+        fallback, unknown = all(b is not None for b in self._byte_ids), False
         for symbol in symbols:
             if not symbol:
                 continue
             found = self._piece_id(symbol)
-            if found is not None:
+            if found is None and fallback:
+                ids += [self._byte_ids[b] for b in symbol.encode()]
+                unknown = False
+                continue
+            found = self.unk_id if found is None else found
+            # sentencepiece_processor.cc writes a run of unknown symbols as one unknown id
+            if not (unknown and found == self.unk_id):
                 ids.append(found)
-            elif all(b is not None for b in self._byte_ids):
-                raw = symbol.encode()
-                ids += [self._byte_ids[b] for b in raw]
-            else:
-                ids.append(self.unk_id)
+            unknown = found == self.unk_id
         return ids
 
     # --- decoding --------------------------------------------------------------------------

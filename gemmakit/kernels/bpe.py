@@ -51,7 +51,11 @@ class Vocabulary:
         vocab.strings, vocab.scores, vocab.types, vocab.count = (
             self._strings.ctypes.data, self._scores.ctypes.data, self._types.ctypes.data, count,
         )  # fmt: skip
-        vocab.offsets, vocab.slots, vocab.slot_count = self.offsets.ctypes.data, self._slots.ctypes.data, len(self._slots)
+        vocab.offsets, vocab.slots, vocab.slot_count = (
+            self.offsets.ctypes.data,
+            self._slots.ctypes.data,
+            len(self._slots),
+        )
         vocab.byte_ids[:] = [-1] * 256
         self._vocab, self._ref = vocab, ctypes.byref(vocab)
         # decoding's output buffer, kept: a text stream decodes each token, and a call that
@@ -90,7 +94,9 @@ class Vocabulary:
         outside the vocabulary."""
         n = len(ids)
         # a short list straight into a ctypes array, a longer one through array.array (faster from 16 on)
-        ids = (ctypes.c_int32 * n)(*ids) if n <= 8 else (ctypes.c_int32 * n).from_buffer(array.array("i", ids))
+        ids = (
+            (ctypes.c_int32 * n)(*ids) if n <= 8 else (ctypes.c_int32 * n).from_buffer(array.array("i", ids))
+        )
         with self._lock:  # the kept buffer is one call's at a time
             out = self._out
             if len(out) < _GUESS_BYTES_PER_ID * n:

@@ -11,7 +11,7 @@
  * SymbolPairComparator), pairs that went stale since they were queued skipped as it skips
  * them. A final symbol is PieceToId's answer (control, unknown and byte pieces first), or
  * its UTF-8 bytes as <0xNN> pieces (sentencepiece_processor.cc's byte fallback), or the
- * unknown id. Symbols are ranges of the text, so a pair's piece is the text's bytes from the
+ * unknown id (once for a run of such symbols, as sentencepiece_processor.cc merges them). Symbols are ranges of the text, so a pair's piece is the text's bytes from the
  * left symbol's start: a lookup hashes them where they lie.
  *
  * Lookups: every piece hashed by its bytes into an open-addressing table (linear probing,
@@ -289,20 +289,24 @@ static int32_t split(const BpeVocab *v, const uint8_t *text, int64_t n, Symbol *
     return count;
 }
 
-/* a final symbol's ids into ids: PieceToId's, else byte fallback, else the unknown id */
-static int64_t emit(const BpeVocab *v, const uint8_t *piece, const Symbol *s, int fallback, int32_t *ids) {
+/* a final symbol's ids into ids (the count): PieceToId's, else its bytes' pieces (byte
+ * fallback), else the unknown id, which sentencepiece_processor.cc writes once for a run of
+ * unknown symbols (`unknown`: whether the ids so far end in one) */
+static int64_t emit(const BpeVocab *v, const uint8_t *piece, const Symbol *s, int fallback, int *unknown,
+                    int32_t *ids) {
     int64_t id = find(v, piece, s->size, RESERVED);
     if (id < 0) id = s->id >= 0 ? s->id : mergeable(v, piece, s->size);
-    if (id >= 0) {
-        ids[0] = (int32_t)id;
-        return 1;
+    if (id < 0 && fallback) {
+        for (int32_t b = 0; b < s->size; b++) ids[b] = v->byte_ids[piece[b]];
+        *unknown = 0;
+        return s->size;
     }
-    if (!fallback) {
-        ids[0] = v->unk_id;
-        return 1;
-    }
-    for (int32_t b = 0; b < s->size; b++) ids[b] = v->byte_ids[piece[b]];
-    return s->size;
+    if (id < 0) id = v->unk_id;
+    int run = *unknown && id == v->unk_id;
+    *unknown = id == v->unk_id;
+    if (run) return 0;
+    ids[0] = (int32_t)id;
+    return 1;
 }
 
 /* Whether no merge can join symbol i to the one before it, so the symbols before and from i
@@ -352,8 +356,9 @@ int64_t bpe_encode(const BpeVocab *v, const uint8_t *text, int64_t n, int32_t *i
     int fallback = 1; /* sentencepiece_processor.cc: byte fallback where the model has all 256 */
     for (int b = 0; b < 256; b++) fallback &= v->byte_ids[b] >= 0;
     out = 0;
+    int unknown = 0;
     for (int32_t i = 0; i < count; i++) /* merges keep the left symbol: the survivors in order */
-        if (s[i].size) out += emit(v, text + s[i].start, &s[i], fallback, ids + out);
+        if (s[i].size) out += emit(v, text + s[i].start, &s[i], fallback, &unknown, ids + out);
 done:
     free(q.items);
     free(s);
