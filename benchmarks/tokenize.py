@@ -16,9 +16,11 @@ each alike; "stream" is what a text stream pays a generated token: the decode of
 with the one before it (`inference/text_stream.py` decodes the new token with its context), in
 microseconds per token over the prompt's ids.
 
-Then time to first use, each in `--fresh-runs` fresh processes: parse the GGUF header, build
-the tokenizer, encode "Hi" (SentencePiece's model proto read from gemmakit's cache, built by a
-first untimed process), with the process's peak RSS after it. Prints a table (or `--json`).
+Then time to first use, each in `--fresh-runs` fresh processes (torch never imported): import,
+parse the GGUF header, build the tokenizer, encode "Hi", with the resident memory the build
+added and the process's peak; the Python backend (`GEMMAKIT_NO_C_KERNELS=1`) reads its index
+and SentencePiece its model proto from gemmakit's cache, which a first untimed process fills.
+Prints tables (or `--json`).
 """
 
 from __future__ import annotations
@@ -116,44 +118,49 @@ def measure(metadata, runs: int, python_runs: int) -> list[dict]:
 
 FIRST_USE = """
 import resource, sys, time
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 start = time.perf_counter()
 from gemmakit.formats.gguf import GGUFFile
 from gemmakit.formats.tokenizer import Tokenizer
 from gemmakit.model_source import resolve
 imported = time.perf_counter()
 g = GGUFFile(resolve(None).path)
-header = time.perf_counter()
+header, before = time.perf_counter(), rss_mib()
 tok = Tokenizer.from_gguf_metadata(g.metadata, "bundled", in_place=sys.argv[1] == "in-place")
-built = time.perf_counter()
+built, after = time.perf_counter(), rss_mib()
 tok.encode("Hi")
 done = time.perf_counter()
-assert "torch" not in sys.modules or sys.argv[1] != "in-place"
-print(imported - start, header - imported, built - header, done - built,
+assert "torch" not in sys.modules
+print(imported - start, header - imported, built - header, done - built, after - before,
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
+
+FRESH = (
+    ("in place, C", "in-place", {}),
+    ("in place, Python", "in-place", {"GEMMAKIT_NO_C_KERNELS": "1"}),  # its index from the cache
+    ("SentencePiece", "sentencepiece", {}),  # its model proto from the cache
+)
 
 
 def first_use(runs: int) -> list[dict]:
     """Median seconds of each step to a first encode in fresh processes, per tokenizer."""
+    import os
+
     import gemmakit
 
     rows, root = [], Path(gemmakit.__file__).parents[1]  # the children import the same gemmakit
-    for name, how in (("in place, C", "in-place"), ("SentencePiece", "sentencepiece")):
-        command = [sys.executable, "-c", FIRST_USE, how]
-        subprocess.run(command, check=True, capture_output=True, cwd=root)  # fills the caches
+    for name, how, env in FRESH:
+        command, env = [sys.executable, "-c", FIRST_USE, how], {**os.environ, **env}
+        subprocess.run(command, check=True, capture_output=True, cwd=root, env=env)  # fills the caches
         samples = []
         for _ in range(runs):
-            out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=root)
+            out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=root, env=env)
             samples.append([float(x) for x in out.stdout.split()])
-        columns = list(zip(*samples))
-        rows.append({
-            "backend": name,
-            "import_s": statistics.median(columns[0]),
-            "header_s": statistics.median(columns[1]),
-            "tokenizer_s": statistics.median(columns[2]),
-            "first_encode_s": statistics.median(columns[3]),
-            "peak_rss_mib": statistics.median(columns[4]),
-        })  # fmt: skip
+        columns = [statistics.median(c) for c in zip(*samples)]
+        keys = ("import_s", "header_s", "tokenizer_s", "first_encode_s", "tokenizer_rss_mib", "peak_rss_mib")
+        rows.append({"backend": name, **dict(zip(keys, columns))})
     return rows
 
 
@@ -171,11 +178,12 @@ def print_tables(rows: list[dict], fresh: list[dict]) -> None:
         print(f"{text}: C / SentencePiece time: encode {c['encode_ms'] / sp['encode_ms']:.2f}x, "
               f"decode {c['decode_ms'] / sp['decode_ms']:.2f}x")  # fmt: skip
     print()
-    print("| fresh process | import | GGUF header | tokenizer | first encode | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| fresh process | import | GGUF header | tokenizer | first encode | tokenizer RSS | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     for r in fresh:
         print(f"| {r['backend']} | {r['import_s'] * 1e3:.1f} ms | {r['header_s'] * 1e3:.1f} ms | "
-              f"{r['tokenizer_s'] * 1e3:.1f} ms | {r['first_encode_s'] * 1e3:.2f} ms | {r['peak_rss_mib']:.1f} MiB |")  # fmt: skip
+              f"{r['tokenizer_s'] * 1e3:.1f} ms | {r['first_encode_s'] * 1e3:.2f} ms | "
+              f"{r['tokenizer_rss_mib']:.1f} MiB | {r['peak_rss_mib']:.1f} MiB |")  # fmt: skip
 
 
 def main(argv=None) -> None:

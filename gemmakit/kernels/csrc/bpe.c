@@ -108,13 +108,22 @@ int64_t bpe_index(BpeVocab *v, int64_t size) {
     uint64_t mask = (uint64_t)v->slot_count - 1;
     memset(v->slots, 0, (size_t)v->slot_count * sizeof *v->slots);
     memset(v->joined_before_space, 0, sizeof v->joined_before_space);
-    for (int64_t i = 0; i < v->count; i++) {
-        int64_t n;
-        const uint8_t *p = piece_bytes(v, i, &n);
-        if (type_in(v, i, MERGEABLE)) mark_joins(v, p, n);
-        uint64_t h = piece_hash(p, n), s = h & mask;
-        while (v->slots[s]) s = (s + 1) & mask;
-        v->slots[s] = slot_tag(h, bits) | (uint32_t)(i + 1);
+    enum { AHEAD = 32 }; /* hashes computed and their slots fetched this many pieces ahead */
+    uint64_t hashes[AHEAD];
+    for (int64_t first = 0; first < v->count; first += AHEAD) {
+        int64_t last = first + AHEAD < v->count ? first + AHEAD : v->count;
+        for (int64_t i = first; i < last; i++) {
+            int64_t n;
+            const uint8_t *p = piece_bytes(v, i, &n);
+            if (type_in(v, i, MERGEABLE)) mark_joins(v, p, n);
+            hashes[i - first] = piece_hash(p, n);
+            __builtin_prefetch(&v->slots[hashes[i - first] & mask], 1);
+        }
+        for (int64_t i = first; i < last; i++) { /* in id order: the lowest id of a piece is met first */
+            uint64_t h = hashes[i - first], s = h & mask;
+            while (v->slots[s]) s = (s + 1) & mask;
+            v->slots[s] = slot_tag(h, bits) | (uint32_t)(i + 1);
+        }
     }
     return 0;
 }
