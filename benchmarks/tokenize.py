@@ -17,8 +17,9 @@ with the one before it (`inference/text_stream.py` decodes the new token with it
 microseconds per token over the prompt's ids.
 
 Then time to first use, each in `--fresh-runs` fresh processes (torch never imported): import,
-parse the GGUF header, build the tokenizer, encode "Hi", with the resident memory the build
-added and the process's peak; the Python backend (`GEMMAKIT_NO_C_KERNELS=1`) reads its index
+parse the GGUF header, load the kernels library (plain `generate` loads it for its C step
+before the tokenizer; none under `GEMMAKIT_NO_C_KERNELS`), build the tokenizer, encode "Hi",
+with the resident memory the build added and the process's peak; the Python backend (`GEMMAKIT_NO_C_KERNELS=1`) reads its index
 and SentencePiece its model proto from gemmakit's cache, which a first untimed process fills.
 Prints tables (or `--json`).
 """
@@ -117,24 +118,27 @@ def measure(metadata, runs: int, python_runs: int) -> list[dict]:
 
 
 FIRST_USE = """
-import resource, sys, time
-def rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+import sys, time
+def status_mib(key):
+    with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss keeps the parent's)
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
 start = time.perf_counter()
 from gemmakit.formats.gguf import GGUFFile
 from gemmakit.formats.tokenizer import Tokenizer
+from gemmakit.kernels import bpe
 from gemmakit.model_source import resolve
 imported = time.perf_counter()
 g = GGUFFile(resolve(None).path)
-header, before = time.perf_counter(), rss_mib()
+header = time.perf_counter()
+bpe.library()  # loaded before the tokenizer, as plain generate loads it for the C step
+library, before = time.perf_counter(), status_mib("VmRSS:")
 tok = Tokenizer.from_gguf_metadata(g.metadata, "bundled", in_place=sys.argv[1] == "in-place")
-built, after = time.perf_counter(), rss_mib()
+built, after = time.perf_counter(), status_mib("VmRSS:")
 tok.encode("Hi")
 done = time.perf_counter()
 assert "torch" not in sys.modules
-print(imported - start, header - imported, built - header, done - built, after - before,
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(imported - start, header - imported, library - header, built - library, done - built, after - before,
+      status_mib("VmHWM:"))
 """
 
 FRESH = (
@@ -159,7 +163,8 @@ def first_use(runs: int) -> list[dict]:
             out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=root, env=env)
             samples.append([float(x) for x in out.stdout.split()])
         columns = [statistics.median(c) for c in zip(*samples)]
-        keys = ("import_s", "header_s", "tokenizer_s", "first_encode_s", "tokenizer_rss_mib", "peak_rss_mib")
+        keys = ("import_s", "header_s", "library_s", "tokenizer_s", "first_encode_s", "tokenizer_rss_mib",
+                "peak_rss_mib")  # fmt: skip
         rows.append({"backend": name, **dict(zip(keys, columns))})
     return rows
 
@@ -178,10 +183,12 @@ def print_tables(rows: list[dict], fresh: list[dict]) -> None:
         print(f"{text}: C / SentencePiece time: encode {c['encode_ms'] / sp['encode_ms']:.2f}x, "
               f"decode {c['decode_ms'] / sp['decode_ms']:.2f}x")  # fmt: skip
     print()
-    print("| fresh process | import | GGUF header | tokenizer | first encode | tokenizer RSS | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| fresh process | import | GGUF header | kernels library | tokenizer | first encode | tokenizer RSS "
+          "| peak RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in fresh:
         print(f"| {r['backend']} | {r['import_s'] * 1e3:.1f} ms | {r['header_s'] * 1e3:.1f} ms | "
+              f"{r['library_s'] * 1e3:.1f} ms | "
               f"{r['tokenizer_s'] * 1e3:.1f} ms | {r['first_encode_s'] * 1e3:.2f} ms | "
               f"{r['tokenizer_rss_mib']:.1f} MiB | {r['peak_rss_mib']:.1f} MiB |")  # fmt: skip
 

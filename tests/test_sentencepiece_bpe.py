@@ -105,18 +105,33 @@ def test_named_ids_and_pieces_equal_sentencepiece(vocabularies):
     assert in_place.apply_chat_template(chat) == reference.apply_chat_template(chat)
 
 
-def test_the_index_is_cached_and_rebuilt_when_damaged(vocabularies, tmp_path, monkeypatch):
-    # the Python backend's index (the C one builds its own in milliseconds, nothing cached)
+@pytest.mark.parametrize("native", [True, False])
+def test_the_index_is_cached_and_rebuilt_when_damaged(native):
     from gemmakit.formats import tokenizer_cache
+    from gemmakit.kernels import bpe
 
     g = GGUFFile(default_gguf())
-    first = sentencepiece_bpe.build(g.metadata, native=False)  # the session cache holds its index now
-    folder = tokenizer_cache._index_folder(g.metadata)
-    assert (folder / tokenizer_cache.INDEX_FILE).exists()
-    (folder / tokenizer_cache.INDEX_FILE).write_bytes(b"damaged")
-    again = sentencepiece_bpe.build(g.metadata, native=False)
-    assert again.encode_as_ids("Hello there") == first.encode_as_ids("Hello there")
-    assert tokenizer_cache.read_index(g.metadata, again.GetPieceSize()) is not None
+    count = len(g.metadata["tokenizer.ggml.token_type"])
+    prefix, shape = tokenizer_cache.PYTHON_INDEX, (3, count + 1)
+    if native:
+        prefix, shape = tokenizer_cache.C_INDEX, (bpe.index_words(bpe.library(), count),)
+    first = sentencepiece_bpe.build(g.metadata, native=native)  # the session cache holds its index now
+    assert isinstance(first, sentencepiece_bpe.NativeSentencePieceBPE) == native
+    path = tokenizer_cache._index_folder(g.metadata, prefix) / tokenizer_cache.INDEX_FILE
+    assert path.exists()
+    if native:
+        assert not sentencepiece_bpe.build(g.metadata)._native.built  # read back, checked
+        good = np.load(path)
+        for at, value in ((100, good[100] + 1), (count + 1 + 5, 0xFFFFFFFF), (count + 1 + 7, 1 << 31)):
+            table = good.copy()
+            table[at] = value  # an offset that does not fit the pieces, a slot of no piece
+            np.save(path, table)
+            assert sentencepiece_bpe.build(g.metadata)._native.built  # refused: built again
+            assert not sentencepiece_bpe.build(g.metadata)._native.built
+    path.write_bytes(b"damaged")
+    again = sentencepiece_bpe.build(g.metadata, native=native)
+    assert again.encode_as_ids("Hello there") == first.encode_as_ids("Hello there") == [9259, 993]
+    assert tokenizer_cache.read_index(g.metadata, shape, prefix) is not None
 
 
 # --- csrc/bpe.c against the Python backend and SentencePiece -----------------------------------

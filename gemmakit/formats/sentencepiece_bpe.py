@@ -48,7 +48,8 @@ def index(data: memoryview, count: int) -> np.ndarray:
     piece's offset in `data` (and the end), the pieces' keys (CRC-32: stable across
     processes, unlike Python's `hash`; a key's pieces are compared byte for byte) sorted, and
     the ids in that order (equal keys: the lower id first). One pass (~0.2 s for 262k
-    pieces), kept in the tokenizer cache (`tokenizer_cache.read_index`)."""
+    pieces), kept in the tokenizer cache (`tokenizer_cache.read_index`); the Python
+    backend's (csrc/bpe.c builds its own)."""
     offsets = np.empty(count + 1, dtype=np.int64)
     keys = np.empty(count, dtype=np.int64)
     unpack, at = struct.Struct("<Q").unpack_from, 0
@@ -279,7 +280,8 @@ def _utf8_or_replacement(data: bytes) -> str:
 def build(metadata, source: str = "GGUF", native: bool = True) -> SentencePieceBPE | None:
     """The backend over a GGUF header's SentencePiece vocabulary (`GGUFMetadata`), or None
     where SentencePiece itself must run it (unused pieces, a non-array or odd layout): csrc/bpe.c
-    where the kernels build (and `native`), else the Python one over its cached index."""
+    where the kernels build (and `native`), else the Python one; each over its index, read
+    from the tokenizer cache or built and kept there."""
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
     if not hasattr(metadata, "array_bytes") or any(k not in metadata for k in keys):
         return None
@@ -294,11 +296,16 @@ def build(metadata, source: str = "GGUF", native: bool = True) -> SentencePieceB
         return None
     lib = bpe.library() if native else None
     if lib is not None:
+        shape = (bpe.index_words(lib, count),)
+        cached = tokenizer_cache.read_index(metadata, shape, tokenizer_cache.C_INDEX, mapped=True)
         try:
-            return NativeSentencePieceBPE(data, bpe.Vocabulary(lib, data, scores, types), scores, types)
+            vocabulary = bpe.Vocabulary(lib, data, scores, types, cached)
         except ValueError:
             return None
-    table = tokenizer_cache.read_index(metadata, count)
+        if vocabulary.built:
+            tokenizer_cache.write_index(metadata, vocabulary.index, source, tokenizer_cache.C_INDEX)
+        return NativeSentencePieceBPE(data, vocabulary, scores, types)
+    table = tokenizer_cache.read_index(metadata, (3, count + 1))
     if table is None:
         try:
             table = index(data, count)

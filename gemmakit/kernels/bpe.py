@@ -17,6 +17,8 @@ from gemmakit.kernels import bindings, build
 _KEPT_OUTPUT = 1 << 16
 # Room for a text's bytes, per token: Gemma 3's pieces average ~5 (English, code)
 _GUESS_BYTES_PER_ID = 8
+# BpeVocab.joined_before_space's 32 bytes, as index words
+_JOINED_WORDS = 8
 
 
 @functools.cache
@@ -30,39 +32,56 @@ def kinds_mask(kinds) -> int:
     return sum(1 << k for k in set(kinds))
 
 
+def index_words(lib, count: int) -> int:
+    """uint32 words of a vocabulary's index (`Vocabulary.index`) for `count` pieces."""
+    return count + 1 + lib.bpe_slot_count(count) + _JOINED_WORDS
+
+
 class Vocabulary:
     """A GGUF's pieces (`strings`: the file's tokenizer.ggml.tokens array as stored, `scores`
-    float32 and `types` int32 arrays over the mapped file) indexed by csrc/bpe.c: ~1 MB of
-    offsets (`offsets`, each piece's length field in `strings`, then the end) and a 2 MB hash
-    table for Gemma 3's 262k pieces, built in C at each load (milliseconds), so nothing is
-    cached on disk. Raises ValueError where the array does not hold `len(types)` strings.
-    `find` answers at once; encoding waits for `set_pieces`."""
+    float32 and `types` int32 arrays over the mapped file) indexed by csrc/bpe.c: `index`,
+    uint32 words (`index_words`) holding each piece's offset in `strings` and the end
+    (`offsets`), the pieces' hash table and `joined_before_space` (3 MB for Gemma 3's 262k
+    pieces). `cached` is one read back (`built` False, or mapped: C only reads it) where it
+    fits the pieces, else it is built (`built` True: worth keeping). Raises ValueError where the array does not hold
+    `len(types)` strings. `find` answers at once; encoding waits for `set_pieces`."""
 
-    def __init__(self, lib, strings, scores: np.ndarray, types: np.ndarray):
+    def __init__(self, lib, strings, scores: np.ndarray, types: np.ndarray, cached: np.ndarray | None = None):
         count = len(types)
         self.lib = lib
         # the buffers C reads: the file's own (kept alive here) and the index
         self._strings = np.frombuffer(strings, dtype=np.uint8)
         self._scores = np.ascontiguousarray(scores, dtype=np.float32)
         self._types = np.ascontiguousarray(types, dtype=np.int32)
-        self.offsets = np.empty(count + 1, dtype=np.uint32)
-        self._slots = np.empty(lib.bpe_slot_count(count), dtype=np.uint32)
         vocab = bindings.declarations().structs["BpeVocab"]()
         vocab.strings, vocab.scores, vocab.types, vocab.count = (
             self._strings.ctypes.data, self._scores.ctypes.data, self._types.ctypes.data, count,
         )  # fmt: skip
-        vocab.offsets, vocab.slots, vocab.slot_count = (
-            self.offsets.ctypes.data,
-            self._slots.ctypes.data,
-            len(self._slots),
-        )
+        vocab.slot_count = lib.bpe_slot_count(count)
         vocab.byte_ids[:] = [-1] * 256
         self._vocab, self._ref = vocab, ctypes.byref(vocab)
         # decoding's output buffer, kept: a text stream decodes each token, and a call that
         # allocates its own costs as much as the decoding
         self._out, self._lock = (ctypes.c_char * 4096)(), threading.Lock()
-        if lib.bpe_index(self._ref, len(self._strings)) != 0:
-            raise ValueError("the vocabulary's strings do not hold its pieces (or pass 4 GB)")
+        words = index_words(lib, count)
+        if cached is not None and cached.shape == (words,) and cached.dtype == np.uint32:
+            self._use_index(cached)
+            self.built = lib.bpe_check_index(self._ref, len(self._strings)) != 0
+        else:
+            self.built = True
+        if self.built:
+            self._use_index(np.empty(words, dtype=np.uint32))
+            if lib.bpe_index(self._ref, len(self._strings)) != 0:
+                raise ValueError("the vocabulary's strings do not hold its pieces (or pass 4 GB)")
+            self.index[-_JOINED_WORDS:] = np.frombuffer(bytes(vocab.joined_before_space), dtype=np.uint32)
+        else:
+            vocab.joined_before_space[:] = self.index[-_JOINED_WORDS:].tobytes()
+
+    def _use_index(self, index: np.ndarray) -> None:
+        """Points the vocabulary at `index` (bpe_index fills it, or a cached one holds it)."""
+        count, vocab = self._vocab.count, self._vocab
+        self.index, self.offsets = index, index[: count + 1]
+        vocab.offsets, vocab.slots = self.offsets.ctypes.data, index[count + 1 :].ctypes.data
 
     def set_pieces(self, user_pieces: dict[bytes, int], byte_ids: list[int | None], unk_id: int) -> None:
         """The user-defined pieces as SentencePiece holds them (spaces escaped) with their

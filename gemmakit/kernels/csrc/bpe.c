@@ -128,6 +128,22 @@ int64_t bpe_index(BpeVocab *v, int64_t size) {
     return 0;
 }
 
+int64_t bpe_check_index(const BpeVocab *v, int64_t size) {
+    if (v->slot_count != bpe_slot_count(v->count) || v->offsets[0] != 0 || v->offsets[v->count] > (uint64_t)size)
+        return -1;
+    for (int64_t i = 0; i < v->count; i++) {
+        uint64_t n, at = v->offsets[i];
+        if (v->offsets[i + 1] < at + 8) return -1;
+        memcpy(&n, v->strings + at, 8);
+        if (n != v->offsets[i + 1] - at - 8) return -1;
+    }
+    int bits = id_bits(v->count);
+    uint32_t low = bits >= 32 ? 0xffffffffu : (1u << bits) - 1;
+    for (int64_t s = 0; s < v->slot_count; s++)
+        if ((v->slots[s] & low) > (uint64_t)v->count || (v->slots[s] && !(v->slots[s] & low))) return -1;
+    return 0;
+}
+
 static int64_t find(const BpeVocab *v, const uint8_t *piece, int64_t n, uint32_t kinds) {
     int bits = id_bits(v->count);
     uint64_t h = piece_hash(piece, n), mask = (uint64_t)v->slot_count - 1;

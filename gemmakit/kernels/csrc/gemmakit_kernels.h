@@ -235,6 +235,10 @@ GEMMAKIT_API int64_t bpe_slot_count(int64_t count);
 /* fills offsets and slots from strings (size bytes); 0, or -1 where a piece runs past the end
  * or the strings pass 4 GB */
 GEMMAKIT_API int64_t bpe_index(BpeVocab *v, int64_t size);
+/* 0 where offsets and slots (an index bpe_index built, read back from a cache) fit strings
+ * (size bytes) and count: every piece within strings, its length field its size, every slot's
+ * id a piece; else -1 (a damaged index: built again) */
+GEMMAKIT_API int64_t bpe_check_index(const BpeVocab *v, int64_t size);
 GEMMAKIT_API int64_t bpe_trie_words(int64_t total_bytes);
 /* the n user-defined pieces, piece i the bytes [ends[i - 1], ends[i]) of pieces (ends[-1] = 0)
  * with id ids[i] (a later piece of the same bytes replaces an earlier one), into v->trie */
