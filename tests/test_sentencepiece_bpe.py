@@ -5,8 +5,11 @@ and so on a small made-up vocabulary whose pieces join across spaces, repeat, an
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,3 +275,16 @@ def test_repeated_pieces_give_the_lowest_id_in_c_and_python():
         assert native.PieceToId(piece) == python.PieceToId(piece)
     for text in _made_up_texts(3):
         assert native.encode_as_ids(text) == python.encode_as_ids(text), text
+
+
+def test_a_lone_surrogate_is_a_one_line_error(vocabularies, python_backend):
+    from gemmakit.errors import GemmakitError
+
+    for backend in (vocabularies[1].backend, python_backend):
+        with pytest.raises(GemmakitError, match=r"'\\udce9' at character 3, not a Unicode character"):
+            backend.encode_as_ids("caf\udce9 au lait")
+    # a command-line byte that is not UTF-8 reaches the torch-free generate as one
+    command = [os.fsencode(sys.executable), b"-m", b"gemmakit.cli", b"generate", b"caf\xe9"]
+    out = subprocess.run(command, capture_output=True)
+    assert out.returncode != 0
+    assert b"Traceback" not in out.stderr and b"not a Unicode character" in out.stderr

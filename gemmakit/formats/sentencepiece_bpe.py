@@ -31,6 +31,7 @@ import zlib
 
 import numpy as np
 
+from gemmakit.errors import GemmakitError
 from gemmakit.formats import tokenizer_cache
 from gemmakit.kernels import bpe
 
@@ -156,6 +157,7 @@ class SentencePieceBPE:
     def encode_as_ids(self, text: str) -> list[int]:
         if not text:
             return []
+        _utf8(text)
         symbols, frozen = self._symbols(text.replace(" ", SPACE))
         n = len(symbols)
         prev, nxt = list(range(-1, n - 1)), [*range(1, n), -1]
@@ -253,10 +255,22 @@ class NativeSentencePieceBPE(SentencePieceBPE):
         return self._native.find(piece, bpe.kinds_mask(kinds))
 
     def encode_as_ids(self, text: str) -> list[int]:
-        return self._native.encode(text.replace(" ", SPACE).encode()) if text else []
+        return self._native.encode(_utf8(text.replace(" ", SPACE))) if text else []
 
     def decode_ids(self, ids) -> str:
         return self._native.decode(ids)
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8; a GemmakitError where it holds a lone surrogate (Python's stand-in for
+    a command-line byte that is not UTF-8), which no tokenizer can read."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as e:
+        raise GemmakitError(
+            f"the text holds {text[e.start]!r} at character {e.start}, not a Unicode character "
+            "(a byte that is not UTF-8?)"
+        ) from None
 
 
 def _utf8_or_replacement(data: bytes) -> str:
