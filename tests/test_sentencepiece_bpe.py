@@ -219,8 +219,9 @@ def _made_up_vocabulary(
     with distinct random scores, U+2581 inside them (joining across spaces) only after a
     character of `joined` (elsewhere csrc/bpe.c merges the text's parts apart)."""
     rng = random.Random(seed)
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start>"]
-    types = [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL]
+    # "q": a control piece the text can hold, which SentencePiece's PieceToId finds first
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start>", "q"]
+    types = [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL, CONTROL]
     user = ["\n", "  ", "   ", "<x>", "a c", "日日", "> <"]
     pieces += user + list(ALPHABET)
     types += [USER_DEFINED] * len(user) + [NORMAL] * len(ALPHABET)
@@ -246,7 +247,7 @@ def _made_up_vocabulary(
 
 def _made_up_texts(seed: int, count: int = 400) -> list[str]:
     rng = random.Random(seed)
-    letters = ALPHABET.replace("\u2581", "") + "   \nz😀"
+    letters = ALPHABET.replace("\u2581", "") + "   \nzq😀"
     return ["".join(rng.choice(letters) for _ in range(rng.randrange(0, 60))) for _ in range(count)]
 
 

@@ -12,8 +12,9 @@ prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEnc
   starts at a character is taken whole (the longest one), frozen;
 - while two neighbouring symbols concatenate to a piece (normal, user-defined or unused), the
   pair of the highest score is merged (ties: the leftmost pair);
-- a final symbol is its piece's id, or, outside the vocabulary, its UTF-8 bytes as <0xNN>
-  pieces (byte fallback), else the unknown id (one for a run of such symbols).
+- a final symbol is its piece's id (never a control piece's: SentencePiece encodes one as
+  unknown), or, outside the vocabulary, its UTF-8 bytes as <0xNN> pieces (byte fallback),
+  else the unknown id (one for a run of such symbols).
 
 Decoding writes "▁" as a space and runs of byte pieces as the UTF-8 they spell (an invalid
 byte as U+FFFD, as SentencePiece does); control and unknown pieces are the `Tokenizer`'s
@@ -192,7 +193,9 @@ class SentencePieceBPE:
         for symbol in symbols:
             if not symbol:
                 continue
-            found = self._piece_id(symbol)
+            # its piece, never a control one of the same bytes (SentencePiece encodes such a
+            # symbol as unknown: measured)
+            found = self._mergeable(symbol)
             if found is None and fallback:
                 ids += [self._byte_ids[b] for b in symbol.encode()]
                 unknown = False

@@ -9,10 +9,11 @@
  * while two neighbouring unfrozen symbols concatenate to a piece a merge may make (normal,
  * user-defined, unused), the pair of the highest score merges, ties to the leftmost pair (its
  * SymbolPairComparator), pairs that went stale since they were queued skipped as it skips
- * them. A final symbol is PieceToId's answer (control, unknown and byte pieces first), or
- * its UTF-8 bytes as <0xNN> pieces (sentencepiece_processor.cc's byte fallback), or the
- * unknown id (once for a run of such symbols, as sentencepiece_processor.cc merges them). Symbols are ranges of the text, so a pair's piece is the text's bytes from the
- * left symbol's start: a lookup hashes them where they lie.
+ * them. A final symbol is its piece's id (normal, user-defined, unused), or its UTF-8 bytes
+ * as <0xNN> pieces (sentencepiece_processor.cc's byte fallback), or the unknown id (once for
+ * a run of such symbols, as sentencepiece_processor.cc merges them). Symbols are ranges of
+ * the text, so a pair's piece is the text's bytes from the left symbol's start: a lookup
+ * hashes them where they lie.
  *
  * Lookups: every piece hashed by its bytes into an open-addressing table (linear probing,
  * half full), inserted in id order, so among equal pieces the lowest id is met first; a slot
@@ -34,9 +35,8 @@
 
 /* sentencepiece_model.proto's ModelProto.SentencePiece.Type */
 enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER_DEFINED = 4, PIECE_UNUSED = 5, PIECE_BYTE = 6 };
-/* model_interface.cc: the pieces a merge may make (`pieces_`), the others PieceToId looks up first */
+/* model_interface.cc: the pieces a merge may make (`pieces_`) */
 #define MERGEABLE ((1u << PIECE_NORMAL) | (1u << PIECE_USER_DEFINED) | (1u << PIECE_UNUSED))
-#define RESERVED ((1u << PIECE_CONTROL) | (1u << PIECE_UNKNOWN) | (1u << PIECE_BYTE))
 
 /* --- hashing the pieces ------------------------------------------------------------------ */
 
@@ -144,6 +144,13 @@ int64_t bpe_check_index(const BpeVocab *v, int64_t size) {
     return 0;
 }
 
+/* memcmp's answer for the few bytes of a piece, without a call */
+static inline int same(const uint8_t *a, const uint8_t *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
 static int64_t find(const BpeVocab *v, const uint8_t *piece, int64_t n, uint32_t kinds) {
     int bits = id_bits(v->count);
     uint64_t h = piece_hash(piece, n), mask = (uint64_t)v->slot_count - 1;
@@ -153,7 +160,7 @@ static int64_t find(const BpeVocab *v, const uint8_t *piece, int64_t n, uint32_t
         if ((slot & ~low) != tag) continue;
         int64_t id = (int64_t)(slot & low) - 1, size;
         const uint8_t *p = piece_bytes(v, id, &size);
-        if (size == n && type_in(v, id, kinds) && memcmp(p, piece, (size_t)n) == 0) return id;
+        if (size == n && type_in(v, id, kinds) && same(p, piece, n)) return id;
     }
     return -1;
 }
@@ -314,13 +321,13 @@ static int32_t split(const BpeVocab *v, const uint8_t *text, int64_t n, Symbol *
     return count;
 }
 
-/* a final symbol's ids into ids (the count): PieceToId's, else its bytes' pieces (byte
- * fallback), else the unknown id, which sentencepiece_processor.cc writes once for a run of
- * unknown symbols (`unknown`: whether the ids so far end in one) */
+/* a final symbol's ids into ids (the count): its piece's (a control piece of the same bytes
+ * does not count: SentencePiece encodes such a symbol as an unknown one, measured), else its
+ * bytes' pieces (byte fallback), else the unknown id, which sentencepiece_processor.cc writes
+ * once for a run of unknown symbols (`unknown`: whether the ids so far end in one) */
 static int64_t emit(const BpeVocab *v, const uint8_t *piece, const Symbol *s, int fallback, int *unknown,
                     int32_t *ids) {
-    int64_t id = find(v, piece, s->size, RESERVED);
-    if (id < 0) id = s->id >= 0 ? s->id : mergeable(v, piece, s->size);
+    int64_t id = s->id >= 0 ? s->id : mergeable(v, piece, s->size);
     if (id < 0 && fallback) {
         for (int32_t b = 0; b < s->size; b++) ids[b] = v->byte_ids[piece[b]];
         *unknown = 0;
