@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tokenize.py [--runs 15] [--python-runs 3] [--fresh-runs 5] [--json]
 
+(`PYTHONPATH=.` first measures the checkout it runs in rather than the installed gemmakit.)
 Backends, all over the same 262k-piece vocabulary and giving the same ids (checked here too):
 "in place, C" (`formats/sentencepiece_bpe.py` over csrc/bpe.c: what the torch-free path
 runs), "in place, Python" (the same rules in Python: the fallback where the kernels cannot be
@@ -11,17 +12,17 @@ built, and what the torch-free path ran before csrc/bpe.c) and "SentencePiece" (
 Texts: the shipped evaluation texts and the guanaco sample (`gemmakit/data`), repeated until
 SentencePiece counts ~30k tokens ("30k text"), and that text's first 512 tokens decoded back
 ("512 prompt"). Per text and backend: encode and decode, the median of `--runs` calls (the
-Python backend: `--python-runs`), interleaved backend by backend so a loaded machine slows
-each alike; "stream" is what a text stream pays a generated token: the decode of that token
-with the one before it (`inference/text_stream.py` decodes the new token with its context), in
-microseconds per token over the prompt's ids.
+Python backend: `--python-runs`), the backends one after another for each text; "stream" is
+what a text stream pays a generated token: the decode of that token with the one before it
+(`inference/text_stream.py` decodes the new token with its context), in microseconds per
+token over the prompt's ids.
 
 Then time to first use, each in `--fresh-runs` fresh processes (torch never imported): import,
 parse the GGUF header, load the kernels library (plain `generate` loads it for its C step
 before the tokenizer; none under `GEMMAKIT_NO_C_KERNELS`), build the tokenizer, encode "Hi",
-with the resident memory the build added and the process's peak; the Python backend (`GEMMAKIT_NO_C_KERNELS=1`) reads its index
-and SentencePiece its model proto from gemmakit's cache, which a first untimed process fills.
-Prints tables (or `--json`).
+with the resident memory the build added and the process's peak. Each backend's index (C's,
+mapped; Python's, read with `GEMMAKIT_NO_C_KERNELS=1`) and SentencePiece's model proto come
+from gemmakit's tokenizer cache, which a first untimed process fills. Prints tables (or `--json`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from gemmakit.kernels import bindings, build
 # The decoding buffer kept for the next call: a text stream's few tokens at a time, up to a
 # few thousand tokens of text at once; a longer text gets its own.
 _KEPT_OUTPUT = 1 << 16
-# Room for a text's bytes, per token: Gemma 3's pieces average ~5 (English, code)
+# Room for a text's bytes, per token: Gemma 3's tokens of English average 4.2-4.8 bytes and of
+# C 2.6 (measured on benchmarks/tokenize.py's texts and csrc/bpe.c); more asks for a second call
 _GUESS_BYTES_PER_ID = 8
 # BpeVocab.joined_before_space's 32 bytes, as index words
 _JOINED_WORDS = 8
@@ -42,9 +43,10 @@ class Vocabulary:
     float32 and `types` int32 arrays over the mapped file) indexed by csrc/bpe.c: `index`,
     uint32 words (`index_words`) holding each piece's offset in `strings` and the end
     (`offsets`), the pieces' hash table and `joined_before_space` (3 MB for Gemma 3's 262k
-    pieces). `cached` is one read back (`built` False, or mapped: C only reads it) where it
-    fits the pieces, else it is built (`built` True: worth keeping). Raises ValueError where the array does not hold
-    `len(types)` strings. `find` answers at once; encoding waits for `set_pieces`."""
+    pieces). `cached` is one read back (`built` False; it may be mapped: C only reads it)
+    where it fits the pieces, else it is built (`built` True: worth keeping). Raises
+    ValueError where the array does not hold `len(types)` strings. `find` answers at once;
+    encoding waits for `set_pieces`."""
 
     def __init__(self, lib, strings, scores: np.ndarray, types: np.ndarray, cached: np.ndarray | None = None):
         count = len(types)
