@@ -117,7 +117,7 @@ def test_the_index_is_cached_and_rebuilt_when_damaged(native):
     count = len(g.metadata["tokenizer.ggml.token_type"])
     prefix, shape = tokenizer_cache.PYTHON_INDEX, (3, count + 1)
     if native:
-        prefix, shape = tokenizer_cache.C_INDEX, (bpe.index_words(bpe.library(), count),)
+        prefix, shape = bpe.cache_prefix(bpe.library()), (bpe.index_words(bpe.library(), count),)
     first = sentencepiece_bpe.build(g.metadata, native=native)  # the session cache holds its index now
     assert isinstance(first, sentencepiece_bpe.NativeSentencePieceBPE) == native
     path = tokenizer_cache._index_folder(g.metadata, prefix) / tokenizer_cache.INDEX_FILE

@@ -313,14 +313,14 @@ def build(metadata, source: str = "GGUF", native: bool = True) -> SentencePieceB
         return None
     lib = bpe.library() if native else None
     if lib is not None:
-        shape = (bpe.index_words(lib, count),)
-        cached = tokenizer_cache.read_index(metadata, shape, tokenizer_cache.C_INDEX, mapped=True)
+        shape, prefix = (bpe.index_words(lib, count),), bpe.cache_prefix(lib)
+        cached = tokenizer_cache.read_index(metadata, shape, prefix, mapped=True)
         try:
             vocabulary = bpe.Vocabulary(lib, data, scores, types, cached)
         except ValueError:
             return None
         if vocabulary.built:
-            tokenizer_cache.write_index(metadata, vocabulary.index, source, tokenizer_cache.C_INDEX)
+            tokenizer_cache.write_index(metadata, vocabulary.index, source, prefix)
         return NativeSentencePieceBPE(data, vocabulary, scores, types)
     table = tokenizer_cache.read_index(metadata, (3, count + 1))
     if table is None:

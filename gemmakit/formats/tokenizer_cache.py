@@ -76,9 +76,9 @@ def write_model(folder: Path | None, proto: bytes, source: str):
 
 # --- the indexes of formats/sentencepiece_bpe.py -------------------------------------------
 INDEX_FILE = "bpe_index.npy"
-# The entries' name prefixes: the Python backend's table (`sentencepiece_bpe.index`), csrc/bpe.c's
-# (`kernels/bpe.Vocabulary.index`)
-PYTHON_INDEX, C_INDEX = "bpe", "bpec"
+# The Python backend's entries' name prefix (`sentencepiece_bpe.index`); csrc/bpe.c's
+# (`kernels/bpe.Vocabulary.index`) name theirs with its index version (`kernels/bpe.cache_prefix`).
+PYTHON_INDEX = "bpe"
 
 
 def _index_folder(metadata, prefix: str = PYTHON_INDEX) -> Path | None:

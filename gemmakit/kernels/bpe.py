@@ -33,6 +33,11 @@ def kinds_mask(kinds) -> int:
     return sum(1 << k for k in set(kinds))
 
 
+def cache_prefix(lib) -> str:
+    """The tokenizer cache's name for this library's indexes (`tokenizer_cache.read_index`)."""
+    return f"bpec{lib.bpe_index_version()}"
+
+
 def index_words(lib, count: int) -> int:
     """uint32 words of a vocabulary's index (`Vocabulary.index`) for `count` pieces."""
     return count + 1 + lib.bpe_slot_count(count) + _JOINED_WORDS

@@ -68,6 +68,9 @@ static inline uint32_t slot_tag(uint64_t h, int bits) {
     return bits >= 32 ? 0 : (uint32_t)(h >> 32) & ~((1u << bits) - 1);
 }
 
+/* bump with any change to piece_hash, the slots' layout or the index's words */
+int64_t bpe_index_version(void) { return 1; }
+
 int64_t bpe_slot_count(int64_t count) {
     int64_t slots = 16;
     while (slots < 2 * count) slots *= 2;

@@ -231,6 +231,8 @@ typedef struct {
     uint8_t joined_before_space[32];
 } BpeVocab;
 
+/* the version of bpe_index's hashing and layout: a cached index of another is built again */
+GEMMAKIT_API int64_t bpe_index_version(void);
 GEMMAKIT_API int64_t bpe_slot_count(int64_t count);
 /* fills offsets and slots from strings (size bytes); 0, or -1 where a piece runs past the end
  * or the strings pass 4 GB */
