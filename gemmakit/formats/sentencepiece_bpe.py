@@ -1,12 +1,15 @@
 """SentencePiece's BPE encoding and decoding over a GGUF's own vocabulary, in place.
 
 A SentencePiece processor built from Gemma 3's 262k-piece vocabulary holds ~38 MiB of its own
-(measured), a Python dict of the pieces ~30 MiB more; this backend keeps an index of a few MB
-(one 64-bit hash per piece, sorted, and each piece's offset in the file) and reads the
-pieces, scores and types where the memory-mapped GGUF holds them. It computes what
-SentencePiece computes for the model `formats/tokenizer.py` builds from such a vocabulary
-(`_sentencepiece_proto`: BPE, identity normalization that escapes spaces as "▁", no dummy
-prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEncode`:
+(measured), a Python dict of the pieces ~30 MiB more; these backends keep an index of 3 MB
+(each piece's offset in the file and a hash of the pieces: csrc/bpe.c's table, or the Python
+fallback's sorted CRC-32 keys) and read the pieces, scores and types where the memory-mapped
+GGUF holds them. `NativeSentencePieceBPE` encodes and decodes in C (kernels/bpe.py) where the
+kernels library builds (encoding 3-6x faster than SentencePiece, decoding 1-3x: README,
+benchmarks/tokenize.py); `SentencePieceBPE` holds the same rules in Python. Both compute
+what SentencePiece computes for the model `formats/tokenizer.py` builds from such a
+vocabulary (`_sentencepiece_proto`: BPE, identity normalization that escapes spaces as "▁",
+no dummy prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEncode`:
 
 - the text's spaces become "▁"; it splits into characters, where a user-defined piece that
   starts at a character is taken whole (the longest one), frozen;
@@ -18,9 +21,10 @@ prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEnc
 
 Decoding writes "▁" as a space and runs of byte pieces as the UTF-8 they spell (an invalid
 byte as U+FFFD, as SentencePiece does); control and unknown pieces are the `Tokenizer`'s
-business (it never hands them here). `tests/test_sentencepiece_bpe.py` checks it against
-SentencePiece on the bundled vocabulary. Vocabularies with unused pieces (which SentencePiece
-re-splits after merging) are left to SentencePiece (`build` returns None).
+business (it never hands them here). `tests/test_sentencepiece_bpe.py` checks both against
+SentencePiece and each other, on the bundled vocabulary and made-up ones. Vocabularies with
+unused pieces (which SentencePiece re-splits after merging) are left to SentencePiece
+(`build` returns None).
 """
 
 from __future__ import annotations
