@@ -82,8 +82,21 @@ static inline const uint8_t *piece_bytes(const BpeVocab *v, int64_t id, int64_t 
     return v->strings + v->offsets[id] + 8;
 }
 
+/* piece id's type and score, read where the file holds them (unaligned) */
+static inline int32_t piece_type(const BpeVocab *v, int64_t id) {
+    int32_t t;
+    memcpy(&t, (const uint8_t *)v->types + 4 * id, 4);
+    return t;
+}
+
+static inline float piece_score(const BpeVocab *v, int64_t id) {
+    float f;
+    memcpy(&f, (const uint8_t *)v->scores + 4 * id, 4);
+    return f;
+}
+
 static inline int type_in(const BpeVocab *v, int64_t id, uint32_t kinds) {
-    uint32_t t = (uint32_t)v->types[id];
+    uint32_t t = (uint32_t)piece_type(v, id);
     return t < 32 && (kinds >> t & 1);
 }
 
@@ -301,7 +314,7 @@ static int consider(const BpeVocab *v, const uint8_t *text, const Symbol *s, int
     int32_t size = s[left].size + s[right].size;
     int64_t id = mergeable(v, text + s[left].start, size);
     if (id < 0) return 0;
-    return push(q, (Pair){v->scores[id], left, right, size, (int32_t)id});
+    return push(q, (Pair){piece_score(v, id), left, right, size, (int32_t)id});
 }
 
 /* the text split into characters and user-defined pieces; the symbol count */
@@ -483,7 +496,7 @@ int64_t bpe_decode(const BpeVocab *v, const int32_t *ids, int64_t n, uint8_t *ou
     for (int64_t i = 0; i < n; i++) {
         int32_t id = ids[i];
         if (id < 0 || id >= v->count) return -1 - i;
-        int32_t type = v->types[id];
+        int32_t type = piece_type(v, id);
         int64_t size;
         const uint8_t *p = piece_bytes(v, id, &size);
         if (type == PIECE_BYTE && size == 6) { /* "<0xNN>" */

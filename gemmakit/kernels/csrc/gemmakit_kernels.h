@@ -210,11 +210,11 @@ GEMMAKIT_API void sample_candidates_mt(const float *logits, const float *tempera
 
 typedef struct {
     /* the file's tokenizer.ggml.tokens array as stored: per piece a uint64 length, then its
-     * bytes; its scores and SentencePiece piece types (1 normal, 2 unknown, 3 control,
-     * 4 user-defined, 5 unused, 6 byte), count of each */
+     * bytes; its scores (float32) and SentencePiece piece types (int32: 1 normal, 2 unknown,
+     * 3 control, 4 user-defined, 5 unused, 6 byte), count of each, where the file holds them
+     * (GGUF does not align them) */
     const uint8_t *strings;
-    const float *scores;
-    const int32_t *types;
+    const void *scores, *types;
     int64_t count;
     /* filled by bpe_index: offsets (count + 1,) each piece's length field in strings, then
      * the end; slots (slot_count = bpe_slot_count(count),) the pieces hashed by their bytes */
