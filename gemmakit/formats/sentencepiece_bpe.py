@@ -239,11 +239,16 @@ class SentencePieceBPE:
         return len(self._kinds)
 
     def IdToPiece(self, ids):  # noqa: N802
-        """A piece (user-defined ones with spaces escaped, as the built model holds them)."""
-        if isinstance(ids, (list, tuple)):
-            return [self.IdToPiece(i) for i in ids]
-        piece = self._bytes(int(ids)).decode("utf-8", "replace")
-        return piece.replace(" ", SPACE) if self._kinds[int(ids)] == USER_DEFINED else piece
+        """A piece (user-defined ones with spaces escaped, as the built model holds them), or
+        a list of them for a list of ids (`Tokenizer` asks for the ~6k control pieces at
+        each load: decoded from the mapped bytes, no copy)."""
+        if not isinstance(ids, (list, tuple)):
+            return self.IdToPiece([ids])[0]
+        data, offsets, kinds, pieces = self._data, self._offsets, self._kinds, []
+        for i in ids:
+            piece = str(data[offsets[i] + 8 : offsets[i + 1]], "utf-8", "replace")
+            pieces.append(piece.replace(" ", SPACE) if kinds[i] == USER_DEFINED else piece)
+        return pieces
 
     def PieceToId(self, piece: str) -> int:  # noqa: N802
         found = self._piece_id(piece)
