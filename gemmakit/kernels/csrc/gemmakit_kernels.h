@@ -216,8 +216,9 @@ typedef struct {
     const uint8_t *strings;
     const void *scores, *types;
     int64_t count;
-    /* filled by bpe_index: offsets (count + 1,) each piece's length field in strings, then
-     * the end; slots (slot_count = bpe_slot_count(count),) the pieces hashed by their bytes */
+    /* filled by bpe_index (or read back from a cache, then bpe_check_index): offsets
+     * (count + 1,) each piece's length field in strings, then the end; slots (slot_count =
+     * bpe_slot_count(count),) the pieces hashed by their bytes */
     uint32_t *offsets, *slots;
     int64_t slot_count;
     /* filled by bpe_user_pieces: the user-defined pieces (spaces escaped) as a trie of
@@ -226,8 +227,9 @@ typedef struct {
     /* the <0xNN> pieces' ids (-1 where missing; all 256 present: byte fallback), the unknown id */
     int32_t byte_ids[256];
     int32_t unk_id;
-    /* filled by bpe_index and bpe_user_pieces: bit b set where a mergeable piece holds byte b
-     * right before a U+2581 that does not start it (the text is not cut there) */
+    /* filled by bpe_index (or read back with offsets and slots) and bpe_user_pieces: bit b
+     * set where a mergeable piece holds byte b right before a U+2581 that does not start it
+     * (the text is not cut there) */
     uint8_t joined_before_space[32];
 } BpeVocab;
 
