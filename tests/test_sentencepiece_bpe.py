@@ -179,7 +179,8 @@ def test_any_ids_decode_as_sentencepiece_decodes_them(vocabularies, python_backe
     spaces, lone = native.PieceToId("\u2581" * 31), byte_ids[0xFF]
     for ids in ([spaces] * 1000, [lone] * 5000, [spaces, lone] * 700 + [9259] * 100):
         assert native.decode_ids(ids) == sp.decode_ids(ids) == python_backend.decode_ids(ids)
-    assert native.decode_ids(np.array([9259, 1902])) == "Hello world"
+    for ids in (np.array([9259, 1902]), np.array([9259, 1902] * 10, dtype=np.int32)):  # numpy ids too
+        assert native.decode_ids(ids) == native._native.decode(ids) == "Hello world" * (len(ids) // 2)
     with pytest.raises(IndexError):
         native.decode_ids([9259, size])
 
