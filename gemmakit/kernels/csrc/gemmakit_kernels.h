@@ -192,20 +192,6 @@ GEMMAKIT_API void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int
 GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
                                       int64_t rows, float *y, int64_t threads);
 
-/* --- sampling (sample.c) --- */
-
-/* int32 words of scratch one thread of sample_candidates needs for rows of V logits */
-GEMMAKIT_API int64_t sample_scratch_words(int64_t V);
-/* rows [lo, hi) of logits (rows of V): the `count` (<= V) largest of each row as values
- * logit / temperature[r] and ids (rows of count; by logit descending, ties lower id first),
- * and lse[r] = log sum_v e^(logit_v / temperature[r]); scratch: sample_scratch_words(V) words.
- * The _mt form splits the rows over threads, scratch: threads times that. */
-GEMMAKIT_API void sample_candidates(const float *logits, const float *temperature, int64_t V, int64_t count,
-                                    float *values, int64_t *ids, float *lse, int32_t *scratch, int64_t lo, int64_t hi);
-GEMMAKIT_API void sample_candidates_mt(const float *logits, const float *temperature, int64_t V, int64_t count,
-                                       float *values, int64_t *ids, float *lse, int32_t *scratch, int64_t rows,
-                                       int64_t threads);
-
 /* --- SentencePiece's BPE over a GGUF's vocabulary, in place (bpe.c, gemmakit/kernels/bpe.py) --- */
 
 typedef struct {
@@ -257,5 +243,19 @@ GEMMAKIT_API int64_t bpe_encode(const BpeVocab *v, const uint8_t *text, int64_t 
  * bytes written); its length in bytes (more than capacity: call again with that room), or
  * -1 - i where ids[i] is no piece */
 GEMMAKIT_API int64_t bpe_decode(const BpeVocab *v, const int32_t *ids, int64_t n, uint8_t *out, int64_t capacity);
+
+/* --- sampling (sample.c) --- */
+
+/* int32 words of scratch one thread of sample_candidates needs for rows of V logits */
+GEMMAKIT_API int64_t sample_scratch_words(int64_t V);
+/* rows [lo, hi) of logits (rows of V): the `count` (<= V) largest of each row as values
+ * logit / temperature[r] and ids (rows of count; by logit descending, ties lower id first),
+ * and lse[r] = log sum_v e^(logit_v / temperature[r]); scratch: sample_scratch_words(V) words.
+ * The _mt form splits the rows over threads, scratch: threads times that. */
+GEMMAKIT_API void sample_candidates(const float *logits, const float *temperature, int64_t V, int64_t count,
+                                    float *values, int64_t *ids, float *lse, int32_t *scratch, int64_t lo, int64_t hi);
+GEMMAKIT_API void sample_candidates_mt(const float *logits, const float *temperature, int64_t V, int64_t count,
+                                       float *values, int64_t *ids, float *lse, int32_t *scratch, int64_t rows,
+                                       int64_t threads);
 
 #endif
