@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from gemmakit.kernels import cpu as cpu_kernels
-from gemmakit.loading import load
-from gemmakit.quant import GGUFLinear
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gemmakit, not an installed one
+
+from gemmakit.kernels import cpu as cpu_kernels  # noqa: E402
+from gemmakit.loading import load  # noqa: E402
+from gemmakit.quant import GGUFLinear  # noqa: E402
 
 
 def matrices(model) -> dict[str, GGUFLinear]:

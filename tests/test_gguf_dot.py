@@ -222,6 +222,25 @@ def test_many_weight_tiles_give_the_builds_bits(ggml_type):
 
 
 @needs_kernel
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_k_quant_panels_give_each_rows_own_result(ggml_type):
+    """gguf_kpanel.c (Q4_K / Q6_K against 8 or more rows, each super-block unpacked for every
+    row, llama.cpp's lanes formed one weight row per lane) at the bundled down_proj's width (8
+    super-blocks a row), 37 weight rows (two panels of 16 and a partial one) and 45 activation
+    rows (tiles of 6 and a partial one): each row's result is bit for bit its result alone (the
+    one-row fused path), and the product stays llama.cpp's in float64."""
+    k = 2048
+    raw = torch.from_numpy(random_blocks(ggml_type, 37, k, seed=21))
+    x = awkward_activations(45, k, seed=22)
+    together = cpu_kernels.gguf_matmul(x, raw, int(ggml_type), k)
+    for r in (0, 7, 22, 44):
+        assert torch.equal(cpu_kernels.gguf_matmul(x[r : r + 1], raw, int(ggml_type), k)[0], together[r])
+    expected = reference_product(x, raw.numpy(), ggml_type)
+    scale = np.abs(x.numpy()).astype(np.float64) @ np.abs(quants.dequantize(raw.numpy(), ggml_type)).T
+    assert np.abs(together.numpy() - expected).max() <= 2e-6 * scale.max()
+
+
+@needs_kernel
 @pytest.mark.parametrize("ggml_type", [T.Q5_0, T.Q4_K, T.Q8_0], ids=lambda t: t.name)
 def test_threads_and_column_chunks_change_no_value(ggml_type):
     """gguf_matmul_q8_mt hands out chunks of output columns to whichever thread is free: the

@@ -76,6 +76,7 @@ void act_rows_init(ActRows *a, int64_t type, int64_t rows, int64_t k, void *buff
     a->xut = p;
     p += align64(rows * a->kt);
     a->dt = (float *)p;
+    a->starts4 = (int32_t *)a->xu;
 }
 
 /* row r of a's blocks of 32 into the transposed groups (GROUP_WORD), zero blocks after the last */
@@ -128,6 +129,21 @@ static int panels_take(const ActRows *a) {
     return 0;
 #endif
 }
+
+#ifdef GGUF_PANELS
+/* The starts gguf_kpanel.c's Q6_K word pairs read, for the k values at q (a multiple of 256):
+ * per super-block and pair p = 8h + j (h < 4, j < 8), -32 times the sum of values 4j..4j+3 of
+ * chunk 2h in the low int16 and of chunk 2h + 1 in the high one (|sum| <= 4 * 127: fits) */
+static void word_starts(const int8_t *q, int64_t k, int32_t *starts) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t c = 0; c < k / 32; c += 2) { /* chunks c and c + 1: their 8 words' sums (exact) */
+        const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(q + 32 * c))), ones16);
+        const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(q + 32 * c + 32))), ones16);
+        const __m256i pairs = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
+        _mm256_storeu_si256((__m256i *)(starts + 4 * c), _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(pairs, 5)));
+    }
+}
+#endif
 
 /* the first of the 256 values whose magnitude is amax (the last when none is: a NaN matches none) */
 static int first_of_magnitude(const float *x, float amax) {
@@ -228,7 +244,13 @@ void act_rows_quantize(const ActRows *a, const float *x, int64_t lo, int64_t hi)
             for (int64_t b = 0; b < k / QK; b++)
                 quantize_q8_32(xr + b * QK, q + b * QK, a->d + r * (k / QK) + b,
                                a->type == ACT_Q8_1 ? a->s + r * (k / QK) + b : NULL, a->qsum + r * (k / QK) + b);
-        if (a->type == ACT_Q8_K || panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
+        if (panels_take(a)) continue; /* no product reads xu, qt, xut or dt then */
+        if (a->type == ACT_Q8_K) {
+#ifdef GGUF_PANELS
+            if (a->rows >= KPANEL_MIN_ROWS) word_starts(q, k, a->starts4 + r * (k / 8));
+#endif
+            continue;
+        }
         uint8_t *restrict xu = a->xu + r * k;
         const int8_t *restrict qr = q;
         for (int64_t i = 0; i < k; i++) xu[i] = (uint8_t)qr[i] ^ 0x80; /* q + 128 */

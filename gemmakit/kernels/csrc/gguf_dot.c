@@ -10,15 +10,23 @@
  *    sumi = sum over the 16-groups of scale * sum w*x, and the block adds (d_x * d_w) * sumi,
  *    minus (d_x * dmin_w) * sum of min * bsums for the types with mins (Q2_K, Q4_K, Q5_K).
  * The integer sums are exact in every build. The float accumulation has one fixed order,
- * shared by the vector and scalar paths so that they give the same bits: eight lane sums.
- * For the blocks of 32, lane m holds the blocks b with b mod 8 = m: each block's whole integer
- * sum converted to float, times the block's float scale (d_w * d_x), added to the lane's float
- * by one fused multiply-add (blocks past the last, to a multiple of 8, add fmaf(0, 0, lane)).
- * For the super-blocks, lane j holds values 4j..4j+3 of every 32 (the lanes of vpdpbusd and of
- * vpmaddubsw + vpmaddwd), each super-block's scaled lane integer converted, times its scale.
- * At the end the eight lanes are summed as (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7))
- * and the min term added. A row's result therefore depends on nothing but its own values: not
- * the number of rows, nor the tiles, nor the build. (llama.cpp's AVX2 ggml_vec_dot_q8_0_q8_0
+ * shared by the vector and scalar paths so that they give the same bits.
+ *  - Blocks of 32: eight lane sums. Lane m holds the blocks b with b mod 8 = m: each block's
+ *    whole integer sum converted to float, times the block's float scale (d_w * d_x), added to
+ *    the lane's float by one fused multiply-add (blocks past the last, to a multiple of 8, add
+ *    fmaf(0, 0, lane)). At the end the eight lanes are summed as (l0 + l4) + (l2 + l6) + ((l1 +
+ *    l5) + (l3 + l7)) and the min term added.
+ *  - Super-blocks: eight lane sums too, llama.cpp's (ggml-cpu/arch/x86/quants.c, the AVX2
+ *    ggml_vec_dot_q4_K_q8_K and kin): lane j holds values 4j..4j+3 of every 32 (the lanes of
+ *    vpmaddubsw + vpmaddwd), each super-block's scaled lane integer converted, times (d_x *
+ *    d_w), added by one fused multiply-add; the same lane sum at the end, minus the min term
+ *    (a float of (d_x * dmin_w) times each super-block's integer sum of min * bsums). Keeping
+ *    llama.cpp's rounding matters beyond the last bit: the bundled model's perplexity on the
+ *    test text moves by 0.5-1% with any other rounding of these products (measured: one
+ *    integer per super-block gave 36.14 against llama-perplexity's 35.80, main's lane order
+ *    with another final lane tree 35.99), as the activations' 8-bit rounding amplifies it.
+ * A row's result therefore depends on nothing but its own values: not the number of rows, nor
+ * the tiles, nor the build. (llama.cpp's AVX2 ggml_vec_dot_q8_0_q8_0
  * keeps lane j of every block instead: a different rounding of the same exact block sums, one
  * convert and one multiply-add per block where this order takes one per 8 blocks.) Products
  * take |w| (unsigned) and x with w's sign: AVX-512 VNNI's vpdpbusd adds
@@ -32,7 +40,8 @@
  * transposed copy (ActRows xt) meets word for word (groups_product). Q4_K and Q6_K against up
  * to FUSED_K_ROWS activation rows are read from the file's blocks in registers as well
  * (gguf_fused_k.c). With 512-bit VNNI the blocks of 32 without a min take gguf_panel.c's
- * panels from 2 or 3 rows on instead of both (panels_take_rows). Elsewhere, and for the other
+ * panels from 2 or 3 rows on instead of both (panels_take_rows), and Q4_K and Q6_K take
+ * gguf_kpanel.c's from KPANEL_MIN_ROWS rows on (kpanels_take). Elsewhere, and for the other
  * super-blocks, each weight row is unpacked once (gguf_unpack.c) and dotted with every
  * activation row.
  */
@@ -586,6 +595,7 @@ void gguf_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, flo
         panel_dot_rows(type, w, n, a, y, lo, hi);
         return;
     }
+    if (kpanels_take(type, a->rows) && kpanel_dot_rows(type, w, n, a, y, lo, hi)) return;
 #endif
     const int64_t nb = k / (a->type == ACT_Q8_K ? QKK : QK), rb = nb * bb, mode = tile_mode(type, a->rows);
     /* the unpacked weights each mode keeps (the fused products read the file's blocks): no

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common.h"
 #include "gemmakit_kernels.h"
 
 /* ggml type ids of the activation blocks (ggml.h): Q8_0, Q8_1, Q8_K */
@@ -119,6 +120,38 @@ static inline __m256i values_iq4_nl(const uint8_t *p) {
 #endif
 
 #if defined(__AVX2__)
+/* scale j (low 32 bits: j < 4) and min j of a Q4_K super-block's 12 scale bytes as bytes:
+ * j < 4: s[j] & 63 and s[j + 4] & 63; j >= 4: s[j + 4] & 15 | (s[j - 4] >> 6) << 4 and
+ * s[j + 4] >> 4 | (s[j] >> 6) << 4 (ggml-quants.c get_scale_min_k4, four at a time) */
+static inline void q4_k_scales_mins(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
+    const uint32_t w0 = le32(s), w1 = le32(s + 4), w2 = le32(s + 8), low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu;
+    const uint32_t top2 = 0x03030303u;
+    *scales = (uint64_t)(w0 & low6) | (uint64_t)((w2 & low4) | ((w0 >> 6) & top2) << 4) << 32;
+    *mins = (uint64_t)(w1 & low6) | (uint64_t)(((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) << 32;
+}
+
+/* chunk c's values of a Q4_K super-block (0..15): nibble c % 2 of its bytes 32 * (c / 2).. */
+ALWAYS_INLINE __m256i q4_k_chunk(const uint8_t *block, const int c) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 16 + 32 * (c / 2)));
+    return _mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
+}
+
+/* chunk c = 4h + t's values of a Q6_K super-block plus 32 (0..63): nibble t / 2 of ql[64h +
+ * 32(t % 2)..] and bits 2t of qh[32h..] (gguf_unpack.c unpack_q6_k) */
+ALWAYS_INLINE __m256i q6_k_chunk_unsigned(const uint8_t *block, const int c) {
+    const int h = c / 4, t = c % 4;
+    const __m256i ql = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32 * (t % 2)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0xF));
+    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), _mm256_set1_epi8(3)), 4);
+    return _mm256_or_si256(low, high);
+}
+
+/* the same values as they are (-32..31) */
+ALWAYS_INLINE __m256i q6_k_chunk(const uint8_t *block, const int c) {
+    return _mm256_sub_epi8(q6_k_chunk_unsigned(block, c), _mm256_set1_epi8(32));
+}
+
 /* dwords: out[t] lane m = word t of v[m] (an 8 x 8 transpose of 32-bit words) */
 static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
     __m256i t[8], u[8];
@@ -136,6 +169,27 @@ static inline void transpose_words(const __m256i v[8], __m256i out[8]) {
         out[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
         out[q + 4] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
     }
+}
+
+/* lane i = the sum of p[i]'s 8 lanes, for i < 8 (exact integers) */
+static inline __m256i row_sums8(const __m256i p[8]) {
+    const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+/* lane i = the sum of l[i]'s 8 lanes for i < NR (a constant at each call), 0 after: one exact
+ * integer per row, the super-blocks' sumi (gguf_dot.c) */
+ALWAYS_INLINE __m256i row_sums(const __m256i *l, const int NR) {
+    if (NR == 1) {
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(l[0]), _mm256_extracti128_si256(l[0], 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        return _mm256_zextsi128_si256(_mm_cvtsi32_si128(_mm_cvtsi128_si32(s)));
+    }
+    __m256i p[8];
+    for (int i = 0; i < 8; i++) p[i] = i < NR ? l[i] : _mm256_setzero_si256();
+    return row_sums8(p);
 }
 
 /* the float sum of 8 lanes in gguf_dot.c's order: (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)) */
@@ -164,6 +218,10 @@ typedef struct {
     int8_t *qt;
     uint8_t *xut;
     float *dt;
+    /* Q8_K rows from KPANEL_MIN_ROWS on: -32 times the sums of 4 values, two as an int16 pair
+     * (what gguf_kpanel.c's Q6_K word pairs add: gguf_act.c word_starts), k / 8 per row, in
+     * xu's place (Q8_K products read no xu) */
+    int32_t *starts4;
 } ActRows;
 
 /* Groups of 8 blocks of 32 "transposed": byte c of word t (values 4t..4t+3) of block m of a
@@ -257,7 +315,48 @@ enum { PANEL_MIN_ROWS = 2, PANEL_TWO_ROW_BYTES = 16 << 20 };
 static inline int panels_take_rows(int64_t rows, int64_t bytes) {
     return rows > PANEL_MIN_ROWS || (rows == PANEL_MIN_ROWS && bytes < PANEL_TWO_ROW_BYTES);
 }
+/* z[p] holds row p's 8 words in lanes 0..7 and row p + 8's in lanes 8..15; out[t] lane j =
+ * word t of row j (transpose_words in both 256-bit halves, then the halves' 128-bit lanes
+ * interleaved) */
+static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
+    __m512i t[8], u[8];
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++) {
+        u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int q = 0; q < 4; q++) {
+        out[q] = _mm512_permutex2var_epi64(u[q], low, u[4 + q]);
+        out[q + 4] = _mm512_permutex2var_epi64(u[q], high, u[4 + q]);
+    }
+}
+
+/* acc + the unsigned bytes of u times the signed word at p broadcast to 16 lanes (vpdpbusd with
+ * an embedded broadcast: GCC does not fold the vpbroadcastd into it, one instruction more per
+ * vpdpbusd otherwise) */
+static inline __m512i dpbusd_word(__m512i acc, __m512i u, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 void panel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
+/* From this many activation rows on, Q4_K and Q6_K take gguf_kpanel.c's panels, which read the
+ * activations' starts4 (act_rows_quantize fills it for Q8_K rows from this many on). Measured
+ * against main's fused path (one thread, thread CPU time, loaded machine, the same bits): Q4_K
+ * 640 x 1024 / Q6_K 640 x 2048 at 8 rows 0.083 / 0.204 ms against 0.097 / 0.199, at 16 rows
+ * 0.129 / 0.292 against 0.187 / 0.402, at 64 rows 0.42 / 0.92 against 0.68 / 1.24 (k512). */
+enum { KPANEL_MIN_ROWS = 8 };
+static inline int kpanels_take(int64_t type, int64_t rows) { return (type == 12 || type == 14) && rows >= KPANEL_MIN_ROWS; }
+/* gguf_dot_rows for Q4_K and Q6_K against many Q8_K rows (gguf_kpanel.c): weight rows in
+ * panels of 16, one row per 32-bit lane, the same bits; 0 (nothing done) for another type or
+ * without memory for its scratch */
+int kpanel_dot_rows(int64_t type, const void *w, int64_t n, const ActRows *a, float *y, int64_t lo, int64_t hi);
 /* the cols unpacked super-block rows (Q2_K..Q6_K, IQ4_XS) against every row of a (Q8_K) into
  * tile[r * cols + c], two chunks per 512-bit instruction, while the next tile's next_bytes at
  * next (or none) are fetched: gguf_dot.c's k256_rows, the same bits (gguf_k512.c) */

@@ -21,33 +21,6 @@ enum { QK = 32, QKK = 256, Q4_K_BYTES = 144, Q6_K_BYTES = 210, TILE_ROWS = 4 /* 
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
-/* scale j (low 32 bits: j < 4) and min j of a Q4_K super-block's 12 scale bytes as bytes:
- * j < 4: s[j] & 63 and s[j + 4] & 63; j >= 4: s[j + 4] & 15 | (s[j - 4] >> 6) << 4 and
- * s[j + 4] >> 4 | (s[j] >> 6) << 4 (ggml-quants.c get_scale_min_k4, four at a time) */
-static inline void q4_k_scales_mins(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
-    const uint32_t w0 = le32(s), w1 = le32(s + 4), w2 = le32(s + 8), low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu;
-    const uint32_t top2 = 0x03030303u;
-    *scales = (uint64_t)(w0 & low6) | (uint64_t)((w2 & low4) | ((w0 >> 6) & top2) << 4) << 32;
-    *mins = (uint64_t)(w1 & low6) | (uint64_t)(((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) << 32;
-}
-
-/* chunk c's values of a Q4_K super-block (0..15): nibble c % 2 of its bytes 32 * (c / 2).. */
-ALWAYS_INLINE __m256i q4_k_chunk(const uint8_t *block, const int c) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 16 + 32 * (c / 2)));
-    return _mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
-}
-
-/* chunk c = 4h + t's values of a Q6_K super-block (-32..31): nibble t / 2 of ql[64h + 32(t % 2)..]
- * and bits 2t of qh[32h..], minus 32 (gguf_unpack.c unpack_q6_k) */
-ALWAYS_INLINE __m256i q6_k_chunk(const uint8_t *block, const int c) {
-    const int h = c / 4, t = c % 4;
-    const __m256i ql = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32 * (t % 2)));
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
-    const __m256i low = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0xF));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), _mm256_set1_epi8(3)), 4);
-    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
-}
-
 /* out[i * n] = the super-block row (Q4_K: type 12, Q6_K: 14) . activation row r0 + i for i < NR
  * (both constants at each call) */
 ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const ActRows *a, int64_t r0, const int NR,
@@ -72,8 +45,9 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
             scales16[0] = _mm256_permute2x128_si256(all, all, 0x00);
             scales16[1] = _mm256_permute2x128_si256(all, all, 0x11);
         }
-        __m256i l[TILE_ROWS];
-        for (int i = 0; i < NR; i++) l[i] = _mm256_setzero_si256();
+        /* even and odd chunks in two accumulators: half the dependent chain (exact integers) */
+        __m256i l[TILE_ROWS], l_odd[TILE_ROWS];
+        for (int i = 0; i < NR; i++) l[i] = l_odd[i] = _mm256_setzero_si256();
         _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
             const __m256i v = type == 12 ? q4_k_chunk(block, c) : q6_k_chunk(block, c);
             /* vpshufb indices: the two bytes of word c (Q4_K) or of words 2(c % 4), 2(c % 4) + 1 */
@@ -85,13 +59,15 @@ ALWAYS_INLINE void k_tile(const int type, const uint8_t *row, int64_t nb, const 
             for (int i = 0; i < NR; i++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (r0 + i) * k + b * QKK + c * QK));
                 const __m256i pairs = _mm256_maddubs_epi16(abs_v, type == 12 ? x : _mm256_sign_epi8(x, v));
+                __m256i *sum = c % 2 ? &l_odd[i] : &l[i];
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                l[i] = _mm256_dpwssd_epi32(l[i], pairs, scale);
+                *sum = _mm256_dpwssd_epi32(*sum, pairs, scale);
 #else
-                l[i] = _mm256_add_epi32(l[i], _mm256_madd_epi16(pairs, scale));
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale));
 #endif
             }
         }
+        for (int i = 0; i < NR; i++) l[i] = _mm256_add_epi32(l[i], l_odd[i]);
         const float d = half_to_float(block + (type == 12 ? 0 : 208));
         for (int i = 0; i < NR; i++) {
             const float xd = a->d[(r0 + i) * (k / QK) + b];

@@ -22,13 +22,6 @@
 
 enum { QK = 32, QKK = 256, K512_NR = 8 };
 
-/* the sum of each row's 8 lanes (row i in p[i]) as lane i, exact integers */
-static inline __m256i row_sums8(const __m256i p[8]) {
-    const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
-}
-
 /* out[i * n] = w . activation row r0 + i for i < NR (constants at each call) */
 ALWAYS_INLINE void k512_tile(const WRow *w, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
                              int64_t n, const int unsigned_values) {

@@ -34,28 +34,6 @@
 
 enum { QK = 32, WORDS = 8, PANEL_BLOCK_BYTES = WORDS * 64 + 64 /* 8 vectors, 16 fp16 scales, padding */ };
 
-/* z[p] holds row p's 8 words in lanes 0..7 and row p + 8's in lanes 8..15; out[t] lane j =
- * word t of row j (transpose_words in both 256-bit halves, then the halves' 128-bit lanes
- * interleaved) */
-static inline void transpose_panel(const __m512i z[8], __m512i out[8]) {
-    __m512i t[8], u[8];
-    for (int p = 0; p < 4; p++) {
-        t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
-        t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
-    }
-    for (int h = 0; h < 2; h++) {
-        u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    for (int q = 0; q < 4; q++) {
-        out[q] = _mm512_permutex2var_epi64(u[q], low, u[4 + q]);
-        out[q + 4] = _mm512_permutex2var_epi64(u[q], high, u[4 + q]);
-    }
-}
-
 /* rows (<= 16) weight rows of nb blocks from w (rb bytes apart) into one panel; the lanes of
  * missing rows get zero values and scales */
 #define UNPACK_PANEL(VALUES, BYTES)                                                                  \
@@ -103,7 +81,7 @@ static inline __m512i word16(const int8_t *p) {
 ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a, int64_t r0, const int NR, float *out,
                               int64_t n, __mmask16 lanes, const int32_t *starts, const uint8_t *fetch,
                               int64_t fetch_bytes) {
-    int64_t fetched = 0, blocks_done = 0;
+    int64_t fetched = 0;
     const int64_t k = a->k, bk = k / QK;
     enum { MAX_NR = 6 };
     __m512 total[MAX_NR], pair[MAX_NR], quad[MAX_NR];
@@ -115,9 +93,9 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
         for (int i = 0; i < NR; i++) lane[i] = _mm512_setzero_ps();
         for (int64_t b = p; b < nb; b += 8) {
             const uint8_t *block = panel + b * PANEL_BLOCK_BYTES;
-            /* this block's even share of the lines to fetch */
-            for (const int64_t until = fetch_bytes * ++blocks_done / nb; fetched < until; fetched += 64)
-                __builtin_prefetch(fetch + fetched, 0, 2);
+            /* a line per block while any is left (the rest after the last block): no division
+             * and no data-dependent loop per block */
+            if (fetched < fetch_bytes) __builtin_prefetch(fetch + fetched, 0, 2), fetched += 64;
             __m512i sums[MAX_NR];
             for (int i = 0; i < NR; i++) sums[i] = _mm512_set1_epi32(starts[(r0 + i) * bk + b]);
             for (int t = 0; t < WORDS; t++) {
@@ -142,14 +120,16 @@ ALWAYS_INLINE void panel_tile(const uint8_t *panel, int64_t nb, const ActRows *a
             default: total[i] = _mm512_add_ps(total[i], _mm512_add_ps(pair[i], _mm512_add_ps(quad[i], lane[i])));
             }
     }
+    for (; fetched < fetch_bytes; fetched += 64) __builtin_prefetch(fetch + fetched, 0, 2);
     for (int i = 0; i < NR; i++) _mm512_mask_storeu_ps(out + i * n, lanes, total[i]);
 }
 
 enum { PANEL_ROWS = 16, PANEL_NR = 6 }; /* activation rows per tile: 6 x 5 zmm registers (8 spills: measured slower) */
 
 /* y[r * n + j] = panel row j . activation row r for j < cols (<= 16) and every row of a, while
- * the next panel's `next_bytes` at next (or none) are fetched into L2, evenly over the tiles'
- * blocks: a burst of prefetches would wait for free miss buffers and stall the products */
+ * the next panel's `next_bytes` at next (or none) are fetched into L2, evenly over the tiles
+ * and a line per block within a tile: a burst of prefetches would wait for free miss buffers
+ * and stall the products */
 static void panel_product(const uint8_t *panel, int64_t nb, const ActRows *a, const int32_t *starts, float *y, int64_t n,
                           int64_t cols, const uint8_t *next, int64_t next_bytes) {
     const __mmask16 lanes = (__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
