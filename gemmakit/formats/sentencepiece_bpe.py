@@ -1,25 +1,30 @@
 """SentencePiece's BPE encoding and decoding over a GGUF's own vocabulary, in place.
 
 A SentencePiece processor built from Gemma 3's 262k-piece vocabulary holds ~38 MiB of its own
-(measured), a Python dict of the pieces ~30 MiB more; this backend keeps an index of a few MB
-(one 64-bit hash per piece, sorted, and each piece's offset in the file) and reads the
-pieces, scores and types where the memory-mapped GGUF holds them. It computes what
-SentencePiece computes for the model `formats/tokenizer.py` builds from such a vocabulary
-(`_sentencepiece_proto`: BPE, identity normalization that escapes spaces as "▁", no dummy
-prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEncode`:
+(measured), a Python dict of the pieces ~30 MiB more; these backends keep an index of 3 MB
+(each piece's offset in the file and a hash of the pieces: csrc/bpe.c's table, or the Python
+fallback's sorted CRC-32 keys) and read the pieces, scores and types where the memory-mapped
+GGUF holds them. `NativeSentencePieceBPE` encodes and decodes in C (kernels/bpe.py) where the
+kernels library builds (encoding 3-6x faster than SentencePiece, decoding 1-3x: README,
+benchmarks/tokenize.py); `SentencePieceBPE` holds the same rules in Python. Both compute
+what SentencePiece computes for the model `formats/tokenizer.py` builds from such a
+vocabulary (`_sentencepiece_proto`: BPE, identity normalization that escapes spaces as "▁",
+no dummy prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEncode`:
 
 - the text's spaces become "▁"; it splits into characters, where a user-defined piece that
   starts at a character is taken whole (the longest one), frozen;
 - while two neighbouring symbols concatenate to a piece (normal, user-defined or unused), the
   pair of the highest score is merged (ties: the leftmost pair);
-- a final symbol is its piece's id, or, outside the vocabulary, its UTF-8 bytes as <0xNN>
-  pieces (byte fallback), else the unknown id.
+- a final symbol is its piece's id (never a control piece's: SentencePiece encodes one as
+  unknown), or, outside the vocabulary, its UTF-8 bytes as <0xNN> pieces (byte fallback),
+  else the unknown id (one for a run of such symbols).
 
 Decoding writes "▁" as a space and runs of byte pieces as the UTF-8 they spell (an invalid
 byte as U+FFFD, as SentencePiece does); control and unknown pieces are the `Tokenizer`'s
-business (it never hands them here). `tests/test_sentencepiece_bpe.py` checks it against
-SentencePiece on the bundled vocabulary. Vocabularies with unused pieces (which SentencePiece
-re-splits after merging) are left to SentencePiece (`build` returns None).
+business (it never hands them here). `tests/test_sentencepiece_bpe.py` checks both against
+SentencePiece and each other, on the bundled vocabulary and made-up ones. Vocabularies with
+unused pieces (which SentencePiece re-splits after merging) are left to SentencePiece
+(`build` returns None).
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import zlib
 
 import numpy as np
 
+from gemmakit.errors import GemmakitError
 from gemmakit.formats import tokenizer_cache
+from gemmakit.kernels import bpe
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
 _SPACE_BYTES = SPACE.encode()
 _STRING, _FLOAT32, _INT32 = 8, 6, 5  # GGUF value types
+# The longest id list `NativeSentencePieceBPE` decodes in Python
+_PYTHON_DECODE = 2
 # Pieces a merge may produce (sentencepiece model_interface.cc: `pieces_`); the others
 # (control, unknown, byte) are only found whole.
 _MERGEABLE = (NORMAL, USER_DEFINED, UNUSED)
@@ -47,7 +56,8 @@ def index(data: memoryview, count: int) -> np.ndarray:
     piece's offset in `data` (and the end), the pieces' keys (CRC-32: stable across
     processes, unlike Python's `hash`; a key's pieces are compared byte for byte) sorted, and
     the ids in that order (equal keys: the lower id first). One pass (~0.2 s for 262k
-    pieces), kept in the tokenizer cache (`tokenizer_cache.read_index`)."""
+    pieces), kept in the tokenizer cache (`tokenizer_cache.read_index`); the Python
+    backend's (csrc/bpe.c builds its own)."""
     offsets = np.empty(count + 1, dtype=np.int64)
     keys = np.empty(count, dtype=np.int64)
     unpack, at = struct.Struct("<Q").unpack_from, 0
@@ -74,22 +84,28 @@ def _ints(values: np.ndarray, fmt: str) -> memoryview:
 class SentencePieceBPE:
     """`encode_as_ids(text)` and `decode_ids(ids)` as SentencePiece's processor answers them
     for the model built from the same vocabulary, plus the lookups `Tokenizer` makes
-    (`GetPieceSize`, `IdToPiece`, `PieceToId`)."""
+    (`GetPieceSize`, `IdToPiece`, `PieceToId`): in Python, over `index`'s table (the
+    fallback where the kernels cannot be built; `NativeSentencePieceBPE` runs csrc/bpe.c)."""
 
-    def __init__(
-        self, data: memoryview, table: np.ndarray, scores: np.ndarray, types: np.ndarray, unk_id: int
-    ):
+    def __init__(self, data: memoryview, table: np.ndarray, scores: np.ndarray, types: np.ndarray):
         count = len(types)
-        self._data, self._scores = data, scores
-        self._offsets = _ints(table[0], "I")
         self._keys, self._ids = _ints(table[1, :count], "I"), _ints(table[2, :count], "I")
-        self._kinds = _ints(types, "i")
-        self.unk_id = unk_id
+        self._setup(data, table[0], scores, types)
+
+    def _setup(self, data: memoryview, offsets: np.ndarray, scores: np.ndarray, types: np.ndarray):
+        """What both backends hold: the file's pieces, the user-defined ones, the byte and
+        unknown ids (`_find` answers already)."""
+        self._data, self._scores = data, scores
+        self._offsets, self._kinds = _ints(offsets, "I"), _ints(types, "i")
         self._user_defined = {self._bytes(int(i)).decode("utf-8", "replace").replace(" ", SPACE): int(i)
                               for i in np.flatnonzero(types == USER_DEFINED)}  # fmt: skip
         self._user_lengths = sorted({len(p) for p in self._user_defined}, reverse=True)
         self._user_starts = {p[0] for p in self._user_defined if p}
         self._byte_ids = [self._find(f"<0x{b:02X}>".encode(), (BYTE,)) for b in range(256)]
+        unknown = np.flatnonzero(types == UNKNOWN)
+        # as `tokenizer._sentencepiece_proto` names it: the UNKNOWN piece, else "<unk>", else id 3
+        named = self._find(b"<unk>", tuple(range(7)))
+        self.unk_id = int(unknown[0]) if len(unknown) else (3 if named is None else named)
 
     def _bytes(self, i: int) -> bytes:
         """Piece i's bytes as the file stores them."""
@@ -148,6 +164,7 @@ class SentencePieceBPE:
     def encode_as_ids(self, text: str) -> list[int]:
         if not text:
             return []
+        _utf8(text)
         symbols, frozen = self._symbols(text.replace(" ", SPACE))
         n = len(symbols)
         prev, nxt = list(range(-1, n - 1)), [*range(1, n), -1]
@@ -178,17 +195,22 @@ class SentencePieceBPE:
             add_pair(prev[left], left)
             add_pair(left, nxt[left])
         ids: list[int] = []
+        fallback, unknown = all(b is not None for b in self._byte_ids), False
         for symbol in symbols:
             if not symbol:
                 continue
-            found = self._piece_id(symbol)
-            if found is not None:
+            # its piece, never a control one of the same bytes (SentencePiece encodes such a
+            # symbol as unknown: measured)
+            found = self._mergeable(symbol)
+            if found is None and fallback:
+                ids += [self._byte_ids[b] for b in symbol.encode()]
+                unknown = False
+                continue
+            found = self.unk_id if found is None else found
+            # sentencepiece_processor.cc writes a run of unknown symbols as one unknown id
+            if not (unknown and found == self.unk_id):
                 ids.append(found)
-            elif all(b is not None for b in self._byte_ids):
-                raw = symbol.encode()
-                ids += [self._byte_ids[b] for b in raw]
-            else:
-                ids.append(self.unk_id)
+            unknown = found == self.unk_id
         return ids
 
     # --- decoding --------------------------------------------------------------------------
@@ -217,15 +239,54 @@ class SentencePieceBPE:
         return len(self._kinds)
 
     def IdToPiece(self, ids):  # noqa: N802
-        """A piece (user-defined ones with spaces escaped, as the built model holds them)."""
-        if isinstance(ids, (list, tuple)):
-            return [self.IdToPiece(i) for i in ids]
-        piece = self._bytes(int(ids)).decode("utf-8", "replace")
-        return piece.replace(" ", SPACE) if self._kinds[int(ids)] == USER_DEFINED else piece
+        """A piece (user-defined ones with spaces escaped, as the built model holds them), or
+        a list of them for a list of ids (`Tokenizer` asks for the ~6k control pieces at
+        each load: decoded from the mapped bytes, no copy)."""
+        if not isinstance(ids, (list, tuple)):
+            return self.IdToPiece([ids])[0]
+        data, offsets, kinds, pieces = self._data, self._offsets, self._kinds, []
+        for i in ids:
+            piece = str(data[offsets[i] + 8 : offsets[i + 1]], "utf-8", "replace")
+            pieces.append(piece.replace(" ", SPACE) if kinds[i] == USER_DEFINED else piece)
+        return pieces
 
     def PieceToId(self, piece: str) -> int:  # noqa: N802
         found = self._piece_id(piece)
         return self.unk_id if found is None else found
+
+
+class NativeSentencePieceBPE(SentencePieceBPE):
+    """The same answers from csrc/bpe.c (`kernels/bpe.Vocabulary`): the merge loop, the
+    lookups and decoding in C over the mapped pieces."""
+
+    def __init__(self, data: memoryview, vocabulary, scores: np.ndarray, types: np.ndarray):
+        self._native = vocabulary
+        self._setup(data, vocabulary.offsets, scores, types)
+        user_pieces = {piece.encode(): i for piece, i in self._user_defined.items()}
+        vocabulary.set_pieces(user_pieces, self._byte_ids, self.unk_id)
+
+    def _find(self, piece: bytes, kinds: tuple[int, ...]) -> int | None:
+        return self._native.find(piece, bpe.kinds_mask(kinds))
+
+    def encode_as_ids(self, text: str) -> list[int]:
+        return self._native.encode(_utf8(text.replace(" ", SPACE))) if text else []
+
+    def decode_ids(self, ids) -> str:
+        # a text stream's token and its context: the Python loop costs less than a C call
+        # (~1.5 against ~2.2 us, benchmarks/tokenize.py's "stream"); the same text
+        return super().decode_ids(ids) if len(ids) <= _PYTHON_DECODE else self._native.decode(ids)
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8; a GemmakitError where it holds a lone surrogate (Python's stand-in for
+    a command-line byte that is not UTF-8), which no tokenizer can read."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as e:
+        raise GemmakitError(
+            f"the text holds {text[e.start]!r} at character {e.start}, not a Unicode character "
+            "(a byte that is not UTF-8?)"
+        ) from None
 
 
 def _utf8_or_replacement(data: bytes) -> str:
@@ -246,9 +307,11 @@ def _utf8_or_replacement(data: bytes) -> str:
     return "".join(out)
 
 
-def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
+def build(metadata, source: str = "GGUF", native: bool = True) -> SentencePieceBPE | None:
     """The backend over a GGUF header's SentencePiece vocabulary (`GGUFMetadata`), or None
-    where SentencePiece itself must run it (unused pieces, a non-array or odd layout)."""
+    where SentencePiece itself must run it (unused pieces, a non-array or odd layout): csrc/bpe.c
+    where the kernels build (and `native`), else the Python one; each over its index, read
+    from the tokenizer cache or built and kept there."""
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
     if not hasattr(metadata, "array_bytes") or any(k not in metadata for k in keys):
         return None
@@ -261,15 +324,22 @@ def build(metadata, source: str = "GGUF") -> SentencePieceBPE | None:
     types = np.frombuffer(type_bytes, dtype="<i4")
     if (types == UNUSED).any() or (types == UNKNOWN).sum() > 1:
         return None
-    table = tokenizer_cache.read_index(metadata, count)
+    lib = bpe.library() if native else None
+    if lib is not None:
+        shape, prefix = (bpe.index_words(lib, count),), bpe.cache_prefix(lib)
+        cached = tokenizer_cache.read_index(metadata, shape, prefix, mapped=True)
+        try:
+            vocabulary = bpe.Vocabulary(lib, data, scores, types, cached)
+        except ValueError:
+            return None
+        if vocabulary.built:
+            tokenizer_cache.write_index(metadata, vocabulary.index, source, prefix)
+        return NativeSentencePieceBPE(data, vocabulary, scores, types)
+    table = tokenizer_cache.read_index(metadata, (3, count + 1))
     if table is None:
         try:
             table = index(data, count)
         except ValueError:
             return None
         tokenizer_cache.write_index(metadata, table, source)
-    backend = SentencePieceBPE(data, table, scores, types, unk_id=0)
-    unknown = np.flatnonzero(types == UNKNOWN)
-    # as `_sentencepiece_proto` names it: the UNKNOWN piece, else "<unk>", else id 3
-    backend.unk_id = int(unknown[0]) if len(unknown) else (backend._find(b"<unk>", tuple(range(7))) or 3)
-    return backend
+    return SentencePieceBPE(data, table, scores, types)

@@ -74,41 +74,44 @@ def write_model(folder: Path | None, proto: bytes, source: str):
     evict(keep=folder)
 
 
-# --- the index of formats/sentencepiece_bpe.py --------------------------------------------
+# --- the indexes of formats/sentencepiece_bpe.py -------------------------------------------
 INDEX_FILE = "bpe_index.npy"
+# The Python backend's entries' name prefix (`sentencepiece_bpe.index`); csrc/bpe.c's
+# (`kernels/bpe.Vocabulary.index`) name theirs with its index version (`kernels/bpe.cache_prefix`).
+PYTHON_INDEX = "bpe"
 
 
-def _index_folder(metadata) -> Path | None:
+def _index_folder(metadata, prefix: str = PYTHON_INDEX) -> Path | None:
     """The entry of a vocabulary's BPE index: beside its SentencePiece model's, same key."""
     folder = entry_folder(metadata)
-    return None if folder is None else folder.with_name("bpe" + folder.name.removeprefix("sp"))
+    return None if folder is None else folder.with_name(prefix + folder.name.removeprefix("sp"))
 
 
-def read_index(metadata, count: int):
-    """The cached index of this vocabulary (`sentencepiece_bpe.index`), or None (none, or not
-    of its shape: it is rebuilt). Read, not mapped: 3 MB whose pages lookups touch nearly all,
-    and a cache file rewritten in place under a mapping would fault the reader."""
+def read_index(metadata, shape: tuple[int, ...], prefix: str = PYTHON_INDEX, mapped: bool = False):
+    """The cached uint32 index of this vocabulary under `prefix`, or None (none, or not of
+    `shape`: it is rebuilt). Read, or with `mapped` memory-mapped read-only (no copy: the
+    entry is replaced by a rename, never rewritten in place, so a mapping keeps its file)."""
     import numpy as np
 
-    folder = _index_folder(metadata)
+    folder = _index_folder(metadata, prefix)
     if folder is None:
         return None
     try:
-        table = np.load(folder / INDEX_FILE)
+        table = np.load(folder / INDEX_FILE, mmap_mode="r" if mapped else None)
     except (OSError, ValueError):
         return None
-    if table.shape != (3, count + 1) or table.dtype != np.uint32:
+    if table.shape != shape or table.dtype != np.uint32:
         return None
     mark_used(folder)
     return table
 
 
-def write_index(metadata, table, source: str) -> None:
-    """Stores a vocabulary's index, atomically, naming the GGUF it was built from (`source`,
-    for `gemmakit cache list`); best effort, as `write_model`."""
+def write_index(metadata, table, source: str, prefix: str = PYTHON_INDEX) -> None:
+    """Stores a vocabulary's index under `prefix`, atomically, naming the GGUF it was built
+    from (`source`, for `gemmakit cache list`); best effort, as `write_model`."""
     import numpy as np
 
-    folder = _index_folder(metadata)
+    folder = _index_folder(metadata, prefix)
     if folder is None:
         return
     try:

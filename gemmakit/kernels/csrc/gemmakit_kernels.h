@@ -192,6 +192,58 @@ GEMMAKIT_API void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int
 GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
                                       int64_t rows, float *y, int64_t threads);
 
+/* --- SentencePiece's BPE over a GGUF's vocabulary, in place (bpe.c, gemmakit/kernels/bpe.py) --- */
+
+typedef struct {
+    /* the file's tokenizer.ggml.tokens array as stored: per piece a uint64 length, then its
+     * bytes; its scores (float32) and SentencePiece piece types (int32: 1 normal, 2 unknown,
+     * 3 control, 4 user-defined, 5 unused, 6 byte), count of each, where the file holds them
+     * (GGUF does not align them) */
+    const uint8_t *strings;
+    const void *scores, *types;
+    int64_t count;
+    /* filled by bpe_index (or read back from a cache, then bpe_check_index): offsets
+     * (count + 1,) each piece's length field in strings, then the end; slots (slot_count =
+     * bpe_slot_count(count),) the pieces hashed by their bytes */
+    uint32_t *offsets, *slots;
+    int64_t slot_count;
+    /* filled by bpe_user_pieces: the user-defined pieces (spaces escaped) as a trie of
+     * bpe_trie_words(their total bytes) words */
+    int32_t *trie;
+    /* the <0xNN> pieces' ids (-1 where missing; all 256 present: byte fallback), the unknown id */
+    int32_t byte_ids[256];
+    int32_t unk_id;
+    /* filled by bpe_index (or read back with offsets and slots) and bpe_user_pieces: bit b
+     * set where a mergeable piece holds byte b right before a U+2581 that does not start it
+     * (the text is not cut there) */
+    uint8_t joined_before_space[32];
+} BpeVocab;
+
+/* the version of bpe_index's hashing and layout: a cached index of another is built again */
+GEMMAKIT_API int64_t bpe_index_version(void);
+GEMMAKIT_API int64_t bpe_slot_count(int64_t count);
+/* fills offsets and slots from strings (size bytes); 0, or -1 where a piece runs past the end
+ * or the strings pass 4 GB */
+GEMMAKIT_API int64_t bpe_index(BpeVocab *v, int64_t size);
+/* 0 where offsets and slots (an index bpe_index built, read back from a cache) fit strings
+ * (size bytes) and count: every piece within strings, its length field its size, every slot's
+ * id a piece; else -1 (a damaged index: built again) */
+GEMMAKIT_API int64_t bpe_check_index(const BpeVocab *v, int64_t size);
+GEMMAKIT_API int64_t bpe_trie_words(int64_t total_bytes);
+/* the n user-defined pieces, piece i the bytes [ends[i - 1], ends[i]) of pieces (ends[-1] = 0)
+ * with id ids[i] (a later piece of the same bytes replaces an earlier one), into v->trie */
+GEMMAKIT_API void bpe_user_pieces(BpeVocab *v, const uint8_t *pieces, const int64_t *ends, const int32_t *ids,
+                                  int64_t n);
+/* the lowest id whose bytes are piece[0, n) among the types whose bit (1 << type) is in kinds; -1 if none */
+GEMMAKIT_API int64_t bpe_find(const BpeVocab *v, const uint8_t *piece, int64_t n, int64_t kinds);
+/* SentencePiece's ids of text[0, n) (UTF-8, spaces already escaped as U+2581) into ids (room
+ * for n); their count, or -1 when out of memory */
+GEMMAKIT_API int64_t bpe_encode(const BpeVocab *v, const uint8_t *text, int64_t n, int32_t *ids);
+/* the UTF-8 text of ids[0, n) as SentencePiece decodes them, into out (the first capacity
+ * bytes written); its length in bytes (more than capacity: call again with that room), or
+ * -1 - i where ids[i] is no piece */
+GEMMAKIT_API int64_t bpe_decode(const BpeVocab *v, const int32_t *ids, int64_t n, uint8_t *out, int64_t capacity);
+
 /* --- sampling (sample.c) --- */
 
 /* int32 words of scratch one thread of sample_candidates needs for rows of V logits */
