@@ -6,7 +6,7 @@ A SentencePiece processor built from Gemma 3's 262k-piece vocabulary holds ~38 M
 fallback's sorted CRC-32 keys) and read the pieces, scores and types where the memory-mapped
 GGUF holds them. `NativeSentencePieceBPE` encodes and decodes in C (kernels/bpe.py) where the
 kernels library builds (encoding 3-6x faster than SentencePiece, decoding 1-3x: README,
-benchmarks/tokenize.py); `SentencePieceBPE` holds the same rules in Python. Both compute
+benchmarks/tokenizer_speed.py); `SentencePieceBPE` holds the same rules in Python. Both compute
 what SentencePiece computes for the model `formats/tokenizer.py` builds from such a
 vocabulary (`_sentencepiece_proto`: BPE, identity normalization that escapes spaces as "▁",
 no dummy prefix, byte fallback), following sentencepiece's bpe_model.cc `Model::SampleEncode`:
@@ -273,7 +273,7 @@ class NativeSentencePieceBPE(SentencePieceBPE):
 
     def decode_ids(self, ids) -> str:
         # a text stream's token and its context: the Python loop costs less than a C call
-        # (~1.5 against ~2.2 us, benchmarks/tokenize.py's "stream"); the same text
+        # (~1.5 against ~2.2 us, benchmarks/tokenizer_speed.py's "stream"); the same text
         return super().decode_ids(ids) if len(ids) <= _PYTHON_DECODE else self._native.decode(ids)
 
 

@@ -16,7 +16,7 @@ from gemmakit.kernels import bindings, build
 # few thousand tokens of text at once; a longer text gets its own.
 _KEPT_OUTPUT = 1 << 16
 # Room for a text's bytes, per token: Gemma 3's tokens of English average 4.2-4.8 bytes and of
-# C 2.6 (measured on benchmarks/tokenize.py's texts and csrc/bpe.c); more asks for a second call
+# C 2.6 (measured on benchmarks/tokenizer_speed.py's texts and csrc/bpe.c); more asks for a second call
 _GUESS_BYTES_PER_ID = 8
 # BpeVocab.joined_before_space's 32 bytes, as index words
 _JOINED_WORDS = 8

@@ -1,6 +1,6 @@
 """The tokenizer of plain `gemmakit generate` against SentencePiece's, on the bundled GGUF's vocabulary.
 
-    .venv/bin/python benchmarks/tokenize.py [--runs 15] [--python-runs 3] [--fresh-runs 5] [--json]
+    .venv/bin/python benchmarks/tokenizer_speed.py [--runs 15] [--python-runs 3] [--fresh-runs 5] [--json]
 
 (`PYTHONPATH=.` first measures the checkout it runs in rather than the installed gemmakit.)
 Backends, all over the same 262k-piece vocabulary and giving the same ids (checked here too):
@@ -27,20 +27,14 @@ from gemmakit's tokenizer cache, which a first untimed process fills. Prints tab
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
-
-# This file's folder leads sys.path when it runs as a script, where its name would shadow the
-# standard library's `tokenize` (linecache, inspect and tracebacks import it).
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
 LONG_TOKENS = 30_000
 PROMPT_TOKENS = 512
@@ -151,7 +145,6 @@ FRESH = (
 
 def first_use(runs: int) -> list[dict]:
     """Median seconds of each step to a first encode in fresh processes, per tokenizer."""
-    import os
 
     import gemmakit
 
