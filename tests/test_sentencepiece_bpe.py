@@ -292,3 +292,15 @@ def test_a_lone_surrogate_is_a_one_line_error(vocabularies, python_backend):
     out = subprocess.run(command, capture_output=True)
     assert out.returncode != 0
     assert b"Traceback" not in out.stderr and b"not a Unicode character" in out.stderr
+
+
+def test_a_lone_surrogate_is_a_one_line_error_on_the_torch_path_too(tiny):
+    """The torch path's SentencePiece processor raised pybind's RuntimeError (a traceback from
+    `generate --dtype float32`) on text a command-line byte made invalid."""
+    from gemmakit.errors import GemmakitError
+    from gemmakit.formats.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(tiny("gemma3"))
+    assert tokenizer.encode("café au lait")  # the valid text still encodes
+    with pytest.raises(GemmakitError, match=r"'\\udce9' at character 3, not a Unicode character"):
+        tokenizer.encode("caf\udce9 au lait")

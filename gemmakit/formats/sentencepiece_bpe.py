@@ -164,7 +164,7 @@ class SentencePieceBPE:
     def encode_as_ids(self, text: str) -> list[int]:
         if not text:
             return []
-        _utf8(text)
+        utf8_text(text)
         symbols, frozen = self._symbols(text.replace(" ", SPACE))
         n = len(symbols)
         prev, nxt = list(range(-1, n - 1)), [*range(1, n), -1]
@@ -269,7 +269,7 @@ class NativeSentencePieceBPE(SentencePieceBPE):
         return self._native.find(piece, bpe.kinds_mask(kinds))
 
     def encode_as_ids(self, text: str) -> list[int]:
-        return self._native.encode(_utf8(text.replace(" ", SPACE))) if text else []
+        return self._native.encode(utf8_text(text.replace(" ", SPACE))) if text else []
 
     def decode_ids(self, ids) -> str:
         # a text stream's token and its context: the Python loop costs less than a C call
@@ -277,7 +277,7 @@ class NativeSentencePieceBPE(SentencePieceBPE):
         return super().decode_ids(ids) if len(ids) <= _PYTHON_DECODE else self._native.decode(ids)
 
 
-def _utf8(text: str) -> bytes:
+def utf8_text(text: str) -> bytes:
     """`text` as UTF-8; a GemmakitError where it holds a lone surrogate (Python's stand-in for
     a command-line byte that is not UTF-8), which no tokenizer can read."""
     try:

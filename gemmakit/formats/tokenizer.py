@@ -267,6 +267,9 @@ class Tokenizer:
         A leading `<bos>` already in the text is not doubled (a common Gemma pitfall when a
         chat template emits it too).
         """
+        # a lone surrogate (a command-line byte that is not UTF-8) is a one-line error on every
+        # backend, not SentencePiece's pybind RuntimeError
+        sentencepiece_bpe.utf8_text(text)
         ids: list[int] = []
         pos = 0
         for m in self._control_re.finditer(text) if self._control_re else ():
