@@ -20,6 +20,8 @@
 #include "gemmakit_kernels.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* a portable form that a vector build replaces (kept compiled: the scalar build runs it) */
+#define PORTABLE_FORM __attribute__((unused))
 
 #ifdef __AVX2__
 /* keeps the compiler from fusing v, a product, into the addition it feeds (GCC's default

@@ -362,13 +362,14 @@ ALWAYS_INLINE void groups_tile(const uint8_t *u, int64_t ub, int64_t groups, con
             for (int i = 0; i < NR; i++) sums[j][i] = start;
         }
         for (int t = 0; t < 8; t++) {
-            __m256i v[GROUPS_NW], abs_v[GROUPS_NW];
+            __m256i v[GROUPS_NW];
+#ifndef B32_VNNI
+            __m256i abs_v[GROUPS_NW]; /* vpsignb's operand form; vpdpbusd takes v as it is */
+#endif
             for (int j = 0; j < NW; j++) {
                 v[j] = LOAD32(u + j * ub + g * GROUP_BYTES + 32 * t);
 #ifndef B32_VNNI
                 abs_v[j] = _mm256_sign_epi8(v[j], v[j]);
-#else
-                abs_v[j] = v[j];
 #endif
             }
             for (int i = 0; i < NR; i++) {
@@ -500,7 +501,9 @@ static void k256_rows(const WRow *w, int64_t nb, const ActRows *a, float *y, int
 
 /* --- rows of activations against rows of weights ----------------------------------------- */
 
+#ifdef DOT_AVX2 /* (the panels' builds are AVX2 builds too) */
 static int unpacks_b32(int64_t type) { return type == 2 || type == 6 || type == 8 || type == 20; }
+#endif
 
 enum { ROWS_PER_PASS = 64, COLS_PER_TILE = 64 }; /* see gguf_dot_rows */
 

@@ -25,7 +25,7 @@ static void unpack_q4_1(const uint8_t *b, int8_t *q, float *d, float *m) {
     for (int j = 0; j < 16; j++) q[j] = (int8_t)(b[4 + j] & 0xF), q[j + 16] = (int8_t)(b[4 + j] >> 4);
 }
 
-static void unpack_q5_0(const uint8_t *b, int8_t *q, float *d, float *m) {
+PORTABLE_FORM static void unpack_q5_0(const uint8_t *b, int8_t *q, float *d, float *m) {
     const uint32_t qh = le32(b + 2);
     *d = half_to_float(b), *m = 0.f;
     for (int j = 0; j < 16; j++) {
@@ -83,7 +83,7 @@ static inline void k_scale_min(const uint8_t *s, int j, int16_t *sc, int16_t *m)
 }
 
 /* Q4_K: sub-block j (32 values) is nibble j%2 of qs[(j/2)*32 + l]; Q5_K adds bit j of qh[l] */
-static void unpack_q45_k(const uint8_t *b, int five, int8_t *q, float *d, float *m, int16_t *sc, int16_t *mn) {
+PORTABLE_FORM static void unpack_q45_k(const uint8_t *b, int five, int8_t *q, float *d, float *m, int16_t *sc, int16_t *mn) {
     const uint8_t *qh = b + 16, *qs = five ? b + 48 : b + 16;
     *d = half_to_float(b), *m = half_to_float(b + 2);
     for (int j = 0; j < 8; j++) {
@@ -98,7 +98,7 @@ static void unpack_q45_k(const uint8_t *b, int five, int8_t *q, float *d, float 
 
 /* Q6_K: value e = h*128 + r: nibble r/64 of ql[h*64 + r%64], bits 2*(r/32) of qh[h*32 + r%32],
  * minus 32; int8 scales per 16 */
-static void unpack_q6_k(const uint8_t *b, int8_t *q, float *d, int16_t *sc) {
+PORTABLE_FORM static void unpack_q6_k(const uint8_t *b, int8_t *q, float *d, int16_t *sc) {
     const uint8_t *ql = b, *qh = b + 128;
     *d = half_to_float(b + 208);
     for (int g = 0; g < 16; g++) sc[g] = (int8_t)b[192 + g];
