@@ -189,8 +189,6 @@ GEMMAKIT_API void gguf_matmul_q8_mt(int64_t type, const void *w, int64_t n, int6
 /* gguf_matmul_rows_f32 over [0, n) */
 GEMMAKIT_API void gguf_matmul_f32_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
                                      int64_t rows, float *y, int64_t threads);
-GEMMAKIT_API void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x,
-                                      int64_t rows, float *y, int64_t threads);
 
 /* --- SentencePiece's BPE over a GGUF's vocabulary, in place (bpe.c, gemmakit/kernels/bpe.py) --- */
 

@@ -70,10 +70,3 @@ void gguf_gather_rows_mt(int64_t type, const void *w, int64_t k, const int64_t *
                          int64_t threads) {
     SPLIT(count, threads, gguf_gather_rows(type, w, k, ids, out, lo, hi));
 }
-
-/* one x row: the mat-vec; more: the multi-row product (each weight row read once) */
-void gguf_matmul_rows_mt(int64_t type, const void *w, int64_t n, int64_t k, const float *x, int64_t rows, float *y,
-                         int64_t threads) {
-    if (rows == 1) SPLIT(n, threads, gguf_matvec(type, w, k, x, y, lo, hi));
-    else SPLIT(n, threads, gguf_matmul_rows(type, w, n, k, x, rows, y, lo, hi));
-}
