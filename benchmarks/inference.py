@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gemmakit
 
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128

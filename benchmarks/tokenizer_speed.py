@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gemmakit
+
 LONG_TOKENS = 30_000
 PROMPT_TOKENS = 512
 DATA = Path(__file__).resolve().parents[1] / "gemmakit" / "data"
