@@ -30,7 +30,7 @@ from gemmakit.inference.sampling_params import SamplingParams, check_length, fin
 from gemmakit.inference.step_structs import unsupported_by_c_step
 from gemmakit.inference.text_stream import StreamEvent, TextStream
 from gemmakit.kernels import candidates
-from gemmakit.kernels.build import library
+from gemmakit.kernels.build import kept_library
 from gemmakit.model_source import ModelSource, resolve
 
 
@@ -63,7 +63,7 @@ def load(model: str | None) -> LeanModel | None:
 
     start = time.perf_counter()
     source = resolve(model)
-    lib = library()
+    lib = kept_library()
     if source.kind != "gguf" or lib is None:
         return None
     g = GGUFFile(source.path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import functools
 import threading
 
 import numpy as np
@@ -22,10 +21,8 @@ _GUESS_BYTES_PER_ID = 8
 _JOINED_WORDS = 8
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The kernels' library (`build.library`, once per process), or None where it cannot be built."""
-    return build.library()
+# The kernels' library, or None where it cannot be built (one cache with kernels/cpu.py's)
+library = build.kept_library
 
 
 def kinds_mask(kinds) -> int:

@@ -11,6 +11,7 @@ kernels.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -82,8 +83,8 @@ def compile_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     """The kernels' shared library (built once per source, compiler and flags), or None:
-    without a compiler, off Linux, or with `GEMMAKIT_NO_C_KERNELS` set. Not kept: callers keep
-    it (`kernels/cpu.py` caches it, which tests clear).
+    without a compiler, off Linux, or with `GEMMAKIT_NO_C_KERNELS` set. Not kept: callers use
+    `kept_library`.
 
     With OpenMP where the compiler has it (the library then binds to the libgomp torch has
     loaded, or the system's when torch is not imported), else without. Torch-free:
@@ -91,3 +92,11 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("GEMMAKIT_NO_C_KERNELS") or not sys.platform.startswith("linux"):
         return None
     return compile_library(FLAGS + ("-fopenmp",)) or compile_library(FLAGS)
+
+
+@functools.cache
+def kept_library() -> ctypes.CDLL | None:
+    """`library()` once per process, for every caller: `kernels/cpu.py` (as its `library`), the
+    tokenizer (`kernels/bpe.py`) and the torch-free path. Tests that change the environment
+    clear its cache (`cpu.library.cache_clear()`)."""
+    return library()

@@ -21,7 +21,6 @@ and runs each call on the calling thread.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 
 import torch
@@ -32,13 +31,8 @@ from gemmakit.kernels import build, candidates
 MIN_ROWS = 16384
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The kernels' shared library (built once per source, compiler and flags), or None.
-
-    With OpenMP where the compiler has it and the library then loads against torch's libgomp
-    (a newer compiler could ask for symbol versions torch's copy lacks), else without."""
-    return build.library()
+# The kernels' shared library, or None: one cache with the torch-free callers (build.kept_library)
+library = build.kept_library
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
